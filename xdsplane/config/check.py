@@ -1,0 +1,104 @@
+"""Consistency checks on a snapshot before it may be served.
+
+Every RDS, EDS and SDS name a listener, cluster or route references over ADS must exist,
+and every cluster a route sends traffic to must exist. References are found by walking
+each message (``Any`` values unpacked) once per resource version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from google.protobuf.message import Message
+
+from xdsplane.config.errors import ConfigError, Location
+from xdsplane.config.protos import find_message
+from xdsplane.snapshot import Resource, Snapshot
+from xdsplane.types import ResourceType
+
+Ref = tuple[ResourceType, str, str]  # (type, name, what refers to it)
+
+_SDS = "envoy.extensions.transport_sockets.tls.v3.SdsSecretConfig"
+_RDS = "envoy.extensions.filters.network.http_connection_manager.v3.Rds"
+_CLUSTER = "envoy.config.cluster.v3.Cluster"
+_ROUTE_ACTION = "envoy.config.route.v3.RouteAction"
+_ANY = "google.protobuf.Any"
+
+
+def _is_ads(config_source: Message) -> bool:
+    return bool(config_source.WhichOneof("config_source_specifier") == "ads")
+
+
+def _walk(msg: Message) -> Iterator[Ref]:
+    name = msg.DESCRIPTOR.full_name
+    if name == _ANY:
+        cls = find_message(msg.type_url.rsplit("/", 1)[-1])
+        if cls is not None:
+            inner = cls()
+            try:
+                msg.Unpack(inner)
+            except Exception:
+                return
+            yield from _walk(inner)
+        return
+    if name == _SDS and msg.HasField("sds_config") and _is_ads(msg.sds_config):
+        yield (ResourceType.SECRET, msg.name, "secret")
+    elif name == _RDS and _is_ads(msg.config_source):
+        yield (ResourceType.ROUTE, msg.route_config_name, "route configuration")
+    elif name == _CLUSTER:
+        c: Any = msg
+        if c.type == c.EDS and _is_ads(c.eds_cluster_config.eds_config):
+            yield (
+                ResourceType.ENDPOINT,
+                c.eds_cluster_config.service_name or c.name,
+                "endpoints (ClusterLoadAssignment)",
+            )
+    elif name == _ROUTE_ACTION:
+        a: Any = msg
+        if a.cluster:
+            yield (ResourceType.CLUSTER, a.cluster, "cluster")
+        for wc in a.weighted_clusters.clusters:
+            yield (ResourceType.CLUSTER, wc.name, "cluster")
+    for field, value in msg.ListFields():
+        if field.message_type is None:
+            continue
+        if field.message_type.GetOptions().map_entry:
+            for v in value.values():
+                if isinstance(v, Message):
+                    yield from _walk(v)
+        elif field.label == field.LABEL_REPEATED:
+            for v in value:
+                yield from _walk(v)
+        else:
+            yield from _walk(value)
+
+
+def references(resource: Resource) -> tuple[Ref, ...]:
+    """What ``resource`` refers to over ADS (each reference once, in order found)."""
+    return tuple(dict.fromkeys(_walk(resource.message)))
+
+
+def check_snapshot(
+    snapshot: Snapshot,
+    group: str = "",
+    refs_of: Callable[[Resource], tuple[Ref, ...]] = references,
+) -> list[ConfigError]:
+    """Every reference resolves; returns one error per dangling reference.
+
+    ``refs_of`` lets a caller that keeps resources across reloads cache the walk.
+    """
+    errors: list[ConfigError] = []
+    scope = f" (for nodes {group})" if group else ""
+    for rtype, named in snapshot.resources.items():
+        for resource in named.values():
+            for ref_type, ref_name, what in refs_of(resource):
+                if ref_name not in snapshot.of(ref_type):
+                    errors.append(
+                        ConfigError(
+                            Location.parse(resource.source),
+                            f"{rtype.short} {resource.name!r} references {what} "
+                            f"{ref_name!r}, which no file defines{scope}",
+                        )
+                    )
+    return errors

@@ -1,0 +1,48 @@
+"""Configuration errors that point at a file, a line and a column."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    path: str
+    line: int = 0  # 1-based; 0 when unknown
+    column: int = 0  # 1-based; 0 when unknown
+
+    @classmethod
+    def parse(cls, source: str) -> Location:
+        """A location from ``path:line`` (as kept in Resource.source)."""
+        path, _, line = source.rpartition(":")
+        if path and line.isdigit():
+            return cls(path, int(line))
+        return cls(source or "<snapshot>")
+
+    def __str__(self) -> str:
+        if self.line and self.column:
+            return f"{self.path}:{self.line}:{self.column}"
+        if self.line:
+            return f"{self.path}:{self.line}"
+        return self.path
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigError:
+    """One problem found in a folder; ``str()`` gives ``path:line:column: message``."""
+
+    location: Location
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.location}: {self.message}"
+
+
+class ConfigErrors(Exception):
+    """All the problems found in one load, raised together."""
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        self.errors = sorted(
+            errors, key=lambda e: (e.location.path, e.location.line, e.location.column)
+        )
+        super().__init__("\n".join(str(e) for e in self.errors))

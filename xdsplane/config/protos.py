@@ -1,0 +1,181 @@
+"""Envoy messages from proto3 JSON mappings, with errors located in the YAML source.
+
+``json_format.ParseDict`` only resolves an ``Any``'s ``@type`` when that message's
+``_pb2`` module has been imported. Importing all of xds-protos costs about 0.8 s, so the
+modules of each package named by an ``@type`` are imported on demand instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import pkgutil
+from collections.abc import Iterator
+from typing import Any
+
+from google.protobuf import descriptor_pool, json_format
+from google.protobuf.message import Message
+
+from xdsplane.config.errors import ConfigError, Location
+from xdsplane.config.yamlsrc import Document
+
+_ROOTS = ("envoy", "xds", "udpa", "validate", "google")
+
+
+def _type_name(type_url: str) -> str:
+    return type_url.rsplit("/", 1)[-1]
+
+
+@functools.cache
+def _import_package(package: str) -> None:
+    """Import every ``_pb2`` module of a proto package (``envoy.config.listener.v3``)."""
+    if not package or package.split(".")[0] not in _ROOTS:
+        return
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return
+    if spec is None or not spec.submodule_search_locations:
+        return
+    for info in pkgutil.iter_modules(spec.submodule_search_locations):
+        if info.name.endswith("_pb2"):
+            try:
+                importlib.import_module(f"{package}.{info.name}")
+            except Exception:  # a broken optional module must not break loading
+                continue
+
+
+def find_message(full_name: str) -> Any | None:
+    """The message class for a full proto name, importing its package when needed."""
+    pool = descriptor_pool.Default()
+    try:
+        desc = pool.FindMessageTypeByName(full_name)
+    except KeyError:
+        _import_package(full_name.rsplit(".", 1)[0])
+        try:
+            desc = pool.FindMessageTypeByName(full_name)
+        except KeyError:
+            return None
+    from google.protobuf import message_factory
+
+    return message_factory.GetMessageClass(desc)
+
+
+def _type_urls(value: Any) -> Iterator[str]:
+    if isinstance(value, dict):
+        t = value.get("@type")
+        if isinstance(t, str):
+            yield t
+        for v in value.values():
+            yield from _type_urls(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _type_urls(v)
+
+
+def prepare_types(value: Any) -> None:
+    """Make every ``@type`` in ``value`` resolvable by json_format."""
+    for url in set(_type_urls(value)):
+        find_message(_type_name(url))
+
+
+def parse_message(
+    value: Any, cls: Any, doc: Document, keys: tuple[str | int, ...]
+) -> tuple[Message | None, list[ConfigError]]:
+    """Parse ``value`` (found at ``keys`` in ``doc``) into a new ``cls`` message."""
+    prepare_types(value)
+    msg = cls()
+    try:
+        json_format.ParseDict(value, msg)
+    except (json_format.ParseError, TypeError, ValueError, AttributeError) as exc:
+        return None, [_locate_error(value, msg.DESCRIPTOR, doc, keys, exc)]
+    except RecursionError:
+        return None, [ConfigError(doc.locate(keys), "resource nested too deeply")]
+    return msg, []
+
+
+def _innermost(exc: Exception) -> str:
+    text = str(exc).split("\n", 1)[0]
+    while text.startswith("Failed to parse ") and ": " in text:
+        text = text.split(": ", 1)[1]
+    text = text.split(' at "', 1)[0].rstrip(".")
+    if " at " in text and "type_url" in text:
+        text = text.split(" at ", 1)[0]
+    return text
+
+
+def _locate_error(
+    value: Any, desc: Any, doc: Document, keys: tuple[str | int, ...], exc: Exception
+) -> ConfigError:
+    """Find the deepest part of ``value`` that fails on its own, for a precise location."""
+    where, message = _descend(value, desc, doc, keys)
+    return ConfigError(where, message or _innermost(exc))
+
+
+def _field(desc: Any, key: str) -> Any | None:
+    for f in desc.fields:
+        if key in (f.name, f.json_name):
+            return f
+    return None
+
+
+def _fails(value: Any, desc: Any) -> str | None:
+    from google.protobuf import message_factory
+
+    try:
+        json_format.ParseDict(value, message_factory.GetMessageClass(desc)())
+    except Exception as exc:
+        return _innermost(exc)
+    return None
+
+
+def _descend(
+    value: Any, desc: Any, doc: Document, keys: tuple[str | int, ...]
+) -> tuple[Location, str | None]:
+    if not isinstance(value, dict):
+        return doc.locate(keys), None
+    if desc.full_name == "google.protobuf.Any":
+        url = value.get("@type")
+        if not isinstance(url, str):
+            return doc.locate(keys), "an Any needs a string '@type'"
+        cls = find_message(_type_name(url))
+        if cls is None:
+            return doc.locate((*keys, "@type")), f"unknown type {url!r}"
+        inner = {k: v for k, v in value.items() if k != "@type"}
+        if (
+            "value" in inner
+            and len(inner) == 1
+            and cls.DESCRIPTOR.full_name.startswith("google.protobuf.")
+        ):
+            return doc.locate(keys), None
+        return _descend(inner, cls.DESCRIPTOR, doc, keys)
+    for key, sub in value.items():
+        if not isinstance(key, str):
+            return doc.locate(keys), f"field names must be strings, not {key!r}"
+        f = _field(desc, key)
+        if f is None:
+            if key.startswith("[") or key == "@type":
+                continue
+            return doc.locate_key((*keys, key)), f"{desc.full_name} has no field {key!r}"
+        if f.message_type is None:
+            problem = _fails({key: sub}, desc)
+            if problem is not None:
+                return doc.locate((*keys, key)), f"{key}: {problem}"
+            continue
+        sub_desc = f.message_type
+        if sub_desc.GetOptions().map_entry:
+            vf = sub_desc.fields_by_name["value"]
+            if vf.message_type is None or not isinstance(sub, dict):
+                continue
+            for mk, mv in sub.items():
+                if _fails(mv, vf.message_type):
+                    return _descend(mv, vf.message_type, doc, (*keys, key, mk))
+            continue
+        items = list(enumerate(sub)) if isinstance(sub, list) else [(None, sub)]
+        for i, item in items:
+            here = (*keys, key) if i is None else (*keys, key, i)
+            if _fails(item, sub_desc) is not None:
+                loc, msg = _descend(item, sub_desc, doc, here)
+                return loc, msg or _fails(item, sub_desc)
+    return doc.locate(keys), None

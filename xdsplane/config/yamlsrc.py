@@ -1,0 +1,160 @@
+"""YAML with positions: plain Python values plus the node tree to find any value's line.
+
+PyYAML's C loader composes the node tree; values are built from it here, so that
+duplicate keys are errors (PyYAML silently keeps the last) and alias expansion is bounded
+(a "billion laughs" document is refused instead of eating the memory).
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from xdsplane.config.errors import ConfigError, Location
+
+try:
+    _Loader: Any = yaml.CSafeLoader
+except AttributeError:  # pragma: no cover - PyYAML built without libyaml
+    _Loader = yaml.SafeLoader
+
+MAX_VALUES = 1_000_000  # values built from one file, aliases expanded
+MAX_DEPTH = 200
+
+
+class YamlError(Exception):
+    def __init__(self, error: ConfigError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    """One parsed YAML document: its value and the node tree it came from."""
+
+    path: str
+    value: Any
+    node: yaml.Node | None
+
+    def locate(self, keys: tuple[str | int, ...]) -> Location:
+        """The location of the value at ``keys`` (or of the deepest part of it that exists)."""
+        node = self.node
+        best = node
+        for key in keys:
+            if node is None:
+                break
+            node = _child(node, key)
+            if node is not None:
+                best = node
+        if best is None:
+            return Location(self.path, 1, 1)
+        return Location(self.path, best.start_mark.line + 1, best.start_mark.column + 1)
+
+    def locate_key(self, keys: tuple[str | int, ...]) -> Location:
+        """The location of the mapping key at ``keys`` (its last element names the key)."""
+        if not keys:
+            return self.locate(keys)
+        parent = self.locate_node(keys[:-1])
+        if isinstance(parent, yaml.MappingNode):
+            for k, _ in parent.value:
+                if isinstance(k, yaml.ScalarNode) and k.value == keys[-1]:
+                    return Location(self.path, k.start_mark.line + 1, k.start_mark.column + 1)
+        return self.locate(keys)
+
+    def locate_node(self, keys: tuple[str | int, ...]) -> yaml.Node | None:
+        node = self.node
+        for key in keys:
+            if node is None:
+                return None
+            node = _child(node, key)
+        return node
+
+
+def _child(node: yaml.Node, key: str | int) -> yaml.Node | None:
+    if isinstance(node, yaml.MappingNode) and isinstance(key, str):
+        for k, v in node.value:
+            if isinstance(k, yaml.ScalarNode) and k.value == key:
+                return v  # type: ignore[no-any-return]
+    if isinstance(node, yaml.SequenceNode) and isinstance(key, int) and 0 <= key < len(node.value):
+        return node.value[key]  # type: ignore[no-any-return]
+    return None
+
+
+def _loc(path: str, mark: Any) -> Location:
+    if mark is None:
+        return Location(path)
+    return Location(path, mark.line + 1, mark.column + 1)
+
+
+class _Builder:
+    def __init__(self, path: str, loader: Any) -> None:
+        self.path = path
+        self.loader = loader
+        self.count = 0
+
+    def build(self, node: yaml.Node, depth: int = 0) -> Any:
+        self.count += 1
+        if self.count > MAX_VALUES:
+            raise YamlError(
+                ConfigError(
+                    _loc(self.path, node.start_mark),
+                    f"document expands to more than {MAX_VALUES} values (aliases?)",
+                )
+            )
+        if depth > MAX_DEPTH:
+            raise YamlError(
+                ConfigError(
+                    _loc(self.path, node.start_mark), f"nesting deeper than {MAX_DEPTH} levels"
+                )
+            )
+        if isinstance(node, yaml.MappingNode):
+            self.loader.flatten_mapping(node)
+            out: dict[Any, Any] = {}
+            for knode, vnode in node.value:
+                key = self.build(knode, depth + 1)
+                if isinstance(key, (dict, list)):
+                    raise YamlError(
+                        ConfigError(_loc(self.path, knode.start_mark), "a key must be a scalar")
+                    )
+                if key in out:
+                    raise YamlError(
+                        ConfigError(_loc(self.path, knode.start_mark), f"duplicate key {key!r}")
+                    )
+                out[key] = self.build(vnode, depth + 1)
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [self.build(v, depth + 1) for v in node.value]
+        value = self.loader.construct_object(node, deep=True)
+        if isinstance(value, (datetime.date, datetime.datetime)):
+            return node.value  # keep timestamps as written: proto JSON wants strings
+        if isinstance(value, bytes):
+            raise YamlError(
+                ConfigError(_loc(self.path, node.start_mark), "binary values are not supported")
+            )
+        return value
+
+
+def parse(text: str | bytes, path: str) -> list[Document]:
+    """Parse every document in ``text``; raises YamlError with the position of the problem."""
+    loader = _Loader(text)
+    docs: list[Document] = []
+    try:
+        while loader.check_node():
+            node = loader.get_node()
+            if node is None:
+                continue
+            value = _Builder(path, loader).build(node)
+            docs.append(Document(path, value, node))
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        problem = e.problem or e.context or "invalid YAML"
+        raise YamlError(ConfigError(_loc(path, mark), f"invalid YAML: {problem}")) from None
+    except yaml.YAMLError as e:
+        raise YamlError(ConfigError(Location(path), f"invalid YAML: {e}")) from None
+    except RecursionError:
+        raise YamlError(ConfigError(Location(path), "invalid YAML: nested too deeply")) from None
+    finally:
+        loader.dispose()
+    return docs

@@ -1,0 +1,132 @@
+"""Immutable snapshots: per resource type, name -> resource with its bytes and version.
+
+Each resource is serialized once (deterministically) when it is built; its version is a
+hash of those bytes, so the same content has the same version on every replica and after
+every restart. The pre-encoded response fragments are shared by every stream: a response is
+assembled by joining bytes, never by re-marshalling messages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Any
+
+from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf import any_pb2
+
+from xdsplane.types import PUSH_ORDER, ResourceType, resource_name
+
+
+def digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=8).hexdigest()
+
+
+def versions_hash(items: Iterable[tuple[str, str]]) -> str:
+    """A version for a set of (name, version) pairs, independent of their order."""
+    h = hashlib.blake2b(digest_size=8)
+    for name, version in sorted(items):
+        h.update(name.encode())
+        h.update(b"\0")
+        h.update(version.encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Resource:
+    """One Envoy resource, encoded once.
+
+    ``sotw_entry`` is a serialized ``DiscoveryResponse`` holding only this resource and
+    ``delta_entry`` a serialized ``DeltaDiscoveryResponse`` holding only this resource:
+    protobuf merges concatenated messages, so a response is its header's bytes followed by
+    the entries of the resources it carries.
+    """
+
+    type: ResourceType
+    name: str
+    version: str
+    message: Any
+    source: str
+    size: int
+    sotw_entry: bytes
+    delta_entry: bytes
+
+
+def make_resource(rtype: ResourceType, message: Any, source: str = "") -> Resource:
+    payload = message.SerializeToString(deterministic=True)
+    version = digest(payload)
+    packed = any_pb2.Any(type_url=rtype.value, value=payload)
+    name = resource_name(message)
+    sotw = discovery_pb2.DiscoveryResponse(resources=[packed]).SerializeToString()
+    delta = discovery_pb2.DeltaDiscoveryResponse(
+        resources=[discovery_pb2.Resource(name=name, version=version, resource=packed)]
+    ).SerializeToString()
+    return Resource(rtype, name, version, message, source, len(payload), sotw, delta)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Snapshot:
+    """The resources one group of nodes is served. Never mutated after it is built."""
+
+    resources: Mapping[ResourceType, Mapping[str, Resource]]
+    versions: Mapping[ResourceType, str] = field(init=False)
+    digest: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        versions = {
+            t: versions_hash((n, r.version) for n, r in self.resources.get(t, {}).items())
+            for t in PUSH_ORDER
+        }
+        object.__setattr__(self, "versions", versions)
+        object.__setattr__(self, "digest", versions_hash((t.value, v) for t, v in versions.items()))
+
+    @classmethod
+    def build(cls, resources: Iterable[Resource]) -> Snapshot:
+        by_type: dict[ResourceType, dict[str, Resource]] = {t: {} for t in PUSH_ORDER}
+        for r in resources:
+            by_type[r.type][r.name] = r
+        return cls({t: dict(sorted(v.items())) for t, v in by_type.items()})
+
+    def of(self, rtype: ResourceType) -> Mapping[str, Resource]:
+        return self.resources.get(rtype, {})
+
+    def count(self) -> int:
+        return sum(len(v) for v in self.resources.values())
+
+    def size(self) -> int:
+        return sum(r.size for v in self.resources.values() for r in v.values())
+
+
+@dataclass(frozen=True, slots=True)
+class NodeGroup:
+    """Nodes selected by globs on their id or cluster; ``None`` selects every node."""
+
+    name: str
+    globs: tuple[str, ...] | None
+    snapshot: Snapshot
+
+    def matches(self, node_id: str, cluster: str) -> bool:
+        if self.globs is None:
+            return True
+        return any(fnmatchcase(node_id, g) or fnmatchcase(cluster, g) for g in self.globs)
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotSet:
+    """Everything a folder serves: node groups in the order they are matched."""
+
+    groups: tuple[NodeGroup, ...]
+
+    def group_for(self, node_id: str, cluster: str) -> NodeGroup | None:
+        """The first group selecting the node; groups with globs come before the catch-all."""
+        for g in self.groups:
+            if g.matches(node_id, cluster):
+                return g
+        return None
+
+    def for_node(self, node_id: str, cluster: str) -> Snapshot | None:
+        g = self.group_for(node_id, cluster)
+        return g.snapshot if g is not None else None

@@ -1,0 +1,84 @@
+"""The one place that knows Envoy's xDS type URLs and their order.
+
+Every other module refers to resource types through the constants here.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_pb2
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
+
+PREFIX = "type.googleapis.com/"
+
+
+class ResourceType(StrEnum):
+    """The resource types the server speaks, valued by their type URL."""
+
+    SECRET = PREFIX + "envoy.extensions.transport_sockets.tls.v3.Secret"
+    CLUSTER = PREFIX + "envoy.config.cluster.v3.Cluster"
+    ENDPOINT = PREFIX + "envoy.config.endpoint.v3.ClusterLoadAssignment"
+    LISTENER = PREFIX + "envoy.config.listener.v3.Listener"
+    ROUTE = PREFIX + "envoy.config.route.v3.RouteConfiguration"
+
+    @property
+    def short(self) -> str:
+        """The conventional xDS name (SDS, CDS, ...), for logs, metrics and status."""
+        return _SHORT[self]
+
+    @property
+    def message_class(self) -> Any:
+        return _CLASSES[self]
+
+    @property
+    def wildcard(self) -> bool:
+        """True for the types Envoy subscribes to as a whole (state-of-the-world full set)."""
+        return self in (ResourceType.CLUSTER, ResourceType.LISTENER)
+
+    @classmethod
+    def from_url(cls, url: str) -> ResourceType | None:
+        try:
+            return cls(url)
+        except ValueError:
+            return None
+
+
+_SHORT = {
+    ResourceType.SECRET: "SDS",
+    ResourceType.CLUSTER: "CDS",
+    ResourceType.ENDPOINT: "EDS",
+    ResourceType.LISTENER: "LDS",
+    ResourceType.ROUTE: "RDS",
+}
+
+_CLASSES: dict[ResourceType, Any] = {
+    ResourceType.SECRET: secret_pb2.Secret,
+    ResourceType.CLUSTER: cluster_pb2.Cluster,
+    ResourceType.ENDPOINT: endpoint_pb2.ClusterLoadAssignment,
+    ResourceType.LISTENER: listener_pb2.Listener,
+    ResourceType.ROUTE: route_pb2.RouteConfiguration,
+}
+
+# Make-before-break: secrets before the listeners and clusters that use them, clusters
+# before their endpoints, listeners before their routes. Removals go in reverse.
+PUSH_ORDER: tuple[ResourceType, ...] = (
+    ResourceType.SECRET,
+    ResourceType.CLUSTER,
+    ResourceType.ENDPOINT,
+    ResourceType.LISTENER,
+    ResourceType.ROUTE,
+)
+
+ORDER_INDEX = {t: i for i, t in enumerate(PUSH_ORDER)}
+
+
+def resource_name(message: Any) -> str:
+    """The xDS name of a resource: ClusterLoadAssignment names itself by cluster_name."""
+    if message.DESCRIPTOR.full_name == "envoy.config.endpoint.v3.ClusterLoadAssignment":
+        return str(message.cluster_name)
+    return str(message.name)
