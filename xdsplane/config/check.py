@@ -67,7 +67,7 @@ def _walk(msg: Message) -> Iterator[Ref]:
             for v in value.values():
                 if isinstance(v, Message):
                     yield from _walk(v)
-        elif field.label == field.LABEL_REPEATED:
+        elif field.is_repeated:
             for v in value:
                 yield from _walk(v)
         else:

@@ -1,0 +1,5 @@
+import sys
+
+from xdsplane.cli import main
+
+sys.exit(main())

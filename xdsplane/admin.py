@@ -1,0 +1,96 @@
+"""The control plane's own HTTP endpoints: /healthz, /readyz and /status (JSON)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from aiohttp import web
+
+from xdsplane.cache import SnapshotCache
+from xdsplane.server.registry import Registry
+from xdsplane.watch import ReloadState
+
+
+class AdminState:
+    def __init__(
+        self, config: str, cache: SnapshotCache, registry: Registry, reload: ReloadState
+    ) -> None:
+        self.config = config
+        self.cache = cache
+        self.registry = registry
+        self.reload = reload
+        self.started_at = time.time()
+
+    def status(self) -> dict[str, Any]:
+        current = self.cache.current
+        groups = []
+        if current is not None:
+            for g in current.groups:
+                groups.append(
+                    {
+                        "name": g.name,
+                        "nodes": list(g.globs) if g.globs is not None else None,
+                        "digest": g.snapshot.digest,
+                        "versions": {t.short: v for t, v in g.snapshot.versions.items()},
+                        "resources": {t.short: len(r) for t, r in g.snapshot.resources.items()},
+                    }
+                )
+        r = self.reload
+        return {
+            "ready": r.loaded,
+            "config": self.config,
+            "started_at": self.started_at,
+            "reload": {
+                "loaded_at": r.loaded_at,
+                "attempts": r.attempts,
+                "successes": r.successes,
+                "failures": r.failures,
+                "failed_at": r.failed_at,
+                "errors": list(r.errors),
+                "last_duration_ms": round(r.last_duration * 1000, 3),
+            },
+            "groups": groups,
+            "streams": [s.as_dict() for s in self.registry.streams.values()],
+        }
+
+
+STATE_KEY: web.AppKey[AdminState] = web.AppKey("state", AdminState)
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    if state.reload.loaded:
+        return web.Response(text="ready\n")
+    return web.Response(status=503, text="no snapshot loaded yet\n")
+
+
+async def _status(request: web.Request) -> web.Response:
+    return web.json_response(request.app[STATE_KEY].status(), dumps=_dumps)
+
+
+def _dumps(value: Any) -> str:
+    import json
+
+    return json.dumps(value, indent=2, sort_keys=False)
+
+
+def make_app(state: AdminState) -> web.Application:
+    app = web.Application()
+    app[STATE_KEY] = state
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/status", _status)
+    return app
+
+
+async def start(state: AdminState, host: str, port: int) -> web.AppRunner:
+    runner = web.AppRunner(make_app(state), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_port=False)
+    await site.start()
+    return runner

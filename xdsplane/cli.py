@@ -1,0 +1,219 @@
+"""The ``xdsplane`` command: parse arguments, call the layers, print results."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from xdsplane import __version__, logs
+
+
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a folder of snapshot files to Envoy over ADS (SotW and delta)",
+        description="Load DIR, serve it over gRPC ADS and hot-reload it when files change. "
+        "Refuses to start when DIR does not load; afterwards a bad edit is reported and the "
+        "last good snapshot keeps being served.",
+    )
+    p.add_argument("--config", default="snapshots", metavar="DIR", help="default: snapshots")
+    p.add_argument(
+        "--xds-address",
+        default="127.0.0.1:18000",
+        metavar="HOST:PORT",
+        help="gRPC ADS listen address (default: 127.0.0.1:18000)",
+    )
+    p.add_argument(
+        "--admin-address",
+        default="127.0.0.1:19000",
+        metavar="HOST:PORT",
+        help="HTTP /healthz, /readyz, /status (default: 127.0.0.1:19000)",
+    )
+    p.add_argument(
+        "--watch-step-ms",
+        type=int,
+        default=2,
+        metavar="MS",
+        help="how long the file watcher waits for more changes before reloading (default: 2)",
+    )
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--log-format",
+        default="auto",
+        choices=["auto", "json", "console"],
+        help="auto: JSON unless stderr is a terminal",
+    )
+
+
+def _add_validate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "validate",
+        help="check a folder; exit 0 when it would be served, else 1 with one line per error",
+    )
+    p.add_argument("dir", metavar="DIR")
+
+
+def _add_render(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "render",
+        help="print the resources a node would get, as JSON by type (private keys redacted)",
+    )
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--node", required=True, metavar="ID", help="the Envoy node id")
+    p.add_argument("--cluster", default="", metavar="NAME", help="the Envoy node cluster")
+
+
+def _add_bootstrap(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "bootstrap",
+        help="print an Envoy bootstrap (YAML) that takes its config from this server over ADS",
+    )
+    p.add_argument("--node", required=True, metavar="ID", help="the Envoy node id")
+    p.add_argument("--cluster", default="", metavar="NAME", help="node cluster (default: ID)")
+    p.add_argument(
+        "--xds-address",
+        action="append",
+        metavar="HOST:PORT",
+        help="control plane address; repeat for replicas (default: 127.0.0.1:18000)",
+    )
+    p.add_argument(
+        "--admin-address",
+        default="127.0.0.1:9901",
+        metavar="HOST:PORT",
+        help="Envoy's admin address (default: 127.0.0.1:9901)",
+    )
+    p.add_argument("--delta", action="store_true", help="use incremental xDS (DELTA_GRPC)")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="xdsplane",
+        description="An Envoy xDS control plane: serves Listener, Cluster, Route, Endpoint "
+        "and Secret resources over ADS from files on disk.",
+    )
+    p.add_argument("--version", action="version", version=f"xdsplane {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_serve(sub)
+    _add_validate(sub)
+    _add_render(sub)
+    _add_bootstrap(sub)
+    return p
+
+
+def _load(folder: str) -> tuple[object | None, list[str]]:
+    from xdsplane.config import stableread
+    from xdsplane.config.errors import ConfigErrors
+    from xdsplane.config.loader import FolderLoader
+
+    stableread.install()
+    loader = FolderLoader(Path(folder))
+    for _ in range(1000):
+        try:
+            return loader.load(), []
+        except stableread.FileBusy:
+            import time
+
+            time.sleep(0.005)
+        except ConfigErrors as e:
+            return None, [str(x) for x in e.errors]
+    return None, [f"{folder}: files stayed open for writing; try again"]
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    snapshots, errors = _load(args.dir)
+    for line in errors:
+        print(line)
+    if errors:
+        print(f"{len(errors)} error(s); {args.dir} would not be served", file=sys.stderr)
+        return 1
+    from xdsplane.snapshot import SnapshotSet
+
+    assert isinstance(snapshots, SnapshotSet)
+    for g in snapshots.groups:
+        counts = ", ".join(f"{t.short} {len(r)}" for t, r in g.snapshot.resources.items())
+        print(f"ok: nodes {g.name}: {counts}", file=sys.stderr)
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from xdsplane.render import snapshot_to_json
+    from xdsplane.snapshot import SnapshotSet
+
+    snapshots, errors = _load(args.dir)
+    for line in errors:
+        print(line, file=sys.stderr)
+    if errors:
+        return 1
+    assert isinstance(snapshots, SnapshotSet)
+    group = snapshots.group_for(args.node, args.cluster or args.node)
+    if group is None:
+        print(f"no file in {args.dir} selects node {args.node!r}", file=sys.stderr)
+        return 1
+    out = {"node": args.node, "group": group.name, "resources": snapshot_to_json(group.snapshot)}
+    json.dump(out, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    from xdsplane.bootstrap import bootstrap, to_yaml
+
+    try:
+        data = bootstrap(
+            args.node,
+            args.cluster,
+            tuple(args.xds_address or ["127.0.0.1:18000"]),
+            args.admin_address,
+            args.delta,
+        )
+    except ValueError as e:
+        print(f"xdsplane bootstrap: {e}", file=sys.stderr)
+        return 2
+    sys.stdout.write(to_yaml(data))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from xdsplane.app import ServeOptions, StartupError, serve
+    from xdsplane.config import stableread
+
+    fmt = {"auto": None, "json": True, "console": False}[args.log_format]
+    logs.configure(args.log_level, fmt)
+    stableread.install()
+    opts = ServeOptions(
+        config=Path(args.config),
+        xds_address=args.xds_address,
+        admin_address=args.admin_address,
+        watch_step_ms=args.watch_step_ms,
+    )
+    try:
+        asyncio.run(serve(opts))
+    except StartupError as e:
+        for line in e.errors:
+            print(line, file=sys.stderr)
+        print(f"xdsplane serve: not starting: {args.config} does not load", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+COMMANDS = {
+    "serve": cmd_serve,
+    "validate": cmd_validate,
+    "render": cmd_render,
+    "bootstrap": cmd_bootstrap,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return COMMANDS[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

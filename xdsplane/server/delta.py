@@ -1,0 +1,142 @@
+"""Incremental (delta) ADS, one stream at a time: requests and snapshots in, responses out.
+
+No I/O here, like sotw.py. Per type the stream remembers which names the client subscribed
+to (or that it is a wildcard subscriber) and which version of each resource it holds:
+``initial_resource_versions`` on a reconnect, then every version sent. A response carries
+only resources whose version differs from what the client holds, and ``removed_resources``
+for what it holds that no longer exists.
+
+- The first wildcard request of a type is answered even when there is nothing to send
+  (Envoy's initialization waits for it), but only once a snapshot exists.
+- A NACKed version is not sent again: the client is taken to hold what was sent, so the
+  same resource goes out again only when it changes.
+- Make-before-break: on a snapshot change, additions and updates go out type by type in
+  push order, then removals in the reverse order.
+- Secrets are never removed by the server: a draining listener may still use an old one, and
+  Envoy unsubscribes from secrets it no longer needs.
+- ``system_version_info`` is for debugging only: the type's snapshot version.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from envoy.service.discovery.v3 import discovery_pb2
+
+from xdsplane.server.state import Nonces, Outgoing, TypeStatus, nack_message
+from xdsplane.snapshot import Resource, Snapshot
+from xdsplane.types import PUSH_ORDER, ResourceType
+
+
+@dataclass(slots=True)
+class _Type:
+    wildcard: bool
+    names: set[str] = field(default_factory=set)
+    held: dict[str, str] = field(default_factory=dict)  # name -> version the client has
+    nonce: str = ""
+    answered: bool = False
+    versions: dict[str, str] = field(default_factory=dict)  # nonce -> system version
+    status: TypeStatus = field(default_factory=TypeStatus)
+
+
+def _encode(
+    rtype: ResourceType, version: str, nonce: str, resources: list[Resource], removed: list[str]
+) -> bytes:
+    head: bytes = discovery_pb2.DeltaDiscoveryResponse(
+        system_version_info=version, type_url=rtype.value, nonce=nonce, removed_resources=removed
+    ).SerializeToString()
+    return head + b"".join(r.delta_entry for r in resources)
+
+
+class DeltaStream:
+    """The protocol state of one DeltaAggregatedResources stream."""
+
+    def __init__(self) -> None:
+        self.types: dict[ResourceType, _Type] = {}
+        self.snapshot: Snapshot | None = None
+        self._nonces = Nonces()
+        self.ignored_types: set[str] = set()
+        self.stale = 0
+
+    def on_request(self, req: Any) -> list[Outgoing]:
+        rtype = ResourceType.from_url(req.type_url)
+        if rtype is None:
+            self.ignored_types.add(str(req.type_url)[:200])
+            return []
+        subscribe = set(req.resource_names_subscribe)
+        unsubscribe = set(req.resource_names_unsubscribe)
+        st = self.types.get(rtype)
+        if st is None:
+            st = _Type(wildcard=not subscribe or "*" in subscribe)
+            st.held = dict(req.initial_resource_versions)
+            self.types[rtype] = st
+        elif req.response_nonce:
+            if req.response_nonce == st.nonce:
+                if req.HasField("error_detail"):
+                    st.status.nacks += 1
+                    st.status.last_nack = nack_message(req.error_detail)
+                    st.status.nacked_version = st.versions.get(req.response_nonce, "")
+                else:
+                    st.status.acks += 1
+                    st.status.acked_version = st.versions.get(req.response_nonce, "")
+            else:
+                self.stale += 1
+            # Subscription changes count even on a stale nonce: they are deltas.
+        if "*" in subscribe:
+            st.wildcard = True
+        if "*" in unsubscribe:
+            st.wildcard = False
+        st.names |= subscribe - {"*"}
+        st.names -= unsubscribe
+        for name in unsubscribe:
+            st.held.pop(name, None)
+        return self._respond(rtype, st, self.snapshot, removals=True)
+
+    def on_snapshot(self, snapshot: Snapshot) -> list[Outgoing]:
+        previous, self.snapshot = self.snapshot, snapshot
+        if previous is not None and previous.digest == snapshot.digest:
+            return []
+        out: list[Outgoing] = []
+        for rtype in PUSH_ORDER:
+            st = self.types.get(rtype)
+            if st is not None:
+                out.extend(self._respond(rtype, st, snapshot, removals=False))
+        for rtype in reversed(PUSH_ORDER):
+            st = self.types.get(rtype)
+            if st is not None:
+                out.extend(self._respond(rtype, st, snapshot, removals=True))
+        return out
+
+    def _respond(
+        self, rtype: ResourceType, st: _Type, snapshot: Snapshot | None, removals: bool
+    ) -> list[Outgoing]:
+        if snapshot is None:
+            return []
+        available = snapshot.of(rtype)
+        wanted = set(available) if st.wildcard else set()
+        wanted |= st.names
+        changed = [
+            available[n]
+            for n in sorted(wanted)
+            if n in available and st.held.get(n) != available[n].version
+        ]
+        removed: list[str] = []
+        if removals and rtype is not ResourceType.SECRET:
+            removed = sorted(n for n in st.held if n not in available)
+        first_wildcard = st.wildcard and not st.answered
+        if not changed and not removed and not first_wildcard:
+            return []
+        nonce = self._nonces.next()
+        version = snapshot.versions[rtype]
+        for r in changed:
+            st.held[r.name] = r.version
+        for name in removed:
+            del st.held[name]
+        st.nonce = nonce
+        st.answered = True
+        st.versions = {nonce: version}
+        st.status.sent_version = version
+        st.status.responses += 1
+        data = _encode(rtype, version, nonce, changed, removed)
+        return [Outgoing(rtype, version, nonce, data, len(changed), len(removed))]

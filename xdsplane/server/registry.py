@@ -1,0 +1,56 @@
+"""Connected streams and what each node made of what it was sent: the source of /status."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from xdsplane.server.state import TypeStatus
+from xdsplane.types import PUSH_ORDER, ResourceType
+
+
+@dataclass(eq=False)
+class StreamInfo:
+    id: int
+    variant: str  # "sotw" or "delta"
+    peer: str
+    node_id: str = ""
+    cluster: str = ""
+    group: str = ""
+    connected_at: float = field(default_factory=time.time)
+    statuses: dict[ResourceType, TypeStatus] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "stream": self.id,
+            "variant": self.variant,
+            "peer": self.peer,
+            "node": self.node_id,
+            "cluster": self.cluster,
+            "group": self.group,
+            "connected_at": self.connected_at,
+            "types": {
+                t.short: self.statuses[t].as_dict() for t in PUSH_ORDER if t in self.statuses
+            },
+        }
+
+
+@dataclass
+class Registry:
+    streams: dict[int, StreamInfo] = field(default_factory=dict)
+    _next: int = 0
+
+    def open(self, variant: str, peer: str) -> StreamInfo:
+        self._next += 1
+        info = StreamInfo(self._next, variant, peer)
+        self.streams[info.id] = info
+        return info
+
+    def close(self, info: StreamInfo) -> None:
+        self.streams.pop(info.id, None)
+
+    def by_node(self) -> dict[str, list[StreamInfo]]:
+        out: dict[str, list[StreamInfo]] = {}
+        for s in self.streams.values():
+            out.setdefault(s.node_id, []).append(s)
+        return out

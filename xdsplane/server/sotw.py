@@ -1,0 +1,164 @@
+"""State-of-the-world ADS, one stream at a time: requests and snapshots in, responses out.
+
+No I/O here: the grpc wiring (ads.py) feeds requests and snapshot changes in and writes
+what comes out, so every protocol rule can be tested by a scripted client.
+
+Rules (see shared/design/envoy-xds-facts.md):
+- a response is sent for a type only when the version of what the client would get differs
+  from the version last sent on this stream, or when it subscribes to a name it was not sent;
+  ACKs therefore get no reply, and a NACKed version is never sent again (the type is parked
+  until the snapshot changes);
+- a request whose response_nonce is not the latest sent for its type is stale and ignored;
+- nothing is sent before a snapshot exists for the node (never an empty LDS/CDS);
+- for named subscriptions (RDS, EDS, SDS) the version is a hash of exactly the resources
+  sent, so a change elsewhere in the type pushes nothing to a stream that does not use it;
+- on a snapshot change, types go out in make-before-break order, and a full-state type
+  (CDS, LDS) that loses resources first gets the new set plus the old ones, and the final set
+  only after the other types: nothing is removed while something may still point at it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from envoy.service.discovery.v3 import discovery_pb2
+
+from xdsplane.server.state import Nonces, Outgoing, TypeStatus, nack_message
+from xdsplane.snapshot import Resource, Snapshot, versions_hash
+from xdsplane.types import PUSH_ORDER, ResourceType
+
+
+@dataclass(slots=True)
+class _Type:
+    wildcard: bool
+    names: frozenset[str] = frozenset()
+    sent_version: str = ""  # the last version sent, or the one the client said it holds
+    claimed: str = ""  # named types: the version a reconnecting client says it holds
+    held: dict[str, str] = field(default_factory=dict)  # named types: name -> version sent
+    nonce: str = ""
+    sent: Mapping[str, Resource] = field(default_factory=dict)  # full-state types only
+    status: TypeStatus = field(default_factory=TypeStatus)
+
+
+def _encode(rtype: ResourceType, version: str, nonce: str, resources: list[Resource]) -> bytes:
+    head: bytes = discovery_pb2.DiscoveryResponse(
+        version_info=version, type_url=rtype.value, nonce=nonce
+    ).SerializeToString()
+    return head + b"".join(r.sotw_entry for r in resources)
+
+
+class SotwStream:
+    """The protocol state of one StreamAggregatedResources stream."""
+
+    def __init__(self) -> None:
+        self.types: dict[ResourceType, _Type] = {}
+        self.snapshot: Snapshot | None = None
+        self._nonces = Nonces()
+        self.ignored_types: set[str] = set()
+        self.stale = 0
+
+    # -- inputs ---------------------------------------------------------------------------
+
+    def on_request(self, req: Any) -> list[Outgoing]:
+        rtype = ResourceType.from_url(req.type_url)
+        if rtype is None:
+            self.ignored_types.add(str(req.type_url)[:200])
+            return []
+        names = frozenset(req.resource_names)
+        st = self.types.get(rtype)
+        if st is None:
+            st = _Type(wildcard=rtype.wildcard and (not names or "*" in names))
+            if req.version_info:
+                # Reconnect: the client holds this version already; do not send it again.
+                st.sent_version = st.claimed = req.version_info
+                st.status.acked_version = req.version_info
+            self.types[rtype] = st
+        else:
+            if req.response_nonce != st.nonce:
+                self.stale += 1
+                return []
+            if req.HasField("error_detail"):
+                st.status.nacks += 1
+                st.status.last_nack = nack_message(req.error_detail)
+                st.status.nacked_version = st.sent_version
+            else:
+                st.status.acks += 1
+                st.status.acked_version = req.version_info
+            if rtype.wildcard and (not names or "*" in names):
+                st.wildcard = True
+            elif names:
+                st.wildcard = False
+        st.names = names - {"*"}
+        if not st.wildcard:
+            # The client forgets what it unsubscribed from.
+            st.held = {n: v for n, v in st.held.items() if n in st.names}
+        return self._respond(rtype, st, self.snapshot)
+
+    def on_snapshot(self, snapshot: Snapshot) -> list[Outgoing]:
+        previous, self.snapshot = self.snapshot, snapshot
+        if previous is not None and previous.digest == snapshot.digest:
+            return []
+        out: list[Outgoing] = []
+        finish: list[ResourceType] = []
+        for rtype in PUSH_ORDER:
+            st = self.types.get(rtype)
+            if st is None:
+                continue
+            removed = set(st.sent) - set(snapshot.of(rtype)) if st.wildcard else set()
+            if removed:
+                keep = dict(snapshot.of(rtype))
+                keep.update({n: st.sent[n] for n in removed})
+                out.extend(self._send(rtype, st, keep))
+                finish.append(rtype)
+            else:
+                out.extend(self._respond(rtype, st, snapshot))
+        for rtype in reversed(finish):
+            out.extend(self._respond(rtype, self.types[rtype], snapshot))
+        return out
+
+    # -- outputs --------------------------------------------------------------------------
+
+    def _respond(self, rtype: ResourceType, st: _Type, snapshot: Snapshot | None) -> list[Outgoing]:
+        if snapshot is None:
+            return []
+        available = snapshot.of(rtype)
+        if st.wildcard:
+            return self._send(rtype, st, available, snapshot.versions[rtype])
+        chosen = {n: available[n] for n in sorted(st.names) if n in available}
+        if not chosen:
+            return []
+        if st.claimed:
+            version = versions_hash((n, r.version) for n, r in chosen.items())
+            if version == st.claimed:
+                st.held = {n: r.version for n, r in chosen.items()}
+            st.claimed = ""
+        if all(st.held.get(n) == r.version for n, r in chosen.items()):
+            return []
+        return self._send(rtype, st, chosen)
+
+    def _send(
+        self,
+        rtype: ResourceType,
+        st: _Type,
+        resources: Mapping[str, Resource],
+        version: str | None = None,
+    ) -> list[Outgoing]:
+        if version is None:
+            version = versions_hash((n, r.version) for n, r in resources.items())
+        if st.wildcard and version == st.sent_version:
+            return []
+        nonce = self._nonces.next()
+        ordered = [resources[n] for n in sorted(resources)]
+        st.sent_version = version
+        st.nonce = nonce
+        if st.wildcard:
+            st.sent = resources
+        else:
+            st.held = {n: r.version for n, r in resources.items()}
+        st.status.sent_version = version
+        st.status.responses += 1
+        return [
+            Outgoing(rtype, version, nonce, _encode(rtype, version, nonce, ordered), len(ordered))
+        ]
