@@ -89,6 +89,24 @@ def _add_bootstrap(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p.add_argument("--delta", action="store_true", help="use incremental xDS (DELTA_GRPC)")
 
 
+def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "up",
+        help="run the sample gateway: control plane, a real Envoy and the demo billing service",
+        description="Start the demo billing service, `xdsplane serve` on the policy folder and "
+        "an Envoy bootstrapped from it; wait until the edge answers; Ctrl-C or SIGTERM stops "
+        "everything.",
+    )
+    p.add_argument("--config", default="snapshots", metavar="DIR", help="default: snapshots")
+    p.add_argument("--node", default="edge-1", metavar="ID", help="Envoy node id (edge-1)")
+    p.add_argument("--xds-address", default="127.0.0.1:18000", metavar="HOST:PORT")
+    p.add_argument("--admin-address", default="127.0.0.1:19000", metavar="HOST:PORT")
+    p.add_argument("--envoy-admin-address", default="127.0.0.1:9901", metavar="HOST:PORT")
+    p.add_argument("--billing-address", default="127.0.0.1:8081", metavar="HOST:PORT")
+    p.add_argument("--delta", action="store_true", help="use incremental xDS")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for startup")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="xdsplane",
@@ -101,6 +119,7 @@ def parser() -> argparse.ArgumentParser:
     _add_validate(sub)
     _add_render(sub)
     _add_bootstrap(sub)
+    _add_up(sub)
     return p
 
 
@@ -202,11 +221,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_up(args: argparse.Namespace) -> int:
+    from xdsplane.up import UpError, UpOptions, run
+
+    try:
+        return run(
+            UpOptions(
+                config=Path(args.config),
+                node=args.node,
+                xds_address=args.xds_address,
+                admin_address=args.admin_address,
+                envoy_admin_address=args.envoy_admin_address,
+                billing_address=args.billing_address,
+                timeout=args.timeout,
+                delta=args.delta,
+            )
+        )
+    except UpError as e:
+        print(f"xdsplane up: {e}", file=sys.stderr)
+        return 1
+
+
 COMMANDS = {
     "serve": cmd_serve,
     "validate": cmd_validate,
     "render": cmd_render,
     "bootstrap": cmd_bootstrap,
+    "up": cmd_up,
 }
 
 
