@@ -7,16 +7,15 @@ serialized again, so a one-file edit rebuilds only that file's resources.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from xdsplane.config.check import Ref, check_snapshot, references
+from xdsplane.compile import Unit, build, parse_unit
+from xdsplane.config.check import Ref, references
 from xdsplane.config.errors import ConfigError, ConfigErrors, Location
-from xdsplane.config.raw import FileContent, parse_raw
 from xdsplane.config.stableread import FileBusy, read_stable
 from xdsplane.config.yamlsrc import YamlError, parse
-from xdsplane.snapshot import NodeGroup, Resource, Snapshot, SnapshotSet, digest
+from xdsplane.snapshot import Resource, SnapshotSet, digest
 from xdsplane.types import ResourceType
 
 SUFFIXES = (".yaml", ".yml")
@@ -43,13 +42,13 @@ class FolderLoader:
     """Loads one folder again and again, reusing what did not change."""
 
     root: Path
-    _parsed: dict[str, tuple[str, list[FileContent]]] = field(default_factory=dict)
+    _parsed: dict[str, tuple[str, list[Unit]]] = field(default_factory=dict)
     _refs: dict[tuple[ResourceType, str, str], tuple[Ref, ...]] = field(default_factory=dict)
 
     def _display(self, path: Path) -> str:
         return str(path)
 
-    def _parse_file(self, path: Path, errors: list[ConfigError]) -> list[FileContent]:
+    def _parse_file(self, path: Path, errors: list[ConfigError]) -> list[Unit]:
         shown = self._display(path)
         try:
             data = read_stable(str(path))
@@ -75,10 +74,10 @@ class FolderLoader:
         except YamlError as e:
             errors.append(e.error)
             return []
-        contents: list[FileContent] = []
+        contents: list[Unit] = []
         file_errors: list[ConfigError] = []
         for doc in docs:
-            content, errs = parse_raw(doc)
+            content, errs = parse_unit(doc)
             file_errors.extend(errs)
             if content is not None:
                 contents.append(content)
@@ -87,6 +86,9 @@ class FolderLoader:
             return []
         self._parsed[shown] = (key, contents)
         return contents
+
+    def _read_secret(self, path: str) -> bytes:
+        return read_stable(path, limit=4 * 1024 * 1024)
 
     def _refs_of(self, resource: Resource) -> tuple[Ref, ...]:
         key = (resource.type, resource.name, resource.version)
@@ -106,7 +108,7 @@ class FolderLoader:
             raise ConfigErrors(
                 [ConfigError(Location(str(self.root)), "holds no .yaml or .yml files")]
             )
-        contents: list[FileContent] = []
+        contents: list[Unit] = []
         for path in files:
             contents.extend(self._parse_file(path, errors))
         seen = {self._display(p) for p in files}
@@ -114,77 +116,7 @@ class FolderLoader:
             del self._parsed[stale]
         if errors:
             raise ConfigErrors(errors)
-        snapshots = build_groups(contents, lambda s, g: check_snapshot(s, g, self._refs_of))
+        snapshots = build(contents, self._read_secret, self._refs_of)
         if len(self._refs) > 100_000:
             self._refs.clear()
         return snapshots
-
-
-def _group_name(nodes: tuple[str, ...] | None) -> str:
-    return "*" if nodes is None else ",".join(nodes)
-
-
-Checker = Callable[[Snapshot, str], list[ConfigError]]
-
-
-def build_groups(contents: Iterable[FileContent], check: Checker | None = None) -> SnapshotSet:
-    """Group file contents by their ``nodes`` and build one snapshot per group.
-
-    Files without ``nodes`` are served to every group and form the catch-all group for
-    nodes no glob selects. A node takes the first group (by file order) that selects it.
-    """
-    contents = list(contents)
-    common = [c for c in contents if c.nodes is None]
-    order: list[tuple[str, ...]] = []
-    members: dict[tuple[str, ...], list[FileContent]] = {}
-    for c in contents:
-        if c.nodes is None:
-            continue
-        if c.nodes not in members:
-            order.append(c.nodes)
-            members[c.nodes] = []
-        members[c.nodes].append(c)
-    plan: list[tuple[tuple[str, ...] | None, list[FileContent]]] = [
-        (nodes, members[nodes] + common) for nodes in order
-    ]
-    if common:
-        plan.append((None, common))
-    errors: list[ConfigError] = []
-    groups: list[NodeGroup] = []
-    for nodes, files in plan:
-        name = _group_name(nodes)
-        scope = name if len(plan) > 1 else ""
-        resources, errs = _merge(files, scope)
-        errors.extend(errs)
-        snapshot = Snapshot.build(resources)
-        if check is not None and not errs:
-            errors.extend(check(snapshot, scope))
-        groups.append(NodeGroup(name, nodes, snapshot))
-    if errors:
-        raise ConfigErrors(_unique(errors))
-    return SnapshotSet(tuple(groups))
-
-
-def _merge(files: list[FileContent], group: str) -> tuple[list[Resource], list[ConfigError]]:
-    by_key: dict[tuple[ResourceType, str], Resource] = {}
-    errors: list[ConfigError] = []
-    for f in files:
-        for r in f.resources:
-            key = (r.type, r.name)
-            first = by_key.get(key)
-            if first is not None:
-                scope = f" (for nodes {group})" if group else ""
-                errors.append(
-                    ConfigError(
-                        Location.parse(r.source),
-                        f"duplicate {r.type.short} name {r.name!r}, first defined at "
-                        f"{first.source}{scope}",
-                    )
-                )
-                continue
-            by_key[key] = r
-    return list(by_key.values()), errors
-
-
-def _unique(errors: list[ConfigError]) -> list[ConfigError]:
-    return list(dict.fromkeys(errors))

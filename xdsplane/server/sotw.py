@@ -148,6 +148,10 @@ class SotwStream:
         if version is None:
             version = versions_hash((n, r.version) for n, r in resources.items())
         if st.wildcard and version == st.sent_version:
+            # The client holds exactly these (the version is their hash), for instance after
+            # a reconnect that claimed the current version: remember them, so that a later
+            # removal is two-phase for this stream too.
+            st.sent = resources
             return []
         nonce = self._nonces.next()
         ordered = [resources[n] for n in sorted(resources)]

@@ -1,0 +1,160 @@
+"""Cross-references of a merged policy: what pydantic cannot see from one file alone."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+from xdsplane.config.errors import ConfigError
+from xdsplane.policy.merge import GroupPolicy, Origin
+from xdsplane.policy.model import split_host_port
+
+_ANY_HOSTS = (ipaddress.ip_address("0.0.0.0"), ipaddress.ip_address("::"))
+
+
+UseKey = tuple[int, tuple[str | int, ...]]
+
+
+def use_key(origin: Origin) -> UseKey:
+    """Identifies a definition across node groups: its document and its keys."""
+    return (id(origin.doc), origin.keys)
+
+
+@dataclass
+class Usage:
+    """Which secret and upstream definitions something refers to."""
+
+    secrets: set[UseKey] = field(default_factory=set)
+    upstreams: set[UseKey] = field(default_factory=set)
+
+
+def check_policy(policy: GroupPolicy) -> tuple[list[ConfigError], Usage]:
+    errors: list[ConfigError] = []
+    usage = Usage()
+
+    def secret(name: str | None, kind: str, origin: Origin, *keys: str | int) -> None:
+        if name is None:
+            return
+        part = policy.secrets.get(name)
+        if part is None:
+            known = ", ".join(sorted(policy.secrets)) or "none defined"
+            errors.append(
+                ConfigError(origin.at(*keys), f"no secret named {name!r} (secrets: {known})")
+            )
+            return
+        usage.secrets.add(use_key(part.origin))
+        is_cert = part.value.is_certificate
+        if kind == "certificate" and not is_cert:
+            errors.append(
+                ConfigError(
+                    origin.at(*keys),
+                    f"secret {name!r} is a CA bundle; a certificate with private_key is needed",
+                )
+            )
+        if kind == "ca" and is_cert:
+            errors.append(
+                ConfigError(
+                    origin.at(*keys),
+                    f"secret {name!r} is a certificate; a CA bundle (ca:) is needed",
+                )
+            )
+
+    addresses: dict[tuple[str, int], tuple[str, Origin]] = {}
+    for lname, lpart in policy.listeners.items():
+        listener, lo = lpart.value, lpart.origin
+        host, port = split_host_port(listener.address)
+        ip = ipaddress.ip_address(host)
+        for (other_host, other_port), (other, oo) in addresses.items():
+            other_ip = ipaddress.ip_address(other_host)
+            same = other_host == host or ip in _ANY_HOSTS or other_ip in _ANY_HOSTS
+            if other_port == port and same and ip.version == other_ip.version:
+                at = oo.at("address")
+                errors.append(
+                    ConfigError(
+                        lo.at("address"),
+                        f"listener {lname!r} address {listener.address} conflicts with listener "
+                        f"{other!r} at {at.path}:{at.line}",
+                    )
+                )
+        addresses[(host, port)] = (lname, lo)
+        seen_hosts: dict[str, int] = {}
+        seen_domains: dict[str, str] = {}
+        for hi, h in enumerate(listener.hosts):
+            hkeys: tuple[str | int, ...] = ("hosts", hi)
+            if h.name in seen_hosts:
+                errors.append(
+                    ConfigError(
+                        lo.at(*hkeys, "name"),
+                        f"duplicate host name {h.name!r} in listener {lname!r}",
+                    )
+                )
+            seen_hosts[h.name] = hi
+            for di, d in enumerate(h.domains):
+                key = d.lower()
+                if key in seen_domains:
+                    errors.append(
+                        ConfigError(
+                            lo.at(*hkeys, "domains", di),
+                            f"domain {d!r} is already served by host {seen_domains[key]!r} "
+                            f"of listener {lname!r}",
+                        )
+                    )
+                seen_domains.setdefault(key, h.name)
+            if listener.tls is not None:
+                if h.certificate is None:
+                    errors.append(
+                        ConfigError(
+                            lo.at(*hkeys),
+                            f"host {h.name!r} is on TLS listener {lname!r}: it needs certificate",
+                        )
+                    )
+                secret(h.certificate, "certificate", lo, *hkeys, "certificate")
+                secret(h.client_ca, "ca", lo, *hkeys, "client_ca")
+            else:
+                for key in ("certificate", "client_ca"):
+                    if getattr(h, key) is not None:
+                        errors.append(
+                            ConfigError(
+                                lo.key(*hkeys, key),
+                                f"{key}: listener {lname!r} has no tls, so its hosts take no "
+                                "certificates (add tls: {} to the listener)",
+                            )
+                        )
+                if h.client_certificate != "off":
+                    errors.append(
+                        ConfigError(
+                            lo.key(*hkeys, "client_certificate"),
+                            f"client_certificate: listener {lname!r} has no tls",
+                        )
+                    )
+            route_names: set[str] = set()
+            for ri, r in enumerate(h.routes):
+                rname = r.name or f"route-{ri}"
+                if rname in route_names:
+                    errors.append(
+                        ConfigError(
+                            lo.at(*hkeys, "routes", ri),
+                            f"duplicate route name {rname!r} in host {h.name!r}",
+                        )
+                    )
+                route_names.add(rname)
+                if r.upstream is not None:
+                    part = policy.upstreams.get(r.upstream)
+                    if part is None:
+                        known = ", ".join(sorted(policy.upstreams)) or "none defined"
+                        errors.append(
+                            ConfigError(
+                                lo.at(*hkeys, "routes", ri, "upstream"),
+                                f"no upstream named {r.upstream!r} (upstreams: {known})",
+                            )
+                        )
+                    else:
+                        usage.upstreams.add(use_key(part.origin))
+
+    for name, upart in policy.upstreams.items():
+        tls = upart.value.tls
+        if tls is not None:
+            secret(tls.ca, "ca", upart.origin, "tls", "ca")
+            secret(tls.certificate, "certificate", upart.origin, "tls", "certificate")
+        del name
+    return errors, usage

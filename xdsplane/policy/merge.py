@@ -1,0 +1,115 @@
+"""The policy files of one node group, merged into one policy with each part's origin."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Generic, TypeVar
+
+from xdsplane.config.errors import ConfigError, Location
+from xdsplane.config.yamlsrc import Document
+from xdsplane.policy.model import AccessLog, Listener, PolicyFile, Secret, Upstream
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Origin:
+    """Where a part of the policy was written: a document and the keys leading to it."""
+
+    doc: Document
+    keys: tuple[str | int, ...]
+
+    def at(self, *more: str | int) -> Location:
+        return self.doc.locate((*self.keys, *more))
+
+    def key(self, *more: str | int) -> Location:
+        return self.doc.locate_key((*self.keys, *more))
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.doc.path).parent
+
+    @property
+    def source(self) -> str:
+        loc = self.at()
+        return f"{loc.path}:{loc.line}"
+
+
+@dataclass(frozen=True, slots=True)
+class Part(Generic[T]):
+    value: T
+    origin: Origin
+
+
+@dataclass
+class Fragment:
+    """One policy document."""
+
+    doc: Document
+    policy: PolicyFile
+
+
+@dataclass
+class GroupPolicy:
+    secrets: dict[str, Part[Secret]] = field(default_factory=dict)
+    listeners: dict[str, Part[Listener]] = field(default_factory=dict)
+    upstreams: dict[str, Part[Upstream]] = field(default_factory=dict)
+    access_log: Part[AccessLog] | None = None
+
+    def empty(self) -> bool:
+        return not (self.secrets or self.listeners or self.upstreams)
+
+
+def merge(fragments: list[Fragment]) -> tuple[GroupPolicy, list[ConfigError]]:
+    out = GroupPolicy()
+    errors: list[ConfigError] = []
+
+    def dup(kind: str, name: str, first: Origin, again: Origin, where: Location) -> None:
+        first_at = first.at()
+        errors.append(
+            ConfigError(
+                where,
+                f"duplicate {kind} name {name!r}, first defined at {first_at.path}:{first_at.line}",
+            )
+        )
+
+    for f in fragments:
+        p = f.policy
+        for name, secret in p.secrets.items():
+            origin = Origin(f.doc, ("secrets", name))
+            if name in out.secrets:
+                dup("secret", name, out.secrets[name].origin, origin, origin.key())
+            else:
+                out.secrets[name] = Part(secret, origin)
+        for name, upstream in p.upstreams.items():
+            origin = Origin(f.doc, ("upstreams", name))
+            if name in out.upstreams:
+                dup("upstream", name, out.upstreams[name].origin, origin, origin.key())
+            else:
+                out.upstreams[name] = Part(upstream, origin)
+        for i, listener in enumerate(p.listeners):
+            origin = Origin(f.doc, ("listeners", i))
+            if listener.name in out.listeners:
+                dup(
+                    "listener",
+                    listener.name,
+                    out.listeners[listener.name].origin,
+                    origin,
+                    origin.at("name"),
+                )
+            else:
+                out.listeners[listener.name] = Part(listener, origin)
+        if p.access_log is not None:
+            origin = Origin(f.doc, ("access_log",))
+            if out.access_log is not None:
+                first = out.access_log.origin.at()
+                errors.append(
+                    ConfigError(
+                        origin.key(),
+                        f"access_log is already set at {first.path}:{first.line}",
+                    )
+                )
+            else:
+                out.access_log = Part(p.access_log, origin)
+    return out, errors

@@ -1,0 +1,379 @@
+"""The policy schema. Names and defaults here are the stable, documented surface.
+
+Every model forbids unknown keys and is strict about types (a port is a number, not a
+string), so a typo is an error with its line, never a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+NAME_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,62}[a-z0-9])?$"
+DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?)(ms|s|m|h)$"
+_DURATION = re.compile(DURATION_PATTERN)
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+Name = Annotated[
+    str,
+    Field(
+        pattern=NAME_PATTERN,
+        description="lower-case letters, digits, '.', '_' and '-'; at most 64 characters",
+    ),
+]
+
+
+def duration_seconds(value: str) -> float:
+    """'1.5s' -> 1.5; '250ms' -> 0.25; '5m' -> 300.0."""
+    m = _DURATION.match(value)
+    if m is None:
+        raise ValueError(f"not a duration: {value!r} (use e.g. 250ms, 5s, 1m, 1h)")
+    return float(m.group(1)) * _UNITS[m.group(3)]
+
+
+def _check_duration(value: str) -> str:
+    seconds = duration_seconds(value)
+    if seconds <= 0 or seconds > 315_576_000_000:
+        raise ValueError(f"duration out of range: {value!r}")
+    return value
+
+
+Duration = Annotated[
+    str,
+    Field(pattern=DURATION_PATTERN, description="a duration: 250ms, 5s, 1m, 1h", examples=["5s"]),
+    AfterValidator(_check_duration),
+]
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    number = int(port)
+    if not 1 <= number <= 65535:
+        raise ValueError(f"port {number} out of range 1-65535 in {value!r}")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", host):
+            raise ValueError(f"not an IP address or host name: {host!r}") from None
+    return host, number
+
+
+def _check_address(value: str) -> str:
+    split_host_port(value)
+    return value
+
+
+def _check_ip_address(value: str) -> str:
+    host, _ = split_host_port(value)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"a listener binds an IP address, not {host!r}") from None
+    return value
+
+
+Address = Annotated[
+    str,
+    Field(description="HOST:PORT (IPv6 as [::1]:PORT)", examples=["10.0.0.12:9443"]),
+    AfterValidator(_check_address),
+]
+ListenAddress = Annotated[
+    str,
+    Field(description="IP:PORT to listen on", examples=["0.0.0.0:8443"]),
+    AfterValidator(_check_ip_address),
+]
+TlsVersion = Literal["1.0", "1.1", "1.2", "1.3"]
+HttpMethod = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"]
+_TLS_ORDER = {"1.0": 0, "1.1": 1, "1.2": 2, "1.3": 3}
+
+
+def _check_versions(low: TlsVersion, high: TlsVersion) -> None:
+    if _TLS_ORDER[low] > _TLS_ORDER[high]:
+        raise ValueError(f"min_version {low} is above max_version {high}")
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def _one_of(obj: BaseModel, fields: tuple[str, ...], required: bool = True) -> None:
+    given = [f for f in fields if getattr(obj, f) is not None]
+    if len(given) > 1:
+        raise ValueError(f"give only one of {', '.join(fields)} (got {', '.join(given)})")
+    if required and not given:
+        raise ValueError(f"give one of {', '.join(fields)}")
+
+
+# -- secrets ---------------------------------------------------------------------------------
+
+
+class Secret(Model):
+    """Files served over SDS. Paths are relative to the policy file's folder.
+
+    Either a certificate with its private key, or a CA bundle (optionally with a CRL).
+    """
+
+    certificate: str | None = Field(None, description="PEM certificate chain file")
+    private_key: str | None = Field(None, description="PEM private key file")
+    ca: str | None = Field(None, description="PEM CA bundle file, to verify peers")
+    crl: str | None = Field(None, description="PEM certificate revocation list for `ca`")
+
+    @model_validator(mode="after")
+    def _kind(self) -> Secret:
+        cert = self.certificate is not None or self.private_key is not None
+        ca = self.ca is not None or self.crl is not None
+        if cert and ca:
+            raise ValueError("a secret is either certificate+private_key or ca (+crl), not both")
+        if cert and (self.certificate is None or self.private_key is None):
+            raise ValueError("certificate and private_key go together")
+        if self.crl is not None and self.ca is None:
+            raise ValueError("crl needs ca")
+        if not cert and not ca:
+            raise ValueError("give certificate and private_key, or ca")
+        return self
+
+    @property
+    def is_certificate(self) -> bool:
+        return self.certificate is not None
+
+
+# -- listeners, hosts, routes ----------------------------------------------------------------
+
+
+_DEFAULT_ALPN: list[Literal["h2", "http/1.1"]] = ["h2", "http/1.1"]
+
+
+class Tls(Model):
+    """Downstream TLS settings of a listener."""
+
+    min_version: TlsVersion = "1.2"
+    max_version: TlsVersion = "1.3"
+    cipher_suites: list[str] | None = Field(
+        None, description="BoringSSL cipher names for TLS 1.2 and below; default: Envoy's"
+    )
+    alpn: list[Literal["h2", "http/1.1"]] = Field(default_factory=lambda: list(_DEFAULT_ALPN))
+
+    @model_validator(mode="after")
+    def _order(self) -> Tls:
+        if _TLS_ORDER[self.min_version] > _TLS_ORDER[self.max_version]:
+            raise ValueError(
+                f"min_version {self.min_version} is above max_version {self.max_version}"
+            )
+        return self
+
+
+class HeaderMatch(Model):
+    name: str = Field(min_length=1)
+    exact: str | None = None
+    prefix: str | None = None
+    regex: str | None = None
+    present: bool | None = None
+    invert: bool = False
+
+    @model_validator(mode="after")
+    def _one(self) -> HeaderMatch:
+        _one_of(self, ("exact", "prefix", "regex", "present"))
+        return self
+
+
+class RegexRewrite(Model):
+    pattern: str
+    substitution: str
+
+
+class Rewrite(Model):
+    prefix: str | None = Field(None, description="replaces the matched prefix")
+    regex: RegexRewrite | None = None
+    host: str | None = Field(None, description="the Host header sent upstream")
+
+    @model_validator(mode="after")
+    def _one(self) -> Rewrite:
+        _one_of(self, ("prefix", "regex"), required=False)
+        return self
+
+
+RetryOn = Literal[
+    "5xx",
+    "gateway-error",
+    "reset",
+    "connect-failure",
+    "retriable-4xx",
+    "refused-stream",
+    "retriable-status-codes",
+    "retriable-headers",
+    "envoy-ratelimited",
+    "http3-post-connect-failure",
+]
+_DEFAULT_RETRY_ON: list[RetryOn] = ["connect-failure", "refused-stream", "reset"]
+
+
+class Retries(Model):
+    attempts: int = Field(ge=1, le=10)
+    on: list[RetryOn] = Field(default_factory=lambda: list(_DEFAULT_RETRY_ON))
+    per_try_timeout: Duration | None = None
+
+
+class DirectResponse(Model):
+    status: int = Field(ge=200, le=599)
+    body: str = ""
+
+
+class Route(Model):
+    """One route of a host: a match (one of prefix, path, regex) and where it goes."""
+
+    name: Name | None = Field(None, description="default: route-N, N its position from 0")
+    prefix: str | None = Field(None, description="path prefix, e.g. /billing/")
+    path: str | None = Field(None, description="exact path")
+    regex: str | None = Field(None, description="RE2 regex over the whole path")
+    headers: list[HeaderMatch] = Field(default_factory=list)
+    methods: list[HttpMethod] = Field(default_factory=list)
+    upstream: Name | None = Field(None, description="an upstream's name")
+    direct_response: DirectResponse | None = None
+    rewrite: Rewrite | None = None
+    timeout: Duration | None = Field(None, description="whole-request timeout; default 15s")
+    retries: Retries | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> Route:
+        _one_of(self, ("prefix", "path", "regex"))
+        _one_of(self, ("upstream", "direct_response"))
+        for field in ("prefix", "path"):
+            value = getattr(self, field)
+            if value is not None and not value.startswith("/"):
+                raise ValueError(f"{field} must start with '/'")
+        if self.direct_response is not None and (self.rewrite or self.retries or self.timeout):
+            raise ValueError("rewrite, retries and timeout apply to upstream routes only")
+        return self
+
+
+ClientCertificate = Literal["required", "optional", "off"]
+
+
+class Host(Model):
+    """A group of domains with its own TLS context, filter chain and route configuration."""
+
+    name: Name
+    domains: list[str] = Field(min_length=1)
+    certificate: Name | None = Field(None, description="secret with the server certificate")
+    client_certificate: ClientCertificate = "off"
+    client_ca: Name | None = Field(None, description="secret with the CA for client certificates")
+    routes: list[Route] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _client(self) -> Host:
+        if self.client_certificate != "off" and self.client_ca is None:
+            raise ValueError(f"client_certificate: {self.client_certificate} needs client_ca")
+        if self.client_certificate == "off" and self.client_ca is not None:
+            raise ValueError("client_ca is set but client_certificate is off")
+        for d in self.domains:
+            if not re.fullmatch(r"(\*\.)?[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?|\*", d):
+                raise ValueError(f"not a domain: {d!r} (a name, *.name, or *)")
+        return self
+
+
+class Listener(Model):
+    """An address Envoy listens on. With `tls`, hosts are chosen by SNI."""
+
+    name: Name
+    address: ListenAddress
+    tls: Tls | None = Field(None, description="present: HTTPS; every host needs a certificate")
+    redirect_to_https: bool = Field(False, description="answer every request with a redirect")
+    https_port: int = Field(443, ge=1, le=65535, description="port in the redirect location")
+    hosts: list[Host] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _shape(self) -> Listener:
+        if self.redirect_to_https:
+            if self.hosts:
+                raise ValueError("a redirect_to_https listener has no hosts")
+            if self.tls is not None:
+                raise ValueError("a redirect_to_https listener is plain HTTP: remove tls")
+        elif not self.hosts:
+            raise ValueError("a listener needs hosts (or redirect_to_https: true)")
+        return self
+
+
+# -- upstreams -------------------------------------------------------------------------------
+
+
+class UpstreamTls(Model):
+    """TLS from Envoy to the upstream; with `certificate`, mutual TLS."""
+
+    ca: Name = Field(description="secret with the CA that verifies the upstream")
+    certificate: Name | None = Field(None, description="secret with Envoy's client certificate")
+    sni: str | None = None
+    subject_alt_names: list[str] = Field(
+        default_factory=list, description="the upstream certificate must carry one of these"
+    )
+    min_version: TlsVersion = "1.2"
+    max_version: TlsVersion = "1.3"
+
+    @model_validator(mode="after")
+    def _order(self) -> UpstreamTls:
+        if _TLS_ORDER[self.min_version] > _TLS_ORDER[self.max_version]:
+            raise ValueError(
+                f"min_version {self.min_version} is above max_version {self.max_version}"
+            )
+        return self
+
+
+class Limits(Model):
+    """Circuit breakers for the upstream."""
+
+    max_connections: int | None = Field(None, ge=1)
+    max_pending_requests: int | None = Field(None, ge=1)
+    max_requests: int | None = Field(None, ge=1)
+    max_retries: int | None = Field(None, ge=0)
+
+
+class HealthCheck(Model):
+    path: str = "/healthz"
+    interval: Duration = "5s"
+    timeout: Duration = "1s"
+    healthy_threshold: int = Field(2, ge=1)
+    unhealthy_threshold: int = Field(3, ge=1)
+
+
+LbPolicy = Literal["round_robin", "least_request", "random", "ring_hash", "maglev"]
+
+
+class Upstream(Model):
+    endpoints: list[Address] = Field(min_length=1)
+    lb: LbPolicy = "round_robin"
+    connect_timeout: Duration = "1s"
+    http2: bool = Field(False, description="speak HTTP/2 to the upstream")
+    tls: UpstreamTls | None = None
+    limits: Limits | None = None
+    health_check: HealthCheck | None = None
+
+
+# -- the file --------------------------------------------------------------------------------
+
+
+class AccessLog(Model):
+    path: str = Field("/dev/stdout", description="file Envoy appends to")
+    format: Literal["json", "text"] = "json"
+
+
+class PolicyFile(Model):
+    """One policy file. Several files in a folder form one policy per node group."""
+
+    nodes: list[str] | None = Field(
+        None, min_length=1, description="globs on node id or cluster; absent: every node"
+    )
+    secrets: dict[Name, Secret] = Field(default_factory=dict)
+    listeners: list[Listener] = Field(default_factory=list)
+    upstreams: dict[Name, Upstream] = Field(default_factory=dict)
+    access_log: AccessLog | None = None
+    resources: list[dict[str, Any]] = Field(
+        default_factory=list, description="raw Envoy v3 resources with @type, served as they are"
+    )
+
+
+TOP_LEVEL_KEYS = tuple(PolicyFile.model_fields)

@@ -1,0 +1,123 @@
+"""A YAML document -> a PolicyFile, with pydantic's errors turned into ``path:line:col``."""
+
+from __future__ import annotations
+
+import difflib
+from types import UnionType
+from typing import Annotated, Any, Union, get_args, get_origin
+
+from pydantic import BaseModel, ValidationError
+
+from xdsplane.config.errors import ConfigError
+from xdsplane.config.yamlsrc import Document
+from xdsplane.policy.model import PolicyFile
+
+
+def _unwrap(t: Any) -> Any:
+    """Strip Optional, unions of one model, and Annotated from a type."""
+    while True:
+        origin = get_origin(t)
+        if origin is Annotated:
+            t = get_args(t)[0]
+        elif origin in (Union, UnionType):
+            args = [a for a in get_args(t) if a is not type(None)]
+            models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+            if len(args) == 1:
+                t = args[0]
+            elif models:
+                t = models[0]
+            else:
+                return t
+        else:
+            return t
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The model class whose fields the last element of ``loc`` names (for suggestions)."""
+    current: Any = PolicyFile
+    for part in loc[:-1]:
+        current = _unwrap(current)
+        origin = get_origin(current)
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(str(part))
+            if field is None:
+                return None
+            current = field.annotation
+        elif origin is list and isinstance(part, int):
+            current = get_args(current)[0]
+        elif origin is dict:
+            current = get_args(current)[1]
+        else:
+            return None
+    current = _unwrap(current)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _suggest(key: str, loc: tuple[Any, ...]) -> str:
+    model = _model_at(loc)
+    if model is None:
+        return ""
+    close = difflib.get_close_matches(key, list(model.model_fields), n=1)
+    known = ", ".join(model.model_fields)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{hint} (known keys: {known})"
+
+
+def _message(err: dict[str, Any], loc: tuple[Any, ...]) -> str:
+    kind = err["type"]
+    msg = str(err["msg"])
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    if kind == "extra_forbidden":
+        key = str(loc[-1])
+        return f"unknown key {key!r}" + _suggest(key, loc)
+    if kind == "missing":
+        return f"missing required key {str(loc[-1])!r}"
+    if kind == "string_pattern_mismatch" and "NAME" not in msg:
+        pattern = err.get("ctx", {}).get("pattern", "")
+        if "ms|s|m|h" in pattern:
+            return f"not a duration: {err.get('input')!r} (use e.g. 250ms, 5s, 1m, 1h)"
+        if pattern.startswith("^[a-z0-9]"):
+            return (
+                f"not a valid name: {err.get('input')!r} (lower-case letters, digits, '.', '_' "
+                "and '-', starting and ending with a letter or digit)"
+            )
+    field = next((str(p) for p in reversed(loc) if isinstance(p, str) and p != "[key]"), "")
+    got = err.get("input")
+    shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+    if kind.endswith("_type") or kind in ("literal_error", "int_parsing", "bool_parsing"):
+        return f"{field}: {msg}{shown}" if field else f"{msg}{shown}"
+    return f"{field}: {msg}" if field and kind != "value_error" else msg
+
+
+def _keys(loc: tuple[Any, ...]) -> tuple[str | int, ...]:
+    """pydantic's location -> the keys of the YAML value (union tags dropped)."""
+    out: list[str | int] = []
+    for part in loc:
+        if part == "[key]":
+            continue
+        if isinstance(part, str) and (part.startswith("function-") or part in _UNION_TAGS):
+            continue
+        out.append(part)
+    return tuple(out)
+
+
+_UNION_TAGS = frozenset({"str", "int", "bool", "float", "list", "dict", "none"})
+
+
+def parse_policy(doc: Document) -> tuple[PolicyFile | None, list[ConfigError]]:
+    if not isinstance(doc.value, dict):
+        return None, [ConfigError(doc.locate(()), "expected a mapping of policy keys")]
+    try:
+        return PolicyFile.model_validate(doc.value), []
+    except ValidationError as e:
+        errors = []
+        for err in e.errors(include_url=False):
+            loc = tuple(err["loc"])
+            keys = _keys(loc)
+            if err["type"] == "extra_forbidden" or "[key]" in loc:
+                where = doc.locate_key(keys)
+            else:
+                where = doc.locate(keys)
+            errors.append(ConfigError(where, _message(dict(err), keys)))
+        return None, list(dict.fromkeys(errors))

@@ -1,0 +1,128 @@
+"""Upstreams -> Cluster (EDS over ADS) and ClusterLoadAssignment."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2
+from envoy.config.core.v3 import base_pb2, health_check_pb2, protocol_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from envoy.type.matcher.v3 import string_pb2
+
+from xdsplane.policy.model import Upstream, split_host_port
+from xdsplane.policy.translate.common import (
+    ads,
+    duration,
+    pack,
+    sds,
+    socket_address,
+    tls_params,
+    transport_socket,
+    u32,
+)
+
+_LB = {
+    "round_robin": cluster_pb2.Cluster.ROUND_ROBIN,
+    "least_request": cluster_pb2.Cluster.LEAST_REQUEST,
+    "random": cluster_pb2.Cluster.RANDOM,
+    "ring_hash": cluster_pb2.Cluster.RING_HASH,
+    "maglev": cluster_pb2.Cluster.MAGLEV,
+}
+_HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+def uses_eds(up: Upstream) -> bool:
+    """IP endpoints are served over EDS; host names need Envoy's DNS (STRICT_DNS)."""
+    for e in up.endpoints:
+        host, _ = split_host_port(e)
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return False
+    return True
+
+
+def cluster(name: str, up: Upstream) -> Any:
+    c = cluster_pb2.Cluster(
+        name=name,
+        connect_timeout=duration(up.connect_timeout),
+        lb_policy=_LB[up.lb],
+    )
+    if uses_eds(up):
+        c.type = cluster_pb2.Cluster.EDS
+        c.eds_cluster_config.CopyFrom(cluster_pb2.Cluster.EdsClusterConfig(eds_config=ads()))
+    else:
+        c.type = cluster_pb2.Cluster.STRICT_DNS
+        c.load_assignment.CopyFrom(load_assignment(name, up))
+    if up.http2:
+        opts = http_protocol_options_pb2.HttpProtocolOptions(
+            explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
+                http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
+            )
+        )
+        c.typed_extension_protocol_options[_HTTP_OPTIONS].CopyFrom(pack(opts))
+    if up.limits is not None:
+        t = circuit_breaker_pb2.CircuitBreakers.Thresholds(priority=base_pb2.DEFAULT)
+        for field in ("max_connections", "max_pending_requests", "max_requests", "max_retries"):
+            value = getattr(up.limits, field)
+            if value is not None:
+                getattr(t, field).CopyFrom(u32(value))
+        c.circuit_breakers.thresholds.append(t)
+    if up.health_check is not None:
+        hc = up.health_check
+        c.health_checks.append(
+            health_check_pb2.HealthCheck(
+                timeout=duration(hc.timeout),
+                interval=duration(hc.interval),
+                healthy_threshold=u32(hc.healthy_threshold),
+                unhealthy_threshold=u32(hc.unhealthy_threshold),
+                http_health_check=health_check_pb2.HealthCheck.HttpHealthCheck(path=hc.path),
+            )
+        )
+    if up.tls is not None:
+        t_ = up.tls
+        common = common_pb2.CommonTlsContext(tls_params=tls_params(t_.min_version, t_.max_version))
+        if t_.certificate is not None:
+            common.tls_certificate_sds_secret_configs.append(sds(t_.certificate))
+        validation = common_pb2.CertificateValidationContext()
+        for san in t_.subject_alt_names:
+            kind = (
+                common_pb2.SubjectAltNameMatcher.URI
+                if "://" in san
+                else common_pb2.SubjectAltNameMatcher.DNS
+            )
+            validation.match_typed_subject_alt_names.append(
+                common_pb2.SubjectAltNameMatcher(
+                    san_type=kind, matcher=string_pb2.StringMatcher(exact=san)
+                )
+            )
+        common.combined_validation_context.CopyFrom(
+            common_pb2.CommonTlsContext.CombinedCertificateValidationContext(
+                default_validation_context=validation,
+                validation_context_sds_secret_config=sds(t_.ca),
+            )
+        )
+        ctx = tls_pb2.UpstreamTlsContext(common_tls_context=common)
+        if t_.sni:
+            ctx.sni = t_.sni
+        c.transport_socket.CopyFrom(transport_socket(ctx))
+    return c
+
+
+def load_assignment(name: str, up: Upstream) -> Any:
+    return endpoint_pb2.ClusterLoadAssignment(
+        cluster_name=name,
+        endpoints=[
+            endpoint_components_pb2.LocalityLbEndpoints(
+                lb_endpoints=[
+                    endpoint_components_pb2.LbEndpoint(
+                        endpoint=endpoint_components_pb2.Endpoint(address=socket_address(e))
+                    )
+                    for e in up.endpoints
+                ]
+            )
+        ],
+    )

@@ -1,0 +1,155 @@
+"""Listeners -> Listener: one filter chain per host on TLS listeners, chosen by SNI."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from envoy.config.accesslog.v3 import accesslog_pb2
+from envoy.config.core.v3 import substitution_format_string_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.extensions.access_loggers.file.v3 import file_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
+from google.protobuf import struct_pb2, wrappers_pb2
+
+from xdsplane.policy.model import AccessLog, Host, Listener, Tls
+from xdsplane.policy.translate.common import (
+    ads,
+    pack,
+    sds,
+    socket_address,
+    tls_params,
+    transport_socket,
+)
+from xdsplane.policy.translate.routes import route_config_name
+
+HCM = "envoy.filters.network.http_connection_manager"
+
+# What every access log line says, JSON keys -> Envoy command operators.
+ACCESS_LOG_FIELDS: dict[str, str] = {
+    "time": "%START_TIME%",
+    "client": "%DOWNSTREAM_REMOTE_ADDRESS%",
+    "method": "%REQ(:METHOD)%",
+    "authority": "%REQ(:AUTHORITY)%",
+    "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+    "protocol": "%PROTOCOL%",
+    "status": "%RESPONSE_CODE%",
+    "flags": "%RESPONSE_FLAGS%",
+    "details": "%RESPONSE_CODE_DETAILS%",
+    "duration_ms": "%DURATION%",
+    "route": "%ROUTE_NAME%",
+    "upstream": "%UPSTREAM_CLUSTER%",
+    "upstream_host": "%UPSTREAM_HOST%",
+    "request_id": "%REQ(X-REQUEST-ID)%",
+    "sni": "%REQUESTED_SERVER_NAME%",
+    "tls_version": "%DOWNSTREAM_TLS_VERSION%",
+    "client_cert_subject": "%DOWNSTREAM_PEER_SUBJECT%",
+    "client_cert_uri_san": "%DOWNSTREAM_PEER_URI_SAN%",
+    "client_cert_dns_san": "%DOWNSTREAM_PEER_DNS_SAN%",
+    "client_cert_fingerprint": "%DOWNSTREAM_PEER_FINGERPRINT_256%",
+    "client_cert_expiry": "%DOWNSTREAM_PEER_CERT_V_END%",
+}
+
+
+def access_log(log: AccessLog) -> Any:
+    if log.format == "json":
+        fmt = substitution_format_string_pb2.SubstitutionFormatString(
+            json_format=struct_pb2.Struct(
+                fields={k: struct_pb2.Value(string_value=v) for k, v in ACCESS_LOG_FIELDS.items()}
+            )
+        )
+    else:
+        line = " ".join(f"{k}={v}" for k, v in ACCESS_LOG_FIELDS.items()) + "\n"
+        fmt = substitution_format_string_pb2.SubstitutionFormatString(
+            text_format_source={"inline_string": line}
+        )
+    return accesslog_pb2.AccessLog(
+        name="envoy.access_loggers.file",
+        typed_config=pack(file_pb2.FileAccessLog(path=log.path, log_format=fmt)),
+    )
+
+
+def _router() -> Any:
+    return hcm_pb2.HttpFilter(
+        name="envoy.filters.http.router", typed_config=pack(router_pb2.Router())
+    )
+
+
+def _hcm(name: str, route_config: str, host: Host | None, log: AccessLog | None) -> Any:
+    m = hcm_pb2.HttpConnectionManager(
+        stat_prefix=name,
+        codec_type=hcm_pb2.HttpConnectionManager.AUTO,
+        rds=hcm_pb2.Rds(config_source=ads(), route_config_name=route_config),
+        http_filters=[
+            hcm_pb2.HttpFilter(
+                name="envoy.filters.http.router", typed_config=pack(router_pb2.Router())
+            )
+        ],
+        use_remote_address=wrappers_pb2.BoolValue(value=True),
+        normalize_path=wrappers_pb2.BoolValue(value=True),
+        merge_slashes=True,
+        strip_any_host_port=True,
+        forward_client_cert_details=hcm_pb2.HttpConnectionManager.SANITIZE,
+    )
+    if host is not None and host.client_certificate != "off":
+        m.forward_client_cert_details = hcm_pb2.HttpConnectionManager.SANITIZE_SET
+        m.set_current_client_cert_details.CopyFrom(
+            hcm_pb2.HttpConnectionManager.SetCurrentClientCertDetails(
+                subject=wrappers_pb2.BoolValue(value=True), uri=True, dns=True
+            )
+        )
+    if log is not None:
+        m.access_log.append(access_log(log))
+    return listener_components_pb2.Filter(name=HCM, typed_config=pack(m))
+
+
+def downstream_tls(tls: Tls, host: Host) -> Any:
+    common = common_pb2.CommonTlsContext(
+        tls_params=tls_params(tls.min_version, tls.max_version, tls.cipher_suites),
+        alpn_protocols=tls.alpn,
+        tls_certificate_sds_secret_configs=[sds(host.certificate or "")],
+    )
+    ctx = tls_pb2.DownstreamTlsContext(common_tls_context=common)
+    if host.client_certificate != "off":
+        common.validation_context_sds_secret_config.CopyFrom(sds(host.client_ca or ""))
+        ctx.require_client_certificate.CopyFrom(
+            wrappers_pb2.BoolValue(value=host.client_certificate == "required")
+        )
+        # A resumed session skips certificate validation: never resume on these hosts.
+        ctx.disable_stateless_session_resumption = True
+        ctx.disable_stateful_session_resumption = True
+    return ctx
+
+
+def listener(spec: Listener, log: AccessLog | None) -> Any:
+    out = listener_pb2.Listener(name=spec.name, address=socket_address(spec.address))
+    if spec.tls is None:
+        out.filter_chains.append(
+            listener_components_pb2.FilterChain(
+                name=spec.name, filters=[_hcm(spec.name, route_config_name(spec), None, log)]
+            )
+        )
+        return out
+    out.listener_filters.append(
+        listener_pb2.ListenerFilter(
+            name="envoy.filters.listener.tls_inspector",
+            typed_config=pack(tls_inspector_pb2.TlsInspector()),
+        )
+    )
+    for h in spec.hosts:
+        chain = listener_components_pb2.FilterChain(
+            name=f"{spec.name}/{h.name}",
+            filters=[_hcm(f"{spec.name}.{h.name}", route_config_name(spec, h), h, log)],
+            transport_socket=transport_socket(downstream_tls(spec.tls, h)),
+        )
+        names = [d for d in h.domains if d != "*"]
+        if names:
+            chain.filter_chain_match.CopyFrom(
+                listener_components_pb2.FilterChainMatch(server_names=names)
+            )
+        out.filter_chains.append(chain)
+    return out

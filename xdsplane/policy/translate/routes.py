@@ -1,0 +1,162 @@
+"""Hosts and routes -> RouteConfiguration (served over RDS, never inline in a listener)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from envoy.config.core.v3 import base_pb2
+from envoy.config.route.v3 import route_components_pb2 as rc
+from envoy.config.route.v3 import route_pb2
+from envoy.type.matcher.v3 import regex_pb2, string_pb2
+
+from xdsplane.policy.model import HeaderMatch, Host, Listener, Route
+from xdsplane.policy.translate.common import duration, u32
+
+MISDIRECTED = "misdirected"
+
+
+def route_config_name(listener: Listener, host: Host | None = None) -> str:
+    """TLS listeners have one route configuration per host (its filter chain's own)."""
+    if listener.tls is not None and host is not None:
+        return f"{listener.name}/{host.name}"
+    return listener.name
+
+
+def _regex(pattern: str) -> Any:
+    return regex_pb2.RegexMatcher(regex=pattern)
+
+
+def _header(h: HeaderMatch) -> Any:
+    m = rc.HeaderMatcher(name=h.name, invert_match=h.invert)
+    if h.present is not None:
+        m.present_match = h.present
+    elif h.exact is not None:
+        m.string_match.CopyFrom(string_pb2.StringMatcher(exact=h.exact))
+    elif h.prefix is not None:
+        m.string_match.CopyFrom(string_pb2.StringMatcher(prefix=h.prefix))
+    elif h.regex is not None:
+        m.string_match.CopyFrom(string_pb2.StringMatcher(safe_regex=_regex(h.regex)))
+    return m
+
+
+def route(host: Host, r: Route, index: int) -> Any:
+    match = rc.RouteMatch()
+    if r.prefix is not None:
+        match.prefix = r.prefix
+    elif r.path is not None:
+        match.path = r.path
+    elif r.regex is not None:
+        match.safe_regex.CopyFrom(_regex(r.regex))
+    match.headers.extend(_header(h) for h in r.headers)
+    if r.methods:
+        methods = "|".join(sorted(set(r.methods)))
+        match.headers.append(
+            rc.HeaderMatcher(
+                name=":method",
+                string_match=string_pb2.StringMatcher(safe_regex=_regex(f"^({methods})$")),
+            )
+        )
+    out = rc.Route(name=f"{host.name}/{r.name or f'route-{index}'}", match=match)
+    if r.direct_response is not None:
+        out.direct_response.CopyFrom(
+            rc.DirectResponseAction(
+                status=r.direct_response.status,
+                body=base_pb2.DataSource(inline_string=r.direct_response.body),
+            )
+        )
+        return out
+    action = rc.RouteAction(cluster=r.upstream or "")
+    if r.timeout is not None:
+        action.timeout.CopyFrom(duration(r.timeout))
+    if r.rewrite is not None:
+        if r.rewrite.prefix is not None:
+            action.prefix_rewrite = r.rewrite.prefix
+        if r.rewrite.regex is not None:
+            action.regex_rewrite.CopyFrom(
+                regex_pb2.RegexMatchAndSubstitute(
+                    pattern=_regex(r.rewrite.regex.pattern),
+                    substitution=r.rewrite.regex.substitution,
+                )
+            )
+        if r.rewrite.host is not None:
+            action.host_rewrite_literal = r.rewrite.host
+    if r.retries is not None:
+        policy = rc.RetryPolicy(
+            retry_on=",".join(r.retries.on), num_retries=u32(r.retries.attempts)
+        )
+        if r.retries.per_try_timeout is not None:
+            policy.per_try_timeout.CopyFrom(duration(r.retries.per_try_timeout))
+        action.retry_policy.CopyFrom(policy)
+    out.route.CopyFrom(action)
+    return out
+
+
+def virtual_host(host: Host) -> Any:
+    return rc.VirtualHost(
+        name=host.name,
+        domains=host.domains,
+        routes=[route(host, r, i) for i, r in enumerate(host.routes)],
+    )
+
+
+def _misdirected() -> Any:
+    """Requests whose :authority is not a domain of the connection's host (SNI): 421."""
+    return rc.VirtualHost(
+        name=MISDIRECTED,
+        domains=["*"],
+        routes=[
+            rc.Route(
+                name=f"{MISDIRECTED}/421",
+                match=rc.RouteMatch(prefix="/"),
+                direct_response=rc.DirectResponseAction(
+                    status=421,
+                    body=base_pb2.DataSource(
+                        inline_string="misdirected request: this host is not served on this "
+                        "connection's server name\n"
+                    ),
+                ),
+            )
+        ],
+    )
+
+
+def _redirect(listener: Listener) -> Any:
+    redirect = rc.RedirectAction(https_redirect=True)
+    if listener.https_port != 443:
+        redirect.port_redirect = listener.https_port
+    return route_pb2.RouteConfiguration(
+        name=listener.name,
+        virtual_hosts=[
+            rc.VirtualHost(
+                name="redirect-to-https",
+                domains=["*"],
+                routes=[
+                    rc.Route(
+                        name="redirect-to-https/all",
+                        match=rc.RouteMatch(prefix="/"),
+                        redirect=redirect,
+                    )
+                ],
+            )
+        ],
+    )
+
+
+def route_configurations(listener: Listener) -> list[Any]:
+    if listener.redirect_to_https:
+        return [_redirect(listener)]
+    if listener.tls is None:
+        return [
+            route_pb2.RouteConfiguration(
+                name=listener.name, virtual_hosts=[virtual_host(h) for h in listener.hosts]
+            )
+        ]
+    out = []
+    for h in listener.hosts:
+        vhosts = [virtual_host(h)]
+        if "*" not in h.domains:
+            vhosts.append(_misdirected())
+        out.append(
+            route_pb2.RouteConfiguration(name=route_config_name(listener, h), virtual_hosts=vhosts)
+        )
+    return out
