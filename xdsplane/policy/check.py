@@ -138,6 +138,18 @@ def check_policy(policy: GroupPolicy) -> tuple[list[ConfigError], Usage]:
                         )
                     )
                 route_names.add(rname)
+                wants_cert = r.require_client_certificate or r.allow_client_sans
+                if wants_cert and (listener.tls is None or h.client_certificate == "off"):
+                    key = (
+                        "allow_client_sans" if r.allow_client_sans else "require_client_certificate"
+                    )
+                    errors.append(
+                        ConfigError(
+                            lo.key(*hkeys, "routes", ri, key),
+                            f"{key}: host {h.name!r} does not ask for client certificates "
+                            "(set client_certificate: optional or required, and client_ca)",
+                        )
+                    )
                 if r.upstream is not None:
                     part = policy.upstreams.get(r.upstream)
                     if part is None:

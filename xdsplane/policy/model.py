@@ -238,6 +238,16 @@ class Route(Model):
     rewrite: Rewrite | None = None
     timeout: Duration | None = Field(None, description="whole-request timeout; default 15s")
     retries: Retries | None = None
+    require_client_certificate: bool = Field(
+        False,
+        description="only requests on a connection with a validated client certificate "
+        "pass (others get 403); checked per request, so the host can stay optional",
+    )
+    allow_client_sans: list[str] = Field(
+        default_factory=list,
+        description="the client certificate must carry a SAN matching one of these globs "
+        "('*' matches any run of characters); implies require_client_certificate",
+    )
 
     @model_validator(mode="after")
     def _shape(self) -> Route:

@@ -84,7 +84,7 @@ def cluster(name: str, up: Upstream) -> Any:
         )
     if up.tls is not None:
         t_ = up.tls
-        common = common_pb2.CommonTlsContext(tls_params=tls_params(t_.min_version, t_.max_version))
+        common = tls_pb2.CommonTlsContext(tls_params=tls_params(t_.min_version, t_.max_version))
         if t_.certificate is not None:
             common.tls_certificate_sds_secret_configs.append(sds(t_.certificate))
         validation = common_pb2.CertificateValidationContext()
@@ -100,7 +100,7 @@ def cluster(name: str, up: Upstream) -> Any:
                 )
             )
         common.combined_validation_context.CopyFrom(
-            common_pb2.CommonTlsContext.CombinedCertificateValidationContext(
+            tls_pb2.CommonTlsContext.CombinedCertificateValidationContext(
                 default_validation_context=validation,
                 validation_context_sds_secret_config=sds(t_.ca),
             )

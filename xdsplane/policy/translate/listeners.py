@@ -13,10 +13,11 @@ from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
-from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from google.protobuf import struct_pb2, wrappers_pb2
 
 from xdsplane.policy.model import AccessLog, Host, Listener, Tls
+from xdsplane.policy.translate import authz
 from xdsplane.policy.translate.common import (
     ads,
     pack,
@@ -79,16 +80,22 @@ def _router() -> Any:
     )
 
 
+def _http_filters(host: Host | None) -> list[Any]:
+    filters = []
+    if host is not None and authz.needs_rbac(host):
+        filters.append(
+            hcm_pb2.HttpFilter(name=authz.RBAC_FILTER, typed_config=pack(authz.filter_config()))
+        )
+    filters.append(_router())
+    return filters
+
+
 def _hcm(name: str, route_config: str, host: Host | None, log: AccessLog | None) -> Any:
     m = hcm_pb2.HttpConnectionManager(
         stat_prefix=name,
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
         rds=hcm_pb2.Rds(config_source=ads(), route_config_name=route_config),
-        http_filters=[
-            hcm_pb2.HttpFilter(
-                name="envoy.filters.http.router", typed_config=pack(router_pb2.Router())
-            )
-        ],
+        http_filters=_http_filters(host),
         use_remote_address=wrappers_pb2.BoolValue(value=True),
         normalize_path=wrappers_pb2.BoolValue(value=True),
         merge_slashes=True,
@@ -108,14 +115,15 @@ def _hcm(name: str, route_config: str, host: Host | None, log: AccessLog | None)
 
 
 def downstream_tls(tls: Tls, host: Host) -> Any:
-    common = common_pb2.CommonTlsContext(
+    common = tls_pb2.CommonTlsContext(
         tls_params=tls_params(tls.min_version, tls.max_version, tls.cipher_suites),
         alpn_protocols=tls.alpn,
         tls_certificate_sds_secret_configs=[sds(host.certificate or "")],
     )
-    ctx = tls_pb2.DownstreamTlsContext(common_tls_context=common)
     if host.client_certificate != "off":
         common.validation_context_sds_secret_config.CopyFrom(sds(host.client_ca or ""))
+    ctx = tls_pb2.DownstreamTlsContext(common_tls_context=common)
+    if host.client_certificate != "off":
         ctx.require_client_certificate.CopyFrom(
             wrappers_pb2.BoolValue(value=host.client_certificate == "required")
         )
@@ -135,7 +143,7 @@ def listener(spec: Listener, log: AccessLog | None) -> Any:
         )
         return out
     out.listener_filters.append(
-        listener_pb2.ListenerFilter(
+        listener_components_pb2.ListenerFilter(
             name="envoy.filters.listener.tls_inspector",
             typed_config=pack(tls_inspector_pb2.TlsInspector()),
         )

@@ -10,7 +10,8 @@ from envoy.config.route.v3 import route_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
 
 from xdsplane.policy.model import HeaderMatch, Host, Listener, Route
-from xdsplane.policy.translate.common import duration, u32
+from xdsplane.policy.translate import authz
+from xdsplane.policy.translate.common import duration, pack, u32
 
 MISDIRECTED = "misdirected"
 
@@ -57,6 +58,9 @@ def route(host: Host, r: Route, index: int) -> Any:
             )
         )
     out = rc.Route(name=f"{host.name}/{r.name or f'route-{index}'}", match=match)
+    rbac = authz.per_route(r)
+    if rbac is not None:
+        out.typed_per_filter_config[authz.RBAC_FILTER].CopyFrom(pack(rbac))
     if r.direct_response is not None:
         out.direct_response.CopyFrom(
             rc.DirectResponseAction(

@@ -1,0 +1,254 @@
+"""A development PKI on ``cryptography``: the CAs, certificates and keys the sample needs.
+
+Files are ``DIR/NAME.crt`` and ``DIR/NAME.key`` (keys mode 0600), written atomically: a
+reader (the control plane's watcher) never sees half a file. Keys are ECDSA P-256.
+Not for production CAs: no key protection beyond file permissions.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+DEFAULT_DAYS = 90
+CA_DAYS = 3650
+
+
+class PkiError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What ``certs init`` issues."""
+
+    name: str
+    ca: str | None  # None: a self-signed CA
+    dns: tuple[str, ...] = ()
+    uris: tuple[str, ...] = ()
+    days: int = DEFAULT_DAYS
+    usage: tuple[str, ...] = field(default=("server", "client"))
+
+
+SAMPLE: tuple[Spec, ...] = (
+    Spec("client-ca", None, days=CA_DAYS),
+    Spec("service-ca", None, days=CA_DAYS),
+    Spec(
+        "edge",
+        "service-ca",
+        dns=("billing.example.com", "mtls.billing.example.com", "localhost"),
+        usage=("server",),
+    ),
+    Spec("gateway", "service-ca", uris=("spiffe://example.com/gateway",), usage=("client",)),
+    Spec("billing", "service-ca", dns=("billing.internal", "localhost"), usage=("server",)),
+    Spec("alice", "client-ca", uris=("spiffe://example.com/ops/alice",), usage=("client",)),
+)
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "xdsplane development"),
+            x509.NameAttribute(NameOID.COMMON_NAME, cn),
+        ]
+    )
+
+
+def _key_bytes(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _sans(dns: Iterable[str], uris: Iterable[str]) -> list[x509.GeneralName]:
+    out: list[x509.GeneralName] = []
+    for d in dns:
+        try:
+            out.append(x509.IPAddress(ipaddress.ip_address(d)))
+        except ValueError:
+            out.append(x509.DNSName(d))
+    out.extend(x509.UniformResourceIdentifier(u) for u in uris)
+    return out
+
+
+def load_cert(path: Path) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except FileNotFoundError:
+        raise PkiError(f"{path}: no such certificate") from None
+    except ValueError as e:
+        raise PkiError(f"{path}: not a PEM certificate ({e})") from None
+
+
+def load_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except FileNotFoundError:
+        raise PkiError(f"{path}: no such key") from None
+    except (ValueError, TypeError):
+        raise PkiError(f"{path}: not an unencrypted PEM private key") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise PkiError(f"{path}: only EC keys are supported by this development PKI")
+    return key
+
+
+def issue(
+    directory: Path,
+    name: str,
+    ca: str | None,
+    dns: Iterable[str] = (),
+    uris: Iterable[str] = (),
+    days: int = DEFAULT_DAYS,
+    usage: Iterable[str] = ("server", "client"),
+) -> Path:
+    """Issue ``NAME.crt``/``NAME.key`` signed by ``CA`` (or a self-signed CA when None)."""
+    if days < 1:
+        raise PkiError("--days must be at least 1")
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = _now()
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(name))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+    )
+    if ca is None:
+        builder = builder.issuer_name(_name(name))
+        builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=0), True)
+        builder = builder.add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), True
+        )
+        signer: ec.EllipticCurvePrivateKey = key
+    else:
+        ca_cert = load_cert(directory / f"{ca}.crt")
+        signer = load_key(directory / f"{ca}.key")
+        builder = builder.issuer_name(ca_cert.subject)
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()), False
+        )
+        builder = builder.add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
+        builder = builder.add_extension(
+            x509.KeyUsage(True, False, True, False, False, False, False, False, False), True
+        )
+        ekus = []
+        if "server" in usage:
+            ekus.append(ExtendedKeyUsageOID.SERVER_AUTH)
+        if "client" in usage:
+            ekus.append(ExtendedKeyUsageOID.CLIENT_AUTH)
+        if ekus:
+            builder = builder.add_extension(x509.ExtendedKeyUsage(ekus), False)
+        sans = _sans(dns, uris)
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), False)
+    cert = builder.sign(signer, hashes.SHA256())
+    # Key first: a watcher that reads between the two renames sees a key that does not
+    # match the old certificate and rejects the pair until the certificate arrives.
+    write_atomic(directory / f"{name}.key", _key_bytes(key), 0o600)
+    write_atomic(directory / f"{name}.crt", cert.public_bytes(serialization.Encoding.PEM))
+    return directory / f"{name}.crt"
+
+
+def empty_crl(directory: Path, ca: str, days: int = 365) -> Path:
+    ca_cert = load_cert(directory / f"{ca}.crt")
+    signer = load_key(directory / f"{ca}.key")
+    now = _now()
+    crl = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - datetime.timedelta(minutes=5))
+        .next_update(now + datetime.timedelta(days=days))
+        .sign(signer, hashes.SHA256())
+    )
+    path = directory / f"{ca}.crl"
+    write_atomic(path, crl.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+def _find_issuer(directory: Path, cert: x509.Certificate) -> str | None:
+    if cert.issuer == cert.subject:
+        return None
+    for path in sorted(directory.glob("*.crt")):
+        try:
+            candidate = x509.load_pem_x509_certificate(path.read_bytes())
+        except ValueError:
+            continue
+        if candidate.subject == cert.issuer and (directory / f"{path.stem}.key").exists():
+            return path.stem
+    raise PkiError(f"no CA in {directory} issued {cert.subject.rfc4514_string()}")
+
+
+def rotate(directory: Path, name: str, days: int | None = None) -> Path:
+    """Re-issue NAME with a new key and serial, the same SANs, usages and issuer."""
+    old = load_cert(directory / f"{name}.crt")
+    ca = _find_issuer(directory, old)
+    dns: list[str] = []
+    uris: list[str] = []
+    try:
+        san = old.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        dns = [*san.get_values_for_type(x509.DNSName)]
+        dns += [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
+        uris = list(san.get_values_for_type(x509.UniformResourceIdentifier))
+    except x509.ExtensionNotFound:
+        pass
+    usage: list[str] = []
+    try:
+        eku = old.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        if ExtendedKeyUsageOID.SERVER_AUTH in eku:
+            usage.append("server")
+        if ExtendedKeyUsageOID.CLIENT_AUTH in eku:
+            usage.append("client")
+    except x509.ExtensionNotFound:
+        usage = ["server", "client"]
+    if days is None:
+        lifetime = old.not_valid_after_utc - old.not_valid_before_utc
+        days = max(1, round(lifetime.total_seconds() / 86400))
+    return issue(directory, name, ca, dns, uris, days, usage)
+
+
+def init(directory: Path, force: bool = False) -> list[Path]:
+    """Everything the sample needs; existing files are kept unless ``force``."""
+    written: list[Path] = []
+    for spec in SAMPLE:
+        if (directory / f"{spec.name}.crt").exists() and not force:
+            continue
+        written.append(
+            issue(directory, spec.name, spec.ca, spec.dns, spec.uris, spec.days, spec.usage)
+        )
+    if force or not (directory / "client-ca.crl").exists():
+        written.append(empty_crl(directory, "client-ca"))
+    return written
