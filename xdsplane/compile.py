@@ -6,9 +6,10 @@ loader passes one that never serves a half-written file).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 
+from xdsplane import tlsfiles
 from xdsplane.config.check import Ref, check_snapshot, references
 from xdsplane.config.errors import ConfigError, ConfigErrors, Location
 from xdsplane.config.raw import parse_resources
@@ -18,12 +19,83 @@ from xdsplane.policy.check import Usage, UseKey, check_policy, use_key
 from xdsplane.policy.merge import Fragment, GroupPolicy, Origin, merge
 from xdsplane.policy.model import PolicyFile
 from xdsplane.policy.parse import parse_policy
+from xdsplane.policy.translate import Built
 from xdsplane.policy.translate.secrets import paths
-from xdsplane.snapshot import NodeGroup, Resource, Snapshot, SnapshotSet, make_resource
+from xdsplane.snapshot import (
+    NodeGroup,
+    Resource,
+    Snapshot,
+    SnapshotSet,
+    digest,
+    make_resource,
+)
+from xdsplane.tlsfiles import CertSummary
 from xdsplane.types import ResourceType
 
 Reader = Callable[[str], bytes]
 RefsOf = Callable[[Resource], tuple[Ref, ...]]
+
+
+class TranslationCache:
+    """Resources built from each policy part, reused while the part is unchanged.
+
+    A part's key is its canonical JSON (plus the digests of the files a secret names), so
+    a one-route edit re-translates and re-serializes only the listener holding that route.
+    Entries unused by the latest build are dropped.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, str], list[Resource]] = {}
+        self._used: dict[tuple[str, str], list[Resource]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def _get(
+        self, key: tuple[str, str], source: str, build: Callable[[], list[Built]]
+    ) -> list[Resource]:
+        found = self._used.get(key) or self._entries.get(key)
+        if found is None:
+            self.misses += 1
+            found = [make_resource(b.type, b.message, b.origin.source) for b in build()]
+        else:
+            self.hits += 1
+            if found and found[0].source != source:
+                found = [replace(r, source=source) for r in found]
+        self._used[key] = found
+        return found
+
+    def translate(self, policy: GroupPolicy, files: Mapping[str, bytes]) -> list[Resource]:
+        out: list[Resource] = []
+        for name, spart in sorted(policy.secrets.items()):
+            parts = [spart.value.model_dump_json(), str(spart.origin.folder)]
+            parts += [digest(files[p]) for p in paths(spart.value, spart.origin.folder).values()]
+            key = ("secret:" + name, "|".join(parts))
+            out += self._get(
+                key,
+                spart.origin.source,
+                lambda n=name, sp=spart: translate.secret_resources(n, sp, files),  # type: ignore[misc]
+            )
+        for name, upart in sorted(policy.upstreams.items()):
+            key = ("upstream:" + name, upart.value.model_dump_json())
+            out += self._get(
+                key,
+                upart.origin.source,
+                lambda n=name, up=upart: translate.upstream_resources(n, up),  # type: ignore[misc]
+            )
+        log = policy.access_log.value if policy.access_log is not None else None
+        log_key = log.model_dump_json() if log is not None else ""
+        for lname, lpart in sorted(policy.listeners.items()):
+            key = ("listener:" + lname, lpart.value.model_dump_json() + log_key)
+            out += self._get(
+                key,
+                lpart.origin.source,
+                lambda lp=lpart: translate.listener_resources(lp, log),  # type: ignore[misc]
+            )
+        return out
+
+    def sweep(self) -> None:
+        """Keep only what the latest build used."""
+        self._entries, self._used = self._used, {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,31 +124,70 @@ def group_name(nodes: tuple[str, ...] | None) -> str:
 
 
 def _read_secret_files(
-    policy: GroupPolicy, read: Reader, errors: list[ConfigError]
+    policy: GroupPolicy, read: Reader, errors: list[ConfigError], certs: dict[str, CertSummary]
 ) -> dict[str, bytes]:
+    """Read and check every file the secrets name; fill ``certs`` with what was found."""
     files: dict[str, bytes] = {}
-    for part in policy.secrets.values():
-        for field, path in paths(part.value, part.origin.folder).items():
+    for name, part in sorted(policy.secrets.items()):
+        wanted = paths(part.value, part.origin.folder)
+        ok = True
+        for field, path in wanted.items():
             if path in files:
                 continue
             try:
-                data = read(path)
+                files[path] = read(path)
             except OSError as e:
                 reason = e.strerror or str(e)
                 errors.append(
                     ConfigError(part.origin.at(field), f"{field}: cannot read {path}: {reason}")
                 )
-                continue
-            if b"-----BEGIN " not in data:
-                errors.append(
-                    ConfigError(part.origin.at(field), f"{field}: {path} holds no PEM data")
+                ok = False
+        if not ok:
+            continue
+        try:
+            if part.value.is_certificate:
+                cert = wanted["certificate"]
+                summary = tlsfiles.check_certificate(
+                    name, cert, files[cert], files[wanted["private_key"]]
                 )
-                continue
-            files[path] = data
+                certs[name] = summary
+            else:
+                ca = wanted["ca"]
+                crl = files[wanted["crl"]] if "crl" in wanted else None
+                summaries = tlsfiles.check_ca(name, ca, files[ca], crl)
+                certs[name] = summaries[0]
+        except tlsfiles.TlsFileError as e:
+            errors.append(ConfigError(part.origin.key(), f"secret {name!r}: {e}"))
     return files
 
 
-def build(units: list[Unit], read: Reader, refs_of: RefsOf = references) -> SnapshotSet:
+def _check_domains(
+    policy: GroupPolicy, certs: dict[str, CertSummary], errors: list[ConfigError]
+) -> None:
+    """Each TLS host's certificate must cover every one of its domains."""
+    for lpart in policy.listeners.values():
+        for hi, host in enumerate(lpart.value.hosts):
+            summary = certs.get(host.certificate or "")
+            if summary is None or summary.is_ca:
+                continue  # a CA named as a certificate is reported by check_policy
+            for di, domain in enumerate(host.domains):
+                if domain != "*" and not tlsfiles.covers(summary.dns, domain):
+                    sans = ", ".join(summary.dns) or "none"
+                    errors.append(
+                        ConfigError(
+                            lpart.origin.at("hosts", hi, "domains", di),
+                            f"domain {domain!r} is not covered by the certificate of secret "
+                            f"{host.certificate!r} ({summary.path}; DNS SANs: {sans})",
+                        )
+                    )
+
+
+def build(
+    units: list[Unit],
+    read: Reader,
+    refs_of: RefsOf = references,
+    translations: TranslationCache | None = None,
+) -> SnapshotSet:
     """Raises ConfigErrors with every problem found, or returns what is to be served."""
     common = [u for u in units if u.nodes is None]
     order: list[tuple[str, ...]] = []
@@ -92,13 +203,15 @@ def build(units: list[Unit], read: Reader, refs_of: RefsOf = references) -> Snap
     ]
     if common:
         plan.append((None, common))
+    cache = translations if translations is not None else TranslationCache()
     errors: list[ConfigError] = []
     groups: list[NodeGroup] = []
     used = Usage()
+    certs: dict[str, CertSummary] = {}
     for nodes, members_ in plan:
         name = group_name(nodes)
         scope = name if len(plan) > 1 else ""
-        snapshot, usage = _build_group(members_, scope, read, refs_of, errors)
+        snapshot, usage = _build_group(members_, scope, read, refs_of, errors, certs, cache)
         used.secrets |= usage.secrets
         used.upstreams |= usage.upstreams
         if snapshot is not None:
@@ -107,29 +220,50 @@ def build(units: list[Unit], read: Reader, refs_of: RefsOf = references) -> Snap
         errors.extend(_unused(units, used))
     if errors:
         raise ConfigErrors(list(dict.fromkeys(errors)))
-    return SnapshotSet(tuple(groups))
+    cache.sweep()
+    summaries = tuple(sorted(certs.values(), key=lambda c: (c.secret, c.path)))
+    return SnapshotSet(tuple(groups), summaries)
 
 
 def _build_group(
-    units: list[Unit], scope: str, read: Reader, refs_of: RefsOf, errors: list[ConfigError]
+    units: list[Unit],
+    scope: str,
+    read: Reader,
+    refs_of: RefsOf,
+    errors: list[ConfigError],
+    certs: dict[str, CertSummary],
+    cache: TranslationCache,
 ) -> tuple[Snapshot | None, Usage]:
     before = len(errors)
     policy, errs = merge([Fragment(u.doc, u.policy) for u in units])
     errors.extend(errs)
-    problems, usage = check_policy(policy)
+    problems, usage = check_policy(policy, scope)
     errors.extend(problems)
-    files = _read_secret_files(policy, read, errors)
+    files = _read_secret_files(policy, read, errors, certs)
+    _check_domains(policy, certs, errors)
     if len(errors) > before:
         return None, usage
-    built = translate.translate(policy, files)
-    resources = [make_resource(b.type, b.message, b.origin.source) for b in built]
+    resources = cache.translate(policy, files)
     for u in units:
         resources.extend(u.resources)
+        _count_raw_uses(policy, u.resources, refs_of, usage)
     merged = _merge_resources(resources, scope, errors)
     snapshot = Snapshot.build(merged)
     if len(errors) == before:
         errors.extend(check_snapshot(snapshot, scope, refs_of))
     return (snapshot if len(errors) == before else None), usage
+
+
+def _count_raw_uses(
+    policy: GroupPolicy, raw: tuple[Resource, ...], refs_of: RefsOf, usage: Usage
+) -> None:
+    """An upstream or secret that only a raw resource refers to is used all the same."""
+    for r in raw:
+        for ref_type, name, _ in refs_of(r):
+            if ref_type is ResourceType.CLUSTER and name in policy.upstreams:
+                usage.upstreams.add(use_key(policy.upstreams[name].origin))
+            elif ref_type is ResourceType.SECRET and name in policy.secrets:
+                usage.secrets.add(use_key(policy.secrets[name].origin))
 
 
 def _merge_resources(

@@ -25,9 +25,11 @@ SECRET_FIELDS = frozenset(
 
 
 def redact(value: Any) -> Any:
-    """A copy of a JSON-like value with every secret field's content replaced."""
+    """A copy of a JSON-like value with every secret field's content replaced, and keys in
+    sorted order: protobuf maps and Structs come out in an order that changes between
+    processes, and output must be byte-identical for the same resources."""
     if isinstance(value, dict):
-        return {k: (REDACTED if k in SECRET_FIELDS else redact(v)) for k, v in value.items()}
+        return {k: (REDACTED if k in SECRET_FIELDS else redact(value[k])) for k in sorted(value)}
     if isinstance(value, list):
         return [redact(v) for v in value]
     return value

@@ -116,9 +116,13 @@ class NodeGroup:
 
 @dataclass(frozen=True, slots=True)
 class SnapshotSet:
-    """Everything a folder serves: node groups in the order they are matched."""
+    """Everything a folder serves: node groups in the order they are matched.
+
+    ``certificates`` summarizes the certificates served (for /status and expiry warnings).
+    """
 
     groups: tuple[NodeGroup, ...]
+    certificates: tuple[Any, ...] = ()
 
     def group_for(self, node_id: str, cluster: str) -> NodeGroup | None:
         """The first group selecting the node; groups with globs come before the catch-all."""

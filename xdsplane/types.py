@@ -82,3 +82,10 @@ def resource_name(message: Any) -> str:
     if message.DESCRIPTOR.full_name == "envoy.config.endpoint.v3.ClusterLoadAssignment":
         return str(message.cluster_name)
     return str(message.name)
+
+
+def eds_name(cluster: Any) -> str | None:
+    """The ClusterLoadAssignment name an EDS cluster asks for; None for other clusters."""
+    if cluster.type != cluster.EDS:
+        return None
+    return str(cluster.eds_cluster_config.service_name or cluster.name)

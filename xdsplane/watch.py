@@ -17,13 +17,14 @@ from pathlib import Path
 import watchfiles
 
 from xdsplane import logs
-from xdsplane.cache import SnapshotCache
+from xdsplane.cache import SnapshotCache, Watch
 from xdsplane.config.errors import ConfigErrors
 from xdsplane.config.loader import FolderLoader
 from xdsplane.config.stableread import FileBusy
 from xdsplane.snapshot import SnapshotSet
 
 Validator = Callable[[SnapshotSet], Awaitable[list[str]]]
+WAKE_MS = 250  # the longest the watch sleeps without events (folder replaced, new paths)
 
 
 @dataclass
@@ -49,7 +50,9 @@ class Reloader:
         step_ms: int = 2,
         busy_timeout: float = 5.0,
         validator: Validator | None = None,
+        cert_warn_days: float = 14.0,
     ) -> None:
+        self.cert_warn_days = cert_warn_days
         self.root = root
         self.cache = cache
         self.loader = FolderLoader(root)
@@ -59,6 +62,30 @@ class Reloader:
         self.state = ReloadState()
         self.log = logs.get("xdsplane.reload")
         self._lock = asyncio.Lock()
+
+    def install(self, snapshots: SnapshotSet) -> list[Watch]:
+        """Serve ``snapshots``: the cache swaps, streams are told, expiry is checked."""
+        changed = self.cache.update(snapshots)
+        self.state.loaded = True
+        self.state.loaded_at = time.time()
+        self.state.successes += 1
+        self.state.errors = []
+        self.warn_expiring(snapshots)
+        return changed
+
+    def warn_expiring(self, snapshots: SnapshotSet) -> None:
+        limit = self.cert_warn_days * 86400
+        for cert in snapshots.certificates:
+            left = cert.seconds_left()
+            if left < limit:
+                self.log.warning(
+                    "certificate expires soon",
+                    secret=cert.secret,
+                    path=cert.path,
+                    subject=cert.subject,
+                    not_after=cert.not_after.isoformat(),
+                    days_left=round(left / 86400, 1),
+                )
 
     def load_now(self) -> SnapshotSet:
         """Load synchronously (at startup); raises ConfigErrors or FileBusy."""
@@ -84,14 +111,14 @@ class Reloader:
                     self.log.exception("reload crashed")
                     return self._failed([f"{self.root}: internal error while loading: {e}"], reason)
             if self.validator is not None:
-                problems = await self.validator(snapshots)
+                try:
+                    problems = await self.validator(snapshots)
+                except Exception as e:  # a broken check must not end the reload loop
+                    self.log.exception("validator crashed")
+                    problems = [f"{self.root}: internal error while validating: {e}"]
                 if problems:
                     return self._failed(problems, reason)
-            changed = self.cache.update(snapshots)
-            self.state.loaded = True
-            self.state.loaded_at = time.time()
-            self.state.successes += 1
-            self.state.errors = []
+            changed = self.install(snapshots)
             self.state.last_duration = time.perf_counter() - started
             self.log.info(
                 "reload",
@@ -112,28 +139,79 @@ class Reloader:
         self.log.warning("reload rejected", reason=reason, errors=len(errors))
         return False
 
+    def watch_paths(self) -> list[Path]:
+        """The folder, plus the folders of the files its secrets name (outside it)."""
+        root = self.root.resolve()
+        extra: set[Path] = set()
+        for f in self.loader.outside_files():
+            folder = Path(f).parent
+            if folder.is_dir() and not folder.resolve().is_relative_to(root):
+                extra.add(folder)
+        return [self.root, *sorted(extra)]
+
+    def _identity(self) -> tuple[int, int] | None:
+        try:
+            st = self.root.stat()
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino) if self.root.is_dir() else None
+
     async def run(self, stop: asyncio.Event) -> None:
-        """Watch the folder until ``stop`` is set; survives the folder vanishing."""
+        """Watch until ``stop`` is set; survives the folder vanishing; follows secret files.
+
+        The watch wakes at least every ``WAKE_MS`` even without events, to notice a folder
+        that was deleted or replaced (its inotify watch would never fire again) and a change
+        in the set of folders to watch (a secret now names a file elsewhere); either restarts
+        the watch, and the first wake-up after a restart reloads, so that an edit made while
+        no watch was in place is not missed.
+        """
+        resync = False
+        gone_logged = False
         while not stop.is_set():
-            if not self.root.is_dir():
-                await _wait(stop, 0.2)
+            identity = self._identity()
+            if identity is None:
+                if not gone_logged:
+                    self.log.warning("policy folder is gone; still serving the last good snapshot")
+                    gone_logged = True
+                resync = True
+                await _wait(stop, 0.1)
                 continue
+            gone_logged = False
+            paths = self.watch_paths()
+            halt = asyncio.Event()
+            relay = asyncio.create_task(_relay(stop, halt))
             try:
-                async for _changes in watchfiles.awatch(
-                    self.root,
+                async for changes in watchfiles.awatch(
+                    *paths,
                     step=self.step_ms,
                     debounce=1600,
-                    stop_event=stop,
+                    stop_event=halt,
                     recursive=True,
                     ignore_permission_denied=True,
                     watch_filter=None,
+                    rust_timeout=WAKE_MS,
+                    yield_on_timeout=True,
                 ):
-                    await self.reload()
+                    if self._identity() != identity:
+                        resync = True
+                        break
+                    if changes or resync:
+                        await self.reload("change" if changes else "watch restarted")
+                        resync = False
+                    if self.watch_paths() != paths:
+                        resync = True
+                        break
             except (FileNotFoundError, RuntimeError, OSError) as e:
                 self.log.warning("watch interrupted, retrying", error=str(e))
-            if not stop.is_set():
+                resync = True
                 await _wait(stop, 0.1)
-                await self.reload("watch restarted")
+            finally:
+                relay.cancel()
+
+
+async def _relay(source: asyncio.Event, target: asyncio.Event) -> None:
+    await source.wait()
+    target.set()
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> None:

@@ -13,10 +13,13 @@ class Location:
 
     @classmethod
     def parse(cls, source: str) -> Location:
-        """A location from ``path:line`` (as kept in Resource.source)."""
-        path, _, line = source.rpartition(":")
-        if path and line.isdigit():
-            return cls(path, int(line))
+        """A location from ``path:line`` or ``path:line:column`` (Resource.source)."""
+        path, _, last = source.rpartition(":")
+        if path and last.isdigit():
+            head, _, line = path.rpartition(":")
+            if head and line.isdigit():
+                return cls(head, int(line), int(last))
+            return cls(path, int(last))
         return cls(source or "<snapshot>")
 
     def __str__(self) -> str:

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from xdsplane.compile import Unit, build, parse_unit
+from xdsplane.compile import TranslationCache, Unit, build, parse_unit
 from xdsplane.config.check import Ref, references
 from xdsplane.config.errors import ConfigError, ConfigErrors, Location
 from xdsplane.config.stableread import FileBusy, read_stable
@@ -44,6 +44,9 @@ class FolderLoader:
     root: Path
     _parsed: dict[str, tuple[str, list[Unit]]] = field(default_factory=dict)
     _refs: dict[tuple[ResourceType, str, str], tuple[Ref, ...]] = field(default_factory=dict)
+    secret_files: set[str] = field(default_factory=set)
+    _translations: TranslationCache = field(default_factory=TranslationCache)
+    _reading: set[str] = field(default_factory=set)
 
     def _display(self, path: Path) -> str:
         return str(path)
@@ -67,7 +70,11 @@ class FolderLoader:
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:
-            errors.append(ConfigError(Location(shown), f"not UTF-8 text (byte {e.start})"))
+            line = data.count(b"\n", 0, e.start) + 1
+            column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+            errors.append(
+                ConfigError(Location(shown, line, column), f"not UTF-8 text (byte {e.start})")
+            )
             return []
         try:
             docs = parse(text, shown)
@@ -88,7 +95,12 @@ class FolderLoader:
         return contents
 
     def _read_secret(self, path: str) -> bytes:
+        self._reading.add(path)
         return read_stable(path, limit=4 * 1024 * 1024)
+
+    def outside_files(self) -> set[str]:
+        """Files the last load read from outside the folder (secrets): to watch too."""
+        return set(self.secret_files)
 
     def _refs_of(self, resource: Resource) -> tuple[Ref, ...]:
         key = (resource.type, resource.name, resource.version)
@@ -116,7 +128,11 @@ class FolderLoader:
             del self._parsed[stale]
         if errors:
             raise ConfigErrors(errors)
-        snapshots = build(contents, self._read_secret, self._refs_of)
+        self._reading = set()
+        try:
+            snapshots = build(contents, self._read_secret, self._refs_of, self._translations)
+        finally:
+            self.secret_files = self._reading
         if len(self._refs) > 100_000:
             self._refs.clear()
         return snapshots

@@ -130,6 +130,65 @@ def _fails(value: Any, desc: Any) -> str | None:
     return None
 
 
+_INTEGER_TYPES = frozenset(
+    {
+        "TYPE_INT32",
+        "TYPE_INT64",
+        "TYPE_UINT32",
+        "TYPE_UINT64",
+        "TYPE_SINT32",
+        "TYPE_SINT64",
+        "TYPE_FIXED32",
+        "TYPE_FIXED64",
+        "TYPE_SFIXED32",
+        "TYPE_SFIXED64",
+    }
+)
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if value is None:
+        return "nothing (null)"
+    return repr(value)
+
+
+def _type_name_of(field: Any) -> str:
+    for name in _INTEGER_TYPES:
+        if field.type == getattr(field, name):
+            return name
+    return ""
+
+
+def _shape_problem(field: Any, value: Any) -> str | None:
+    """A value of the wrong shape for its field, said plainly (json_format's words mislead:
+    a string where a mapping belongs is iterated as characters)."""
+    if field.message_type is not None and field.message_type.GetOptions().map_entry:
+        return None if isinstance(value, dict) else f"expected a mapping, got {_kind(value)}"
+    if field.is_repeated:
+        if not isinstance(value, list):
+            return f"expected a list, got {_kind(value)}"
+        items = value
+    else:
+        items = [value]
+    for item in items:
+        if field.message_type is not None:
+            if field.message_type.full_name.startswith("google.protobuf."):
+                continue  # well-known types take scalars: "1s", 5, "a.b"
+            if not isinstance(item, dict):
+                return f"expected a mapping, got {_kind(item)}"
+        elif _type_name_of(field):
+            ok = (isinstance(item, int) and not isinstance(item, bool)) or (
+                isinstance(item, str) and item.lstrip("-").isdigit()
+            )
+            if not ok:
+                return f"expected an integer, got {_kind(item)}"
+    return None
+
+
 def _descend(
     value: Any, desc: Any, doc: Document, keys: tuple[str | int, ...]
 ) -> tuple[Location, str | None]:
@@ -158,6 +217,9 @@ def _descend(
             if key.startswith("[") or key == "@type":
                 continue
             return doc.locate_key((*keys, key)), f"{desc.full_name} has no field {key!r}"
+        shape = _shape_problem(f, sub)
+        if shape is not None:
+            return doc.locate((*keys, key)), f"{key}: {shape}"
         if f.message_type is None:
             problem = _fails({key: sub}, desc)
             if problem is not None:

@@ -55,7 +55,7 @@ def parse_resources(
         errors.extend(errs)
         if msg is None:
             continue
-        resource = make_resource(rtype, msg, f"{loc.path}:{loc.line}")
+        resource = make_resource(rtype, msg, str(loc))
         if not resource.name:
             field = "cluster_name" if rtype is ResourceType.ENDPOINT else "name"
             errors.append(ConfigError(loc, f"{rtype.short} resource has no {field}"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import yaml
@@ -28,6 +28,16 @@ class _Loader(_Base):  # type: ignore[misc]
     """
 
     yaml_implicit_resolvers: ClassVar[dict[str, Any]] = {}
+
+    def resolve(self, kind: Any, value: Any, implicit: Any) -> Any:
+        # Plain scalars repeat (keys above all): remember what each resolved to.
+        if kind is yaml.ScalarNode and implicit[0]:
+            memo: dict[str, Any] = self.__dict__.setdefault("_tags", {})
+            tag = memo.get(value)
+            if tag is None:
+                tag = memo[value] = super().resolve(kind, value, implicit)
+            return tag
+        return super().resolve(kind, value, implicit)
 
     def construct_yaml_int(self, node: Any) -> int:
         value = str(self.construct_scalar(node)).replace("_", "")
@@ -69,6 +79,21 @@ class Document:
     path: str
     value: Any
     node: yaml.Node | None
+    _index: dict[int, dict[str, yaml.Node]] = field(default_factory=dict, compare=False, repr=False)
+
+    def _child(self, node: yaml.Node, key: str | int) -> yaml.Node | None:
+        if isinstance(node, yaml.MappingNode):
+            if not isinstance(key, str):
+                return None
+            index = self._index.get(id(node))
+            if index is None:
+                index = {}
+                for k, v in node.value:
+                    if isinstance(k, yaml.ScalarNode):
+                        index.setdefault(k.value, v)
+                self._index[id(node)] = index
+            return index.get(key)
+        return _child(node, key)
 
     def locate(self, keys: tuple[str | int, ...]) -> Location:
         """The location of the value at ``keys`` (or of the deepest part of it that exists)."""
@@ -77,7 +102,7 @@ class Document:
         for key in keys:
             if node is None:
                 break
-            node = _child(node, key)
+            node = self._child(node, key)
             if node is not None:
                 best = node
         if best is None:
@@ -100,7 +125,7 @@ class Document:
         for key in keys:
             if node is None:
                 return None
-            node = _child(node, key)
+            node = self._child(node, key)
         return node
 
 
@@ -125,6 +150,34 @@ class _Builder:
         self.path = path
         self.loader = loader
         self.count = 0
+
+    def check_size(self, node: yaml.Node, sizes: dict[int, int]) -> int:
+        """How many values ``node`` expands to, aliases included; refuses a bomb at once.
+
+        Aliases share nodes, so each node is sized once: the check costs the size of the
+        document as written, and names the first value that expands too far.
+        """
+        key = id(node)
+        known = sizes.get(key)
+        if known is not None:
+            return known
+        sizes[key] = 1  # a node that contains itself counts once; build() bounds its depth
+        total = 1
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                total += self.check_size(k, sizes) + self.check_size(v, sizes)
+        elif isinstance(node, yaml.SequenceNode):
+            for v in node.value:
+                total += self.check_size(v, sizes)
+        if total > MAX_VALUES:
+            raise YamlError(
+                ConfigError(
+                    _loc(self.path, node.start_mark),
+                    f"document expands to more than {MAX_VALUES} values (aliases?)",
+                )
+            )
+        sizes[key] = total
+        return total
 
     def build(self, node: yaml.Node, depth: int = 0) -> Any:
         self.count += 1
@@ -178,7 +231,9 @@ def parse(text: str | bytes, path: str) -> list[Document]:
             node = loader.get_node()
             if node is None:
                 continue
-            value = _Builder(path, loader).build(node)
+            builder = _Builder(path, loader)
+            builder.check_size(node, {})
+            value = builder.build(node)
             docs.append(Document(path, value, node))
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark

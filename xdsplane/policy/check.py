@@ -28,9 +28,12 @@ class Usage:
     upstreams: set[UseKey] = field(default_factory=set)
 
 
-def check_policy(policy: GroupPolicy) -> tuple[list[ConfigError], Usage]:
+def check_policy(policy: GroupPolicy, scope: str = "") -> tuple[list[ConfigError], Usage]:
+    """``scope`` names the node group when a folder has several: a file without ``nodes``
+    is checked in each group, and a name it refers to may be missing in only some."""
     errors: list[ConfigError] = []
     usage = Usage()
+    where = f" for nodes {scope}" if scope else ""
 
     def secret(name: str | None, kind: str, origin: Origin, *keys: str | int) -> None:
         if name is None:
@@ -39,7 +42,7 @@ def check_policy(policy: GroupPolicy) -> tuple[list[ConfigError], Usage]:
         if part is None:
             known = ", ".join(sorted(policy.secrets)) or "none defined"
             errors.append(
-                ConfigError(origin.at(*keys), f"no secret named {name!r} (secrets: {known})")
+                ConfigError(origin.at(*keys), f"no secret named {name!r}{where} (secrets: {known})")
             )
             return
         usage.secrets.add(use_key(part.origin))
@@ -157,7 +160,7 @@ def check_policy(policy: GroupPolicy) -> tuple[list[ConfigError], Usage]:
                         errors.append(
                             ConfigError(
                                 lo.at(*hkeys, "routes", ri, "upstream"),
-                                f"no upstream named {r.upstream!r} (upstreams: {known})",
+                                f"no upstream named {r.upstream!r}{where} (upstreams: {known})",
                             )
                         )
                     else:

@@ -32,8 +32,7 @@ class Origin:
 
     @property
     def source(self) -> str:
-        loc = self.at()
-        return f"{loc.path}:{loc.line}"
+        return str(self.at())
 
 
 @dataclass(frozen=True, slots=True)

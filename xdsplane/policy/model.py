@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Annotated, Any, Literal
+import warnings
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
@@ -36,8 +37,10 @@ def duration_seconds(value: str) -> float:
 
 def _check_duration(value: str) -> str:
     seconds = duration_seconds(value)
-    if seconds <= 0 or seconds > 315_576_000_000:
-        raise ValueError(f"duration out of range: {value!r}")
+    if seconds <= 0:
+        raise ValueError(f"a duration must be more than 0 (got {value!r})")
+    if seconds > 315_576_000_000:
+        raise ValueError(f"a duration must be at most 10,000 years (got {value!r})")
     return value
 
 
@@ -46,6 +49,20 @@ Duration = Annotated[
     Field(pattern=DURATION_PATTERN, description="a duration: 250ms, 5s, 1m, 1h", examples=["5s"]),
     AfterValidator(_check_duration),
 ]
+
+
+def is_duration_field(model: type[BaseModel], name: str) -> bool:
+    """Is ``model.name`` a Duration (maybe optional)? For error messages."""
+    field = model.model_fields.get(name)
+    if field is None:
+        return False
+    found = [*field.metadata]
+    todo = [field.annotation]
+    while todo:
+        t = todo.pop()
+        found.extend(getattr(t, "__metadata__", ()))
+        todo.extend(get_args(t))
+    return any(isinstance(m, AfterValidator) and m.func is _check_duration for m in found)
 
 
 def split_host_port(value: str) -> tuple[str, int]:
@@ -87,6 +104,35 @@ ListenAddress = Annotated[
     str,
     Field(description="IP:PORT to listen on", examples=["0.0.0.0:8443"]),
     AfterValidator(_check_ip_address),
+]
+# What Python's re accepts and RE2 does not: lookarounds, backreferences, atomic groups.
+_RE2_UNSUPPORTED = re.compile(r"\(\?<?[=!]|\(\?P=|\(\?>|(?<!\\)(?:\\\\)*\\[1-9]")
+# What RE2 accepts and Python's re does not: Unicode classes, \z, \Q...\E, \C.
+_RE2_ONLY = re.compile(r"\\[pPzQEC]")
+
+
+def _check_regex(value: str) -> str:
+    """Envoy's regexes are RE2: catch what RE2 would reject before Envoy does."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            re.compile(value)
+    except re.error as e:
+        if not _RE2_ONLY.search(value):  # else let Envoy judge
+            raise ValueError(f"not a valid regex: {value!r} ({e})") from None
+    bad = _RE2_UNSUPPORTED.search(value)
+    if bad is not None:
+        raise ValueError(
+            f"not an RE2 regex: {value!r} (lookarounds, backreferences and atomic groups "
+            f"such as {bad.group(0)!r} are not supported)"
+        )
+    return value
+
+
+Regex = Annotated[
+    str,
+    Field(description="an RE2 regular expression (no lookarounds, no backreferences)"),
+    AfterValidator(_check_regex),
 ]
 TlsVersion = Literal["1.0", "1.1", "1.2", "1.3"]
 HttpMethod = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"]
@@ -172,7 +218,7 @@ class HeaderMatch(Model):
     name: str = Field(min_length=1)
     exact: str | None = None
     prefix: str | None = None
-    regex: str | None = None
+    regex: Regex | None = None
     present: bool | None = None
     invert: bool = False
 
@@ -183,7 +229,7 @@ class HeaderMatch(Model):
 
 
 class RegexRewrite(Model):
-    pattern: str
+    pattern: Regex
     substitution: str
 
 
@@ -230,7 +276,7 @@ class Route(Model):
     name: Name | None = Field(None, description="default: route-N, N its position from 0")
     prefix: str | None = Field(None, description="path prefix, e.g. /billing/")
     path: str | None = Field(None, description="exact path")
-    regex: str | None = Field(None, description="RE2 regex over the whole path")
+    regex: Regex | None = Field(None, description="RE2 regex over the whole path")
     headers: list[HeaderMatch] = Field(default_factory=list)
     methods: list[HttpMethod] = Field(default_factory=list)
     upstream: Name | None = Field(None, description="an upstream's name")
@@ -263,13 +309,27 @@ class Route(Model):
 
 
 ClientCertificate = Literal["required", "optional", "off"]
+_DOMAIN = re.compile(r"(\*\.)?[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?|\*")
+
+
+def _check_domain(value: str) -> str:
+    if not _DOMAIN.fullmatch(value):
+        raise ValueError(f"not a domain: {value!r} (a name, *.name, or *)")
+    return value
+
+
+Domain = Annotated[
+    str,
+    Field(description="a host name, *.name (any name ending in .name), or * (any host)"),
+    AfterValidator(_check_domain),
+]
 
 
 class Host(Model):
     """A group of domains with its own TLS context, filter chain and route configuration."""
 
     name: Name
-    domains: list[str] = Field(min_length=1)
+    domains: list[Domain] = Field(min_length=1)
     certificate: Name | None = Field(None, description="secret with the server certificate")
     client_certificate: ClientCertificate = "off"
     client_ca: Name | None = Field(None, description="secret with the CA for client certificates")
@@ -281,9 +341,6 @@ class Host(Model):
             raise ValueError(f"client_certificate: {self.client_certificate} needs client_ca")
         if self.client_certificate == "off" and self.client_ca is not None:
             raise ValueError("client_ca is set but client_certificate is off")
-        for d in self.domains:
-            if not re.fullmatch(r"(\*\.)?[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?|\*", d):
-                raise ValueError(f"not a domain: {d!r} (a name, *.name, or *)")
         return self
 
 
@@ -306,6 +363,8 @@ class Listener(Model):
                 raise ValueError("a redirect_to_https listener is plain HTTP: remove tls")
         elif not self.hosts:
             raise ValueError("a listener needs hosts (or redirect_to_https: true)")
+        elif "https_port" in self.model_fields_set:
+            raise ValueError("https_port applies only with redirect_to_https: true")
         return self
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from types import UnionType
 from typing import Annotated, Any, Union, get_args, get_origin
 
@@ -10,7 +11,7 @@ from pydantic import BaseModel, ValidationError
 
 from xdsplane.config.errors import ConfigError
 from xdsplane.config.yamlsrc import Document
-from xdsplane.policy.model import PolicyFile
+from xdsplane.policy.model import PolicyFile, is_duration_field
 
 
 def _unwrap(t: Any) -> Any:
@@ -53,6 +54,16 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return current if isinstance(current, type) and issubclass(current, BaseModel) else None
 
 
+def _closest(loc: tuple[Any, ...], value: Any) -> str | None:
+    """The known key closest to the unknown one at ``loc`` (pydantic's location)."""
+    keys = _keys(tuple(loc), value)
+    model = _model_at(keys)
+    if model is None or not keys:
+        return None
+    close = difflib.get_close_matches(str(keys[-1]), list(model.model_fields), n=1)
+    return close[0] if close else None
+
+
 def _suggest(key: str, loc: tuple[Any, ...]) -> str:
     model = _model_at(loc)
     if model is None:
@@ -69,7 +80,7 @@ def _message(err: dict[str, Any], loc: tuple[Any, ...]) -> str:
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
     if kind == "extra_forbidden":
-        key = str(loc[-1])
+        key = str(loc[-1]) if loc else ""
         return f"unknown key {key!r}" + _suggest(key, loc)
     if kind == "missing":
         return f"missing required key {str(loc[-1])!r}"
@@ -84,20 +95,60 @@ def _message(err: dict[str, Any], loc: tuple[Any, ...]) -> str:
             )
     field = next((str(p) for p in reversed(loc) if isinstance(p, str) and p != "[key]"), "")
     got = err.get("input")
-    shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+    number = isinstance(got, (int, float)) and not isinstance(got, bool)
+    if kind == "string_type" and number and _is_duration(loc):
+        return f"{field}: not a duration: {got!r} (give a unit: {got}s, {got}ms, {got}m or {got}h)"
+    # pydantic speaks Python; say it in YAML's words.
+    msg = re.sub(r" or instance of \w+", "", msg).replace(" after validation", "")
+    msg = msg.replace("a valid dictionary", "a mapping")
     if kind.endswith("_type") or kind in ("literal_error", "int_parsing", "bool_parsing"):
+        shown = _shown(got)
+        quoted = kind == "string_type" or (kind == "literal_error" and f"'{got}'" in msg)
+        if number:
+            hint = f'; write it in quotes: "{got}"' if quoted else ""
+            shown = f" (got the number {got!r}{hint})"
         return f"{field}: {msg}{shown}" if field else f"{msg}{shown}"
     return f"{field}: {msg}" if field and kind != "value_error" else msg
 
 
-def _keys(loc: tuple[Any, ...]) -> tuple[str | int, ...]:
-    """pydantic's location -> the keys of the YAML value (union tags dropped)."""
+def _shown(got: Any) -> str:
+    """What the value was, in YAML's words: ' (got a list)', " (got 'x')"."""
+    if isinstance(got, dict):
+        return " (got a mapping)"
+    if isinstance(got, list):
+        return " (got a list)"
+    if got is None:
+        return " (got null)"
+    if isinstance(got, bool):
+        return f" (got {str(got).lower()})"
+    return f" (got {got!r})"
+
+
+def _is_duration(loc: tuple[Any, ...]) -> bool:
+    model = _model_at(loc)
+    return model is not None and bool(loc) and is_duration_field(model, str(loc[-1]))
+
+
+def _keys(loc: tuple[Any, ...], value: Any) -> tuple[str | int, ...]:
+    """pydantic's location -> the keys of the YAML value.
+
+    pydantic adds parts that are not keys (``[key]``, union tags such as ``str``, validator
+    names such as ``function-after[...]``); a part is kept when the document has it at that
+    place, so a user's key that happens to be named ``str`` or ``none`` is kept too.
+    """
     out: list[str | int] = []
+    current = value
     for part in loc:
-        if part == "[key]":
+        in_dict = isinstance(current, dict) and part in current
+        in_list = isinstance(current, list) and isinstance(part, int) and 0 <= part < len(current)
+        if in_dict or in_list:
+            current = current[part]
+        elif part == "[key]" or (
+            isinstance(part, str) and (part.startswith("function-") or part in _UNION_TAGS)
+        ):
             continue
-        if isinstance(part, str) and (part.startswith("function-") or part in _UNION_TAGS):
-            continue
+        else:
+            current = None  # not in the document (a missing key): keep it, stop following
         out.append(part)
     return tuple(out)
 
@@ -112,9 +163,23 @@ def parse_policy(doc: Document) -> tuple[PolicyFile | None, list[ConfigError]]:
         return PolicyFile.model_validate(doc.value), []
     except ValidationError as e:
         errors = []
-        for err in e.errors(include_url=False):
+        raw = e.errors(include_url=False)
+        # ``endpoint:`` gives "unknown key 'endpoint'; did you mean 'endpoints'?" and "missing
+        # required key 'endpoints'" for the same mapping: the first says it all.
+        implied = {
+            (keys[:-1], close)
+            for keys, close in (
+                (_keys(tuple(err["loc"]), doc.value), _closest(err["loc"], doc.value))
+                for err in raw
+                if err["type"] == "extra_forbidden"
+            )
+            if close is not None
+        }
+        for err in raw:
             loc = tuple(err["loc"])
-            keys = _keys(loc)
+            keys = _keys(loc, doc.value)
+            if err["type"] == "missing" and (keys[:-1], str(keys[-1])) in implied:
+                continue
             if err["type"] == "extra_forbidden" or "[key]" in loc:
                 where = doc.locate_key(keys)
             else:

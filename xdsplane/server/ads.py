@@ -122,6 +122,7 @@ class AdsService:
                         group = self.cache.group_for(info.node_id, info.cluster)
                         info.group = group.name if group is not None else ""
                         log = log.bind(node=info.node_id)
+                        machine.memory = self.registry.memory(info.node_id)
                         log.info("stream opened", cluster=info.cluster, group=info.group)
                         watch = self.cache.watch(info.node_id, info.cluster, notify)
                         if group is not None:

@@ -19,14 +19,15 @@ for what it holds that no longer exists.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from envoy.service.discovery.v3 import discovery_pb2
 
-from xdsplane.server.state import Nonces, Outgoing, TypeStatus, nack_message
+from xdsplane.server.state import NodeMemory, Nonces, Outgoing, TypeStatus, nack_message
 from xdsplane.snapshot import Resource, Snapshot
-from xdsplane.types import PUSH_ORDER, ResourceType
+from xdsplane.types import PUSH_ORDER, ResourceType, eds_name
 
 
 @dataclass(slots=True)
@@ -37,6 +38,7 @@ class _Type:
     nonce: str = ""
     answered: bool = False
     versions: dict[str, str] = field(default_factory=dict)  # nonce -> system version
+    last_sent: dict[str, str] = field(default_factory=dict)  # name -> version, last response
     status: TypeStatus = field(default_factory=TypeStatus)
 
 
@@ -52,7 +54,8 @@ def _encode(
 class DeltaStream:
     """The protocol state of one DeltaAggregatedResources stream."""
 
-    def __init__(self) -> None:
+    def __init__(self, memory: NodeMemory | None = None) -> None:
+        self.memory = memory if memory is not None else NodeMemory()
         self.types: dict[ResourceType, _Type] = {}
         self.snapshot: Snapshot | None = None
         self._nonces = Nonces()
@@ -70,6 +73,9 @@ class DeltaStream:
         if st is None:
             st = _Type(wildcard=not subscribe or "*" in subscribe)
             st.held = dict(req.initial_resource_versions)
+            # A reconnecting client (it names what it holds) is not initializing: it needs no
+            # empty answer, and Envoy would count one as an update.
+            st.answered = bool(st.held)
             self.types[rtype] = st
         elif req.response_nonce:
             if req.response_nonce == st.nonce:
@@ -77,6 +83,9 @@ class DeltaStream:
                     st.status.nacks += 1
                     st.status.last_nack = nack_message(req.error_detail)
                     st.status.nacked_version = st.versions.get(req.response_nonce, "")
+                    self.memory.record_nack(
+                        rtype, st.status.nacked_version, st.last_sent, st.status.last_nack
+                    )
                 else:
                     st.status.acks += 1
                     st.status.acked_version = st.versions.get(req.response_nonce, "")
@@ -108,6 +117,17 @@ class DeltaStream:
                 out.extend(self._respond(rtype, st, snapshot, removals=True))
         return out
 
+    def _refresh_endpoints(self, clusters: Iterable[Resource]) -> None:
+        """A changed EDS cluster warms until it gets its ClusterLoadAssignment, and Envoy
+        does not ask again for one it holds: send it again with the cluster."""
+        eds = self.types.get(ResourceType.ENDPOINT)
+        if eds is None:
+            return
+        for c in clusters:
+            name = eds_name(c.message)
+            if name is not None:
+                eds.held.pop(name, None)
+
     def _respond(
         self, rtype: ResourceType, st: _Type, snapshot: Snapshot | None, removals: bool
     ) -> list[Outgoing]:
@@ -119,7 +139,9 @@ class DeltaStream:
         changed = [
             available[n]
             for n in sorted(wanted)
-            if n in available and st.held.get(n) != available[n].version
+            if n in available
+            and st.held.get(n) != available[n].version
+            and not self.memory.rejected(rtype, n, available[n].version)
         ]
         removed: list[str] = []
         if removals and rtype is not ResourceType.SECRET:
@@ -127,6 +149,8 @@ class DeltaStream:
         first_wildcard = st.wildcard and not st.answered
         if not changed and not removed and not first_wildcard:
             return []
+        if rtype is ResourceType.CLUSTER:
+            self._refresh_endpoints(r for r in changed if r.name in st.held)
         nonce = self._nonces.next()
         version = snapshot.versions[rtype]
         for r in changed:
@@ -134,6 +158,7 @@ class DeltaStream:
         for name in removed:
             del st.held[name]
         st.nonce = nonce
+        st.last_sent = {r.name: r.version for r in changed}
         st.answered = True
         st.versions = {nonce: version}
         st.status.sent_version = version

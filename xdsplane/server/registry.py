@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from xdsplane.server.state import TypeStatus
+from xdsplane.server.state import NodeMemory, TypeStatus
 from xdsplane.types import PUSH_ORDER, ResourceType
 
 
@@ -35,10 +35,27 @@ class StreamInfo:
         }
 
 
+MAX_NODES_REMEMBERED = 10_000
+
+
 @dataclass
 class Registry:
     streams: dict[int, StreamInfo] = field(default_factory=dict)
+    nodes: dict[str, NodeMemory] = field(default_factory=dict)
     _next: int = 0
+
+    def memory(self, node_id: str) -> NodeMemory:
+        """What ``node_id`` rejected, shared by all its streams, kept after they close."""
+        found = self.nodes.pop(node_id, None)
+        if found is None:
+            found = NodeMemory()
+            if len(self.nodes) >= MAX_NODES_REMEMBERED:
+                del self.nodes[next(iter(self.nodes))]  # forget the least recently seen
+        self.nodes[node_id] = found
+        return found
+
+    def nacks(self) -> dict[str, dict[str, object]]:
+        return {node: m.as_dict() for node, m in self.nodes.items() if m.last_nack}
 
     def open(self, variant: str, peer: str) -> StreamInfo:
         self._next += 1

@@ -19,15 +19,15 @@ Rules (see shared/design/envoy-xds-facts.md):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from envoy.service.discovery.v3 import discovery_pb2
 
-from xdsplane.server.state import Nonces, Outgoing, TypeStatus, nack_message
+from xdsplane.server.state import NodeMemory, Nonces, Outgoing, TypeStatus, nack_message
 from xdsplane.snapshot import Resource, Snapshot, versions_hash
-from xdsplane.types import PUSH_ORDER, ResourceType
+from xdsplane.types import PUSH_ORDER, ResourceType, eds_name
 
 
 @dataclass(slots=True)
@@ -39,6 +39,7 @@ class _Type:
     held: dict[str, str] = field(default_factory=dict)  # named types: name -> version sent
     nonce: str = ""
     sent: Mapping[str, Resource] = field(default_factory=dict)  # full-state types only
+    last_sent: dict[str, str] = field(default_factory=dict)  # name -> version, last response
     status: TypeStatus = field(default_factory=TypeStatus)
 
 
@@ -52,7 +53,8 @@ def _encode(rtype: ResourceType, version: str, nonce: str, resources: list[Resou
 class SotwStream:
     """The protocol state of one StreamAggregatedResources stream."""
 
-    def __init__(self) -> None:
+    def __init__(self, memory: NodeMemory | None = None) -> None:
+        self.memory = memory if memory is not None else NodeMemory()
         self.types: dict[ResourceType, _Type] = {}
         self.snapshot: Snapshot | None = None
         self._nonces = Nonces()
@@ -83,6 +85,7 @@ class SotwStream:
                 st.status.nacks += 1
                 st.status.last_nack = nack_message(req.error_detail)
                 st.status.nacked_version = st.sent_version
+                self.memory.record_nack(rtype, st.sent_version, st.last_sent, st.status.last_nack)
             else:
                 st.status.acks += 1
                 st.status.acked_version = req.version_info
@@ -120,6 +123,18 @@ class SotwStream:
 
     # -- outputs --------------------------------------------------------------------------
 
+    def _refresh_endpoints(self, clusters: Iterable[Resource]) -> None:
+        """A changed EDS cluster is a new cluster in Envoy, warming until it gets its
+        ClusterLoadAssignment: forget that the client holds it, so it goes out again (Envoy's
+        request for it looks like an ACK of what it has)."""
+        eds = self.types.get(ResourceType.ENDPOINT)
+        if eds is None:
+            return
+        for c in clusters:
+            name = eds_name(c.message)
+            if name is not None:
+                eds.held.pop(name, None)
+
     def _respond(self, rtype: ResourceType, st: _Type, snapshot: Snapshot | None) -> list[Outgoing]:
         if snapshot is None:
             return []
@@ -134,9 +149,17 @@ class SotwStream:
             if version == st.claimed:
                 st.held = {n: r.version for n, r in chosen.items()}
             st.claimed = ""
-        if all(st.held.get(n) == r.version for n, r in chosen.items()):
+        changed = {
+            n: r
+            for n, r in chosen.items()
+            if st.held.get(n) != r.version and not self.memory.rejected(rtype, n, r.version)
+        }
+        if not changed:
             return []
-        return self._send(rtype, st, chosen)
+        # Only what changed goes out (an omitted name is not a removal for named types);
+        # the version is the hash of everything the client then holds of its subscription.
+        version = versions_hash((n, r.version) for n, r in chosen.items())
+        return self._send(rtype, st, changed, version)
 
     def _send(
         self,
@@ -147,22 +170,29 @@ class SotwStream:
     ) -> list[Outgoing]:
         if version is None:
             version = versions_hash((n, r.version) for n, r in resources.items())
-        if st.wildcard and version == st.sent_version:
+        if st.wildcard and (version == st.sent_version or version == self.memory.parked.get(rtype)):
             # The client holds exactly these (the version is their hash), for instance after
             # a reconnect that claimed the current version: remember them, so that a later
-            # removal is two-phase for this stream too.
-            st.sent = resources
+            # removal is two-phase for this stream too. Or the node rejected this version.
+            if version == st.sent_version:
+                st.sent = resources
             return []
+        if rtype is ResourceType.CLUSTER:
+            self._refresh_endpoints(
+                r
+                for n, r in resources.items()
+                if n not in st.sent or st.sent[n].version != r.version
+            )
         nonce = self._nonces.next()
         ordered = [resources[n] for n in sorted(resources)]
         st.sent_version = version
         st.nonce = nonce
+        st.last_sent = {n: r.version for n, r in resources.items()}
         if st.wildcard:
             st.sent = resources
         else:
-            st.held = {n: r.version for n, r in resources.items()}
+            st.held.update(st.last_sent)
         st.status.sent_version = version
         st.status.responses += 1
-        return [
-            Outgoing(rtype, version, nonce, _encode(rtype, version, nonce, ordered), len(ordered))
-        ]
+        data = _encode(rtype, version, nonce, ordered)
+        return [Outgoing(rtype, version, nonce, data, len(ordered))]

@@ -55,6 +55,45 @@ class Nonces:
         return f"{self.prefix}{self.counter}"
 
 
+@dataclass(slots=True)
+class NackRecord:
+    message: str
+    version: str
+    at: float
+
+
+@dataclass(slots=True)
+class NodeMemory:
+    """What a node rejected, kept across its streams (a reconnect must not resend it).
+
+    ``parked`` holds the NACKed version per full-state type, ``nacked`` the NACKed version of
+    each named resource; neither is sent to the node again. A changed snapshot gives new
+    versions, which are sent.
+    """
+
+    parked: dict[ResourceType, str] = field(default_factory=dict)
+    nacked: dict[ResourceType, dict[str, str]] = field(default_factory=dict)
+    last_nack: dict[ResourceType, NackRecord] = field(default_factory=dict)
+
+    def record_nack(
+        self, rtype: ResourceType, version: str, resources: dict[str, str], message: str
+    ) -> None:
+        import time
+
+        self.parked[rtype] = version
+        self.nacked.setdefault(rtype, {}).update(resources)
+        self.last_nack[rtype] = NackRecord(message, version, time.time())
+
+    def rejected(self, rtype: ResourceType, name: str, version: str) -> bool:
+        return self.nacked.get(rtype, {}).get(name) == version
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            t.short: {"message": r.message, "version": r.version, "at": r.at}
+            for t, r in self.last_nack.items()
+        }
+
+
 def nack_message(error_detail: object) -> str:
     message = str(getattr(error_detail, "message", "") or "")
     return message[:2000] or "rejected without a message"

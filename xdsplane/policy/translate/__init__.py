@@ -19,7 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from xdsplane.policy.merge import GroupPolicy, Origin
+from xdsplane.policy.merge import GroupPolicy, Origin, Part
+from xdsplane.policy.model import AccessLog, Listener, Secret, Upstream
 from xdsplane.policy.translate import clusters, listeners, routes, secrets
 from xdsplane.types import ResourceType
 
@@ -31,26 +32,34 @@ class Built:
     origin: Origin
 
 
+def secret_resources(name: str, part: Part[Secret], files: Mapping[str, bytes]) -> list[Built]:
+    message = secrets.secret(name, part.value, part.origin.folder, files)
+    return [Built(ResourceType.SECRET, message, part.origin)]
+
+
+def upstream_resources(name: str, part: Part[Upstream]) -> list[Built]:
+    out = [Built(ResourceType.CLUSTER, clusters.cluster(name, part.value), part.origin)]
+    if clusters.uses_eds(part.value):
+        cla = clusters.load_assignment(name, part.value)
+        out.append(Built(ResourceType.ENDPOINT, cla, part.origin))
+    return out
+
+
+def listener_resources(part: Part[Listener], log: AccessLog | None) -> list[Built]:
+    out = [Built(ResourceType.LISTENER, listeners.listener(part.value, log), part.origin)]
+    for rc in routes.route_configurations(part.value):
+        out.append(Built(ResourceType.ROUTE, rc, part.origin))
+    return out
+
+
 def translate(policy: GroupPolicy, files: Mapping[str, bytes]) -> list[Built]:
     """Every resource the policy gives; ``files`` holds the contents of the secret files."""
     out: list[Built] = []
     for name, spart in sorted(policy.secrets.items()):
-        out.append(
-            Built(
-                ResourceType.SECRET,
-                secrets.secret(name, spart.value, spart.origin.folder, files),
-                spart.origin,
-            )
-        )
+        out.extend(secret_resources(name, spart, files))
     for name, upart in sorted(policy.upstreams.items()):
-        out.append(Built(ResourceType.CLUSTER, clusters.cluster(name, upart.value), upart.origin))
-        if clusters.uses_eds(upart.value):
-            cla = clusters.load_assignment(name, upart.value)
-            out.append(Built(ResourceType.ENDPOINT, cla, upart.origin))
+        out.extend(upstream_resources(name, upart))
     log = policy.access_log.value if policy.access_log is not None else None
     for _, lpart in sorted(policy.listeners.items()):
-        listener = lpart.value
-        out.append(Built(ResourceType.LISTENER, listeners.listener(listener, log), lpart.origin))
-        for rc in routes.route_configurations(listener):
-            out.append(Built(ResourceType.ROUTE, rc, lpart.origin))
+        out.extend(listener_resources(lpart, log))
     return out

@@ -13,8 +13,9 @@ from xdsplane.policy.model import Secret
 
 
 def resolve(folder: Path, path: str) -> str:
-    """A policy path (relative to its file's folder) as the key of the file contents map."""
-    return str((folder / path).resolve()) if not Path(path).is_absolute() else path
+    """A policy path (relative to its file's folder) as read and shown: joined, not resolved,
+    so messages show the path the way the user wrote it, from where the command runs."""
+    return path if Path(path).is_absolute() else str(folder / path)
 
 
 def paths(secret: Secret, folder: Path) -> dict[str, str]:

@@ -1,0 +1,190 @@
+"""Checks on certificate, key, CA and CRL files before they are served over SDS.
+
+A certificate secret is served only when its key matches its certificate, its chain is in
+order (each certificate signed by the next), and it is valid now; a CA bundle only when it
+holds CA certificates valid now, and its CRL (if any) is signed by one of them. What is
+found is summarized (never the key) for /status, logs and expiry warnings.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import itertools
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+
+
+@dataclass(frozen=True, slots=True)
+class CertSummary:
+    """What people need to know about a served certificate; no key material."""
+
+    secret: str
+    path: str
+    subject: str
+    issuer: str
+    serial: str
+    not_after: datetime.datetime
+    dns: tuple[str, ...]
+    uris: tuple[str, ...]
+    fingerprint_sha256: str
+    is_ca: bool
+
+    def seconds_left(self, now: datetime.datetime | None = None) -> float:
+        now = now or datetime.datetime.now(datetime.UTC)
+        return (self.not_after - now).total_seconds()
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "secret": self.secret,
+            "path": self.path,
+            "subject": self.subject,
+            "issuer": self.issuer,
+            "serial": self.serial,
+            "not_after": self.not_after.isoformat(),
+            "days_left": round(self.seconds_left() / 86400, 1),
+            "dns": list(self.dns),
+            "uris": list(self.uris),
+            "fingerprint_sha256": self.fingerprint_sha256,
+            "ca": self.is_ca,
+        }
+
+
+class TlsFileError(Exception):
+    pass
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def _certs(data: bytes, what: str) -> list[x509.Certificate]:
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise TlsFileError(f"{what} holds no valid PEM certificate") from None
+    if not certs:
+        raise TlsFileError(f"{what} holds no certificate")
+    return certs
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
+
+
+def _sans(cert: x509.Certificate) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return (), ()
+    dns = [*san.get_values_for_type(x509.DNSName)]
+    dns += [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
+    return tuple(dns), tuple(san.get_values_for_type(x509.UniformResourceIdentifier))
+
+
+def summarize(secret: str, path: str, cert: x509.Certificate) -> CertSummary:
+    dns, uris = _sans(cert)
+    return CertSummary(
+        secret=secret,
+        path=path,
+        subject=cert.subject.rfc4514_string(),
+        issuer=cert.issuer.rfc4514_string(),
+        serial=format(cert.serial_number, "x"),
+        not_after=cert.not_valid_after_utc,
+        dns=dns,
+        uris=uris,
+        fingerprint_sha256=hashlib.sha256(
+            cert.public_bytes(serialization.Encoding.DER)
+        ).hexdigest(),
+        is_ca=_is_ca(cert),
+    )
+
+
+def _check_validity(cert: x509.Certificate, what: str, now: datetime.datetime) -> None:
+    if cert.not_valid_after_utc <= now:
+        raise TlsFileError(
+            f"{what} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC "
+            f"({cert.subject.rfc4514_string()})"
+        )
+    if cert.not_valid_before_utc > now:
+        raise TlsFileError(
+            f"{what} is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC"
+        )
+
+
+def check_certificate(secret: str, cert_path: str, cert_pem: bytes, key_pem: bytes) -> CertSummary:
+    """The leaf's summary; raises TlsFileError naming what is wrong."""
+    now = _now()
+    chain = _certs(cert_pem, "certificate file")
+    leaf = chain[0]
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except TypeError:
+        raise TlsFileError("private key is encrypted; Envoy needs an unencrypted key") from None
+    except ValueError:
+        raise TlsFileError("private_key file holds no valid PEM private key") from None
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(
+        serialization.Encoding.DER, spki
+    ) != leaf.public_key().public_bytes(serialization.Encoding.DER, spki):
+        raise TlsFileError(
+            "private key does not match the certificate "
+            f"({leaf.subject.rfc4514_string()}, serial {leaf.serial_number:x})"
+        )
+    _check_validity(leaf, "certificate", now)
+    for i, (child, parent) in enumerate(itertools.pairwise(chain)):
+        try:
+            child.verify_directly_issued_by(parent)
+        except (ValueError, TypeError, InvalidSignature) as e:
+            raise TlsFileError(
+                f"certificate chain is broken at position {i + 1}: "
+                f"{child.subject.rfc4514_string()} is not issued by "
+                f"{parent.subject.rfc4514_string()} ({e.__class__.__name__})"
+            ) from None
+        _check_validity(parent, f"chain certificate {i + 2}", now)
+    return summarize(secret, cert_path, leaf)
+
+
+def check_ca(secret: str, ca_path: str, ca_pem: bytes, crl_pem: bytes | None) -> list[CertSummary]:
+    now = _now()
+    cas = _certs(ca_pem, "ca file")
+    for i, ca in enumerate(cas):
+        if not _is_ca(ca):
+            raise TlsFileError(
+                f"ca file certificate {i + 1} ({ca.subject.rfc4514_string()}) is not a CA "
+                "(no basicConstraints CA:TRUE)"
+            )
+        _check_validity(ca, f"CA certificate {i + 1}", now)
+    if crl_pem is not None:
+        try:
+            crl = x509.load_pem_x509_crl(crl_pem)
+        except ValueError:
+            raise TlsFileError("crl file holds no valid PEM CRL") from None
+        issuers = [ca for ca in cas if ca.subject == crl.issuer]
+        if not issuers:
+            raise TlsFileError(
+                f"crl is issued by {crl.issuer.rfc4514_string()}, which is not in the ca file"
+            )
+        if not any(crl.is_signature_valid(ca.public_key()) for ca in issuers):  # type: ignore[arg-type]
+            raise TlsFileError("crl signature does not verify with its CA")
+    return [summarize(secret, ca_path, ca) for ca in cas]
+
+
+def covers(sans: tuple[str, ...], domain: str) -> bool:
+    """Does a certificate with these DNS SANs serve ``domain`` (itself maybe ``*.x``)?"""
+    domain = domain.lower().rstrip(".")
+    for san in sans:
+        san = san.lower().rstrip(".")
+        if san == domain:
+            return True
+        if san.startswith("*.") and not domain.startswith("*."):
+            rest = domain.split(".", 1)
+            if len(rest) == 2 and rest[1] == san[2:]:
+                return True
+    return False
