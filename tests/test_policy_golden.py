@@ -124,7 +124,7 @@ def test_render_twice_gives_the_same_json(case: str, tmp_path: Path) -> None:
 
 
 def _documents(folder: Path) -> list[Any]:
-    docs = []
+    docs: list[Any] = []
     for path in list_files(folder):
         docs.extend(d.value for d in parse(path.read_text(), str(path)))
     return docs

@@ -101,7 +101,8 @@ def validate(value: Any, schema: dict[str, Any], root: dict[str, Any], at: str =
         elif key == "anyOf":
             tried = [validate(value, s, root, at) for s in want]
             if all(tried):
-                out += min(tried, key=len)  # the closest branch says what is wrong
+                closest: list[str] = min(tried, key=len)  # the nearest branch says why
+                out += closest
         elif key == "allOf":
             for s in want:
                 out += validate(value, s, root, at)

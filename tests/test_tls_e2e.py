@@ -176,12 +176,38 @@ def test_admin_routes_need_an_ops_certificate(edge: Edge) -> None:
     assert f"URI={ALICE_URI}" in seen["headers"]["x-forwarded-client-cert"]
 
 
-def test_admin_rule_is_not_bypassed_by_path_tricks(edge: Edge) -> None:
-    """Path normalization happens before routing: //billing/admin/, /billing/./admin/ and
-    percent-encoded forms land on the admin route (403 without a certificate)."""
-    for path in ("//billing/admin/audit", "/billing/./admin/audit", "/billing/%61dmin/audit"):
-        r = edge.get(path)
-        assert r.status in (400, 403), (path, r)
+@pytest.mark.parametrize(
+    "path",
+    [
+        "//billing/admin/audit",
+        "/billing/./admin/audit",
+        "/billing/x/../admin/audit",
+        "/billing/%61dmin/audit",
+    ],
+)
+def test_admin_rule_is_not_bypassed_by_path_tricks(edge: Edge, path: str) -> None:
+    """Paths are normalized before routing (normalize_path, merge_slashes): these land on
+    the admin route, so without a certificate they get 403."""
+    r = edge.get(path)
+    assert r.status == 403, (path, r)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: the HCM keeps escaped slashes (path_with_escaped_slashes_action unset, "
+    "KEEP_UNCHANGED): /billing/admin%2Faudit matches the /billing/ route and reaches the "
+    "upstream without a certificate; fix proposed in xdsplane/policy/translate/listeners.py",
+)
+@pytest.mark.parametrize("path", ["/billing/admin%2Faudit", "/billing/admin%2faudit"])
+def test_admin_rule_is_not_bypassed_by_an_escaped_slash(edge: Edge, path: str) -> None:
+    """An upstream that decodes %2F before routing (many frameworks do) would read
+    /billing/admin/audit: Envoy must not forward it under the non-admin route. Refused
+    (400/403) or redirected to the unescaped path is right; 200 from upstream is not."""
+    r = edge.get(path)
+    if 300 <= r.status < 400:
+        assert r.headers["location"].endswith("/billing/admin/audit"), r
+    else:
+        assert r.status in (400, 403, 404), (path, r)
 
 
 # -- the strict host --------------------------------------------------------------------------
@@ -563,7 +589,7 @@ def test_a_rotation_seen_half_way_is_not_a_reload_failure(edge: Edge, tmp_path: 
     pki.write_atomic(edge.certs / "edge.key", (staging / "edge.key").read_bytes(), 0o600)
     # Give the watcher time to look at the half-rotated pair (it reacts within ~10 ms);
     # far longer than any real rotation leaves between its two renames.
-    deadline = time.monotonic() + 0.5
+    deadline = time.monotonic() + 1.0
     while time.monotonic() < deadline:
         if edge.server.status()["reload"]["failures"] > before["failures"]:
             break
@@ -670,9 +696,10 @@ def test_no_private_key_material_in_logs_status_or_render(edge: Edge) -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    # render carries the certificates (base64 of the PEM file), only the keys are redacted.
-    cert_b64 = base64.b64encode((edge.certs / "edge.crt").read_bytes()).decode()
-    assert cert_b64 in done.stdout
+    # render carries the certificates (as base64 or PEM text); only the keys are redacted.
+    cert = (edge.certs / "edge.crt").read_bytes()
+    shown = (base64.b64encode(cert).decode(), json.dumps(cert.decode())[1:-1])
+    assert any(form in done.stdout for form in shown), "render shows no certificate"
     assert_no_key_material("xdsplane render", done.stdout + done.stderr, edge.certs)
     secrets = json.loads(done.stdout)["resources"]["SDS"]["resources"]
     keys = [
