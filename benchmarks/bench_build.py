@@ -404,6 +404,17 @@ def main() -> int:
             ],
         )
         rows.insert(1, ["  the same after gc.freeze()", fmt_ms(frozen_gc, 2)])
+        if not args.quick:
+            result = None
+            gc.collect()
+            gc.disable()
+            try:
+                nogc, _, result = timed_load(FolderLoader(workdir), phases)
+            finally:
+                gc.enable()
+            rows.insert(
+                2, ["cold load with the collector off during the load (gc.disable)", fmt_ms(nogc)]
+            )
         skip = edits_with_statskip(workdir, shape, edits, phases)
         rows.insert(
             2,

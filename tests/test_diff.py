@@ -85,7 +85,7 @@ def test_route_prefix_change(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert code == 0
     assert out == [
         "nodes *:",
-        f"  ~ RDS http  ({b}/p.yaml:2)",
+        f"  ~ RDS http  ({b}/p.yaml:2:5)",
         '      virtual_hosts[web].routes[web/route-0].match.prefix: "/" -> "/api/"',
         "1 changed, 0 added, 0 removed",
     ]
@@ -103,10 +103,10 @@ def test_upstream_added(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert code == 0
     assert out[:3] == [
         "nodes *:",
-        f"  + CDS api  ({b}/p.yaml:11)",
-        f"  + EDS api  ({b}/p.yaml:11)",
+        f"  + CDS api  ({b}/p.yaml:11:8)",
+        f"  + EDS api  ({b}/p.yaml:11:8)",
     ]
-    assert f"  ~ RDS http  ({b}/p.yaml:2)" in out
+    assert f"  ~ RDS http  ({b}/p.yaml:2:5)" in out
     assert '      virtual_hosts[web].routes[web/route-0].route.cluster: "web" -> "api"' in out
     assert out[-1] == "1 changed, 2 added, 0 removed"
 
@@ -119,8 +119,8 @@ def test_listener_removed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert code == 0
     assert out == [
         "nodes *:",
-        f"  - LDS other  ({a}/p.yaml:9)",
-        f"  - RDS other  ({a}/p.yaml:9)",
+        f"  - LDS other  ({a}/p.yaml:9:5)",
+        f"  - RDS other  ({a}/p.yaml:9:5)",
         "0 changed, 0 added, 2 removed",
     ]
 
@@ -140,7 +140,7 @@ def test_one_node_group(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     code, out, _ = run(capsys, a, b, "--node", "canary-1")
     assert out == [
         "nodes canary-*:",
-        f"  ~ EDS canary  ({b}/canary.yaml:11)",
+        f"  ~ EDS canary  ({b}/canary.yaml:11:11)",
         "      endpoints[0].lb_endpoints[0].endpoint.address.socket_address.port_value: "
         "8081 -> 8082",
         "1 changed, 0 added, 0 removed",
@@ -201,7 +201,7 @@ def test_secret_change_never_shows_the_key(
         code, out, err = run(capsys, a, b, *extra)
         text = "\n".join(out) + err
         assert code == 0
-        assert f"  ~ SDS edge  ({b}/p.yaml:2)" in out
+        assert f"  ~ SDS edge  ({b}/p.yaml:2:9)" in out
         assert out[-1] == "1 changed, 0 added, 0 removed"
         assert "private_key" in text and "[redacted] (changed)" in text
         for key in (key1, key2):

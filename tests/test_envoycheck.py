@@ -49,7 +49,7 @@ upstreams:
 # A valid RE2 regex, but its compiled program (155) is over Envoy's default limit of 100.
 BIG_REGEX = GOOD.replace("{prefix: /, upstream: web}", '{regex: "/(a|b){50}", upstream: web}')
 REGEX_REJECTED = (
-    "policy.yaml:2: envoy rejects route configuration 'http'{scope}: regex '/(a|b){{50}}' RE2 "
+    "policy.yaml:2:5: envoy rejects route configuration 'http'{scope}: regex '/(a|b){{50}}' RE2 "
     "program size of "
 )
 
@@ -212,7 +212,7 @@ def test_raw_cluster_envoy_refuses_is_reported_at_its_line(
     assert cli.main(["validate", str(d), "--envoy"]) == 1
     out = capsys.readouterr().out.splitlines()
     assert out == [
-        f"{d}/policy.yaml:12: envoy rejects cluster 'extra': "
+        f"{d}/policy.yaml:12:5: envoy rejects cluster 'extra': "
         "Cluster.health_checks[0].interval: value is required (proto constraint)"
     ]
 

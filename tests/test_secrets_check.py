@@ -266,11 +266,6 @@ def test_bad_secret_file_is_refused_with_its_policy_line(
     assert_no_key_material("xdsplane validate", out + err, layout.certs)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: tlsfiles.check_ca does not look at the CRL's validity period; an expired "
-    "CRL makes Envoy refuse every client certificate (see test_tls_e2e)",
-)
 @pytest.mark.parametrize(("last", "next_"), [(8, 1), (-1, -8)], ids=["expired", "not-yet-valid"])
 def test_crl_outside_its_validity_is_refused(
     last: float, next_: float, pristine: Path, tmp_path: Path

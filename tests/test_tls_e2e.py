@@ -192,12 +192,6 @@ def test_admin_rule_is_not_bypassed_by_path_tricks(edge: Edge, path: str) -> Non
     assert r.status == 403, (path, r)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the HCM keeps escaped slashes (path_with_escaped_slashes_action unset, "
-    "KEEP_UNCHANGED): /billing/admin%2Faudit matches the /billing/ route and reaches the "
-    "upstream without a certificate; fix proposed in xdsplane/policy/translate/listeners.py",
-)
 @pytest.mark.parametrize("path", ["/billing/admin%2Faudit", "/billing/admin%2faudit"])
 def test_admin_rule_is_not_bypassed_by_an_escaped_slash(edge: Edge, path: str) -> None:
     """An upstream that decodes %2F before routing (many frameworks do) would read
@@ -565,12 +559,6 @@ def test_rotation_under_load_keeps_connections_and_listeners(edge: Edge) -> None
     assert int(cert["serial"], 16) == served[-1]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a reload between the key and certificate renames of a routine rotation is "
-    "counted as a failed reload (ERROR log, /status reload.failures and errors); "
-    "fix proposed in xdsplane/compile.py _read_secret_files (treat a fresh mismatch as busy)",
-)
 def test_a_rotation_seen_half_way_is_not_a_reload_failure(edge: Edge, tmp_path: Path) -> None:
     """pki.rotate (and `xdsplane certs rotate`) renames the new key into place, then the
     new certificate. A watcher that reloads between the two renames sees a key that does
@@ -632,12 +620,6 @@ def test_revoked_client_certificate_is_refused(edge: Edge) -> None:
     assert churn == dict.fromkeys(LISTENER_CHURN, 0), churn
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an expired CRL (next_update in the past) passes the secret checks and is "
-    "served; Envoy then refuses every client certificate on both hosts. Fix proposed in "
-    "xdsplane/tlsfiles.py check_ca (refuse a CRL past next_update or before last_update)",
-)
 def test_an_expired_crl_is_not_served(edge: Edge) -> None:
     """A CRL past its next update makes Envoy refuse every client certificate
     (CRL_HAS_EXPIRED): the strict host goes dark and the admin routes too. Like an expired

@@ -6,6 +6,8 @@ loader passes one that never serves a half-written file).
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
@@ -13,6 +15,7 @@ from xdsplane import tlsfiles
 from xdsplane.config.check import Ref, check_snapshot, references
 from xdsplane.config.errors import ConfigError, ConfigErrors, Location
 from xdsplane.config.raw import parse_resources
+from xdsplane.config.stableread import FileBusy
 from xdsplane.config.yamlsrc import Document
 from xdsplane.policy import translate
 from xdsplane.policy.check import Usage, UseKey, check_policy, use_key
@@ -156,9 +159,29 @@ def _read_secret_files(
                 crl = files[wanted["crl"]] if "crl" in wanted else None
                 summaries = tlsfiles.check_ca(name, ca, files[ca], crl)
                 certs[name] = summaries[0]
+        except tlsfiles.KeyMismatch as e:
+            if _just_written(*wanted.values()):
+                # A rotation writes the key, then the certificate: seen half-way, try again.
+                raise FileBusy(f"{name}: certificate and key are being replaced") from None
+            errors.append(ConfigError(part.origin.key(), f"secret {name!r}: {e}"))
         except tlsfiles.TlsFileError as e:
             errors.append(ConfigError(part.origin.key(), f"secret {name!r}: {e}"))
     return files
+
+
+SETTLE_SECONDS = 2.0
+
+
+def _just_written(*paths: str) -> bool:
+    """Did any of these files change in the last SETTLE_SECONDS (a writer may not be done)?"""
+    now = time.time()
+    for p in paths:
+        try:
+            if now - os.stat(p).st_mtime < SETTLE_SECONDS:
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def _check_domains(

@@ -57,6 +57,10 @@ class TlsFileError(Exception):
     pass
 
 
+class KeyMismatch(TlsFileError):
+    """The key does not match the certificate (maybe only half-way through a rotation)."""
+
+
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
@@ -133,7 +137,7 @@ def check_certificate(secret: str, cert_path: str, cert_pem: bytes, key_pem: byt
     if key.public_key().public_bytes(
         serialization.Encoding.DER, spki
     ) != leaf.public_key().public_bytes(serialization.Encoding.DER, spki):
-        raise TlsFileError(
+        raise KeyMismatch(
             "private key does not match the certificate "
             f"({leaf.subject.rfc4514_string()}, serial {leaf.serial_number:x})"
         )
@@ -173,6 +177,13 @@ def check_ca(secret: str, ca_path: str, ca_pem: bytes, crl_pem: bytes | None) ->
             )
         if not any(crl.is_signature_valid(ca.public_key()) for ca in issuers):  # type: ignore[arg-type]
             raise TlsFileError("crl signature does not verify with its CA")
+        if crl.next_update_utc is not None and crl.next_update_utc <= now:
+            raise TlsFileError(
+                f"crl expired: its next update was due {crl.next_update_utc:%Y-%m-%d %H:%M} UTC "
+                "(Envoy would refuse every client certificate)"
+            )
+        if crl.last_update_utc > now:
+            raise TlsFileError(f"crl is not valid before {crl.last_update_utc:%Y-%m-%d %H:%M} UTC")
     return [summarize(secret, ca_path, ca) for ca in cas]
 
 

@@ -251,8 +251,6 @@ RetryOn = Literal[
     "connect-failure",
     "retriable-4xx",
     "refused-stream",
-    "retriable-status-codes",
-    "retriable-headers",
     "envoy-ratelimited",
     "http3-post-connect-failure",
 ]
@@ -409,7 +407,9 @@ class HealthCheck(Model):
     unhealthy_threshold: int = Field(3, ge=1)
 
 
-LbPolicy = Literal["round_robin", "least_request", "random", "ring_hash", "maglev"]
+# ring_hash and maglev need a hash policy on the routes; until the policy can say what to
+# hash on, they are not offered (they would silently behave like random).
+LbPolicy = Literal["round_robin", "least_request", "random"]
 
 
 class Upstream(Model):

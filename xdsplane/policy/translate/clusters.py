@@ -28,8 +28,6 @@ _LB = {
     "round_robin": cluster_pb2.Cluster.ROUND_ROBIN,
     "least_request": cluster_pb2.Cluster.LEAST_REQUEST,
     "random": cluster_pb2.Cluster.RANDOM,
-    "ring_hash": cluster_pb2.Cluster.RING_HASH,
-    "maglev": cluster_pb2.Cluster.MAGLEV,
 }
 _HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 

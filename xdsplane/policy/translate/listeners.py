@@ -100,6 +100,8 @@ def _hcm(name: str, route_config: str, host: Host | None, log: AccessLog | None)
         normalize_path=wrappers_pb2.BoolValue(value=True),
         merge_slashes=True,
         strip_any_host_port=True,
+        # /admin%2Fx must not slip past a rule on /admin/ (Envoy's edge best practice).
+        path_with_escaped_slashes_action=hcm_pb2.HttpConnectionManager.UNESCAPE_AND_REDIRECT,
         forward_client_cert_details=hcm_pb2.HttpConnectionManager.SANITIZE,
     )
     if host is not None and host.client_certificate != "off":
@@ -155,7 +157,7 @@ def listener(spec: Listener, log: AccessLog | None) -> Any:
             transport_socket=transport_socket(downstream_tls(spec.tls, h)),
         )
         names = [d for d in h.domains if d != "*"]
-        if names:
+        if names and "*" not in h.domains:  # a host with "*" is the chain for any name
             chain.filter_chain_match.CopyFrom(
                 listener_components_pb2.FilterChainMatch(server_names=names)
             )
