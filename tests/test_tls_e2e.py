@@ -355,6 +355,7 @@ def test_access_log_shows_the_client_certificate(edge: Edge) -> None:
     line = _log_for(edge, with_cert)
     assert "CN=alice" in line["client_cert_subject"], line
     assert line["client_cert_uri_san"] == ALICE_URI, line
+    assert (line["client_cert_presented"], line["client_cert_validated"]) == ("true", "true")
     fingerprint = hashlib.sha256(alice.public_bytes(serialization.Encoding.DER)).hexdigest()
     assert line["client_cert_fingerprint"].replace(":", "").lower() == fingerprint, line
     expiry = datetime.datetime.fromisoformat(line["client_cert_expiry"].replace("Z", "+00:00"))
@@ -375,6 +376,7 @@ def test_access_log_shows_the_client_certificate(edge: Edge) -> None:
     ):
         assert _none(anon[key]), (key, anon)
     assert anon["tls_version"] == "TLSv1.3" and anon["sni"] == BILLING
+    assert (anon["client_cert_presented"], anon["client_cert_validated"]) == ("false", "false")
     assert anon["route"] == "billing/billing" and anon["status"] == 200
 
     bob = _log_for(edge, refused)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from envoy.config.accesslog.v3 import accesslog_pb2
-from envoy.config.core.v3 import substitution_format_string_pb2
+from envoy.config.core.v3 import extension_pb2, substitution_format_string_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.extensions.access_loggers.file.v3 import file_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
@@ -13,6 +13,7 @@ from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from envoy.extensions.formatter.cel.v3 import cel_pb2
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from google.protobuf import struct_pb2, wrappers_pb2
 
@@ -48,6 +49,11 @@ ACCESS_LOG_FIELDS: dict[str, str] = {
     "request_id": "%REQ(X-REQUEST-ID)%",
     "sni": "%REQUESTED_SERVER_NAME%",
     "tls_version": "%DOWNSTREAM_TLS_VERSION%",
+    # Presented and validated are the same on xdsplane's hosts: a host that asks for client
+    # certificates verifies them (a bad one ends the handshake; nothing is accepted
+    # untrusted) and never resumes sessions, where validation would not run again.
+    "client_cert_presented": "%CEL(connection.mtls)%",
+    "client_cert_validated": "%CEL(connection.mtls)%",
     "client_cert_subject": "%DOWNSTREAM_PEER_SUBJECT%",
     "client_cert_uri_san": "%DOWNSTREAM_PEER_URI_SAN%",
     "client_cert_dns_san": "%DOWNSTREAM_PEER_DNS_SAN%",
@@ -68,6 +74,11 @@ def access_log(log: AccessLog) -> Any:
         fmt = substitution_format_string_pb2.SubstitutionFormatString(
             text_format_source={"inline_string": line}
         )
+    fmt.formatters.append(
+        extension_pb2.TypedExtensionConfig(
+            name="envoy.formatter.cel", typed_config=pack(cel_pb2.Cel())
+        )
+    )
     return accesslog_pb2.AccessLog(
         name="envoy.access_loggers.file",
         typed_config=pack(file_pb2.FileAccessLog(path=log.path, log_format=fmt)),
