@@ -110,8 +110,8 @@ class Phases:
 
         class _TimedSnapshot:
             @staticmethod
-            def build(resources: Any) -> Snapshot:
-                return build(resources)  # type: ignore[no-any-return]
+            def build(resources: Any, previous: Any = None) -> Snapshot:
+                return build(resources, previous)  # type: ignore[no-any-return]
 
         for name in both:
             mod = sys.modules.get(name)

@@ -119,6 +119,12 @@ def parse_unit(doc: Document) -> tuple[Unit | None, list[ConfigError]]:
     if errors:
         return None, errors
     nodes = tuple(sorted(set(policy.nodes))) if policy.nodes is not None else None
+    if policy.resources:
+        policy = policy.model_copy(update={"resources": []})  # parsed: drop the raw dicts
+    if not (policy.secrets or policy.listeners or policy.upstreams or policy.access_log):
+        # Raw resources only: their sources are already strings, so the YAML node tree
+        # (millions of objects for a big snapshot) need not stay alive.
+        doc = Document(doc.path, None, None)
     return Unit(doc, nodes, policy, tuple(resources)), []
 
 
@@ -210,6 +216,7 @@ def build(
     read: Reader,
     refs_of: RefsOf = references,
     translations: TranslationCache | None = None,
+    previous: SnapshotSet | None = None,
 ) -> SnapshotSet:
     """Raises ConfigErrors with every problem found, or returns what is to be served."""
     common = [u for u in units if u.nodes is None]
@@ -234,7 +241,8 @@ def build(
     for nodes, members_ in plan:
         name = group_name(nodes)
         scope = name if len(plan) > 1 else ""
-        snapshot, usage = _build_group(members_, scope, read, refs_of, errors, certs, cache)
+        before = previous.group(name) if previous is not None else None
+        snapshot, usage = _build_group(members_, scope, read, refs_of, errors, certs, cache, before)
         used.secrets |= usage.secrets
         used.upstreams |= usage.upstreams
         if snapshot is not None:
@@ -256,6 +264,7 @@ def _build_group(
     errors: list[ConfigError],
     certs: dict[str, CertSummary],
     cache: TranslationCache,
+    previous: Snapshot | None = None,
 ) -> tuple[Snapshot | None, Usage]:
     before = len(errors)
     policy, errs = merge([Fragment(u.doc, u.policy) for u in units])
@@ -271,7 +280,7 @@ def _build_group(
         resources.extend(u.resources)
         _count_raw_uses(policy, u.resources, refs_of, usage)
     merged = _merge_resources(resources, scope, errors)
-    snapshot = Snapshot.build(merged)
+    snapshot = Snapshot.build(merged, previous)
     if len(errors) == before:
         errors.extend(check_snapshot(snapshot, scope, refs_of))
     return (snapshot if len(errors) == before else None), usage
@@ -281,6 +290,8 @@ def _count_raw_uses(
     policy: GroupPolicy, raw: tuple[Resource, ...], refs_of: RefsOf, usage: Usage
 ) -> None:
     """An upstream or secret that only a raw resource refers to is used all the same."""
+    if not (policy.upstreams or policy.secrets):
+        return
     for r in raw:
         for ref_type, name, _ in refs_of(r):
             if ref_type is ResourceType.CLUSTER and name in policy.upstreams:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
 
@@ -67,6 +67,11 @@ def make_resource(rtype: ResourceType, message: Any, source: str = "") -> Resour
     return Resource(rtype, name, version, message, source, len(payload), sotw, delta)
 
 
+def _same(a: Mapping[str, Resource], b: Mapping[str, Resource]) -> bool:
+    """The same resources (the very objects: unchanged files are not rebuilt)."""
+    return len(a) == len(b) and all(b.get(n) is r for n, r in a.items())
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class Snapshot:
     """The resources one group of nodes is served. Never mutated after it is built."""
@@ -74,21 +79,31 @@ class Snapshot:
     resources: Mapping[ResourceType, Mapping[str, Resource]]
     versions: Mapping[ResourceType, str] = field(init=False)
     digest: str = field(init=False)
+    previous: InitVar[Snapshot | None] = None
 
-    def __post_init__(self) -> None:
-        versions = {
-            t: versions_hash((n, r.version) for n, r in self.resources.get(t, {}).items())
-            for t in PUSH_ORDER
-        }
+    def __post_init__(self, previous: Snapshot | None) -> None:
+        resources = dict(self.resources)
+        versions = {}
+        for t in PUSH_ORDER:
+            named = resources.get(t, {})
+            before = previous.resources.get(t) if previous is not None else None
+            if before is not None and _same(before, named):
+                # Nothing of this type changed: share the mapping and its version.
+                resources[t] = before
+                versions[t] = previous.versions[t]  # type: ignore[union-attr]
+            else:
+                versions[t] = versions_hash((n, r.version) for n, r in named.items())
+        object.__setattr__(self, "resources", resources)
         object.__setattr__(self, "versions", versions)
         object.__setattr__(self, "digest", versions_hash((t.value, v) for t, v in versions.items()))
 
     @classmethod
-    def build(cls, resources: Iterable[Resource]) -> Snapshot:
+    def build(cls, resources: Iterable[Resource], previous: Snapshot | None = None) -> Snapshot:
+        """A snapshot of ``resources``; types unchanged since ``previous`` are shared with it."""
         by_type: dict[ResourceType, dict[str, Resource]] = {t: {} for t in PUSH_ORDER}
         for r in resources:
             by_type[r.type][r.name] = r
-        return cls({t: dict(sorted(v.items())) for t, v in by_type.items()})
+        return cls({t: dict(sorted(v.items())) for t, v in by_type.items()}, previous)
 
     def of(self, rtype: ResourceType) -> Mapping[str, Resource]:
         return self.resources.get(rtype, {})
@@ -129,6 +144,12 @@ class SnapshotSet:
         for g in self.groups:
             if g.matches(node_id, cluster):
                 return g
+        return None
+
+    def group(self, name: str) -> Snapshot | None:
+        for g in self.groups:
+            if g.name == name:
+                return g.snapshot
         return None
 
     def for_node(self, node_id: str, cluster: str) -> Snapshot | None:

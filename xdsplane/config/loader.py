@@ -6,7 +6,9 @@ serialized again, so a one-file edit rebuilds only that file's resources.
 
 from __future__ import annotations
 
+import gc
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +21,13 @@ from xdsplane.snapshot import Resource, SnapshotSet, digest
 from xdsplane.types import ResourceType
 
 SUFFIXES = (".yaml", ".yml")
+
+
+SETTLED_SECONDS = 2.0
+
+
+def _stamp(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def list_files(root: Path) -> list[Path]:
@@ -42,10 +51,11 @@ class FolderLoader:
     """Loads one folder again and again, reusing what did not change."""
 
     root: Path
-    _parsed: dict[str, tuple[str, list[Unit]]] = field(default_factory=dict)
+    _parsed: dict[str, tuple[str, list[Unit], tuple[int, ...]]] = field(default_factory=dict)
     _refs: dict[tuple[ResourceType, str, str], tuple[Ref, ...]] = field(default_factory=dict)
     secret_files: set[str] = field(default_factory=set)
     _translations: TranslationCache = field(default_factory=TranslationCache)
+    _last: SnapshotSet | None = None
     _reading: set[str] = field(default_factory=set)
 
     def _display(self, path: Path) -> str:
@@ -53,6 +63,20 @@ class FolderLoader:
 
     def _parse_file(self, path: Path, errors: list[ConfigError]) -> list[Unit]:
         shown = self._display(path)
+        cached = self._parsed.get(shown)
+        if cached is not None:
+            try:
+                st = os.stat(path)
+            except OSError:
+                st = None
+            # Unchanged since it was read, and quiet for long enough that a write in the
+            # same timestamp tick would have shown in ctime: no need to read it again.
+            if (
+                st is not None
+                and _stamp(st) == cached[2]
+                and time.time() - max(st.st_mtime, st.st_ctime) > SETTLED_SECONDS
+            ):
+                return cached[1]
         try:
             data = read_stable(str(path))
         except FileBusy:
@@ -64,8 +88,12 @@ class FolderLoader:
             errors.append(ConfigError(Location(shown), f"cannot read: {e.strerror or e}"))
             return []
         key = digest(data)
-        cached = self._parsed.get(shown)
+        try:
+            stamp = _stamp(os.stat(path))
+        except OSError:
+            stamp = ()
         if cached is not None and cached[0] == key:
+            self._parsed[shown] = (key, cached[1], stamp)
             return cached[1]
         try:
             text = data.decode("utf-8")
@@ -91,7 +119,7 @@ class FolderLoader:
         if file_errors:
             errors.extend(file_errors)
             return []
-        self._parsed[shown] = (key, contents)
+        self._parsed[shown] = (key, contents, stamp)
         return contents
 
     def _read_secret(self, path: str) -> bytes:
@@ -111,7 +139,20 @@ class FolderLoader:
         return refs
 
     def load(self) -> SnapshotSet:
-        """Load the folder; raises ConfigErrors (all of them) or FileBusy (try again)."""
+        """Load the folder; raises ConfigErrors (all of them) or FileBusy (try again).
+
+        The cyclic garbage collector is paused while loading: a load allocates a great
+        many objects that all stay alive, and full collections over them dominated it.
+        """
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return self._load()
+        finally:
+            if enabled:
+                gc.enable()
+
+    def _load(self) -> SnapshotSet:
         errors: list[ConfigError] = []
         if not self.root.is_dir():
             raise ConfigErrors([ConfigError(Location(str(self.root)), "is not a folder")])
@@ -130,7 +171,10 @@ class FolderLoader:
             raise ConfigErrors(errors)
         self._reading = set()
         try:
-            snapshots = build(contents, self._read_secret, self._refs_of, self._translations)
+            snapshots = build(
+                contents, self._read_secret, self._refs_of, self._translations, self._last
+            )
+            self._last = snapshots
         finally:
             self.secret_files = self._reading
         if len(self._refs) > 100_000:

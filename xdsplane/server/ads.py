@@ -98,6 +98,8 @@ class AdsService:
         log = self.log.bind(stream=info.id, variant=variant, peer=info.peer)
         reader = asyncio.create_task(read())
         watch = None
+        out: list[Outgoing] = []
+        o: Outgoing | None = None
         try:
             while True:
                 item = await inbox.get()
@@ -135,6 +137,10 @@ class AdsService:
                     self._log_push(log, o)
                 if out:
                     info.statuses = {t: s.status for t, s in machine.types.items()}
+                # Do not keep the last response alive while waiting: at 2,000 clusters a
+                # full CDS is most of a megabyte, for every idle stream.
+                out = []
+                o = None
         finally:
             reader.cancel()
             if watch is not None:

@@ -92,6 +92,10 @@ class DeltaStream:
             else:
                 self.stale += 1
             # Subscription changes count even on a stale nonce: they are deltas.
+            if not subscribe and not unsubscribe:
+                # A plain ACK or NACK: nothing can have changed for this client that a
+                # snapshot push did not already send (and a rejected version is not resent).
+                return []
         if "*" in subscribe:
             st.wildcard = True
         if "*" in unsubscribe:

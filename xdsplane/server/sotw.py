@@ -39,7 +39,7 @@ class _Type:
     held: dict[str, str] = field(default_factory=dict)  # named types: name -> version sent
     nonce: str = ""
     sent: Mapping[str, Resource] = field(default_factory=dict)  # full-state types only
-    last_sent: dict[str, str] = field(default_factory=dict)  # name -> version, last response
+    last_sent: Mapping[str, Resource] = field(default_factory=dict)  # the last response
     status: TypeStatus = field(default_factory=TypeStatus)
 
 
@@ -85,7 +85,8 @@ class SotwStream:
                 st.status.nacks += 1
                 st.status.last_nack = nack_message(req.error_detail)
                 st.status.nacked_version = st.sent_version
-                self.memory.record_nack(rtype, st.sent_version, st.last_sent, st.status.last_nack)
+                rejected = {n: r.version for n, r in st.last_sent.items()}
+                self.memory.record_nack(rtype, st.sent_version, rejected, st.status.last_nack)
             else:
                 st.status.acks += 1
                 st.status.acked_version = req.version_info
@@ -187,11 +188,11 @@ class SotwStream:
         ordered = [resources[n] for n in sorted(resources)]
         st.sent_version = version
         st.nonce = nonce
-        st.last_sent = {n: r.version for n, r in resources.items()}
+        st.last_sent = resources  # shared with the snapshot: no per-stream copy
         if st.wildcard:
             st.sent = resources
         else:
-            st.held.update(st.last_sent)
+            st.held.update((n, r.version) for n, r in resources.items())
         st.status.sent_version = version
         st.status.responses += 1
         data = _encode(rtype, version, nonce, ordered)
