@@ -155,10 +155,11 @@ async def test_good_edit_is_served_and_only_its_type_moves(
     assert moved(first, second) == {"RDS"}
     assert notified == [1]
     assert r.state.loaded and r.state.successes == 2 and r.state.errors == []
-    # the same content again is served but notifies nobody
-    assert await r.reload() is True
-    assert moved(second, served(cache)) == set()
+    # the same content again is nothing new: not served again, nobody notified
+    assert await r.reload() is False
+    assert served(cache) is second
     assert notified == [1]
+    assert r.state.successes == 2 and r.state.unchanged == 1
 
 
 async def test_broken_edit_keeps_the_last_good_snapshot(folder: Path, cache: SnapshotCache) -> None:
@@ -259,7 +260,7 @@ async def test_unchanged_files_are_not_parsed_again(folder: Path, cache: Snapsho
     assert second.of(ResourceType.ROUTE)["http"] is not first.of(ResourceType.ROUTE)["http"]
     # Rewriting a file with identical bytes (new mtime, same content) reuses it as well.
     (folder / "clusters.yaml").write_text(CLUSTERS)
-    assert await r.reload() is True
+    assert await r.reload() is False  # nothing new to serve
     third = served(cache)
     assert third.of(ResourceType.CLUSTER)["billing"] is first.of(ResourceType.CLUSTER)["billing"]
 
@@ -285,7 +286,7 @@ async def test_parse_is_skipped_for_unchanged_files(
     assert await r.reload() is True
     assert parsed == ["routes.yaml"]
     parsed.clear()
-    assert await r.reload() is True
+    assert await r.reload() is False  # nothing changed
     assert parsed == []
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from xdsplane.snapshot import SnapshotSet
 
 Validator = Callable[[SnapshotSet], Awaitable[list[str]]]
 WAKE_MS = 250  # the longest the watch sleeps without events (folder replaced, new paths)
+DELETE_SETTLE_SECONDS = 0.15  # how long a deleted policy file has to reappear
 
 
 @dataclass
@@ -34,7 +36,8 @@ class ReloadState:
     loaded: bool = False
     loaded_at: float = 0.0
     attempts: int = 0
-    successes: int = 0
+    successes: int = 0  # loads that changed what is served
+    unchanged: int = 0  # loads that found nothing new
     failures: int = 0
     errors: list[str] = field(default_factory=list)
     failed_at: float = 0.0
@@ -118,6 +121,11 @@ class Reloader:
                     problems = [f"{self.root}: internal error while validating: {e}"]
                 if problems:
                     return self._failed(problems, reason)
+            if _same_set(self.cache.current, snapshots) and not self.state.errors:
+                # Nothing new (a touched file, a save of identical content): not a reload.
+                self.state.unchanged += 1
+                self.log.debug("reload: nothing changed", reason=reason)
+                return False
             changed = self.install(snapshots)
             self.state.last_duration = time.perf_counter() - started
             self.log.info(
@@ -148,6 +156,25 @@ class Reloader:
             if folder.is_dir() and not folder.resolve().is_relative_to(root):
                 extra.add(folder)
         return [self.root, *sorted(extra)]
+
+    def _relevant(self, change: watchfiles.Change, path: str) -> bool:
+        """Changes that can matter: policy files (not hidden, not editors' temporary files),
+        the secret files and their folders (rotations write a temporary file and rename it;
+        Kubernetes swaps a ``..data`` link); the rest is noise."""
+        p = Path(os.path.normpath(os.path.abspath(path)))
+        if p.name == "..data":
+            return True
+        for root in {_norm(self.root), self.root.resolve()}:
+            if p == root or root in p.parents:
+                rel = p.relative_to(root)
+                if any(part.startswith(".") for part in rel.parts):
+                    return False
+                return p.suffix in (".yaml", ".yml") or p.is_dir()
+        for f in self.loader.outside_files():
+            for candidate in {_norm(Path(f)), Path(f).resolve()}:
+                if p.parent == candidate.parent:
+                    return True
+        return False
 
     def _identity(self) -> tuple[int, int] | None:
         try:
@@ -188,13 +215,17 @@ class Reloader:
                     stop_event=halt,
                     recursive=True,
                     ignore_permission_denied=True,
-                    watch_filter=None,
+                    watch_filter=self._relevant,
                     rust_timeout=WAKE_MS,
                     yield_on_timeout=True,
                 ):
                     if self._identity() != identity:
                         resync = True
                         break
+                    if any(c == watchfiles.Change.deleted for c, _ in changes):
+                        # Editors save by deleting and creating: wait for the new file
+                        # rather than serve the folder without it for a moment.
+                        await asyncio.sleep(DELETE_SETTLE_SECONDS)
                     if changes or resync:
                         await self.reload("change" if changes else "watch restarted")
                         resync = False
@@ -207,6 +238,20 @@ class Reloader:
                 await _wait(stop, 0.1)
             finally:
                 relay.cancel()
+
+
+def _norm(p: Path) -> Path:
+    return Path(os.path.normpath(os.path.abspath(p)))
+
+
+def _same_set(a: SnapshotSet | None, b: SnapshotSet) -> bool:
+    if a is None or len(a.groups) != len(b.groups):
+        return False
+    same_groups = all(
+        x.name == y.name and x.globs == y.globs and x.snapshot.digest == y.snapshot.digest
+        for x, y in zip(a.groups, b.groups, strict=True)
+    )
+    return same_groups and a.certificates == b.certificates
 
 
 async def _relay(source: asyncio.Event, target: asyncio.Event) -> None:
