@@ -12,7 +12,7 @@ import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import InitVar, dataclass, field
 from fnmatch import fnmatchcase
-from typing import Any
+from typing import Any, cast
 
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
@@ -80,6 +80,7 @@ class Snapshot:
     versions: Mapping[ResourceType, str] = field(init=False)
     digest: str = field(init=False)
     previous: InitVar[Snapshot | None] = None
+    _memo: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self, previous: Snapshot | None) -> None:
         resources = dict(self.resources)
@@ -104,6 +105,38 @@ class Snapshot:
         for r in resources:
             by_type[r.type][r.name] = r
         return cls({t: dict(sorted(v.items())) for t, v in by_type.items()}, previous)
+
+    def diff(
+        self, previous: Snapshot, rtype: ResourceType
+    ) -> tuple[tuple[Resource, ...], tuple[str, ...]]:
+        """What of ``rtype`` changed since ``previous``: (new or changed, removed names).
+
+        Computed once per pair and shared by every stream that held ``previous`` exactly.
+        """
+        key = ("diff", rtype, previous.versions[rtype])
+        hit = self._memo.get(key)
+        if hit is None:
+            now, before = self.of(rtype), previous.of(rtype)
+            changed = tuple(
+                r for n, r in now.items() if (b := before.get(n)) is None or b.version != r.version
+            )
+            removed = tuple(n for n in before if n not in now)
+            hit = (changed, removed)
+            if len(self._memo) > 64:
+                self._memo.clear()
+            self._memo[key] = hit
+        return hit
+
+    def sotw_body(self, rtype: ResourceType) -> bytes:
+        """Every resource of ``rtype`` as the body of a state-of-the-world response, in name
+        order; joined once and shared by every stream."""
+        key = ("sotw", rtype)
+        body = self._memo.get(key)
+        if body is None:
+            named = self.of(rtype)
+            body = b"".join(named[n].sotw_entry for n in sorted(named))
+            self._memo[key] = body
+        return cast(bytes, body)  # the shared object itself: never copied per stream
 
     def of(self, rtype: ResourceType) -> Mapping[str, Resource]:
         return self.resources.get(rtype, {})

@@ -39,6 +39,9 @@ class _Type:
     answered: bool = False
     versions: dict[str, str] = field(default_factory=dict)  # nonce -> system version
     last_sent: dict[str, str] = field(default_factory=dict)  # name -> version, last response
+    # The type version of the snapshot this client holds exactly (pure wildcard, nothing
+    # rejected, nothing extra): such a client gets the shared diff, not a scan of its own.
+    synced: str = ""
     status: TypeStatus = field(default_factory=TypeStatus)
 
 
@@ -96,6 +99,7 @@ class DeltaStream:
                 # A plain ACK or NACK: nothing can have changed for this client that a
                 # snapshot push did not already send (and a rejected version is not resent).
                 return []
+        st.synced = ""
         if "*" in subscribe:
             st.wildcard = True
         if "*" in unsubscribe:
@@ -111,13 +115,30 @@ class DeltaStream:
         if previous is not None and previous.digest == snapshot.digest:
             return []
         out: list[Outgoing] = []
+        removals: dict[ResourceType, tuple[str, ...]] = {}
         for rtype in PUSH_ORDER:
             st = self.types.get(rtype)
-            if st is not None:
+            if st is None:
+                continue
+            if previous is not None and st.synced and st.synced == previous.versions[rtype]:
+                changed, removed = snapshot.diff(previous, rtype)
+                kept = [r for r in changed if not self.memory.rejected(rtype, r.name, r.version)]
+                removals[rtype] = removed if rtype is not ResourceType.SECRET else ()
+                if len(kept) != len(changed):
+                    st.synced = ""
+                out.extend(self._emit(rtype, st, snapshot, kept, []))
+            else:
                 out.extend(self._respond(rtype, st, snapshot, removals=False))
         for rtype in reversed(PUSH_ORDER):
             st = self.types.get(rtype)
-            if st is not None:
+            if st is None:
+                continue
+            if rtype in removals:
+                gone = [n for n in removals[rtype] if n in st.held]
+                out.extend(self._emit(rtype, st, snapshot, [], gone))
+                if st.synced:
+                    st.synced = snapshot.versions[rtype]
+            else:
                 out.extend(self._respond(rtype, st, snapshot, removals=True))
         return out
 
@@ -131,6 +152,7 @@ class DeltaStream:
             name = eds_name(c.message)
             if name is not None:
                 eds.held.pop(name, None)
+                eds.synced = ""
 
     def _respond(
         self, rtype: ResourceType, st: _Type, snapshot: Snapshot | None, removals: bool
@@ -150,6 +172,27 @@ class DeltaStream:
         removed: list[str] = []
         if removals and rtype is not ResourceType.SECRET:
             removed = sorted(n for n in st.held if n not in available)
+        rejected = sum(
+            1
+            for n in wanted
+            if n in available
+            and st.held.get(n) != available[n].version
+            and self.memory.rejected(rtype, n, available[n].version)
+        )
+        out = self._emit(rtype, st, snapshot, changed, removed)
+        # After a full pass with removals, a pure wildcard client holds exactly the type.
+        exact = removals and st.wildcard and not st.names and not rejected
+        st.synced = snapshot.versions[rtype] if exact and rtype is not ResourceType.SECRET else ""
+        return out
+
+    def _emit(
+        self,
+        rtype: ResourceType,
+        st: _Type,
+        snapshot: Snapshot,
+        changed: list[Resource],
+        removed: list[str],
+    ) -> list[Outgoing]:
         first_wildcard = st.wildcard and not st.answered
         if not changed and not removed and not first_wildcard:
             return []

@@ -43,11 +43,11 @@ class _Type:
     status: TypeStatus = field(default_factory=TypeStatus)
 
 
-def _encode(rtype: ResourceType, version: str, nonce: str, resources: list[Resource]) -> bytes:
+def _encode(rtype: ResourceType, version: str, nonce: str, body: bytes) -> bytes:
     head: bytes = discovery_pb2.DiscoveryResponse(
         version_info=version, type_url=rtype.value, nonce=nonce
     ).SerializeToString()
-    return head + b"".join(r.sotw_entry for r in resources)
+    return head + body
 
 
 class SotwStream:
@@ -185,7 +185,11 @@ class SotwStream:
                 if n not in st.sent or st.sent[n].version != r.version
             )
         nonce = self._nonces.next()
-        ordered = [resources[n] for n in sorted(resources)]
+        snapshot = self.snapshot
+        if snapshot is not None and resources is snapshot.of(rtype):
+            body = snapshot.sotw_body(rtype)  # the whole type: joined once, shared
+        else:
+            body = b"".join(resources[n].sotw_entry for n in sorted(resources))
         st.sent_version = version
         st.nonce = nonce
         st.last_sent = resources  # shared with the snapshot: no per-stream copy
@@ -195,5 +199,5 @@ class SotwStream:
             st.held.update((n, r.version) for n, r in resources.items())
         st.status.sent_version = version
         st.status.responses += 1
-        data = _encode(rtype, version, nonce, ordered)
-        return [Outgoing(rtype, version, nonce, data, len(ordered))]
+        data = _encode(rtype, version, nonce, body)
+        return [Outgoing(rtype, version, nonce, data, len(resources))]
