@@ -1,6 +1,6 @@
 """Run every benchmark, one after the other (they must not share the 2 CPUs).
 
-    .venv/bin/python benchmarks/run_all.py [--quick] [--only build,fanout,propagation]
+    .venv/bin/python benchmarks/run_all.py [--quick] [--only build,fanout,propagation,policy,rotation]
 
 Each benchmark runs as its own process with a time limit; ``--quick`` is passed through.
 The exit code is non-zero if any benchmark failed to run (a missed goal is not a failure:
@@ -20,6 +20,8 @@ BENCHMARKS = {
     "build": "bench_build.py",
     "fanout": "bench_fanout.py",
     "propagation": "bench_propagation.py",
+    "policy": "bench_policy.py",
+    "rotation": "bench_rotation.py",
 }
 LIMIT_QUICK = 120.0
 LIMIT_FULL = 1800.0

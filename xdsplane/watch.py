@@ -157,6 +157,15 @@ class Reloader:
                 extra.add(folder)
         return [self.root, *sorted(extra)]
 
+    def _is_policy_file(self, path: str) -> bool:
+        p = _norm(Path(path))
+        for root in {_norm(self.root), self.root.resolve()}:
+            if root in p.parents:
+                rel = p.relative_to(root)
+                hidden = any(part.startswith(".") for part in rel.parts)
+                return not hidden and p.suffix in (".yaml", ".yml")
+        return False
+
     def _relevant(self, change: watchfiles.Change, path: str) -> bool:
         """Changes that can matter: policy files (not hidden, not editors' temporary files),
         the secret files and their folders (rotations write a temporary file and rename it;
@@ -222,7 +231,10 @@ class Reloader:
                     if self._identity() != identity:
                         resync = True
                         break
-                    if any(c == watchfiles.Change.deleted for c, _ in changes):
+                    if any(
+                        c == watchfiles.Change.deleted and self._is_policy_file(p)
+                        for c, p in changes
+                    ):
                         # Editors save by deleting and creating: wait for the new file
                         # rather than serve the folder without it for a moment.
                         await asyncio.sleep(DELETE_SETTLE_SECONDS)
