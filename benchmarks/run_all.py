@@ -1,6 +1,6 @@
 """Run every benchmark, one after the other (they must not share the 2 CPUs).
 
-    .venv/bin/python benchmarks/run_all.py [--quick] [--only build,fanout,propagation,policy,rotation]
+    .venv/bin/python benchmarks/run_all.py [--quick] [--only NAME,...]
 
 Each benchmark runs as its own process with a time limit; ``--quick`` is passed through.
 The exit code is non-zero if any benchmark failed to run (a missed goal is not a failure:
