@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from harness import Envoy, ProcessGroup, XdsServer, free_port, wait_until
-from tls_helpers import DemoUpstream, https_get
+from harness import Envoy, ProcessGroup, Response, XdsServer, free_port, wait_until
+from tls_helpers import DemoUpstream, TlsConnection, https_get
 
-from xdsplane import pki
+from xdsplane import jwt, pki
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "snapshots"
@@ -34,6 +34,20 @@ def sample_copy(root: Path) -> tuple[Path, dict[int, int]]:
         (folder / f.name).write_text(text)
     pki.init(root / "certs")
     return folder, ports
+
+
+def bearer_get(port: int, ctx: ssl.SSLContext, path: str, token: str | None) -> Response:
+    """GET on billing.example.com with ``Authorization: Bearer TOKEN`` (when given)."""
+    conn = TlsConnection(port, ctx, "billing.example.com")
+    try:
+        headers = {"Host": "billing.example.com", "Connection": "close"}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        conn.request("GET", path, headers=headers)
+        r = conn.getresponse()
+        return Response(r.status, r.read(), {k.lower(): v for k, v in r.getheaders()})
+    finally:
+        conn.close()
 
 
 def test_sample_validates_with_envoy(tmp_path: Path) -> None:
@@ -67,14 +81,19 @@ def test_sample_is_served_live_without_nack(
             assert st["nacks"] == 0 and st["last_nack"] == "", (t, st)
         assert envoy.dynamic_listener_names() == {"https", "http"}
         ctx = ssl.create_default_context(cafile=str(certs / "service-ca.crt"))
-        answer, tls = wait_until(
-            lambda: https_get(ports[8443], ctx, "billing.example.com", "/billing/invoices"),
+        health, tls = wait_until(
+            lambda: https_get(ports[8443], ctx, "billing.example.com", "/healthz"),
             10,
-            what="the billing route answers",
+            what="the edge answers",
         )
+        assert health.status == 200, health
+        assert tls.version == "TLSv1.3"
+        # /billing/ needs a bearer token of the idp provider (`xdsplane token`).
+        token = jwt.token(certs, "alice")
+        answer = bearer_get(ports[8443], ctx, "/billing/invoices", token)
         assert answer.status == 200, answer
         assert "commonName=gateway" in answer.text  # Envoy reached billing over mTLS
-        assert tls.version == "TLSv1.3"
+        assert bearer_get(ports[8443], ctx, "/billing/invoices", None).status == 401
         admin, _ = https_get(ports[8443], ctx, "billing.example.com", "/billing/admin/x")
         assert admin.status == 403  # no client certificate
     finally:

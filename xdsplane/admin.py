@@ -1,4 +1,5 @@
-"""The control plane's own HTTP endpoints: /healthz, /readyz and /status (JSON)."""
+"""The control plane's own HTTP endpoints: /healthz, /readyz, /status (JSON), /metrics
+(Prometheus) and / (a status page for people)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from typing import Any
 
 from aiohttp import web
 
+from xdsplane import statuspage
 from xdsplane.cache import SnapshotCache
+from xdsplane.metrics import CONTENT_TYPE, Metrics
 from xdsplane.server.registry import Registry
 from xdsplane.watch import ReloadState
 
@@ -20,8 +23,10 @@ class AdminState:
         registry: Registry,
         reload: ReloadState,
         cert_warn_days: float = 14.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self.cert_warn_days = cert_warn_days
+        self.metrics = metrics if metrics is not None else Metrics(lambda: cache.current)
         self.config = config
         self.cache = cache
         self.registry = registry
@@ -71,6 +76,7 @@ class AdminState:
             "certificates": self.certificates(),
             "streams": [s.as_dict() for s in self.registry.streams.values()],
             "nacks": self.registry.nacks(),
+            "refused": dict(self.registry.refused),
         }
 
 
@@ -92,6 +98,17 @@ async def _status(request: web.Request) -> web.Response:
     return web.json_response(request.app[STATE_KEY].status(), dumps=_dumps)
 
 
+async def _metrics(request: web.Request) -> web.Response:
+    body = request.app[STATE_KEY].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+async def _page(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    html = statuspage.render(state.status(), state.cert_warn_days)
+    return web.Response(text=html, content_type="text/html", charset="utf-8")
+
+
 def _dumps(value: Any) -> str:
     import json
 
@@ -104,6 +121,8 @@ def make_app(state: AdminState) -> web.Application:
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/status", _status)
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/", _page)
     return app
 
 

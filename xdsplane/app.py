@@ -15,6 +15,7 @@ from xdsplane.bootstrap import split_address
 from xdsplane.cache import SnapshotCache
 from xdsplane.config.errors import ConfigErrors
 from xdsplane.config.stableread import FileBusy
+from xdsplane.metrics import Metrics
 from xdsplane.server.ads import AdsService
 from xdsplane.server.registry import Registry
 from xdsplane.watch import Reloader, Validator
@@ -32,6 +33,15 @@ class ServeOptions:
     cert_warn_days: float = 14.0
     envoy_validate: bool = False  # run `envoy --mode validate` on each load before serving it
     envoy_binary: str | None = None  # default: envoy on PATH or beside this Python
+    # mTLS on the xDS port: all three or none (plaintext). Client certificates are required
+    # and must speak for the node id they claim (xds_identity).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    client_ca: Path | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
 
 class StartupError(Exception):
@@ -40,10 +50,15 @@ class StartupError(Exception):
         self.errors = errors
 
 
+class TlsSetupError(StartupError):
+    """The xDS TLS files (--tls-cert, --tls-key, --client-ca) are missing or do not check out."""
+
+
 async def serve(opts: ServeOptions) -> None:
     log = logs.get("xdsplane.serve")
     cache = SnapshotCache()
     registry = Registry()
+    metrics = Metrics(lambda: cache.current)
     validator = _envoy_validator(opts, log)
     reloader = Reloader(
         opts.config,
@@ -51,6 +66,7 @@ async def serve(opts: ServeOptions) -> None:
         step_ms=opts.watch_step_ms,
         cert_warn_days=opts.cert_warn_days,
         validator=validator,
+        metrics=metrics,
     )
 
     # Refuse to start on a folder that does not load: nothing would be served.
@@ -80,13 +96,20 @@ async def serve(opts: ServeOptions) -> None:
             ("grpc.http2.min_ping_interval_without_data_ms", 5000),
         ]
     )
-    server.add_generic_rpc_handlers((AdsService(cache, registry).handler(),))
+    credentials = _server_credentials(opts)
+    ads = AdsService(cache, registry, require_identity=credentials is not None, metrics=metrics)
+    server.add_generic_rpc_handlers((ads.handler(),))
     xds_host, xds_port = split_address(opts.xds_address)
-    bound = server.add_insecure_port(f"{_bracket(xds_host)}:{xds_port}")
+    if credentials is not None:
+        bound = server.add_secure_port(f"{_bracket(xds_host)}:{xds_port}", credentials)
+    else:
+        bound = server.add_insecure_port(f"{_bracket(xds_host)}:{xds_port}")
     if bound == 0:
         raise StartupError([f"cannot listen for xDS on {opts.xds_address}"])
     admin_host, admin_port = split_address(opts.admin_address)
-    state = admin.AdminState(str(opts.config), cache, registry, reloader.state, opts.cert_warn_days)
+    state = admin.AdminState(
+        str(opts.config), cache, registry, reloader.state, opts.cert_warn_days, metrics
+    )
     try:
         runner = await admin.start(state, admin_host, admin_port)
     except OSError as e:
@@ -96,6 +119,7 @@ async def serve(opts: ServeOptions) -> None:
         "serving",
         config=str(opts.config),
         xds=f"{xds_host}:{bound}",
+        xds_tls="mtls" if credentials is not None else "plaintext",
         admin=opts.admin_address,
         groups=[g.name for g in snapshots.groups],
     )
@@ -114,6 +138,47 @@ async def serve(opts: ServeOptions) -> None:
         watcher.cancel()
         await runner.cleanup()
         log.info("stopped")
+
+
+def _server_credentials(opts: ServeOptions) -> grpc.ServerCredentials | None:
+    """TLS credentials requiring client certificates of ``client_ca``; None: plaintext."""
+    files = {"--tls-cert": opts.tls_cert, "--tls-key": opts.tls_key, "--client-ca": opts.client_ca}
+    given = [flag for flag, path in files.items() if path is not None]
+    if not given:
+        return None
+    if len(given) != len(files):
+        missing = [flag for flag in files if flag not in given]
+        raise TlsSetupError([f"{', '.join(given)} needs {' and '.join(missing)} too"])
+    from xdsplane import tlsfiles
+
+    assert opts.tls_cert is not None and opts.tls_key is not None and opts.client_ca is not None
+    data: dict[str, bytes] = {}
+    errors = []
+    for flag, path in files.items():
+        assert path is not None
+        try:
+            data[flag] = path.read_bytes()
+        except OSError as e:
+            errors.append(f"{flag} {path}: {e.strerror or e}")
+    if errors:
+        raise TlsSetupError(errors)
+    try:
+        tlsfiles.check_certificate(
+            "xds-server", str(opts.tls_cert), data["--tls-cert"], data["--tls-key"]
+        )
+    except tlsfiles.TlsFileError as e:
+        errors.append(f"--tls-cert {opts.tls_cert}: {e}")
+    try:
+        tlsfiles.check_ca("xds-client-ca", str(opts.client_ca), data["--client-ca"], None)
+    except tlsfiles.TlsFileError as e:
+        errors.append(f"--client-ca {opts.client_ca}: {e}")
+    if errors:
+        raise TlsSetupError(errors)
+    return grpc.ssl_server_credentials(
+        [(data["--tls-key"], data["--tls-cert"])],
+        root_certificates=data["--client-ca"],
+        require_client_auth=True,
+    )
 
 
 def _envoy_validator(opts: ServeOptions, log: Any) -> Validator | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -31,12 +33,71 @@ def _is_ip(host: str) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class XdsTls:
+    """mTLS from Envoy to the control plane: files Envoy reads itself (absolute paths)."""
+
+    cert: str
+    key: str
+    ca: str
+    sni: str | None = None
+
+    @classmethod
+    def from_flags(
+        cls, cert: str | None, key: str | None, ca: str | None, sni: str | None = None
+    ) -> XdsTls | None:
+        """None without flags; ValueError unless cert, key and CA are all given and exist."""
+        files = {"--tls-cert": cert, "--tls-key": key, "--ca": ca}
+        if not any(files.values()):
+            if sni:
+                raise ValueError("--sni needs --tls-cert, --tls-key and --ca")
+            return None
+        missing = [flag for flag, value in files.items() if not value]
+        if missing:
+            raise ValueError(
+                f"--tls-cert, --tls-key and --ca go together (missing: {', '.join(missing)})"
+            )
+        paths = {}
+        for flag, value in files.items():
+            assert value is not None
+            path = Path(value).absolute()
+            if not path.is_file():
+                raise ValueError(f"{flag} {value}: no such file")
+            paths[flag] = str(path)
+        return cls(paths["--tls-cert"], paths["--tls-key"], paths["--ca"], sni or None)
+
+    def transport_socket(self) -> dict[str, Any]:
+        validation: dict[str, Any] = {"trusted_ca": {"filename": self.ca}}
+        tls: dict[str, Any] = {
+            "@type": "type.googleapis.com/"
+            "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+        }
+        if self.sni:
+            tls["sni"] = self.sni
+            san_type = "IP_ADDRESS" if _is_ip(self.sni) else "DNS"
+            validation["match_typed_subject_alt_names"] = [
+                {"san_type": san_type, "matcher": {"exact": self.sni}}
+            ]
+        tls["common_tls_context"] = {
+            "alpn_protocols": ["h2"],
+            "tls_certificates": [
+                {
+                    "certificate_chain": {"filename": self.cert},
+                    "private_key": {"filename": self.key},
+                }
+            ],
+            "validation_context": validation,
+        }
+        return {"name": "envoy.transport_sockets.tls", "typed_config": tls}
+
+
 def bootstrap(
     node_id: str,
     cluster: str = "",
     xds_addresses: tuple[str, ...] = ("127.0.0.1:18000",),
     admin_address: str = "127.0.0.1:9901",
     delta: bool = False,
+    tls: XdsTls | None = None,
 ) -> dict[str, Any]:
     """A bootstrap as a plain mapping (``to_yaml`` renders it)."""
     endpoints = []
@@ -49,6 +110,28 @@ def bootstrap(
         )
     admin_host, admin_port = split_address(admin_address)
     ads = {"ads": {}, "resource_api_version": "V3"}
+    xds_cluster: dict[str, Any] = {
+        "name": XDS_CLUSTER,
+        "type": "STATIC" if all_ips else "STRICT_DNS",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/"
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {
+                    "http2_protocol_options": {
+                        "connection_keepalive": {"interval": "30s", "timeout": "5s"}
+                    }
+                },
+            }
+        },
+        "load_assignment": {
+            "cluster_name": XDS_CLUSTER,
+            "endpoints": [{"lb_endpoints": endpoints}],
+        },
+    }
+    if tls is not None:
+        xds_cluster["transport_socket"] = tls.transport_socket()
     return {
         "node": {"id": node_id, "cluster": cluster or node_id},
         "admin": {"address": {"socket_address": {"address": admin_host, "port_value": admin_port}}},
@@ -62,30 +145,7 @@ def bootstrap(
             "lds_config": ads,
             "cds_config": ads,
         },
-        "static_resources": {
-            "clusters": [
-                {
-                    "name": XDS_CLUSTER,
-                    "type": "STATIC" if all_ips else "STRICT_DNS",
-                    "connect_timeout": "1s",
-                    "typed_extension_protocol_options": {
-                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                            "@type": "type.googleapis.com/"
-                            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                            "explicit_http_config": {
-                                "http2_protocol_options": {
-                                    "connection_keepalive": {"interval": "30s", "timeout": "5s"}
-                                }
-                            },
-                        }
-                    },
-                    "load_assignment": {
-                        "cluster_name": XDS_CLUSTER,
-                        "endpoints": [{"lb_endpoints": endpoints}],
-                    },
-                }
-            ]
-        },
+        "static_resources": {"clusters": [xds_cluster]},
     }
 
 

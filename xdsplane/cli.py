@@ -54,6 +54,21 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "would reject; rejections show in /status like other reload errors",
     )
     _add_envoy_binary(p)
+    tls = p.add_argument_group(
+        "mTLS on the xDS port",
+        "With all three of --tls-cert, --tls-key and --client-ca, ADS is served over TLS and "
+        "every Envoy must present a client certificate issued by --client-ca; without them "
+        "ADS is plaintext. The node id an Envoy claims must be one its certificate speaks "
+        "for: the certificate carries the URI SAN spiffe://xdsplane/node/<node-id> or a DNS "
+        "SAN equal to <node-id> (exact; wildcards never match). Otherwise the stream is "
+        "refused with PERMISSION_DENIED, logged ('stream refused', with the node id and the "
+        "certificate's SANs) and counted in /status under 'refused'.",
+    )
+    tls.add_argument("--tls-cert", metavar="FILE", help="the server certificate (PEM chain)")
+    tls.add_argument("--tls-key", metavar="FILE", help="its private key (PEM)")
+    tls.add_argument(
+        "--client-ca", metavar="FILE", help="CA certificate(s) (PEM) that issue client certificates"
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument(
         "--log-format",
@@ -120,6 +135,18 @@ def _add_bootstrap(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         help="Envoy's admin address (default: 127.0.0.1:9901)",
     )
     p.add_argument("--delta", action="store_true", help="use incremental xDS (DELTA_GRPC)")
+    tls = p.add_argument_group(
+        "mTLS to the control plane",
+        "With --tls-cert, --tls-key and --ca (all three), the xds_cluster connects over TLS "
+        "presenting this client certificate and key (read by Envoy from the files) and "
+        "verifies the server against --ca; with --sni, it sends that name and requires the "
+        "server certificate to carry it as a SAN. The client certificate must speak for "
+        "--node: URI SAN spiffe://xdsplane/node/<node-id> or DNS SAN <node-id>.",
+    )
+    tls.add_argument("--tls-cert", metavar="FILE", help="Envoy's client certificate (PEM)")
+    tls.add_argument("--tls-key", metavar="FILE", help="its private key (PEM)")
+    tls.add_argument("--ca", metavar="FILE", help="the CA that issued the server's certificate")
+    tls.add_argument("--sni", metavar="NAME", help="server name to send and require as a SAN")
 
 
 def _add_certs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -131,7 +158,8 @@ def _add_certs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     certs = p.add_subparsers(dest="certs_command", metavar="ACTION", required=True)
     i = certs.add_parser(
         "init",
-        help="issue what the sample needs: client-ca, service-ca, edge, gateway, billing, alice",
+        help="issue what the sample needs: client-ca, service-ca, edge, gateway, billing, "
+        "alice, and the JWT signing key (jwt-signing.key, public key in jwks.json)",
     )
     i.add_argument("--dir", default="certs", help="default: certs")
     i.add_argument("--force", action="store_true", help="re-issue files that already exist")
@@ -150,6 +178,58 @@ def _add_certs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     r.add_argument("--days", type=int, default=None, help="default: the old lifetime")
 
 
+def _add_token(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    # Defaults as in xdsplane.jwt (not imported here: it loads cryptography).
+    p = sub.add_parser(
+        "token",
+        help="print a development JWT (ES256) signed with DIR/jwt-signing.key",
+        description="Print a compact JWS signed with the development key that `xdsplane certs "
+        "init` writes (jwt-signing.key; its public key is in jwks.json, the header's kid names "
+        "it). Use it as `Authorization: Bearer TOKEN` on routes with `jwt:`.",
+    )
+    p.add_argument("--sub", required=True, metavar="NAME", help="the subject (sub claim)")
+    p.add_argument("--aud", default="billing", metavar="A", help="default: billing")
+    p.add_argument(
+        "--ttl",
+        type=int,
+        default=300,
+        metavar="SECONDS",
+        help="seconds until exp (default: 300)",
+    )
+    p.add_argument("--jti", metavar="ID", help="the token id (jti); default: random")
+    p.add_argument(
+        "--iss",
+        default="https://idp.example.com",
+        metavar="URL",
+        help="default: https://idp.example.com",
+    )
+    p.add_argument("--dir", default="certs", help="where jwt-signing.key is (default: certs)")
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from xdsplane import jwt
+
+    try:
+        print(jwt.token(Path(args.dir), args.sub, args.aud, args.iss, args.ttl, args.jti))
+    except jwt.JwtError as e:
+        print(f"xdsplane token: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "demo-billing",
+        help="run the demo billing service (echoes what it received as JSON)",
+        description="The upstream the sample routes to. With --cert/--key it serves TLS; with "
+        "--client-ca too it requires a client certificate from that CA (mTLS).",
+    )
+    p.add_argument("--address", default="127.0.0.1:9443", metavar="HOST:PORT")
+    p.add_argument("--cert", metavar="FILE", help="server certificate (PEM)")
+    p.add_argument("--key", metavar="FILE", help="its private key (PEM)")
+    p.add_argument("--client-ca", metavar="FILE", help="require client certificates of this CA")
+
+
 def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "up",
@@ -164,6 +244,14 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--admin-address", default="127.0.0.1:19000", metavar="HOST:PORT")
     p.add_argument("--envoy-admin-address", default="127.0.0.1:9901", metavar="HOST:PORT")
     p.add_argument("--billing-address", default="127.0.0.1:9443", metavar="HOST:PORT")
+    p.add_argument(
+        "--edge-address",
+        default="127.0.0.1:8443",
+        metavar="HOST:PORT",
+        help="the policy's HTTPS listener, waited on before `up` reports ready (8443)",
+    )
+    p.add_argument("--guard-address", default="127.0.0.1:18081", metavar="HOST:PORT")
+    p.add_argument("--guard-admin-address", default="127.0.0.1:19081", metavar="HOST:PORT")
     p.add_argument("--certs", default="certs", metavar="DIR", help="the dev PKI (default: certs)")
     p.add_argument("--delta", action="store_true", help="use incremental xDS")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for startup")
@@ -177,6 +265,25 @@ def _add_schema(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "models. Save it and point your editor at it, e.g. with a first line "
         "`# yaml-language-server: $schema=policy.schema.json` in VS Code's YAML extension.",
     )
+
+
+def _add_status(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "status",
+        help="what a running server serves: nodes, their ACKs and NACKs, reloads, certificates",
+        description="Ask a running `xdsplane serve` (its admin address) for /status and print "
+        "one line per connected stream (node, variant, group and per type the acknowledged "
+        "version, first 8 characters, or NACK), the reload state and policy errors, then the "
+        "certificates served. Exit status: 0, or 1 when the server cannot be reached.",
+    )
+    p.add_argument(
+        "--admin-address",
+        default="127.0.0.1:19000",
+        metavar="HOST:PORT",
+        help="the server's admin address (default: 127.0.0.1:19000)",
+    )
+    p.add_argument("--json", action="store_true", help="print /status as it is (JSON)")
+    p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="default: 5")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -193,8 +300,12 @@ def parser() -> argparse.ArgumentParser:
     _add_bootstrap(sub)
     _add_up(sub)
     _add_certs(sub)
+    _add_token(sub)
+    _add_demo(sub)
     _add_schema(sub)
     _add_diff(sub)
+    _add_guard(sub)
+    _add_status(sub)
     return p
 
 
@@ -293,15 +404,17 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
-    from xdsplane.bootstrap import bootstrap, to_yaml
+    from xdsplane.bootstrap import XdsTls, bootstrap, to_yaml
 
     try:
+        tls = XdsTls.from_flags(args.tls_cert, args.tls_key, args.ca, args.sni)
         data = bootstrap(
             args.node,
             args.cluster,
             tuple(args.xds_address or ["127.0.0.1:18000"]),
             args.admin_address,
             args.delta,
+            tls=tls,
         )
     except ValueError as e:
         print(f"xdsplane bootstrap: {e}", file=sys.stderr)
@@ -311,9 +424,18 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from xdsplane.app import ServeOptions, StartupError, serve
+    from xdsplane.app import ServeOptions, StartupError, TlsSetupError, serve
     from xdsplane.config import stableread
 
+    tls_files = {"--tls-cert": args.tls_cert, "--tls-key": args.tls_key}
+    tls_files["--client-ca"] = args.client_ca
+    if any(tls_files.values()) and not all(tls_files.values()):
+        print(
+            "xdsplane serve: --tls-cert, --tls-key and --client-ca go together (missing: "
+            f"{', '.join(flag for flag, value in tls_files.items() if not value)})",
+            file=sys.stderr,
+        )
+        return 2
     fmt = {"auto": None, "json": True, "console": False}[args.log_format]
     logs.configure(args.log_level, fmt)
     stableread.install()
@@ -325,13 +447,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cert_warn_days=args.cert_warn_days,
         envoy_validate=args.envoy_validate,
         envoy_binary=args.envoy_binary,
+        tls_cert=Path(args.tls_cert) if args.tls_cert else None,
+        tls_key=Path(args.tls_key) if args.tls_key else None,
+        client_ca=Path(args.client_ca) if args.client_ca else None,
     )
     try:
         asyncio.run(serve(opts))
     except StartupError as e:
         for line in e.errors:
             print(line, file=sys.stderr)
-        print(f"xdsplane serve: not starting: {args.config} does not load", file=sys.stderr)
+        why = f"{args.config} does not load"
+        if isinstance(e, TlsSetupError):
+            why = "bad xDS TLS files"
+        print(f"xdsplane serve: not starting: {why}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -350,6 +478,9 @@ def cmd_up(args: argparse.Namespace) -> int:
                 admin_address=args.admin_address,
                 envoy_admin_address=args.envoy_admin_address,
                 billing_address=args.billing_address,
+                edge_address=args.edge_address,
+                guard_address=args.guard_address,
+                guard_admin_address=args.guard_admin_address,
                 certs=Path(args.certs),
                 timeout=args.timeout,
                 delta=args.delta,
@@ -455,14 +586,167 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from xdsplane import demo
+    from xdsplane.bootstrap import split_address
+
+    if (args.cert is None) != (args.key is None) or (args.client_ca and not args.cert):
+        print(
+            "xdsplane demo-billing: --cert and --key go together (and --client-ca needs them)",
+            file=sys.stderr,
+        )
+        return 2
+    host, port = split_address(args.address)
+    tls = demo.TlsFiles(args.cert, args.key, args.client_ca) if args.cert else None
+    try:
+        server = demo.start(host, port, tls=tls)
+    except (OSError, ValueError) as e:
+        print(f"xdsplane demo-billing: {e}", file=sys.stderr)
+        return 1
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    print(f"demo billing on {'https' if tls else 'http'}://{host}:{port}/", flush=True)
+    done.wait()
+    server.shutdown()
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import urllib.request
+
+    from xdsplane.bootstrap import split_address
+    from xdsplane.statuspage import render_text
+
+    try:
+        host, port = split_address(args.admin_address)
+    except ValueError as e:
+        print(f"xdsplane status: --admin-address: {e}", file=sys.stderr)
+        return 2
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}/status"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as r:
+            data = json.loads(r.read())
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "reason", None) or e
+        print(f"xdsplane status: cannot reach the server at {url}: {reason}", file=sys.stderr)
+        return 1
+    if args.json:
+        json.dump(data, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        for line in render_text(data):
+            print(line)
+    return 0
+
+
+def _add_guard(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "guard",
+        help="run the guard: ext_authz JWT replay protection and a rate limit service",
+        description="Serve Envoy's external authorization API (each JWT id, jti, accepted "
+        "once within the token's lifetime) and its rate limit service API (fixed-window "
+        "counters per descriptor, from --limits) over gRPC. Counters and token ids live in "
+        "memory, or in Redis (--redis) so that several guards share one view. See "
+        "docs/guard.md.",
+    )
+    p.add_argument("--address", default="127.0.0.1:18081", metavar="HOST:PORT", help="gRPC (18081)")
+    p.add_argument(
+        "--admin-address",
+        default="127.0.0.1:19081",
+        metavar="HOST:PORT",
+        help="HTTP /metrics and /healthz (default: 127.0.0.1:19081)",
+    )
+    p.add_argument("--limits", metavar="FILE", help="rate limits YAML (absent: nothing limited)")
+    p.add_argument(
+        "--redis", metavar="URL", help="redis://HOST:PORT/DB shared by guards (absent: memory)"
+    )
+    p.add_argument(
+        "--fail-open",
+        action="store_true",
+        help="when Redis cannot answer, allow requests (default: deny them)",
+    )
+    p.add_argument(
+        "--max-lifetime",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="remember a jti at most this long, whatever its exp (default: 300)",
+    )
+    p.add_argument(
+        "--clock-skew",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="jwt_authn accepts tokens this long past exp; remember them as long (default: 60)",
+    )
+    p.add_argument(
+        "--payload-key",
+        default="jwt_payload",
+        metavar="KEY",
+        help="jwt_authn's payload_in_metadata key (default: jwt_payload)",
+    )
+    p.add_argument(
+        "--key-prefix", default="xdsplane:guard:", metavar="P", help="prefix of Redis keys"
+    )
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--log-format",
+        default="auto",
+        choices=["auto", "json", "console"],
+        help="auto: JSON unless stderr is a terminal",
+    )
+
+
+def cmd_guard(args: argparse.Namespace) -> int:
+    from xdsplane.guard.app import GuardOptions, GuardStartupError, run
+    from xdsplane.guard.service import GuardConfig
+
+    fmt = {"auto": None, "json": True, "console": False}[args.log_format]
+    logs.configure(args.log_level, fmt)
+    if args.max_lifetime <= 0 or args.clock_skew < 0:
+        print("xdsplane guard: --max-lifetime must be > 0, --clock-skew >= 0", file=sys.stderr)
+        return 2
+    opts = GuardOptions(
+        address=args.address,
+        admin_address=args.admin_address,
+        limits=Path(args.limits) if args.limits else None,
+        redis=args.redis,
+        config=GuardConfig(
+            max_lifetime=args.max_lifetime,
+            clock_skew=args.clock_skew,
+            payload_key=args.payload_key,
+            fail_open=args.fail_open,
+            key_prefix=args.key_prefix,
+        ),
+    )
+    try:
+        asyncio.run(run(opts))
+    except GuardStartupError as e:
+        for line in e.errors:
+            print(line, file=sys.stderr)
+        print("xdsplane guard: not starting", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
 COMMANDS = {
+    "status": cmd_status,
     "diff": cmd_diff,
+    "guard": cmd_guard,
     "serve": cmd_serve,
     "validate": cmd_validate,
     "render": cmd_render,
     "bootstrap": cmd_bootstrap,
     "up": cmd_up,
     "certs": cmd_certs,
+    "token": cmd_token,
+    "demo-billing": cmd_demo,
     "schema": cmd_schema,
 }
 

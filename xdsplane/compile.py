@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
+from xdsplane import jwt as jwtkeys
 from xdsplane import tlsfiles
 from xdsplane.config.check import Ref, check_snapshot, references
 from xdsplane.config.errors import ConfigError, ConfigErrors, Location
@@ -22,8 +23,8 @@ from xdsplane.policy.check import Usage, UseKey, check_policy, use_key
 from xdsplane.policy.merge import Fragment, GroupPolicy, Origin, merge
 from xdsplane.policy.model import PolicyFile
 from xdsplane.policy.parse import parse_policy
-from xdsplane.policy.translate import Built
-from xdsplane.policy.translate.secrets import paths
+from xdsplane.policy.translate import Built, jwt
+from xdsplane.policy.translate.secrets import paths, resolve
 from xdsplane.snapshot import (
     NodeGroup,
     Resource,
@@ -87,12 +88,18 @@ class TranslationCache:
             )
         log = policy.access_log.value if policy.access_log is not None else None
         log_key = log.model_dump_json() if log is not None else ""
+        providers = translate.jwt_providers(policy, files)
         for lname, lpart in sorted(policy.listeners.items()):
-            key = ("listener:" + lname, lpart.value.model_dump_json() + log_key)
+            # A listener holds the JWT providers its routes name, key sets included.
+            jwt_key = "".join(
+                f"|{n}:{providers[n].spec.model_dump_json()}:{digest(providers[n].jwks)}"
+                for n in jwt.listener_providers(lpart.value)
+            )
+            key = ("listener:" + lname, lpart.value.model_dump_json() + log_key + jwt_key)
             out += self._get(
                 key,
                 lpart.origin.source,
-                lambda lp=lpart: translate.listener_resources(lp, log),  # type: ignore[misc]
+                lambda lp=lpart: translate.listener_resources(lp, log, providers),  # type: ignore[misc]
             )
         return out
 
@@ -121,7 +128,13 @@ def parse_unit(doc: Document) -> tuple[Unit | None, list[ConfigError]]:
     nodes = tuple(sorted(set(policy.nodes))) if policy.nodes is not None else None
     if policy.resources:
         policy = policy.model_copy(update={"resources": []})  # parsed: drop the raw dicts
-    if not (policy.secrets or policy.listeners or policy.upstreams or policy.access_log):
+    if not (
+        policy.secrets
+        or policy.listeners
+        or policy.upstreams
+        or policy.access_log
+        or policy.jwt_providers
+    ):
         # Raw resources only: their sources are already strings, so the YAML node tree
         # (millions of objects for a big snapshot) need not stay alive.
         doc = Document(doc.path, None, None)
@@ -172,6 +185,34 @@ def _read_secret_files(
             errors.append(ConfigError(part.origin.key(), f"secret {name!r}: {e}"))
         except tlsfiles.TlsFileError as e:
             errors.append(ConfigError(part.origin.key(), f"secret {name!r}: {e}"))
+    return files
+
+
+def _read_jwks_files(
+    policy: GroupPolicy, read: Reader, errors: list[ConfigError]
+) -> dict[str, bytes]:
+    """Read and check the JWKS file of every JWT provider (through ``read``: watched)."""
+    files: dict[str, bytes] = {}
+    for name, part in sorted(policy.jwt_providers.items()):
+        path = resolve(part.origin.folder, part.value.jwks_file)
+        if path in files:
+            continue
+        try:
+            data = read(path)
+        except OSError as e:
+            reason = e.strerror or str(e)
+            errors.append(
+                ConfigError(part.origin.at("jwks_file"), f"jwks_file: cannot read {path}: {reason}")
+            )
+            continue
+        try:
+            jwtkeys.check_jwks(data)
+        except ValueError as e:
+            errors.append(
+                ConfigError(part.origin.at("jwks_file"), f"jwt provider {name!r}: {path}: {e}")
+            )
+            continue
+        files[path] = data
     return files
 
 
@@ -245,6 +286,7 @@ def build(
         snapshot, usage = _build_group(members_, scope, read, refs_of, errors, certs, cache, before)
         used.secrets |= usage.secrets
         used.upstreams |= usage.upstreams
+        used.jwt_providers |= usage.jwt_providers
         if snapshot is not None:
             groups.append(NodeGroup(name, nodes, snapshot))
     if not errors:
@@ -272,6 +314,7 @@ def _build_group(
     problems, usage = check_policy(policy, scope)
     errors.extend(problems)
     files = _read_secret_files(policy, read, errors, certs)
+    files.update(_read_jwks_files(policy, read, errors))
     _check_domains(policy, certs, errors)
     if len(errors) > before:
         return None, usage
@@ -337,6 +380,12 @@ def _unused(units: list[Unit], used: Usage) -> list[ConfigError]:
             if not _is_used(origin, used.upstreams):
                 errors.append(
                     ConfigError(origin.key(), f"upstream {name!r} is not used by any route")
+                )
+        for name in u.policy.jwt_providers:
+            origin = Origin(u.doc, ("jwt_providers", name))
+            if not _is_used(origin, used.jwt_providers):
+                errors.append(
+                    ConfigError(origin.key(), f"jwt provider {name!r} is not used by any route")
                 )
     return errors
 

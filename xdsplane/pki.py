@@ -20,6 +20,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from xdsplane import jwt
+
 DEFAULT_DAYS = 90
 CA_DAYS = 3650
 
@@ -52,6 +54,10 @@ SAMPLE: tuple[Spec, ...] = (
     Spec("gateway", "service-ca", uris=("spiffe://example.com/gateway",), usage=("client",)),
     Spec("billing", "service-ca", dns=("billing.internal", "localhost"), usage=("server",)),
     Spec("alice", "client-ca", uris=("spiffe://example.com/ops/alice",), usage=("client",)),
+    # mTLS on the xDS channel (xdsplane serve --tls-cert/--tls-key/--client-ca service-ca.crt):
+    # the control plane's server certificate and the sample node's client certificate.
+    Spec("xds-server", "service-ca", dns=("localhost", "127.0.0.1"), usage=("server",)),
+    Spec("edge-1", "service-ca", uris=("spiffe://xdsplane/node/edge-1",), usage=("client",)),
 )
 
 
@@ -251,4 +257,6 @@ def init(directory: Path, force: bool = False) -> list[Path]:
         )
     if force or not (directory / "client-ca.crl").exists():
         written.append(empty_crl(directory, "client-ca"))
+    # The development JWT issuer: jwt-signing.key (0600) and its public key in jwks.json.
+    written.extend(jwt.init(directory, force))
     return written

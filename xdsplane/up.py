@@ -23,7 +23,7 @@ from pathlib import Path
 from types import FrameType
 
 from xdsplane import demo, pki
-from xdsplane.bootstrap import bootstrap, split_address, to_yaml
+from xdsplane.bootstrap import XdsTls, bootstrap, split_address, to_yaml
 
 
 @dataclass
@@ -37,6 +37,8 @@ class UpOptions:
     edge_address: str = "127.0.0.1:8443"
     edge_host: str = "billing.example.com"
     billing_address: str = "127.0.0.1:9443"
+    guard_address: str = "127.0.0.1:18081"
+    guard_admin_address: str = "127.0.0.1:19081"
     timeout: float = 60.0
     delta: bool = False
 
@@ -102,12 +104,23 @@ def run(opts: UpOptions) -> int:
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     certs = opts.certs
-    if not (certs / "edge.crt").exists():
-        print(f"creating the development PKI in {certs}/ (xdsplane certs init)", flush=True)
-        try:
-            pki.init(certs)
-        except pki.PkiError as e:
-            raise UpError(str(e)) from None
+    try:
+        written = pki.init(certs)  # writes only what is missing
+        node_cert = certs / f"{opts.node}.crt"
+        if not node_cert.exists():
+            node_cert = pki.issue(
+                certs,
+                opts.node,
+                "service-ca",
+                uris=[f"spiffe://xdsplane/node/{opts.node}"],
+                usage=("client",),
+            )
+            written.append(node_cert)
+    except pki.PkiError as e:
+        raise UpError(str(e)) from None
+    if written:
+        print(f"development PKI: wrote {len(written)} file(s) in {certs}/", flush=True)
+    xds_host, _ = split_address(opts.xds_address)
     host, port = split_address(opts.billing_address)
     billing = demo.start(
         host,
@@ -129,11 +142,31 @@ def run(opts: UpOptions) -> int:
                 opts.xds_address,
                 "--admin-address",
                 opts.admin_address,
+                # Envoy must prove it is the node it claims (its certificate's SAN).
+                "--tls-cert",
+                str(certs / "xds-server.crt"),
+                "--tls-key",
+                str(certs / "xds-server.key"),
+                "--client-ca",
+                str(certs / "service-ca.crt"),
                 "--log-format",
                 "console",
             ],
         )
         procs.append(("control plane", serve))
+        guard = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "xdsplane",
+                "guard",
+                "--address",
+                opts.guard_address,
+                "--admin-address",
+                opts.guard_admin_address,
+            ],
+        )
+        procs.append(("guard", guard))
         admin_host, admin_port = split_address(opts.admin_address)
         _wait(
             lambda: _get(f"http://{admin_host}:{admin_port}/readyz") == 200,
@@ -145,7 +178,19 @@ def run(opts: UpOptions) -> int:
         bs = workdir / "envoy.yaml"
         bs.write_text(
             to_yaml(
-                bootstrap(opts.node, "", (opts.xds_address,), opts.envoy_admin_address, opts.delta)
+                bootstrap(
+                    opts.node,
+                    "",
+                    (opts.xds_address,),
+                    opts.envoy_admin_address,
+                    opts.delta,
+                    XdsTls.from_flags(
+                        str(node_cert),
+                        str(certs / f"{opts.node}.key"),
+                        str(certs / "service-ca.crt"),
+                        xds_host,
+                    ),
+                )
             )
         )
         log_path = workdir / "envoy.log"
@@ -179,17 +224,21 @@ def run(opts: UpOptions) -> int:
         curl = f"curl -s --cacert {ca} --resolve {h}:{edge_port}:{edge_host}"
         mtls = f"--resolve mtls.{h}:{edge_port}:{edge_host}"
         alice = f"--cert {certs}/alice.crt --key {certs}/alice.key"
+        bearer = f'-H "authorization: Bearer $(xdsplane token --sub alice --dir {certs})"'
         print(
             "\nxdsplane is up:\n"
-            f"  control plane  xDS {opts.xds_address}, http://{admin_host}:{admin_port}/status"
+            f"  control plane  xDS {opts.xds_address} (mTLS), http://{admin_host}:{admin_port}/status"
             f" (pid {serve.pid})\n"
             f"  envoy          node {opts.node}, admin http://{opts.envoy_admin_address}/"
             f" (pid {envoy_proc.pid}), log {log_path}\n"
             f"  billing demo   https://{opts.billing_address}/ (mTLS, trusts service-ca)\n"
+            f"  guard          gRPC {opts.guard_address}, http://{opts.guard_admin_address}/healthz"
+            f" (pid {guard.pid})\n"
             f"  policy         {opts.config}/ (edit it: changes are served live)\n"
             f"  certificates   {certs}/ (xdsplane certs rotate edge: no connection dropped)\n\n"
             "Try:\n"
-            f"  {curl} https://{h}:{edge_port}/billing/invoices\n"
+            f"  {curl} {bearer} https://{h}:{edge_port}/billing/invoices\n"
+            f"  {curl} https://{h}:{edge_port}/billing/invoices                # 401: no token\n"
             f"  {curl} https://{h}:{edge_port}/billing/admin/audit             # 403\n"
             f"  {curl} {alice} https://{h}:{edge_port}/billing/admin/audit\n"
             f"  {curl} {mtls} {alice} https://mtls.{h}:{edge_port}/\n\n"

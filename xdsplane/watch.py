@@ -22,6 +22,7 @@ from xdsplane.cache import SnapshotCache, Watch
 from xdsplane.config.errors import ConfigErrors
 from xdsplane.config.loader import FolderLoader
 from xdsplane.config.stableread import FileBusy
+from xdsplane.metrics import Metrics
 from xdsplane.snapshot import SnapshotSet
 
 Validator = Callable[[SnapshotSet], Awaitable[list[str]]]
@@ -54,8 +55,10 @@ class Reloader:
         busy_timeout: float = 5.0,
         validator: Validator | None = None,
         cert_warn_days: float = 14.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self.cert_warn_days = cert_warn_days
+        self.metrics = metrics if metrics is not None else Metrics()
         self.root = root
         self.cache = cache
         self.loader = FolderLoader(root)
@@ -73,6 +76,7 @@ class Reloader:
         self.state.loaded_at = time.time()
         self.state.successes += 1
         self.state.errors = []
+        self.metrics.installed()
         self.warn_expiring(snapshots)
         return changed
 
@@ -128,6 +132,7 @@ class Reloader:
                 return False
             changed = self.install(snapshots)
             self.state.last_duration = time.perf_counter() - started
+            self.metrics.reload_took(self.state.last_duration)
             self.log.info(
                 "reload",
                 reason=reason,
@@ -140,6 +145,7 @@ class Reloader:
 
     def _failed(self, errors: list[str], reason: str) -> bool:
         self.state.failures += 1
+        self.metrics.reload_failed()
         self.state.errors = errors
         self.state.failed_at = time.time()
         for err in errors:
@@ -173,13 +179,16 @@ class Reloader:
         p = Path(os.path.normpath(os.path.abspath(path)))
         if p.name == "..data":
             return True
+        read = self.loader.outside_files()  # secret and JWKS files, wherever they are
+        if any(p in (_norm(Path(f)), Path(f).resolve()) for f in read):
+            return True
         for root in {_norm(self.root), self.root.resolve()}:
             if p == root or root in p.parents:
                 rel = p.relative_to(root)
                 if any(part.startswith(".") for part in rel.parts):
                     return False
                 return p.suffix in (".yaml", ".yml") or p.is_dir()
-        for f in self.loader.outside_files():
+        for f in read:
             for candidate in {_norm(Path(f)), Path(f).resolve()}:
                 if p.parent == candidate.parent:
                     return True

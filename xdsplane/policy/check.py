@@ -26,6 +26,7 @@ class Usage:
 
     secrets: set[UseKey] = field(default_factory=set)
     upstreams: set[UseKey] = field(default_factory=set)
+    jwt_providers: set[UseKey] = field(default_factory=set)
 
 
 def check_policy(policy: GroupPolicy, scope: str = "") -> tuple[list[ConfigError], Usage]:
@@ -153,6 +154,22 @@ def check_policy(policy: GroupPolicy, scope: str = "") -> tuple[list[ConfigError
                             "(set client_certificate: optional or required, and client_ca)",
                         )
                     )
+                for key in ("jwt", "jwt_optional"):
+                    provider = getattr(r, key)
+                    if provider is None:
+                        continue
+                    ppart = policy.jwt_providers.get(provider)
+                    if ppart is None:
+                        known = ", ".join(sorted(policy.jwt_providers)) or "none defined"
+                        errors.append(
+                            ConfigError(
+                                lo.at(*hkeys, "routes", ri, key),
+                                f"no jwt provider named {provider!r}{where} "
+                                f"(jwt_providers: {known})",
+                            )
+                        )
+                    else:
+                        usage.jwt_providers.add(use_key(ppart.origin))
                 if r.upstream is not None:
                     part = policy.upstreams.get(r.upstream)
                     if part is None:

@@ -8,7 +8,14 @@ from typing import Generic, TypeVar
 
 from xdsplane.config.errors import ConfigError, Location
 from xdsplane.config.yamlsrc import Document
-from xdsplane.policy.model import AccessLog, Listener, PolicyFile, Secret, Upstream
+from xdsplane.policy.model import (
+    AccessLog,
+    JwtProvider,
+    Listener,
+    PolicyFile,
+    Secret,
+    Upstream,
+)
 
 T = TypeVar("T")
 
@@ -55,9 +62,10 @@ class GroupPolicy:
     listeners: dict[str, Part[Listener]] = field(default_factory=dict)
     upstreams: dict[str, Part[Upstream]] = field(default_factory=dict)
     access_log: Part[AccessLog] | None = None
+    jwt_providers: dict[str, Part[JwtProvider]] = field(default_factory=dict)
 
     def empty(self) -> bool:
-        return not (self.secrets or self.listeners or self.upstreams)
+        return not (self.secrets or self.listeners or self.upstreams or self.jwt_providers)
 
 
 def merge(fragments: list[Fragment]) -> tuple[GroupPolicy, list[ConfigError]]:
@@ -87,6 +95,12 @@ def merge(fragments: list[Fragment]) -> tuple[GroupPolicy, list[ConfigError]]:
                 dup("upstream", name, out.upstreams[name].origin, origin, origin.key())
             else:
                 out.upstreams[name] = Part(upstream, origin)
+        for name, provider in p.jwt_providers.items():
+            origin = Origin(f.doc, ("jwt_providers", name))
+            if name in out.jwt_providers:
+                dup("jwt provider", name, out.jwt_providers[name].origin, origin, origin.key())
+            else:
+                out.jwt_providers[name] = Part(provider, origin)
         for i, listener in enumerate(p.listeners):
             origin = Origin(f.doc, ("listeners", i))
             if listener.name in out.listeners:

@@ -11,7 +11,14 @@ import re
 import warnings
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,62}[a-z0-9])?$"
 DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?)(ms|s|m|h)$"
@@ -292,11 +299,22 @@ class Route(Model):
         description="the client certificate must carry a SAN matching one of these globs "
         "('*' matches any run of characters); implies require_client_certificate",
     )
+    jwt: Name | None = Field(
+        None,
+        description="a jwt_providers name: requests need a valid bearer token from it "
+        "(none or a bad one: 401; a wrong audience: 403)",
+    )
+    jwt_optional: Name | None = Field(
+        None,
+        description="a jwt_providers name: a request without a token passes, one with a "
+        "token must carry a valid one from this provider",
+    )
 
     @model_validator(mode="after")
     def _shape(self) -> Route:
         _one_of(self, ("prefix", "path", "regex"))
         _one_of(self, ("upstream", "direct_response"))
+        _one_of(self, ("jwt", "jwt_optional"), required=False)
         for field in ("prefix", "path"):
             value = getattr(self, field)
             if value is not None and not value.startswith("/"):
@@ -422,6 +440,61 @@ class Upstream(Model):
     health_check: HealthCheck | None = None
 
 
+# -- JWT providers ---------------------------------------------------------------------------
+
+_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
+_RESERVED_HEADERS = {"authorization", "host", "content-length", "transfer-encoding"}
+
+
+def _check_header_name(value: str) -> str:
+    if not _HEADER_NAME.fullmatch(value):
+        raise ValueError(f"not an HTTP header name: {value!r}")
+    if value.lower() in _RESERVED_HEADERS or value.lower().startswith("x-envoy-"):
+        raise ValueError(f"header {value!r} cannot carry a claim")
+    return value
+
+
+HeaderName = Annotated[
+    str,
+    Field(description="an HTTP header name, e.g. x-jwt-sub"),
+    AfterValidator(_check_header_name),
+]
+
+
+class JwtProvider(Model):
+    """An issuer of JSON Web Tokens whose bearer tokens routes can require."""
+
+    issuer: str = Field(min_length=1, description="the token's iss must be exactly this")
+    audiences: list[str] = Field(min_length=1, description="the token's aud must hold one of these")
+    jwks_file: str = Field(
+        min_length=1, description="JWKS file (JSON) with the issuer's public keys; watched"
+    )
+    max_lifetime: Duration | None = Field(
+        None, description="refuse tokens whose exp - iat (or exp - now) is longer than this"
+    )
+    forward_claims: dict[str, HeaderName] = Field(
+        default_factory=dict,
+        description="claim -> request header sent upstream with the claim's value",
+    )
+    clock_skew: Duration = Field("60s", description="tolerance on exp and nbf; whole seconds")
+
+    @field_validator("clock_skew")
+    @classmethod
+    def _whole(cls, value: str) -> str:
+        if duration_seconds(value) != int(duration_seconds(value)):
+            raise ValueError(f"clock_skew must be whole seconds (got {value!r})")
+        return value
+
+    @field_validator("forward_claims")
+    @classmethod
+    def _distinct(cls, value: dict[str, str]) -> dict[str, str]:
+        headers = [h.lower() for h in value.values()]
+        dup = sorted({h for h in headers if headers.count(h) > 1})
+        if dup:
+            raise ValueError(f"two claims are sent in header {dup[0]!r}")
+        return value
+
+
 # -- the file --------------------------------------------------------------------------------
 
 
@@ -440,6 +513,9 @@ class PolicyFile(Model):
     listeners: list[Listener] = Field(default_factory=list)
     upstreams: dict[Name, Upstream] = Field(default_factory=dict)
     access_log: AccessLog | None = None
+    jwt_providers: dict[Name, JwtProvider] = Field(
+        default_factory=dict, description="issuers of bearer tokens that routes can require"
+    )
     resources: list[dict[str, Any]] = Field(
         default_factory=list, description="raw Envoy v3 resources with @type, served as they are"
     )

@@ -15,8 +15,9 @@ from typing import Any
 import grpc
 from envoy.service.discovery.v3 import discovery_pb2
 
-from xdsplane import logs
+from xdsplane import logs, xds_identity
 from xdsplane.cache import SnapshotCache
+from xdsplane.metrics import Metrics
 from xdsplane.server.delta import DeltaStream
 from xdsplane.server.registry import Registry
 from xdsplane.server.sotw import SotwStream
@@ -34,12 +35,28 @@ def _identity(data: bytes) -> bytes:
     return data
 
 
+def _answers(machine: SotwStream | DeltaStream, rtype: ResourceType | None) -> tuple[int, int]:
+    """(ACKs, NACKs) the machine has counted for ``rtype`` on this stream."""
+    st = machine.types.get(rtype) if rtype is not None else None
+    return (st.status.acks, st.status.nacks) if st is not None else (0, 0)
+
+
 class AdsService:
     """Serves StreamAggregatedResources and DeltaAggregatedResources from a SnapshotCache."""
 
-    def __init__(self, cache: SnapshotCache, registry: Registry) -> None:
+    def __init__(
+        self,
+        cache: SnapshotCache,
+        registry: Registry,
+        require_identity: bool = False,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.cache = cache
         self.registry = registry
+        self.metrics = metrics if metrics is not None else Metrics()
+        # Over mTLS: the node id of a stream's first request must be one its client
+        # certificate speaks for (xds_identity); otherwise the stream is refused.
+        self.require_identity = require_identity
         self.log = logs.get("xdsplane.ads")
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -100,6 +117,10 @@ class AdsService:
         watch = None
         out: list[Outgoing] = []
         o: Outgoing | None = None
+        counted = False  # in the connected-streams gauge (once the node id is known)
+        # Per type, the latest response caused by a snapshot change: its nonce and when that
+        # snapshot was installed; its ACK observes the propagation latency.
+        pending: dict[ResourceType, tuple[str, float]] = {}
         try:
             while True:
                 item = await inbox.get()
@@ -107,33 +128,44 @@ class AdsService:
                     break
                 if item is _SNAPSHOT:
                     marked = False
+                    installed_at = self.metrics.installed_at
                     snap = self.cache.lookup(info.node_id, info.cluster)
                     out = machine.on_snapshot(snap) if snap is not None else []
+                    pending.update((x.type, (x.nonce, installed_at)) for x in out)
                 else:
                     credits.release()
                     if watch is None:
                         node = item.node
                         if not node.id:
                             log.warning("stream refused", reason="first request has no node id")
+                            self.registry.refuse(xds_identity.NO_NODE_ID)
                             await context.abort(
                                 grpc.StatusCode.INVALID_ARGUMENT,
                                 "the first request on a stream must carry node.id",
                             )
                             return
+                        if self.require_identity:
+                            await self._check_identity(log, str(node.id), context)
                         info.node_id, info.cluster = str(node.id), str(node.cluster)
                         group = self.cache.group_for(info.node_id, info.cluster)
                         info.group = group.name if group is not None else ""
                         log = log.bind(node=info.node_id)
                         machine.memory = self.registry.memory(info.node_id)
                         log.info("stream opened", cluster=info.cluster, group=info.group)
+                        self.metrics.stream_opened(info.node_id, variant)
+                        counted = True
                         watch = self.cache.watch(info.node_id, info.cluster, notify)
                         if group is not None:
                             machine.on_snapshot(group.snapshot)
                     self._log_request(log, variant, item)
+                    rtype = ResourceType.from_url(item.type_url)
+                    before = _answers(machine, rtype)
                     out = machine.on_request(item)
+                    self._count_answer(machine, rtype, before, item, pending)
                     info.statuses = {t: s.status for t, s in machine.types.items()}
                 for o in out:
                     await context.write(o.data)
+                    self.metrics.response_sent(o.type)
                     self._log_push(log, o)
                 if out:
                     info.statuses = {t: s.status for t, s in machine.types.items()}
@@ -146,7 +178,48 @@ class AdsService:
             if watch is not None:
                 self.cache.cancel(watch)
             self.registry.close(info)
+            if counted:
+                self.metrics.stream_closed(info.node_id, variant)
             log.info("stream closed")
+
+    def _count_answer(
+        self,
+        machine: SotwStream | DeltaStream,
+        rtype: ResourceType | None,
+        before: tuple[int, int],
+        req: Any,
+        pending: dict[ResourceType, tuple[str, float]],
+    ) -> None:
+        """Count an ACK or NACK as the machine judged it (stale nonces are neither); the
+        ACK of a response caused by a snapshot change observes the propagation latency."""
+        if rtype is None:
+            return
+        acks, nacks = _answers(machine, rtype)
+        if acks > before[0]:
+            self.metrics.ack(rtype)
+            sent = pending.pop(rtype, None)
+            if sent is not None and sent[0] == req.response_nonce:
+                self.metrics.propagated(rtype, sent[1])
+        elif nacks > before[1]:
+            self.metrics.nack(rtype)
+            pending.pop(rtype, None)
+
+    async def _check_identity(self, log: Any, node_id: str, context: Any) -> None:
+        """Abort (PERMISSION_DENIED) unless the client certificate speaks for ``node_id``."""
+        identity = xds_identity.peer_identity(context.auth_context())
+        refused = xds_identity.refusal(identity, node_id)
+        if refused is None:
+            return
+        reason, message = refused
+        log.warning(
+            "stream refused",
+            reason=reason,
+            node=node_id,
+            sans=identity.sans() if identity is not None else [],
+            subject=identity.subject if identity is not None else None,
+        )
+        self.registry.refuse(reason)
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, message)
 
     @staticmethod
     def _log_request(log: Any, variant: str, req: Any) -> None:

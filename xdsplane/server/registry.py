@@ -42,7 +42,12 @@ MAX_NODES_REMEMBERED = 10_000
 class Registry:
     streams: dict[int, StreamInfo] = field(default_factory=dict)
     nodes: dict[str, NodeMemory] = field(default_factory=dict)
+    refused: dict[str, int] = field(default_factory=dict)  # streams refused, by reason
     _next: int = 0
+
+    def refuse(self, reason: str) -> None:
+        """Count a stream refused for ``reason`` (shown in /status under "refused")."""
+        self.refused[reason] = self.refused.get(reason, 0) + 1
 
     def memory(self, node_id: str) -> NodeMemory:
         """What ``node_id`` rejected, shared by all its streams, kept after they close."""

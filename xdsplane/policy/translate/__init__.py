@@ -11,6 +11,7 @@ back to the policy:
 | route `R` (default `route-N`) of host `H` | Route `H/R` |
 | upstream `U` | Cluster `U`, ClusterLoadAssignment `U` |
 | secret `S` | Secret `S` |
+| jwt provider `P` | jwt_authn provider `P`, requirements `P` and `P/optional` |
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 from xdsplane.policy.merge import GroupPolicy, Origin, Part
 from xdsplane.policy.model import AccessLog, Listener, Secret, Upstream
-from xdsplane.policy.translate import clusters, listeners, routes, secrets
+from xdsplane.policy.translate import clusters, jwt, listeners, routes, secrets
 from xdsplane.types import ResourceType
 
 
@@ -45,21 +46,37 @@ def upstream_resources(name: str, part: Part[Upstream]) -> list[Built]:
     return out
 
 
-def listener_resources(part: Part[Listener], log: AccessLog | None) -> list[Built]:
-    out = [Built(ResourceType.LISTENER, listeners.listener(part.value, log), part.origin)]
+def jwt_providers(policy: GroupPolicy, files: Mapping[str, bytes]) -> dict[str, jwt.Provider]:
+    """Every JWT provider with the contents of its JWKS file (read into ``files``)."""
+    out = {}
+    for name, ppart in policy.jwt_providers.items():
+        path = secrets.resolve(ppart.origin.folder, ppart.value.jwks_file)
+        out[name] = jwt.Provider(ppart.value, files[path])
+    return out
+
+
+def listener_resources(
+    part: Part[Listener],
+    log: AccessLog | None,
+    providers: Mapping[str, jwt.Provider] | None = None,
+) -> list[Built]:
+    message = listeners.listener(part.value, log, providers)
+    out = [Built(ResourceType.LISTENER, message, part.origin)]
     for rc in routes.route_configurations(part.value):
         out.append(Built(ResourceType.ROUTE, rc, part.origin))
     return out
 
 
 def translate(policy: GroupPolicy, files: Mapping[str, bytes]) -> list[Built]:
-    """Every resource the policy gives; ``files`` holds the contents of the secret files."""
+    """Every resource the policy gives; ``files`` holds the contents of the secret and JWKS
+    files."""
     out: list[Built] = []
     for name, spart in sorted(policy.secrets.items()):
         out.extend(secret_resources(name, spart, files))
     for name, upart in sorted(policy.upstreams.items()):
         out.extend(upstream_resources(name, upart))
     log = policy.access_log.value if policy.access_log is not None else None
+    providers = jwt_providers(policy, files)
     for _, lpart in sorted(policy.listeners.items()):
-        out.extend(listener_resources(lpart, log))
+        out.extend(listener_resources(lpart, log, providers))
     return out

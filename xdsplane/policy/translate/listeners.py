@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from envoy.config.accesslog.v3 import accesslog_pb2
@@ -18,7 +19,7 @@ from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from google.protobuf import struct_pb2, wrappers_pb2
 
 from xdsplane.policy.model import AccessLog, Host, Listener, Tls
-from xdsplane.policy.translate import authz
+from xdsplane.policy.translate import authz, jwt
 from xdsplane.policy.translate.common import (
     ads,
     pack,
@@ -91,8 +92,26 @@ def _router() -> Any:
     )
 
 
-def _http_filters(host: Host | None) -> list[Any]:
+def _jwt_filters(names: list[str], providers: Mapping[str, jwt.Provider]) -> list[Any]:
+    """Claim headers stripped, then tokens checked: before RBAC and the router."""
+    if not names:
+        return []
     filters = []
+    headers = jwt.forwarded_headers(names, providers)
+    if headers:
+        filters.append(
+            hcm_pb2.HttpFilter(name=jwt.STRIP_FILTER, typed_config=pack(jwt.strip_config(headers)))
+        )
+    filters.append(
+        hcm_pb2.HttpFilter(name=jwt.FILTER, typed_config=pack(jwt.filter_config(names, providers)))
+    )
+    return filters
+
+
+def _http_filters(
+    host: Host | None, jwt_names: list[str], providers: Mapping[str, jwt.Provider]
+) -> list[Any]:
+    filters = _jwt_filters(jwt_names, providers)
     if host is not None and authz.needs_rbac(host):
         filters.append(
             hcm_pb2.HttpFilter(name=authz.RBAC_FILTER, typed_config=pack(authz.filter_config()))
@@ -101,12 +120,19 @@ def _http_filters(host: Host | None) -> list[Any]:
     return filters
 
 
-def _hcm(name: str, route_config: str, host: Host | None, log: AccessLog | None) -> Any:
+def _hcm(
+    name: str,
+    route_config: str,
+    host: Host | None,
+    log: AccessLog | None,
+    jwt_names: list[str],
+    providers: Mapping[str, jwt.Provider],
+) -> Any:
     m = hcm_pb2.HttpConnectionManager(
         stat_prefix=name,
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
         rds=hcm_pb2.Rds(config_source=ads(), route_config_name=route_config),
-        http_filters=_http_filters(host),
+        http_filters=_http_filters(host, jwt_names, providers),
         use_remote_address=wrappers_pb2.BoolValue(value=True),
         normalize_path=wrappers_pb2.BoolValue(value=True),
         merge_slashes=True,
@@ -146,14 +172,16 @@ def downstream_tls(tls: Tls, host: Host) -> Any:
     return ctx
 
 
-def listener(spec: Listener, log: AccessLog | None) -> Any:
+def listener(
+    spec: Listener, log: AccessLog | None, providers: Mapping[str, jwt.Provider] | None = None
+) -> Any:
+    """``providers``: the JWT providers (with their JWKS) the listener's routes name."""
+    found = providers or {}
     out = listener_pb2.Listener(name=spec.name, address=socket_address(spec.address))
     if spec.tls is None:
-        out.filter_chains.append(
-            listener_components_pb2.FilterChain(
-                name=spec.name, filters=[_hcm(spec.name, route_config_name(spec), None, log)]
-            )
-        )
+        names = jwt.providers_of(spec.hosts)
+        hcm = _hcm(spec.name, route_config_name(spec), None, log, names, found)
+        out.filter_chains.append(listener_components_pb2.FilterChain(name=spec.name, filters=[hcm]))
         return out
     out.listener_filters.append(
         listener_components_pb2.ListenerFilter(
@@ -164,7 +192,16 @@ def listener(spec: Listener, log: AccessLog | None) -> Any:
     for h in spec.hosts:
         chain = listener_components_pb2.FilterChain(
             name=f"{spec.name}/{h.name}",
-            filters=[_hcm(f"{spec.name}.{h.name}", route_config_name(spec, h), h, log)],
+            filters=[
+                _hcm(
+                    f"{spec.name}.{h.name}",
+                    route_config_name(spec, h),
+                    h,
+                    log,
+                    jwt.providers_of([h]),
+                    found,
+                )
+            ],
             transport_socket=transport_socket(downstream_tls(spec.tls, h)),
         )
         names = [d for d in h.domains if d != "*"]

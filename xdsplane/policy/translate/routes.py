@@ -10,7 +10,7 @@ from envoy.config.route.v3 import route_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
 
 from xdsplane.policy.model import HeaderMatch, Host, Listener, Route
-from xdsplane.policy.translate import authz
+from xdsplane.policy.translate import authz, jwt
 from xdsplane.policy.translate.common import duration, pack, u32
 
 MISDIRECTED = "misdirected"
@@ -40,7 +40,8 @@ def _header(h: HeaderMatch) -> Any:
     return m
 
 
-def route(host: Host, r: Route, index: int) -> Any:
+def route(host: Host, r: Route, index: int, jwt_filter: bool = False) -> Any:
+    """``jwt_filter``: the route's HCM has jwt_authn, so the route says what it requires."""
     match = rc.RouteMatch()
     if r.prefix is not None:
         match.prefix = r.prefix
@@ -61,6 +62,8 @@ def route(host: Host, r: Route, index: int) -> Any:
     rbac = authz.per_route(r)
     if rbac is not None:
         out.typed_per_filter_config[authz.RBAC_FILTER].CopyFrom(pack(rbac))
+    if jwt_filter:
+        out.typed_per_filter_config[jwt.FILTER].CopyFrom(pack(jwt.per_route(r)))
     if r.direct_response is not None:
         out.direct_response.CopyFrom(
             rc.DirectResponseAction(
@@ -95,11 +98,11 @@ def route(host: Host, r: Route, index: int) -> Any:
     return out
 
 
-def virtual_host(host: Host) -> Any:
+def virtual_host(host: Host, jwt_filter: bool = False) -> Any:
     return rc.VirtualHost(
         name=host.name,
         domains=host.domains,
-        routes=[route(host, r, i) for i, r in enumerate(host.routes)],
+        routes=[route(host, r, i, jwt_filter) for i, r in enumerate(host.routes)],
     )
 
 
@@ -150,14 +153,16 @@ def route_configurations(listener: Listener) -> list[Any]:
     if listener.redirect_to_https:
         return [_redirect(listener)]
     if listener.tls is None:
+        jwt_filter = bool(jwt.providers_of(listener.hosts))
         return [
             route_pb2.RouteConfiguration(
-                name=listener.name, virtual_hosts=[virtual_host(h) for h in listener.hosts]
+                name=listener.name,
+                virtual_hosts=[virtual_host(h, jwt_filter) for h in listener.hosts],
             )
         ]
     out = []
     for h in listener.hosts:
-        vhosts = [virtual_host(h)]
+        vhosts = [virtual_host(h, bool(jwt.providers_of([h])))]
         if "*" not in h.domains:
             vhosts.append(_misdirected())
         out.append(

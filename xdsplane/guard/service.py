@@ -1,0 +1,323 @@
+"""The guard's two gRPC services: ext_authz replay protection and the rate limit service.
+
+``Authorization/Check`` reads the JWT claims that Envoy's jwt_authn filter wrote into
+dynamic metadata (``payload_in_metadata``; ext_authz forwards them when configured with
+``metadata_context_namespaces: [envoy.filters.http.jwt_authn]``) and accepts each token id
+(``jti``, per issuer) once within the token's lifetime. ``RateLimitService/ShouldRateLimit``
+counts requests per descriptor in fixed windows, as configured by the limits file.
+
+The store decides nothing: when it cannot answer, ``fail_open`` says whether the request
+is let through (logged and counted) or refused (the default).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2
+from envoy.service.ratelimit.v3 import rls_pb2
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import json_format
+from google.rpc import code_pb2, status_pb2  # type: ignore[import-untyped]
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from xdsplane import logs
+from xdsplane.guard.limits import Limits, counter_key
+from xdsplane.guard.store import Store, StoreUnavailable
+
+AUTHZ_SERVICE = "envoy.service.auth.v3.Authorization"
+RLS_SERVICE = "envoy.service.ratelimit.v3.RateLimitService"
+JWT_NAMESPACE = "envoy.filters.http.jwt_authn"
+REASON_HEADER = "x-guard-reason"
+MAX_JTI_LOG = 64  # characters of a jti shown in logs
+
+_Code = rls_pb2.RateLimitResponse.Code
+_UNITS = {
+    "second": rls_pb2.RateLimitResponse.RateLimit.SECOND,
+    "minute": rls_pb2.RateLimitResponse.RateLimit.MINUTE,
+    "hour": rls_pb2.RateLimitResponse.RateLimit.HOUR,
+}
+
+
+@dataclass
+class GuardConfig:
+    max_lifetime: float = 300.0  # seconds a jti is remembered at most
+    clock_skew: float = 60.0  # jwt_authn accepts tokens this long after exp (its default)
+    payload_key: str = "jwt_payload"  # jwt_authn's payload_in_metadata
+    fail_open: bool = False  # store down: allow (True) or deny (False)
+    key_prefix: str = "xdsplane:guard:"
+
+
+class GuardMetrics:
+    """The guard's own registry (never the process-global one)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.decisions = Counter(
+            "xdsplane_guard_decisions",
+            "Decisions by API (authz, ratelimit), result (allow, deny, over_limit) and reason",
+            ["api", "result", "reason"],
+            registry=self.registry,
+        )
+        self.backend_errors = Counter(
+            "xdsplane_guard_backend_errors",
+            "Calls to the backend that failed, by operation and error",
+            ["backend", "op", "error"],
+            registry=self.registry,
+        )
+        self.backend_up = Gauge(
+            "xdsplane_guard_backend_up",
+            "1 when the last call to the backend succeeded",
+            ["backend"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "xdsplane_guard_decision_seconds",
+            "Time to decide, by API",
+            ["api"],
+            registry=self.registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+        )
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    reason: str  # a short word for metrics and the reason header
+    message: str  # one sentence for the body and the log
+    status: int = 200  # HTTP status Envoy sends when denied
+
+
+class GuardService:
+    def __init__(
+        self,
+        store: Store,
+        limits: Limits | None,
+        config: GuardConfig | None = None,
+        metrics: GuardMetrics | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.limits = limits or Limits()
+        self.config = config or GuardConfig()
+        self.metrics = metrics or GuardMetrics()
+        self.clock = clock
+        self.log = logs.get("xdsplane.guard")
+        self._backend_down = False
+        self.metrics.backend_up.labels(store.name).set(1)
+
+    # -- wiring ---------------------------------------------------------------------------
+
+    def handlers(self) -> list[grpc.GenericRpcHandler]:
+        return [
+            grpc.method_handlers_generic_handler(
+                AUTHZ_SERVICE,
+                {
+                    "Check": grpc.unary_unary_rpc_method_handler(
+                        self.check,
+                        request_deserializer=external_auth_pb2.CheckRequest.FromString,
+                        response_serializer=external_auth_pb2.CheckResponse.SerializeToString,
+                    )
+                },
+            ),
+            grpc.method_handlers_generic_handler(
+                RLS_SERVICE,
+                {
+                    "ShouldRateLimit": grpc.unary_unary_rpc_method_handler(
+                        self.should_rate_limit,
+                        request_deserializer=rls_pb2.RateLimitRequest.FromString,
+                        response_serializer=rls_pb2.RateLimitResponse.SerializeToString,
+                    )
+                },
+            ),
+        ]
+
+    def _backend_failed(self, message: str) -> None:
+        # Logged when it goes down, not per request (the decisions are logged anyway).
+        self.metrics.backend_up.labels(self.store.name).set(0)
+        if not self._backend_down:
+            self._backend_down = True
+            self.log.warning(
+                "backend unavailable",
+                backend=self.store.name,
+                error=message,
+                failing="open" if self.config.fail_open else "closed",
+            )
+
+    def _backend_ok(self) -> None:
+        self.metrics.backend_up.labels(self.store.name).set(1)
+        if self._backend_down:
+            self._backend_down = False
+            self.log.info("backend recovered", backend=self.store.name)
+
+    # -- ext_authz ------------------------------------------------------------------------
+
+    async def check(self, request: Any, context: Any = None) -> Any:
+        started = time.perf_counter()
+        claims = self._claims(request)
+        decision, fields = await self.decide_replay(claims)
+        self.metrics.latency.labels("authz").observe(time.perf_counter() - started)
+        result = "allow" if decision.allowed else "deny"
+        self.metrics.decisions.labels("authz", result, decision.reason).inc()
+        log = self.log.info if decision.allowed else self.log.warning
+        log("authz " + result, reason=decision.reason, detail=decision.message, **fields)
+        return _check_response(decision)
+
+    def _claims(self, request: Any) -> dict[str, Any] | None:
+        """The JWT payload jwt_authn put in the metadata, or None when there is none."""
+        meta = request.attributes.metadata_context.filter_metadata
+        if JWT_NAMESPACE not in meta:
+            return None
+        struct = meta[JWT_NAMESPACE]
+        if self.config.payload_key not in struct.fields:
+            return None
+        value = json_format.MessageToDict(struct.fields[self.config.payload_key])
+        return value if isinstance(value, dict) else None
+
+    async def decide_replay(self, claims: dict[str, Any] | None) -> tuple[Decision, dict[str, Any]]:
+        """Accept a token id once within its lifetime. Returns the decision and log fields."""
+        if claims is None:
+            return (
+                Decision(
+                    False,
+                    "no_jwt_payload",
+                    f"no JWT payload in metadata {JWT_NAMESPACE}.{self.config.payload_key}",
+                    403,
+                ),
+                {},
+            )
+        jti = claims.get("jti")
+        sub = claims.get("sub")
+        iss = claims.get("iss")
+        fields: dict[str, Any] = {
+            "sub": sub if isinstance(sub, str) else None,
+            "jti": jti[:MAX_JTI_LOG] if isinstance(jti, str) else None,
+        }
+        if not isinstance(jti, str) or not jti:
+            return Decision(False, "no_jti", "the token has no jti claim", 403), fields
+        now = self.clock()
+        ttl = self.config.max_lifetime
+        exp = claims.get("exp")
+        if exp is not None:
+            if not isinstance(exp, int | float) or isinstance(exp, bool) or not math.isfinite(exp):
+                return Decision(False, "bad_exp", "the token's exp is not a number", 403), fields
+            ttl = min(ttl, float(exp) + self.config.clock_skew - now)
+            if ttl <= 0:
+                return Decision(False, "expired", "the token has expired", 403), fields
+        issuer = iss if isinstance(iss, str) else ""
+        digest = hashlib.sha256(f"{issuer}\0{jti}".encode()).hexdigest()
+        key = f"{self.config.key_prefix}jti:{digest}"
+        fields["ttl_s"] = round(ttl, 3)
+        try:
+            first = await self.store.claim(key, max(1, math.ceil(ttl * 1000)))
+        except StoreUnavailable as e:
+            self.metrics.backend_errors.labels(self.store.name, "claim", "unavailable").inc()
+            self._backend_failed(str(e))
+            if self.config.fail_open:
+                return Decision(True, "fail_open", "replay store unavailable; failing open"), fields
+            return (
+                Decision(False, "store_unavailable", "replay store unavailable", 503),
+                fields,
+            )
+        self._backend_ok()
+        if not first:
+            return Decision(False, "replay", "this token (jti) was already used", 403), fields
+        return Decision(True, "ok", "first use of this jti"), fields
+
+    # -- rate limit service ---------------------------------------------------------------
+
+    async def should_rate_limit(self, request: Any, context: Any = None) -> Any:
+        started = time.perf_counter()
+        response = rls_pb2.RateLimitResponse(overall_code=_Code.OK)
+        domain = str(request.domain)
+        addend = int(request.hits_addend) or 1
+        now = self.clock()
+        reasons: list[str] = []
+        for descriptor in request.descriptors:
+            entries = [(str(e.key), str(e.value)) for e in descriptor.entries]
+            status = response.statuses.add(code=_Code.OK)
+            limit = self.limits.match(domain, entries)
+            if limit is None:
+                continue
+            status.current_limit.requests_per_unit = limit.requests_per_unit
+            status.current_limit.unit = _UNITS[limit.unit]
+            window = int(now // limit.seconds)
+            reset = (window + 1) * limit.seconds - now
+            status.duration_until_reset.FromMilliseconds(max(0, math.ceil(reset * 1000)))
+            key = self.config.key_prefix + counter_key(domain, entries, limit, window)
+            try:
+                count = await self.store.hit(key, addend, math.ceil(reset * 1000) + 1000)
+            except StoreUnavailable as e:
+                self.metrics.backend_errors.labels(self.store.name, "hit", "unavailable").inc()
+                self._backend_failed(str(e))
+                if self.config.fail_open:
+                    reasons.append("fail_open")
+                else:
+                    status.code = _Code.OVER_LIMIT
+                    response.overall_code = _Code.OVER_LIMIT
+                    reasons.append("store_unavailable")
+                continue
+            self._backend_ok()
+            status.limit_remaining = max(0, limit.requests_per_unit - count)
+            if count > limit.requests_per_unit:
+                status.code = _Code.OVER_LIMIT
+                response.overall_code = _Code.OVER_LIMIT
+                reasons.append("over_limit")
+                self.log.info(
+                    "rate limited",
+                    domain=domain,
+                    descriptor=_entries_text(entries),
+                    count=count,
+                    limit=f"{limit.requests_per_unit}/{limit.unit}",
+                    rule=limit.source,
+                )
+        over = response.overall_code == _Code.OVER_LIMIT
+        result = "over_limit" if over else "ok"
+        reason = _pick_reason(reasons, over)
+        self.metrics.decisions.labels("ratelimit", result, reason).inc()
+        self.metrics.latency.labels("ratelimit").observe(time.perf_counter() - started)
+        if reason in ("store_unavailable", "fail_open"):
+            self.log.warning("ratelimit " + result, domain=domain, reason=reason)
+        return response
+
+
+def _pick_reason(reasons: list[str], over: bool) -> str:
+    for r in ("store_unavailable", "over_limit") if over else ("fail_open",):
+        if r in reasons:
+            return r
+    return "ok"
+
+
+def _entries_text(entries: list[tuple[str, str]]) -> str:
+    return ",".join(f"{k}={v[:64]}" for k, v in entries)
+
+
+def _check_response(decision: Decision) -> Any:
+    if decision.allowed:
+        return external_auth_pb2.CheckResponse(
+            status=status_pb2.Status(code=code_pb2.OK),
+            ok_response=external_auth_pb2.OkHttpResponse(),
+        )
+    code = code_pb2.UNAVAILABLE if decision.status == 503 else code_pb2.PERMISSION_DENIED
+    return external_auth_pb2.CheckResponse(
+        status=status_pb2.Status(code=code, message=decision.message),
+        denied_response=external_auth_pb2.DeniedHttpResponse(
+            status=http_status_pb2.HttpStatus(code=decision.status),
+            headers=[
+                base_pb2.HeaderValueOption(
+                    header=base_pb2.HeaderValue(key=REASON_HEADER, value=decision.reason)
+                ),
+                base_pb2.HeaderValueOption(
+                    header=base_pb2.HeaderValue(key="content-type", value="text/plain")
+                ),
+            ],
+            body=f"{decision.message}\n",
+        ),
+    )

@@ -1,0 +1,192 @@
+"""Where the guard keeps what it has seen: token ids (jti) and rate limit counters.
+
+Two backends with one async interface:
+
+- ``MemoryStore``: a dict in this process, for a single gateway (and the unit tests);
+- ``RedisStore``: one Redis shared by several guards, so that a jti used at one guard is
+  refused at every other and a counter counts the requests of all of them. ``claim`` is one
+  atomic ``SET key 1 NX PX ttl``; ``hit`` is ``INCRBY`` + ``PEXPIRE`` in one MULTI/EXEC.
+
+A backend that cannot answer raises ``StoreUnavailable``; the service decides what that
+means (fail closed or open). The Redis store needs no restart when Redis comes back: every
+call after a short back-off tries again on a fresh connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+
+class StoreUnavailable(Exception):
+    """The backend could not answer (connection refused or lost, timeout, error reply)."""
+
+
+class Store(Protocol):
+    name: str
+
+    async def claim(self, key: str, ttl_ms: int) -> bool:
+        """Record ``key`` for ``ttl_ms``; True when it was not there (first use)."""
+        ...
+
+    async def hit(self, key: str, addend: int, ttl_ms: int) -> int:
+        """Add ``addend`` to the counter ``key`` (created with ``ttl_ms``); the new count."""
+        ...
+
+    def up(self) -> bool:
+        """Whether the last call to the backend succeeded (for /healthz and metrics)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class MemoryStore:
+    """Keys with expiry in a dict; expired keys are swept as time passes (bounded memory)."""
+
+    name = "memory"
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._values: dict[str, tuple[int, float]] = {}  # key -> (value, expires at)
+        self._expiries: list[tuple[float, str]] = []  # heap; stale entries skipped
+
+    def _sweep(self, now: float) -> None:
+        while self._expiries and self._expiries[0][0] <= now:
+            _at, key = heapq.heappop(self._expiries)
+            held = self._values.get(key)
+            if held is not None and held[1] <= now:
+                del self._values[key]
+
+    def _live(self, key: str, now: float) -> tuple[int, float] | None:
+        held = self._values.get(key)
+        if held is None or held[1] <= now:
+            return None
+        return held
+
+    def _set(self, key: str, value: int, expires: float) -> None:
+        self._values[key] = (value, expires)
+        heapq.heappush(self._expiries, (expires, key))
+
+    async def claim(self, key: str, ttl_ms: int) -> bool:
+        now = self._clock()
+        self._sweep(now)
+        if self._live(key, now) is not None:
+            return False
+        self._set(key, 1, now + ttl_ms / 1000)
+        return True
+
+    async def hit(self, key: str, addend: int, ttl_ms: int) -> int:
+        now = self._clock()
+        self._sweep(now)
+        held = self._live(key, now)
+        if held is None:
+            self._set(key, addend, now + ttl_ms / 1000)
+            return addend
+        count = held[0] + addend
+        self._values[key] = (count, held[1])
+        return count
+
+    def up(self) -> bool:
+        return True
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    async def close(self) -> None:
+        self._values.clear()
+        self._expiries.clear()
+
+
+class RedisStore:
+    """A shared Redis (``redis://host:port/db``), through ``redis.asyncio``.
+
+    Each call is bounded by ``timeout`` seconds. After a failure, calls fail at once for
+    ``backoff`` seconds (so a dead Redis costs no time per request), then the next call
+    tries again on a new connection: the store recovers by itself when Redis returns.
+    """
+
+    name = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        timeout: float = 0.5,
+        backoff: float = 0.2,
+        on_error: Callable[[str, str], None] | None = None,
+    ) -> None:
+        import redis.asyncio as aioredis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        self.url = url
+        self.timeout = timeout
+        self.backoff = backoff
+        self._on_error = on_error
+        self._client: Any = aioredis.Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),  # no hidden retries: the service decides
+            health_check_interval=0,
+        )
+        self._up = True
+        self._retry_at = 0.0
+
+    def up(self) -> bool:
+        return self._up
+
+    async def _call(self, op: str, fn: Callable[[], Any]) -> Any:
+        from redis.exceptions import RedisError
+
+        now = time.monotonic()
+        if not self._up and now < self._retry_at:
+            raise StoreUnavailable(f"redis {self.url}: down (retrying shortly)")
+        try:
+            result = await asyncio.wait_for(fn(), self.timeout * 2)
+        except (RedisError, OSError, TimeoutError) as e:
+            self._up = False
+            self._retry_at = time.monotonic() + self.backoff
+            if self._on_error is not None:
+                self._on_error(op, type(e).__name__)
+            # The broken connections are dropped; the next call opens new ones.
+            await self._reset()
+            raise StoreUnavailable(f"redis {self.url}: {type(e).__name__}: {e}") from None
+        self._up = True
+        return result
+
+    async def _reset(self) -> None:
+        pool = getattr(self._client, "connection_pool", None)
+        if pool is not None:
+            # Best effort: the connections are broken anyway.
+            with contextlib.suppress(Exception):
+                await pool.disconnect(inuse_connections=True)
+
+    async def claim(self, key: str, ttl_ms: int) -> bool:
+        async def run() -> Any:
+            return await self._client.set(key, b"1", nx=True, px=max(1, ttl_ms))
+
+        return bool(await self._call("claim", run))
+
+    async def hit(self, key: str, addend: int, ttl_ms: int) -> int:
+        async def run() -> Any:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.incrby(key, addend)
+                pipe.pexpire(key, max(1, ttl_ms))
+                return await pipe.execute()
+
+        results = await self._call("hit", run)
+        return int(results[0])
+
+    async def ping(self) -> bool:
+        try:
+            await self._call("ping", self._client.ping)
+        except StoreUnavailable:
+            return False
+        return True
+
+    async def close(self) -> None:
+        await self._client.aclose()

@@ -1,0 +1,252 @@
+"""The status page for people (``/`` on the admin server): plain HTML rendered from the same
+document as ``/status``. Every value is escaped; nothing secret is in that document."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from html import escape
+from typing import Any
+
+from xdsplane.types import PUSH_ORDER
+
+REFRESH_SECONDS = 5
+TYPES = [t.short for t in PUSH_ORDER]
+
+_STYLE = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }
+h1 { font-size: 1.4em; } h2 { font-size: 1.1em; margin-top: 1.6em; }
+table { border-collapse: collapse; } th, td { border: 1px solid #ccc; padding: 3px 8px; }
+th { background: #f3f3f3; text-align: left; } code { font-size: 0.95em; }
+.bad { color: #b00020; font-weight: 600; } .warn { color: #a15c00; font-weight: 600; }
+.ok { color: #1b5e20; } .muted { color: #777; }
+"""
+
+
+def short(version: object) -> str:
+    """A version as people compare it: its first 8 characters."""
+    return str(version or "")[:8]
+
+
+def when(ts: object) -> str:
+    if not isinstance(ts, int | float) or not ts:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
+
+
+def _e(value: object) -> str:
+    return escape(str(value), quote=True)
+
+
+def _table(headers: Iterable[str], rows: Iterable[Iterable[str]]) -> str:
+    """``rows`` are cells already escaped (they may hold markup of ours)."""
+    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>\n" for row in rows)
+    return f"<table>\n<tr>{head}</tr>\n{body}</table>\n"
+
+
+def _type_cell(st: Mapping[str, Any] | None) -> str:
+    if st is None:
+        return '<span class="muted">-</span>'
+    acked, sent = str(st.get("acked_version", "")), str(st.get("sent_version", ""))
+    parts = [f"<code>{_e(short(acked)) or '-'}</code>"]
+    if sent and sent != acked and sent != st.get("nacked_version"):
+        parts.append(f'<span class="warn">sent <code>{_e(short(sent))}</code>, waiting</span>')
+    if st.get("nacks"):
+        parts.append(
+            f'<span class="bad">NACK of <code>{_e(short(st.get("nacked_version")))}</code>: '
+            f"{_e(st.get('last_nack', ''))}</span>"
+        )
+    return "<br>".join(parts)
+
+
+def _nodes(status: Mapping[str, Any]) -> str:
+    streams = list(status.get("streams", []))
+    if not streams:
+        return "<p class='muted'>No Envoy is connected.</p>\n"
+    rows = []
+    for s in sorted(streams, key=lambda s: (str(s.get("node")), int(s.get("stream", 0)))):
+        types = s.get("types", {})
+        rows.append(
+            [
+                f"<b>{_e(s.get('node') or '(no request yet)')}</b>",
+                _e(s.get("cluster", "")),
+                _e(s.get("variant", "")),
+                _e(s.get("group", "")),
+                _e(s.get("peer", "")),
+                _e(when(s.get("connected_at"))),
+                *(_type_cell(types.get(t)) for t in TYPES),
+            ]
+        )
+    headers = ["node", "cluster", "variant", "group", "peer", "connected", *TYPES]
+    return (
+        "<p>Acknowledged version per type (first 8 characters of the content hash).</p>\n"
+        + _table(headers, rows)
+    )
+
+
+def _nacks(status: Mapping[str, Any]) -> str:
+    nacks: Mapping[str, Mapping[str, Mapping[str, Any]]] = status.get("nacks", {})
+    if not nacks:
+        return "<p class='ok'>No node rejected anything.</p>\n"
+    rows = [
+        [
+            _e(node),
+            _e(t),
+            f"<code>{_e(short(r.get('version')))}</code>",
+            _e(when(r.get("at"))),
+            f"<span class='bad'>{_e(r.get('message', ''))}</span>",
+        ]
+        for node, by_type in sorted(nacks.items())
+        for t, r in by_type.items()
+    ]
+    return _table(["node", "type", "version", "at", "error"], rows)
+
+
+def _reload(status: Mapping[str, Any]) -> str:
+    r: Mapping[str, Any] = status.get("reload", {})
+    lines = [
+        f"<p>Folder <code>{_e(status.get('config', ''))}</code>: "
+        f"loaded {_e(when(r.get('loaded_at')))}; {_e(r.get('successes', 0))} loads served, "
+        f"{_e(r.get('failures', 0))} refused; last load took {_e(r.get('last_duration_ms', 0))} "
+        "ms.</p>"
+    ]
+    errors = list(r.get("errors", []))
+    if errors:
+        lines.append(
+            f"<p class='bad'>The last edit was refused ({_e(when(r.get('failed_at')))}); "
+            "the last good snapshot is still served:</p>"
+        )
+        lines.append("<ul>" + "".join(f"<li><code>{_e(x)}</code></li>" for x in errors) + "</ul>")
+    else:
+        lines.append("<p class='ok'>No policy errors.</p>")
+    return "\n".join(lines) + "\n"
+
+
+def _certificates(status: Mapping[str, Any]) -> str:
+    certs = list(status.get("certificates", []))
+    if not certs:
+        return "<p class='muted'>No certificates are served.</p>\n"
+    rows = []
+    for c in certs:
+        expiring = bool(c.get("expiring"))
+        days = c.get("days_left", "")
+        flag = "<span class='bad'>expiring</span>" if expiring else "<span class='ok'>ok</span>"
+        rows.append(
+            [
+                _e(c.get("secret", "")),
+                _e(c.get("subject", "")),
+                _e(", ".join(map(str, c.get("dns", [])))),
+                _e(c.get("not_after", "")),
+                f"<span class='{'bad' if expiring else 'ok'}'>{_e(days)}</span>",
+                flag,
+            ]
+        )
+    return _table(["secret", "subject", "DNS names", "not after", "days left", ""], rows)
+
+
+def render(status: Mapping[str, Any], cert_warn_days: float = 14.0) -> str:
+    ready = bool(status.get("ready"))
+    state = "<span class='ok'>ready</span>" if ready else "<span class='bad'>not ready</span>"
+    refused: Mapping[str, int] = status.get("refused", {}) or {}
+    refused_html = (
+        "<p class='warn'>Streams refused: "
+        + _e(", ".join(f"{k}: {v}" for k, v in sorted(refused.items())))
+        + "</p>\n"
+        if refused
+        else ""
+    )
+    return (
+        "<!doctype html>\n<html lang='en'><head><meta charset='utf-8'>\n"
+        f"<meta http-equiv='refresh' content='{REFRESH_SECONDS}'>\n"
+        "<title>xdsplane</title>\n"
+        f"<style>{_STYLE}</style></head><body>\n"
+        f"<h1>xdsplane: {state}</h1>\n"
+        f"<p class='muted'>Refreshes every {REFRESH_SECONDS} s. Machine-readable: "
+        "<a href='/status'>/status</a>, <a href='/metrics'>/metrics</a>.</p>\n"
+        f"<h2>Nodes ({len(status.get('streams', []))} streams)</h2>\n{_nodes(status)}"
+        f"{refused_html}"
+        f"<h2>Rejected (last NACK per node and type)</h2>\n{_nacks(status)}"
+        f"<h2>Policy</h2>\n{_reload(status)}"
+        f"<h2>Certificates (expiring: within {_e(cert_warn_days)} days)</h2>\n"
+        f"{_certificates(status)}"
+        "</body></html>\n"
+    )
+
+
+# -- the same for a terminal (``xdsplane status``) ----------------------------------------------
+
+
+def _type_text(st: Mapping[str, Any] | None) -> str:
+    if st is None:
+        return "-"
+    acked, sent = str(st.get("acked_version", "")), str(st.get("sent_version", ""))
+    text = short(acked) or "-"
+    if st.get("nacks") and sent and sent == st.get("nacked_version"):
+        return f"{text} NACK"
+    if sent and sent != acked:
+        return f"{text} (sent {short(sent)})"
+    return text
+
+
+def _columns(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+
+
+def render_text(status: Mapping[str, Any]) -> list[str]:
+    """The node table, reload state and errors, then certificates, as lines of text."""
+    lines: list[str] = []
+    streams = sorted(
+        status.get("streams", []), key=lambda s: (str(s.get("node")), int(s.get("stream", 0)))
+    )
+    if streams:
+        rows = [["NODE", "VARIANT", "GROUP", *TYPES]]
+        for s in streams:
+            types = s.get("types", {})
+            node = str(s.get("node") or "(no request yet)")
+            rows.append(
+                [node, str(s.get("variant", "")), str(s.get("group", ""))]
+                + [_type_text(types.get(t)) for t in TYPES]
+            )
+        lines += _columns(rows)
+    else:
+        lines.append("no Envoy is connected")
+    for node, by_type in sorted(status.get("nacks", {}).items()):
+        for t, r in by_type.items():
+            lines.append(
+                f"NACK {node} {t} version {short(r.get('version'))} at {when(r.get('at'))}: "
+                f"{r.get('message', '')}"
+            )
+    r = status.get("reload", {})
+    lines.append("")
+    lines.append(
+        f"reload: {'ready' if status.get('ready') else 'NOT READY'}, config "
+        f"{status.get('config', '')}, loaded {when(r.get('loaded_at'))}, "
+        f"{r.get('successes', 0)} served, {r.get('failures', 0)} refused"
+    )
+    errors = list(r.get("errors", []))
+    if errors:
+        lines.append(
+            f"the last edit was refused at {when(r.get('failed_at'))}; "
+            "still serving the last good snapshot:"
+        )
+        lines += [f"  {e}" for e in errors]
+    certs = list(status.get("certificates", []))
+    lines.append("")
+    if certs:
+        rows = [["SECRET", "SUBJECT", "NOT AFTER", "DAYS LEFT", ""]]
+        for c in certs:
+            rows.append(
+                [
+                    str(c.get("secret", "")),
+                    str(c.get("subject", "")),
+                    str(c.get("not_after", "")),
+                    str(c.get("days_left", "")),
+                    "EXPIRING" if c.get("expiring") else "",
+                ]
+            )
+        lines += _columns(rows)
+    else:
+        lines.append("no certificates served")
+    return lines
