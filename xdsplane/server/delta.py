@@ -25,7 +25,7 @@ from typing import Any
 
 from envoy.service.discovery.v3 import discovery_pb2
 
-from xdsplane.server.state import NodeMemory, Nonces, Outgoing, TypeStatus, nack_message
+from xdsplane.server.state import NodeMemory, Outgoing, StreamBase, TypeStatus, nack_message
 from xdsplane.snapshot import Resource, Snapshot
 from xdsplane.types import PUSH_ORDER, ResourceType, eds_name
 
@@ -54,21 +54,16 @@ def _encode(
     return head + b"".join(r.delta_entry for r in resources)
 
 
-class DeltaStream:
+class DeltaStream(StreamBase):
     """The protocol state of one DeltaAggregatedResources stream."""
 
     def __init__(self, memory: NodeMemory | None = None) -> None:
-        self.memory = memory if memory is not None else NodeMemory()
+        super().__init__(memory)
         self.types: dict[ResourceType, _Type] = {}
-        self.snapshot: Snapshot | None = None
-        self._nonces = Nonces()
-        self.ignored_types: set[str] = set()
-        self.stale = 0
 
     def on_request(self, req: Any) -> list[Outgoing]:
-        rtype = ResourceType.from_url(req.type_url)
+        rtype = self._served_type(req.type_url)
         if rtype is None:
-            self.ignored_types.add(str(req.type_url)[:200])
             return []
         subscribe = set(req.resource_names_subscribe)
         unsubscribe = set(req.resource_names_unsubscribe)

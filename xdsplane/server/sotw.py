@@ -25,7 +25,7 @@ from typing import Any
 
 from envoy.service.discovery.v3 import discovery_pb2
 
-from xdsplane.server.state import NodeMemory, Nonces, Outgoing, TypeStatus, nack_message
+from xdsplane.server.state import NodeMemory, Outgoing, StreamBase, TypeStatus, nack_message
 from xdsplane.snapshot import Resource, Snapshot, versions_hash
 from xdsplane.types import PUSH_ORDER, ResourceType, eds_name
 
@@ -50,23 +50,18 @@ def _encode(rtype: ResourceType, version: str, nonce: str, body: bytes) -> bytes
     return head + body
 
 
-class SotwStream:
+class SotwStream(StreamBase):
     """The protocol state of one StreamAggregatedResources stream."""
 
     def __init__(self, memory: NodeMemory | None = None) -> None:
-        self.memory = memory if memory is not None else NodeMemory()
+        super().__init__(memory)
         self.types: dict[ResourceType, _Type] = {}
-        self.snapshot: Snapshot | None = None
-        self._nonces = Nonces()
-        self.ignored_types: set[str] = set()
-        self.stale = 0
 
     # -- inputs ---------------------------------------------------------------------------
 
     def on_request(self, req: Any) -> list[Outgoing]:
-        rtype = ResourceType.from_url(req.type_url)
+        rtype = self._served_type(req.type_url)
         if rtype is None:
-            self.ignored_types.add(str(req.type_url)[:200])
             return []
         names = frozenset(req.resource_names)
         st = self.types.get(rtype)

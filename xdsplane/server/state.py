@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from xdsplane.snapshot import Snapshot
 from xdsplane.types import ResourceType
 
 
@@ -92,6 +93,24 @@ class NodeMemory:
             t.short: {"message": r.message, "version": r.version, "at": r.at}
             for t, r in self.last_nack.items()
         }
+
+
+class StreamBase:
+    """What both variants' per-stream machines keep besides their per-type state."""
+
+    def __init__(self, memory: NodeMemory | None = None) -> None:
+        self.memory = memory if memory is not None else NodeMemory()
+        self.snapshot: Snapshot | None = None
+        self._nonces = Nonces()
+        self.ignored_types: set[str] = set()
+        self.stale = 0
+
+    def _served_type(self, type_url: str) -> ResourceType | None:
+        """The resource type of a request; None (and remembered) for types not served."""
+        rtype = ResourceType.from_url(type_url)
+        if rtype is None:
+            self.ignored_types.add(str(type_url)[:200])
+        return rtype
 
 
 def nack_message(error_detail: object) -> str:
