@@ -23,7 +23,7 @@ from xdsplane.policy.check import Usage, UseKey, check_policy, use_key
 from xdsplane.policy.merge import Fragment, GroupPolicy, Origin, merge
 from xdsplane.policy.model import PolicyFile
 from xdsplane.policy.parse import parse_policy
-from xdsplane.policy.translate import Built, jwt
+from xdsplane.policy.translate import Built, guard, jwt
 from xdsplane.policy.translate.secrets import paths, resolve
 from xdsplane.snapshot import (
     NodeGroup,
@@ -86,20 +86,35 @@ class TranslationCache:
                 upart.origin.source,
                 lambda n=name, up=upart: translate.upstream_resources(n, up),  # type: ignore[misc]
             )
+        gpart = policy.guard
+        if gpart is not None:
+            out += self._get(
+                ("guard", gpart.value.model_dump_json()),
+                gpart.origin.source,
+                lambda gp=gpart: translate.guard_resources(gp),  # type: ignore[misc]
+            )
         log = policy.access_log.value if policy.access_log is not None else None
         log_key = log.model_dump_json() if log is not None else ""
         providers = translate.jwt_providers(policy, files)
+        guard_spec = gpart.value if gpart is not None else None
         for lname, lpart in sorted(policy.listeners.items()):
             # A listener holds the JWT providers its routes name, key sets included.
             jwt_key = "".join(
                 f"|{n}:{providers[n].spec.model_dump_json()}:{digest(providers[n].jwks)}"
                 for n in jwt.listener_providers(lpart.value)
             )
-            key = ("listener:" + lname, lpart.value.model_dump_json() + log_key + jwt_key)
+            # ... and the guard, when a route of it is replay-protected.
+            guard_key = ""
+            if guard_spec is not None and guard.needs_ext_authz(lpart.value.hosts):
+                guard_key = "|guard:" + guard_spec.model_dump_json()
+            key = (
+                "listener:" + lname,
+                lpart.value.model_dump_json() + log_key + jwt_key + guard_key,
+            )
             out += self._get(
                 key,
                 lpart.origin.source,
-                lambda lp=lpart: translate.listener_resources(lp, log, providers),  # type: ignore[misc]
+                lambda lp=lpart: translate.listener_resources(lp, log, providers, guard_spec),  # type: ignore[misc]
             )
         return out
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from xdsplane.config.errors import ConfigError
 from xdsplane.policy.merge import GroupPolicy, Origin
 from xdsplane.policy.model import split_host_port
+from xdsplane.policy.translate.guard import CLUSTER as GUARD_CLUSTER
 
 _ANY_HOSTS = (ipaddress.ip_address("0.0.0.0"), ipaddress.ip_address("::"))
 
@@ -170,6 +171,22 @@ def check_policy(policy: GroupPolicy, scope: str = "") -> tuple[list[ConfigError
                         )
                     else:
                         usage.jwt_providers.add(use_key(ppart.origin))
+                if r.replay_protection and r.jwt is None:
+                    errors.append(
+                        ConfigError(
+                            lo.key(*hkeys, "routes", ri, "replay_protection"),
+                            "replay_protection needs jwt: on the route (the guard reads the "
+                            "verified token's jti)",
+                        )
+                    )
+                if r.replay_protection and policy.guard is None:
+                    errors.append(
+                        ConfigError(
+                            lo.key(*hkeys, "routes", ri, "replay_protection"),
+                            f"replay_protection needs a guard{where} "
+                            "(add guard: {address: HOST:PORT} at the top level)",
+                        )
+                    )
                 if r.upstream is not None:
                     part = policy.upstreams.get(r.upstream)
                     if part is None:
@@ -183,6 +200,13 @@ def check_policy(policy: GroupPolicy, scope: str = "") -> tuple[list[ConfigError
                     else:
                         usage.upstreams.add(use_key(part.origin))
 
+    if policy.guard is not None and GUARD_CLUSTER in policy.upstreams:
+        errors.append(
+            ConfigError(
+                policy.upstreams[GUARD_CLUSTER].origin.key(),
+                f"upstream name {GUARD_CLUSTER!r} is taken by the guard's cluster",
+            )
+        )
     for name, upart in policy.upstreams.items():
         tls = upart.value.tls
         if tls is not None:

@@ -10,6 +10,7 @@ from xdsplane.config.errors import ConfigError, Location
 from xdsplane.config.yamlsrc import Document
 from xdsplane.policy.model import (
     AccessLog,
+    Guard,
     JwtProvider,
     Listener,
     PolicyFile,
@@ -63,6 +64,7 @@ class GroupPolicy:
     upstreams: dict[str, Part[Upstream]] = field(default_factory=dict)
     access_log: Part[AccessLog] | None = None
     jwt_providers: dict[str, Part[JwtProvider]] = field(default_factory=dict)
+    guard: Part[Guard] | None = None
 
     def empty(self) -> bool:
         return not (self.secrets or self.listeners or self.upstreams or self.jwt_providers)
@@ -125,4 +127,13 @@ def merge(fragments: list[Fragment]) -> tuple[GroupPolicy, list[ConfigError]]:
                 )
             else:
                 out.access_log = Part(p.access_log, origin)
+        if p.guard is not None:
+            origin = Origin(f.doc, ("guard",))
+            if out.guard is not None:
+                first = out.guard.origin.at()
+                errors.append(
+                    ConfigError(origin.key(), f"guard is already set at {first.path}:{first.line}")
+                )
+            else:
+                out.guard = Part(p.guard, origin)
     return out, errors

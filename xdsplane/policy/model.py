@@ -309,6 +309,11 @@ class Route(Model):
         description="a jwt_providers name: a request without a token passes, one with a "
         "token must carry a valid one from this provider",
     )
+    replay_protection: bool = Field(
+        False,
+        description="each token (its jti) is accepted once, as checked by the guard; needs "
+        "jwt: and a top-level guard",
+    )
 
     @model_validator(mode="after")
     def _shape(self) -> Route:
@@ -503,6 +508,16 @@ class AccessLog(Model):
     format: Literal["json", "text"] = "json"
 
 
+class Guard(Model):
+    """Where ``xdsplane guard`` (ext_authz) listens, for routes with replay_protection."""
+
+    address: Address = Field(description="the guard's gRPC address, HOST:PORT")
+    fail_open: bool = Field(
+        False, description="the guard unreachable: let requests through (true) or refuse"
+    )
+    timeout: Duration = Field("250ms", description="how long Envoy waits for the guard")
+
+
 class PolicyFile(Model):
     """One policy file. Several files in a folder form one policy per node group."""
 
@@ -515,6 +530,9 @@ class PolicyFile(Model):
     access_log: AccessLog | None = None
     jwt_providers: dict[Name, JwtProvider] = Field(
         default_factory=dict, description="issuers of bearer tokens that routes can require"
+    )
+    guard: Guard | None = Field(
+        None, description="the xdsplane guard that replay-protected routes ask"
     )
     resources: list[dict[str, Any]] = Field(
         default_factory=list, description="raw Envoy v3 resources with @type, served as they are"

@@ -12,6 +12,7 @@ back to the policy:
 | upstream `U` | Cluster `U`, ClusterLoadAssignment `U` |
 | secret `S` | Secret `S` |
 | jwt provider `P` | jwt_authn provider `P`, requirements `P` and `P/optional` |
+| guard | Cluster `xdsplane-guard` |
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from xdsplane.policy.merge import GroupPolicy, Origin, Part
-from xdsplane.policy.model import AccessLog, Listener, Secret, Upstream
-from xdsplane.policy.translate import clusters, jwt, listeners, routes, secrets
+from xdsplane.policy.model import AccessLog, Guard, Listener, Secret, Upstream
+from xdsplane.policy.translate import clusters, guard, jwt, listeners, routes, secrets
 from xdsplane.types import ResourceType
 
 
@@ -55,12 +56,17 @@ def jwt_providers(policy: GroupPolicy, files: Mapping[str, bytes]) -> dict[str, 
     return out
 
 
+def guard_resources(part: Part[Guard]) -> list[Built]:
+    return [Built(ResourceType.CLUSTER, guard.cluster(part.value), part.origin)]
+
+
 def listener_resources(
     part: Part[Listener],
     log: AccessLog | None,
     providers: Mapping[str, jwt.Provider] | None = None,
+    guard_spec: Guard | None = None,
 ) -> list[Built]:
-    message = listeners.listener(part.value, log, providers)
+    message = listeners.listener(part.value, log, providers, guard_spec)
     out = [Built(ResourceType.LISTENER, message, part.origin)]
     for rc in routes.route_configurations(part.value):
         out.append(Built(ResourceType.ROUTE, rc, part.origin))
@@ -75,8 +81,11 @@ def translate(policy: GroupPolicy, files: Mapping[str, bytes]) -> list[Built]:
         out.extend(secret_resources(name, spart, files))
     for name, upart in sorted(policy.upstreams.items()):
         out.extend(upstream_resources(name, upart))
+    if policy.guard is not None:
+        out.extend(guard_resources(policy.guard))
     log = policy.access_log.value if policy.access_log is not None else None
     providers = jwt_providers(policy, files)
+    guard_spec = policy.guard.value if policy.guard is not None else None
     for _, lpart in sorted(policy.listeners.items()):
-        out.extend(listener_resources(lpart, log, providers))
+        out.extend(listener_resources(lpart, log, providers, guard_spec))
     return out

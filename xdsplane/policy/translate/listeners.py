@@ -18,8 +18,8 @@ from envoy.extensions.formatter.cel.v3 import cel_pb2
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from google.protobuf import struct_pb2, wrappers_pb2
 
-from xdsplane.policy.model import AccessLog, Host, Listener, Tls
-from xdsplane.policy.translate import authz, jwt
+from xdsplane.policy.model import AccessLog, Guard, Host, Listener, Tls
+from xdsplane.policy.translate import authz, guard, jwt
 from xdsplane.policy.translate.common import (
     ads,
     pack,
@@ -109,9 +109,17 @@ def _jwt_filters(names: list[str], providers: Mapping[str, jwt.Provider]) -> lis
 
 
 def _http_filters(
-    host: Host | None, jwt_names: list[str], providers: Mapping[str, jwt.Provider]
+    host: Host | None,
+    jwt_names: list[str],
+    providers: Mapping[str, jwt.Provider],
+    ext_authz: Guard | None = None,
 ) -> list[Any]:
+    """``ext_authz``: the guard that the HCM's replay-protected routes ask, if any."""
     filters = _jwt_filters(jwt_names, providers)
+    if ext_authz is not None:
+        filters.append(
+            hcm_pb2.HttpFilter(name=guard.FILTER, typed_config=pack(guard.filter_config(ext_authz)))
+        )
     if host is not None and authz.needs_rbac(host):
         filters.append(
             hcm_pb2.HttpFilter(name=authz.RBAC_FILTER, typed_config=pack(authz.filter_config()))
@@ -127,12 +135,13 @@ def _hcm(
     log: AccessLog | None,
     jwt_names: list[str],
     providers: Mapping[str, jwt.Provider],
+    ext_authz: Guard | None = None,
 ) -> Any:
     m = hcm_pb2.HttpConnectionManager(
         stat_prefix=name,
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
         rds=hcm_pb2.Rds(config_source=ads(), route_config_name=route_config),
-        http_filters=_http_filters(host, jwt_names, providers),
+        http_filters=_http_filters(host, jwt_names, providers, ext_authz),
         use_remote_address=wrappers_pb2.BoolValue(value=True),
         normalize_path=wrappers_pb2.BoolValue(value=True),
         merge_slashes=True,
@@ -173,14 +182,24 @@ def downstream_tls(tls: Tls, host: Host) -> Any:
 
 
 def listener(
-    spec: Listener, log: AccessLog | None, providers: Mapping[str, jwt.Provider] | None = None
+    spec: Listener,
+    log: AccessLog | None,
+    providers: Mapping[str, jwt.Provider] | None = None,
+    guard_spec: Guard | None = None,
 ) -> Any:
-    """``providers``: the JWT providers (with their JWKS) the listener's routes name."""
+    """``providers``: the JWT providers (with their JWKS) the listener's routes name;
+    ``guard_spec``: the policy's guard, for hosts with replay-protected routes."""
     found = providers or {}
+
+    def ext_authz(hosts: list[Host]) -> Guard | None:
+        return guard_spec if guard.needs_ext_authz(hosts) else None
+
     out = listener_pb2.Listener(name=spec.name, address=socket_address(spec.address))
     if spec.tls is None:
         names = jwt.providers_of(spec.hosts)
-        hcm = _hcm(spec.name, route_config_name(spec), None, log, names, found)
+        hcm = _hcm(
+            spec.name, route_config_name(spec), None, log, names, found, ext_authz(spec.hosts)
+        )
         out.filter_chains.append(listener_components_pb2.FilterChain(name=spec.name, filters=[hcm]))
         return out
     out.listener_filters.append(
@@ -200,6 +219,7 @@ def listener(
                     log,
                     jwt.providers_of([h]),
                     found,
+                    ext_authz([h]),
                 )
             ],
             transport_socket=transport_socket(downstream_tls(spec.tls, h)),

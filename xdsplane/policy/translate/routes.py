@@ -10,7 +10,7 @@ from envoy.config.route.v3 import route_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
 
 from xdsplane.policy.model import HeaderMatch, Host, Listener, Route
-from xdsplane.policy.translate import authz, jwt
+from xdsplane.policy.translate import authz, guard, jwt
 from xdsplane.policy.translate.common import duration, pack, u32
 
 MISDIRECTED = "misdirected"
@@ -40,8 +40,11 @@ def _header(h: HeaderMatch) -> Any:
     return m
 
 
-def route(host: Host, r: Route, index: int, jwt_filter: bool = False) -> Any:
-    """``jwt_filter``: the route's HCM has jwt_authn, so the route says what it requires."""
+def route(
+    host: Host, r: Route, index: int, jwt_filter: bool = False, ext_authz: bool = False
+) -> Any:
+    """``jwt_filter``: the route's HCM has jwt_authn, so the route says what it requires;
+    ``ext_authz``: the HCM has ext_authz, so the route says whether it asks the guard."""
     match = rc.RouteMatch()
     if r.prefix is not None:
         match.prefix = r.prefix
@@ -62,6 +65,10 @@ def route(host: Host, r: Route, index: int, jwt_filter: bool = False) -> Any:
     rbac = authz.per_route(r)
     if rbac is not None:
         out.typed_per_filter_config[authz.RBAC_FILTER].CopyFrom(pack(rbac))
+    if ext_authz:
+        per_route = guard.per_route(r)
+        if per_route is not None:
+            out.typed_per_filter_config[guard.FILTER].CopyFrom(pack(per_route))
     if jwt_filter:
         out.typed_per_filter_config[jwt.FILTER].CopyFrom(pack(jwt.per_route(r)))
     if r.direct_response is not None:
@@ -98,11 +105,11 @@ def route(host: Host, r: Route, index: int, jwt_filter: bool = False) -> Any:
     return out
 
 
-def virtual_host(host: Host, jwt_filter: bool = False) -> Any:
+def virtual_host(host: Host, jwt_filter: bool = False, ext_authz: bool = False) -> Any:
     return rc.VirtualHost(
         name=host.name,
         domains=host.domains,
-        routes=[route(host, r, i, jwt_filter) for i, r in enumerate(host.routes)],
+        routes=[route(host, r, i, jwt_filter, ext_authz) for i, r in enumerate(host.routes)],
     )
 
 
@@ -154,15 +161,16 @@ def route_configurations(listener: Listener) -> list[Any]:
         return [_redirect(listener)]
     if listener.tls is None:
         jwt_filter = bool(jwt.providers_of(listener.hosts))
+        ext_authz = guard.needs_ext_authz(listener.hosts)
         return [
             route_pb2.RouteConfiguration(
                 name=listener.name,
-                virtual_hosts=[virtual_host(h, jwt_filter) for h in listener.hosts],
+                virtual_hosts=[virtual_host(h, jwt_filter, ext_authz) for h in listener.hosts],
             )
         ]
     out = []
     for h in listener.hosts:
-        vhosts = [virtual_host(h, bool(jwt.providers_of([h])))]
+        vhosts = [virtual_host(h, bool(jwt.providers_of([h])), guard.needs_ext_authz([h]))]
         if "*" not in h.domains:
             vhosts.append(_misdirected())
         out.append(

@@ -1,0 +1,87 @@
+"""Replay protection: ``guard`` -> a cluster for ``xdsplane guard``; ``replay_protection`` on
+routes -> Envoy's ext_authz filter asking it.
+
+The filter sits in the HCM of every host (filter chain) with a replay-protected route, after
+jwt_authn (whose verified payload it forwards: ``metadata_context_namespaces``) and before
+RBAC and the router. Each route of that HCM carries an ``ExtAuthzPerRoute``: ``disabled``
+unless the route has ``replay_protection``, so only those routes call the guard.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from typing import Any
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import config_source_pb2, grpc_service_pb2, protocol_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+
+from xdsplane.policy.model import Guard, Host, Route, split_host_port
+from xdsplane.policy.translate import jwt
+from xdsplane.policy.translate.common import duration, pack, socket_address
+
+CLUSTER = "xdsplane-guard"
+FILTER = "envoy.filters.http.ext_authz"
+_HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+def needs_ext_authz(hosts: Iterable[Host]) -> bool:
+    return any(r.replay_protection for h in hosts for r in h.routes)
+
+
+def cluster(guard: Guard) -> Any:
+    """The guard's cluster: STATIC for an IP address, STRICT_DNS for a host name; HTTP/2."""
+    host, _ = split_host_port(guard.address)
+    try:
+        ipaddress.ip_address(host)
+        kind = cluster_pb2.Cluster.STATIC
+    except ValueError:
+        kind = cluster_pb2.Cluster.STRICT_DNS
+    c = cluster_pb2.Cluster(
+        name=CLUSTER,
+        type=kind,
+        connect_timeout=duration("1s"),
+        load_assignment=endpoint_pb2.ClusterLoadAssignment(
+            cluster_name=CLUSTER,
+            endpoints=[
+                endpoint_components_pb2.LocalityLbEndpoints(
+                    lb_endpoints=[
+                        endpoint_components_pb2.LbEndpoint(
+                            endpoint=endpoint_components_pb2.Endpoint(
+                                address=socket_address(guard.address)
+                            )
+                        )
+                    ]
+                )
+            ],
+        ),
+    )
+    opts = http_protocol_options_pb2.HttpProtocolOptions(
+        explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
+            http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
+        )
+    )
+    c.typed_extension_protocol_options[_HTTP_OPTIONS].CopyFrom(pack(opts))
+    return c
+
+
+def filter_config(guard: Guard) -> Any:
+    return ext_authz_pb2.ExtAuthz(
+        grpc_service=grpc_service_pb2.GrpcService(
+            envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=CLUSTER),
+            timeout=duration(guard.timeout),
+        ),
+        transport_api_version=config_source_pb2.V3,
+        failure_mode_allow=guard.fail_open,
+        metadata_context_namespaces=[jwt.FILTER],
+    )
+
+
+def per_route(route: Route) -> Any | None:
+    """Disabled unless the route is replay-protected (then the HCM-level filter applies)."""
+    if route.replay_protection:
+        return None
+    return ext_authz_pb2.ExtAuthzPerRoute(disabled=True)
