@@ -33,7 +33,9 @@ CASE_TIMEOUT = 30.0
 DEFAULT_SANS = ("example.com", "*.example.com")
 
 
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, cwd: Path, timeout: float = CASE_TIMEOUT
+) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.pop("PYTHONWARNINGS", None)
@@ -44,7 +46,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         errors="replace",
-        timeout=CASE_TIMEOUT,
+        timeout=timeout,
         check=False,
     )
 

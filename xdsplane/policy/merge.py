@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -83,26 +84,22 @@ def merge(fragments: list[Fragment]) -> tuple[GroupPolicy, list[ConfigError]]:
             )
         )
 
+    def add_named(
+        kind: str, key: str, f: Fragment, items: Mapping[str, T], into: dict[str, Part[T]]
+    ) -> None:
+        """Named parts (secrets, upstreams, ...): unique across the group's files."""
+        for name, value in items.items():
+            origin = Origin(f.doc, (key, name))
+            if name in into:
+                dup(kind, name, into[name].origin, origin, origin.key())
+            else:
+                into[name] = Part(value, origin)
+
     for f in fragments:
         p = f.policy
-        for name, secret in p.secrets.items():
-            origin = Origin(f.doc, ("secrets", name))
-            if name in out.secrets:
-                dup("secret", name, out.secrets[name].origin, origin, origin.key())
-            else:
-                out.secrets[name] = Part(secret, origin)
-        for name, upstream in p.upstreams.items():
-            origin = Origin(f.doc, ("upstreams", name))
-            if name in out.upstreams:
-                dup("upstream", name, out.upstreams[name].origin, origin, origin.key())
-            else:
-                out.upstreams[name] = Part(upstream, origin)
-        for name, provider in p.jwt_providers.items():
-            origin = Origin(f.doc, ("jwt_providers", name))
-            if name in out.jwt_providers:
-                dup("jwt provider", name, out.jwt_providers[name].origin, origin, origin.key())
-            else:
-                out.jwt_providers[name] = Part(provider, origin)
+        add_named("secret", "secrets", f, p.secrets, out.secrets)
+        add_named("upstream", "upstreams", f, p.upstreams, out.upstreams)
+        add_named("jwt provider", "jwt_providers", f, p.jwt_providers, out.jwt_providers)
         for i, listener in enumerate(p.listeners):
             origin = Origin(f.doc, ("listeners", i))
             if listener.name in out.listeners:
