@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from xdsplane.config.errors import ConfigError
 from xdsplane.policy.merge import GroupPolicy, Origin
-from xdsplane.policy.model import split_host_port
+from xdsplane.policy.model import Route, split_host_port
 from xdsplane.policy.translate.guard import CLUSTER as GUARD_CLUSTER
 
 _ANY_HOSTS = (ipaddress.ip_address("0.0.0.0"), ipaddress.ip_address("::"))
@@ -28,6 +28,34 @@ class Usage:
     secrets: set[UseKey] = field(default_factory=set)
     upstreams: set[UseKey] = field(default_factory=set)
     jwt_providers: set[UseKey] = field(default_factory=set)
+
+
+def _access_errors(
+    route: Route, origin: Origin, keys: tuple[str | int, ...], host: str, asks_certs: bool
+) -> list[ConfigError]:
+    """What a route's ``access`` rules need from the route and its host."""
+    assert route.access is not None
+    errors = []
+    has_jwt = route.jwt is not None or route.jwt_optional is not None
+    for kind in ("allow", "deny"):
+        for i, rule in enumerate(getattr(route.access, kind)):
+            if rule.jwt_claims is not None and not has_jwt:
+                errors.append(
+                    ConfigError(
+                        origin.key(*keys, kind, i, "jwt_claims"),
+                        "jwt_claims: the route verifies no token (add jwt: or jwt_optional: "
+                        "with a provider)",
+                    )
+                )
+            if rule.client_sans is not None and not asks_certs:
+                errors.append(
+                    ConfigError(
+                        origin.key(*keys, kind, i, "client_sans"),
+                        f"client_sans: host {host!r} does not ask for client certificates "
+                        "(set client_certificate: optional or required, and client_ca)",
+                    )
+                )
+    return errors
 
 
 def check_policy(policy: GroupPolicy, scope: str = "") -> tuple[list[ConfigError], Usage]:
@@ -153,6 +181,16 @@ def check_policy(policy: GroupPolicy, scope: str = "") -> tuple[list[ConfigError
                             lo.key(*hkeys, "routes", ri, key),
                             f"{key}: host {h.name!r} does not ask for client certificates "
                             "(set client_certificate: optional or required, and client_ca)",
+                        )
+                    )
+                if r.access is not None:
+                    errors.extend(
+                        _access_errors(
+                            r,
+                            lo,
+                            (*hkeys, "routes", ri, "access"),
+                            h.name,
+                            listener.tls is not None and h.client_certificate != "off",
                         )
                     )
                 for key in ("jwt", "jwt_optional"):

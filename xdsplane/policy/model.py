@@ -275,6 +275,121 @@ class DirectResponse(Model):
     body: str = ""
 
 
+def _check_cidr(value: str) -> str:
+    try:
+        ipaddress.ip_network(value, strict=True)
+    except ValueError:
+        try:
+            network = ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            raise ValueError(
+                f"not an IP address or CIDR range: {value!r} (e.g. 10.0.0.0/8, 192.0.2.7)"
+            ) from None
+        raise ValueError(
+            f"{value!r} has bits set after the prefix length; did you mean {network}?"
+        ) from None
+    return value
+
+
+Cidr = Annotated[
+    str,
+    Field(description="an IP address or CIDR range", examples=["10.0.0.0/8"]),
+    AfterValidator(_check_cidr),
+]
+
+
+def _check_path_glob(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError(f"a path must start with '/' (got {value!r})")
+    return value
+
+
+PathGlob = Annotated[
+    str,
+    Field(description="a path glob: '*' matches any run of characters, '/' included"),
+    AfterValidator(_check_path_glob),
+]
+ClaimValue = str | bool
+ACCESS_RULE_KEYS = ("client_sans", "jwt_claims", "sources", "methods", "paths")
+
+
+class AccessRule(Model):
+    """A rule of a route's ``access``: every given key must match; a list matches when one
+    of its entries does."""
+
+    client_sans: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="the validated client certificate has a SAN matching one of these globs",
+    )
+    jwt_claims: dict[str, ClaimValue | list[ClaimValue]] | None = Field(
+        None,
+        min_length=1,
+        description="claim -> value(s): each claim of the verified token equals one of the "
+        "values, or is a list holding one of them",
+    )
+    sources: list[Cidr] | None = Field(
+        None, min_length=1, description="the connection's peer address is in one of these"
+    )
+    methods: list[HttpMethod] | None = Field(None, min_length=1)
+    paths: list[PathGlob] | None = Field(
+        None, min_length=1, description="the path (without query) matches one of these globs"
+    )
+
+    @field_validator("jwt_claims")
+    @classmethod
+    def _claims(
+        cls, value: dict[str, ClaimValue | list[ClaimValue]] | None
+    ) -> dict[str, ClaimValue | list[ClaimValue]] | None:
+        for claim, wanted in (value or {}).items():
+            if not claim:
+                raise ValueError("a claim name cannot be empty")
+            if isinstance(wanted, list) and not wanted:
+                raise ValueError(f"claim {claim!r}: give at least one value")
+        return value
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> AccessRule:
+        if all(getattr(self, key) is None for key in ACCESS_RULE_KEYS):
+            raise ValueError(
+                "an empty rule would match every request: give at least one of "
+                + ", ".join(ACCESS_RULE_KEYS)
+            )
+        return self
+
+
+class Access(Model):
+    """Who may use a route: deny rules refuse, and with ``default: deny`` only requests an
+    allow rule matches pass. ``shadow: true`` only logs what would be refused."""
+
+    default: Literal["allow", "deny"] = Field(
+        "allow", description="deny: only requests matching an allow rule pass"
+    )
+    shadow: bool = Field(
+        False, description="evaluate and log the decision (access log), never refuse"
+    )
+    allow: list[AccessRule] = Field(
+        default_factory=list, description="with default: deny, the requests that pass"
+    )
+    deny: list[AccessRule] = Field(
+        default_factory=list, description="requests refused (403), even if an allow rule matches"
+    )
+
+    @model_validator(mode="after")
+    def _meaningful(self) -> Access:
+        if self.default == "allow" and self.allow:
+            raise ValueError(
+                "allow rules need default: deny (with default: allow, every request that no "
+                "deny rule matches passes anyway)"
+            )
+        if self.default == "allow" and not self.deny:
+            raise ValueError(
+                "this access lets every request through: add deny rules, or default: deny "
+                "with allow rules"
+            )
+        return self
+
+
 class Route(Model):
     """One route of a host: a match (one of prefix, path, regex) and where it goes."""
 
@@ -313,6 +428,11 @@ class Route(Model):
         False,
         description="each token (its jti) is accepted once, as checked by the guard; needs "
         "jwt: and a top-level guard",
+    )
+    access: Access | None = Field(
+        None,
+        description="allow or deny requests by client certificate, JWT claims, source "
+        "address, method and path; absent: no rules beyond the keys above",
     )
 
     @model_validator(mode="after")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from envoy.config.accesslog.v3 import accesslog_pb2
@@ -60,6 +60,11 @@ ACCESS_LOG_FIELDS: dict[str, str] = {
     "client_cert_dns_san": "%DOWNSTREAM_PEER_DNS_SAN%",
     "client_cert_fingerprint": "%DOWNSTREAM_PEER_FINGERPRINT_256%",
     "client_cert_expiry": "%DOWNSTREAM_PEER_CERT_V_END%",
+    # Route access rules (translate/authz.py): the RBAC policy that refused the request
+    # (client-certificate, deny-N, default-deny), and in shadow mode what would have happened.
+    "access_denied_by": authz.metadata_operator("enforced_effective_policy_id"),
+    "access_shadow": authz.metadata_operator("shadow_engine_result"),
+    "access_shadow_denied_by": authz.metadata_operator("shadow_effective_policy_id"),
 }
 
 
@@ -113,14 +118,16 @@ def _http_filters(
     jwt_names: list[str],
     providers: Mapping[str, jwt.Provider],
     ext_authz: Guard | None = None,
+    rbac_hosts: Sequence[Host] = (),
 ) -> list[Any]:
-    """``ext_authz``: the guard that the HCM's replay-protected routes ask, if any."""
+    """``ext_authz``: the guard that the HCM's replay-protected routes ask, if any;
+    ``rbac_hosts``: the hosts whose routes the HCM serves (RBAC if any route has rules)."""
     filters = _jwt_filters(jwt_names, providers)
     if ext_authz is not None:
         filters.append(
             hcm_pb2.HttpFilter(name=guard.FILTER, typed_config=pack(guard.filter_config(ext_authz)))
         )
-    if host is not None and authz.needs_rbac(host):
+    if authz.needs_rbac(rbac_hosts):
         filters.append(
             hcm_pb2.HttpFilter(name=authz.RBAC_FILTER, typed_config=pack(authz.filter_config()))
         )
@@ -136,12 +143,13 @@ def _hcm(
     jwt_names: list[str],
     providers: Mapping[str, jwt.Provider],
     ext_authz: Guard | None = None,
+    rbac_hosts: Sequence[Host] = (),
 ) -> Any:
     m = hcm_pb2.HttpConnectionManager(
         stat_prefix=name,
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
         rds=hcm_pb2.Rds(config_source=ads(), route_config_name=route_config),
-        http_filters=_http_filters(host, jwt_names, providers, ext_authz),
+        http_filters=_http_filters(host, jwt_names, providers, ext_authz, rbac_hosts),
         use_remote_address=wrappers_pb2.BoolValue(value=True),
         normalize_path=wrappers_pb2.BoolValue(value=True),
         merge_slashes=True,
@@ -198,7 +206,14 @@ def listener(
     if spec.tls is None:
         names = jwt.providers_of(spec.hosts)
         hcm = _hcm(
-            spec.name, route_config_name(spec), None, log, names, found, ext_authz(spec.hosts)
+            spec.name,
+            route_config_name(spec),
+            None,
+            log,
+            names,
+            found,
+            ext_authz(spec.hosts),
+            rbac_hosts=spec.hosts,
         )
         out.filter_chains.append(listener_components_pb2.FilterChain(name=spec.name, filters=[hcm]))
         return out
@@ -220,6 +235,7 @@ def listener(
                     jwt.providers_of([h]),
                     found,
                     ext_authz([h]),
+                    rbac_hosts=[h],
                 )
             ],
             transport_socket=transport_socket(downstream_tls(spec.tls, h)),
