@@ -97,7 +97,11 @@ def test_every_key_of_a_rule_must_match_and_a_list_is_any_of() -> None:
             "access": {
                 "deny": [
                     {
-                        "jwt_claims": {"roles": ["admin", "ops"], "email_verified": True},
+                        "jwt_claims": {
+                            "roles": ["admin", "ops"],
+                            "email_verified": True,
+                            "level": 3,
+                        },
                         "paths": ["/a", "/b/*/c"],
                     }
                 ]
@@ -105,7 +109,7 @@ def test_every_key_of_a_rule_must_match_and_a_list_is_any_of() -> None:
         }
     )
     (rule,) = rbac["rules"]["policies"]["deny-0"]["principals"]
-    verified, roles, paths = rule["and_ids"]["ids"]  # claims sorted by name, then paths
+    verified, level, roles, paths = rule["and_ids"]["ids"]  # claims by name, then paths
     # Each value: the claim equals it, or the claim is a list holding it.
     assert len(roles["or_ids"]["ids"]) == 4
     first = roles["or_ids"]["ids"][0]["metadata"]
@@ -115,6 +119,7 @@ def test_every_key_of_a_rule_must_match_and_a_list_is_any_of() -> None:
     listed = roles["or_ids"]["ids"][1]["metadata"]["value"]
     assert listed == {"list_match": {"one_of": {"string_match": {"exact": "admin"}}}}
     assert verified["or_ids"]["ids"][0]["metadata"]["value"] == {"bool_match": True}
+    assert level["or_ids"]["ids"][0]["metadata"]["value"] == {"double_match": {"exact": 3.0}}
     exact, glob = paths["or_ids"]["ids"]
     assert exact == {"url_path": {"path": {"exact": "/a"}}}
     assert glob["url_path"]["path"]["safe_regex"]["regex"] == "^/b/.*/c$"
@@ -178,6 +183,7 @@ listeners:
               allow:
                 - {{jwt_claims: {{roles: admin}}}}
                 - {{jwt_claims: {{sub: [carol, dave], email_verified: true}}}}
+                - {{jwt_claims: {{clearance: [3, 4]}}}}
             direct_response: {{status: 200, body: admins}}
           - name: not-banned
             prefix: /not-banned/
@@ -367,8 +373,9 @@ def test_shadow_access_rules_beside_an_enforced_client_certificate(gateway: Gate
 @pytest.mark.envoy
 def test_allow_by_claim(gateway: Gateway) -> None:
     """allow roles: admin (a string claim equal to it, or a list claim holding it), or sub
-    carol/dave with email_verified true; everyone else with a valid token is refused."""
-    for claims in ({"roles": "admin"}, {"roles": ["viewer", "admin"]}):
+    carol/dave with email_verified true, or clearance 3 or 4 (numbers); everyone else with
+    a valid token is refused."""
+    for claims in ({"roles": "admin"}, {"roles": ["viewer", "admin"]}, {"clearance": 4}):
         r = gateway.request("/admins/x", token=gateway.token("eve", **claims))
         assert r.text == "admins", (claims, r)
     carol = gateway.token("carol", email_verified=True)
@@ -379,6 +386,8 @@ def test_allow_by_claim(gateway: Gateway) -> None:
         ("carol", {}),  # email_verified missing: both claims of the rule must match
         ("carol", {"email_verified": False}),
         ("mallory", {"email_verified": True}),
+        ("eve", {"clearance": 2}),
+        ("eve", {"clearance": "4"}),  # a string is not the number 4
     ):
         r = gateway.request("/admins/x", token=gateway.token(sub, **claims))
         assert_refused(r)

@@ -47,7 +47,14 @@ from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter_pb2
 from envoy.extensions.rbac.principals.mtls_authenticated.v3 import mtls_authenticated_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2
-from envoy.type.matcher.v3 import metadata_pb2, path_pb2, regex_pb2, string_pb2, value_pb2
+from envoy.type.matcher.v3 import (
+    metadata_pb2,
+    number_pb2,
+    path_pb2,
+    regex_pb2,
+    string_pb2,
+    value_pb2,
+)
 from google.protobuf import wrappers_pb2
 
 from xdsplane.policy.model import Access, AccessRule, ClaimValue, Host, Route
@@ -129,6 +136,8 @@ def _certificate(route: Route) -> Any:
 def _value(value: ClaimValue) -> Any:
     if isinstance(value, bool):
         return value_pb2.ValueMatcher(bool_match=value)
+    if isinstance(value, int):  # JSON numbers are doubles in the payload's Struct
+        return value_pb2.ValueMatcher(double_match=number_pb2.DoubleMatcher(exact=float(value)))
     return value_pb2.ValueMatcher(string_match=string_pb2.StringMatcher(exact=value))
 
 
