@@ -47,7 +47,7 @@ def test_a_route_without_rules_has_no_rbac() -> None:
     assert authz.per_route(spec) is None
 
 
-def test_deny_and_default_deny_are_policies_of_one_deny_engine() -> None:
+def test_deny_rules_and_the_default_are_policies_of_one_deny_engine() -> None:
     rbac = rbac_of(
         {
             "access": {
@@ -60,10 +60,10 @@ def test_deny_and_default_deny_are_policies_of_one_deny_engine() -> None:
     assert "shadow_rules" not in rbac
     rules = rbac["rules"]
     assert rules["action"] == "DENY"
-    assert sorted(rules["policies"]) == ["default-deny", "deny-0"]
+    assert sorted(rules["policies"]) == ["deny-0", "no-allow-rule"]
     (deny,) = rules["policies"]["deny-0"]["principals"]
     assert deny == {"direct_remote_ip": {"address_prefix": "10.0.0.0", "prefix_len": 8}}
-    (default,) = rules["policies"]["default-deny"]["principals"]
+    (default,) = rules["policies"]["no-allow-rule"]["principals"]
     methods, paths = default["not_id"]["or_ids"]["ids"]
     assert [p["header"]["string_match"]["exact"] for p in methods["or_ids"]["ids"]] == [
         "GET",
@@ -75,7 +75,7 @@ def test_deny_and_default_deny_are_policies_of_one_deny_engine() -> None:
 def test_default_deny_without_allow_rules_denies_everything() -> None:
     rules = rbac_of({"access": {"default": "deny"}})["rules"]
     assert rules["policies"] == {
-        "default-deny": {"permissions": [{"any": True}], "principals": [{"any": True}]}
+        "no-allow-rule": {"permissions": [{"any": True}], "principals": [{"any": True}]}
     }
 
 
@@ -330,14 +330,14 @@ def assert_refused(r: Response) -> None:
 @pytest.mark.envoy
 def test_allow_by_san(gateway: Gateway) -> None:
     """default: deny + allow client_sans ops/*: alice (ops) passes; bob (dev, valid
-    certificate) and a client without one are refused by default-deny."""
+    certificate) and a client without one are refused by no-allow-rule."""
     assert gateway.tls_get("/ops/report", cert="alice").text == "ops"
     bob = tagged("/ops/report")
     assert_refused(gateway.tls_get(bob, cert="bob"))
     assert_refused(gateway.tls_get("/ops/report"))
     line = gateway.log_line(bob)
-    assert line["status"] == 403 and line["access_denied_by"] == "default-deny", line
-    assert line["details"] == "rbac_access_denied_matched_policy[default-deny]", line
+    assert line["status"] == 403 and line["access_denied_by"] == "no-allow-rule", line
+    assert line["details"] == "rbac_access_denied_matched_policy[no-allow-rule]", line
 
 
 @pytest.mark.envoy
@@ -479,8 +479,10 @@ def test_shadow_mode_logs_without_denying(gateway: Gateway) -> None:
     """shadow: true with default deny, allow GET, deny /trial/secret: every request is
     served, and the access log says which ones the rules would refuse, and why."""
     secret, post, fine = tagged("/trial/secret"), tagged("/trial/x"), tagged("/trial/x")
+    both = tagged("/trial/secret")
     assert gateway.request(secret).text == "trial"  # deny-0 would refuse it
     assert gateway.request(post, method="POST", body=b"x").text == "trial"  # not allowed
+    assert gateway.request(both, method="POST", body=b"x").text == "trial"  # both reasons
     assert gateway.request(fine).text == "trial"
     line = gateway.log_line(secret)
     assert line["status"] == 200, line
@@ -489,13 +491,16 @@ def test_shadow_mode_logs_without_denying(gateway: Gateway) -> None:
     assert line["access_denied_by"] in (None, "-"), line
     line = gateway.log_line(post)
     assert (line["status"], line["access_shadow"]) == (200, "denied"), line
-    assert line["access_shadow_denied_by"] == "default-deny", line
+    assert line["access_shadow_denied_by"] == "no-allow-rule", line
+    # Both a deny rule and the default would refuse it: the deny rule is named.
+    line = gateway.log_line(both)
+    assert (line["access_shadow"], line["access_shadow_denied_by"]) == ("denied", "deny-0")
     line = gateway.log_line(fine)
     assert (line["status"], line["access_shadow"]) == (200, "allowed"), line
     assert line["access_shadow_denied_by"] in (None, "-"), line
     # Envoy counts the shadow decisions too.
     shadow_denied = gateway.envoy.stats(r"^http\.http\.rbac\.shadow_denied$")
-    assert shadow_denied.get("http.http.rbac.shadow_denied", 0) >= 2, shadow_denied
+    assert shadow_denied.get("http.http.rbac.shadow_denied", 0) >= 3, shadow_denied
 
 
 @pytest.mark.envoy

@@ -15,15 +15,16 @@ DENY engine:
 - ``client-certificate``: not (a validated client certificate [with a SAN matching
   ``allow_client_sans``]);
 - ``deny-N``: deny rule N of ``access`` matches;
-- ``default-deny`` (``default: deny``): not (any allow rule matches).
+- ``no-allow-rule`` (``default: deny``): not (any allow rule matches).
 
 A policy matches when its principal does; every condition is written as a Principal (RBAC
 principals can test headers, ``url_path``, dynamic metadata and the peer address too), so
 "not any allow rule" is one ``not_id``. Deny beats allow by construction. When Envoy
 refuses, the matched policy's name is in the response details
 (``rbac_access_denied_matched_policy[deny-0]``) and in the dynamic metadata
-``envoy.filters.http.rbac`` / ``enforced_effective_policy_id``; when several match, Envoy
-reports the first by name.
+``envoy.filters.http.rbac`` / ``enforced_effective_policy_id``. When several match, Envoy
+reports the first by name (its policies are a sorted map): the names are chosen so that
+``client-certificate`` comes first and an explicit ``deny-N`` before ``no-allow-rule``.
 
 **Shadow.** With ``access.shadow`` the access policies go to ``shadow_rules`` instead of
 ``rules`` (the client-certificate policy stays enforced): Envoy evaluates them, never
@@ -64,7 +65,7 @@ from xdsplane.policy.translate.jwt import PAYLOAD_KEY
 
 RBAC_FILTER = "envoy.filters.http.rbac"
 POLICY = "client-certificate"
-DEFAULT_DENY = "default-deny"
+DEFAULT_DENY = "no-allow-rule"
 METADATA_NAMESPACE = RBAC_FILTER
 """Where Envoy's RBAC filter writes its decisions (dynamic metadata)."""
 
@@ -212,7 +213,7 @@ def _policy(principal: Any) -> Any:
 
 
 def access_policies(access: Access) -> dict[str, Any]:
-    """The DENY policies of ``access``: ``deny-N`` per deny rule, ``default-deny``."""
+    """The DENY policies of ``access``: ``deny-N`` per deny rule, ``no-allow-rule``."""
     out = {f"deny-{i}": _policy(rule_principal(r)) for i, r in enumerate(access.deny)}
     if access.default == "deny":
         if access.allow:

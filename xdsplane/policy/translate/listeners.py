@@ -61,7 +61,7 @@ ACCESS_LOG_FIELDS: dict[str, str] = {
     "client_cert_fingerprint": "%DOWNSTREAM_PEER_FINGERPRINT_256%",
     "client_cert_expiry": "%DOWNSTREAM_PEER_CERT_V_END%",
     # Route access rules (translate/authz.py): the RBAC policy that refused the request
-    # (client-certificate, deny-N, default-deny), and in shadow mode what would have happened.
+    # (client-certificate, deny-N, no-allow-rule), and in shadow mode what would have happened.
     "access_denied_by": authz.metadata_operator("enforced_effective_policy_id"),
     "access_shadow": authz.metadata_operator("shadow_engine_result"),
     "access_shadow_denied_by": authz.metadata_operator("shadow_effective_policy_id"),
