@@ -22,7 +22,16 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from google.protobuf import json_format
-from harness import HOST, Envoy, ProcessGroup, Response, XdsServer, free_port, wait_until
+from harness import (
+    HOST,
+    Envoy,
+    ProcessGroup,
+    Response,
+    XdsServer,
+    free_port,
+    wait_until,
+    write_atomic,
+)
 from tls_helpers import BILLING, attach_to_report, client_context, https_get, make_pki
 from tls_helpers import process_group as module_processes
 
@@ -510,3 +519,28 @@ def test_routes_without_rules_log_no_decision(gateway: Gateway) -> None:
     line = gateway.log_line(path)
     for key in ("access_denied_by", "access_shadow", "access_shadow_denied_by"):
         assert line[key] in (None, "-"), (key, line)
+
+
+# -- changing rules ---------------------------------------------------------------------------
+
+
+@pytest.mark.envoy
+def test_changing_rules_updates_only_the_route_configuration(gateway: Gateway) -> None:
+    """Opening /closed/ to GET is an RDS update: the listener (its RBAC filter has no rules
+    of its own) is not touched, so no connection is drained. Runs last: it edits the
+    policy."""
+    assert_refused(gateway.request("/closed/x"))
+    listener_stats = r"^listener_manager\.(lds\.update_success|listener_modified)$"
+    before = gateway.envoy.stats(listener_stats)
+    rds = gateway.envoy.stat("http.http.rds.http.update_success")
+    policy = gateway.root / "policy" / "edge.yaml"
+    text = policy.read_text()
+    closed = "access: {default: deny}\n"
+    assert text.count(closed) == 1
+    write_atomic(
+        policy, text.replace(closed, "access: {default: deny, allow: [{methods: [GET]}]}\n")
+    )
+    wait_until(lambda: gateway.request("/closed/x").status == 200, 10, what="GET allowed")
+    assert_refused(gateway.request("/closed/x", method="POST", body=b"x"))
+    assert gateway.envoy.stat("http.http.rds.http.update_success") > rds
+    assert gateway.envoy.stats(listener_stats) == before
