@@ -480,3 +480,14 @@ def test_redis_killed_fail_closed_denies_fail_open_allows_then_both_recover(
     for proc in (a.guard.proc, b.guard.proc, a.envoy.proc, b.envoy.proc):
         assert proc.alive() and proc.starts == 1, proc.name
     assert redis.proc.starts == 2
+
+
+@pytest.mark.envoy
+def test_guard_unreachable_fails_closed_by_the_policy(shared: Shared) -> None:
+    """guard.fail_open: false -> the ratelimit filter's failure_mode_deny: Envoy refuses."""
+    shared.a.guard.proc.stop()
+    r = get(shared.a.port, "/shared/x", token(shared.key, shared.sub("ivan")))
+    assert r.status == 500, (r.status, r.text)
+    assert get(shared.a.port, "/once/x", token(shared.key, shared.sub("ivan"))).status == 403
+    assert get(shared.a.port, "/healthz").status == 200  # routes without the guard still work
+    assert shared.a.envoy.stat("cluster.echo.ratelimit.error") >= 1
