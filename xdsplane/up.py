@@ -164,6 +164,9 @@ def run(opts: UpOptions) -> int:
                 opts.guard_address,
                 "--admin-address",
                 opts.guard_admin_address,
+                # The global rate limits: the same policy Envoy is served.
+                "--policy",
+                str(opts.config),
             ],
         )
         procs.append(("guard", guard))
