@@ -35,7 +35,7 @@ from harness import (
 )
 from test_guard import Guard, Redis
 from test_jwt import EchoUpstream
-from tls_helpers import attach_to_report, process_group
+from tls_helpers import attach_to_report, client_context, https_get, make_pki, process_group
 
 from xdsplane import jwt, pki
 from xdsplane.config.errors import ConfigErrors
@@ -203,6 +203,23 @@ listeners:
             upstream: echo
           - {{name: unlimited, prefix: /free/, upstream: echo}}
           - {{name: slow, prefix: /slow/, upstream: slow, timeout: 30s}}
+  - name: https
+    address: 127.0.0.1:{tls_port}
+    tls: {{}}
+    hosts:
+      - name: billing
+        domains: [billing.example.com]
+        certificate: edge-server
+        client_certificate: optional
+        client_ca: client-ca
+        routes:
+          - name: by-cert
+            prefix: /
+            rate_limit: {{requests: 2, per: 1h, by: client_certificate}}
+            upstream: echo
+secrets:
+  edge-server: {{certificate: ../certs/edge.crt, private_key: ../certs/edge.key}}
+  client-ca: {{ca: ../certs/client-ca.crt}}
 upstreams:
   echo: {{endpoints: ["127.0.0.1:{echo}"]}}
   slow:
@@ -214,6 +231,8 @@ upstreams:
 @dataclass
 class Local:
     port: int
+    tls_port: int
+    certs: Path
     key: ec.EllipticCurvePrivateKey
     envoy: Envoy
     slow: SlowUpstream
@@ -226,16 +245,19 @@ def local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Local]:
     folder = root / "policy"
     key = jwt.new_key()
     pki.write_atomic(root / "keys" / "jwks.json", jwt.jwks(key))
+    certs = make_pki(root / "certs")
     echo, slow = EchoUpstream(), SlowUpstream()
-    port = free_port()
-    text = LOCAL_POLICY.format(issuer=jwt.DEFAULT_ISSUER, port=port, echo=echo.port, slow=slow.port)
+    port, tls_port = free_port(), free_port()
+    text = LOCAL_POLICY.format(
+        issuer=jwt.DEFAULT_ISSUER, port=port, tls_port=tls_port, echo=echo.port, slow=slow.port
+    )
     write_atomic(folder / "edge.yaml", text)
     try:
         with process_group(root / "logs") as group:
             server = XdsServer(group, folder).start()
             envoy = Envoy(group, root, "edge-1", server.xds_address).start()
             wait_until(lambda: get(port, "/healthz").status == 200, 20, what="gateway answers")
-            yield Local(port, key, envoy, slow, group)
+            yield Local(port, tls_port, certs, key, envoy, slow, group)
     finally:
         echo.close()
         slow.close()
@@ -277,6 +299,22 @@ def test_local_limit_by_source_address(local: Local) -> None:
     assert get(local.port, "/addr/x", source=OTHER_HOST).status == 200  # another client
     assert get(local.port, "/addr/x", source=OTHER_HOST).status == 200
     assert get(local.port, "/addr/x", source=OTHER_HOST).status == 429
+
+
+@pytest.mark.envoy
+def test_local_limit_by_client_certificate(local: Local) -> None:
+    """Each client certificate (its URI SAN) has its own budget; no certificate: one shared
+    budget for the anonymous."""
+
+    def status(cert: str | None) -> int:
+        ctx = client_context(local.certs, cert)
+        answer, _ = https_get(local.tls_port, ctx, "billing.example.com", "/x")
+        return answer.status
+
+    assert [status("alice") for _ in range(3)] == [200, 200, 429]
+    assert [status("bob") for _ in range(3)] == [200, 200, 429]  # another SAN
+    assert [status(None) for _ in range(3)] == [200, 200, 429]
+    assert local.envoy.stat("billing.by-cert.http_local_rate_limit.rate_limited") == 3
 
 
 @pytest.mark.envoy
