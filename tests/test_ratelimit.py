@@ -237,6 +237,8 @@ class Local:
     envoy: Envoy
     slow: SlowUpstream
     group: ProcessGroup
+    policy: Path
+    text: str
 
 
 @pytest.fixture(scope="module")
@@ -257,7 +259,7 @@ def local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Local]:
             server = XdsServer(group, folder).start()
             envoy = Envoy(group, root, "edge-1", server.xds_address).start()
             wait_until(lambda: get(port, "/healthz").status == 200, 20, what="gateway answers")
-            yield Local(port, tls_port, certs, key, envoy, slow, group)
+            yield Local(port, tls_port, certs, key, envoy, slow, group, folder / "edge.yaml", text)
     finally:
         echo.close()
         slow.close()
@@ -346,6 +348,21 @@ def test_upstream_circuit_breakers_take_effect(local: Local) -> None:
         first.join(30)
         second.join(30)
     assert results[1].status == 200 and results[2].status == 200, results
+
+
+@pytest.mark.envoy
+def test_a_limit_edit_reaches_envoy_over_rds_only(local: Local) -> None:
+    """Runs last in its module: it rewrites the policy."""
+    envoy = local.envoy
+    lds = envoy.stat("listener_manager.lds.update_success")
+    rds = envoy.stat("http.http.rds.http.update_success")
+    edited = local.text.replace("requests: 2, per: 1h, by: source_address", "requests: 4, per: 1h")
+    assert edited != local.text
+    write_atomic(local.policy, edited)
+    wait_until(lambda: envoy.stat("http.http.rds.http.update_success") > rds, 10, what="RDS update")
+    source = "127.0.0.3"
+    assert [get(local.port, "/addr/x", source=source).status for _ in range(5)] == 4 * [200] + [429]
+    assert envoy.stat("listener_manager.lds.update_success") == lds  # no listener change
 
 
 # -- two Envoys, two guards, one Redis --------------------------------------------------------
