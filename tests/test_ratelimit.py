@@ -175,6 +175,19 @@ def test_guard_reloads_policy_limits_on_change_and_sighup(
         g.close()
 
 
+def test_guard_refuses_a_bad_policy_at_startup(procs: ProcessGroup, tmp_path: Path) -> None:
+    (tmp_path / "jwks.json").write_bytes(jwt.jwks(jwt.new_key()))
+    folder = tmp_path / "policy"
+    text = SHARED_POLICY.format(node="edge-a", guard="127.0.0.1:1", port=1001, upstream=9)
+    write_atomic(folder / "a.yaml", text.replace("per: 1h", "per: 2h"))
+    g = Guard(procs, "guard-bad", "--policy", str(folder))
+    g.proc.start()
+    assert g.proc.wait(30) == 1
+    log = g.proc.tail()
+    assert f"{folder / 'a.yaml'}:19:" in log and "per must be 1s, 1m or 1h" in log, log
+    assert "not starting" in log
+
+
 # -- one Envoy: local limits and circuit breakers ---------------------------------------------
 
 LOCAL_POLICY = """\
