@@ -23,6 +23,10 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+from envoy.extensions.filters.http.ratelimit.v3.rate_limit_pb2 import RateLimit
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
 from harness import (
     HOST,
     Envoy,
@@ -39,7 +43,9 @@ from tls_helpers import attach_to_report, client_context, https_get, make_pki, p
 
 from xdsplane import jwt, pki
 from xdsplane.config.errors import ConfigErrors
+from xdsplane.config.loader import FolderLoader
 from xdsplane.guard.policy import limits_from_policy
+from xdsplane.types import ResourceType
 
 OTHER_HOST = "127.0.0.2"  # a second client address on loopback (Linux routes 127/8 to lo)
 
@@ -135,6 +141,31 @@ def test_guard_limits_come_from_the_policy(tmp_path: Path) -> None:
         f"{tmp_path / 'b.yaml'}:19:13: route http/api/shared has another global_rate_limit at "
         f"{tmp_path / 'a.yaml'}:19 (one route id, one limit)"
     ]
+
+
+def test_a_guard_edit_rebuilds_a_listener_with_only_global_limits(tmp_path: Path) -> None:
+    """The translation cache keys such a listener on the guard too (fail_open is in it)."""
+    (tmp_path / "jwks.json").write_bytes(jwt.jwks(jwt.new_key()))
+    text = SHARED_POLICY.format(node="edge-a", guard="127.0.0.1:1", port=1001, upstream=9)
+    text = text.replace("replay_protection: true, ", "")  # global limits only
+    policy = tmp_path / "policy" / "a.yaml"
+    write_atomic(policy, text)
+    loader = FolderLoader(policy.parent)
+
+    def failure_mode_deny() -> bool:
+        group = loader.load().group("edge-a")
+        assert group is not None
+        listener = group.resources[ResourceType.LISTENER]["http"].message
+        hcm = hcm_pb2.HttpConnectionManager()
+        listener.filter_chains[0].filters[0].typed_config.Unpack(hcm)
+        (found,) = [f for f in hcm.http_filters if f.name == "envoy.filters.http.ratelimit"]
+        config = RateLimit()
+        found.typed_config.Unpack(config)
+        return bool(config.failure_mode_deny)
+
+    assert failure_mode_deny() is True
+    write_atomic(policy, text.replace("fail_open: false", "fail_open: true"))
+    assert failure_mode_deny() is False
 
 
 def test_guard_reloads_policy_limits_on_change_and_sighup(
