@@ -12,7 +12,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from harness import Envoy, ProcessGroup, Response, XdsServer, free_port, wait_until
+from harness import (
+    Envoy,
+    ProcessGroup,
+    Response,
+    XdsServer,
+    free_port,
+    http_get,
+    wait_until,
+    xdsplane_argv,
+)
 from tls_helpers import DemoUpstream, TlsConnection, https_get
 
 from xdsplane import jwt, pki
@@ -23,7 +32,7 @@ SAMPLE = REPO / "snapshots"
 
 def sample_copy(root: Path) -> tuple[Path, dict[int, int]]:
     """snapshots/ under ``root``, certs beside it, the fixed ports replaced by free ones."""
-    ports = {8443: free_port(), 8080: free_port(), 9443: free_port()}
+    ports = {8443: free_port(), 8080: free_port(), 9443: free_port(), 18081: free_port()}
     folder = root / "snapshots"
     folder.mkdir()
     for f in SAMPLE.glob("*.yaml"):
@@ -71,8 +80,21 @@ def test_sample_is_served_live_without_nack(
     folder, ports = sample_copy(tmp_path)
     certs = tmp_path / "certs"
     billing = DemoUpstream(certs, ports[9443]).start()
+    guard_admin = free_port()
+    guard = procs.spawn(
+        "guard",
+        xdsplane_argv(
+            *("guard", "--address", f"127.0.0.1:{ports[18081]}", "--policy", str(folder)),
+            *("--admin-address", f"127.0.0.1:{guard_admin}", "--log-format", "json"),
+        ),
+    ).start()
     try:
         server = XdsServer(procs, folder).start()
+        wait_until(
+            lambda: guard.ensure_alive() or http_get(guard_admin, "/healthz").status == 200,
+            20,
+            what="the guard answers /healthz",
+        )
         envoy = Envoy(procs, tmp_path, "edge-1", server.xds_address, delta=delta).start()
         types = ("SDS", "CDS", "EDS", "LDS", "RDS")
         wait_until(lambda: server.settled("edge-1", types), 20, what="every type ACKed")
@@ -93,6 +115,9 @@ def test_sample_is_served_live_without_nack(
         answer = bearer_get(ports[8443], ctx, "/billing/invoices", token)
         assert answer.status == 200, answer
         assert "commonName=gateway" in answer.text  # Envoy reached billing over mTLS
+        # ... once (replay protection), within a per-client budget (rate limit headers)
+        assert answer.headers["x-ratelimit-limit"] == "60", answer.headers
+        assert bearer_get(ports[8443], ctx, "/billing/invoices", token).status == 403
         assert bearer_get(ports[8443], ctx, "/billing/invoices", None).status == 401
         admin, _ = https_get(ports[8443], ctx, "billing.example.com", "/billing/admin/x")
         assert admin.status == 403  # no client certificate

@@ -3,6 +3,7 @@ and SIGTERM leaves no process behind."""
 
 from __future__ import annotations
 
+import json
 import signal
 import ssl
 import subprocess
@@ -11,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import free_port, wait_until
+from harness import free_port, http_get, wait_until
 from test_sample import bearer_get
 
 from xdsplane import jwt
@@ -47,7 +48,7 @@ def alive(pid: int) -> bool:
 
 @pytest.mark.envoy
 def test_up_serves_the_sample_and_stops_cleanly(tmp_path: Path) -> None:
-    ports = {8443: free_port(), 8080: free_port(), 9443: free_port()}
+    ports = {8443: free_port(), 8080: free_port(), 9443: free_port(), 18081: free_port()}
     policy = tmp_path / "snapshots"
     policy.mkdir()
     for f in (REPO / "snapshots").glob("*.yaml"):
@@ -58,7 +59,8 @@ def test_up_serves_the_sample_and_stops_cleanly(tmp_path: Path) -> None:
         (policy / f.name).write_text(text)
     certs = tmp_path / "certs"
     assert not certs.exists()
-    addr = {name: f"127.0.0.1:{free_port()}" for name in ("xds", "admin", "envoy", "g", "ga")}
+    addr = {name: f"127.0.0.1:{free_port()}" for name in ("xds", "admin", "envoy", "ga")}
+    addr["g"] = f"127.0.0.1:{ports[18081]}"  # the sample's guard address
     log = tmp_path / "up.log"
     with open(log, "wb") as out:
         up = subprocess.Popen(
@@ -86,6 +88,14 @@ def test_up_serves_the_sample_and_stops_cleanly(tmp_path: Path) -> None:
         assert answer.status == 200, answer
         assert "commonName=gateway" in answer.text  # reached billing over mTLS
         assert "CN=alice" in answer.text  # with the client's identity in XFCC
+        # the guard up started checks replay and serves the policy's global limit
+        assert bearer_get(ports[8443], ctx, "/billing/invoices", token).status == 403
+        again = bearer_get(ports[8443], ctx, "/billing/invoices", jwt.token(certs, "alice"))
+        assert again.status == 200, again
+        assert "x-ratelimit-limit" in again.headers, again.headers
+        ga_port = int(addr["ga"].rsplit(":", 1)[1])
+        health = json.loads(http_get(ga_port, "/healthz").body)
+        assert health["domains"] == ["xdsplane"] and health["rules"] == 2, health
         # Envoy got its configuration over the mTLS xDS channel, as node edge-1.
         assert "(mTLS)" in log.read_text()
     finally:

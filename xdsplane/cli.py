@@ -649,7 +649,8 @@ def _add_guard(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="run the guard: ext_authz JWT replay protection and a rate limit service",
         description="Serve Envoy's external authorization API (each JWT id, jti, accepted "
         "once within the token's lifetime) and its rate limit service API (fixed-window "
-        "counters per descriptor, from --limits) over gRPC. Counters and token ids live in "
+        "counters per descriptor, from --limits and the global_rate_limit of the routes of "
+        "--policy) over gRPC. Counters and token ids live in "
         "memory, or in Redis (--redis) so that several guards share one view. See "
         "docs/guard.md.",
     )
@@ -661,6 +662,12 @@ def _add_guard(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="HTTP /metrics and /healthz (default: 127.0.0.1:19081)",
     )
     p.add_argument("--limits", metavar="FILE", help="rate limits YAML (absent: nothing limited)")
+    p.add_argument(
+        "--policy",
+        metavar="DIR",
+        help="a policy folder: every route's global_rate_limit becomes a limit (domain "
+        "xdsplane); reloaded when its files change and on SIGHUP",
+    )
     p.add_argument(
         "--redis", metavar="URL", help="redis://HOST:PORT/DB shared by guards (absent: memory)"
     )
@@ -710,10 +717,15 @@ def cmd_guard(args: argparse.Namespace) -> int:
     if args.max_lifetime <= 0 or args.clock_skew < 0:
         print("xdsplane guard: --max-lifetime must be > 0, --clock-skew >= 0", file=sys.stderr)
         return 2
+    if args.policy:
+        from xdsplane.config import stableread
+
+        stableread.install()  # no half-written policy file is read
     opts = GuardOptions(
         address=args.address,
         admin_address=args.admin_address,
         limits=Path(args.limits) if args.limits else None,
+        policy=Path(args.policy) if args.policy else None,
         redis=args.redis,
         config=GuardConfig(
             max_lifetime=args.max_lifetime,

@@ -23,7 +23,7 @@ from xdsplane.policy.check import Usage, UseKey, check_policy, use_key
 from xdsplane.policy.merge import Fragment, GroupPolicy, Origin, merge
 from xdsplane.policy.model import PolicyFile
 from xdsplane.policy.parse import parse_policy
-from xdsplane.policy.translate import Built, guard, jwt
+from xdsplane.policy.translate import Built, guard, jwt, ratelimit
 from xdsplane.policy.translate.secrets import paths, resolve
 from xdsplane.snapshot import (
     NodeGroup,
@@ -103,9 +103,12 @@ class TranslationCache:
                 f"|{n}:{providers[n].spec.model_dump_json()}:{digest(providers[n].jwks)}"
                 for n in jwt.listener_providers(lpart.value)
             )
-            # ... and the guard, when a route of it is replay-protected.
+            # ... and the guard, when a route of it is replay-protected or globally limited.
             guard_key = ""
-            if guard_spec is not None and guard.needs_ext_authz(lpart.value.hosts):
+            hosts = lpart.value.hosts
+            if guard_spec is not None and (
+                guard.needs_ext_authz(hosts) or ratelimit.needs_global(hosts)
+            ):
                 guard_key = "|guard:" + guard_spec.model_dump_json()
             key = (
                 "listener:" + lname,

@@ -164,6 +164,9 @@ def run(opts: UpOptions) -> int:
                 opts.guard_address,
                 "--admin-address",
                 opts.guard_admin_address,
+                # The global rate limits: the same policy Envoy is served.
+                "--policy",
+                str(opts.config),
             ],
         )
         procs.append(("guard", guard))
@@ -238,6 +241,7 @@ def run(opts: UpOptions) -> int:
             f"  certificates   {certs}/ (xdsplane certs rotate edge: no connection dropped)\n\n"
             "Try:\n"
             f"  {curl} {bearer} https://{h}:{edge_port}/billing/invoices\n"
+            "     (a token is accepted once; 60 requests a minute per client, then 429)\n"
             f"  {curl} https://{h}:{edge_port}/billing/invoices                # 401: no token\n"
             f"  {curl} https://{h}:{edge_port}/billing/admin/audit             # 403\n"
             f"  {curl} {alice} https://{h}:{edge_port}/billing/admin/audit\n"

@@ -225,6 +225,35 @@ def check_policy(policy: GroupPolicy, scope: str = "") -> tuple[list[ConfigError
                             "(add guard: {address: HOST:PORT} at the top level)",
                         )
                     )
+                if r.global_rate_limit is not None and policy.guard is None:
+                    errors.append(
+                        ConfigError(
+                            lo.key(*hkeys, "routes", ri, "global_rate_limit"),
+                            f"global_rate_limit needs a guard{where} "
+                            "(add guard: {address: HOST:PORT} at the top level)",
+                        )
+                    )
+                for key in ("rate_limit", "global_rate_limit"):
+                    limit = getattr(r, key)
+                    if limit is None:
+                        continue
+                    if limit.by == "jwt_sub" and r.jwt is None and r.jwt_optional is None:
+                        errors.append(
+                            ConfigError(
+                                lo.at(*hkeys, "routes", ri, key, "by"),
+                                f"{key} by jwt_sub needs jwt: (or jwt_optional:) on the route",
+                            )
+                        )
+                    no_certs = listener.tls is None or h.client_certificate == "off"
+                    if limit.by == "client_certificate" and no_certs:
+                        errors.append(
+                            ConfigError(
+                                lo.at(*hkeys, "routes", ri, key, "by"),
+                                f"{key} by client_certificate: host {h.name!r} does not ask "
+                                "for client certificates (set client_certificate: optional or "
+                                "required, and client_ca)",
+                            )
+                        )
                 if r.upstream is not None:
                     part = policy.upstreams.get(r.upstream)
                     if part is None:

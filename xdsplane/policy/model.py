@@ -405,6 +405,50 @@ class Access(Model):
         return self
 
 
+RateLimitBy = Literal["client_certificate", "jwt_sub", "source_address"]
+
+
+class RateLimit(Model):
+    """A token bucket per client identity, kept by each Envoy (``rate_limit:``)."""
+
+    requests: int = Field(ge=1, le=1_000_000_000, description="requests allowed per `per`")
+    per: Duration = Field(description="the period the budget refills over, e.g. 1s, 1m, 1h")
+    by: RateLimitBy = Field(
+        "source_address",
+        description="whose budget: client_certificate (its URI SAN, else DNS SAN), jwt_sub "
+        "(the verified token's sub) or source_address (the client IP)",
+    )
+
+    @field_validator("per")
+    @classmethod
+    def _at_least(cls, value: str) -> str:
+        if duration_seconds(value) < 0.05:
+            raise ValueError(f"per must be at least 50ms (got {value!r})")
+        return value
+
+
+_GLOBAL_UNITS = {1.0: "second", 60.0: "minute", 3600.0: "hour"}
+
+
+class GlobalRateLimit(RateLimit):
+    """A fixed-window counter per client identity shared by every Envoy through the guard."""
+
+    @field_validator("per")
+    @classmethod
+    def _unit(cls, value: str) -> str:
+        if duration_seconds(value) not in _GLOBAL_UNITS:
+            raise ValueError(
+                f"per must be 1s, 1m or 1h for a global_rate_limit (the guard counts in "
+                f"windows of a second, a minute or an hour; got {value!r})"
+            )
+        return value
+
+    @property
+    def unit(self) -> str:
+        """The guard's window: second, minute or hour."""
+        return _GLOBAL_UNITS[duration_seconds(self.per)]
+
+
 class Route(Model):
     """One route of a host: a match (one of prefix, path, regex) and where it goes."""
 
@@ -448,6 +492,15 @@ class Route(Model):
         None,
         description="allow or deny requests by client certificate, JWT claims, source "
         "address, method and path; absent: no rules beyond the keys above",
+    )
+
+    rate_limit: RateLimit | None = Field(
+        None, description="a budget per client identity, counted by each Envoy on its own"
+    )
+    global_rate_limit: GlobalRateLimit | None = Field(
+        None,
+        description="a budget per client identity shared by every Envoy through the guard; "
+        "needs a top-level guard",
     )
 
     @model_validator(mode="after")

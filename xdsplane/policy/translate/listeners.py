@@ -19,7 +19,7 @@ from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from google.protobuf import struct_pb2, wrappers_pb2
 
 from xdsplane.policy.model import AccessLog, Guard, Host, Listener, Tls
-from xdsplane.policy.translate import authz, guard, jwt
+from xdsplane.policy.translate import authz, guard, jwt, ratelimit
 from xdsplane.policy.translate.common import (
     ads,
     pack,
@@ -113,23 +113,42 @@ def _jwt_filters(names: list[str], providers: Mapping[str, jwt.Provider]) -> lis
     return filters
 
 
+def _rate_limit_filters(local: bool, global_guard: Guard | None) -> list[Any]:
+    """After jwt_authn (the jwt_sub identity), before ext_authz: a refused request does not
+    spend its token's one use."""
+    filters = []
+    if local:
+        config = ratelimit.local_filter_config()
+        filters.append(hcm_pb2.HttpFilter(name=ratelimit.LOCAL_FILTER, typed_config=pack(config)))
+    if global_guard is not None:
+        config = ratelimit.global_filter_config(global_guard)
+        filters.append(hcm_pb2.HttpFilter(name=ratelimit.GLOBAL_FILTER, typed_config=pack(config)))
+    return filters
+
+
 def _http_filters(
     host: Host | None,
     jwt_names: list[str],
     providers: Mapping[str, jwt.Provider],
     ext_authz: Guard | None = None,
     rbac_hosts: Sequence[Host] = (),
+    limits: tuple[bool, Guard | None] = (False, None),
 ) -> list[Any]:
     """``ext_authz``: the guard that the HCM's replay-protected routes ask, if any;
-    ``rbac_hosts``: the hosts whose routes the HCM serves (RBAC if any route has rules)."""
+    ``rbac_hosts``: the hosts whose routes the HCM serves (RBAC if any route has rules);
+    ``limits``: (a route has a local rate limit, the guard asked for global ones)."""
+    # jwt_authn first (the others read its claims); then the cheap local refusals (access
+    # rules, rate limits) so that a refused request neither spends budget it was not granted
+    # nor its token's one use at the guard (ext_authz, last before the router).
     filters = _jwt_filters(jwt_names, providers)
-    if ext_authz is not None:
-        filters.append(
-            hcm_pb2.HttpFilter(name=guard.FILTER, typed_config=pack(guard.filter_config(ext_authz)))
-        )
     if authz.needs_rbac(rbac_hosts):
         filters.append(
             hcm_pb2.HttpFilter(name=authz.RBAC_FILTER, typed_config=pack(authz.filter_config()))
+        )
+    filters.extend(_rate_limit_filters(*limits))
+    if ext_authz is not None:
+        filters.append(
+            hcm_pb2.HttpFilter(name=guard.FILTER, typed_config=pack(guard.filter_config(ext_authz)))
         )
     filters.append(_router())
     return filters
@@ -144,12 +163,13 @@ def _hcm(
     providers: Mapping[str, jwt.Provider],
     ext_authz: Guard | None = None,
     rbac_hosts: Sequence[Host] = (),
+    limits: tuple[bool, Guard | None] = (False, None),
 ) -> Any:
     m = hcm_pb2.HttpConnectionManager(
         stat_prefix=name,
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
         rds=hcm_pb2.Rds(config_source=ads(), route_config_name=route_config),
-        http_filters=_http_filters(host, jwt_names, providers, ext_authz, rbac_hosts),
+        http_filters=_http_filters(host, jwt_names, providers, ext_authz, rbac_hosts, limits),
         use_remote_address=wrappers_pb2.BoolValue(value=True),
         normalize_path=wrappers_pb2.BoolValue(value=True),
         merge_slashes=True,
@@ -202,6 +222,10 @@ def listener(
     def ext_authz(hosts: list[Host]) -> Guard | None:
         return guard_spec if guard.needs_ext_authz(hosts) else None
 
+    def limits(hosts: list[Host]) -> tuple[bool, Guard | None]:
+        wanted = ratelimit.needs_global(hosts)
+        return ratelimit.needs_local(hosts), (guard_spec if wanted else None)
+
     out = listener_pb2.Listener(name=spec.name, address=socket_address(spec.address))
     if spec.tls is None:
         names = jwt.providers_of(spec.hosts)
@@ -214,6 +238,7 @@ def listener(
             found,
             ext_authz(spec.hosts),
             rbac_hosts=spec.hosts,
+            limits=limits(spec.hosts),
         )
         out.filter_chains.append(listener_components_pb2.FilterChain(name=spec.name, filters=[hcm]))
         return out
@@ -236,6 +261,7 @@ def listener(
                     found,
                     ext_authz([h]),
                     rbac_hosts=[h],
+                    limits=limits([h]),
                 )
             ],
             transport_socket=transport_socket(downstream_tls(spec.tls, h)),

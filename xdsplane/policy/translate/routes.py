@@ -10,7 +10,7 @@ from envoy.config.route.v3 import route_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
 
 from xdsplane.policy.model import HeaderMatch, Host, Listener, Route
-from xdsplane.policy.translate import authz, guard, jwt
+from xdsplane.policy.translate import authz, guard, jwt, ratelimit
 from xdsplane.policy.translate.common import duration, pack, u32
 
 MISDIRECTED = "misdirected"
@@ -41,10 +41,16 @@ def _header(h: HeaderMatch) -> Any:
 
 
 def route(
-    host: Host, r: Route, index: int, jwt_filter: bool = False, ext_authz: bool = False
+    host: Host,
+    r: Route,
+    index: int,
+    jwt_filter: bool = False,
+    ext_authz: bool = False,
+    listener: str = "",
 ) -> Any:
     """``jwt_filter``: the route's HCM has jwt_authn, so the route says what it requires;
-    ``ext_authz``: the HCM has ext_authz, so the route says whether it asks the guard."""
+    ``ext_authz``: the HCM has ext_authz, so the route says whether it asks the guard;
+    ``listener``: the listener's name, part of a global rate limit's route id."""
     match = rc.RouteMatch()
     if r.prefix is not None:
         match.prefix = r.prefix
@@ -71,6 +77,13 @@ def route(
             out.typed_per_filter_config[guard.FILTER].CopyFrom(pack(per_route))
     if jwt_filter:
         out.typed_per_filter_config[jwt.FILTER].CopyFrom(pack(jwt.per_route(r)))
+    if r.rate_limit is not None:
+        stat_prefix = out.name.replace("/", ".")
+        local = ratelimit.local_per_route(r.rate_limit, stat_prefix)
+        out.typed_per_filter_config[ratelimit.LOCAL_FILTER].CopyFrom(pack(local))
+    if r.global_rate_limit is not None:
+        shared = ratelimit.global_per_route(listener, host.name, r.name or f"route-{index}", r)
+        out.typed_per_filter_config[ratelimit.GLOBAL_FILTER].CopyFrom(pack(shared))
     if r.direct_response is not None:
         out.direct_response.CopyFrom(
             rc.DirectResponseAction(
@@ -105,11 +118,15 @@ def route(
     return out
 
 
-def virtual_host(host: Host, jwt_filter: bool = False, ext_authz: bool = False) -> Any:
+def virtual_host(
+    host: Host, jwt_filter: bool = False, ext_authz: bool = False, listener: str = ""
+) -> Any:
     return rc.VirtualHost(
         name=host.name,
         domains=host.domains,
-        routes=[route(host, r, i, jwt_filter, ext_authz) for i, r in enumerate(host.routes)],
+        routes=[
+            route(host, r, i, jwt_filter, ext_authz, listener) for i, r in enumerate(host.routes)
+        ],
     )
 
 
@@ -165,12 +182,16 @@ def route_configurations(listener: Listener) -> list[Any]:
         return [
             route_pb2.RouteConfiguration(
                 name=listener.name,
-                virtual_hosts=[virtual_host(h, jwt_filter, ext_authz) for h in listener.hosts],
+                virtual_hosts=[
+                    virtual_host(h, jwt_filter, ext_authz, listener.name) for h in listener.hosts
+                ],
             )
         ]
     out = []
     for h in listener.hosts:
-        vhosts = [virtual_host(h, bool(jwt.providers_of([h])), guard.needs_ext_authz([h]))]
+        vhosts = [
+            virtual_host(h, bool(jwt.providers_of([h])), guard.needs_ext_authz([h]), listener.name)
+        ]
         if "*" not in h.domains:
             vhosts.append(_misdirected())
         out.append(

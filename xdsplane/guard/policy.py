@@ -1,0 +1,138 @@
+"""Rate limits from a policy folder (``xdsplane guard --policy DIR``).
+
+Every route with ``global_rate_limit: {requests, per, by}`` becomes a rule in the domain
+``xdsplane``: key ``route`` with the route's id as value (``<listener>/<host>/<route>``),
+then the identity's key without a value (one counter per identity), limited to ``requests``
+per second, minute or hour. That is the descriptor Envoy sends for the route (see
+``xdsplane.policy.translate.ratelimit``), so the guard and every Envoy read the same files.
+
+The folder is parsed and checked as the control plane does it (every file, each node
+group merged; secret files are not read): its errors name ``path:line:column``. The same
+route id in two node groups must carry the same limit.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from xdsplane.compile import Unit, parse_unit
+from xdsplane.config.errors import ConfigError, ConfigErrors, Location
+from xdsplane.config.loader import list_files
+from xdsplane.config.stableread import FileBusy, read_stable
+from xdsplane.config.yamlsrc import YamlError, parse
+from xdsplane.guard.limits import Limit, Limits, Rule
+from xdsplane.policy.check import check_policy
+from xdsplane.policy.merge import Fragment, merge
+from xdsplane.policy.translate.ratelimit import DOMAIN, KEYS, ROUTE_KEY, route_id
+
+
+def _read(path: Path, attempts: int = 200) -> bytes:
+    for _ in range(attempts):
+        try:
+            return read_stable(str(path))
+        except FileBusy:
+            time.sleep(0.01)
+    raise FileBusy(f"{path}: still being written")
+
+
+def _units(folder: Path, errors: list[ConfigError]) -> list[Unit]:
+    if not folder.is_dir():
+        raise ConfigErrors([ConfigError(Location(str(folder)), "is not a folder")])
+    files = list_files(folder)
+    if not files:
+        raise ConfigErrors([ConfigError(Location(str(folder)), "holds no .yaml or .yml files")])
+    units: list[Unit] = []
+    for path in files:
+        try:
+            data = _read(path)
+        except (OSError, FileBusy) as e:
+            errors.append(ConfigError(Location(str(path)), f"cannot read: {e}"))
+            continue
+        try:
+            docs = parse(data, str(path))
+        except YamlError as e:
+            errors.append(e.error)
+            continue
+        for doc in docs:
+            unit, errs = parse_unit(doc)
+            errors.extend(errs)
+            if unit is not None:
+                units.append(unit)
+    return units
+
+
+def _groups(units: list[Unit]) -> list[tuple[str, list[Unit]]]:
+    """Node groups as the control plane forms them: files with the same ``nodes``, plus
+    every file without ``nodes`` (which also form the catch-all group on their own)."""
+    common = [u for u in units if u.nodes is None]
+    members: dict[tuple[str, ...], list[Unit]] = {}
+    for u in units:
+        if u.nodes is not None:
+            members.setdefault(u.nodes, []).append(u)
+    out = [(",".join(nodes), found + common) for nodes, found in members.items()]
+    if common:
+        out.append(("*", common))
+    return out
+
+
+def limits_from_policy(folder: Path) -> Limits:
+    """The global rate limits of the policy in ``folder``; raises ConfigErrors."""
+    errors: list[ConfigError] = []
+    units = _units(folder, errors)
+    if errors:
+        raise ConfigErrors(errors)
+    groups = _groups(units)
+    rules: dict[tuple[str, str | None], Rule] = {}
+    seen: dict[str, tuple[tuple[int, str, str], Location]] = {}
+    for name, members in groups:
+        policy, errs = merge([Fragment(u.doc, u.policy) for u in members])
+        errors.extend(errs)
+        problems, _ = check_policy(policy, name if len(groups) > 1 else "")
+        errors.extend(problems)
+        for lname, lpart in sorted(policy.listeners.items()):
+            for hi, host in enumerate(lpart.value.hosts):
+                for ri, route in enumerate(host.routes):
+                    limit = route.global_rate_limit
+                    if limit is None:
+                        continue
+                    ident = route_id(lname, host.name, route.name or f"route-{ri}")
+                    where = lpart.origin.key("hosts", hi, "routes", ri, "global_rate_limit")
+                    spec = (limit.requests, limit.unit, KEYS[limit.by])
+                    if ident in seen:
+                        first, at = seen[ident]
+                        if first != spec:
+                            errors.append(
+                                ConfigError(
+                                    where,
+                                    f"route {ident} has another global_rate_limit at "
+                                    f"{at.path}:{at.line} (one route id, one limit)",
+                                )
+                            )
+                        continue
+                    seen[ident] = (spec, where)
+                    key = KEYS[limit.by]
+                    source = f"{where.path}:{where.line}"
+                    child = Rule(key, None, Limit(limit.requests, limit.unit, source))
+                    rules[(ROUTE_KEY, ident)] = Rule(ROUTE_KEY, ident, None, {(key, None): child})
+    if errors:
+        raise ConfigErrors(list(dict.fromkeys(errors)))
+    out = Limits()
+    if rules:
+        out.domains[DOMAIN] = rules
+    return out
+
+
+def combine(file_limits: Limits, policy_limits: Limits, policy: Path) -> Limits:
+    """The limits file's domains and the policy's; the policy's domain may not be in both."""
+    if DOMAIN in file_limits.domains and DOMAIN in policy_limits.domains:
+        raise ConfigErrors(
+            [
+                ConfigError(
+                    Location(str(policy)),
+                    f"domain {DOMAIN!r} comes from the policy; the --limits file may not "
+                    "define it too",
+                )
+            ]
+        )
+    return Limits({**file_limits.domains, **policy_limits.domains})
