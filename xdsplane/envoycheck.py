@@ -11,6 +11,8 @@ without binding a port or opening a connection:
 - an EDS cluster (over ADS) becomes a STATIC cluster with the ClusterLoadAssignment inlined;
 - Secrets go to ``static_resources.secrets`` and every ADS ``SdsSecretConfig`` loses its
   ``sds_config``, so that it names the static secret.
+- a filter configured over ECDS (``config_discovery`` over ADS) gets the ``typed_config`` of
+  the TypedExtensionConfig of its name.
 
 Envoy stops at the first error and its message often names no resource ("invalid perl
 operator: (?="). To say which resource of the policy it means, a rejected group is narrowed
@@ -61,6 +63,7 @@ KIND = {
     ResourceType.ENDPOINT: "endpoints",
     ResourceType.LISTENER: "listener",
     ResourceType.ROUTE: "route configuration",
+    ResourceType.EXTENSION: "filter configuration",
 }
 
 _ANY = "google.protobuf.Any"
@@ -158,6 +161,15 @@ class _Rewriter:
         elif name == _SDS and m.HasField("sds_config") and _is_ads(m.sds_config):
             m.ClearField("sds_config")
             return True
+        elif (
+            "config_discovery" in msg.DESCRIPTOR.fields_by_name
+            and m.HasField("config_discovery")
+            and _is_ads(m.config_discovery.config_source)
+        ):
+            found = self.snapshot.of(ResourceType.EXTENSION).get(m.name)
+            if found is not None:
+                m.typed_config.CopyFrom(found.message.typed_config)  # clears config_discovery
+                changed = True
         elif name == _CLUSTER and m.type == m.EDS and _is_ads(m.eds_cluster_config.eds_config):
             cla = self.load_assignment(m.eds_cluster_config.service_name or m.name)
             m.ClearField("eds_cluster_config")
