@@ -330,6 +330,27 @@ def test_a_changed_listener_keeps_its_filter_configuration(gateway: Gateway) -> 
     assert "x-jwt-sub" not in json.loads(gateway.get("/billing/x", token_a).body)
 
 
+@pytest.mark.envoy
+def test_a_restarted_control_plane_does_not_resend_the_configuration(gateway: Gateway) -> None:
+    """Envoy reconnects claiming the ECDS version it holds (SotW ``version_info``, delta
+    ``initial_resource_versions``): it is sent nothing, and a later rotation still arrives."""
+    envoy, server = gateway.envoy, gateway.server
+    reloads = ecds_reloads(envoy)
+    assert server.kill() is not None  # SIGKILL: no grace period
+    wait_until(lambda: not envoy.connected(), 10, what="Envoy sees the server gone")
+    server.start()
+    wait_until(envoy.connected, 30, what="Envoy reconnects")
+    wait_until(lambda: "ECDS" in server.stream("edge-1")["types"], 10, what="ECDS resubscribed")
+    holds_for(lambda: ecds_reloads(envoy) == reloads, 0.5, what="no ECDS update")
+    assert server.type_status("edge-1", "ECDS")["responses"] == 0
+    assert gateway.get("/billing/x", token(KEYS.a)).status == 200
+    pki.write_atomic(gateway.jwks_path, jwt.jwks(KEYS.b))
+    wait_until(
+        lambda: gateway.get("/billing/x", token(KEYS.b)).status == 200, 20, what="key B served"
+    )
+    assert ecds_reloads(envoy) == reloads + 1
+
+
 def test_a_new_jwks_changes_only_the_ecds_resource(tmp_path: Path) -> None:
     """No Envoy needed: the served Listener bytes are identical across a JWKS change."""
     folder = tmp_path / "policy"
