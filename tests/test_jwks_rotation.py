@@ -5,8 +5,10 @@ resource ``envoy.filters.http.jwt_authn``; the Listener only names it. Rewriting
 file must therefore change that resource alone: Envoy accepts tokens of the new key (and
 refuses the old one once it is gone) on new and on already open connections, while its
 listener counters (modified, in-place updated, draining filter chains) stay where they were.
-Run over SotW and delta. A malformed JWKS is refused with its file:line and the last good
-key set keeps serving.
+Run over SotW and delta. Also: a malformed JWKS is refused with its file:line and the last
+good key set keeps serving; a listener change that comes with a configuration change, and a
+listener that names the configuration again after dropping it, do not wait for Envoy's
+initial fetch timeout; a restarted control plane resends nothing.
 """
 
 from __future__ import annotations
@@ -328,6 +330,31 @@ def test_a_changed_listener_keeps_its_filter_configuration(gateway: Gateway) -> 
         what="no listener left warming",
     )
     assert "x-jwt-sub" not in json.loads(gateway.get("/billing/x", token_a).body)
+
+
+@pytest.mark.envoy
+def test_jwt_routes_dropped_and_added_again(gateway: Gateway) -> None:
+    """The last JWT route goes (the filter leaves the listener, the ECDS resource leaves the
+    snapshot), then comes back: the listener that names the configuration again is answered
+    at once, not after Envoy's 15 s initial fetch timeout."""
+    envoy = gateway.envoy
+    policy = gateway.folder / "edge.yaml"
+    with_jwt = policy.read_text()
+    without = with_jwt.replace("jwt: idp, ", "").split("listeners:")[1]
+    pki.write_atomic(policy, ("listeners:" + without).encode())
+    wait_until(lambda: gateway.get("/billing/x").status == 200, 10, what="no token needed any more")
+    # The old listener drains (1 s here) and Envoy drops the subscription with it.
+    wait_until(
+        lambda: ECDS_NAME not in envoy.admin("/config_dump?resource=ecds_filters").text,
+        10,
+        what="Envoy drops the filter configuration",
+    )
+    pki.write_atomic(policy, with_jwt.encode())
+    wait_until(lambda: gateway.get("/billing/x").status == 401, 8, what="tokens required again")
+    assert gateway.get("/billing/x", token(KEYS.a)).status == 200
+    assert envoy.stat("listener_manager.total_listeners_warming") == 0
+    ecds = gateway.server.type_status("edge-1", "ECDS")
+    assert ecds["nacks"] == 0, ecds
 
 
 @pytest.mark.envoy
