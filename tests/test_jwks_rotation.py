@@ -36,7 +36,7 @@ from harness import (
     wait_until,
 )
 
-from xdsplane import jwt, pki
+from xdsplane import cli, jwt, pki
 from xdsplane.config.loader import FolderLoader
 from xdsplane.policy.translate import jwt as jwt_translate
 from xdsplane.types import ResourceType
@@ -401,3 +401,21 @@ def test_a_new_jwks_changes_only_the_ecds_resource(tmp_path: Path) -> None:
     # The listener names the configuration instead of holding it.
     (lst,) = second.of(ResourceType.LISTENER).values()
     assert jwt.kid(KEYS.b) not in str(lst.message)
+
+
+def test_diff_shows_a_rotation_as_an_ecds_change_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The review step says what Envoy will get: one changed ECDS resource, nothing else."""
+    folders = []
+    for name, key in (("old", KEYS.a), ("new", KEYS.b)):
+        (tmp_path / name / "policy").mkdir(parents=True)
+        (tmp_path / name / "policy" / "edge.yaml").write_text(POLICY.format(port=1, upstream=2))
+        pki.write_atomic(tmp_path / name / "keys" / "jwks.json", jwt.jwks(key))
+        folders.append(str(tmp_path / name / "policy"))
+    assert cli.main(["diff", *folders]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "nodes *:"
+    assert out[1].startswith(f"  ~ ECDS {ECDS_NAME}  (")
+    assert out[2].strip().startswith("typed_config.providers.idp.local_jwks.inline_string: ")
+    assert out[-1] == "1 changed, 0 added, 0 removed"
