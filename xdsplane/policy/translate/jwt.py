@@ -12,9 +12,11 @@ provider and mode. It has no ``rules``: each route of a JWT host carries a ``Per
 ``NAME/optional`` which lets a request without a token through) or ``disabled``.
 
 So adding, moving or dropping ``jwt:`` on a route changes only the RouteConfiguration (RDS),
-and a new JWKS file or a changed provider setting changes only the ECDS resource: Envoy
-applies it to new requests on every listener using it, and no listener is modified or
-drained. A listener that gains the filter warms until Envoy has the configuration.
+and a new JWKS file or a changed issuer, audience, lifetime or clock skew changes only the
+ECDS resource: Envoy applies it to the next request on every listener using it, open
+connections included, and no listener is modified or drained. The Listener changes only when
+a host gains or loses its JWT routes or the headers of ``forward_claims`` change; a listener
+that gains the filter warms until Envoy has the configuration.
 
 Forwarded claim headers are first removed from every request (header_mutation filter before
 jwt_authn, in the Listener): a client cannot send ``x-jwt-sub`` itself on a route without a
