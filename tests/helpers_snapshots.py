@@ -10,10 +10,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, extension_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.jwt_authn.v3 import config_pb2 as jwt_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
@@ -29,6 +30,7 @@ CDS = ResourceType.CLUSTER
 EDS = ResourceType.ENDPOINT
 LDS = ResourceType.LISTENER
 RDS = ResourceType.ROUTE
+ECDS = ResourceType.EXTENSION
 
 
 def _ads() -> config_source_pb2.ConfigSource:
@@ -127,6 +129,17 @@ def secret(name: str, tag: str = "one") -> Resource:
     return make_resource(SDS, msg, f"test:{name}")
 
 
+def extension(name: str, tag: str = "one") -> Resource:
+    """A jwt_authn filter configuration served over ECDS; ``tag`` is its provider's issuer."""
+    config = jwt_pb2.JwtAuthentication(
+        providers={"idp": jwt_pb2.JwtProvider(issuer=f"https://{tag}.example.com")}
+    )
+    packed = any_pb2.Any()
+    packed.Pack(config)
+    msg = extension_pb2.TypedExtensionConfig(name=name, typed_config=packed)
+    return make_resource(ECDS, msg, f"test:{name}")
+
+
 def snap(*resources: Resource | Iterable[Resource]) -> Snapshot:
     """A Snapshot of the given resources (iterables are flattened)."""
     flat: list[Resource] = []
@@ -139,9 +152,11 @@ def snap(*resources: Resource | Iterable[Resource]) -> Snapshot:
 
 
 def full(tag: int = 1, route_prefix: str = "/") -> Snapshot:
-    """One of each type, wired together: listener -> route -> cluster -> endpoints, + secret."""
+    """One of each type, wired together: listener -> route -> cluster -> endpoints, + secret
+    and a filter configuration."""
     return snap(
         secret("ca"),
+        extension("envoy.filters.http.jwt_authn"),
         cluster("backend", tag),
         endpoints("backend"),
         listener("http", "routes"),

@@ -1,7 +1,8 @@
 """JWT bearer tokens: the token module, the policy keys, and Envoy's jwt_authn live.
 
 One plain-HTTP gateway per module (xdsplane serve + a real Envoy + an upstream that echoes
-the request headers as JSON); the JWKS rotation test runs last, as it changes the key set.
+the request headers as JSON). JWKS rotation (over ECDS, no listener drain) is tested in
+test_jwks_rotation.py.
 """
 
 from __future__ import annotations
@@ -296,36 +297,6 @@ def test_claim_headers_cannot_be_forged(gateway: Gateway) -> None:
     assert gateway.get("/healthz").status == 200  # jwt disabled on routes without jwt:
 
 
-@pytest.mark.envoy
-def test_jwks_rotation_is_served_and_drains_only_the_chain(gateway: Gateway) -> None:
-    """Runs last: replaces the key set. The new key is accepted after the reload; the old
-    one is refused once it is gone. The listener is updated in place (filter chain only)."""
-    new_key = jwt.new_key()
-    new_token = gateway.token(new_key, sub="erin")
-    assert gateway.get("/billing/x", new_token).status == 401
-    envoy = gateway.envoy
-    before = envoy.stats(r"^listener_manager\.(listener_modified|listener_in_place_updated)$")
-    # Publish only the new key (a real rotation would publish both first).
-    pki.write_atomic(gateway.folder.parent / "keys" / "jwks.json", jwt.jwks(new_key))
-    wait_until(
-        lambda: gateway.get("/billing/x", new_token).status == 200,
-        20,
-        what="a token signed with the new key is accepted",
-    )
-    assert upstream_headers(gateway.get("/billing/x", new_token))["x-jwt-sub"] == "erin"
-    assert gateway.get("/billing/x", gateway.token()).status == 401  # old key gone
-    after = envoy.stats(r"^listener_manager\.(listener_modified|listener_in_place_updated)$")
-    modified = "listener_manager.listener_modified"
-    in_place = "listener_manager.listener_in_place_updated"
-    # The key set lives in the Listener: a new JWKS is a listener update; Envoy applies it
-    # as a filter-chain-only update (in place), which drains the changed chain's
-    # connections. docs/policy.md says so.
-    assert after[modified] == before[modified] + 1, (before, after)
-    assert after[in_place] == before[in_place] + 1, (before, after)
-    st = gateway.server.type_status("edge-1", "LDS")
-    assert st["nacks"] == 0, st
-
-
 def test_loader_reads_the_jwks_through_the_watched_reader(tmp_path: Path) -> None:
     folder = tmp_path / "policy"
     folder.mkdir()
@@ -337,10 +308,11 @@ def test_loader_reads_the_jwks_through_the_watched_reader(tmp_path: Path) -> Non
     assert str(folder / "../keys/jwks.json") in loader.outside_files()  # watched
     pki.write_atomic(jwks, jwt.jwks(jwt.new_key()))
     second = loader.load()
-    lds, old = (s.groups[0].snapshot.versions[ResourceType.LISTENER] for s in (second, first))
-    assert lds != old
-    routes = (s.groups[0].snapshot.versions[ResourceType.ROUTE] for s in (second, first))
-    assert len(set(routes)) == 1  # the route configuration does not change
+    ecds, old = (s.groups[0].snapshot.versions[ResourceType.EXTENSION] for s in (second, first))
+    assert ecds != old  # the key set is in the jwt_authn configuration served over ECDS
+    for rtype in (ResourceType.LISTENER, ResourceType.ROUTE):
+        versions = (s.groups[0].snapshot.versions[rtype] for s in (second, first))
+        assert len(set(versions)) == 1, rtype.short  # listener and routes do not change
     jwks.write_text('{"keys": []}')
     with pytest.raises(ConfigErrors) as e:
         loader.load()

@@ -196,9 +196,9 @@ def test_full_state_cds_and_lds() -> None:
 def test_unknown_type_is_ignored() -> None:
     c = Client()
     c.push(full())
-    req = DiscoveryRequest(type_url="type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig")
+    req = DiscoveryRequest(type_url="type.googleapis.com/envoy.service.runtime.v3.Runtime")
     assert c.stream.on_request(req) == []
-    assert "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig" in c.stream.ignored_types
+    assert "type.googleapis.com/envoy.service.runtime.v3.Runtime" in c.stream.ignored_types
 
 
 # -- ACK, NACK, stale ------------------------------------------------------------------------

@@ -96,7 +96,7 @@ def test_sample_is_served_live_without_nack(
             what="the guard answers /healthz",
         )
         envoy = Envoy(procs, tmp_path, "edge-1", server.xds_address, delta=delta).start()
-        types = ("SDS", "CDS", "EDS", "LDS", "RDS")
+        types = ("SDS", "CDS", "EDS", "ECDS", "LDS", "RDS")
         wait_until(lambda: server.settled("edge-1", types), 20, what="every type ACKed")
         for t in types:
             st = server.type_status("edge-1", t)

@@ -522,7 +522,7 @@ def _add_diff(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "diff",
         help="show the resources that would be added, changed and removed between two folders",
         description="Load OLD_DIR and NEW_DIR and show, per node group, which Envoy resources "
-        "(SDS, CDS, EDS, LDS, RDS) would be added (+), changed (~) and removed (-), with the "
+        "(SDS, CDS, EDS, ECDS, LDS, RDS) would be added (+), changed (~) and removed (-), with the "
         "field paths that change and their old -> new values. Key material is never shown: a "
         "changed private key reads `[redacted] (changed)`. The last line sums up: "
         "`N changed, N added, N removed`.",

@@ -97,10 +97,22 @@ class TranslationCache:
         log_key = log.model_dump_json() if log is not None else ""
         providers = translate.jwt_providers(policy, files)
         guard_spec = gpart.value if gpart is not None else None
-        for lname, lpart in sorted(policy.listeners.items()):
-            # A listener holds the JWT providers its routes name, key sets included.
+        # The JWT providers (key sets included) are one ECDS resource, not in the listeners.
+        jwt_names = jwt.group_providers(p.value for p in policy.listeners.values())
+        if jwt_names:
             jwt_key = "".join(
                 f"|{n}:{providers[n].spec.model_dump_json()}:{digest(providers[n].jwks)}"
+                for n in jwt_names
+            )
+            out += self._get(
+                ("jwt", jwt_key),
+                policy.jwt_providers[jwt_names[0]].origin.source,
+                lambda: translate.jwt_resources(policy, providers),
+            )
+        for lname, lpart in sorted(policy.listeners.items()):
+            # A listener names the JWT providers its routes use (for the claim headers).
+            jwt_key = "".join(
+                f"|{n}:{providers[n].spec.model_dump_json()}"
                 for n in jwt.listener_providers(lpart.value)
             )
             # ... and the guard, when a route of it is replay-protected or globally limited.

@@ -101,7 +101,7 @@ class Summary:
 
 
 def diff_snapshots(old: Snapshot | None, new: Snapshot | None) -> list[Change]:
-    """Every resource added, changed or removed, by type (SDS, CDS, EDS, LDS, RDS) and name."""
+    """Every resource added, changed or removed, by type (in push order) and name."""
     out: list[Change] = []
     for rtype in PUSH_ORDER:
         before = old.of(rtype) if old is not None else {}

@@ -11,12 +11,15 @@ without binding a port or opening a connection:
 - an EDS cluster (over ADS) becomes a STATIC cluster with the ClusterLoadAssignment inlined;
 - Secrets go to ``static_resources.secrets`` and every ADS ``SdsSecretConfig`` loses its
   ``sds_config``, so that it names the static secret.
+- a filter configured over ECDS (``config_discovery`` over ADS) gets the ``typed_config`` of
+  the TypedExtensionConfig of its name.
 
 Envoy stops at the first error and its message often names no resource ("invalid perl
 operator: (?="). To say which resource of the policy it means, a rejected group is narrowed
 down with more runs: clusters alone, then halves of the clusters or listeners, then a
-listener with its route tables replaced by empty ones, or its secrets by a throwaway
-certificate. The result reads ``file:line: envoy rejects route configuration 'http': ...``.
+listener with its route tables replaced by empty ones, its filter configurations (ECDS) by
+empty ones, or its secrets by a throwaway certificate. The result reads
+``file:line: envoy rejects route configuration 'http': ...``.
 
 Private keys never leave the temporary directory the bootstrap is written to (mode 0700,
 deleted after the run); Envoy's messages are scrubbed of PEM blocks and of the config dumps it
@@ -61,6 +64,7 @@ KIND = {
     ResourceType.ENDPOINT: "endpoints",
     ResourceType.LISTENER: "listener",
     ResourceType.ROUTE: "route configuration",
+    ResourceType.EXTENSION: "filter configuration",
 }
 
 _ANY = "google.protobuf.Any"
@@ -88,7 +92,8 @@ class Trial:
     """One Envoy run: which listeners and clusters, and what is swapped for a harmless stand-in.
 
     Every secret is always present; ``dummy_secrets`` are replaced by a throwaway certificate
-    (or CA), ``stub_routes`` by empty route tables, ``stub_endpoints`` by no endpoints.
+    (or CA), ``stub_routes`` by empty route tables, ``stub_endpoints`` by no endpoints,
+    ``stub_extensions`` (ECDS) by an empty configuration of the type the filter accepts.
     """
 
     listeners: tuple[str, ...]
@@ -96,6 +101,7 @@ class Trial:
     stub_routes: frozenset[str] = frozenset()
     stub_endpoints: frozenset[str] = frozenset()
     dummy_secrets: frozenset[str] = frozenset()
+    stub_extensions: frozenset[str] = frozenset()
 
 
 def _is_ads(config_source: Any) -> bool:
@@ -158,6 +164,23 @@ class _Rewriter:
         elif name == _SDS and m.HasField("sds_config") and _is_ads(m.sds_config):
             m.ClearField("sds_config")
             return True
+        elif (
+            "config_discovery" in msg.DESCRIPTOR.fields_by_name
+            and m.HasField("config_discovery")
+            and _is_ads(m.config_discovery.config_source)
+        ):
+            found = self.snapshot.of(ResourceType.EXTENSION).get(m.name)
+            stub = (
+                find_message(m.config_discovery.type_urls[0].rsplit("/", 1)[-1])
+                if (m.name in self.trial.stub_extensions and m.config_discovery.type_urls)
+                else None
+            )
+            if stub is not None:
+                m.typed_config.Pack(stub(), deterministic=True)  # clears config_discovery
+                changed = True
+            elif found is not None:
+                m.typed_config.CopyFrom(found.message.typed_config)
+                changed = True
         elif name == _CLUSTER and m.type == m.EDS and _is_ads(m.eds_cluster_config.eds_config):
             cla = self.load_assignment(m.eds_cluster_config.service_name or m.name)
             m.ClearField("eds_cluster_config")
@@ -388,7 +411,8 @@ def _refs(resource: Resource, rtype: ResourceType, snapshot: Snapshot) -> list[s
 def _narrow_secrets(
     suspects: list[str], make: Callable[[frozenset[str]], Trial], message: str
 ) -> Generator[Trial, Outcome, tuple[str, str] | None]:
-    """With ``suspects`` all stood in for, ``make`` passes: which one is it?"""
+    """With ``suspects`` (secrets, or filter configurations) all stood in for, ``make``
+    passes: which one is it?"""
     if len(suspects) == 1:
         return suspects[0], message
     for s in suspects:
@@ -455,6 +479,19 @@ def _refine_listener(
                 if not out.accepted:
                     return snapshot.of(ResourceType.ROUTE)[r], out.message
             return listener, message
+    extensions = _refs(listener, ResourceType.EXTENSION, snapshot)
+    if extensions:
+        out = yield Trial(
+            (name,), clusters, stub_routes=stubbed, stub_extensions=frozenset(extensions)
+        )
+        if out.accepted:
+            found = yield from _narrow_secrets(
+                extensions,
+                lambda d: Trial((name,), clusters, stub_routes=stubbed, stub_extensions=d),
+                message,
+            )
+            if found is not None:
+                return snapshot.of(ResourceType.EXTENSION)[found[0]], found[1]
     secrets = _refs(listener, ResourceType.SECRET, snapshot)
     if secrets:
         out = yield Trial((name,), clusters, stub_routes=stubbed, dummy_secrets=frozenset(secrets))

@@ -42,7 +42,7 @@ def message_to_json(message: Any) -> dict[str, Any]:
 
 
 def snapshot_to_json(snapshot: Snapshot) -> dict[str, Any]:
-    """Resources by type (SDS, CDS, EDS, LDS, RDS), each with its version."""
+    """Resources by type (SDS, CDS, EDS, ECDS, LDS, RDS), each with its version."""
     out: dict[str, Any] = {}
     for rtype in PUSH_ORDER:
         named = snapshot.of(rtype)

@@ -9,6 +9,7 @@ from enum import StrEnum
 from typing import Any
 
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import extension_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
@@ -25,6 +26,7 @@ class ResourceType(StrEnum):
     ENDPOINT = PREFIX + "envoy.config.endpoint.v3.ClusterLoadAssignment"
     LISTENER = PREFIX + "envoy.config.listener.v3.Listener"
     ROUTE = PREFIX + "envoy.config.route.v3.RouteConfiguration"
+    EXTENSION = PREFIX + "envoy.config.core.v3.TypedExtensionConfig"
 
     @property
     def short(self) -> str:
@@ -40,6 +42,13 @@ class ResourceType(StrEnum):
         """True for the types Envoy subscribes to as a whole (state-of-the-world full set)."""
         return self in (ResourceType.CLUSTER, ResourceType.LISTENER)
 
+    @property
+    def kept(self) -> bool:
+        """True for the types the server never removes from a client (delta): a draining
+        listener or cluster may still use an old secret or filter configuration, and Envoy
+        unsubscribes from those it no longer needs."""
+        return self in (ResourceType.SECRET, ResourceType.EXTENSION)
+
     @classmethod
     def from_url(cls, url: str) -> ResourceType | None:
         try:
@@ -54,6 +63,7 @@ _SHORT = {
     ResourceType.ENDPOINT: "EDS",
     ResourceType.LISTENER: "LDS",
     ResourceType.ROUTE: "RDS",
+    ResourceType.EXTENSION: "ECDS",
 }
 
 _CLASSES: dict[ResourceType, Any] = {
@@ -62,14 +72,20 @@ _CLASSES: dict[ResourceType, Any] = {
     ResourceType.ENDPOINT: endpoint_pb2.ClusterLoadAssignment,
     ResourceType.LISTENER: listener_pb2.Listener,
     ResourceType.ROUTE: route_pb2.RouteConfiguration,
+    ResourceType.EXTENSION: extension_pb2.TypedExtensionConfig,
 }
 
 # Make-before-break: secrets before the listeners and clusters that use them, clusters
 # before their endpoints, listeners before their routes. Removals go in reverse.
+# Filter configurations (ECDS) go before listeners: Envoy asks for one by name only once a
+# listener names it (and that listener warms until it arrives), but a changed configuration
+# of a name already held reaches the running listeners before a listener or route that
+# relies on it; a modified listener takes the configuration its subscription already holds.
 PUSH_ORDER: tuple[ResourceType, ...] = (
     ResourceType.SECRET,
     ResourceType.CLUSTER,
     ResourceType.ENDPOINT,
+    ResourceType.EXTENSION,
     ResourceType.LISTENER,
     ResourceType.ROUTE,
 )

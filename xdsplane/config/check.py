@@ -1,6 +1,6 @@
 """Consistency checks on a snapshot before it may be served.
 
-Every RDS, EDS and SDS name a listener, cluster or route references over ADS must exist,
+Every RDS, EDS, SDS and ECDS name a listener, cluster or route references over ADS must exist,
 and every cluster a route sends traffic to must exist. References are found by walking
 each message (``Any`` values unpacked) once per resource version.
 """
@@ -30,6 +30,14 @@ def _is_ads(config_source: Message) -> bool:
     return bool(config_source.WhichOneof("config_source_specifier") == "ads")
 
 
+def _discovered(msg: Message) -> bool:
+    """A filter (HTTP, network or listener) whose configuration comes over ECDS from ADS."""
+    if "config_discovery" not in msg.DESCRIPTOR.fields_by_name:
+        return False
+    m: Any = msg
+    return bool(m.HasField("config_discovery") and _is_ads(m.config_discovery.config_source))
+
+
 def _walk(msg: Message) -> Iterator[Ref]:
     name = msg.DESCRIPTOR.full_name
     if name == _ANY:
@@ -46,6 +54,10 @@ def _walk(msg: Message) -> Iterator[Ref]:
         yield (ResourceType.SECRET, msg.name, "secret")
     elif name == _RDS and _is_ads(msg.config_source):
         yield (ResourceType.ROUTE, msg.route_config_name, "route configuration")
+    elif _discovered(msg):
+        # A filter configured over ECDS: Envoy asks for the configuration by the filter's name.
+        f: Any = msg
+        yield (ResourceType.EXTENSION, f.name, "filter configuration")
     elif name == _CLUSTER:
         c: Any = msg
         if c.type == c.EDS and _is_ads(c.eds_cluster_config.eds_config):

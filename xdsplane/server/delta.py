@@ -12,8 +12,8 @@ for what it holds that no longer exists.
   same resource goes out again only when it changes.
 - Make-before-break: on a snapshot change, additions and updates go out type by type in
   push order, then removals in the reverse order.
-- Secrets are never removed by the server: a draining listener may still use an old one, and
-  Envoy unsubscribes from secrets it no longer needs.
+- Secrets and filter configurations (ECDS) are never removed by the server: a draining
+  listener may still use an old one, and Envoy unsubscribes from those it no longer needs.
 - ``system_version_info`` is for debugging only: the type's snapshot version.
 """
 
@@ -118,7 +118,7 @@ class DeltaStream(StreamBase):
             if previous is not None and st.synced and st.synced == previous.versions[rtype]:
                 changed, removed = snapshot.diff(previous, rtype)
                 kept = [r for r in changed if not self.memory.rejected(rtype, r.name, r.version)]
-                removals[rtype] = removed if rtype is not ResourceType.SECRET else ()
+                removals[rtype] = removed if not rtype.kept else ()
                 if len(kept) != len(changed):
                     st.synced = ""
                 out.extend(self._emit(rtype, st, snapshot, kept, []))
@@ -165,7 +165,7 @@ class DeltaStream(StreamBase):
             and not self.memory.rejected(rtype, n, available[n].version)
         ]
         removed: list[str] = []
-        if removals and rtype is not ResourceType.SECRET:
+        if removals and not rtype.kept:
             removed = sorted(n for n in st.held if n not in available)
         rejected = sum(
             1
@@ -177,7 +177,7 @@ class DeltaStream(StreamBase):
         out = self._emit(rtype, st, snapshot, changed, removed)
         # After a full pass with removals, a pure wildcard client holds exactly the type.
         exact = removals and st.wildcard and not st.names and not rejected
-        st.synced = snapshot.versions[rtype] if exact and rtype is not ResourceType.SECRET else ""
+        st.synced = snapshot.versions[rtype] if exact and not rtype.kept else ""
         return out
 
     def _emit(

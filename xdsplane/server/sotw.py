@@ -10,7 +10,7 @@ Rules (see shared/design/envoy-xds-facts.md):
   until the snapshot changes);
 - a request whose response_nonce is not the latest sent for its type is stale and ignored;
 - nothing is sent before a snapshot exists for the node (never an empty LDS/CDS);
-- for named subscriptions (RDS, EDS, SDS) the version is a hash of exactly the resources
+- for named subscriptions (RDS, EDS, SDS, ECDS) the version is a hash of exactly the resources
   sent, so a change elsewhere in the type pushes nothing to a stream that does not use it;
 - on a snapshot change, types go out in make-before-break order, and a full-state type
   (CDS, LDS) that loses resources first gets the new set plus the old ones, and the final set

@@ -11,7 +11,8 @@ back to the policy:
 | route `R` (default `route-N`) of host `H` | Route `H/R` |
 | upstream `U` | Cluster `U`, ClusterLoadAssignment `U` |
 | secret `S` | Secret `S` |
-| jwt provider `P` | jwt_authn provider `P`, requirements `P` and `P/optional` |
+| jwt provider `P` | jwt_authn provider `P`, requirements `P` and `P/optional` (ECDS) |
+| jwt providers of a group | TypedExtensionConfig `envoy.filters.http.jwt_authn` |
 | guard | Cluster `xdsplane-guard` |
 """
 
@@ -56,6 +57,16 @@ def jwt_providers(policy: GroupPolicy, files: Mapping[str, bytes]) -> dict[str, 
     return out
 
 
+def jwt_resources(policy: GroupPolicy, providers: Mapping[str, jwt.Provider]) -> list[Built]:
+    """The jwt_authn configuration served over ECDS, when any route names a provider; its
+    source is the first provider it holds."""
+    names = jwt.group_providers(p.value for p in policy.listeners.values())
+    if not names:
+        return []
+    message = jwt.extension_config(names, providers)
+    return [Built(ResourceType.EXTENSION, message, policy.jwt_providers[names[0]].origin)]
+
+
 def guard_resources(part: Part[Guard]) -> list[Built]:
     return [Built(ResourceType.CLUSTER, guard.cluster(part.value), part.origin)]
 
@@ -88,4 +99,5 @@ def translate(policy: GroupPolicy, files: Mapping[str, bytes]) -> list[Built]:
     guard_spec = policy.guard.value if policy.guard is not None else None
     for _, lpart in sorted(policy.listeners.items()):
         out.extend(listener_resources(lpart, log, providers, guard_spec))
+    out.extend(jwt_resources(policy, providers))
     return out

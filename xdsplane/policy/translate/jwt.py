@@ -2,17 +2,25 @@
 per-route requirements.
 
 The filter sits in the HCM of every host (filter chain) with a JWT route, before RBAC and the
-router, and holds the providers those routes name with their key sets inline
-(``local_jwks``). It has no ``rules``: each route of that HCM carries a ``PerRouteConfig``,
-either ``requirement_name`` (the provider, or ``NAME/optional`` which lets a request without
-a token through) or ``disabled``. So adding, moving or dropping ``jwt:`` on a route changes
-only the RouteConfiguration (RDS, no drain), while a provider's settings or JWKS live in the
-listener: a changed key set updates that host's filter chain in place, which drains the
-chain's open connections (Envoy has no SDS for key sets; ECDS or remote_jwks would avoid it).
+router. Its configuration is not in the Listener: the HCM's filter entry (named
+``envoy.filters.http.jwt_authn``) has ``config_discovery`` over ADS, and the configuration is
+served over ECDS as the ``TypedExtensionConfig`` of that name (Envoy asks for a filter's
+configuration by the filter's name). One such resource per node group holds every provider
+the group's routes name, with its key set inline (``local_jwks``), and one requirement per
+provider and mode. It has no ``rules``: each route of a JWT host carries a ``PerRouteConfig``
+(keyed by the filter's name, as before), either ``requirement_name`` (the provider, or
+``NAME/optional`` which lets a request without a token through) or ``disabled``.
+
+So adding, moving or dropping ``jwt:`` on a route changes only the RouteConfiguration (RDS),
+and a new JWKS file or a changed issuer, audience, lifetime or clock skew changes only the
+ECDS resource: Envoy applies it to the next request on every listener using it, open
+connections included, and no listener is modified or drained. The Listener changes only when
+a host gains or loses its JWT routes or the headers of ``forward_claims`` change; a listener
+that gains the filter warms until Envoy has the configuration.
 
 Forwarded claim headers are first removed from every request (header_mutation filter before
-jwt_authn): a client cannot send ``x-jwt-sub`` itself on a route without a token or with a
-token that lacks the claim.
+jwt_authn, in the Listener): a client cannot send ``x-jwt-sub`` itself on a route without a
+token or with a token that lacks the claim.
 """
 
 from __future__ import annotations
@@ -22,15 +30,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2
-from envoy.config.core.v3 import base_pb2
+from envoy.config.core.v3 import base_pb2, config_source_pb2, extension_pb2
 from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2
 from envoy.extensions.filters.http.jwt_authn.v3 import config_pb2
 from google.protobuf import empty_pb2
 
 from xdsplane.policy.model import Host, JwtProvider, Listener, Route, duration_seconds
-from xdsplane.policy.translate.common import duration
+from xdsplane.policy.translate.common import ads, duration, pack
 
 FILTER = "envoy.filters.http.jwt_authn"
+"""The HCM's filter name, hence the name of its ECDS resource and the per-route config key."""
+CONFIG_TYPE = "type.googleapis.com/" + config_pb2.JwtAuthentication.DESCRIPTOR.full_name
 STRIP_FILTER = "envoy.filters.http.header_mutation"
 PAYLOAD_KEY = "jwt_payload"
 """Verified claims land in dynamic metadata ``envoy.filters.http.jwt_authn`` / this key."""
@@ -72,6 +82,11 @@ def listener_providers(listener: Listener) -> list[str]:
     return providers_of(listener.hosts)
 
 
+def group_providers(listeners: Iterable[Listener]) -> list[str]:
+    """The provider names any route of ``listeners`` uses, sorted: the ECDS resource's."""
+    return providers_of(h for lst in listeners for h in lst.hosts)
+
+
 def _provider(spec: JwtProvider, jwks: bytes) -> Any:
     p = config_pb2.JwtProvider(
         issuer=spec.issuer,
@@ -111,6 +126,19 @@ def filter_config(names: list[str], providers: Mapping[str, Provider]) -> Any:
             )
         )
     return out
+
+
+def config_discovery() -> Any:
+    """Where the HCM's jwt_authn entry gets its configuration: ECDS over ADS, and only a
+    JwtAuthentication is accepted. No default: a listener warms until it arrives."""
+    return config_source_pb2.ExtensionConfigSource(config_source=ads(), type_urls=[CONFIG_TYPE])
+
+
+def extension_config(names: list[str], providers: Mapping[str, Provider]) -> Any:
+    """The ECDS resource: the filter's configuration under the filter's name."""
+    return extension_pb2.TypedExtensionConfig(
+        name=FILTER, typed_config=pack(filter_config(names, providers))
+    )
 
 
 def forwarded_headers(names: list[str], providers: Mapping[str, Provider]) -> list[str]:

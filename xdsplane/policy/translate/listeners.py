@@ -107,9 +107,8 @@ def _jwt_filters(names: list[str], providers: Mapping[str, jwt.Provider]) -> lis
         filters.append(
             hcm_pb2.HttpFilter(name=jwt.STRIP_FILTER, typed_config=pack(jwt.strip_config(headers)))
         )
-    filters.append(
-        hcm_pb2.HttpFilter(name=jwt.FILTER, typed_config=pack(jwt.filter_config(names, providers)))
-    )
+    # The configuration, key sets included, comes over ECDS: a new JWKS leaves the Listener.
+    filters.append(hcm_pb2.HttpFilter(name=jwt.FILTER, config_discovery=jwt.config_discovery()))
     return filters
 
 
