@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import socket
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +33,18 @@ from harness import (
     wait_until,
 )
 from test_e2e_envoy import UPDATE_SUCCESS, VARIANTS, XDS_TYPES, Edge, base_resources
+from tls_helpers import (
+    BILLING,
+    LISTENER_CHURN,
+    Looper,
+    StatSampler,
+    file_serial,
+    handshake,
+    start_edge,
+)
+from tls_helpers import Edge as TlsEdge
+
+from xdsplane import pki
 
 pytestmark = [
     pytest.mark.envoy,
@@ -316,3 +329,113 @@ def test_envoy_restart_gets_everything_at_once_long(
     variant: str, procs: ProcessGroup, tmp_path: Path, upstream: Callable[[str], Upstream]
 ) -> None:
     envoy_restarts(variant, 10, procs, tmp_path, upstream)
+
+
+# -- 4. policy reloads and certificate rotations during continuous load -----------------------
+
+
+def reloads_and_rotations(
+    reloads: int, rotations: int, procs: ProcessGroup, tmp_path: Path
+) -> None:
+    """The billing edge over TLS (tls_helpers.start_edge) under load: kept-alive
+    connections and a new connection (new handshake) per request. ``reloads`` policy
+    edits (a route's answer changes each time: RDS) and, spread among them, ``rotations``
+    of the edge certificate (new key and serial: SDS). Each change is waited for until
+    Envoy shows it. No request fails, no kept-alive connection is replaced, no listener
+    is modified or drained."""
+    edge = start_edge(procs, tmp_path)
+    stop = threading.Event()
+    try:
+        kept = [Looper(edge, i, stop) for i in range(3)]
+        fresh = [Looper(edge, 10 + i, stop, fresh=True) for i in range(2)]
+        sampler = StatSampler(edge, stop)
+        threads: list[threading.Thread] = [*kept, *fresh, sampler]
+        every = max(1, reloads // max(1, rotations))
+        served: list[int] = []
+        reload_before = edge.server.status()["reload"]
+        started = time.monotonic()
+        for t in threads:
+            t.start()
+        try:
+            for i in range(1, reloads + 1):
+                edge.layout.policy_file.write_text(healthz_says(edge, f"ok {i}"))
+                wait_until(
+                    lambda i=i: edge.get("/healthz").text == f"ok {i}",
+                    10,
+                    what=f"reload {i} live in Envoy",
+                )
+                if i % every == 0 and len(served) < rotations:
+                    pki.rotate(edge.certs, "edge")
+                    new = file_serial(edge.certs / "edge.crt")
+                    wait_until(
+                        lambda new=new: (
+                            handshake(edge.layout.https_port, edge.ctx(), BILLING).serial == new
+                        ),
+                        10,
+                        what=f"rotation {len(served) + 1} live in Envoy",
+                    )
+                    served.append(new)
+            while len(served) < rotations:  # more rotations than reloads
+                pki.rotate(edge.certs, "edge")
+                new = file_serial(edge.certs / "edge.crt")
+                wait_until(
+                    lambda new=new: (
+                        handshake(edge.layout.https_port, edge.ctx(), BILLING).serial == new
+                    ),
+                    10,
+                    what="rotation live in Envoy",
+                )
+                served.append(new)
+            progress = sum(lp.ok for lp in kept + fresh)
+            wait_until(lambda: sum(lp.ok for lp in kept + fresh) > progress + 10, 10, what="load")
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(10)
+        seconds = time.monotonic() - started
+        requests = sum(lp.ok + len(lp.failures) for lp in kept + fresh)
+        failures = [f for lp in kept + fresh for f in lp.failures]
+        dropped = sum(lp.conn.connects - 1 for lp in kept)
+        status = edge.server.status()["reload"]
+        figures(
+            "reloads-and-rotations",
+            reloads=reloads,
+            rotations=len(served),
+            seconds=f"{seconds:.1f}",
+            requests=requests,
+            per_second=f"{requests / seconds:.0f}",
+            new_connections=sum(lp.conn.connects for lp in fresh),
+            failed=len(failures),
+            dropped=dropped,
+            reload_successes=status["successes"] - reload_before["successes"],
+            reload_failures=status["failures"] - reload_before["failures"],
+            listener_churn_peak=sampler.peak,
+        )
+        assert failures == [], failures[:5]
+        assert dropped == 0, [lp.conn.connects for lp in kept]
+        assert all(lp.ok > 10 for lp in kept + fresh), [lp.ok for lp in kept + fresh]
+        assert sum(lp.conn.connects for lp in fresh) > 20
+        assert len(set(served)) == rotations
+        assert sampler.peak == dict.fromkeys(LISTENER_CHURN, 0), sampler.peak
+        assert status["errors"] == [] and status["failures"] == reload_before["failures"]
+        assert status["successes"] >= reload_before["successes"] + reloads + rotations
+        rejected = edge.envoy.stats(r"update_rejected$")
+        assert not any(rejected.values()), rejected
+    finally:
+        edge.upstream.stop()
+
+
+def healthz_says(edge: TlsEdge, body: str) -> str:
+    text = edge.layout.policy()
+    old = 'body: "ok\\n"'
+    assert old in text
+    return text.replace(old, f'body: "{body}"')
+
+
+def test_reloads_and_rotations_under_load(procs: ProcessGroup, tmp_path: Path) -> None:
+    reloads_and_rotations(50, 20, procs, tmp_path)
+
+
+@pytest.mark.slow
+def test_reloads_and_rotations_under_load_long(procs: ProcessGroup, tmp_path: Path) -> None:
+    reloads_and_rotations(500, 200, procs, tmp_path)
