@@ -841,8 +841,9 @@ class Prober:
         self._stop.set()
         self._thread.join(timeout=5)
 
-    def failures(self, text: str, status: int = 200) -> list[tuple[float, int | None, str]]:
-        return [r for r in self.results if r[1] != status or r[2] != text]
+    def failures(self, text: str | None, status: int = 200) -> list[tuple[float, int | None, str]]:
+        """Answers other than ``status`` with body ``text`` (any body when None)."""
+        return [r for r in self.results if r[1] != status or (text is not None and r[2] != text)]
 
 
 class Load:
@@ -892,8 +893,12 @@ class Load:
         start = self.count()
         return lambda: self.count() > start + more_than
 
-    def failures(self, text: str, status: int = 200) -> list[tuple[float, int | None, str]]:
+    def failures(self, text: str | None, status: int = 200) -> list[tuple[float, int | None, str]]:
         return sorted(f for p in self.probers for f in p.failures(text, status))
+
+    def between(self, start: float, end: float) -> list[tuple[float, int | None, str]]:
+        """The outcomes of requests sent from ``start`` to ``end`` (time.monotonic())."""
+        return [r for r in self.results if start <= r[0] <= end]
 
     def drops(self) -> list[str]:
         return [d for p in self.probers if p.keep_alive for d in p.drops]

@@ -29,7 +29,9 @@ from harness import (
     Upstream,
     XdsServer,
     envoy_binary,
+    free_port,
     holds_for,
+    http_get,
     wait_until,
 )
 from test_e2e_envoy import UPDATE_SUCCESS, VARIANTS, XDS_TYPES, Edge, base_resources
@@ -439,3 +441,152 @@ def test_reloads_and_rotations_under_load(procs: ProcessGroup, tmp_path: Path) -
 @pytest.mark.slow
 def test_reloads_and_rotations_under_load_long(procs: ProcessGroup, tmp_path: Path) -> None:
     reloads_and_rotations(500, 200, procs, tmp_path)
+
+
+# -- 5. the guard's Redis stopped and started under load -------------------------------------
+
+GUARDED = """\
+nodes: ["edge-*"]
+guard: {{address: "{guard}", fail_open: false, timeout: 1s}}
+jwt_providers:
+  idp:
+    issuer: {issuer}
+    audiences: [billing]
+    jwks_file: {jwks}
+    max_lifetime: 300s
+listeners:
+  - name: http
+    address: 127.0.0.1:{port}
+    hosts:
+      - name: api
+        domains: ["*"]
+        routes:
+          - {{name: healthz, path: /healthz, direct_response: {{status: 200, body: "ok"}}}}
+          - {{name: once, prefix: /, jwt: idp, replay_protection: true, upstream: echo}}
+upstreams:
+  echo: {{endpoints: ["127.0.0.1:{upstream}"]}}
+"""
+
+
+def redis_outages(
+    mode: str,
+    outages: int,
+    procs: ProcessGroup,
+    tmp_path: Path,
+    upstream: Callable[[str], Upstream],
+) -> None:
+    """Envoy -> jwt_authn -> ext_authz (``xdsplane guard --redis``, replay protection) ->
+    upstream, under load where every request carries a new token. ``outages`` times Redis
+    is stopped (SIGTERM) and started again on the same port. While it is up every request
+    is served; while it is down the guard does what it was configured to: ``closed``
+    refuses with 503 (x-guard-reason store_unavailable), ``open`` lets requests through;
+    once it is back the guard uses it again without being restarted (a token is refused
+    the second time: the memory is Redis again)."""
+    from test_guard import Guard, Redis
+
+    from xdsplane import jwt
+
+    echo = upstream("echo")
+    redis = Redis(procs, tmp_path).start()
+    guard = Guard(
+        procs, "guard", "--redis", redis.url, *(["--fail-open"] if mode == "open" else [])
+    )
+    guard.launch()
+    folder = tmp_path / "policy"
+    folder.mkdir()
+    key = jwt.new_key()
+    pki.write_atomic(tmp_path / "keys" / "jwks.json", jwt.jwks(key))
+    port = free_port()
+    (folder / "edge.yaml").write_text(
+        GUARDED.format(
+            guard=f"{HOST}:{guard.port}",
+            issuer=jwt.DEFAULT_ISSUER,
+            jwks=tmp_path / "keys" / "jwks.json",
+            port=port,
+            upstream=echo.port,
+        )
+    )
+    server = XdsServer(procs, folder).launch()
+    envoy = Envoy(procs, tmp_path, "edge-1", server.xds_address)
+    server.wait_ready()
+    guard.ready()
+    envoy.start()
+    try:
+
+        def bearer() -> dict[str, str]:
+            return {"Authorization": "Bearer " + jwt.sign(key, jwt.claims("alice"))}
+
+        wait_until(lambda: http_get(port, "/x", headers=bearer()).status == 200, 20, what="served")
+        token = bearer()
+        assert http_get(port, "/x", headers=token).status == 200
+        assert http_get(port, "/x", headers=token).status == 403  # replay, through Redis
+        up_phases: list[tuple[float, float]] = []
+        down_phases: list[tuple[float, float]] = []
+        recoveries: list[float] = []
+        with Load(port, "/x", headers=bearer) as load:
+            for _ in range(outages):
+                up_from = time.monotonic()
+                wait_until(load.flowing(40), 20, what="load flowing, Redis up")
+                up_phases.append((up_from, time.monotonic()))
+                redis.proc.stop()  # SIGTERM: Redis closes its connections
+                down_from = time.monotonic()
+                wait_until(load.flowing(40), 20, what="load flowing, Redis down")
+                down_phases.append((down_from, time.monotonic()))
+                redis.start()
+                back = time.monotonic()
+
+                def recovered() -> bool:
+                    if mode == "closed":
+                        return http_get(port, "/x", headers=bearer()).status == 200
+                    http_get(port, "/x", headers=bearer())
+                    return bool(guard.health()["backend_up"])
+
+                wait_until(recovered, 20, what="the guard uses Redis again")
+                recoveries.append(time.monotonic() - back)
+            up_from = time.monotonic()
+            wait_until(load.flowing(40), 20, what="load flowing, Redis back")
+            up_phases.append((up_from, time.monotonic()))
+        up = [r for a, b in up_phases for r in load.between(a, b)]
+        down = [r for a, b in down_phases for r in load.between(a, b)]
+        served_up = [r for r in up if r[1] == 200]
+        expected_down = 200 if mode == "open" else 503
+        as_configured = [r for r in down if r[1] == expected_down]
+        figures(
+            f"redis-outage-fail-{mode}",
+            outages=outages,
+            load=load.summary(),
+            redis_up_requests=len(up),
+            redis_up_failed=len(up) - len(served_up),
+            redis_down_requests=len(down),
+            redis_down_answered_as_configured=len(as_configured),
+            recovery_after_redis_start=spread(recoveries),
+        )
+        assert len(up) > 40 * outages and len(down) > 30 * outages, load.summary()
+        assert served_up == up, [r for r in up if r[1] != 200][:5]
+        assert as_configured == down, [r for r in down if r[1] != expected_down][:5]
+        if mode == "closed":
+            assert all("store" in r[2] for r in down), down[:3]
+        # Recovery without restarts, and the guard's memory is shared through Redis again.
+        assert (guard.proc.starts, server.proc.starts, envoy.proc.starts) == (1, 1, 1)
+        token = bearer()
+        assert http_get(port, "/x", headers=token).status == 200
+        again = http_get(port, "/x", headers=token)
+        assert (again.status, again.headers.get("x-guard-reason")) == (403, "replay")
+        assert guard.health()["backend_up"] is True
+    finally:
+        guard.close()
+
+
+@pytest.mark.parametrize("mode", ["closed", "open"])
+def test_redis_outage_under_load(
+    mode: str, procs: ProcessGroup, tmp_path: Path, upstream: Callable[[str], Upstream]
+) -> None:
+    redis_outages(mode, 2, procs, tmp_path, upstream)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["closed", "open"])
+def test_redis_outage_under_load_long(
+    mode: str, procs: ProcessGroup, tmp_path: Path, upstream: Callable[[str], Upstream]
+) -> None:
+    redis_outages(mode, 10, procs, tmp_path, upstream)
