@@ -137,14 +137,15 @@ def write_in_place(path: Path) -> Callable[[str], None]:
     return lambda text: path.write_text(text)
 
 
-def test_file_faults_under_load(watched: Watched) -> None:
-    w = watched
+def file_fault_round(w: Watched, r: int) -> None:
+    """One round of every file fault; ``r`` numbers the answers it serves."""
     cfg = w.edge.cfg
     routes = cfg / "routes.yaml"
 
     # 1. A partial write: the writer holds the file open half-written, then finishes.
     #    The half is never read (a read-lease probe sees the writer); the whole is.
-    content = routes_yaml("hello v1").encode()
+    previous = w.good[-1]
+    content = routes_yaml(f"hello r{r} v1").encode()
     reloads = w.server.status()["reload"]
     with open(routes, "wb") as f:
         f.write(content[: len(content) // 2])
@@ -152,41 +153,41 @@ def test_file_faults_under_load(watched: Watched) -> None:
         os.fsync(f.fileno())
         deadline = time.monotonic() + 1.0
         while time.monotonic() < deadline:  # a slow writer: one second half-way
-            assert w.edge.get("/hello") == (200, "hello v0")
+            assert w.edge.get("/hello") == (200, previous)
             time.sleep(0.05)
         f.write(content[len(content) // 2 :])
-        w.good.append("hello v1")
-    w.edge.wait_answer("/hello", "hello v1")
+        w.good.append(f"hello r{r} v1")
+    w.edge.wait_answer("/hello", f"hello r{r} v1")
     after = w.server.status()["reload"]
     assert after["failures"] == reloads["failures"], after
 
     # 1b. A writer that holds the file open longer than the server waits (5 s): an error
     #     naming the file, nothing half-read served; its good content once it closes.
     with open(routes, "w") as f:
-        f.write(routes_yaml("hello v1b")[:30])
+        f.write(routes_yaml(f"hello r{r} v1b")[:30])
         f.flush()
         w.refused(str(routes), "open for writing")
-        f.write(routes_yaml("hello v1b")[30:])
-        w.good.append("hello v1b")
-    w.edge.wait_answer("/hello", "hello v1b")
+        f.write(routes_yaml(f"hello r{r} v1b")[30:])
+        w.good.append(f"hello r{r} v1b")
+    w.edge.wait_answer("/hello", f"hello r{r} v1b")
 
     # 2. A partial write left behind (the writer died half-way): not valid YAML, refused.
-    routes.write_text(routes_yaml("hello v-half")[:45])
+    routes.write_text(routes_yaml(f"hello r{r} v-half")[:45])
     w.refused(f"{routes}:", "")
-    w.serve("hello v2", write_in_place(routes))
+    w.serve(f"hello r{r} v2", write_in_place(routes))
 
     # 3. The file replaced by a directory.
     routes.unlink()
     routes.mkdir()
     w.refused(str(routes), "directory")
     routes.rmdir()
-    w.serve("hello v3", write_in_place(routes))
+    w.serve(f"hello r{r} v3", write_in_place(routes))
 
     # 4. Permission denied (the server runs without CAP_DAC_OVERRIDE).
     routes.chmod(0o000)
     w.refused(str(routes), "permission denied")
     routes.chmod(0o644)
-    w.serve("hello v4", write_in_place(routes))
+    w.serve(f"hello r{r} v4", write_in_place(routes))
 
     # 5. The folder deleted, then recreated with the files.
     saved = {p.name: p.read_text() for p in cfg.iterdir()}
@@ -194,7 +195,17 @@ def test_file_faults_under_load(watched: Watched) -> None:
     w.refused(str(cfg), "gone")
     cfg.mkdir()
     (cfg / "edge.yaml").write_text(saved["edge.yaml"])
-    w.serve("hello v5", write_in_place(routes))
+    w.serve(f"hello r{r} v5", write_in_place(routes))
+
+
+def test_file_faults_under_load(watched: Watched) -> None:
+    file_fault_round(watched, 1)
+
+
+@pytest.mark.slow
+def test_file_faults_under_load_long(watched: Watched) -> None:
+    for r in range(1, 11):
+        file_fault_round(watched, r)
 
 
 def k8s_swap(cfg: Path, files: dict[str, str], stamp: str) -> None:
@@ -216,8 +227,8 @@ def k8s_swap(cfg: Path, files: dict[str, str], stamp: str) -> None:
         shutil.rmtree(cfg / old)
 
 
-def test_kubernetes_symlink_swap_under_load(
-    procs: ProcessGroup, tmp_path: Path, upstream: Callable[[str], Upstream]
+def k8s_swaps(
+    swaps: int, procs: ProcessGroup, tmp_path: Path, upstream: Callable[[str], Upstream]
 ) -> None:
     """The policy mounted as a Kubernetes volume: each swap of ``..data`` is one change,
     a swap to a bad policy is refused with the file named and the last good snapshot
@@ -232,10 +243,10 @@ def test_kubernetes_symlink_swap_under_load(
     good = ["hello v0"]
     refused: list[str] = []
     with Prober(edge.port, "/hello", interval=0.005) as hello, Load(edge.port, "/app") as load:
-        for i in range(1, 6):
+        for i in range(1, swaps + 1):
             reloads = edge.server.status()["reload"]
             bad = routes_yaml(f"hello bad {i}").replace("direct_response", "direct_respons")
-            k8s_swap(cfg, {"edge.yaml": base, "routes.yaml": bad}, f"2026_{i:02}_bad")
+            k8s_swap(cfg, {"edge.yaml": base, "routes.yaml": bad}, f"2026_{i:03}_bad")
 
             def error() -> str | None:
                 found = edge.server.status()["reload"]["errors"]
@@ -247,7 +258,7 @@ def test_kubernetes_symlink_swap_under_load(
             wait_until(load.flowing(20), 10, what="load flowing while the bad swap stands")
             assert edge.get("/hello") == (200, good[-1])
             good.append(f"hello v{i}")
-            k8s_swap(cfg, {"edge.yaml": base, "routes.yaml": routes_yaml(good[-1])}, f"2026_{i:02}")
+            k8s_swap(cfg, {"edge.yaml": base, "routes.yaml": routes_yaml(good[-1])}, f"2026_{i:03}")
             edge.wait_answer("/hello", good[-1])
             wait_until(lambda: edge.server.status()["reload"]["errors"] == [], 10)
             after = edge.server.status()["reload"]
@@ -264,3 +275,16 @@ def test_kubernetes_symlink_swap_under_load(
         f"load={load.summary()}, failed={len(load.failures('alpha'))}, "
         f"dropped={len(load.drops())}; error shown: {refused[0]}"
     )
+
+
+def test_kubernetes_symlink_swap_under_load(
+    procs: ProcessGroup, tmp_path: Path, upstream: Callable[[str], Upstream]
+) -> None:
+    k8s_swaps(5, procs, tmp_path, upstream)
+
+
+@pytest.mark.slow
+def test_kubernetes_symlink_swap_under_load_long(
+    procs: ProcessGroup, tmp_path: Path, upstream: Callable[[str], Upstream]
+) -> None:
+    k8s_swaps(100, procs, tmp_path, upstream)
