@@ -112,6 +112,17 @@ def holds_for(
         time.sleep(interval)
 
 
+def short_and_long(short: int, long: int) -> list[Any]:
+    """The counts of one scenario for ``@pytest.mark.parametrize("count", ...)``: the short
+    one runs by default, the long one only with ``-m slow`` (ids ``x2``, ``x20``)."""
+    import pytest
+
+    return [
+        pytest.param(short, id=f"x{short}"),
+        pytest.param(long, id=f"x{long}", marks=pytest.mark.slow),
+    ]
+
+
 # -- ports and files --------------------------------------------------------------------------
 
 _handed_out: set[int] = set()

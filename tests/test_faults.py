@@ -32,6 +32,7 @@ from harness import (
     free_port,
     holds_for,
     http_get,
+    short_and_long,
     wait_until,
 )
 from test_e2e_envoy import UPDATE_SUCCESS, VARIANTS, XDS_TYPES, Edge, base_resources
@@ -107,9 +108,11 @@ def spread(values: list[float]) -> str:
 # -- 1. the control plane killed with SIGKILL under load, then restarted ----------------------
 
 
-def sigkill_restarts(
+@pytest.mark.parametrize("count", short_and_long(2, 20))
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_sigkill_under_load(
     variant: str,
-    kills: int,
+    count: int,
     procs: ProcessGroup,
     tmp_path: Path,
     upstream: Callable[[str], Upstream],
@@ -118,6 +121,7 @@ def sigkill_restarts(
     same files. Envoy serves every request meanwhile, is connected again within
     RECONNECT_BOUND of the server's return, and is sent nothing: its update_success
     counters and version_text stay as they were, the server writes no response."""
+    kills = count
     ups = {"alpha": upstream("alpha")}
     edge = Edge(procs, tmp_path, variant)
     edge.write(base_resources(edge.port, ups))
@@ -167,27 +171,14 @@ def sigkill_restarts(
     edge.wait_answer("/hello", "after the kills")
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_sigkill_under_load(
-    variant: str, procs: ProcessGroup, tmp_path: Path, upstream: Callable[[str], Upstream]
-) -> None:
-    sigkill_restarts(variant, 2, procs, tmp_path, upstream)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_sigkill_under_load_long(
-    variant: str, procs: ProcessGroup, tmp_path: Path, upstream: Callable[[str], Upstream]
-) -> None:
-    sigkill_restarts(variant, 20, procs, tmp_path, upstream)
-
-
 # -- 2. two replicas on the same files, one Envoy with both in its bootstrap -----------------
 
 
-def replica_failovers(
+@pytest.mark.parametrize("count", short_and_long(2, 20))
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_replica_failover_under_load(
     variant: str,
-    moves: int,
+    count: int,
     procs: ProcessGroup,
     tmp_path: Path,
     upstream: Callable[[str], Upstream],
@@ -197,6 +188,7 @@ def replica_failovers(
     ``moves`` times: SIGKILL the replica Envoy uses; Envoy moves to the other, which sends
     nothing (the versions are the same content hashes), then the killed one comes back
     for the next round. Load through Envoy throughout, none of it failing."""
+    moves = count
     ups = {"alpha": upstream("alpha")}
     edge = Edge(procs, tmp_path, variant)
     edge.write(base_resources(edge.port, ups))
@@ -256,27 +248,14 @@ def replica_failovers(
     assert load.count() > 50 * moves, load.summary()
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_replica_failover_under_load(
-    variant: str, procs: ProcessGroup, tmp_path: Path, upstream: Callable[[str], Upstream]
-) -> None:
-    replica_failovers(variant, 2, procs, tmp_path, upstream)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_replica_failover_under_load_long(
-    variant: str, procs: ProcessGroup, tmp_path: Path, upstream: Callable[[str], Upstream]
-) -> None:
-    replica_failovers(variant, 20, procs, tmp_path, upstream)
-
-
 # -- 3. Envoy restarted: its full configuration back at once ---------------------------------
 
 
-def envoy_restarts(
+@pytest.mark.parametrize("count", short_and_long(2, 10))
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_envoy_restart_gets_everything_at_once(
     variant: str,
-    restarts: int,
+    count: int,
     procs: ProcessGroup,
     tmp_path: Path,
     upstream: Callable[[str], Upstream],
@@ -286,6 +265,7 @@ def envoy_restarts(
     everything at once (one response per type on the new stream), it accepts exactly the
     versions the previous Envoy held, and it serves within seconds, with no initial fetch
     timing out."""
+    restarts = count
     ups = {"alpha": upstream("alpha")}
     edge = Edge(procs, tmp_path, variant)
     edge.write(base_resources(edge.port, ups))
@@ -318,33 +298,18 @@ def envoy_restarts(
     assert max(to_serving) < 10, spread(to_serving)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_envoy_restart_gets_everything_at_once(
-    variant: str, procs: ProcessGroup, tmp_path: Path, upstream: Callable[[str], Upstream]
-) -> None:
-    envoy_restarts(variant, 2, procs, tmp_path, upstream)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_envoy_restart_gets_everything_at_once_long(
-    variant: str, procs: ProcessGroup, tmp_path: Path, upstream: Callable[[str], Upstream]
-) -> None:
-    envoy_restarts(variant, 10, procs, tmp_path, upstream)
-
-
 # -- 4. policy reloads and certificate rotations during continuous load -----------------------
 
 
-def reloads_and_rotations(
-    reloads: int, rotations: int, procs: ProcessGroup, tmp_path: Path
-) -> None:
+@pytest.mark.parametrize("count", short_and_long(1, 10))
+def test_reloads_and_rotations_under_load(count: int, procs: ProcessGroup, tmp_path: Path) -> None:
     """The billing edge over TLS (tls_helpers.start_edge) under load: kept-alive
     connections and a new connection (new handshake) per request. ``reloads`` policy
     edits (a route's answer changes each time: RDS) and, spread among them, ``rotations``
     of the edge certificate (new key and serial: SDS). Each change is waited for until
     Envoy shows it. No request fails, no kept-alive connection is replaced, no listener
     is modified or drained."""
+    reloads, rotations = 50 * count, 20 * count
     edge = start_edge(procs, tmp_path)
     stop = threading.Event()
     try:
@@ -434,43 +399,20 @@ def healthz_says(edge: TlsEdge, body: str) -> str:
     return text.replace(old, f'body: "{body}"')
 
 
-def test_reloads_and_rotations_under_load(procs: ProcessGroup, tmp_path: Path) -> None:
-    reloads_and_rotations(50, 20, procs, tmp_path)
-
-
-@pytest.mark.slow
-def test_reloads_and_rotations_under_load_long(procs: ProcessGroup, tmp_path: Path) -> None:
-    reloads_and_rotations(500, 200, procs, tmp_path)
-
-
 # -- 5. the guard's Redis stopped and started under load -------------------------------------
 
-GUARDED = """\
-nodes: ["edge-*"]
-guard: {{address: "{guard}", fail_open: false, timeout: 1s}}
-jwt_providers:
-  idp:
-    issuer: {issuer}
-    audiences: [billing]
-    jwks_file: {jwks}
-    max_lifetime: 300s
-listeners:
-  - name: http
-    address: 127.0.0.1:{port}
-    hosts:
-      - name: api
-        domains: ["*"]
-        routes:
-          - {{name: healthz, path: /healthz, direct_response: {{status: 200, body: "ok"}}}}
-          - {{name: once, prefix: /, jwt: idp, replay_protection: true, upstream: echo}}
-upstreams:
-  echo: {{endpoints: ["127.0.0.1:{upstream}"]}}
-"""
+
+def phase(load: Load, guard: Any, what: str) -> None:
+    """One phase of an outage test: at least a second and 40 requests, the guard up."""
+    holds_for(guard.proc.alive, 1.0, what=f"the guard stays up ({what})")
+    wait_until(load.flowing(40), 20, what=f"load flowing ({what})")
 
 
-def redis_outages(
+@pytest.mark.parametrize("count", short_and_long(2, 10))
+@pytest.mark.parametrize("mode", ["closed", "open"])
+def test_redis_outage_under_load(
     mode: str,
-    outages: int,
+    count: int,
     procs: ProcessGroup,
     tmp_path: Path,
     upstream: Callable[[str], Upstream],
@@ -482,7 +424,9 @@ def redis_outages(
     refuses with 503 (x-guard-reason store_unavailable), ``open`` lets requests through;
     once it is back the guard uses it again without being restarted (a token is refused
     the second time: the memory is Redis again)."""
+    outages = count
     from test_guard import Guard, Redis
+    from test_replay import POLICY
 
     from xdsplane import jwt
 
@@ -498,10 +442,10 @@ def redis_outages(
     pki.write_atomic(tmp_path / "keys" / "jwks.json", jwt.jwks(key))
     port = free_port()
     (folder / "edge.yaml").write_text(
-        GUARDED.format(
+        POLICY.format(
             guard=f"{HOST}:{guard.port}",
+            fail_open="false",  # Envoy's side: the guard itself is always up here
             issuer=jwt.DEFAULT_ISSUER,
-            jwks=tmp_path / "keys" / "jwks.json",
             port=port,
             upstream=echo.port,
         )
@@ -526,11 +470,11 @@ def redis_outages(
         with Load(port, "/x", headers=bearer) as load:
             for _ in range(outages):
                 up_from = time.monotonic()
-                wait_until(load.flowing(40), 20, what="load flowing, Redis up")
+                phase(load, guard, "Redis up")
                 up_phases.append((up_from, time.monotonic()))
                 redis.proc.stop()  # SIGTERM: Redis closes its connections
                 down_from = time.monotonic()
-                wait_until(load.flowing(40), 20, what="load flowing, Redis down")
+                phase(load, guard, "Redis down")
                 down_phases.append((down_from, time.monotonic()))
                 redis.start()
                 back = time.monotonic()
@@ -544,7 +488,7 @@ def redis_outages(
                 wait_until(recovered, 20, what="the guard uses Redis again")
                 recoveries.append(time.monotonic() - back)
             up_from = time.monotonic()
-            wait_until(load.flowing(40), 20, what="load flowing, Redis back")
+            phase(load, guard, "Redis back")
             up_phases.append((up_from, time.monotonic()))
         up = [r for a, b in up_phases for r in load.between(a, b)]
         down = [r for a, b in down_phases for r in load.between(a, b)]
@@ -575,18 +519,3 @@ def redis_outages(
         assert guard.health()["backend_up"] is True
     finally:
         guard.close()
-
-
-@pytest.mark.parametrize("mode", ["closed", "open"])
-def test_redis_outage_under_load(
-    mode: str, procs: ProcessGroup, tmp_path: Path, upstream: Callable[[str], Upstream]
-) -> None:
-    redis_outages(mode, 2, procs, tmp_path, upstream)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("mode", ["closed", "open"])
-def test_redis_outage_under_load_long(
-    mode: str, procs: ProcessGroup, tmp_path: Path, upstream: Callable[[str], Upstream]
-) -> None:
-    redis_outages(mode, 10, procs, tmp_path, upstream)

@@ -30,6 +30,7 @@ from harness import (
     direct,
     envoy_binary,
     route_config,
+    short_and_long,
     snapshot_yaml,
     to_cluster,
     wait_until,
@@ -198,13 +199,9 @@ def file_fault_round(w: Watched, r: int) -> None:
     w.serve(f"hello r{r} v5", write_in_place(routes))
 
 
-def test_file_faults_under_load(watched: Watched) -> None:
-    file_fault_round(watched, 1)
-
-
-@pytest.mark.slow
-def test_file_faults_under_load_long(watched: Watched) -> None:
-    for r in range(1, 11):
+@pytest.mark.parametrize("count", short_and_long(1, 10))
+def test_file_faults_under_load(count: int, watched: Watched) -> None:
+    for r in range(1, count + 1):
         file_fault_round(watched, r)
 
 
@@ -227,12 +224,14 @@ def k8s_swap(cfg: Path, files: dict[str, str], stamp: str) -> None:
         shutil.rmtree(cfg / old)
 
 
-def k8s_swaps(
-    swaps: int, procs: ProcessGroup, tmp_path: Path, upstream: Callable[[str], Upstream]
+@pytest.mark.parametrize("count", short_and_long(5, 100))
+def test_kubernetes_symlink_swap_under_load(
+    count: int, procs: ProcessGroup, tmp_path: Path, upstream: Callable[[str], Upstream]
 ) -> None:
     """The policy mounted as a Kubernetes volume: each swap of ``..data`` is one change,
     a swap to a bad policy is refused with the file named and the last good snapshot
     live, the next good swap is served."""
+    swaps = count
     ups = {"alpha": upstream("alpha")}
     edge = Edge(procs, tmp_path, "sotw")
     cfg = edge.cfg
@@ -275,16 +274,3 @@ def k8s_swaps(
         f"load={load.summary()}, failed={len(load.failures('alpha'))}, "
         f"dropped={len(load.drops())}; error shown: {refused[0]}"
     )
-
-
-def test_kubernetes_symlink_swap_under_load(
-    procs: ProcessGroup, tmp_path: Path, upstream: Callable[[str], Upstream]
-) -> None:
-    k8s_swaps(5, procs, tmp_path, upstream)
-
-
-@pytest.mark.slow
-def test_kubernetes_symlink_swap_under_load_long(
-    procs: ProcessGroup, tmp_path: Path, upstream: Callable[[str], Upstream]
-) -> None:
-    k8s_swaps(100, procs, tmp_path, upstream)
