@@ -802,6 +802,7 @@ class Prober:
         self.connects = 0
         self.drops: list[str] = []
         self.results: list[tuple[float, int | None, str]] = []
+        self.done_at: list[float] = []  # when each of ``results`` was answered (or failed)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"prober-{port}", daemon=True)
 
@@ -816,8 +817,10 @@ class Prober:
             at = time.monotonic()
             try:
                 r = http_get(self.port, self.path, timeout=2.0, headers=self._extra())
+                self.done_at.append(time.monotonic())
                 self.results.append((at, r.status, r.text))
             except RETRYABLE as e:
+                self.done_at.append(time.monotonic())
                 self.results.append((at, None, repr(e)))
             self._stop.wait(self.interval)
 
@@ -833,12 +836,14 @@ class Prober:
                 conn.request("GET", self.path, headers=self._extra())
                 r = conn.getresponse()
                 body = r.read()
+                self.done_at.append(time.monotonic())
                 self.results.append((at, r.status, body.decode("utf-8", "replace").strip()))
                 if r.will_close:
                     self.drops.append(f"closed by the server after a {r.status}")
                     conn.close()
                     conn = None
             except RETRYABLE as e:
+                self.done_at.append(time.monotonic())
                 self.results.append((at, None, repr(e)))
                 self.drops.append(repr(e))
                 if conn is not None:
@@ -912,8 +917,14 @@ class Load:
         return sorted(f for p in self.probers for f in p.failures(text, status))
 
     def between(self, start: float, end: float) -> list[tuple[float, int | None, str]]:
-        """The outcomes of requests sent from ``start`` to ``end`` (time.monotonic())."""
-        return [r for r in self.results if start <= r[0] <= end]
+        """The outcomes of requests sent and answered from ``start`` to ``end``
+        (time.monotonic()): requests in flight at either edge belong to neither side."""
+        return sorted(
+            r
+            for p in self.probers
+            for r, done in zip(p.results, p.done_at, strict=False)
+            if start <= r[0] and done <= end
+        )
 
     def drops(self) -> list[str]:
         return [d for p in self.probers if p.keep_alive for d in p.drops]
