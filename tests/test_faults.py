@@ -449,6 +449,10 @@ def test_redis_outage_under_load(
             port=port,
             upstream=echo.port,
         )
+        # What is tested is the guard's answer with Redis up or down, so Envoy waits for it
+        # long enough: the guard bounds its Redis calls to 1 s, and a loaded machine once
+        # held a guard answer past test_replay's 500 ms (Envoy then says 403 itself).
+        .replace("timeout: 500ms", "timeout: 3s")
     )
     server = XdsServer(procs, folder).launch()
     envoy = Envoy(procs, tmp_path, "edge-1", server.xds_address)
