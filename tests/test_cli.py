@@ -115,8 +115,25 @@ def test_bootstrap_parses_as_an_envoy_bootstrap(delta: bool) -> None:
     assert bs.dynamic_resources.cds_config.HasField("ads")
     (xds,) = bs.static_resources.clusters
     assert ads.grpc_services[0].envoy_grpc.cluster_name == xds.name
+    # Envoy's default reconnect backoff grows to 30 s: the bootstrap caps it (test_faults
+    # measures Envoy back on a restarted server within the cap).
+    backoff = ads.grpc_services[0].envoy_grpc.retry_policy.retry_back_off
+    assert (backoff.base_interval.ToMilliseconds(), backoff.max_interval.ToMilliseconds()) == (
+        100,
+        500,
+    )
     sock = xds.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address
     assert (sock.address, sock.port_value) == ("127.0.0.1", 18001)
+
+
+def test_bootstrap_reconnect_max() -> None:
+    r = run_cli("bootstrap", "--node", "n", "--reconnect-max", "2")
+    assert r.returncode == 0, r.stderr
+    grpc_service = yaml.safe_load(r.stdout)["dynamic_resources"]["ads_config"]["grpc_services"]
+    backoff = grpc_service[0]["envoy_grpc"]["retry_policy"]["retry_back_off"]
+    assert backoff == {"base_interval": "0.100s", "max_interval": "2.000s"}
+    r = run_cli("bootstrap", "--node", "n", "--reconnect-max", "0")
+    assert r.returncode == 2 and "positive" in r.stderr, r.stderr
 
 
 def test_bootstrap_with_replicas_and_a_hostname() -> None:

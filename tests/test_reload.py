@@ -239,6 +239,7 @@ async def test_file_held_open_too_long_is_an_error_and_nothing_changes(
         assert cache.current is good
         assert len(r.state.errors) == 1
         assert "open for writing" in r.state.errors[0]
+        assert r.state.errors[0].startswith(f"{path}: "), r.state.errors  # the file, named
     assert await r.reload() is False  # closed, but it is only half a file: a YAML error
     assert cache.current is good
     path.write_text(routes("/whole"))

@@ -38,9 +38,12 @@ from harness import (
 )
 from tls_helpers import (
     BILLING,
+    LISTENER_CHURN,
     NODE,
     STRICT,
     Edge,
+    Looper,
+    StatSampler,
     TlsConnection,
     assert_no_key_material,
     attach_to_report,
@@ -48,6 +51,7 @@ from tls_helpers import (
     file_serial,
     handshake,
     https_get,
+    listener_churn,
     no_http_answer,
     process_group,
     start_edge,
@@ -430,67 +434,6 @@ def test_upstream_mtls_and_refusing_an_impostor(edge: Edge) -> None:
 
 
 # -- rotation under load ----------------------------------------------------------------------
-
-LISTENER_CHURN = (
-    "listener_manager.listener_modified",
-    "listener_manager.listener_removed",
-    "listener_manager.listener_in_place_updated",
-    "listener_manager.total_listeners_draining",
-    "listener_manager.total_filter_chains_draining",
-)
-
-
-def listener_churn(edge: Edge) -> dict[str, int]:
-    found = edge.envoy.stats(r"^listener_manager\.")
-    return {k: v for k, v in found.items() if k in LISTENER_CHURN}
-
-
-class Looper(threading.Thread):
-    """GETs in a loop over one kept-alive TLS connection, recording every outcome."""
-
-    def __init__(self, edge: Edge, index: int, stop: threading.Event) -> None:
-        super().__init__(name=f"looper-{index}", daemon=True)
-        self.conn = TlsConnection(edge.layout.https_port, edge.ctx(), BILLING)
-        self.conn.connect()
-        self.first_serial = x509.load_der_x509_certificate(
-            self.conn.tls.getpeercert(binary_form=True) or b""
-        ).serial_number
-        self.path = f"/billing/load/{index}"
-        self.stop = stop
-        self.ok = 0
-        self.failures: list[str] = []
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            try:
-                r = self.conn.get(self.path)
-                if r.status == 200:
-                    self.ok += 1
-                else:
-                    self.failures.append(f"{r.status} {r.text[:100]}")
-            except Exception as e:
-                self.failures.append(repr(e))
-                self.conn.close()  # the next request reconnects (and is counted)
-
-    def current_serial(self) -> int:
-        der = self.conn.tls.getpeercert(binary_form=True)
-        return x509.load_der_x509_certificate(der or b"").serial_number
-
-
-class StatSampler(threading.Thread):
-    """Polls Envoy's listener counters and gauges, keeping the largest value seen."""
-
-    def __init__(self, edge: Edge, stop: threading.Event) -> None:
-        super().__init__(name="stat-sampler", daemon=True)
-        self.edge = edge
-        self.stop = stop
-        self.peak: dict[str, int] = {}
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            for k, v in listener_churn(self.edge).items():
-                self.peak[k] = max(v, self.peak.get(k, 0))
-            self.stop.wait(0.02)
 
 
 def new_handshakes_get(edge: Edge, serial: int) -> bool:

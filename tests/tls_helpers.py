@@ -603,3 +603,72 @@ def why_no_local_tls11(certs: Path) -> str | None:
     if version != "TLSv1.1":
         return f"a local TLS 1.1 handshake negotiated {version}"
     return None
+
+
+# -- load over TLS, and the listener counters that show churn ---------------------------------
+
+LISTENER_CHURN = (
+    "listener_manager.listener_modified",
+    "listener_manager.listener_removed",
+    "listener_manager.listener_in_place_updated",
+    "listener_manager.total_listeners_draining",
+    "listener_manager.total_filter_chains_draining",
+)
+
+
+def listener_churn(edge: Edge) -> dict[str, int]:
+    found = edge.envoy.stats(r"^listener_manager\.")
+    return {k: v for k, v in found.items() if k in LISTENER_CHURN}
+
+
+class Looper(threading.Thread):
+    """GETs in a loop over one kept-alive TLS connection, recording every outcome.
+
+    ``conn.connects`` counts the connections made: more than one means one was dropped.
+    With ``fresh``, every request is a new TLS connection (a new handshake) instead.
+    """
+
+    def __init__(self, edge: Edge, index: int, stop: threading.Event, fresh: bool = False) -> None:
+        super().__init__(name=f"looper-{index}", daemon=True)
+        self.fresh = fresh
+        self.conn = TlsConnection(edge.layout.https_port, edge.ctx(), BILLING)
+        self.conn.connect()
+        self.first_serial = x509.load_der_x509_certificate(
+            self.conn.tls.getpeercert(binary_form=True) or b""
+        ).serial_number
+        self.path = f"/billing/load/{index}"
+        self.stop = stop
+        self.ok = 0
+        self.failures: list[str] = []
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                r = self.conn.get(self.path, close=self.fresh)
+                if r.status == 200:
+                    self.ok += 1
+                else:
+                    self.failures.append(f"{r.status} {r.text[:100]}")
+            except Exception as e:
+                self.failures.append(repr(e))
+                self.conn.close()  # the next request reconnects (and is counted)
+
+    def current_serial(self) -> int:
+        der = self.conn.tls.getpeercert(binary_form=True)
+        return x509.load_der_x509_certificate(der or b"").serial_number
+
+
+class StatSampler(threading.Thread):
+    """Polls Envoy's listener counters and gauges, keeping the largest value seen."""
+
+    def __init__(self, edge: Edge, stop: threading.Event) -> None:
+        super().__init__(name="stat-sampler", daemon=True)
+        self.edge = edge
+        self.stop = stop
+        self.peak: dict[str, int] = {}
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            for k, v in listener_churn(self.edge).items():
+                self.peak[k] = max(v, self.peak.get(k, 0))
+            self.stop.wait(0.02)

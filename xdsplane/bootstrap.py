@@ -9,6 +9,11 @@ from typing import Any
 import yaml
 
 XDS_CLUSTER = "xds_cluster"
+# Envoy's own ADS reconnect backoff (500 ms base, doubling, jittered, up to 30 s) leaves it
+# many seconds off a control plane that is back: measured 0.3-13.6 s after a restart. A
+# retry policy on the ADS gRPC service replaces it; Envoy 1.40 honours it for ADS.
+RECONNECT_BASE_SECONDS = 0.1
+RECONNECT_MAX_SECONDS = 0.5
 
 
 def split_address(value: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
@@ -98,8 +103,17 @@ def bootstrap(
     admin_address: str = "127.0.0.1:9901",
     delta: bool = False,
     tls: XdsTls | None = None,
+    reconnect_max: float = RECONNECT_MAX_SECONDS,
 ) -> dict[str, Any]:
-    """A bootstrap as a plain mapping (``to_yaml`` renders it)."""
+    """A bootstrap as a plain mapping (``to_yaml`` renders it).
+
+    ``reconnect_max`` (seconds) caps Envoy's jittered backoff between attempts to reach the
+    control plane (ADS), so that it is back on a restarted server or another replica within
+    about that long; ValueError unless positive.
+    """
+    if not reconnect_max > 0:
+        raise ValueError(f"the reconnect backoff must be positive, got {reconnect_max}")
+    base = min(RECONNECT_BASE_SECONDS, reconnect_max)
     endpoints = []
     all_ips = True
     for addr in xds_addresses:
@@ -140,13 +154,29 @@ def bootstrap(
                 "api_type": "DELTA_GRPC" if delta else "GRPC",
                 "transport_api_version": "V3",
                 "set_node_on_first_message_only": True,
-                "grpc_services": [{"envoy_grpc": {"cluster_name": XDS_CLUSTER}}],
+                "grpc_services": [
+                    {
+                        "envoy_grpc": {
+                            "cluster_name": XDS_CLUSTER,
+                            "retry_policy": {
+                                "retry_back_off": {
+                                    "base_interval": _duration(base),
+                                    "max_interval": _duration(reconnect_max),
+                                }
+                            },
+                        }
+                    }
+                ],
             },
             "lds_config": ads,
             "cds_config": ads,
         },
         "static_resources": {"clusters": [xds_cluster]},
     }
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.3f}s"
 
 
 def to_yaml(data: dict[str, Any]) -> str:

@@ -135,6 +135,14 @@ def _add_bootstrap(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         help="Envoy's admin address (default: 127.0.0.1:9901)",
     )
     p.add_argument("--delta", action="store_true", help="use incremental xDS (DELTA_GRPC)")
+    p.add_argument(
+        "--reconnect-max",
+        type=float,
+        default=0.5,
+        metavar="SECONDS",
+        help="longest wait between Envoy's attempts to reach the control plane (jittered, "
+        "from 0.1 s up); Envoy's default backoff grows to 30 s (default: 0.5)",
+    )
     tls = p.add_argument_group(
         "mTLS to the control plane",
         "With --tls-cert, --tls-key and --ca (all three), the xds_cluster connects over TLS "
@@ -415,6 +423,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
             args.admin_address,
             args.delta,
             tls=tls,
+            reconnect_max=args.reconnect_max,
         )
     except ValueError as e:
         print(f"xdsplane bootstrap: {e}", file=sys.stderr)

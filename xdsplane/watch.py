@@ -110,7 +110,8 @@ class Reloader:
                     break
                 except FileBusy as e:
                     if time.monotonic() > deadline:
-                        return self._failed([f"{self.root}: {e} (gave up after waiting)"], reason)
+                        waited = f"gave up after waiting {self.busy_timeout:g}s"
+                        return self._failed([f"{e} ({waited})"], reason)
                     await asyncio.sleep(0.005)
                 except ConfigErrors as e:
                     return self._failed([str(x) for x in e.errors], reason)
@@ -194,6 +195,11 @@ class Reloader:
                     return True
         return False
 
+    def _gone(self) -> str:
+        if self.root.exists():
+            return "is no longer a folder"
+        return "the policy folder is gone (deleted or unmounted)"
+
     def _identity(self) -> tuple[int, int] | None:
         try:
             st = self.root.stat()
@@ -216,7 +222,9 @@ class Reloader:
             identity = self._identity()
             if identity is None:
                 if not gone_logged:
-                    self.log.warning("policy folder is gone; still serving the last good snapshot")
+                    # An error like any failed load: in the log and /status until a load
+                    # of the folder, back again, succeeds.
+                    self._failed([f"{self.root}: {self._gone()}"], "folder gone")
                     gone_logged = True
                 resync = True
                 await _wait(stop, 0.1)

@@ -34,11 +34,15 @@ def list_files(root: Path) -> list[Path]:
     """The YAML files under ``root``, sorted; hidden files and folders are skipped.
 
     Hidden entries cover editors' swap files and Kubernetes' ``..data`` folders (whose
-    files are reached through the visible symlinks beside them).
+    files are reached through the visible symlinks beside them). A folder named like a
+    policy file is listed, not entered: a policy file replaced by a directory is reported
+    by its name rather than silently missing.
     """
     found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        visible = [d for d in dirnames if not d.startswith(".")]
+        found.extend(Path(dirpath) / d for d in visible if d.endswith(SUFFIXES))
+        dirnames[:] = sorted(d for d in visible if not d.endswith(SUFFIXES))
         for name in filenames:
             if name.startswith(".") or not name.endswith(SUFFIXES):
                 continue
@@ -82,7 +86,8 @@ class FolderLoader:
         except FileBusy:
             raise
         except IsADirectoryError:
-            errors.append(ConfigError(Location(shown), "is not a regular file"))
+            what = "is a directory, not a policy file" if path.is_dir() else "is not a regular file"
+            errors.append(ConfigError(Location(shown), what))
             return []
         except OSError as e:
             errors.append(ConfigError(Location(shown), f"cannot read: {e.strerror or e}"))

@@ -36,14 +36,14 @@ def _leases_allowed() -> bool:
     return hasattr(signal, "SIGIO") and signal.getsignal(signal.SIGIO) == signal.SIG_IGN
 
 
-def _probe_writers(fd: int) -> None:
+def _probe_writers(fd: int, path: str) -> None:
     if not _leases_allowed():
         return
     try:
         fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_RDLCK)
     except OSError as e:
         if e.errno == errno.EAGAIN:
-            raise FileBusy("the file is open for writing by another process") from None
+            raise FileBusy(f"{path}: the file is open for writing by another process") from None
         return  # leases not available here: fall back to the stat comparison
     fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_UNLCK)
 
@@ -65,7 +65,7 @@ def read_stable(path: str, limit: int = 64 * 1024 * 1024) -> bytes:
             raise IsADirectoryError(errno.EISDIR, "not a regular file", path)
         if before.st_size > limit:
             raise OSError(errno.EFBIG, f"larger than {limit} bytes", path)
-        _probe_writers(fd)
+        _probe_writers(fd, path)
         chunks = []
         total = 0
         while True:
@@ -81,13 +81,13 @@ def read_stable(path: str, limit: int = 64 * 1024 * 1024) -> bytes:
         os.close(fd)
     data = b"".join(chunks)
     if _stamp(before) != _stamp(after) or len(data) != after.st_size:
-        raise FileBusy("the file changed while it was read")
+        raise FileBusy(f"{path}: the file changed while it was read")
     try:
         current = os.stat(path)
     except FileNotFoundError:
-        raise FileBusy("the file was replaced while it was read") from None
+        raise FileBusy(f"{path}: the file was replaced while it was read") from None
     if current.st_ino != after.st_ino or current.st_dev != after.st_dev:
-        raise FileBusy("the file was replaced while it was read")
+        raise FileBusy(f"{path}: the file was replaced while it was read")
     return data
 
 
