@@ -281,7 +281,7 @@ def check_policy(policy: GroupPolicy, scope: str = "") -> tuple[list[ConfigError
         secret(ppart.value.ca, "ca", ppart.origin, "ca")
         cluster = JWKS_CLUSTER_PREFIX + name
         if cluster in policy.upstreams:
-            at = policy.upstreams[cluster].origin.at()
+            at = policy.upstreams[cluster].origin.key()
             errors.append(
                 ConfigError(
                     ppart.origin.at("jwks_uri"),
