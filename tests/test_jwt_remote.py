@@ -3,8 +3,9 @@ translation, and a real Envoy fetching the set from JWKS servers this test runs.
 
 The gateway has three providers, each with its own signing key and its own JWKS server on
 127.0.0.1: ``plain`` (http://), ``secure`` (https://, certificate from the CA the policy
-names in ``ca``) and ``untrusted`` (https://, certificate from another CA: Envoy must
-refuse the server, so even a token signed by the key it serves is refused).
+names in ``ca``), ``untrusted`` (https://, certificate from another CA) and ``misnamed``
+(https://, certificate from that CA but for another name): Envoy must refuse the last two
+servers, so even a token signed by the key they serve is refused.
 """
 
 from __future__ import annotations
@@ -49,6 +50,11 @@ jwt_providers:
     audiences: [billing]
     jwks_uri: https://127.0.0.1:{untrusted}/.well-known/jwks.json
     ca: jwks-ca
+  misnamed:
+    issuer: https://idp.example.com
+    audiences: [billing]
+    jwks_uri: https://127.0.0.1:{misnamed}/.well-known/jwks.json
+    ca: jwks-ca
 secrets:
   jwks-ca: {{ca: ../pki/jwks-ca.crt}}
 listeners:
@@ -62,6 +68,7 @@ listeners:
           - {{name: plain, prefix: /plain/, jwt: plain, upstream: app}}
           - {{name: secure, prefix: /secure/, jwt: secure, upstream: app}}
           - {{name: untrusted, prefix: /untrusted/, jwt: untrusted, upstream: app}}
+          - {{name: misnamed, prefix: /misnamed/, jwt: misnamed, upstream: app}}
 upstreams:
   app: {{endpoints: ["127.0.0.1:{upstream}"]}}
 """
@@ -142,11 +149,13 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     pki.issue(certs, "jwks", "jwks-ca", dns=["127.0.0.1"], usage=["server"])
     pki.issue(certs, "rogue-ca", None, days=30)
     pki.issue(certs, "rogue", "rogue-ca", dns=["127.0.0.1"], usage=["server"])
-    keys = {n: jwt.new_key() for n in ("plain", "secure", "untrusted")}
+    pki.issue(certs, "other", "jwks-ca", dns=["other.example.com"], usage=["server"])
+    keys = {n: jwt.new_key() for n in ("plain", "secure", "untrusted", "misnamed")}
     servers = {
         "plain": JwksServer(jwt.jwks(keys["plain"])),
         "secure": JwksServer(jwt.jwks(keys["secure"]), server_context(certs, "jwks")),
         "untrusted": JwksServer(jwt.jwks(keys["untrusted"]), server_context(certs, "rogue")),
+        "misnamed": JwksServer(jwt.jwks(keys["misnamed"]), server_context(certs, "other")),
     }
     app = Upstream("app")
     folder = root / "policy"
@@ -193,11 +202,19 @@ def test_envoy_fetches_the_remote_key_set_and_checks_tokens_with_it(
 
 
 @pytest.mark.envoy
-def test_a_jwks_server_the_ca_does_not_vouch_for_is_not_trusted(gateway: Gateway) -> None:
-    stat = "cluster.xdsplane-jwks-untrusted.ssl.fail_verify_error"
+@pytest.mark.parametrize(
+    ("provider", "failure"),
+    [("untrusted", "fail_verify_error"), ("misnamed", "fail_verify_san")],
+)
+def test_a_jwks_server_not_vouched_for_is_not_trusted(
+    gateway: Gateway, provider: str, failure: str
+) -> None:
+    """A certificate from another CA, or from the right CA for another name: Envoy drops
+    the connection, never fetches, and the provider's tokens are refused."""
+    stat = f"cluster.xdsplane-jwks-{provider}.ssl.{failure}"
     wait_until(lambda: gateway.envoy.stat(stat) > 0, 20, what=stat)
-    assert gateway.servers["untrusted"].fetches == []
-    assert gateway.get("/untrusted/x", gateway.token("untrusted"))[0] == 401
+    assert gateway.servers[provider].fetches == []
+    assert gateway.get(f"/{provider}/x", gateway.token(provider))[0] == 401
 
 
 # -- the policy and its translation ---------------------------------------------------------
