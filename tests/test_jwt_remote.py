@@ -50,6 +50,11 @@ jwt_providers:
     audiences: [billing]
     jwks_uri: https://127.0.0.1:{untrusted}/.well-known/jwks.json
     ca: jwks-ca
+  rotating:
+    issuer: https://idp.example.com
+    audiences: [billing]
+    jwks_uri: http://127.0.0.1:{rotating}/jwks
+    jwks_cache: 2s
   misnamed:
     issuer: https://idp.example.com
     audiences: [billing]
@@ -69,16 +74,19 @@ listeners:
           - {{name: secure, prefix: /secure/, jwt: secure, upstream: app}}
           - {{name: untrusted, prefix: /untrusted/, jwt: untrusted, upstream: app}}
           - {{name: misnamed, prefix: /misnamed/, jwt: misnamed, upstream: app}}
+          - {{name: rotating, prefix: /rotating/, jwt: rotating, upstream: app}}
 upstreams:
   app: {{endpoints: ["127.0.0.1:{upstream}"]}}
 """
 
 
 class JwksServer:
-    """Serves one key set at any path and counts the GETs; https when given a context."""
+    """Serves a key set (``jwks``, replaceable) at any path and counts the GETs; https when
+    given a context."""
 
     def __init__(self, jwks: bytes, tls: ssl.SSLContext | None = None) -> None:
         self.fetches: list[str] = []
+        self.jwks = jwks
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -86,11 +94,12 @@ class JwksServer:
 
             def do_GET(self) -> None:
                 outer.fetches.append(self.path)
+                body = outer.jwks
                 self.send_response(200)
                 self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(jwks)))
+                self.send_header("content-length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(jwks)
+                self.wfile.write(body)
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
@@ -150,12 +159,13 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     pki.issue(certs, "rogue-ca", None, days=30)
     pki.issue(certs, "rogue", "rogue-ca", dns=["127.0.0.1"], usage=["server"])
     pki.issue(certs, "other", "jwks-ca", dns=["other.example.com"], usage=["server"])
-    keys = {n: jwt.new_key() for n in ("plain", "secure", "untrusted", "misnamed")}
+    keys = {n: jwt.new_key() for n in ("plain", "secure", "untrusted", "misnamed", "rotating")}
     servers = {
         "plain": JwksServer(jwt.jwks(keys["plain"])),
         "secure": JwksServer(jwt.jwks(keys["secure"]), server_context(certs, "jwks")),
         "untrusted": JwksServer(jwt.jwks(keys["untrusted"]), server_context(certs, "rogue")),
         "misnamed": JwksServer(jwt.jwks(keys["misnamed"]), server_context(certs, "other")),
+        "rotating": JwksServer(jwt.jwks(keys["rotating"])),
     }
     app = Upstream("app")
     folder = root / "policy"
@@ -215,6 +225,22 @@ def test_a_jwks_server_not_vouched_for_is_not_trusted(
     wait_until(lambda: gateway.envoy.stat(stat) > 0, 20, what=stat)
     assert gateway.servers[provider].fetches == []
     assert gateway.get(f"/{provider}/x", gateway.token(provider))[0] == 401
+
+
+@pytest.mark.envoy
+def test_a_rotated_remote_key_set_is_used_once_the_cache_expires(gateway: Gateway) -> None:
+    """jwks_cache 2s: a new set at the URL reaches Envoy on its next fetch, with no push."""
+    server = gateway.servers["rotating"]
+    old = gateway.token("rotating")
+    wait_until(lambda: gateway.get("/rotating/x", old)[0] == 200, 20, what="the first set")
+    new_key = jwt.new_key()
+    new = jwt.sign(new_key, jwt.claims("alice"))
+    assert gateway.get("/rotating/x", new)[0] == 401
+    fetched = len(server.fetches)
+    server.jwks = jwt.jwks(new_key)
+    wait_until(lambda: gateway.get("/rotating/x", new)[0] == 200, 15, what="the new set")
+    assert len(server.fetches) > fetched  # Envoy fetched again on its own schedule
+    assert gateway.get("/rotating/x", old)[0] == 401  # the old key is gone from the set
 
 
 # -- the policy and its translation ---------------------------------------------------------
