@@ -224,6 +224,8 @@ def _read_jwks_files(
     """Read and check the JWKS file of every JWT provider (through ``read``: watched)."""
     files: dict[str, bytes] = {}
     for name, part in sorted(policy.jwt_providers.items()):
+        if part.value.jwks_file is None:
+            continue  # jwks_uri: Envoy fetches the key set itself
         path = resolve(part.origin.folder, part.value.jwks_file)
         if path in files:
             continue

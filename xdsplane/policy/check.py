@@ -9,6 +9,7 @@ from xdsplane.config.errors import ConfigError
 from xdsplane.policy.merge import GroupPolicy, Origin
 from xdsplane.policy.model import Route, split_host_port
 from xdsplane.policy.translate.guard import CLUSTER as GUARD_CLUSTER
+from xdsplane.policy.translate.jwt import JWKS_CLUSTER_PREFIX
 
 _ANY_HOSTS = (ipaddress.ip_address("0.0.0.0"), ipaddress.ip_address("::"))
 
@@ -274,6 +275,20 @@ def check_policy(policy: GroupPolicy, scope: str = "") -> tuple[list[ConfigError
                 f"upstream name {GUARD_CLUSTER!r} is taken by the guard's cluster",
             )
         )
+    for name, ppart in policy.jwt_providers.items():
+        if ppart.value.jwks_uri is None:
+            continue
+        secret(ppart.value.ca, "ca", ppart.origin, "ca")
+        cluster = JWKS_CLUSTER_PREFIX + name
+        if cluster in policy.upstreams:
+            at = policy.upstreams[cluster].origin.key()
+            errors.append(
+                ConfigError(
+                    ppart.origin.at("jwks_uri"),
+                    f"jwt provider {name!r} fetches its jwks_uri through cluster {cluster!r}, "
+                    f"but upstream {cluster!r} ({at.path}:{at.line}) has that name",
+                )
+            )
     for name, upart in policy.upstreams.items():
         tls = upart.value.tls
         if tls is not None:

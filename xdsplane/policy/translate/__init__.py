@@ -13,6 +13,7 @@ back to the policy:
 | secret `S` | Secret `S` |
 | jwt provider `P` | jwt_authn provider `P`, requirements `P` and `P/optional` (ECDS) |
 | jwt providers of a group | TypedExtensionConfig `envoy.filters.http.jwt_authn` |
+| `jwks_uri` of jwt provider `P` | Cluster `xdsplane-jwks-P` |
 | guard | Cluster `xdsplane-guard` |
 """
 
@@ -52,19 +53,29 @@ def jwt_providers(policy: GroupPolicy, files: Mapping[str, bytes]) -> dict[str, 
     """Every JWT provider with the contents of its JWKS file (read into ``files``)."""
     out = {}
     for name, ppart in policy.jwt_providers.items():
+        if ppart.value.jwks_file is None:
+            out[name] = jwt.Provider(ppart.value, b"")  # jwks_uri: Envoy fetches the set
+            continue
         path = secrets.resolve(ppart.origin.folder, ppart.value.jwks_file)
         out[name] = jwt.Provider(ppart.value, files[path])
     return out
 
 
 def jwt_resources(policy: GroupPolicy, providers: Mapping[str, jwt.Provider]) -> list[Built]:
-    """The jwt_authn configuration served over ECDS, when any route names a provider; its
-    source is the first provider it holds."""
+    """The jwt_authn configuration served over ECDS, when any route names a provider (its
+    source is the first provider it holds), and the Cluster of each such provider with a
+    ``jwks_uri``."""
     names = jwt.group_providers(p.value for p in policy.listeners.values())
     if not names:
         return []
     message = jwt.extension_config(names, providers)
-    return [Built(ResourceType.EXTENSION, message, policy.jwt_providers[names[0]].origin)]
+    out = [Built(ResourceType.EXTENSION, message, policy.jwt_providers[names[0]].origin)]
+    for name in names:
+        spec = providers[name].spec
+        if spec.jwks_uri is not None:
+            cluster = jwt.jwks_cluster(name, spec)
+            out.append(Built(ResourceType.CLUSTER, cluster, policy.jwt_providers[name].origin))
+    return out
 
 
 def guard_resources(part: Part[Guard]) -> list[Built]:

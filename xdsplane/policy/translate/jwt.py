@@ -25,18 +25,31 @@ token or with a token that lacks the claim.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
+from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2
-from envoy.config.core.v3 import base_pb2, config_source_pb2, extension_pb2
+from envoy.config.core.v3 import (
+    address_pb2,
+    backoff_pb2,
+    base_pb2,
+    config_source_pb2,
+    extension_pb2,
+    http_uri_pb2,
+)
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2
 from envoy.extensions.filters.http.jwt_authn.v3 import config_pb2
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
+from envoy.type.matcher.v3 import string_pb2
 from google.protobuf import empty_pb2
 
 from xdsplane.policy.model import Host, JwtProvider, Listener, Route, duration_seconds
-from xdsplane.policy.translate.common import ads, duration, pack
+from xdsplane.policy.translate.common import ads, duration, pack, sds, transport_socket, u32
 
 FILTER = "envoy.filters.http.jwt_authn"
 """The HCM's filter name, hence the name of its ECDS resource and the per-route config key."""
@@ -47,12 +60,131 @@ PAYLOAD_KEY = "jwt_payload"
 OPTIONAL = "/optional"
 
 
+JWKS_CLUSTER_PREFIX = "xdsplane-jwks-"
+"""A provider with ``jwks_uri`` fetches its key set through the Cluster of this prefix and
+its name."""
+JWKS_CACHE = "5m"
+"""Envoy's default cache duration of a remote key set, written out."""
+JWKS_TIMEOUT = "5s"
+JWKS_RETRIES = 3
+"""Retries of one failed fetch (backoff 0.5s to 5s); after that Envoy tries again every
+``failed_refetch_duration`` (1s)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Provider:
-    """A provider's settings and the contents of its JWKS file."""
+    """A provider's settings and the contents of its JWKS file (empty for ``jwks_uri``)."""
 
     spec: JwtProvider
     jwks: bytes
+
+
+def jwks_cluster_name(provider: str) -> str:
+    return JWKS_CLUSTER_PREFIX + provider
+
+
+@dataclass(frozen=True, slots=True)
+class JwksUri:
+    """The parts of a ``jwks_uri`` the cluster needs."""
+
+    tls: bool
+    host: str
+    port: int
+    is_ip: bool
+
+
+def parse_jwks_uri(uri: str) -> JwksUri:
+    u = urlsplit(uri)
+    host = u.hostname or ""
+    tls = u.scheme == "https"
+    try:
+        ipaddress.ip_address(host)
+        is_ip = True
+    except ValueError:
+        is_ip = False
+    return JwksUri(tls, host, u.port or (443 if tls else 80), is_ip)
+
+
+def jwks_cluster(provider: str, spec: JwtProvider) -> Any:
+    """The Cluster Envoy fetches a remote key set through: STATIC for an IP, LOGICAL_DNS
+    for a host name (one connection target at a time, as for a web service behind many
+    addresses); for https, TLS with SNI = the host, the ``ca`` secret (SDS) and the host
+    as the required SAN (Envoy checks no name unless told)."""
+    assert spec.jwks_uri is not None
+    uri = parse_jwks_uri(spec.jwks_uri)
+    name = jwks_cluster_name(provider)
+    timeout = spec.jwks_timeout or JWKS_TIMEOUT
+    kind = cluster_pb2.Cluster.STATIC if uri.is_ip else cluster_pb2.Cluster.LOGICAL_DNS
+    c = cluster_pb2.Cluster(
+        name=name,
+        type=kind,
+        connect_timeout=duration(timeout),
+        load_assignment=endpoint_pb2.ClusterLoadAssignment(
+            cluster_name=name,
+            endpoints=[
+                endpoint_components_pb2.LocalityLbEndpoints(
+                    lb_endpoints=[
+                        endpoint_components_pb2.LbEndpoint(
+                            endpoint=endpoint_components_pb2.Endpoint(
+                                address=address_pb2.Address(
+                                    socket_address=address_pb2.SocketAddress(
+                                        address=uri.host, port_value=uri.port
+                                    )
+                                )
+                            )
+                        )
+                    ]
+                )
+            ],
+        ),
+    )
+    if uri.tls:
+        assert spec.ca is not None
+        san = common_pb2.SubjectAltNameMatcher(
+            san_type=(
+                common_pb2.SubjectAltNameMatcher.IP_ADDRESS
+                if uri.is_ip
+                else common_pb2.SubjectAltNameMatcher.DNS
+            ),
+            matcher=string_pb2.StringMatcher(exact=uri.host),
+        )
+        common = tls_pb2.CommonTlsContext(
+            combined_validation_context=tls_pb2.CommonTlsContext.CombinedCertificateValidationContext(
+                default_validation_context=common_pb2.CertificateValidationContext(
+                    match_typed_subject_alt_names=[san]
+                ),
+                validation_context_sds_secret_config=sds(spec.ca),
+            )
+        )
+        ctx = tls_pb2.UpstreamTlsContext(common_tls_context=common)
+        if not uri.is_ip:
+            ctx.sni = uri.host
+        c.transport_socket.CopyFrom(transport_socket(ctx))
+    return c
+
+
+def _remote_jwks(provider: str, spec: JwtProvider) -> Any:
+    """Fetched by Envoy's main thread at start (async_fetch, fast_listener: a slow or down
+    IdP does not hold the listener; JWT routes answer 401 until a fetch succeeds), then
+    again every ``jwks_cache``."""
+    assert spec.jwks_uri is not None
+    return config_pb2.RemoteJwks(
+        http_uri=http_uri_pb2.HttpUri(
+            uri=spec.jwks_uri,
+            cluster=jwks_cluster_name(provider),
+            timeout=duration(spec.jwks_timeout or JWKS_TIMEOUT),
+        ),
+        cache_duration=duration(spec.jwks_cache or JWKS_CACHE),
+        async_fetch=config_pb2.JwksAsyncFetch(
+            fast_listener=True, failed_refetch_duration=duration("1s")
+        ),
+        retry_policy=base_pb2.RetryPolicy(
+            num_retries=u32(JWKS_RETRIES),
+            retry_back_off=backoff_pb2.BackoffStrategy(
+                base_interval=duration("500ms"), max_interval=duration("5s")
+            ),
+        ),
+    )
 
 
 def route_provider(route: Route) -> str | None:
@@ -87,12 +219,11 @@ def group_providers(listeners: Iterable[Listener]) -> list[str]:
     return providers_of(h for lst in listeners for h in lst.hosts)
 
 
-def _provider(spec: JwtProvider, jwks: bytes) -> Any:
+def _provider(name: str, spec: JwtProvider, jwks: bytes) -> Any:
     p = config_pb2.JwtProvider(
         issuer=spec.issuer,
         audiences=spec.audiences,
         require_expiration=True,
-        local_jwks=base_pb2.DataSource(inline_string=jwks.decode("utf-8")),
         # Only the Authorization header: a token in a query string ends up in logs.
         from_headers=[config_pb2.JwtHeader(name="Authorization", value_prefix="Bearer ")],
         forward=False,
@@ -103,6 +234,10 @@ def _provider(spec: JwtProvider, jwks: bytes) -> Any:
             for claim, header in sorted(spec.forward_claims.items())
         ],
     )
+    if spec.jwks_uri is not None:
+        p.remote_jwks.CopyFrom(_remote_jwks(name, spec))
+    else:
+        p.local_jwks.CopyFrom(base_pb2.DataSource(inline_string=jwks.decode("utf-8")))
     if spec.max_lifetime is not None:
         p.max_lifetime.CopyFrom(duration(spec.max_lifetime))
     return p
@@ -113,7 +248,7 @@ def filter_config(names: list[str], providers: Mapping[str, Provider]) -> Any:
     out = config_pb2.JwtAuthentication()
     for name in names:
         found = providers[name]
-        out.providers[name].CopyFrom(_provider(found.spec, found.jwks))
+        out.providers[name].CopyFrom(_provider(name, found.spec, found.jwks))
         out.requirement_map[name].CopyFrom(config_pb2.JwtRequirement(provider_name=name))
         out.requirement_map[name + OPTIONAL].CopyFrom(
             config_pb2.JwtRequirement(
