@@ -29,6 +29,10 @@ METHODS = {
 }
 
 
+def _identity(data: bytes) -> bytes:
+    return data
+
+
 class Stream:
     """One ADS stream; ``variant`` "sotw" or "delta"."""
 
@@ -39,11 +43,14 @@ class Stream:
         self.reader = asyncio.create_task(self._read())
 
     @classmethod
-    def open(cls, channel: grpc.aio.Channel, variant: str, timeout: float = 30) -> Stream:
+    def open(
+        cls, channel: grpc.aio.Channel, variant: str, timeout: float = 30, raw: bool = False
+    ) -> Stream:
+        """``raw``: requests are written as the bytes given (garbage on the wire)."""
         name, request, response = METHODS[variant]
         method = channel.stream_stream(
             ADS_SERVICE + name,
-            request_serializer=request.SerializeToString,
+            request_serializer=_identity if raw else request.SerializeToString,
             response_deserializer=response.FromString,
         )
         return cls(method(timeout=timeout), variant)
