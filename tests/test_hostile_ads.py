@@ -39,7 +39,7 @@ from xdsplane.server.limits import MAX_NODE_FIELD
 from xdsplane.types import ResourceType
 
 EXAMPLES = int(os.environ.get("XDSPLANE_HOSTILE_EXAMPLES", "15"))
-SLOW_EXAMPLES = int(os.environ.get("XDSPLANE_HOSTILE_SLOW_EXAMPLES", "2000"))
+SLOW_EXAMPLES = int(os.environ.get("XDSPLANE_HOSTILE_SLOW_EXAMPLES", "1500"))
 SLOTS = 4  # streams open at once in one example
 MAX_NAMES = 2000
 LIMITS = (
@@ -112,7 +112,9 @@ class Hostile:
         self.listen_port, self.upstream_port = free_port(), free_port()
         self.reloads = 0
         self.write()
-        self.server = XdsServer(procs, self.cfg, extra_args=LIMITS).start()
+        self.server = XdsServer(procs, self.cfg, extra_args=LIMITS)
+        self.server.proc.max_seconds = 1800  # the watchdog: the slow version runs long
+        self.server.start()
         self.probes = 0
         self.probe_seconds: list[float] = []
         self.probe()
