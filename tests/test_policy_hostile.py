@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from harness import ProcessGroup, XdsServer, wait_until
 from test_policy_corpus import run_cli
 
 from xdsplane.config.errors import MAX_MESSAGE, ConfigErrors
@@ -239,3 +240,17 @@ def test_validate_names_the_place_without_a_traceback(
     assert "Traceback" not in r.stdout + r.stderr and "internal error" not in r.stdout
     assert r.stdout.splitlines() == [expected], r.stdout
     assert r.returncode == 1
+
+
+def test_serve_starts_on_a_folder_that_loops_and_follows_edits(
+    procs: ProcessGroup, tmp_path: Path
+) -> None:
+    """The watcher too: a folder with ``sub -> .`` is served and an edit in it reloads."""
+    folder = tmp_path / "policies"
+    folder.mkdir()
+    (folder / "edge.yaml").write_text(GOOD)
+    (folder / "sub").symlink_to(".")
+    (folder / "sub2").symlink_to(".")
+    server = XdsServer(procs, folder).start()
+    (folder / "edge.yaml").write_text(GOOD.replace("8080", "8081"))
+    wait_until(lambda: server.status()["reload"]["successes"] >= 2, 10, what="the edit reloaded")
