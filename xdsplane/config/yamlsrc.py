@@ -84,23 +84,26 @@ class Document:
     path: str
     value: Any
     node: yaml.Node | None
-    _index: dict[int, dict[str, yaml.Node]] = field(default_factory=dict, compare=False, repr=False)
-    _key_index: dict[int, dict[str, yaml.Node]] = field(
+    # id(mapping node) -> key -> (key node, value node): built once per mapping, so that
+    # finding every key of a huge mapping (an error each) stays linear.
+    _index: dict[int, dict[str, tuple[yaml.Node, yaml.Node]]] = field(
         default_factory=dict, compare=False, repr=False
     )
 
+    def _entry(self, node: yaml.MappingNode, key: str) -> tuple[yaml.Node, yaml.Node] | None:
+        index = self._index.get(id(node))
+        if index is None:
+            index = {}
+            for k, v in node.value:
+                if isinstance(k, yaml.ScalarNode):
+                    index.setdefault(k.value, (k, v))
+            self._index[id(node)] = index
+        return index.get(key)
+
     def _child(self, node: yaml.Node, key: str | int) -> yaml.Node | None:
         if isinstance(node, yaml.MappingNode):
-            if not isinstance(key, str):
-                return None
-            index = self._index.get(id(node))
-            if index is None:
-                index = {}
-                for k, v in node.value:
-                    if isinstance(k, yaml.ScalarNode):
-                        index.setdefault(k.value, v)
-                self._index[id(node)] = index
-            return index.get(key)
+            entry = self._entry(node, key) if isinstance(key, str) else None
+            return entry[1] if entry is not None else None
         return _child(node, key)
 
     def locate(self, keys: tuple[str | int, ...]) -> Location:
@@ -122,17 +125,10 @@ class Document:
         if not keys:
             return self.locate(keys)
         parent = self.locate_node(keys[:-1])
-        if isinstance(parent, yaml.MappingNode):
-            # Indexed once per mapping: an error per key of a huge mapping stays linear.
-            index = self._key_index.get(id(parent))
-            if index is None:
-                index = {}
-                for k, _ in parent.value:
-                    if isinstance(k, yaml.ScalarNode):
-                        index.setdefault(k.value, k)
-                self._key_index[id(parent)] = index
-            k = index.get(keys[-1]) if isinstance(keys[-1], str) else None
-            if k is not None:
+        if isinstance(parent, yaml.MappingNode) and isinstance(keys[-1], str):
+            entry = self._entry(parent, keys[-1])
+            if entry is not None:
+                k = entry[0]
                 return Location(self.path, k.start_mark.line + 1, k.start_mark.column + 1)
         return self.locate(keys)
 
