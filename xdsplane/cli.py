@@ -54,6 +54,7 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "would reject; rejections show in /status like other reload errors",
     )
     _add_envoy_binary(p)
+    _add_limits(p)
     tls = p.add_argument_group(
         "mTLS on the xDS port",
         "With all three of --tls-cert, --tls-key and --client-ca, ADS is served over TLS and "
@@ -432,9 +433,77 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_limits(p: argparse.ArgumentParser) -> None:
+    from xdsplane.server.limits import MAX_NODE_FIELD, Limits
+
+    d = Limits()
+    g = p.add_argument_group(
+        "limits on ADS clients",
+        "What one client may ask of the server. A real Envoy stays far below every one "
+        "(docs/deploy.md, RELIABILITY.md). Node ids and clusters longer than "
+        f"{MAX_NODE_FIELD} characters are refused with INVALID_ARGUMENT.",
+    )
+    g.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=d.max_message_bytes,
+        metavar="BYTES",
+        help="largest request accepted; a larger one ends its stream with RESOURCE_EXHAUSTED "
+        f"from gRPC (default: {d.max_message_bytes})",
+    )
+    g.add_argument(
+        "--max-streams",
+        type=int,
+        default=d.max_streams,
+        metavar="N",
+        help="ADS streams open at once; one more is refused with RESOURCE_EXHAUSTED and "
+        'counted in /metrics (xdsplane_streams_refused_total{reason="max_streams"}), open '
+        f"streams are not touched (default: {d.max_streams})",
+    )
+    g.add_argument(
+        "--max-request-rate",
+        type=float,
+        default=d.request_rate,
+        metavar="PER_SECOND",
+        help="requests per second per stream, sustained (a token bucket; 0: no limit); past "
+        "it the server reads that stream's requests late (slows it down, drops nothing, "
+        f"closes nothing) and counts them (default: {d.request_rate:g})",
+    )
+    g.add_argument(
+        "--request-burst",
+        type=int,
+        default=d.request_burst,
+        metavar="N",
+        help=f"requests a stream may send at once before the rate applies (default: "
+        f"{d.request_burst})",
+    )
+    g.add_argument(
+        "--max-names",
+        type=int,
+        default=d.max_names,
+        metavar="N",
+        help="resource names one stream may name for one type (a SotW request, a delta "
+        "subscription); more ends the stream with RESOURCE_EXHAUSTED "
+        f"(default: {d.max_names})",
+    )
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from xdsplane.app import ServeOptions, StartupError, TlsSetupError, serve
     from xdsplane.config import stableread
+    from xdsplane.server.limits import Limits
+
+    limits = Limits(
+        max_message_bytes=args.max_message_bytes,
+        max_streams=args.max_streams,
+        request_rate=args.max_request_rate,
+        request_burst=args.request_burst,
+        max_names=args.max_names,
+    )
+    if limits.problems():
+        for problem in limits.problems():
+            print(f"xdsplane serve: {problem}", file=sys.stderr)
+        return 2
 
     tls_files = {"--tls-cert": args.tls_cert, "--tls-key": args.tls_key}
     tls_files["--client-ca"] = args.client_ca
@@ -459,6 +528,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tls_cert=Path(args.tls_cert) if args.tls_cert else None,
         tls_key=Path(args.tls_key) if args.tls_key else None,
         client_ca=Path(args.client_ca) if args.client_ca else None,
+        limits=limits,
     )
     try:
         asyncio.run(serve(opts))

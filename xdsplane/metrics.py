@@ -8,10 +8,18 @@ time, so a group or secret that is gone is gone from ``/metrics`` too.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
@@ -81,7 +89,21 @@ class Metrics:
             buckets=PROPAGATION_BUCKETS,
             registry=r,
         )
+        self.refused = Counter(
+            "xdsplane_streams_refused",
+            "ADS streams refused or ended by the server, by reason (max_streams, max_names, "
+            "node_too_long, and the node identity checks)",
+            ["reason"],
+            registry=r,
+        )
+        self.throttled_requests = Counter(
+            "xdsplane_requests_throttled",
+            "requests read late because their stream was over its request rate",
+            registry=r,
+        )
         r.register(_SnapshotCollector(snapshots))
+        r.register(_TaskCollector())
+        ProcessCollector(registry=r)  # process_resident_memory_bytes and friends
         self._streams: dict[tuple[str, str], int] = {}
         # When the latest snapshot was installed (monotonic), for propagation latency.
         self.installed_at = time.monotonic()
@@ -108,6 +130,12 @@ class Metrics:
                 break
             del self._streams[key]
             self.connected.remove(*key)
+
+    def stream_refused(self, reason: str) -> None:
+        self.refused.labels(reason).inc()
+
+    def throttled(self) -> None:
+        self.throttled_requests.inc()
 
     def response_sent(self, rtype: ResourceType) -> None:
         self.responses.labels(rtype.short).inc()
@@ -137,6 +165,26 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _TaskCollector(Collector):
+    """asyncio tasks alive in the serving loop: one per stream and its reader, plus a few
+    of the server's own; growth with no streams open would be a leak."""
+
+    def describe(self) -> Iterable[Metric]:
+        return [self._family()]
+
+    def collect(self) -> Iterable[Metric]:
+        family = self._family()
+        try:
+            family.add_metric([], len(asyncio.all_tasks()))
+        except RuntimeError:  # scraped outside a running loop (tests): nothing to count
+            return []
+        return [family]
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily("xdsplane_asyncio_tasks", "asyncio tasks alive in the server")
 
 
 class _SnapshotCollector(Collector):

@@ -30,12 +30,21 @@ class Location:
         return self.path
 
 
+MAX_MESSAGE = 1000  # characters of one error message
+
+
 @dataclass(frozen=True, slots=True)
 class ConfigError:
     """One problem found in a folder; ``str()`` gives ``path:line:column: message``."""
 
     location: Location
     message: str
+
+    def __post_init__(self) -> None:
+        # A message quotes what the file says, which may be megabytes on one line.
+        if len(self.message) > MAX_MESSAGE:
+            cut = self.message[: MAX_MESSAGE - 40]
+            object.__setattr__(self, "message", f"{cut}... ({len(self.message)} characters)")
 
     def __str__(self) -> str:
         return f"{self.location}: {self.message}"

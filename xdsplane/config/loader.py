@@ -6,6 +6,7 @@ serialized again, so a one-file edit rebuilds only that file's resources.
 
 from __future__ import annotations
 
+import codecs
 import gc
 import os
 import time
@@ -24,6 +25,13 @@ SUFFIXES = (".yaml", ".yml")
 
 
 SETTLED_SECONDS = 2.0
+# Longest first: a UTF-32 little-endian mark starts with the UTF-16 one.
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "UTF-32"),
+    (codecs.BOM_UTF32_BE, "UTF-32"),
+    (codecs.BOM_UTF16_LE, "UTF-16"),
+    (codecs.BOM_UTF16_BE, "UTF-16"),
+)
 
 
 def _stamp(st: os.stat_result) -> tuple[int, ...]:
@@ -39,7 +47,19 @@ def list_files(root: Path) -> list[Path]:
     by its name rather than silently missing.
     """
     found: list[Path] = []
+    seen: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        # A folder reached again through a symlink (a loop such as ``sub -> .``) is listed
+        # once: otherwise the walk runs until paths get too long, exponentially with two.
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         visible = [d for d in dirnames if not d.startswith(".")]
         found.extend(Path(dirpath) / d for d in visible if d.endswith(SUFFIXES))
         dirnames[:] = sorted(d for d in visible if not d.endswith(SUFFIXES))
@@ -105,9 +125,12 @@ class FolderLoader:
         except UnicodeDecodeError as e:
             line = data.count(b"\n", 0, e.start) + 1
             column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
-            errors.append(
-                ConfigError(Location(shown, line, column), f"not UTF-8 text (byte {e.start})")
-            )
+            message = f"not UTF-8 text (byte {e.start})"
+            for bom, encoding in _BOMS:
+                if data.startswith(bom):
+                    message = f"{encoding} text (a byte-order mark says so); save it as UTF-8"
+                    break
+            errors.append(ConfigError(Location(shown, line, column), message))
             return []
         try:
             docs = parse(text, shown)

@@ -43,6 +43,10 @@ class _Loader(_Base):  # type: ignore[misc]
         value = str(self.construct_scalar(node)).replace("_", "")
         sign = -1 if value.startswith("-") else 1
         digits = value.lstrip("+-")
+        if len(digits) > MAX_INT_DIGITS:  # Python refuses to convert more than 4300 digits
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a number of {len(digits)} digits is too long", node.start_mark
+            )
         if digits[:2] in ("0x", "0o"):
             return sign * int(digits, 0)
         return sign * int(digits, 10)
@@ -62,6 +66,7 @@ for _tag, _pattern, _first in (
     _Loader.add_implicit_resolver(_tag, re.compile(_pattern), _first)
 _Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
 
+MAX_INT_DIGITS = 100  # far more than any field takes (uint64 is 20 digits)
 MAX_VALUES = 1_000_000  # values built from one file, aliases expanded
 MAX_DEPTH = 200
 
@@ -79,20 +84,26 @@ class Document:
     path: str
     value: Any
     node: yaml.Node | None
-    _index: dict[int, dict[str, yaml.Node]] = field(default_factory=dict, compare=False, repr=False)
+    # id(mapping node) -> key -> (key node, value node): built once per mapping, so that
+    # finding every key of a huge mapping (an error each) stays linear.
+    _index: dict[int, dict[str, tuple[yaml.Node, yaml.Node]]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+
+    def _entry(self, node: yaml.MappingNode, key: str) -> tuple[yaml.Node, yaml.Node] | None:
+        index = self._index.get(id(node))
+        if index is None:
+            index = {}
+            for k, v in node.value:
+                if isinstance(k, yaml.ScalarNode):
+                    index.setdefault(k.value, (k, v))
+            self._index[id(node)] = index
+        return index.get(key)
 
     def _child(self, node: yaml.Node, key: str | int) -> yaml.Node | None:
         if isinstance(node, yaml.MappingNode):
-            if not isinstance(key, str):
-                return None
-            index = self._index.get(id(node))
-            if index is None:
-                index = {}
-                for k, v in node.value:
-                    if isinstance(k, yaml.ScalarNode):
-                        index.setdefault(k.value, v)
-                self._index[id(node)] = index
-            return index.get(key)
+            entry = self._entry(node, key) if isinstance(key, str) else None
+            return entry[1] if entry is not None else None
         return _child(node, key)
 
     def locate(self, keys: tuple[str | int, ...]) -> Location:
@@ -114,10 +125,11 @@ class Document:
         if not keys:
             return self.locate(keys)
         parent = self.locate_node(keys[:-1])
-        if isinstance(parent, yaml.MappingNode):
-            for k, _ in parent.value:
-                if isinstance(k, yaml.ScalarNode) and k.value == keys[-1]:
-                    return Location(self.path, k.start_mark.line + 1, k.start_mark.column + 1)
+        if isinstance(parent, yaml.MappingNode) and isinstance(keys[-1], str):
+            entry = self._entry(parent, keys[-1])
+            if entry is not None:
+                k = entry[0]
+                return Location(self.path, k.start_mark.line + 1, k.start_mark.column + 1)
         return self.locate(keys)
 
     def locate_node(self, keys: tuple[str | int, ...]) -> yaml.Node | None:
@@ -222,6 +234,22 @@ class _Builder:
         return value
 
 
+def _reader_error(path: str, text: str | bytes, e: Any) -> ConfigError:
+    """A character YAML does not allow (NUL, other control characters), located."""
+    pos = int(e.position)
+    if isinstance(text, str):
+        line = text.count("\n", 0, pos) + 1
+        column = pos - (text.rfind("\n", 0, pos) + 1) + 1
+    else:
+        line = column = 0
+    char = e.character if isinstance(e.character, int) else ord(str(e.character)[:1] or "\0")
+    hint = " (UTF-16 text? save the file as UTF-8)" if char == 0 else ""
+    return ConfigError(
+        Location(path, line, column),
+        f"invalid YAML: control character U+{char:04X} is not allowed{hint}",
+    )
+
+
 def parse(text: str | bytes, path: str) -> list[Document]:
     """Parse every document in ``text``; raises YamlError with the position of the problem."""
     loader = _Loader(text)
@@ -235,6 +263,8 @@ def parse(text: str | bytes, path: str) -> list[Document]:
             builder.check_size(node, {})
             value = builder.build(node)
             docs.append(Document(path, value, node))
+    except yaml.reader.ReaderError as e:
+        raise YamlError(_reader_error(path, text, e)) from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         problem = e.problem or e.context or "invalid YAML"

@@ -78,6 +78,8 @@ def split_host_port(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit():
         raise ValueError(f"expected HOST:PORT, got {value!r}")
+    if len(port) > 5:
+        raise ValueError(f"port out of range 1-65535 in {value!r}")
     number = int(port)
     if not 1 <= number <= 65535:
         raise ValueError(f"port {number} out of range 1-65535 in {value!r}")

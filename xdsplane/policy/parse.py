@@ -156,6 +156,9 @@ def _keys(loc: tuple[Any, ...], value: Any) -> tuple[str | int, ...]:
 _UNION_TAGS = frozenset({"str", "int", "bool", "float", "list", "dict", "none"})
 
 
+MAX_ERRORS = 200  # errors reported for one document
+
+
 def parse_policy(doc: Document) -> tuple[PolicyFile | None, list[ConfigError]]:
     if not isinstance(doc.value, dict):
         return None, [ConfigError(doc.locate(()), "expected a mapping of policy keys")]
@@ -164,6 +167,9 @@ def parse_policy(doc: Document) -> tuple[PolicyFile | None, list[ConfigError]]:
     except ValidationError as e:
         errors = []
         raw = e.errors(include_url=False)
+        # Each error costs a lookup and a suggestion: past the first MAX_ERRORS, only count.
+        more = len(raw) - MAX_ERRORS
+        raw = raw[:MAX_ERRORS]
         # ``endpoint:`` gives "unknown key 'endpoint'; did you mean 'endpoints'?" and "missing
         # required key 'endpoints'" for the same mapping: the first says it all.
         implied = {
@@ -185,4 +191,11 @@ def parse_policy(doc: Document) -> tuple[PolicyFile | None, list[ConfigError]]:
             else:
                 where = doc.locate(keys)
             errors.append(ConfigError(where, _message(dict(err), keys)))
+        if more > 0:
+            errors.append(
+                ConfigError(
+                    doc.locate(()),
+                    f"{more} more errors in this file (the first {MAX_ERRORS} are shown)",
+                )
+            )
         return None, list(dict.fromkeys(errors))

@@ -19,6 +19,7 @@ from xdsplane import logs, xds_identity
 from xdsplane.cache import SnapshotCache
 from xdsplane.metrics import Metrics
 from xdsplane.server.delta import DeltaStream
+from xdsplane.server.limits import MAX_NODE_FIELD, Limits
 from xdsplane.server.registry import Registry
 from xdsplane.server.sotw import SotwStream
 from xdsplane.server.state import Outgoing
@@ -50,10 +51,12 @@ class AdsService:
         registry: Registry,
         require_identity: bool = False,
         metrics: Metrics | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.cache = cache
         self.registry = registry
         self.metrics = metrics if metrics is not None else Metrics()
+        self.limits = limits if limits is not None else Limits()
         # Over mTLS: the node id of a stream's first request must be one its client
         # certificate speaks for (xds_identity); otherwise the stream is refused.
         self.require_identity = require_identity
@@ -89,8 +92,21 @@ class AdsService:
         requests: AsyncIterator[Any],
         context: Any,
     ) -> None:
+        if len(self.registry.streams) >= self.limits.max_streams:
+            # Checked and opened below with no await between: no race past the limit.
+            self.log.warning(
+                "stream refused", reason="max_streams", peer=str(context.peer()), variant=variant
+            )
+            self._refuse("max_streams")
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this server serves at most {self.limits.max_streams} ADS streams at once "
+                "(--max-streams); retry later or use another replica",
+            )
+            return
         inbox: asyncio.Queue[Any] = asyncio.Queue()
         credits = asyncio.Semaphore(MAX_INFLIGHT_REQUESTS)
+        bucket = self.limits.bucket()
         marked = False
 
         def notify() -> None:
@@ -102,6 +118,16 @@ class AdsService:
         async def read() -> None:
             try:
                 async for req in requests:
+                    info.requests += 1
+                    if bucket is not None:
+                        # Over the rate: read nothing more until a token is there (HTTP/2
+                        # flow control holds the client back); nothing is dropped.
+                        wait = bucket.take()
+                        info.peak_burst = bucket.peak
+                        if wait > 0:
+                            info.throttled += 1
+                            self.metrics.throttled()
+                            await asyncio.sleep(wait)
                     await credits.acquire()
                     inbox.put_nowait(req)
             except asyncio.CancelledError:
@@ -138,10 +164,19 @@ class AdsService:
                         node = item.node
                         if not node.id:
                             log.warning("stream refused", reason="first request has no node id")
-                            self.registry.refuse(xds_identity.NO_NODE_ID)
+                            self._refuse(xds_identity.NO_NODE_ID)
                             await context.abort(
                                 grpc.StatusCode.INVALID_ARGUMENT,
                                 "the first request on a stream must carry node.id",
+                            )
+                            return
+                        if max(len(node.id), len(node.cluster)) > MAX_NODE_FIELD:
+                            log.warning("stream refused", reason="node_too_long")
+                            self._refuse("node_too_long")
+                            await context.abort(
+                                grpc.StatusCode.INVALID_ARGUMENT,
+                                f"node.id and node.cluster may have at most {MAX_NODE_FIELD} "
+                                "characters",
                             )
                             return
                         if self.require_identity:
@@ -157,8 +192,14 @@ class AdsService:
                         watch = self.cache.watch(info.node_id, info.cluster, notify)
                         if group is not None:
                             machine.on_snapshot(group.snapshot)
-                    self._log_request(log, variant, item)
                     rtype = ResourceType.from_url(item.type_url)
+                    too_many = self._names_problem(variant, machine, rtype, item)
+                    if too_many is not None:
+                        log.warning("stream refused", reason="max_names", detail=too_many)
+                        self._refuse("max_names")
+                        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, too_many)
+                        return
+                    self._log_request(log, variant, item)
                     before = _answers(machine, rtype)
                     out = machine.on_request(item)
                     self._count_answer(machine, rtype, before, item, pending)
@@ -181,6 +222,22 @@ class AdsService:
             if counted:
                 self.metrics.stream_closed(info.node_id, variant)
             log.info("stream closed")
+
+    def _refuse(self, reason: str) -> None:
+        """Count a stream refused (or ended) for ``reason``: /status and /metrics."""
+        self.registry.refuse(reason)
+        self.metrics.stream_refused(reason)
+
+    def _names_problem(
+        self,
+        variant: str,
+        machine: SotwStream | DeltaStream,
+        rtype: ResourceType | None,
+        req: Any,
+    ) -> str | None:
+        st = machine.types.get(rtype) if rtype is not None else None
+        subscribed = st.names if isinstance(machine, DeltaStream) and st is not None else ()
+        return self.limits.names_problem(variant, req, subscribed)
 
     def _count_answer(
         self,
@@ -218,7 +275,7 @@ class AdsService:
             sans=identity.sans() if identity is not None else [],
             subject=identity.subject if identity is not None else None,
         )
-        self.registry.refuse(reason)
+        self._refuse(reason)
         await context.abort(grpc.StatusCode.PERMISSION_DENIED, message)
 
     @staticmethod

@@ -19,6 +19,9 @@ class StreamInfo:
     group: str = ""
     connected_at: float = field(default_factory=time.time)
     statuses: dict[ResourceType, TypeStatus] = field(default_factory=dict)
+    requests: int = 0  # requests received
+    throttled: int = 0  # requests delayed by the per-stream rate limit
+    peak_burst: int = 0  # the most rate-limit tokens used at once
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -29,6 +32,9 @@ class StreamInfo:
             "cluster": self.cluster,
             "group": self.group,
             "connected_at": self.connected_at,
+            "requests": self.requests,
+            "throttled": self.throttled,
+            "peak_burst": self.peak_burst,
             "types": {
                 t.short: self.statuses[t].as_dict() for t in PUSH_ORDER if t in self.statuses
             },

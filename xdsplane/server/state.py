@@ -95,6 +95,9 @@ class NodeMemory:
         }
 
 
+MAX_IGNORED_TYPES = 64  # unknown type URLs remembered per stream
+
+
 class StreamBase:
     """What both variants' per-stream machines keep besides their per-type state."""
 
@@ -108,7 +111,8 @@ class StreamBase:
     def _served_type(self, type_url: str) -> ResourceType | None:
         """The resource type of a request; None (and remembered) for types not served."""
         rtype = ResourceType.from_url(type_url)
-        if rtype is None:
+        if rtype is None and len(self.ignored_types) < MAX_IGNORED_TYPES:
+            # Bounded: a client sending ever new type URLs must not grow the stream.
             self.ignored_types.add(str(type_url)[:200])
         return rtype
 

@@ -1,0 +1,109 @@
+"""What one ADS client may ask of the server: streams, message size, request rate, names.
+
+A real Envoy keeps one ADS stream, sends one request per response it gets (its ACK or NACK)
+plus one per subscription change, and names at most as many resources as the policy serves.
+These limits are far above that and bound what a broken or hostile client can cost:
+
+- ``max_message_bytes``: a larger request is refused by gRPC itself; the client's stream
+  ends with RESOURCE_EXHAUSTED ("Received message larger than max").
+- ``max_streams``: ADS streams open at once, over all clients; one more is refused at once
+  with RESOURCE_EXHAUSTED, counted (``xdsplane_streams_refused_total{reason="max_streams"}``
+  and /status "refused"); open streams are not touched.
+- ``request_rate`` and ``request_burst``: a token bucket per stream. Past it the server
+  slows down: it reads the stream's next request only when a token is there (HTTP/2 flow
+  control then holds the client back), so nothing is lost and nobody is disconnected; the
+  delayed requests are counted (``xdsplane_requests_throttled_total``).
+- ``max_names``: resource names one stream may name for one type (a SotW request's
+  ``resource_names``; a delta stream's subscription in total, and a request's
+  ``initial_resource_versions``). Past it the stream ends with RESOURCE_EXHAUSTED.
+- node ids and clusters longer than ``MAX_NODE_FIELD`` characters are refused
+  (INVALID_ARGUMENT): they are kept per node, in /status and as metric labels.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Any
+
+from xdsplane.types import ResourceType
+
+MAX_NODE_FIELD = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_message_bytes: int = 4 * 1024 * 1024
+    max_streams: int = 10_000
+    request_rate: float = 100.0  # requests per second, per stream (0: no limit)
+    request_burst: int = 200
+    max_names: int = 100_000
+
+    def problems(self) -> list[str]:
+        """What is wrong with these values (for the command line), in flag terms."""
+        out = []
+        if self.max_message_bytes < 1024:
+            out.append("--max-message-bytes must be at least 1024")
+        if self.max_streams < 1:
+            out.append("--max-streams must be at least 1")
+        if self.request_rate < 0:
+            out.append("--max-request-rate must not be negative")
+        if self.request_burst < 1:
+            out.append("--request-burst must be at least 1")
+        if self.max_names < 1:
+            out.append("--max-names must be at least 1")
+        return out
+
+    def bucket(self) -> TokenBucket | None:
+        if self.request_rate <= 0:
+            return None
+        return TokenBucket(self.request_rate, self.request_burst)
+
+    def names_problem(self, variant: str, req: Any, subscribed: Collection[str]) -> str | None:
+        """Why ``req`` names too many resources (None: it does not). ``subscribed``: the
+        names the stream is subscribed to for the request's type already (delta only)."""
+        if variant == "sotw":
+            count = len(req.resource_names)
+        else:
+            new = sum(1 for n in req.resource_names_subscribe if n not in subscribed)
+            count = max(
+                len(subscribed) + new,
+                len(req.resource_names_unsubscribe),
+                len(req.initial_resource_versions),
+            )
+        if count <= self.max_names:
+            return None
+        rtype = ResourceType.from_url(req.type_url)
+        kind = rtype.short if rtype is not None else "an unknown type"
+        return (
+            f"{count} resource names for {kind} on one stream; "
+            f"the limit is {self.max_names} (--max-names)"
+        )
+
+
+class TokenBucket:
+    """``rate`` tokens a second, at most ``burst`` saved; ``take()`` says how long to wait."""
+
+    __slots__ = ("burst", "lowest", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.lowest = float(burst)  # the fewest tokens left so far: how close it came
+        self.stamp = time.monotonic()
+
+    def take(self) -> float:
+        """Take one token; the seconds to wait before the request it pays for (0: none)."""
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        self.tokens -= 1.0
+        self.lowest = min(self.lowest, self.tokens)
+        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
+
+    @property
+    def peak(self) -> int:
+        """The most tokens ever used at once (a burst of this many requests)."""
+        return max(0, round(self.burst - self.lowest))
