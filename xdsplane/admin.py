@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -32,6 +33,8 @@ class AdminState:
         self.registry = registry
         self.reload = reload
         self.started_at = time.time()
+        # The xDS server's own certificate and client CA (serve over mTLS), for /status.
+        self.xds_tls: Callable[[], dict[str, object]] | None = None
 
     def certificates(self) -> list[dict[str, object]]:
         current = self.cache.current
@@ -74,6 +77,7 @@ class AdminState:
             },
             "groups": groups,
             "certificates": self.certificates(),
+            "xds_tls": self.xds_tls() if self.xds_tls is not None else None,
             "streams": [s.as_dict() for s in self.registry.streams.values()],
             "nacks": self.registry.nacks(),
             "refused": dict(self.registry.refused),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from xdsplane.server.ads import AdsService
 from xdsplane.server.limits import Limits
 from xdsplane.server.registry import Registry
 from xdsplane.watch import Reloader, Validator
+from xdsplane.xdstls import XdsTls, XdsTlsError
 
 MAX_SEND_BYTES = 64 * 1024 * 1024  # responses: a full CDS of thousands of clusters
 
@@ -90,18 +92,20 @@ async def serve(opts: ServeOptions) -> None:
     reloader.install(snapshots)
 
     server = grpc.aio.server(options=grpc_options(opts.limits))
-    credentials = _server_credentials(opts)
+    tls = _server_tls(opts)
+    if tls is not None:
+        tls.register_metrics(metrics.registry)
     ads = AdsService(
         cache,
         registry,
-        require_identity=credentials is not None,
+        require_identity=tls is not None,
         metrics=metrics,
         limits=opts.limits,
     )
     server.add_generic_rpc_handlers((ads.handler(),))
     xds_host, xds_port = split_address(opts.xds_address)
-    if credentials is not None:
-        bound = server.add_secure_port(f"{_bracket(xds_host)}:{xds_port}", credentials)
+    if tls is not None:
+        bound = server.add_secure_port(f"{_bracket(xds_host)}:{xds_port}", tls.credentials())
     else:
         bound = server.add_insecure_port(f"{_bracket(xds_host)}:{xds_port}")
     if bound == 0:
@@ -110,6 +114,8 @@ async def serve(opts: ServeOptions) -> None:
     state = admin.AdminState(
         str(opts.config), cache, registry, reloader.state, opts.cert_warn_days, metrics
     )
+    if tls is not None:
+        state.xds_tls = tls.status
     try:
         runner = await admin.start(state, admin_host, admin_port)
     except OSError as e:
@@ -119,7 +125,7 @@ async def serve(opts: ServeOptions) -> None:
         "serving",
         config=str(opts.config),
         xds=f"{xds_host}:{bound}",
-        xds_tls="mtls" if credentials is not None else "plaintext",
+        xds_tls="mtls" if tls is not None else "plaintext",
         admin=opts.admin_address,
         groups=[g.name for g in snapshots.groups],
     )
@@ -128,14 +134,20 @@ async def serve(opts: ServeOptions) -> None:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reloader.reload("SIGHUP")))
+    hups: set[asyncio.Task[bool]] = set()
+    loop.add_signal_handler(signal.SIGHUP, lambda: _on_sighup(reloader, tls, hups))
     watcher = asyncio.create_task(reloader.run(stop))
+    tasks = [watcher]
+    if tls is not None:
+        tls.log_loaded("xds tls loaded")
+        tasks.append(asyncio.create_task(tls.run(stop, opts.watch_step_ms)))
     try:
         await stop.wait()
     finally:
         log.info("stopping", streams=len(registry.streams))
         await server.stop(opts.grace_seconds)
-        watcher.cancel()
+        for task in tasks:
+            task.cancel()
         await runner.cleanup()
         log.info("stopped")
 
@@ -152,8 +164,21 @@ def grpc_options(limits: Limits) -> list[tuple[str, int]]:
     ]
 
 
-def _server_credentials(opts: ServeOptions) -> grpc.ServerCredentials | None:
-    """TLS credentials requiring client certificates of ``client_ca``; None: plaintext."""
+def _on_sighup(reloader: Reloader, tls: XdsTls | None, pending: set[asyncio.Task[bool]]) -> None:
+    """SIGHUP: read the policy folder again, and the xDS TLS files (each keeps what it
+    serves when its files are bad). ``pending`` holds the tasks until they are done."""
+    reloads = [reloader.reload("SIGHUP")]
+    if tls is not None:
+        reloads.append(tls.reload("SIGHUP"))
+    for coro in reloads:
+        task = asyncio.ensure_future(coro)
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+
+def _server_tls(opts: ServeOptions) -> XdsTls | None:
+    """The xDS server's hot-reloaded TLS files, requiring client certificates of
+    ``client_ca``; None: plaintext. Raises TlsSetupError when they do not check out."""
     files = {"--tls-cert": opts.tls_cert, "--tls-key": opts.tls_key, "--client-ca": opts.client_ca}
     given = [flag for flag, path in files.items() if path is not None]
     if not given:
@@ -161,36 +186,17 @@ def _server_credentials(opts: ServeOptions) -> grpc.ServerCredentials | None:
     if len(given) != len(files):
         missing = [flag for flag in files if flag not in given]
         raise TlsSetupError([f"{', '.join(given)} needs {' and '.join(missing)} too"])
-    from xdsplane import tlsfiles
-
     assert opts.tls_cert is not None and opts.tls_key is not None and opts.client_ca is not None
-    data: dict[str, bytes] = {}
-    errors = []
-    for flag, path in files.items():
-        assert path is not None
+    from xdsplane.config.stableread import FileBusy
+
+    for _ in range(400):  # files being written at startup: read them again shortly
         try:
-            data[flag] = path.read_bytes()
-        except OSError as e:
-            errors.append(f"{flag} {path}: {e.strerror or e}")
-    if errors:
-        raise TlsSetupError(errors)
-    try:
-        tlsfiles.check_certificate(
-            "xds-server", str(opts.tls_cert), data["--tls-cert"], data["--tls-key"]
-        )
-    except tlsfiles.TlsFileError as e:
-        errors.append(f"--tls-cert {opts.tls_cert}: {e}")
-    try:
-        tlsfiles.check_ca("xds-client-ca", str(opts.client_ca), data["--client-ca"], None)
-    except tlsfiles.TlsFileError as e:
-        errors.append(f"--client-ca {opts.client_ca}: {e}")
-    if errors:
-        raise TlsSetupError(errors)
-    return grpc.ssl_server_credentials(
-        [(data["--tls-key"], data["--tls-cert"])],
-        root_certificates=data["--client-ca"],
-        require_client_auth=True,
-    )
+            return XdsTls(opts.tls_cert, opts.tls_key, opts.client_ca)
+        except FileBusy:
+            time.sleep(0.005)
+        except XdsTlsError as e:
+            raise TlsSetupError(e.errors) from None
+    raise TlsSetupError([f"{opts.tls_cert}, {opts.tls_key}, {opts.client_ca}: stayed busy"])
 
 
 def _envoy_validator(opts: ServeOptions, log: Any) -> Validator | None:
