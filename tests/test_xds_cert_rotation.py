@@ -207,6 +207,7 @@ def no_keys_shown(server: XdsServer, certs: Path, old_keys: list[bytes]) -> None
     assert_no_key_material("/status", json.dumps(server.status()), certs, old_keys)
     metrics = server._get("/metrics").text
     assert_no_key_material("/metrics", metrics, certs, old_keys)
+    assert_no_key_material("status page", server._get("/").text, certs, old_keys)
 
 
 def k8s_mount(folder: Path, version: str, files: dict[str, bytes]) -> None:
@@ -361,6 +362,8 @@ def test_broken_files_are_refused_and_the_last_good_ones_serve(
             what="the refusal logged",
         )
         assert str(key) in logged[-1]["error"] and logged[-1]["level"] == "error"
+        page = server._get("/").text
+        assert "Files refused at" in page and f"--tls-key {key}" in page
         # The last good credentials still serve new handshakes.
         assert served_serial(server, certs) == serial
         assert ads_stream(server, certs, "edge-2") == "served"

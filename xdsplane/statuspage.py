@@ -145,6 +145,41 @@ def _certificates(status: Mapping[str, Any]) -> str:
     return _table(["secret", "subject", "DNS names", "not after", "days left", ""], rows)
 
 
+def _xds_tls(status: Mapping[str, Any]) -> str:
+    """The xDS server's own certificate and client CAs (hot-reloaded), and refused files."""
+    tls = status.get("xds_tls")
+    if not tls:
+        return "<p class='muted'>The xDS port is plaintext.</p>\n"
+    c = tls.get("certificate", {})
+    cas = ", ".join(str(ca.get("subject", "")) for ca in tls.get("client_cas", []))
+    out = _table(
+        ["subject", "serial", "SHA-256 fingerprint", "not after", "days left", "client CAs"],
+        [
+            [
+                _e(c.get("subject", "")),
+                f"<code>{_e(c.get('serial', ''))}</code>",
+                f"<code>{_e(c.get('fingerprint_sha256', ''))}</code>",
+                _e(c.get("not_after", "")),
+                _e(c.get("days_left", "")),
+                _e(cas),
+            ]
+        ],
+    )
+    out += (
+        f"<p class='muted'>Loaded {_e(when(tls.get('loaded_at')))}; "
+        f"{_e(tls.get('reloads', 0))} reloads, {_e(tls.get('failures', 0))} refused.</p>\n"
+    )
+    errors = list(tls.get("errors", []))
+    if errors:
+        out += (
+            f"<p class='bad'>Files refused at {_e(when(tls.get('failed_at')))}; new handshakes "
+            "still get the certificate above:</p><ul>"
+            + "".join(f"<li><code>{_e(x)}</code></li>" for x in errors)
+            + "</ul>\n"
+        )
+    return out
+
+
 def render(status: Mapping[str, Any], cert_warn_days: float = 14.0) -> str:
     ready = bool(status.get("ready"))
     state = "<span class='ok'>ready</span>" if ready else "<span class='bad'>not ready</span>"
@@ -170,6 +205,7 @@ def render(status: Mapping[str, Any], cert_warn_days: float = 14.0) -> str:
         f"<h2>Policy</h2>\n{_reload(status)}"
         f"<h2>Certificates (expiring: within {_e(cert_warn_days)} days)</h2>\n"
         f"{_certificates(status)}"
+        f"<h2>xDS server certificate</h2>\n{_xds_tls(status)}"
         "</body></html>\n"
     )
 
@@ -249,4 +285,16 @@ def render_text(status: Mapping[str, Any]) -> list[str]:
         lines += _columns(rows)
     else:
         lines.append("no certificates served")
+    tls = status.get("xds_tls")
+    if tls:
+        c = tls.get("certificate", {})
+        lines.append("")
+        lines.append(
+            f"xDS server certificate: {c.get('subject', '')} serial {c.get('serial', '')}, "
+            f"not after {c.get('not_after', '')} ({c.get('days_left', '')} days left), "
+            f"sha256 {c.get('fingerprint_sha256', '')}"
+        )
+        if tls.get("errors"):
+            lines.append("xDS TLS files refused; new handshakes still get the certificate above:")
+            lines += [f"  {e}" for e in tls["errors"]]
     return lines
