@@ -21,7 +21,15 @@ from typing import Any
 import _procs
 import bench_fanout
 import grpc
-from bench_fanout import CDS, DELTA_METHOD, SOTW_METHOD, Clients, DeltaResponse, SotwResponse
+from bench_fanout import (
+    CDS,
+    DELTA_METHOD,
+    SOTW_METHOD,
+    Clients,
+    DeltaResponse,
+    Round,
+    SotwResponse,
+)
 from envoy.service.discovery.v3 import discovery_pb2
 
 STREAMS_PER_CHANNEL = bench_fanout.STREAMS_PER_CHANNEL
@@ -143,8 +151,9 @@ class Streams:
         self.channels: list[grpc.aio.Channel] = []
         self.tasks: list[asyncio.Task[None]] = []
 
-    def open(self, resume: bool = False) -> float:
-        """Open every stream at once (a fresh Clients record); returns the start time."""
+    def open(self, resume: bool = False, timed: bool = False) -> float:
+        """Open every stream at once (a fresh Clients record); returns the start time.
+        ``timed``: ``clients.round`` records when each stream ACKed its first response."""
         self.clients = Clients(self.variant, self.n)
         self.channels = [
             grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
@@ -152,6 +161,8 @@ class Streams:
         ]
         fn = STREAM_FNS[self.variant]
         started = time.perf_counter()
+        if timed:
+            self.clients.round = Round(started, set(range(self.n)))
         self.tasks = [
             asyncio.create_task(
                 fn(
