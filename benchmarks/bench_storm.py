@@ -30,6 +30,7 @@ import asyncio
 import shutil
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +50,7 @@ class Storm:
     per_stream: list[float] = field(default_factory=list)  # every stream of every round
     responses: list[float] = field(default_factory=list)  # per round: responses / stream
     server_cpu: list[float] = field(default_factory=list)  # per round, CPU seconds
+    client_cpu: list[float] = field(default_factory=list)  # per round, this process
     rss_after: int = 0
     connected_after: float = 0.0
     problems: list[str] = field(default_factory=list)
@@ -98,7 +100,7 @@ async def storm(
                     0.02,
                     "the server loaded the change",
                 )
-            cpu0 = _procs.cpu_seconds(pid)
+            cpu0, self0 = _procs.cpu_seconds(pid), time.process_time()
             started = streams.open(resume=kind == "resume", timed=True)
             rnd = streams.clients.round
             assert rnd is not None
@@ -110,6 +112,7 @@ async def storm(
             out.all_current.append(max(took))
             out.per_stream += took
             out.server_cpu.append(_procs.cpu_seconds(pid) - cpu0)
+            out.client_cpu.append(time.process_time() - self0)
             streams.clients.round = None
             await asyncio.sleep(0.3)  # anything more the reconnect causes arrives now
             out.responses.append(sum(streams.clients.responses) / n)
@@ -195,6 +198,7 @@ def main() -> int:
                 fmt_ms(percentile(r.per_stream, 99), 0),
                 f"{p50(r.responses):.2f}",
                 f"{p50(r.server_cpu):.2f} s",
+                f"{p50(r.client_cpu):.2f} s",
                 f"{r.connected_after:.0f}",
                 _procs.mb(r.rss_after),
             ]
@@ -215,6 +219,7 @@ def main() -> int:
                 "p99",
                 "responses/stream",
                 "server CPU",
+                "client CPU",
                 "connected after",
                 "server RSS after",
             ],

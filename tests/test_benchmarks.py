@@ -98,7 +98,7 @@ def test_bench_soak_quick() -> None:
 
 def test_bench_storm_quick() -> None:
     out = run_quick("bench_storm.py")
-    table = [r for r in rows(out, "sotw") + rows(out, "delta") if len(r) == 11]
+    table = [r for r in rows(out, "sotw") + rows(out, "delta") if len(r) == 12]
     assert [(r[0], r[1]) for r in table] == [
         ("sotw", "resume"),
         ("sotw", "fresh"),
@@ -106,6 +106,6 @@ def test_bench_storm_quick() -> None:
         ("delta", "fresh"),
     ], out
     for cells in table:
-        assert cells[2] == "200" and cells[9] == "200", cells  # no stream leaked by the drop
+        assert cells[2] == "200" and cells[10] == "200", cells  # no stream leaked by the drop
         assert 0 < ms(cells[5]) <= ms(cells[6]) <= ms(cells[4]), cells
         assert float(cells[7]) >= 1.0, cells
