@@ -430,6 +430,7 @@ async def through_envoy(
                     await http_phase(pool, path, toks, rate, seconds, sub)
                 if path == "/once/x":
                     shares.append(m.share)
+                    once.guard_cpu += m.used["guard"]
                 run.latencies += sub.latencies
                 run.lags += sub.lags
                 run.sent += sub.sent
@@ -628,6 +629,7 @@ def main() -> int:
                     fmt_ms(added99, 2),
                     {True: "yes", False: "NO", None: "n/a"}[e.replay_refused],
                     cpu_text(e.cpu),
+                    f"{e.once.guard_cpu / max(1, e.once.sent) * 1e6:.0f} us",
                     f"<= {GOAL_ADDED_P99 * 1000:.0f} ms",
                     verdict(added99, GOAL_ADDED_P99),
                 ]
@@ -642,6 +644,7 @@ def main() -> int:
                     "added p99",
                     "replay refused",
                     "CPU during /once/",
+                    "guard CPU/req",
                     "goal (p99)",
                     "status",
                 ],
