@@ -304,7 +304,7 @@ def main() -> int:
     )
     print(
         "\nCPU (share of one core, whole run): "
-        + " ".join(f"{k} {v * 100:.0f}%" for k, v in cpu.items())
+        + " ".join(f"{k} {v * 100:.1f}%" for k, v in cpu.items())
     )
     nack_free = not any("rejected" in p or "NACK" in p for p in result.problems)
     print(
