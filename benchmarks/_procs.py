@@ -51,3 +51,80 @@ def cpu_seconds(pid: int) -> float:
 
 def mb(n: float) -> str:
     return f"{n / 1024 / 1024:.0f} MB"
+
+
+def redis_binary() -> str:
+    """The real redis-server (Debian's redis-server package)."""
+    import shutil
+
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    if not Path(binary).exists():
+        raise SystemExit("redis-server is missing: apt-get install redis-server")
+    return binary
+
+
+class Redis:
+    """redis-server on a free port, no persistence, stopped by PID."""
+
+    def __init__(self, procs: harness.ProcessGroup, workdir: Path, max_seconds: float) -> None:
+        self.port = free_port()
+        argv = [redis_binary(), "--port", str(self.port), "--bind", HOST, "--save", ""]
+        argv += ["--appendonly", "no", "--dir", str(workdir), "--daemonize", "no"]
+        self.proc = procs.spawn("redis", argv, max_seconds=max_seconds)
+
+    @property
+    def url(self) -> str:
+        return f"redis://{HOST}:{self.port}/0"
+
+    def start(self) -> Redis:
+        self.proc.start()
+        wait_until(self._ping, 10, what="redis PING")
+        return self
+
+    def _ping(self) -> bool:
+        import socket
+
+        self.proc.ensure_alive()
+        with socket.create_connection((HOST, self.port), timeout=1) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+
+
+class Guard:
+    """``xdsplane guard`` as a process on free ports (gRPC and admin), stopped by PID."""
+
+    def __init__(
+        self,
+        procs: harness.ProcessGroup,
+        name: str,
+        *args: str,
+        log_level: str = "info",
+        max_seconds: float = 600.0,
+    ) -> None:
+        self.port = free_port()
+        self.admin_port = free_port()
+        argv = harness.xdsplane_argv(
+            *("guard", "--address", self.address, "--admin-address", f"{HOST}:{self.admin_port}"),
+            # info (the default) logs one line per decision, as a deployed guard does.
+            *("--log-format", "json", "--log-level", log_level, *args),
+        )
+        self.proc = procs.spawn(name, argv, max_seconds=max_seconds)
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    def launch(self) -> Guard:
+        self.proc.start()
+        return self
+
+    def wait_ready(self, timeout: float = 30.0) -> Guard:
+        def healthy() -> bool:
+            self.proc.ensure_alive()
+            return harness.http_get(self.admin_port, "/healthz").status == 200
+
+        wait_until(healthy, timeout, what=f"{self.proc.name} /healthz")
+        return self
+
+    def metrics(self) -> str:
+        return harness.http_get(self.admin_port, "/metrics").text

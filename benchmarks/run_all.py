@@ -22,6 +22,9 @@ BENCHMARKS = {
     "propagation": "bench_propagation.py",
     "policy": "bench_policy.py",
     "rotation": "bench_rotation.py",
+    "guard": "bench_guard.py",
+    "storm": "bench_storm.py",
+    "soak": "bench_soak.py",  # last: 10 minutes in its full version
 }
 LIMIT_QUICK = 120.0
 LIMIT_FULL = 1800.0
