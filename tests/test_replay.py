@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import pytest
 from harness import (
     HOST,
+    EchoUpstream,
     Envoy,
     Proc,
     XdsServer,
@@ -21,7 +22,7 @@ from harness import (
     write_atomic,
     xdsplane_argv,
 )
-from test_jwt import EchoUpstream, Gateway
+from test_jwt import Gateway
 from tls_helpers import attach_to_report, process_group
 
 from xdsplane import jwt, pki
