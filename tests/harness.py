@@ -993,3 +993,18 @@ class Load:
             f"({self.count() / max(self.seconds, 1e-9):.0f}/s) from {len(self.probers)} clients "
             f"({len(kept)} kept-alive, {sum(p.connects for p in kept)} connections)"
         )
+
+
+def load_figures(load: Load, body: str) -> dict[str, Any]:
+    """The load's summary and how many of its answers failed (not 200 ``body``) or dropped."""
+    return {
+        "load": load.summary(),
+        "failed": len(load.failures(body)),
+        "dropped": len(load.drops()),
+    }
+
+
+def assert_no_failure_nor_drop(load: Load, body: str) -> None:
+    """Every answer was 200 ``body`` and no kept-alive connection was opened again."""
+    assert load.failures(body) == [], load.failures(body)[:5]
+    assert load.drops() == [], load.drops()[:5]
