@@ -23,6 +23,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -297,6 +298,27 @@ class Response:
         return self.body.decode("utf-8", "replace").strip()
 
 
+def exchange(
+    conn: http.client.HTTPConnection,
+    path: str,
+    headers: Mapping[str, str] | None = None,
+    method: str = "GET",
+    body: bytes | None = None,
+) -> Response:
+    """One request on ``conn`` with ``Connection: close``; the connection is closed after."""
+    try:
+        conn.request(method, path, body=body, headers={"Connection": "close", **(headers or {})})
+        r = conn.getresponse()
+        return Response(r.status, r.read(), {k.lower(): v for k, v in r.getheaders()})
+    finally:
+        conn.close()
+
+
+def bearer(token: str | None) -> dict[str, str]:
+    """The header ``Authorization: Bearer TOKEN``; none without a token."""
+    return {} if token is None else {"Authorization": f"Bearer {token}"}
+
+
 def http_get(
     port: int,
     path: str = "/",
@@ -306,16 +328,7 @@ def http_get(
 ) -> Response:
     """One GET on a fresh connection (no keep-alive state between calls)."""
     conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
-    try:
-        headers = {"Connection": "close", **(headers or {})}
-        if host is not None:
-            headers["Host"] = host
-        conn.request("GET", path, headers=headers)
-        r = conn.getresponse()
-        body = r.read()
-        return Response(r.status, body, {k.lower(): v for k, v in r.getheaders()})
-    finally:
-        conn.close()
+    return exchange(conn, path, {**(headers or {}), **({} if host is None else {"Host": host})})
 
 
 def answers(port: int, path: str, text: str, status: int = 200) -> Callable[[], bool]:
@@ -328,7 +341,48 @@ def answers(port: int, path: str, text: str, status: int = 200) -> Callable[[], 
     return check
 
 
-class Upstream:
+class ThreadedHttpServer:
+    """A ThreadingHTTPServer on HOST (a free port) serving ``handler`` from a daemon thread;
+    ``close()`` stops it. With ``tls``, the listening socket speaks https."""
+
+    def __init__(
+        self,
+        handler: type[BaseHTTPRequestHandler],
+        name: str | None = None,
+        tls: ssl.SSLContext | None = None,
+        block_on_close: bool = True,
+    ) -> None:
+        self.server = ThreadingHTTPServer((HOST, 0), handler)
+        self.server.daemon_threads = True
+        self.server.block_on_close = block_on_close
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        self.port = int(self.server.server_address[1])
+        self.thread = threading.Thread(
+            target=self.server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name=name,
+            daemon=True,
+        )
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+def send_body(handler: BaseHTTPRequestHandler, body: bytes, content_type: str | None) -> None:
+    """Answer 200 with ``body`` (and its content type, when given)."""
+    handler.send_response(200)
+    if content_type is not None:
+        handler.send_header("content-type", content_type)
+    handler.send_header("content-length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+class Upstream(ThreadedHttpServer):
     """A tiny HTTP server in a thread; its body names it, so tests see who served a request.
 
     The body is the name; the header ``x-upstream`` repeats it and ``x-path`` echoes the path.
@@ -360,22 +414,25 @@ class Upstream:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer((HOST, 0), Handler)
-        self.server.daemon_threads = True
-        self.server.block_on_close = False
-        self.port = int(self.server.server_address[1])
-        self.thread = threading.Thread(
-            target=self.server.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name=f"upstream-{name}",
-            daemon=True,
-        )
-        self.thread.start()
+        super().__init__(Handler, name=f"upstream-{name}", block_on_close=False)
 
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
+
+class EchoUpstream(ThreadedHttpServer):
+    """Answers every GET with 200 and the request's headers as a JSON object (HTTP/1.1
+    keep-alive)."""
+
+    def __init__(self) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                body = json.dumps({k.lower(): v for k, v in self.headers.items()}).encode()
+                send_body(self, body, "application/json")
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        super().__init__(Handler)
 
 
 # -- processes --------------------------------------------------------------------------------
@@ -936,3 +993,18 @@ class Load:
             f"({self.count() / max(self.seconds, 1e-9):.0f}/s) from {len(self.probers)} clients "
             f"({len(kept)} kept-alive, {sum(p.connects for p in kept)} connections)"
         )
+
+
+def load_figures(load: Load, body: str) -> dict[str, Any]:
+    """The load's summary and how many of its answers failed (not 200 ``body``) or dropped."""
+    return {
+        "load": load.summary(),
+        "failed": len(load.failures(body)),
+        "dropped": len(load.drops()),
+    }
+
+
+def assert_no_failure_nor_drop(load: Load, body: str) -> None:
+    """Every answer was 200 ``body`` and no kept-alive connection was opened again."""
+    assert load.failures(body) == [], load.failures(body)[:5]
+    assert load.drops() == [], load.drops()[:5]

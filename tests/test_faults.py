@@ -28,10 +28,12 @@ from harness import (
     ProcessGroup,
     Upstream,
     XdsServer,
+    assert_no_failure_nor_drop,
     envoy_binary,
     free_port,
     holds_for,
     http_get,
+    load_figures,
     short_and_long,
     wait_until,
 )
@@ -96,6 +98,16 @@ def unchanged(envoy: Envoy, updates: dict[str, int], versions: dict[str, str]) -
     return envoy.stats(UPDATE_SUCCESS) == updates and envoy.version_texts() == versions
 
 
+def alpha_edge(
+    procs: ProcessGroup, tmp_path: Path, variant: str, upstream: Callable[[str], Upstream]
+) -> tuple[Edge, dict[str, Upstream]]:
+    """An edge (not started) whose files route /app to the upstream ``alpha``."""
+    ups = {"alpha": upstream("alpha")}
+    edge = Edge(procs, tmp_path, variant)
+    edge.write(base_resources(edge.port, ups))
+    return edge, ups
+
+
 def figures(name: str, **values: Any) -> None:
     """One line of measured figures, for RELIABILITY.md (``pytest -rP`` prints it)."""
     print(f"FIGURES {name}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
@@ -122,9 +134,7 @@ def test_sigkill_under_load(
     RECONNECT_BOUND of the server's return, and is sent nothing: its update_success
     counters and version_text stay as they were, the server writes no response."""
     kills = count
-    ups = {"alpha": upstream("alpha")}
-    edge = Edge(procs, tmp_path, variant)
-    edge.write(base_resources(edge.port, ups))
+    edge, ups = alpha_edge(procs, tmp_path, variant, upstream)
     edge.start()
     edge.wait_answer("/app", "alpha")
     envoy = edge.envoy
@@ -151,15 +161,12 @@ def test_sigkill_under_load(
     figures(
         f"sigkill-{variant}",
         kills=kills,
-        load=load.summary(),
-        failed=len(load.failures("alpha")),
-        dropped=len(load.drops()),
+        **load_figures(load, "alpha"),
         downtime=spread(downtimes),
         reconnect_after_return=spread(reconnects),
     )
     assert load.count() > 50 * kills, load.summary()
-    assert load.failures("alpha") == [], load.failures("alpha")[:5]
-    assert load.drops() == [], load.drops()[:5]
+    assert_no_failure_nor_drop(load, "alpha")
     assert unchanged(envoy, updates, versions)
     slow = [round(r, 3) for r in reconnects if r > RECONNECT_BOUND]
     assert not slow, (
@@ -189,9 +196,7 @@ def test_replica_failover_under_load(
     nothing (the versions are the same content hashes), then the killed one comes back
     for the next round. Load through Envoy throughout, none of it failing."""
     moves = count
-    ups = {"alpha": upstream("alpha")}
-    edge = Edge(procs, tmp_path, variant)
-    edge.write(base_resources(edge.port, ups))
+    edge, _ = alpha_edge(procs, tmp_path, variant, upstream)
     replicas = [edge.server, XdsServer(procs, edge.cfg, name="xdsplane-b")]
     for r in replicas:
         r.launch()
@@ -237,13 +242,10 @@ def test_replica_failover_under_load(
     figures(
         f"replicas-{variant}",
         moves=moves,
-        load=load.summary(),
-        failed=len(load.failures("alpha")),
-        dropped=len(load.drops()),
+        **load_figures(load, "alpha"),
         kill_to_other_replica=spread(switches),
     )
-    assert load.failures("alpha") == [], load.failures("alpha")[:5]
-    assert load.drops() == [], load.drops()[:5]
+    assert_no_failure_nor_drop(load, "alpha")
     assert unchanged(envoy, updates, versions)
     assert load.count() > 50 * moves, load.summary()
 
@@ -266,9 +268,7 @@ def test_envoy_restart_gets_everything_at_once(
     versions the previous Envoy held, and it serves within seconds, with no initial fetch
     timing out."""
     restarts = count
-    ups = {"alpha": upstream("alpha")}
-    edge = Edge(procs, tmp_path, variant)
-    edge.write(base_resources(edge.port, ups))
+    edge, _ = alpha_edge(procs, tmp_path, variant, upstream)
     edge.start()
     edge.wait_answer("/app", "alpha")
     versions = edge.envoy.version_texts()
@@ -320,6 +320,18 @@ def test_reloads_and_rotations_under_load(count: int, procs: ProcessGroup, tmp_p
         every = max(1, reloads // max(1, rotations))
         served: list[int] = []
         reload_before = edge.server.status()["reload"]
+
+        def rotate(what: str) -> None:
+            """A new edge certificate (key and serial), waited for until Envoy serves it."""
+            pki.rotate(edge.certs, "edge")
+            new = file_serial(edge.certs / "edge.crt")
+            wait_until(
+                lambda: handshake(edge.layout.https_port, edge.ctx(), BILLING).serial == new,
+                10,
+                what=what,
+            )
+            served.append(new)
+
         started = time.monotonic()
         for t in threads:
             t.start()
@@ -332,27 +344,9 @@ def test_reloads_and_rotations_under_load(count: int, procs: ProcessGroup, tmp_p
                     what=f"reload {i} live in Envoy",
                 )
                 if i % every == 0 and len(served) < rotations:
-                    pki.rotate(edge.certs, "edge")
-                    new = file_serial(edge.certs / "edge.crt")
-                    wait_until(
-                        lambda new=new: (
-                            handshake(edge.layout.https_port, edge.ctx(), BILLING).serial == new
-                        ),
-                        10,
-                        what=f"rotation {len(served) + 1} live in Envoy",
-                    )
-                    served.append(new)
+                    rotate(f"rotation {len(served) + 1} live in Envoy")
             while len(served) < rotations:  # more rotations than reloads
-                pki.rotate(edge.certs, "edge")
-                new = file_serial(edge.certs / "edge.crt")
-                wait_until(
-                    lambda new=new: (
-                        handshake(edge.layout.https_port, edge.ctx(), BILLING).serial == new
-                    ),
-                    10,
-                    what="rotation live in Envoy",
-                )
-                served.append(new)
+                rotate("rotation live in Envoy")
             progress = sum(lp.ok for lp in kept + fresh)
             wait_until(lambda: sum(lp.ok for lp in kept + fresh) > progress + 10, 10, what="load")
         finally:

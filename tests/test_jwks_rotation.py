@@ -15,22 +15,22 @@ from __future__ import annotations
 
 import http.client
 import json
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from harness import (
     HOST,
+    EchoUpstream,
     Envoy,
     ProcessGroup,
     Response,
     XdsServer,
+    bearer,
     envoy_binary,
+    exchange,
     free_port,
     holds_for,
     wait_until,
@@ -75,38 +75,6 @@ LISTENER_STATS = (
 )
 
 
-class Echo:
-    """Answers every GET with 200 and the request's headers as JSON (HTTP/1.1 keep-alive)."""
-
-    def __init__(self) -> None:
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self) -> None:
-                body = json.dumps({k.lower(): v for k, v in self.headers.items()}).encode()
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer((HOST, 0), Handler)
-        self.server.daemon_threads = True
-        self.port = int(self.server.server_address[1])
-        self.thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
-
-
 class KeepAlive:
     """One downstream HTTP/1.1 connection that is never reopened: a request after the peer
     closed it fails instead of silently connecting again."""
@@ -144,16 +112,7 @@ class Gateway:
         return self.root / "keys" / "jwks.json"
 
     def get(self, path: str, token: str | None = None) -> Response:
-        conn = http.client.HTTPConnection(HOST, self.port, timeout=5)
-        try:
-            headers = {"Connection": "close"}
-            if token is not None:
-                headers["Authorization"] = f"Bearer {token}"
-            conn.request("GET", path, headers=headers)
-            r = conn.getresponse()
-            return Response(r.status, r.read(), {k.lower(): v for k, v in r.getheaders()})
-        finally:
-            conn.close()
+        return exchange(http.client.HTTPConnection(HOST, self.port, timeout=5), path, bearer(token))
 
     def listener_state(self) -> tuple[str, str]:
         """Envoy's active listener ``http``: its version and when it was last updated."""
@@ -179,7 +138,7 @@ def gateway(
     folder = tmp_path / "policy"
     folder.mkdir()
     pki.write_atomic(tmp_path / "keys" / "jwks.json", jwt.jwks(KEYS.a))
-    echo = Echo()
+    echo = EchoUpstream()
     port = free_port()
     (folder / "edge.yaml").write_text(POLICY.format(port=port, upstream=echo.port))
     try:

@@ -11,17 +11,26 @@ import http.client
 import json
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
-from harness import HOST, Envoy, ProcessGroup, Response, XdsServer, free_port, wait_until
+from harness import (
+    HOST,
+    EchoUpstream,
+    Envoy,
+    ProcessGroup,
+    Response,
+    XdsServer,
+    bearer,
+    exchange,
+    free_port,
+    wait_until,
+)
 from tls_helpers import attach_to_report, process_group
 
 from xdsplane import jwt, pki
@@ -135,38 +144,6 @@ upstreams:
 """
 
 
-class EchoUpstream:
-    """Answers every GET with 200 and the request's headers as a JSON object."""
-
-    def __init__(self) -> None:
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self) -> None:
-                body = json.dumps({k.lower(): v for k, v in self.headers.items()}).encode()
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer((HOST, 0), Handler)
-        self.server.daemon_threads = True
-        self.port = int(self.server.server_address[1])
-        self.thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
-
-
 @dataclass
 class Gateway:
     folder: Path
@@ -178,15 +155,8 @@ class Gateway:
 
     def get(self, path: str, token: str | None = None, **headers: str) -> Response:
         conn = http.client.HTTPConnection(HOST, self.port, timeout=5)
-        try:
-            sent = {"Connection": "close", **{k.replace("_", "-"): v for k, v in headers.items()}}
-            if token is not None:
-                sent["Authorization"] = f"Bearer {token}"
-            conn.request("GET", path, headers=sent)
-            r = conn.getresponse()
-            return Response(r.status, r.read(), {k.lower(): v for k, v in r.getheaders()})
-        finally:
-            conn.close()
+        sent = {k.replace("_", "-"): v for k, v in headers.items()}
+        return exchange(conn, path, {**sent, **bearer(token)})
 
     def token(self, key: ec.EllipticCurvePrivateKey | None = None, **claims: Any) -> str:
         sub = claims.pop("sub", "alice")

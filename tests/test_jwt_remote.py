@@ -12,17 +12,28 @@ from __future__ import annotations
 
 import http.client
 import ssl
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from google.protobuf import json_format
-from harness import HOST, Envoy, ProcessGroup, Upstream, XdsServer, free_port, wait_until
+from harness import (
+    HOST,
+    Envoy,
+    ProcessGroup,
+    ThreadedHttpServer,
+    Upstream,
+    XdsServer,
+    bearer,
+    exchange,
+    free_port,
+    send_body,
+    wait_until,
+)
 from tls_helpers import attach_to_report, process_group
 
 from xdsplane import jwt, pki
@@ -80,7 +91,7 @@ upstreams:
 """
 
 
-class JwksServer:
+class JwksServer(ThreadedHttpServer):
     """Serves a key set (``jwks``, replaceable) at any path and counts the GETs; https when
     given a context."""
 
@@ -94,30 +105,12 @@ class JwksServer:
 
             def do_GET(self) -> None:
                 outer.fetches.append(self.path)
-                body = outer.jwks
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                send_body(self, outer.jwks, "application/json")
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer((HOST, 0), Handler)
-        self.server.daemon_threads = True
-        if tls is not None:
-            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
-        self.port = int(self.server.server_address[1])
-        self.thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
+        super().__init__(Handler, tls=tls)
 
 
 def server_context(certs: Path, name: str) -> ssl.SSLContext:
@@ -135,16 +128,8 @@ class Gateway:
     servers: dict[str, JwksServer] = field(default_factory=dict)
 
     def get(self, path: str, token: str | None = None) -> tuple[int, str]:
-        conn = http.client.HTTPConnection(HOST, self.port, timeout=5)
-        try:
-            headers = {"Connection": "close"}
-            if token is not None:
-                headers["Authorization"] = f"Bearer {token}"
-            conn.request("GET", path, headers=headers)
-            r = conn.getresponse()
-            return r.status, r.read().decode(errors="replace")
-        finally:
-            conn.close()
+        r = exchange(http.client.HTTPConnection(HOST, self.port, timeout=5), path, bearer(token))
+        return r.status, r.body.decode(errors="replace")
 
     def token(self, provider: str) -> str:
         return jwt.sign(self.keys[provider], jwt.claims("alice"))

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +29,20 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 )
 from harness import (
     HOST,
+    EchoUpstream,
     Envoy,
     ProcessGroup,
     Response,
+    ThreadedHttpServer,
     XdsServer,
+    bearer,
+    exchange,
     free_port,
+    send_body,
     wait_until,
     write_atomic,
 )
 from test_guard import Guard, Redis
-from test_jwt import EchoUpstream
 from tls_helpers import attach_to_report, client_context, https_get, make_pki, process_group
 
 from xdsplane import jwt, pki
@@ -55,22 +59,14 @@ def get(
 ) -> Response:
     """One GET from ``source`` (a loopback address), with a bearer token when given."""
     conn = http.client.HTTPConnection(HOST, port, timeout=timeout, source_address=(source, 0))
-    try:
-        headers = {"Connection": "close"}
-        if token is not None:
-            headers["Authorization"] = f"Bearer {token}"
-        conn.request("GET", path, headers=headers)
-        r = conn.getresponse()
-        return Response(r.status, r.read(), {k.lower(): v for k, v in r.getheaders()})
-    finally:
-        conn.close()
+    return exchange(conn, path, bearer(token))
 
 
 def token(key: ec.EllipticCurvePrivateKey, sub: str) -> str:
     return jwt.sign(key, jwt.claims(sub))
 
 
-class SlowUpstream:
+class SlowUpstream(ThreadedHttpServer):
     """Holds every request until ``release()`` (at most 20 s), then answers 200."""
 
     def __init__(self) -> None:
@@ -84,31 +80,19 @@ class SlowUpstream:
             def do_GET(self) -> None:
                 outer.arrived += 1
                 outer.release_event.wait(20)
-                body = b"slow\n"
-                self.send_response(200)
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                send_body(self, b"slow\n", None)
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer((HOST, 0), Handler)
-        self.server.daemon_threads = True
-        self.port = int(self.server.server_address[1])
-        self.thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self.thread.start()
+        super().__init__(Handler)
 
     def release(self) -> None:
         self.release_event.set()
 
     def close(self) -> None:
         self.release()
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
+        super().close()
 
 
 # -- policy: the guard's view -----------------------------------------------------------------

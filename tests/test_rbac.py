@@ -28,6 +28,8 @@ from harness import (
     ProcessGroup,
     Response,
     XdsServer,
+    bearer,
+    exchange,
     free_port,
     wait_until,
     write_atomic,
@@ -259,15 +261,7 @@ class Gateway:
         self, path: str, method: str = "GET", token: str | None = None, body: bytes | None = None
     ) -> Response:
         conn = http.client.HTTPConnection(HOST, self.http_port, timeout=5)
-        try:
-            headers = {"Connection": "close"}
-            if token is not None:
-                headers["Authorization"] = f"Bearer {token}"
-            conn.request(method, path, body=body, headers=headers)
-            r = conn.getresponse()
-            return Response(r.status, r.read(), {k.lower(): v for k, v in r.getheaders()})
-        finally:
-            conn.close()
+        return exchange(conn, path, bearer(token), method=method, body=body)
 
     def tls_get(self, path: str, cert: str | None = None) -> Response:
         r, _ = https_get(self.https_port, client_context(self.certs, cert), BILLING, path)

@@ -12,16 +12,15 @@ from dataclasses import dataclass
 import pytest
 from harness import (
     HOST,
+    EchoUpstream,
     Envoy,
-    Proc,
     XdsServer,
     free_port,
-    http_get,
     wait_until,
     write_atomic,
-    xdsplane_argv,
 )
-from test_jwt import EchoUpstream, Gateway
+from test_guard import Guard
+from test_jwt import Gateway
 from tls_helpers import attach_to_report, process_group
 
 from xdsplane import jwt, pki
@@ -53,13 +52,12 @@ upstreams:
 @dataclass
 class Replay:
     gw: Gateway
-    guard: Proc
-    guard_address: str
+    guard: Guard
     upstream: int
 
     def write_policy(self, fail_open: bool) -> None:
         text = POLICY.format(
-            guard=self.guard_address,
+            guard=f"{HOST}:{self.guard.port}",
             fail_open="true" if fail_open else "false",
             issuer=jwt.DEFAULT_ISSUER,
             port=self.gw.port,
@@ -77,31 +75,19 @@ def replay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replay]:
     pki.write_atomic(root / "keys" / "jwks.json", jwt.jwks(key))
     echo = EchoUpstream()
     port = free_port()
-    guard_port, guard_admin = free_port(), free_port()
-    guard_address = f"{HOST}:{guard_port}"
     try:
         with process_group(root / "logs") as group:
-            guard = group.spawn(
-                "guard",
-                xdsplane_argv(
-                    *("guard", "--address", guard_address),
-                    *("--admin-address", f"{HOST}:{guard_admin}", "--log-format", "json"),
-                ),
-            ).start()
-            wait_until(
-                lambda: guard.ensure_alive() or http_get(guard_admin, "/healthz").status == 200,
-                20,
-                what="the guard answers /healthz",
-            )
+            guard = Guard(group, "guard").launch().ready()
             server = XdsServer(group, folder)
             envoy = Envoy(group, root, "edge-1", server.xds_address)
             gw = Gateway(folder, port, key, envoy, server, group)
-            r = Replay(gw, guard, guard_address, echo.port)
+            r = Replay(gw, guard, echo.port)
             r.write_policy(fail_open=False)
             server.start()
             envoy.start()
             wait_until(lambda: r.gw.get("/healthz").status == 200, 20, what="the gateway answers")
             yield r
+            guard.close()
     finally:
         echo.close()
 
@@ -139,7 +125,7 @@ def test_a_route_without_replay_protection_accepts_a_token_twice(replay: Replay)
 @pytest.mark.envoy
 def test_guard_down_fails_closed_then_open(replay: Replay) -> None:
     gw = replay.gw
-    replay.guard.stop()
+    replay.guard.proc.stop()
     down = gw.get("/billing/invoices", gw.token())
     assert down.status == 403, (down.status, down.text)  # ext_authz status_on_error default
     assert gw.get("/reusable/x", gw.token()).status == 200  # ext_authz disabled there

@@ -17,6 +17,8 @@ from harness import (
     ProcessGroup,
     Response,
     XdsServer,
+    bearer,
+    exchange,
     free_port,
     http_get,
     wait_until,
@@ -48,15 +50,7 @@ def sample_copy(root: Path) -> tuple[Path, dict[int, int]]:
 def bearer_get(port: int, ctx: ssl.SSLContext, path: str, token: str | None) -> Response:
     """GET on billing.example.com with ``Authorization: Bearer TOKEN`` (when given)."""
     conn = TlsConnection(port, ctx, "billing.example.com")
-    try:
-        headers = {"Host": "billing.example.com", "Connection": "close"}
-        if token is not None:
-            headers["Authorization"] = f"Bearer {token}"
-        conn.request("GET", path, headers=headers)
-        r = conn.getresponse()
-        return Response(r.status, r.read(), {k.lower(): v for k, v in r.getheaders()})
-    finally:
-        conn.close()
+    return exchange(conn, path, {"Host": "billing.example.com", **bearer(token)})
 
 
 def test_sample_validates_with_envoy(tmp_path: Path) -> None:

@@ -70,6 +70,11 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     tls.add_argument(
         "--client-ca", metavar="FILE", help="CA certificate(s) (PEM) that issue client certificates"
     )
+    _add_logging(p)
+
+
+def _add_logging(p: argparse.ArgumentParser) -> None:
+    """--log-level and --log-format, for the long-running commands (serve, guard)."""
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument(
         "--log-format",
@@ -77,6 +82,11 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         choices=["auto", "json", "console"],
         help="auto: JSON unless stderr is a terminal",
     )
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    fmt = {"auto": None, "json": True, "console": False}[args.log_format]
+    logs.configure(args.log_level, fmt)
 
 
 def _add_validate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -514,8 +524,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    fmt = {"auto": None, "json": True, "console": False}[args.log_format]
-    logs.configure(args.log_level, fmt)
+    _configure_logging(args)
     stableread.install()
     opts = ServeOptions(
         config=Path(args.config),
@@ -778,21 +787,14 @@ def _add_guard(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument(
         "--key-prefix", default="xdsplane:guard:", metavar="P", help="prefix of Redis keys"
     )
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    p.add_argument(
-        "--log-format",
-        default="auto",
-        choices=["auto", "json", "console"],
-        help="auto: JSON unless stderr is a terminal",
-    )
+    _add_logging(p)
 
 
 def cmd_guard(args: argparse.Namespace) -> int:
     from xdsplane.guard.app import GuardOptions, GuardStartupError, run
     from xdsplane.guard.service import GuardConfig
 
-    fmt = {"auto": None, "json": True, "console": False}[args.log_format]
-    logs.configure(args.log_level, fmt)
+    _configure_logging(args)
     if args.max_lifetime <= 0 or args.clock_skew < 0:
         print("xdsplane guard: --max-lifetime must be > 0, --clock-skew >= 0", file=sys.stderr)
         return 2

@@ -422,6 +422,28 @@ def _narrow_secrets(
     return None
 
 
+def _blame_refs(
+    snapshot: Snapshot,
+    resource: Resource,
+    rtype: ResourceType,
+    make: Callable[[frozenset[str]], Trial],
+    message: str,
+) -> Generator[Trial, Outcome, tuple[Resource, str] | None]:
+    """The one ``rtype`` resource that ``resource`` references and Envoy refuses: ``make``
+    with all of them stood in for must pass, then ``_narrow_secrets`` names it. None when
+    there are none, standing in does not help, or no single one is to blame."""
+    suspects = _refs(resource, rtype, snapshot)
+    if not suspects:
+        return None
+    out = yield make(frozenset(suspects))
+    if not out.accepted:
+        return None
+    found = yield from _narrow_secrets(suspects, make, message)
+    if found is None:
+        return None
+    return snapshot.of(rtype)[found[0]], found[1]
+
+
 def _judge(snapshot: Snapshot) -> Judgement:
     """Yields trials, is sent their outcomes; returns the resource to blame and the message."""
     listeners = tuple(snapshot.of(ResourceType.LISTENER))
@@ -451,15 +473,15 @@ def _refine_cluster(snapshot: Snapshot, name: str, message: str) -> Judgement:
         out = yield Trial((), (name,), stub_endpoints=frozenset(eds))
         if out.accepted:
             return snapshot.of(ResourceType.ENDPOINT)[eds[0]], message
-    secrets = _refs(cluster, ResourceType.SECRET, snapshot)
-    if secrets:
-        out = yield Trial((), (name,), dummy_secrets=frozenset(secrets))
-        if out.accepted:
-            found = yield from _narrow_secrets(
-                secrets, lambda d: Trial((), (name,), dummy_secrets=d), message
-            )
-            if found is not None:
-                return snapshot.of(ResourceType.SECRET)[found[0]], found[1]
+    found = yield from _blame_refs(
+        snapshot,
+        cluster,
+        ResourceType.SECRET,
+        lambda d: Trial((), (name,), dummy_secrets=d),
+        message,
+    )
+    if found is not None:
+        return found
     return cluster, message
 
 
@@ -479,30 +501,20 @@ def _refine_listener(
                 if not out.accepted:
                     return snapshot.of(ResourceType.ROUTE)[r], out.message
             return listener, message
-    extensions = _refs(listener, ResourceType.EXTENSION, snapshot)
-    if extensions:
-        out = yield Trial(
-            (name,), clusters, stub_routes=stubbed, stub_extensions=frozenset(extensions)
-        )
-        if out.accepted:
-            found = yield from _narrow_secrets(
-                extensions,
-                lambda d: Trial((name,), clusters, stub_routes=stubbed, stub_extensions=d),
-                message,
-            )
-            if found is not None:
-                return snapshot.of(ResourceType.EXTENSION)[found[0]], found[1]
-    secrets = _refs(listener, ResourceType.SECRET, snapshot)
-    if secrets:
-        out = yield Trial((name,), clusters, stub_routes=stubbed, dummy_secrets=frozenset(secrets))
-        if out.accepted:
-            found = yield from _narrow_secrets(
-                secrets,
-                lambda d: Trial((name,), clusters, stub_routes=stubbed, dummy_secrets=d),
-                message,
-            )
-            if found is not None:
-                return snapshot.of(ResourceType.SECRET)[found[0]], found[1]
+    stand_ins: list[tuple[ResourceType, Callable[[frozenset[str]], Trial]]] = [
+        (
+            ResourceType.EXTENSION,
+            lambda d: Trial((name,), clusters, stub_routes=stubbed, stub_extensions=d),
+        ),
+        (
+            ResourceType.SECRET,
+            lambda d: Trial((name,), clusters, stub_routes=stubbed, dummy_secrets=d),
+        ),
+    ]
+    for rtype, make in stand_ins:
+        found = yield from _blame_refs(snapshot, listener, rtype, make, message)
+        if found is not None:
+            return found
     return listener, message
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
@@ -38,6 +40,33 @@ def socket_address(value: str) -> Any:
     host, port = split_host_port(value)
     return address_pb2.Address(
         socket_address=address_pb2.SocketAddress(address=host, port_value=port)
+    )
+
+
+def one_endpoint_cluster(name: str, kind: Any, connect_timeout: str, host: str, port: int) -> Any:
+    """A cluster of ``kind`` whose one endpoint is host:port, its load assignment inline."""
+    return cluster_pb2.Cluster(
+        name=name,
+        type=kind,
+        connect_timeout=duration(connect_timeout),
+        load_assignment=endpoint_pb2.ClusterLoadAssignment(
+            cluster_name=name,
+            endpoints=[
+                endpoint_components_pb2.LocalityLbEndpoints(
+                    lb_endpoints=[
+                        endpoint_components_pb2.LbEndpoint(
+                            endpoint=endpoint_components_pb2.Endpoint(
+                                address=address_pb2.Address(
+                                    socket_address=address_pb2.SocketAddress(
+                                        address=host, port_value=port
+                                    )
+                                )
+                            )
+                        )
+                    ]
+                )
+            ],
+        ),
     )
 
 

@@ -15,13 +15,12 @@ from typing import Any
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import config_source_pb2, grpc_service_pb2, protocol_pb2
-from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 
 from xdsplane.policy.model import Guard, Host, Route, split_host_port
 from xdsplane.policy.translate import jwt
-from xdsplane.policy.translate.common import duration, pack, socket_address
+from xdsplane.policy.translate.common import duration, one_endpoint_cluster, pack
 
 CLUSTER = "xdsplane-guard"
 FILTER = "envoy.filters.http.ext_authz"
@@ -34,31 +33,13 @@ def needs_ext_authz(hosts: Iterable[Host]) -> bool:
 
 def cluster(guard: Guard) -> Any:
     """The guard's cluster: STATIC for an IP address, STRICT_DNS for a host name; HTTP/2."""
-    host, _ = split_host_port(guard.address)
+    host, port = split_host_port(guard.address)
     try:
         ipaddress.ip_address(host)
         kind = cluster_pb2.Cluster.STATIC
     except ValueError:
         kind = cluster_pb2.Cluster.STRICT_DNS
-    c = cluster_pb2.Cluster(
-        name=CLUSTER,
-        type=kind,
-        connect_timeout=duration("1s"),
-        load_assignment=endpoint_pb2.ClusterLoadAssignment(
-            cluster_name=CLUSTER,
-            endpoints=[
-                endpoint_components_pb2.LocalityLbEndpoints(
-                    lb_endpoints=[
-                        endpoint_components_pb2.LbEndpoint(
-                            endpoint=endpoint_components_pb2.Endpoint(
-                                address=socket_address(guard.address)
-                            )
-                        )
-                    ]
-                )
-            ],
-        ),
-    )
+    c = one_endpoint_cluster(CLUSTER, kind, "1s", host, port)
     opts = http_protocol_options_pb2.HttpProtocolOptions(
         explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
             http2_protocol_options=protocol_pb2.Http2ProtocolOptions()

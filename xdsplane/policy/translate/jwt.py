@@ -34,14 +34,12 @@ from urllib.parse import urlsplit
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2
 from envoy.config.core.v3 import (
-    address_pb2,
     backoff_pb2,
     base_pb2,
     config_source_pb2,
     extension_pb2,
     http_uri_pb2,
 )
-from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2
 from envoy.extensions.filters.http.jwt_authn.v3 import config_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
@@ -49,7 +47,15 @@ from envoy.type.matcher.v3 import string_pb2
 from google.protobuf import empty_pb2
 
 from xdsplane.policy.model import Host, JwtProvider, Listener, Route, duration_seconds
-from xdsplane.policy.translate.common import ads, duration, pack, sds, transport_socket, u32
+from xdsplane.policy.translate.common import (
+    ads,
+    duration,
+    one_endpoint_cluster,
+    pack,
+    sds,
+    transport_socket,
+    u32,
+)
 
 FILTER = "envoy.filters.http.jwt_authn"
 """The HCM's filter name, hence the name of its ECDS resource and the per-route config key."""
@@ -115,29 +121,7 @@ def jwks_cluster(provider: str, spec: JwtProvider) -> Any:
     name = jwks_cluster_name(provider)
     timeout = spec.jwks_timeout or JWKS_TIMEOUT
     kind = cluster_pb2.Cluster.STATIC if uri.is_ip else cluster_pb2.Cluster.LOGICAL_DNS
-    c = cluster_pb2.Cluster(
-        name=name,
-        type=kind,
-        connect_timeout=duration(timeout),
-        load_assignment=endpoint_pb2.ClusterLoadAssignment(
-            cluster_name=name,
-            endpoints=[
-                endpoint_components_pb2.LocalityLbEndpoints(
-                    lb_endpoints=[
-                        endpoint_components_pb2.LbEndpoint(
-                            endpoint=endpoint_components_pb2.Endpoint(
-                                address=address_pb2.Address(
-                                    socket_address=address_pb2.SocketAddress(
-                                        address=uri.host, port_value=uri.port
-                                    )
-                                )
-                            )
-                        )
-                    ]
-                )
-            ],
-        ),
-    )
+    c = one_endpoint_cluster(name, kind, timeout, uri.host, uri.port)
     if uri.tls:
         assert spec.ca is not None
         san = common_pb2.SubjectAltNameMatcher(
