@@ -235,17 +235,20 @@ async def direct(
 
         maxrun = Run(f"{backend}, max ({concurrency} in flight)")
 
-        async def one() -> None:
-            started = time.perf_counter()
+        async def measured(run: Run, data: bytes, since: float, clock: Any) -> None:
+            """One Check into ``run``: its error, or its latency on ``clock`` from ``since``."""
             try:
-                resp = await check(make.next(), timeout=5)
+                resp = await check(data, timeout=5)
             except grpc.aio.AioRpcError as e:
-                maxrun.error(e.code().name)
+                run.error(e.code().name)
                 return
             if resp.status.code != 0:
-                maxrun.error(f"denied {resp.status.code}")
+                run.error(f"denied {resp.status.code}")
                 return
-            maxrun.latencies.append(time.perf_counter() - started)
+            run.latencies.append(clock() - since)
+
+        async def one() -> None:
+            await measured(maxrun, make.next(), time.perf_counter(), time.perf_counter)
 
         with CpuMeter(pids) as m:
             await closed_loop(concurrency, seconds, one, maxrun)
@@ -259,15 +262,7 @@ async def direct(
         async def scheduled(i: int, due: float) -> None:
             data = make.next()
             fixed.lags.append(loop.time() - due)
-            try:
-                resp = await check(data, timeout=5)
-            except grpc.aio.AioRpcError as e:
-                fixed.error(e.code().name)
-                return
-            if resp.status.code != 0:
-                fixed.error(f"denied {resp.status.code}")
-                return
-            fixed.latencies.append(loop.time() - due)
+            await measured(fixed, data, due, loop.time)
 
         with CpuMeter(pids) as m:
             await open_loop(rate, seconds, scheduled, fixed)
