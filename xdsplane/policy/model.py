@@ -452,13 +452,33 @@ class GlobalRateLimit(RateLimit):
         return _GLOBAL_UNITS[duration_seconds(self.per)]
 
 
+# Envoy's own rule for path_separated_prefix.
+PATH_PREFIX_PATTERN = re.compile(r"[^?#]+[^?#/]")
+
+
 class Route(Model):
-    """One route of a host: a match (one of prefix, path, regex) and where it goes."""
+    """One route of a host: a match (one of prefix, path_prefix, path, regex) and where it
+    goes."""
 
     name: Name | None = Field(None, description="default: route-N, N its position from 0")
-    prefix: str | None = Field(None, description="path prefix, e.g. /billing/")
+    prefix: str | None = Field(
+        None,
+        description="path prefix, e.g. /billing/; on a protected route that asks at least "
+        "what every later route asks, a prefix ending in '/' also covers the path without "
+        "it (/billing/admin/ covers /billing/admin)",
+    )
+    path_prefix: str | None = Field(
+        None,
+        description="segment-aware prefix: /billing/admin matches /billing/admin and "
+        "/billing/admin/..., not /billing/administrator (no trailing '/')",
+    )
     path: str | None = Field(None, description="exact path")
     regex: Regex | None = Field(None, description="RE2 regex over the whole path")
+    case_sensitive: bool | None = Field(
+        None,
+        description="match the path case-sensitively; absent: false on a protected route "
+        "that asks at least what every later route of its host asks, true on the others",
+    )
     headers: list[HeaderMatch] = Field(default_factory=list)
     methods: list[HttpMethod] = Field(default_factory=list)
     upstream: Name | None = Field(None, description="an upstream's name")
@@ -508,19 +528,69 @@ class Route(Model):
 
     @model_validator(mode="after")
     def _shape(self) -> Route:
-        _one_of(self, ("prefix", "path", "regex"))
+        _one_of(self, ("prefix", "path_prefix", "path", "regex"))
         _one_of(self, ("upstream", "direct_response"))
         _one_of(self, ("jwt", "jwt_optional"), required=False)
-        for field in ("prefix", "path"):
+        for field in ("prefix", "path_prefix", "path"):
             value = getattr(self, field)
             if value is not None and not value.startswith("/"):
                 raise ValueError(f"{field} must start with '/'")
+        if self.path_prefix is not None and not PATH_PREFIX_PATTERN.fullmatch(self.path_prefix):
+            raise ValueError(
+                f"path_prefix {self.path_prefix!r}: no trailing '/', no '?' or '#', and not "
+                "'/' alone (for every path use prefix: /)"
+            )
         if self.direct_response is not None and (self.rewrite or self.retries or self.timeout):
             raise ValueError("rewrite, retries and timeout apply to upstream routes only")
         return self
 
+    @property
+    def protected(self) -> bool:
+        """Does the route ask something of the client?"""
+        return bool(
+            self.jwt
+            or self.jwt_optional
+            or self.replay_protection
+            or self.require_client_certificate
+            or self.allow_client_sans
+            or self.access
+            or self.rate_limit
+            or self.global_rate_limit
+        )
+
+    def asks_at_least(self, other: Route) -> bool:
+        """Does this route ask everything ``other`` asks (so that sending it a request that
+        would otherwise reach ``other`` never lets through less)?"""
+        if other.jwt is not None and self.jwt != other.jwt:
+            return False
+        if other.jwt_optional is not None and other.jwt_optional not in (
+            self.jwt,
+            self.jwt_optional,
+        ):
+            return False
+        if other.replay_protection and not self.replay_protection:
+            return False
+        if (other.require_client_certificate or other.allow_client_sans) and not (
+            self.require_client_certificate or self.allow_client_sans
+        ):
+            return False
+        if other.allow_client_sans and not (
+            self.allow_client_sans and set(self.allow_client_sans) <= set(other.allow_client_sans)
+        ):
+            return False
+        return all(
+            getattr(other, key) is None or getattr(self, key) == getattr(other, key)
+            for key in ("access", "rate_limit", "global_rate_limit")
+        )
+
+    @property
+    def match_value(self) -> str:
+        """The route's prefix, path_prefix, path or regex, whichever it has."""
+        return self.prefix or self.path_prefix or self.path or self.regex or ""
+
 
 ClientCertificate = Literal["required", "optional", "off"]
+PathParameters = Literal["reject", "allow"]
 _DOMAIN = re.compile(r"(\*\.)?[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?|\*")
 
 
@@ -545,7 +615,37 @@ class Host(Model):
     certificate: Name | None = Field(None, description="secret with the server certificate")
     client_certificate: ClientCertificate = "off"
     client_ca: Name | None = Field(None, description="secret with the CA for client certificates")
+    path_parameters: PathParameters = Field(
+        "reject",
+        description="paths with ';' (or %3B), which many servers read as segment parameters "
+        "(/admin;x=1/users as /admin/users): reject (400, before any route) or allow (matched "
+        "as written; only for upstreams that give ';' no meaning)",
+    )
     routes: list[Route] = Field(min_length=1)
+
+    def widens(self, index: int) -> bool:
+        """May route ``index`` match more widely than written (any case, and a prefix
+        ending in '/' its bare path too)? Only when it asks something and at least what
+        every later route asks: the spellings it takes over would otherwise reach one of
+        those, so taking them never lets a request through with fewer checks."""
+        r = self.routes[index]
+        return r.protected and all(r.asks_at_least(o) for o in self.routes[index + 1 :])
+
+    def case_sensitive(self, index: int) -> bool:
+        r = self.routes[index]
+        return not self.widens(index) if r.case_sensitive is None else r.case_sensitive
+
+    @model_validator(mode="after")
+    def _path_parameters(self) -> Host:
+        if self.path_parameters == "reject":
+            for i, r in enumerate(self.routes):
+                if r.regex is None and ";" in r.match_value:
+                    raise ValueError(
+                        f"route {r.name or i} matches {r.match_value!r}, which has ';': with "
+                        "path_parameters: reject such paths get 400 before any route; set "
+                        "path_parameters: allow on the host"
+                    )
+        return self
 
     @model_validator(mode="after")
     def _client(self) -> Host:

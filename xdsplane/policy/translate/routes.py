@@ -8,12 +8,24 @@ from envoy.config.core.v3 import base_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
+from google.protobuf import wrappers_pb2
 
-from xdsplane.policy.model import HeaderMatch, Host, Listener, Route
+from xdsplane.policy.model import (
+    PATH_PREFIX_PATTERN,
+    DirectResponse,
+    HeaderMatch,
+    Host,
+    Listener,
+    Route,
+)
 from xdsplane.policy.translate import authz, guard, jwt, ratelimit
 from xdsplane.policy.translate.common import duration, pack, u32
 
 MISDIRECTED = "misdirected"
+PATH_PARAMETERS_ROUTE = "(path-parameters)"
+"""The name (after ``HOST/``) of the route that refuses paths with ';': the parentheses keep
+it apart from every policy route name."""
+PATH_PARAMETERS_REGEX = ".*(;|%3[Bb]).*"
 
 
 def route_config_name(listener: Listener, host: Host | None = None) -> str:
@@ -40,6 +52,61 @@ def _header(h: HeaderMatch) -> Any:
     return m
 
 
+def path_match(host: Host, index: int) -> Any:
+    """The RouteMatch of route ``index`` of ``host`` on the path, which the HCM has
+    normalized first (RFC 3986 dot segments, %XX of unreserved characters decoded, slashes
+    merged, %2F and %5C redirected as '/').
+
+    A route that may match widely (``Host.widens``) matches any case, and its ``prefix``
+    ending in '/' becomes Envoy's segment-aware ``path_separated_prefix`` so that it covers
+    the bare path too (``/admin/`` covers ``/admin``), unless a ``rewrite.prefix`` depends
+    on the exact prefix matched."""
+    r = host.routes[index]
+    sensitive = host.case_sensitive(index)
+    match = rc.RouteMatch()
+    if r.path_prefix is not None:
+        match.path_separated_prefix = r.path_prefix
+    elif r.prefix is not None:
+        bare = r.prefix.rstrip("/")
+        if (
+            host.widens(index)
+            and bare != r.prefix
+            and PATH_PREFIX_PATTERN.fullmatch(bare)
+            and not (r.rewrite and r.rewrite.prefix is not None)
+        ):
+            match.path_separated_prefix = bare
+        else:
+            match.prefix = r.prefix
+    elif r.path is not None:
+        match.path = r.path
+    elif r.regex is not None:
+        # Envoy ignores case_sensitive for safe_regex: RE2's own flag does it.
+        match.safe_regex.CopyFrom(_regex(r.regex if sensitive else f"(?i){r.regex}"))
+    if not sensitive and r.regex is None:
+        match.case_sensitive.CopyFrom(wrappers_pb2.BoolValue(value=False))
+    return match
+
+
+def _path_parameters_refused(host: Host, jwt_filter: bool, ext_authz: bool, listener: str) -> Any:
+    """First route of a host with ``path_parameters: reject``: 400 for a path (the query
+    excluded) with ';' or %3B, which servers such as Tomcat and Spring read as a segment
+    parameter (``/admin;x=1/users`` is their ``/admin/users``) while Envoy matches it as
+    written. Built like a policy route with nothing to check, so no filter acts on it (no
+    token spent at the guard, no rate limit)."""
+    spec = Route.model_validate(
+        {
+            "regex": PATH_PARAMETERS_REGEX,
+            "direct_response": DirectResponse.model_validate(
+                {"status": 400, "body": "path parameters (';' in the path) are not accepted\n"}
+            ),
+        }
+    )
+    out = route(host, spec, -1, jwt_filter, ext_authz, listener)
+    out.name = f"{host.name}/{PATH_PARAMETERS_ROUTE}"
+    out.match.safe_regex.CopyFrom(_regex(PATH_PARAMETERS_REGEX))
+    return out
+
+
 def route(
     host: Host,
     r: Route,
@@ -50,14 +117,10 @@ def route(
 ) -> Any:
     """``jwt_filter``: the route's HCM has jwt_authn, so the route says what it requires;
     ``ext_authz``: the HCM has ext_authz, so the route says whether it asks the guard;
-    ``listener``: the listener's name, part of a global rate limit's route id."""
-    match = rc.RouteMatch()
-    if r.prefix is not None:
-        match.prefix = r.prefix
-    elif r.path is not None:
-        match.path = r.path
-    elif r.regex is not None:
-        match.safe_regex.CopyFrom(_regex(r.regex))
+    ``listener``: the listener's name, part of a global rate limit's route id;
+    ``index``: the route's position in ``host.routes`` (-1: not one of them, no path match
+    is set)."""
+    match = path_match(host, index) if index >= 0 else rc.RouteMatch()
     match.headers.extend(_header(h) for h in r.headers)
     if r.methods:
         methods = "|".join(sorted(set(r.methods)))
@@ -121,13 +184,10 @@ def route(
 def virtual_host(
     host: Host, jwt_filter: bool = False, ext_authz: bool = False, listener: str = ""
 ) -> Any:
-    return rc.VirtualHost(
-        name=host.name,
-        domains=host.domains,
-        routes=[
-            route(host, r, i, jwt_filter, ext_authz, listener) for i, r in enumerate(host.routes)
-        ],
-    )
+    routes = [route(host, r, i, jwt_filter, ext_authz, listener) for i, r in enumerate(host.routes)]
+    if host.path_parameters == "reject":
+        routes.insert(0, _path_parameters_refused(host, jwt_filter, ext_authz, listener))
+    return rc.VirtualHost(name=host.name, domains=host.domains, routes=routes)
 
 
 def _misdirected() -> Any:
