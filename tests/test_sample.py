@@ -9,7 +9,11 @@ from __future__ import annotations
 import ssl
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from harness import (
@@ -24,7 +28,14 @@ from harness import (
     wait_until,
     xdsplane_argv,
 )
-from tls_helpers import DemoUpstream, TlsConnection, https_get
+from tls_helpers import (
+    DemoUpstream,
+    TlsConnection,
+    attach_to_report,
+    client_context,
+    https_get,
+    process_group,
+)
 
 from xdsplane import jwt, pki
 
@@ -117,3 +128,156 @@ def test_sample_is_served_live_without_nack(
         assert admin.status == 403  # no client certificate
     finally:
         billing.stop()
+
+
+# -- the admin route cannot be walked around (issue #11, item 5) ----------------------------
+#
+# The admin route asks for an ops client certificate, /billing/ for a token. Every spelling
+# that a billing service could read as its admin path must land on the admin route: with a
+# valid token and no certificate it never reaches the service; with alice's (ops)
+# certificate and no token it does, which only the admin route allows (/billing/ would
+# answer 401). Each group mixes the trick with a bare or re-cased admin path, so each fails
+# on the old translation (prefix: /billing/admin/, case-sensitive).
+
+SPELLINGS = {
+    "bare": ["/billing/admin", "/billing/admin/"],
+    "upper-case": ["/billing/ADMIN/users", "/billing/ADMIN"],
+    "mixed-case": ["/billing/Admin/users", "/billing/aDmIn"],
+    "double-slash": ["/billing//admin/users", "//billing//Admin/users", "/billing//admin"],
+    "percent-61": ["/billing/%61dmin/users", "/billing/%41DMIN/users", "/billing/%61dmin"],
+    "percent-2F": ["/billing%2Fadmin/users", "/billing%2fADMIN/users", "/billing%2Fadmin"],
+    "dot-segment": ["/billing/./admin/users", "/billing/./Admin/users", "/billing/./admin"],
+    "dot-dot": ["/billing/x/../admin/users", "/billing/x/../ADMIN/users", "/billing/x/../admin"],
+}
+# Path parameters are refused (400) whoever asks: with or without a certificate.
+PATH_PARAMETERS = [
+    "/billing/admin;x=1/users",
+    "/billing/ADMIN;x=1/users",
+    "/billing;x=1/admin/users",
+    "/billing/admin;jsessionid=1",
+    "/billing/admin%3Bx=1/users",
+    "/billing/invoices;x=1",
+]
+
+
+@dataclass
+class SampleEdge:
+    port: int
+    certs: Path
+    billing: DemoUpstream
+    procs: ProcessGroup
+
+    def get(self, path: str, token: bool, cert: str | None) -> tuple[Response, list[str]]:
+        """GET ``path`` (plus a unique query) with a fresh token of alice or none, with
+        client certificate ``cert`` or none; follows one redirect as a client would.
+        Returns the answer and the paths the billing service received for it."""
+        probe = f"probe={uuid.uuid4().hex}"
+        ctx = client_context(self.certs, cert)
+        target = f"{path}{'&' if '?' in path else '?'}{probe}"
+        answer = bearer_get(
+            self.port, ctx, target, jwt.token(self.certs, "alice") if token else None
+        )
+        if answer.status in (301, 302, 307, 308):
+            location = urlsplit(answer.headers["location"])
+            assert probe in location.query, answer
+            again = f"{location.path}?{location.query}"
+            answer = bearer_get(
+                self.port, ctx, again, jwt.token(self.certs, "alice") if token else None
+            )
+        return answer, [p for p in self.billing.received if probe in p]
+
+
+@pytest.fixture(scope="module")
+def sample_edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SampleEdge]:
+    """The sample as shipped (free ports), its guard, xdsplane serve, Envoy and billing."""
+    root = tmp_path_factory.mktemp("sample-paths")
+    with process_group(root / "logs") as procs:
+        folder, ports = sample_copy(root)
+        certs = root / "certs"
+        billing = DemoUpstream(certs, ports[9443]).start()
+        try:
+            guard_admin = free_port()
+            guard = procs.spawn(
+                "guard",
+                xdsplane_argv(
+                    *("guard", "--address", f"127.0.0.1:{ports[18081]}", "--policy", str(folder)),
+                    *("--admin-address", f"127.0.0.1:{guard_admin}"),
+                ),
+            ).start()
+            server = XdsServer(procs, folder).start()
+            wait_until(
+                lambda: guard.ensure_alive() or http_get(guard_admin, "/healthz").status == 200,
+                20,
+                what="the guard answers /healthz",
+            )
+            Envoy(procs, root, "edge-1", server.xds_address).start()
+            edge = SampleEdge(ports[8443], certs, billing, procs)
+            wait_until(
+                lambda: edge.get("/billing/invoices", token=True, cert=None)[0].status == 200,
+                30,
+                what="the sample edge serves /billing/ with a token",
+            )
+            yield edge
+        finally:
+            billing.stop()
+
+
+@pytest.fixture
+def _sample_logs(request: pytest.FixtureRequest, sample_edge: SampleEdge) -> None:
+    attach_to_report(request, sample_edge.procs)
+
+
+@pytest.mark.envoy
+@pytest.mark.usefixtures("_sample_logs")
+@pytest.mark.parametrize("trick", SPELLINGS)
+def test_admin_spellings_never_reach_billing_without_a_certificate(
+    sample_edge: SampleEdge, trick: str
+) -> None:
+    for path in SPELLINGS[trick]:
+        answer, received = sample_edge.get(path, token=True, cert=None)
+        assert received == [], (path, "reached the billing service", answer)
+        assert answer.status == 403, (path, answer)  # the admin route's certificate check
+
+
+@pytest.mark.envoy
+@pytest.mark.usefixtures("_sample_logs")
+@pytest.mark.parametrize("trick", SPELLINGS)
+def test_admin_spellings_reach_the_admin_route_with_an_ops_certificate(
+    sample_edge: SampleEdge, trick: str
+) -> None:
+    for path in SPELLINGS[trick]:
+        # No token: the /billing/ route would answer 401, only the admin route serves this.
+        answer, received = sample_edge.get(path, token=False, cert="alice")
+        assert answer.status == 200, (path, answer)
+        assert len(received) == 1, (path, received)
+
+
+@pytest.mark.envoy
+@pytest.mark.usefixtures("_sample_logs")
+@pytest.mark.parametrize("path", PATH_PARAMETERS)
+@pytest.mark.parametrize("cert", [None, "alice"], ids=["no-cert", "ops-cert"])
+def test_path_parameters_are_refused(sample_edge: SampleEdge, path: str, cert: str | None) -> None:
+    answer, received = sample_edge.get(path, token=True, cert=cert)
+    assert received == [], (path, "reached the billing service", answer)
+    assert answer.status == 400, (path, answer)
+
+
+@pytest.mark.envoy
+@pytest.mark.usefixtures("_sample_logs")
+@pytest.mark.parametrize(
+    "path", ["/billing/invoices", "/billing/administrator", "/billing/admins/x", "/billing/"]
+)
+def test_billing_traffic_still_needs_only_a_token(sample_edge: SampleEdge, path: str) -> None:
+    """Paths that only start like the admin path are not admin paths: the token route."""
+    answer, received = sample_edge.get(path, token=True, cert=None)
+    assert answer.status == 200, (path, answer)
+    assert len(received) == 1 and received[0].startswith(path), received
+    assert sample_edge.get(path, token=False, cert=None)[0].status == 401
+
+
+@pytest.mark.envoy
+@pytest.mark.usefixtures("_sample_logs")
+def test_the_query_string_may_hold_a_semicolon(sample_edge: SampleEdge) -> None:
+    answer, received = sample_edge.get("/billing/invoices?filter=a;b", token=True, cert=None)
+    assert answer.status == 200, answer
+    assert len(received) == 1 and received[0].startswith("/billing/invoices?filter=a;b")

@@ -314,6 +314,8 @@ class DemoUpstream:
         self.server: Any = None
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
+        self.received: list[str] = []
+        """The path (with query) of every request that reached this service, in order."""
 
     def start(self, cert: str | None = None) -> DemoUpstream:
         assert self.server is None, "already running"
@@ -334,6 +336,16 @@ class DemoUpstream:
             return sock, addr
 
         server.get_request = tracked  # type: ignore[method-assign]  # looked up per accept
+        received = self.received
+
+        class Recording(server.RequestHandlerClass):  # type: ignore[misc,name-defined]
+            def _answer(self) -> None:
+                received.append(self.path)
+                super()._answer()
+
+            do_GET = do_POST = do_PUT = do_DELETE = _answer
+
+        server.RequestHandlerClass = Recording  # looked up per request
         self.server = server
         return self
 
