@@ -148,6 +148,7 @@ SPELLINGS = {
     "percent-2F": ["/billing%2Fadmin/users", "/billing%2fADMIN/users", "/billing%2Fadmin"],
     "dot-segment": ["/billing/./admin/users", "/billing/./Admin/users", "/billing/./admin"],
     "dot-dot": ["/billing/x/../admin/users", "/billing/x/../ADMIN/users", "/billing/x/../admin"],
+    "backslash": ["/billing\\admin/users", "/billing/Admin\\users", "/billing%5Cadmin"],
 }
 # Path parameters are refused (400) whoever asks: with or without a certificate.
 PATH_PARAMETERS = [
@@ -250,6 +251,10 @@ def test_admin_spellings_reach_the_admin_route_with_an_ops_certificate(
         answer, received = sample_edge.get(path, token=False, cert="alice")
         assert answer.status == 200, (path, answer)
         assert len(received) == 1, (path, received)
+        # The service reads the path that was matched: normalized, in the client's case.
+        seen = received[0].split("?")[0]
+        assert seen.lower().startswith("/billing/admin"), (path, seen)
+        assert not any(t in seen for t in ("//", "/./", "/../", "%", "\\")), (path, seen)
 
 
 @pytest.mark.envoy
