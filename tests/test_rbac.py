@@ -132,8 +132,9 @@ def test_every_key_of_a_rule_must_match_and_a_list_is_any_of() -> None:
     assert verified["or_ids"]["ids"][0]["metadata"]["value"] == {"bool_match": True}
     assert level["or_ids"]["ids"][0]["metadata"]["value"] == {"double_match": {"exact": 3.0}}
     exact, glob = paths["or_ids"]["ids"]
-    assert exact == {"url_path": {"path": {"exact": "/a"}}}
-    assert glob["url_path"]["path"]["safe_regex"]["regex"] == "^/b/.*/c$"
+    # A deny rule's paths match in any case (issue #11: /A is /a to many upstreams).
+    assert exact == {"url_path": {"path": {"exact": "/a", "ignore_case": True}}}
+    assert glob["url_path"]["path"]["safe_regex"]["regex"] == "(?i)^/b/.*/c$"
 
 
 # -- the gateway ------------------------------------------------------------------------------
@@ -465,6 +466,24 @@ def test_deny_beats_allow(gateway: Gateway) -> None:
     line = gateway.log_line(denied)
     assert line["access_denied_by"] == "deny-0", line
     assert line["details"] == "rbac_access_denied_matched_policy[deny-0]", line
+
+
+@pytest.mark.envoy
+@pytest.mark.parametrize(
+    "path", ["/docs/INTERNAL/plan", "/docs/Internal/plan", "/docs/%49nternal/x"]
+)
+def test_a_deny_rule_refuses_every_case(gateway: Gateway, path: str) -> None:
+    """An upstream that compares paths case-insensitively reads these as /docs/internal/:
+    the deny rule's path matches in any case."""
+    assert_refused(gateway.request(path))
+
+
+@pytest.mark.envoy
+def test_an_allow_rule_allows_only_the_case_written(gateway: Gateway) -> None:
+    """/mp/read/* allows GET: /mp/READ/x is not allowed (default deny). Allowing fewer
+    spellings than the upstream reads is the safe side."""
+    assert gateway.request("/mp/read/x").status == 200
+    assert_refused(gateway.request("/mp/READ/x"))
 
 
 @pytest.mark.envoy

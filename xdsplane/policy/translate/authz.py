@@ -180,20 +180,24 @@ def _method(method: str) -> Any:
     )
 
 
-def _path(glob: str) -> Any:
-    """``*`` matches any run of characters; none: exact; one at the end: prefix."""
+def _path(glob: str, ignore_case: bool = False) -> Any:
+    """``*`` matches any run of characters; none: exact; one at the end: prefix.
+    ``ignore_case``: any case matches (RE2's ``(?i)`` for a regex)."""
     if "*" not in glob:
-        matcher = string_pb2.StringMatcher(exact=glob)
+        matcher = string_pb2.StringMatcher(exact=glob, ignore_case=ignore_case)
     elif glob.endswith("*") and "*" not in glob[:-1]:
-        matcher = string_pb2.StringMatcher(prefix=glob[:-1])
+        matcher = string_pb2.StringMatcher(prefix=glob[:-1], ignore_case=ignore_case)
     else:
-        regex = regex_pb2.RegexMatcher(regex=glob_regex(glob))
+        pattern = glob_regex(glob)
+        regex = regex_pb2.RegexMatcher(regex=f"(?i){pattern}" if ignore_case else pattern)
         matcher = string_pb2.StringMatcher(safe_regex=regex)
     return rbac_pb2.Principal(url_path=path_pb2.PathMatcher(path=matcher))
 
 
-def rule_principal(rule: AccessRule) -> Any:
-    """Every given key of ``rule`` matches; within a list, any entry."""
+def rule_principal(rule: AccessRule, deny: bool = False) -> Any:
+    """Every given key of ``rule`` matches; within a list, any entry. A ``deny`` rule's
+    paths match in any case (/ADMIN/x is refused like /admin/x: an upstream may read them
+    as one); an allow rule's only as written (allowing fewer spellings)."""
     parts = []
     if rule.client_sans is not None:
         parts.append(_sans(rule.client_sans))
@@ -204,7 +208,7 @@ def rule_principal(rule: AccessRule) -> Any:
     if rule.methods is not None:
         parts.append(_or([_method(m) for m in sorted(set(rule.methods))]))
     if rule.paths is not None:
-        parts.append(_or([_path(p) for p in rule.paths]))
+        parts.append(_or([_path(p, ignore_case=deny) for p in rule.paths]))
     return _and(parts)
 
 
@@ -214,7 +218,7 @@ def _policy(principal: Any) -> Any:
 
 def access_policies(access: Access) -> dict[str, Any]:
     """The DENY policies of ``access``: ``deny-N`` per deny rule, ``no-allow-rule``."""
-    out = {f"deny-{i}": _policy(rule_principal(r)) for i, r in enumerate(access.deny)}
+    out = {f"deny-{i}": _policy(rule_principal(r, deny=True)) for i, r in enumerate(access.deny)}
     if access.default == "deny":
         if access.allow:
             out[DEFAULT_DENY] = _policy(_not(_or([rule_principal(r) for r in access.allow])))
