@@ -78,6 +78,8 @@ class Reloader:
         self.state.errors = []
         self.metrics.installed()
         self.warn_expiring(snapshots)
+        for w in snapshots.warnings:
+            self.log.warning("policy warning", location=str(w.location), warning=w.message)
         return changed
 
     def warn_expiring(self, snapshots: SnapshotSet) -> None:
