@@ -326,3 +326,54 @@ def test_no_access_log_no_handshake_log(tmp_path: Path) -> None:
     text = policy("{}").replace("access_log: {}\n", "")
     folder = folder_with(tmp_path, text)
     assert "access_log" not in listener_json(load(folder))
+
+
+# -- raw resources --------------------------------------------------------------------------
+
+RAW_CLUSTER = """resources:
+  - "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+    name: raw
+    type: STATIC
+    load_assignment:
+      cluster_name: raw
+      endpoints:
+        - lb_endpoints:
+            - endpoint: {{address: {{socket_address: {{address: 10.0.0.1, port_value: 443}}}}}}
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        common_tls_context:
+          tls_params: {{{params}}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("params", "says"),
+    [
+        ("tls_minimum_protocol_version: TLSv1_0", "tls_minimum_protocol_version: TLSv1_0 "),
+        ("tlsMinimumProtocolVersion: TLSv1_1", "tls_minimum_protocol_version: TLSv1_1 "),
+        ("tls_minimum_protocol_version: 2", "tls_minimum_protocol_version: 2 allows TLS 1.1"),
+        ("tls_maximum_protocol_version: TLSv1_1", "tls_maximum_protocol_version: TLSv1_1 "),
+        ("cipher_suites: [AES256-GCM-SHA384]", "cipher_suites: AES256-GCM-SHA384 has no forward"),
+        ("cipherSuites: [HIGH]", "unknown cipher suite 'HIGH'"),
+    ],
+)
+def test_raw_resources_cannot_go_below_the_floor(params: str, says: str, tmp_path: Path) -> None:
+    """The escape hatch is no way around the floor: no allow_legacy_tls there."""
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    (folder / "raw.yaml").write_text(RAW_CLUSTER.format(params=params))
+    (error,) = errors_of(folder)
+    assert f"{folder}/raw.yaml:15:" in error and says in error, error
+
+
+def test_raw_resources_at_the_floor_load(tmp_path: Path) -> None:
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    params = (
+        "tls_minimum_protocol_version: TLSv1_2, tls_maximum_protocol_version: TLSv1_3, "
+        "cipher_suites: [ECDHE-ECDSA-AES128-GCM-SHA256]"
+    )
+    (folder / "raw.yaml").write_text(RAW_CLUSTER.format(params=params))
+    assert load(folder).warnings == ()

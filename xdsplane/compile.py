@@ -156,6 +156,7 @@ def parse_unit(doc: Document) -> tuple[Unit | None, list[ConfigError]]:
     resources = parse_resources(doc, doc.value.get("resources"), ("resources",), errors)
     tls = tlsrules.check(doc, policy)
     errors.extend(tls.errors)
+    errors.extend(tlsrules.check_raw(doc, doc.value.get("resources"), ("resources",)))
     if errors:
         return None, errors
     nodes = tuple(sorted(set(policy.nodes))) if policy.nodes is not None else None

@@ -95,3 +95,69 @@ def _uses_legacy(tls: Tls | UpstreamTls) -> bool:
         return True
     suites = tls.cipher_suites if isinstance(tls, Tls) else None
     return any(ciphers.legacy(entry) for entry in suites or ())
+
+
+# -- raw resources (the escape hatch) ----------------------------------------------------------
+
+_VERSION_KEYS = {
+    "tls_minimum_protocol_version": "tls_minimum_protocol_version",
+    "tlsMinimumProtocolVersion": "tls_minimum_protocol_version",
+    "tls_maximum_protocol_version": "tls_maximum_protocol_version",
+    "tlsMaximumProtocolVersion": "tls_maximum_protocol_version",
+}
+_CIPHER_KEYS = ("cipher_suites", "cipherSuites")
+# Envoy's TlsParameters.TlsProtocol below 1.2, by name and by number (proto JSON takes both).
+_LEGACY_PROTOCOLS = {"TLSv1_0": "1.0", "TLSv1_1": "1.1", 1: "1.0", 2: "1.1"}
+_RAW_FIX = (
+    "raw resources cannot go below the TLS floor; write it as a policy listener or "
+    "upstream with tls.allow_legacy_tls: true"
+)
+
+
+def check_raw(doc: Document, items: object, keys: tuple[str | int, ...]) -> list[ConfigError]:
+    """The TLS floor in raw resources: TlsParameters anywhere in them (a Listener's filter
+    chains, a Cluster's transport socket, inside typed_config), found by key. There is no
+    allow_legacy_tls for raw resources."""
+    errors: list[ConfigError] = []
+    _walk_raw(doc, items, keys, errors)
+    return errors
+
+
+def _walk_raw(
+    doc: Document, value: object, keys: tuple[str | int, ...], errors: list[ConfigError]
+) -> None:
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            _walk_raw(doc, v, (*keys, i), errors)
+        return
+    if not isinstance(value, dict):
+        return
+    for k, v in value.items():
+        here = (*keys, k)
+        legacy = isinstance(v, str | int) and not isinstance(v, bool) and v in _LEGACY_PROTOCOLS
+        if k in _VERSION_KEYS and legacy:
+            errors.append(
+                ConfigError(
+                    doc.locate(here),
+                    f"{_VERSION_KEYS[k]}: {v} allows TLS {_LEGACY_PROTOCOLS[v]}, below 1.2, "
+                    f"which PCI DSS forbids; {_RAW_FIX}",
+                )
+            )
+        elif k in _CIPHER_KEYS and isinstance(v, list):
+            for i, entry in enumerate(v):
+                if not isinstance(entry, str):
+                    continue  # the proto parser reports it
+                where = doc.locate((*here, i))
+                try:
+                    ciphers.check_name(entry)
+                except ValueError as e:
+                    errors.append(ConfigError(where, str(e)))
+                    continue
+                for suite in ciphers.legacy(entry):
+                    errors.append(
+                        ConfigError(
+                            where, f"cipher_suites: {suite.name} has {suite.weakness()}; {_RAW_FIX}"
+                        )
+                    )
+        else:
+            _walk_raw(doc, v, here, errors)
