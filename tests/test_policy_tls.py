@@ -289,6 +289,8 @@ def test_serve_logs_the_warning_at_load_and_refuses_a_legacy_edit(
         ("warning", f"{folder}/edge.yaml:7:78"),
     ], warned
     assert "accepts TLS 1.1" in warned[0]["warning"], warned
+    shown = server.status()["reload"]["warnings"]
+    assert shown == [f"{e['location']}: {e['warning']}" for e in warned], shown
     versions = server.status()["groups"]
 
     write_atomic(folder / "edge.yaml", policy(ALLOWED.replace(", allow_legacy_tls: true", "")))
