@@ -393,3 +393,13 @@ def test_raw_resources_at_the_floor_load(tmp_path: Path) -> None:
     )
     (folder / "raw.yaml").write_text(RAW_CLUSTER.format(params=params))
     assert load(folder).warnings == ()
+
+
+def test_a_pasted_key_in_cipher_suites_is_not_echoed(tmp_path: Path) -> None:
+    key = (
+        "-----BEGIN PRIVATE KEY-----\\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg"
+        "\\n-----END PRIVATE KEY-----"
+    )
+    folder = folder_with(tmp_path, policy(f'{{cipher_suites: ["{key}"]}}'))
+    (error,) = errors_of(folder)
+    assert "MIGHAgEA" not in error and "(a PEM block" in error, error

@@ -100,7 +100,17 @@ def check_name(value: str) -> None:
                 " (a BoringSSL name such as ECDHE-ECDSA-AES128-GCM-SHA256; OpenSSL rules "
                 "such as ALL or HIGH are not accepted; see docs/policy.md)"
             )
-        raise ValueError(f"cipher_suites: unknown cipher suite {name!r}{hint}")
+        raise ValueError(f"cipher_suites: unknown cipher suite {_shown(name)}{hint}")
+
+
+def _shown(name: str) -> str:
+    """The name as written, unless it cannot be a name: a pasted PEM block or a long value
+    (the longest suite name has 45 characters) is not echoed."""
+    if "-----BEGIN" in name or "PRIVATE KEY" in name:
+        return f"(a PEM block, {len(name)} characters, not shown)"
+    if len(name) > 64:
+        return f"{name[:32]!r}... ({len(name)} characters)"
+    return repr(name)
 
 
 def legacy(value: str) -> list[Suite]:
