@@ -415,6 +415,113 @@ def test_access_log_shows_the_client_certificate(edge: Edge) -> None:
     assert "CN=alice" in s["client_cert_subject"], s
 
 
+# -- failed handshakes in the access log (the TLS floor, docs/policy.md) -----------------------
+
+
+def _handshake_failures(edge: Edge) -> list[dict[str, Any]]:
+    return [line for line in _log_lines(edge) if line.get("event") == "tls_handshake_failed"]
+
+
+def _failure_from(edge: Edge, local_port: int) -> dict[str, Any]:
+    client = f"127.0.0.1:{local_port}"
+
+    def find() -> dict[str, Any] | None:
+        return next((x for x in _handshake_failures(edge) if x["client"] == client), None)
+
+    return wait_until(find, 10, what=f"a tls_handshake_failed line for {client}")
+
+
+def _refused(edge: Edge, ctx: ssl.SSLContext, sni: str) -> tuple[int, str]:
+    """A TLS connection that must fail: (its local port, how it failed). With TLS 1.3 a
+    refused client certificate shows on the first read, after the client's handshake."""
+    raw = socket.create_connection(("127.0.0.1", edge.layout.https_port), 5)
+    local_port = raw.getsockname()[1]
+    try:
+        with ctx.wrap_socket(raw, server_hostname=sni) as tls:
+            tls.sendall(f"GET /healthz HTTP/1.1\r\nHost: {sni}\r\n\r\n".encode())
+            data = tls.recv(64)
+    except (ssl.SSLError, OSError) as e:
+        return local_port, repr(e)
+    finally:
+        raw.close()
+    assert not data.startswith(b"HTTP/"), f"{sni}: an HTTP answer on a connection that must fail"
+    return local_port, f"closed ({data!r})"
+
+
+def _tls11_failure(edge: Edge, started: datetime.datetime) -> dict[str, Any]:
+    """The log line of a client offering TLS 1.1 only: Python's ssl when its OpenSSL can
+    still speak TLS 1.1, else ``openssl s_client -tls1_1``."""
+    if why_no_local_tls11(edge.certs) is None:
+        port, how = _refused(edge, tls11_context(edge.certs), BILLING)
+        assert "PROTOCOL_VERSION" in how.upper(), how
+        return _failure_from(edge, port)
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("no TLS 1.1 client here: this OpenSSL refuses it and no openssl command")
+    argv = [openssl, "s_client", "-connect", f"127.0.0.1:{edge.layout.https_port}", "-tls1_1"]
+    done = subprocess.run(
+        [*argv, "-servername", BILLING, "-cipher", "DEFAULT:@SECLEVEL=0"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode != 0, done.stdout
+
+    def find() -> dict[str, Any] | None:
+        for x in _handshake_failures(edge):
+            when = datetime.datetime.fromisoformat(x["time"].replace("Z", "+00:00"))
+            if "UNSUPPORTED_PROTOCOL" in (x["reason"] or "") and when >= started:
+                return x
+        return None
+
+    return wait_until(find, 10, what="the tls_handshake_failed line of openssl -tls1_1")
+
+
+def test_failed_handshakes_are_logged_with_their_reason(edge: Edge) -> None:
+    """Each refused handshake leaves one line in the access log file (the listener's log):
+    when, from where, for which SNI, and BoringSSL's reason; a good handshake leaves none."""
+    started = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=1)
+    good = TlsConnection(edge.layout.https_port, edge.ctx(), BILLING)
+    try:
+        good.connect()
+        good_port = good.tls.getsockname()[1]
+        assert good.get("/healthz", close=True).status == 200
+    finally:
+        good.close()
+
+    old = _tls11_failure(edge, started)
+    assert old["sni"] == BILLING and old["listener"] == "https", old
+    assert "UNSUPPORTED_PROTOCOL" in old["reason"], old
+
+    # Envoy's default suites are all AEAD with forward secrecy: a CBC-only client is refused.
+    cbc_only = edge.ctx(maximum=ssl.TLSVersion.TLSv1_2)
+    cbc_only.set_ciphers("ECDHE-ECDSA-AES128-SHA")
+    port, how = _refused(edge, cbc_only, BILLING)
+    line = _failure_from(edge, port)
+    assert "NO_SHARED_CIPHER" in line["reason"], (line, how)
+    assert line["sni"] == BILLING, line
+
+    # A client certificate from an untrusted CA on the host that requires one.
+    port, how = _refused(edge, edge.ctx("mallory"), STRICT)
+    line = _failure_from(edge, port)
+    assert "CERTIFICATE_VERIFY_FAILED" in line["reason"], (line, how)
+    assert line["sni"] == STRICT, line
+
+    # A server name no host serves: no filter chain (NR), no certificate to offer.
+    port, how = _refused(edge, edge.ctx(), "nobody.example.com")
+    line = _failure_from(edge, port)
+    assert line["flags"] == "NR" and line["sni"] == "nobody.example.com", (line, how)
+
+    for x in (old, line):
+        when = datetime.datetime.fromisoformat(x["time"].replace("Z", "+00:00"))
+        assert started <= when <= datetime.datetime.now(datetime.UTC), x
+    # The good connection closed before the refused ones began; their lines are there, its
+    # is not: a successful handshake is not a failure.
+    assert not [x for x in _handshake_failures(edge) if x["client"] == f"127.0.0.1:{good_port}"]
+
+
 # -- upstream mutual TLS ----------------------------------------------------------------------
 
 

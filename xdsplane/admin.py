@@ -73,6 +73,7 @@ class AdminState:
                 "failures": r.failures,
                 "failed_at": r.failed_at,
                 "errors": list(r.errors),
+                "warnings": list(r.warnings),
                 "last_duration_ms": round(r.last_duration * 1000, 3),
             },
             "groups": groups,

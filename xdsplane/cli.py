@@ -359,6 +359,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from xdsplane.snapshot import SnapshotSet
 
     assert isinstance(snapshots, SnapshotSet)
+    for w in snapshots.warnings:
+        print(f"{w.location}: warning: {w.message}")
     if args.envoy or args.envoy_binary:
         problems = _envoy_check(args, snapshots)
         if problems is None:

@@ -18,7 +18,7 @@ from xdsplane.config.errors import ConfigError, ConfigErrors, Location
 from xdsplane.config.raw import parse_resources
 from xdsplane.config.stableread import FileBusy
 from xdsplane.config.yamlsrc import Document
-from xdsplane.policy import translate
+from xdsplane.policy import tlsrules, translate
 from xdsplane.policy.check import Usage, UseKey, check_policy, use_key
 from xdsplane.policy.merge import Fragment, GroupPolicy, Origin, merge
 from xdsplane.policy.model import PolicyFile
@@ -146,6 +146,7 @@ class Unit:
     nodes: tuple[str, ...] | None
     policy: PolicyFile
     resources: tuple[Resource, ...]
+    warnings: tuple[ConfigError, ...] = ()
 
 
 def parse_unit(doc: Document) -> tuple[Unit | None, list[ConfigError]]:
@@ -153,6 +154,9 @@ def parse_unit(doc: Document) -> tuple[Unit | None, list[ConfigError]]:
     if policy is None:
         return None, errors
     resources = parse_resources(doc, doc.value.get("resources"), ("resources",), errors)
+    tls = tlsrules.check(doc, policy)
+    errors.extend(tls.errors)
+    errors.extend(tlsrules.check_raw(doc, doc.value.get("resources"), ("resources",)))
     if errors:
         return None, errors
     nodes = tuple(sorted(set(policy.nodes))) if policy.nodes is not None else None
@@ -168,7 +172,7 @@ def parse_unit(doc: Document) -> tuple[Unit | None, list[ConfigError]]:
         # Raw resources only: their sources are already strings, so the YAML node tree
         # (millions of objects for a big snapshot) need not stay alive.
         doc = Document(doc.path, None, None)
-    return Unit(doc, nodes, policy, tuple(resources)), []
+    return Unit(doc, nodes, policy, tuple(resources), tuple(tls.warnings)), []
 
 
 def group_name(nodes: tuple[str, ...] | None) -> str:
@@ -327,7 +331,8 @@ def build(
         raise ConfigErrors(list(dict.fromkeys(errors)))
     cache.sweep()
     summaries = tuple(sorted(certs.values(), key=lambda c: (c.secret, c.path)))
-    return SnapshotSet(tuple(groups), summaries)
+    warnings = tuple(dict.fromkeys(w for u in units for w in u.warnings))
+    return SnapshotSet(tuple(groups), summaries, warnings)
 
 
 def _build_group(

@@ -17,6 +17,7 @@ from typing import Any, cast
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
 
+from xdsplane.config.errors import ConfigError
 from xdsplane.types import PUSH_ORDER, ResourceType, resource_name
 
 
@@ -166,11 +167,13 @@ class NodeGroup:
 class SnapshotSet:
     """Everything a folder serves: node groups in the order they are matched.
 
-    ``certificates`` summarizes the certificates served (for /status and expiry warnings).
+    ``certificates`` summarizes the certificates served (for /status and expiry warnings);
+    ``warnings`` are what loaded but deserves a word (ConfigErrors: legacy TLS allowed).
     """
 
     groups: tuple[NodeGroup, ...]
     certificates: tuple[Any, ...] = ()
+    warnings: tuple[ConfigError, ...] = ()
 
     def group_for(self, node_id: str, cluster: str) -> NodeGroup | None:
         """The first group selecting the node; groups with globs come before the catch-all."""

@@ -42,6 +42,7 @@ class ReloadState:
     failures: int = 0
     errors: list[str] = field(default_factory=list)
     failed_at: float = 0.0
+    warnings: list[str] = field(default_factory=list)  # of what is served (legacy TLS)
     last_duration: float = 0.0
 
 
@@ -78,6 +79,9 @@ class Reloader:
         self.state.errors = []
         self.metrics.installed()
         self.warn_expiring(snapshots)
+        self.state.warnings = [str(w) for w in snapshots.warnings]
+        for w in snapshots.warnings:
+            self.log.warning("policy warning", location=str(w.location), warning=w.message)
         return changed
 
     def warn_expiring(self, snapshots: SnapshotSet) -> None:

@@ -23,6 +23,8 @@ from pydantic import (
     model_validator,
 )
 
+from xdsplane.policy import ciphers
+
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,62}[a-z0-9])?$"
 DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?)(ms|s|m|h)$"
 _DURATION = re.compile(DURATION_PATTERN)
@@ -207,15 +209,38 @@ class Secret(Model):
 _DEFAULT_ALPN: list[Literal["h2", "http/1.1"]] = ["h2", "http/1.1"]
 
 
+def _check_cipher_suite(value: str) -> str:
+    ciphers.check_name(value)
+    return value
+
+
+CipherSuite = Annotated[
+    str,
+    Field(
+        description="a BoringSSL cipher suite name (or its IANA name), or an equal-preference "
+        "group [A|B]; TLS 1.2 and below only",
+        examples=["ECDHE-ECDSA-AES128-GCM-SHA256"],
+    ),
+    AfterValidator(_check_cipher_suite),
+]
+ALLOW_LEGACY_TLS = (
+    "allow min_version below 1.2 and cipher suites without forward secrecy or AEAD "
+    "(a warning at load); for PCI, leave false"
+)
+
+
 class Tls(Model):
     """Downstream TLS settings of a listener."""
 
     min_version: TlsVersion = "1.2"
     max_version: TlsVersion = "1.3"
-    cipher_suites: list[str] | None = Field(
-        None, description="BoringSSL cipher names for TLS 1.2 and below; default: Envoy's"
+    cipher_suites: list[CipherSuite] | None = Field(
+        None,
+        description="BoringSSL cipher names for TLS 1.2 and below (TLS 1.3 suites are not "
+        "configurable in Envoy); default: Envoy's",
     )
     alpn: list[Literal["h2", "http/1.1"]] = Field(default_factory=lambda: list(_DEFAULT_ALPN))
+    allow_legacy_tls: bool = Field(False, description=ALLOW_LEGACY_TLS)
 
     @model_validator(mode="after")
     def _order(self) -> Tls:
@@ -720,6 +745,7 @@ class UpstreamTls(Model):
     )
     min_version: TlsVersion = "1.2"
     max_version: TlsVersion = "1.3"
+    allow_legacy_tls: bool = Field(False, description=ALLOW_LEGACY_TLS)
 
     @model_validator(mode="after")
     def _order(self) -> UpstreamTls:

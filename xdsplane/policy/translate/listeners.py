@@ -9,6 +9,7 @@ from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.core.v3 import extension_pb2, substitution_format_string_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.extensions.access_loggers.file.v3 import file_pb2
+from envoy.extensions.access_loggers.filters.cel.v3 import cel_pb2 as cel_filter_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
@@ -68,25 +69,77 @@ ACCESS_LOG_FIELDS: dict[str, str] = {
 }
 
 
-def access_log(log: AccessLog) -> Any:
+HANDSHAKE_FAILED = "tls_handshake_failed"
+
+
+def handshake_log_fields(listener: str) -> dict[str, str]:
+    """What a failed-handshake line says, JSON keys -> Envoy command operators. ``reason``
+    is BoringSSL's (e.g. ...:UNSUPPORTED_PROTOCOL:..., NO_SHARED_CIPHER, CERTIFICATE_VERIFY_
+    FAILED, HTTP_REQUEST); ``flags`` NR: no host of the listener serves that SNI."""
+    return {
+        "time": "%START_TIME%",
+        "event": HANDSHAKE_FAILED,
+        "listener": listener,
+        "client": "%DOWNSTREAM_REMOTE_ADDRESS%",
+        "sni": "%REQUESTED_SERVER_NAME%",
+        "reason": "%DOWNSTREAM_TRANSPORT_FAILURE_REASON%",
+        "flags": "%RESPONSE_FLAGS%",
+    }
+
+
+def _log_format(log: AccessLog, fields: Mapping[str, str], cel: bool) -> Any:
     if log.format == "json":
         fmt = substitution_format_string_pb2.SubstitutionFormatString(
             json_format=struct_pb2.Struct(
-                fields={k: struct_pb2.Value(string_value=v) for k, v in ACCESS_LOG_FIELDS.items()}
+                fields={k: struct_pb2.Value(string_value=v) for k, v in fields.items()}
             )
         )
     else:
-        line = " ".join(f"{k}={v}" for k, v in ACCESS_LOG_FIELDS.items()) + "\n"
+        line = " ".join(f"{k}={v}" for k, v in fields.items()) + "\n"
         fmt = substitution_format_string_pb2.SubstitutionFormatString(
             text_format_source={"inline_string": line}
         )
-    fmt.formatters.append(
-        extension_pb2.TypedExtensionConfig(
-            name="envoy.formatter.cel", typed_config=pack(cel_pb2.Cel())
+    if cel:
+        fmt.formatters.append(
+            extension_pb2.TypedExtensionConfig(
+                name="envoy.formatter.cel", typed_config=pack(cel_pb2.Cel())
+            )
         )
-    )
+    return fmt
+
+
+def access_log(log: AccessLog) -> Any:
+    fmt = _log_format(log, ACCESS_LOG_FIELDS, cel=True)
     return accesslog_pb2.AccessLog(
         name="envoy.access_loggers.file",
+        typed_config=pack(file_pb2.FileAccessLog(path=log.path, log_format=fmt)),
+    )
+
+
+def handshake_log(log: AccessLog, listener: str) -> Any:
+    """The listener's own access log, for connections that never reach an HTTP connection
+    manager: Envoy writes it for every connection, so it is filtered to those whose TLS
+    handshake failed (a transport failure reason) or whose SNI no host serves (NR). Same
+    file as the HTTP access log (Envoy shares one file per path, line by line)."""
+    failed = accesslog_pb2.AccessLogFilter(
+        extension_filter=accesslog_pb2.ExtensionFilter(
+            name="envoy.access_loggers.extension_filters.cel",
+            typed_config=pack(
+                cel_filter_pb2.ExpressionFilter(
+                    expression="connection.transport_failure_reason != ''"
+                )
+            ),
+        )
+    )
+    no_chain = accesslog_pb2.AccessLogFilter(
+        response_flag_filter=accesslog_pb2.ResponseFlagFilter(flags=["NR"])
+    )
+    fmt = _log_format(log, handshake_log_fields(listener), cel=False)
+    return accesslog_pb2.AccessLog(
+        name="envoy.access_loggers.file",
+        filter=accesslog_pb2.AccessLogFilter(
+            or_filter=accesslog_pb2.OrFilter(filters=[failed, no_chain])
+        ),
         typed_config=pack(file_pb2.FileAccessLog(path=log.path, log_format=fmt)),
     )
 
@@ -241,6 +294,8 @@ def listener(
         )
         out.filter_chains.append(listener_components_pb2.FilterChain(name=spec.name, filters=[hcm]))
         return out
+    if log is not None:
+        out.access_log.append(handshake_log(log, spec.name))
     out.listener_filters.append(
         listener_components_pb2.ListenerFilter(
             name="envoy.filters.listener.tls_inspector",

@@ -1,0 +1,163 @@
+"""The TLS floor for PCI: no TLS below 1.2, no cipher suite without forward secrecy or AEAD.
+
+Checked per policy document (a listener's or upstream's ``tls`` is in one document). A
+``tls`` with ``allow_legacy_tls: true`` may go below the floor: each thing it lets through
+is a warning (``validate`` prints it, ``serve`` logs it at every load), never silent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from xdsplane.config.errors import ConfigError
+from xdsplane.config.yamlsrc import Document
+from xdsplane.policy import ciphers
+from xdsplane.policy.model import PolicyFile, Tls, TlsVersion, UpstreamTls
+
+LEGACY_VERSIONS: tuple[TlsVersion, ...] = ("1.0", "1.1")
+ALLOW = "allow_legacy_tls"
+
+
+@dataclass
+class Findings:
+    errors: list[ConfigError] = field(default_factory=list)
+    warnings: list[ConfigError] = field(default_factory=list)
+
+
+def check(doc: Document, policy: PolicyFile) -> Findings:
+    found = Findings()
+    for li, listener in enumerate(policy.listeners):
+        if listener.tls is not None:
+            what = f"listener {listener.name!r}"
+            _check_tls(doc, ("listeners", li, "tls"), listener.tls, what, found)
+    for name, upstream in policy.upstreams.items():
+        if upstream.tls is not None:
+            what = f"upstream {name!r}"
+            _check_tls(doc, ("upstreams", name, "tls"), upstream.tls, what, found)
+    return found
+
+
+def _check_tls(
+    doc: Document,
+    keys: tuple[str | int, ...],
+    tls: Tls | UpstreamTls,
+    what: str,
+    found: Findings,
+) -> None:
+    allowed = tls.allow_legacy_tls
+    # A version below 1.2 shows in min_version (max_version below 1.2 implies it).
+    if tls.min_version in LEGACY_VERSIONS:
+        where = doc.locate((*keys, "min_version"))
+        if allowed:
+            found.warnings.append(
+                ConfigError(
+                    where,
+                    f"{what} accepts TLS {tls.min_version} (min_version {tls.min_version}, "
+                    f"allowed by {ALLOW}: true); PCI DSS needs TLS 1.2 or later",
+                )
+            )
+        else:
+            found.errors.append(
+                ConfigError(
+                    where,
+                    f"min_version {tls.min_version}: {what} would accept TLS below 1.2, which "
+                    f"PCI DSS forbids; use 1.2 or 1.3 (or set {ALLOW}: true to allow it anyway)",
+                )
+            )
+    suites = tls.cipher_suites if isinstance(tls, Tls) else None
+    for i, entry in enumerate(suites or ()):
+        where = doc.locate((*keys, "cipher_suites", i))
+        for suite in ciphers.legacy(entry):
+            shown = suite.name if suite.name == entry else f"{suite.name} (in {entry!r})"
+            if allowed:
+                message = (
+                    f"{what} offers cipher suite {shown}, which has {suite.weakness()} "
+                    f"(allowed by {ALLOW}: true)"
+                )
+                found.warnings.append(ConfigError(where, message))
+            else:
+                message = (
+                    f"cipher_suites: {shown} has {suite.weakness()}; use suites with ECDHE "
+                    f"and GCM or CHACHA20-POLY1305 (or set {ALLOW}: true to allow it anyway)"
+                )
+                found.errors.append(ConfigError(where, message))
+    if allowed and not _uses_legacy(tls):
+        found.warnings.append(
+            ConfigError(
+                doc.locate_key((*keys, ALLOW)),
+                f"{what}: {ALLOW} is true but nothing here needs it; remove it",
+            )
+        )
+
+
+def _uses_legacy(tls: Tls | UpstreamTls) -> bool:
+    if tls.min_version in LEGACY_VERSIONS:
+        return True
+    suites = tls.cipher_suites if isinstance(tls, Tls) else None
+    return any(ciphers.legacy(entry) for entry in suites or ())
+
+
+# -- raw resources (the escape hatch) ----------------------------------------------------------
+
+_VERSION_KEYS = {
+    "tls_minimum_protocol_version": "tls_minimum_protocol_version",
+    "tlsMinimumProtocolVersion": "tls_minimum_protocol_version",
+    "tls_maximum_protocol_version": "tls_maximum_protocol_version",
+    "tlsMaximumProtocolVersion": "tls_maximum_protocol_version",
+}
+_CIPHER_KEYS = ("cipher_suites", "cipherSuites")
+# Envoy's TlsParameters.TlsProtocol below 1.2, by name and by number (proto JSON takes both).
+_LEGACY_PROTOCOLS = {"TLSv1_0": "1.0", "TLSv1_1": "1.1", 1: "1.0", 2: "1.1"}
+_RAW_FIX = (
+    "raw resources cannot go below the TLS floor; write it as a policy listener or "
+    "upstream with tls.allow_legacy_tls: true"
+)
+
+
+def check_raw(doc: Document, items: object, keys: tuple[str | int, ...]) -> list[ConfigError]:
+    """The TLS floor in raw resources: TlsParameters anywhere in them (a Listener's filter
+    chains, a Cluster's transport socket, inside typed_config), found by key. There is no
+    allow_legacy_tls for raw resources."""
+    errors: list[ConfigError] = []
+    _walk_raw(doc, items, keys, errors)
+    return errors
+
+
+def _walk_raw(
+    doc: Document, value: object, keys: tuple[str | int, ...], errors: list[ConfigError]
+) -> None:
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            _walk_raw(doc, v, (*keys, i), errors)
+        return
+    if not isinstance(value, dict):
+        return
+    for k, v in value.items():
+        here = (*keys, k)
+        legacy = isinstance(v, str | int) and not isinstance(v, bool) and v in _LEGACY_PROTOCOLS
+        if k in _VERSION_KEYS and legacy:
+            errors.append(
+                ConfigError(
+                    doc.locate(here),
+                    f"{_VERSION_KEYS[k]}: {v} allows TLS {_LEGACY_PROTOCOLS[v]}, below 1.2, "
+                    f"which PCI DSS forbids; {_RAW_FIX}",
+                )
+            )
+        elif k in _CIPHER_KEYS and isinstance(v, list):
+            for i, entry in enumerate(v):
+                if not isinstance(entry, str):
+                    continue  # the proto parser reports it
+                where = doc.locate((*here, i))
+                try:
+                    ciphers.check_name(entry)
+                except ValueError as e:
+                    errors.append(ConfigError(where, str(e)))
+                    continue
+                for suite in ciphers.legacy(entry):
+                    errors.append(
+                        ConfigError(
+                            where, f"cipher_suites: {suite.name} has {suite.weakness()}; {_RAW_FIX}"
+                        )
+                    )
+        else:
+            _walk_raw(doc, v, here, errors)
