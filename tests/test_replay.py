@@ -19,7 +19,7 @@ from harness import (
     wait_until,
     write_atomic,
 )
-from test_guard import Guard
+from test_guard import Guard, pki_dir
 from test_jwt import Gateway
 from tls_helpers import attach_to_report, process_group
 
@@ -27,7 +27,14 @@ from xdsplane import jwt, pki
 
 POLICY = """\
 nodes: ["edge-*"]
-guard: {{address: "{guard}", fail_open: {fail_open}, timeout: 500ms}}
+guard:
+  address: "{guard}"
+  fail_open: {fail_open}
+  timeout: 500ms
+  tls: {{certificate: guard-client, ca: service-ca, sni: guard, subject_alt_names: [guard]}}
+secrets:
+  guard-client: {{certificate: ../certs/guard-client.crt, private_key: ../certs/guard-client.key}}
+  service-ca: {{ca: ../certs/service-ca.crt}}
 jwt_providers:
   idp:
     issuer: {issuer}
@@ -73,11 +80,12 @@ def replay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replay]:
     folder.mkdir()
     key = jwt.new_key()
     pki.write_atomic(root / "keys" / "jwks.json", jwt.jwks(key))
+    certs = pki_dir(root)
     echo = EchoUpstream()
     port = free_port()
     try:
         with process_group(root / "logs") as group:
-            guard = Guard(group, "guard").launch().ready()
+            guard = Guard(group, "guard", certs=certs).launch().ready()
             server = XdsServer(group, folder)
             envoy = Envoy(group, root, "edge-1", server.xds_address)
             gw = Gateway(folder, port, key, envoy, server, group)
@@ -109,6 +117,19 @@ def test_a_token_is_accepted_once(replay: Replay) -> None:
     assert again.headers.get("x-guard-reason") == "replay"
     fresh = gw.get("/billing/invoices", gw.token())
     assert fresh.status == 200, (fresh.status, fresh.text)
+    # Envoy asked the guard over mutual TLS (the guard serves nothing else)
+    assert gw.envoy.stat("cluster.xdsplane-guard.ssl.handshake") >= 1
+    assert replay.guard.health()["grpc"] == "mtls"
+
+
+@pytest.mark.envoy
+def test_a_token_without_exp_is_refused(replay: Replay) -> None:
+    """It could be replayed for ever: jwt_authn (max_lifetime set) or the guard refuses it."""
+    gw = replay.gw
+    claims = jwt.claims("alice")
+    del claims["exp"]
+    r = gw.get("/billing/invoices", jwt.sign(gw.key, claims))
+    assert r.status == 401, (r.status, r.text)
 
 
 @pytest.mark.envoy
