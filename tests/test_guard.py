@@ -19,7 +19,7 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.protobuf import struct_pb2
 from harness import HOST, Proc, ProcessGroup, free_port, http_get, wait_until, xdsplane_argv
 
-from xdsplane import pki
+from xdsplane import jwt, pki
 from xdsplane.config.errors import ConfigErrors
 from xdsplane.guard.limits import Limits, parse_limits
 from xdsplane.guard.service import MAX_HITS_ADDEND, GuardConfig, GuardService
@@ -227,12 +227,13 @@ class RecordingStore(MemoryStore):
 
 
 async def test_a_jti_is_remembered_until_exp_plus_skew_past_the_old_300s_cap() -> None:
-    """A one-hour token (its provider's max_lifetime is 1h) replayed after five minutes, and
-    just before it expires, is refused: the guard forgets it only when jwt_authn would no
-    longer accept it (exp + 60 s skew)."""
+    """A one-hour token (its provider's max_lifetime is 1h, the guard's flags the defaults)
+    replayed after five minutes, and just before it expires, is refused: the guard forgets
+    it only when jwt_authn would no longer accept it (exp + 60 s skew)."""
     clock = Clock()
     store = RecordingStore(clock)  # on the same fake clock as the service
-    svc = GuardService(store, None, GuardConfig(max_lifetime=3600), clock=clock)
+    policy = Limits(token_max_lifetime=3600, token_clock_skew=60)  # from --policy
+    svc = GuardService(store, policy, GuardConfig(), clock=clock)
     hour = {"jti": "hour", "sub": "a", "iss": "idp", "exp": clock.now + 3600}
     short = {"jti": "short", "sub": "a", "iss": "idp", "exp": clock.now + 10}
     assert allowed(await svc.check(check_request(hour)))
@@ -673,6 +674,10 @@ def test_guard_serves_only_the_guard_client_certificate(
         assert "URI:spiffe://xdsplane/node/edge-1" in refusals[0]["sans"]
         metric = 'xdsplane_guard_callers_refused_total{reason="client_san"} 3.0'
         assert metric in g.metrics()
+        # the two refused handshakes are logged too (by gRPC core, with the TLS reason)
+        log = output(g.proc)
+        assert "PEER_DID_NOT_RETURN_A_CERTIFICATE" in log, log
+        assert "CERTIFICATE_VERIFY_FAILED" in log, log
     finally:
         g.close()
 
@@ -719,6 +724,23 @@ def test_guard_refuses_to_start_plaintext_or_with_a_public_admin_port(
 # -- Redis with a password ----------------------------------------------------------------------
 
 
+GUARD_POLICY = """\
+guard: {address: "127.0.0.1:1"}
+jwt_providers:
+  idp: {issuer: idp, audiences: [api], jwks_file: jwks.json, max_lifetime: 1h}
+listeners:
+  - name: http
+    address: 127.0.0.1:1
+    hosts:
+      - name: api
+        domains: ["*"]
+        routes:
+          - {name: once, prefix: /, jwt: idp, replay_protection: true, upstream: api}
+upstreams:
+  api: {endpoints: ["127.0.0.1:2"]}
+"""
+
+
 def test_guard_authenticates_to_redis_with_a_password_file(
     procs: ProcessGroup, tmp_path: Path
 ) -> None:
@@ -745,12 +767,16 @@ def test_guard_authenticates_to_redis_with_a_password_file(
     )
     assert password not in out and ":***@" in out, out
 
+    folder = tmp_path / "policy"  # its provider's max_lifetime (1h) is what the guard allows
+    folder.mkdir()
+    (folder / "jwks.json").write_bytes(jwt.jwks(jwt.new_key()))
+    (folder / "edge.yaml").write_text(GUARD_POLICY, encoding="utf-8")
     g = (
         Guard(
             procs,
             "guard",
             *("--redis", redis.url, "--redis-password-file", str(secret)),
-            *("--max-lifetime", "3600"),
+            *("--policy", str(folder)),
             certs=certs,
         )
         .launch()
@@ -766,7 +792,7 @@ def test_guard_authenticates_to_redis_with_a_password_file(
         assert isinstance(pttl, int)
         left = (token["exp"] + 60 - time.time()) * 1000  # exp + jwt_authn's 60 s skew
         assert left - 1000 <= pttl <= left + 1000, (pttl, left)
-        assert pttl > 3_000_000  # not the old 300 s cap
+        assert pttl > 3_000_000  # not the old 300 s cap (--max-lifetime's default)
         assert g.health()["backend_up"] is True
         assert password not in output(g.proc)
     finally:
