@@ -805,3 +805,41 @@ def test_guard_authenticates_to_redis_with_a_password_file(
         assert password not in log and ":***@" in log, log
     finally:
         g2.close()
+
+
+def _served_serial(port: int, certs: Path) -> int:
+    """The serial of the certificate a new TLS connection to the guard gets."""
+    import socket
+    import ssl
+
+    from cryptography import x509
+
+    ctx = ssl.create_default_context(cafile=str(certs / "service-ca.crt"))
+    ctx.load_cert_chain(str(certs / "guard-client.crt"), str(certs / "guard-client.key"))
+    ctx.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection((HOST, port), timeout=5) as raw,
+        ctx.wrap_socket(raw, server_hostname="guard") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return int(x509.load_der_x509_certificate(der).serial_number)
+
+
+def test_guard_certificate_rotation_reaches_new_connections(
+    procs: ProcessGroup, tmp_path: Path
+) -> None:
+    """``xdsplane certs rotate guard``: new connections get the new certificate without a
+    restart; an open channel keeps working."""
+    certs = pki_dir(tmp_path)
+    g = Guard(procs, "guard", certs=certs).launch().ready()
+    try:
+        before = _served_serial(g.port, certs)
+        assert before == pki.load_cert(certs / "guard.crt").serial_number
+        pki.rotate(certs, "guard")
+        after = pki.load_cert(certs / "guard.crt").serial_number
+        wait_until(lambda: _served_serial(g.port, certs) == after, 15, what="new certificate")
+        assert allowed(g.check({"jti": "r", "iss": "i", "exp": time.time() + 60}))
+        assert g.proc.starts == 1
+    finally:
+        g.close()
