@@ -124,7 +124,8 @@ def test_a_token_is_accepted_once(replay: Replay) -> None:
 
 @pytest.mark.envoy
 def test_a_token_without_exp_is_refused(replay: Replay) -> None:
-    """It could be replayed for ever: jwt_authn (max_lifetime set) or the guard refuses it."""
+    """It could be replayed for ever: jwt_authn refuses it (xdsplane sets require_expiration
+    on every provider), and the guard would too (no_exp)."""
     gw = replay.gw
     claims = jwt.claims("alice")
     del claims["exp"]
