@@ -105,6 +105,9 @@ class Guard:
         self.admin_port = free_port()
         argv = harness.xdsplane_argv(
             *("guard", "--address", self.address, "--admin-address", f"{HOST}:{self.admin_port}"),
+            # Plaintext on loopback: the figures are the guard's own cost, as measured before
+            # mTLS was required (a deployed guard serves mTLS: docs/guard.md).
+            "--insecure",
             # info (the default) logs one line per decision, as a deployed guard does.
             *("--log-format", "json", "--log-level", log_level, *args),
         )

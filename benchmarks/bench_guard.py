@@ -86,7 +86,9 @@ class CheckRequests:
         self.jtis = jtis
         now = int(time.time())
         placeholder = "J" * JTI_LEN
-        claims = jwt.claims("bench-user", now=now, ttl=3600, jti=placeholder)
+        # The policy's max_lifetime (300 s): the guard refuses tokens living longer than it
+        # may remember them, and keeps each jti until exp + 60 s (a phase lasts seconds).
+        claims = jwt.claims("bench-user", now=now, ttl=300, jti=placeholder)
         req = external_auth_pb2.CheckRequest()
         attrs = req.attributes
         attrs.source.address.socket_address.address = "127.0.0.1"

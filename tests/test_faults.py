@@ -419,15 +419,21 @@ def test_redis_outage_under_load(
     once it is back the guard uses it again without being restarted (a token is refused
     the second time: the memory is Redis again)."""
     outages = count
-    from test_guard import Guard, Redis
+    from test_guard import Guard, Redis, pki_dir
     from test_replay import POLICY
 
     from xdsplane import jwt
 
     echo = upstream("echo")
     redis = Redis(procs, tmp_path).start()
+    certs = pki_dir(tmp_path)  # POLICY reaches the guard over mTLS with ../certs
     guard = Guard(
-        procs, "guard", "--redis", redis.url, *(["--fail-open"] if mode == "open" else [])
+        procs,
+        "guard",
+        "--redis",
+        redis.url,
+        *(["--fail-open"] if mode == "open" else []),
+        certs=certs,
     )
     guard.launch()
     folder = tmp_path / "policy"

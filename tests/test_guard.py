@@ -3,6 +3,7 @@ guard processes sharing a real Redis that dies and comes back."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -18,9 +19,10 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from google.protobuf import struct_pb2
 from harness import HOST, Proc, ProcessGroup, free_port, http_get, wait_until, xdsplane_argv
 
+from xdsplane import jwt, pki
 from xdsplane.config.errors import ConfigErrors
-from xdsplane.guard.limits import parse_limits
-from xdsplane.guard.service import GuardConfig, GuardService
+from xdsplane.guard.limits import Limits, parse_limits
+from xdsplane.guard.service import MAX_HITS_ADDEND, GuardConfig, GuardService
 from xdsplane.guard.store import MemoryStore, StoreUnavailable
 
 OK = rls_pb2.RateLimitResponse.OK
@@ -212,21 +214,84 @@ async def test_replay_refused_and_token_without_jti_refused(
     assert svc.metrics.registry.get_sample_value("xdsplane_guard_decisions_total", labels) == 2
 
 
-async def test_jti_ttl_is_exp_capped_by_max_lifetime() -> None:
+class RecordingStore(MemoryStore):
+    """A memory store that records the TTL each jti is claimed with."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock)
+        self.ttls: dict[str, int] = {}
+
+    async def claim(self, key: str, ttl_ms: int) -> bool:
+        self.ttls[key] = ttl_ms
+        return await super().claim(key, ttl_ms)
+
+
+async def test_a_jti_is_remembered_until_exp_plus_skew_past_the_old_300s_cap() -> None:
+    """A one-hour token (its provider's max_lifetime is 1h, the guard's flags the defaults)
+    replayed after five minutes, and just before it expires, is refused: the guard forgets
+    it only when jwt_authn would no longer accept it (exp + 60 s skew)."""
     clock = Clock()
-    # the store runs on the same fake clock as the service here
-    svc = GuardService(MemoryStore(clock), None, GuardConfig(max_lifetime=300), clock=clock)
-    long_lived = {"jti": "long", "sub": "a", "exp": clock.now + 3600}
-    short = {"jti": "short", "sub": "a", "exp": clock.now + 10}
-    assert allowed(await svc.check(check_request(long_lived)))
+    store = RecordingStore(clock)  # on the same fake clock as the service
+    policy = Limits(token_max_lifetime=3600, token_clock_skew=60)  # from --policy
+    svc = GuardService(store, policy, GuardConfig(), clock=clock)
+    hour = {"jti": "hour", "sub": "a", "iss": "idp", "exp": clock.now + 3600}
+    short = {"jti": "short", "sub": "a", "iss": "idp", "exp": clock.now + 10}
+    assert allowed(await svc.check(check_request(hour)))
     assert allowed(await svc.check(check_request(short)))
-    clock.now += 69  # exp + 60 s skew not yet passed
-    assert denied(await svc.check(check_request(short)))[1] == "replay"
-    clock.now += 2  # short's window (exp + skew) is over: forgotten; jwt_authn rejects it now
-    assert denied(await svc.check(check_request(short)))[1] == "expired"
-    assert denied(await svc.check(check_request(long_lived)))[1] == "replay"
-    clock.now += 300  # the cap: remembered 300 s, not an hour
-    assert allowed(await svc.check(check_request(long_lived)))
+    assert sorted(store.ttls.values()) == [70_000, 3_660_000]  # exp - now + skew
+    clock.now += 301  # past the old --max-lifetime cap
+    assert denied(await svc.check(check_request(hour)))[1] == "replay"
+    clock.now = hour["exp"] + 59  # jwt_authn still accepts it (60 s skew)
+    assert denied(await svc.check(check_request(hour)))[1] == "replay"
+    clock.now = hour["exp"] + 61  # forgotten only now, when jwt_authn refuses it anyway
+    assert denied(await svc.check(check_request(hour)))[1] == "expired"
+
+
+async def test_a_token_without_exp_or_living_past_max_lifetime_is_refused() -> None:
+    """Neither can be remembered for as long as it is accepted: refused, not forgotten early.
+    A policy's providers raise the bounds to their max_lifetime and clock_skew."""
+    clock = Clock()
+    store = RecordingStore(clock)
+    svc = GuardService(store, None, GuardConfig(max_lifetime=300, clock_skew=60), clock=clock)
+    no_exp = {"jti": "no-exp", "sub": "a", "iss": "idp"}
+    assert denied(await svc.check(check_request(no_exp)))[:2] == (403, "no_exp")
+    day = {"jti": "day", "sub": "a", "iss": "idp", "exp": clock.now + 86_400}
+    status, reason, body = denied(await svc.check(check_request(day)))
+    assert (status, reason) == (403, "lifetime_too_long") and "300s" in body
+    # up to max_lifetime + skew ahead (an issuer whose clock runs ahead): accepted
+    edge = {"jti": "edge", "sub": "a", "iss": "idp", "exp": clock.now + 360}
+    assert allowed(await svc.check(check_request(edge)))
+    assert not store.ttls.keys() - {k for k in store.ttls if store.ttls[k] == 420_000}
+    # the policy's providers (xdsplane guard --policy): max_lifetime 1d, clock_skew 2m
+    svc.limits = Limits(token_max_lifetime=86_400, token_clock_skew=120)
+    assert allowed(await svc.check(check_request(day)))
+    assert max(store.ttls.values()) == (86_400 + 120) * 1000
+    clock.now = day["exp"] + 119
+    assert denied(await svc.check(check_request(day)))[1] == "replay"
+
+
+async def test_hits_addend_above_the_bound_is_refused_and_counts_nothing() -> None:
+    """A caller asking the guard to count a victim's whole budget at once is refused: the
+    descriptors come back OVER_LIMIT and the victim's counter does not move."""
+    clock = Clock(1_700_000_020.0)
+    limits = parse_limits(
+        "domain: d\ndescriptors:\n  - key: user\n"
+        "    rate_limit: {unit: hour, requests_per_unit: 1000}\n",
+        "l.yaml",
+    )
+    svc = GuardService(MemoryStore(clock), limits, clock=clock)
+    victim = [("user", "victim")]
+    r = await svc.should_rate_limit(rl_request("d", victim, hits=1000))
+    assert r.overall_code == OVER and [st.code for st in r.statuses] == [OVER]
+    r = await svc.should_rate_limit(rl_request("d", victim, hits=MAX_HITS_ADDEND + 1))
+    assert r.overall_code == OVER
+    ok = await svc.should_rate_limit(rl_request("d", victim))
+    assert ok.overall_code == OK and ok.statuses[0].limit_remaining == 999
+    # up to the bound counts as asked
+    r = await svc.should_rate_limit(rl_request("d", victim, hits=MAX_HITS_ADDEND))
+    assert r.overall_code == OK and r.statuses[0].limit_remaining == 999 - MAX_HITS_ADDEND
+    labels = {"api": "ratelimit", "result": "over_limit", "reason": "bad_hits_addend"}
+    assert svc.metrics.registry.get_sample_value("xdsplane_guard_decisions_total", labels) == 2
 
 
 async def test_store_down_fails_closed_or_open() -> None:
@@ -298,10 +363,17 @@ def redis_binary() -> str:
 
 
 class Redis:
-    def __init__(self, procs: ProcessGroup, tmp: Path) -> None:
+    def __init__(self, procs: ProcessGroup, tmp: Path, password: str | None = None) -> None:
         self.port = free_port()
+        self.password = password
         argv = [redis_binary(), "--port", str(self.port), "--bind", HOST]
         argv += ["--save", "", "--appendonly", "no", "--dir", str(tmp), "--daemonize", "no"]
+        if password is not None:
+            # In a config file, not in argv (where ps would show it).
+            conf = tmp / f"redis-{self.port}.conf"
+            conf.write_text(f"requirepass {password}\n", encoding="utf-8")
+            conf.chmod(0o600)
+            argv = [argv[0], str(conf), *argv[1:]]
         self.proc = procs.spawn("redis", argv)
 
     @property
@@ -314,18 +386,104 @@ class Redis:
         return self
 
     def _ping(self) -> bool:
+        self.proc.ensure_alive()
+        return self.command("PING") in ("PONG", "NOAUTH Authentication required.")
+
+    def command(self, *words: str) -> Any:
+        """One Redis command over a raw socket (AUTH first when the server has a password):
+        the reply as str, int or None."""
         import socket
 
-        self.proc.ensure_alive()
-        with socket.create_connection((HOST, self.port), timeout=1) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(64).startswith(b"+PONG")
+        def encode(args: tuple[str, ...]) -> bytes:
+            out = f"*{len(args)}\r\n"
+            for a in args:
+                out += f"${len(a.encode())}\r\n{a}\r\n"
+            return out.encode()
+
+        with socket.create_connection((HOST, self.port), timeout=2) as s:
+            f = s.makefile("rb")
+            if self.password is not None and words[0] != "PING":
+                s.sendall(encode(("AUTH", self.password)))
+                assert f.readline().startswith(b"+OK")
+            s.sendall(encode(words))
+            line = f.readline().decode().rstrip("\r\n")
+            if line[0] in "+-":
+                return line[1:]
+            if line[0] == ":":
+                return int(line[1:])
+            if line == "$-1":
+                return None
+            return f.readline().decode().rstrip("\r\n")
+
+
+def guard_tls_args(certs: Path) -> list[str]:
+    """The flags of a guard serving mTLS to Envoy's guard-client certificate only."""
+    return [
+        *("--tls-cert", str(certs / "guard.crt"), "--tls-key", str(certs / "guard.key")),
+        *("--client-ca", str(certs / "service-ca.crt"), "--client-san", pki.GUARD_CLIENT_URI),
+    ]
+
+
+def client_credentials(certs: Path, name: str | None = "guard-client") -> grpc.ChannelCredentials:
+    """A gRPC client trusting service-ca, presenting ``name``'s certificate (None: none)."""
+    ca = (certs / "service-ca.crt").read_bytes()
+    if name is None:
+        return grpc.ssl_channel_credentials(root_certificates=ca)
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca,
+        private_key=(certs / f"{name}.key").read_bytes(),
+        certificate_chain=(certs / f"{name}.crt").read_bytes(),
+    )
+
+
+def guard_channel(port: int, certs: Path | None, name: str | None = "guard-client") -> Any:
+    if certs is None:
+        return grpc.insecure_channel(f"{HOST}:{port}")
+    return grpc.secure_channel(
+        f"{HOST}:{port}",
+        client_credentials(certs, name),
+        options=[("grpc.ssl_target_name_override", "guard")],
+    )
+
+
+def pki_dir(tmp: Path) -> Path:
+    """``xdsplane certs init`` output (guard.crt, guard-client.crt, edge-1.crt, ...) plus
+    ``rogue-guard-client``: the guard-client SAN from a CA the guard does not trust, and
+    ``lookalike``: a service-ca client certificate whose SANs spell the guard-client
+    identity otherwise."""
+    certs = tmp / "certs"
+    pki.init(certs)
+    pki.issue(certs, "rogue-ca", None, days=30)
+    pki.issue(
+        certs, "rogue-guard-client", "rogue-ca", uris=[pki.GUARD_CLIENT_URI], usage=["client"]
+    )
+    pki.issue(
+        certs,
+        "lookalike",
+        "service-ca",
+        dns=["guard-client", "spiffe-xdsplane-guard-client"],
+        uris=[
+            pki.GUARD_CLIENT_URI + "/",
+            "SPIFFE://xdsplane/guard-client",
+            pki.GUARD_CLIENT_URI.replace("guard-client", "guard-client-2"),
+        ],
+        usage=["client"],
+    )
+    return certs
 
 
 class Guard:
-    def __init__(self, procs: ProcessGroup, name: str, *args: str) -> None:
+    """``xdsplane guard`` on free ports: with ``certs`` (a ``pki.init`` folder) it serves
+    mTLS to the guard-client certificate and the test's client presents it; without, it
+    runs with ``--insecure`` (plaintext)."""
+
+    def __init__(
+        self, procs: ProcessGroup, name: str, *args: str, certs: Path | None = None
+    ) -> None:
         self.port = free_port()
         self.admin_port = free_port()
+        self.certs = certs
+        security = guard_tls_args(certs) if certs is not None else ["--insecure"]
         argv = xdsplane_argv(
             "guard",
             "--address",
@@ -334,6 +492,7 @@ class Guard:
             f"{HOST}:{self.admin_port}",
             "--log-format",
             "json",
+            *security,
             *args,
         )
         self.proc: Proc = procs.spawn(name, argv)
@@ -345,7 +504,7 @@ class Guard:
 
     def ready(self) -> Guard:
         wait_until(self._healthy, 20, what=f"{self.proc.name} /healthz")
-        self.channel = grpc.insecure_channel(f"{HOST}:{self.port}")
+        self.channel = guard_channel(self.port, self.certs)
         self.authz = external_auth_pb2_grpc.AuthorizationStub(self.channel)
         self.rls = rls_pb2_grpc.RateLimitServiceStub(self.channel)
         return self
@@ -377,9 +536,10 @@ def guards(procs: ProcessGroup, tmp_path: Path) -> Iterator[tuple[Redis, Guard, 
     redis = Redis(procs, tmp_path).start()
     limits = tmp_path / "limits.yaml"
     limits.write_text(LIMITS, encoding="utf-8")
+    certs = pki_dir(tmp_path)
     common = ["--redis", redis.url, "--limits", str(limits)]
-    closed = Guard(procs, "guard-closed", *common)
-    opened = Guard(procs, "guard-open", *common, "--fail-open")
+    closed = Guard(procs, "guard-closed", *common, certs=certs)
+    opened = Guard(procs, "guard-open", *common, "--fail-open", certs=certs)
     closed.launch()
     opened.launch()  # both import at once
     closed.ready()
@@ -454,3 +614,232 @@ def test_guard_refuses_a_bad_limits_file(procs: ProcessGroup, tmp_path: Path) ->
     assert g.proc.wait(30) == 1
     log = g.proc.tail()
     assert f"{bad}:4:" in log and "`unit` must be one of" in log
+
+
+# -- who may call the guard (mTLS) -------------------------------------------------------------
+
+
+def _call_fails(channel: Any, claims: dict[str, Any]) -> grpc.StatusCode:
+    stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+    try:
+        stub.Check(check_request(claims), timeout=5)
+    except grpc.RpcError as e:
+        return e.code()  # type: ignore[no-any-return]
+    finally:
+        channel.close()
+    raise AssertionError("the guard answered a caller it should have refused")
+
+
+def test_guard_serves_only_the_guard_client_certificate(
+    procs: ProcessGroup, tmp_path: Path
+) -> None:
+    """No client certificate, the right SAN from another CA, the edge node's own service-ca
+    certificate and look-alike spellings of the SAN: each is refused, and none of them can
+    burn a token id or a rate limit budget the real caller then needs."""
+    certs = pki_dir(tmp_path)
+    limits = tmp_path / "limits.yaml"
+    limits.write_text(LIMITS, encoding="utf-8")
+    g = Guard(procs, "guard", "--limits", str(limits), certs=certs).launch().ready()
+    try:
+        victim = {"jti": "victim", "sub": "alice", "iss": "idp", "exp": time.time() + 120}
+        assert _call_fails(guard_channel(g.port, certs, None), victim) in (
+            grpc.StatusCode.UNAVAILABLE,  # the TLS handshake fails: no certificate
+            grpc.StatusCode.UNAUTHENTICATED,
+        )
+        assert _call_fails(guard_channel(g.port, certs, "rogue-guard-client"), victim) in (
+            grpc.StatusCode.UNAVAILABLE,  # a CA the guard does not trust
+            grpc.StatusCode.UNAUTHENTICATED,
+        )
+        for name in ("edge-1", "lookalike"):  # service-ca, but not the guard-client SAN
+            code = _call_fails(guard_channel(g.port, certs, name), victim)
+            assert code == grpc.StatusCode.PERMISSION_DENIED, (name, code)
+        wrong = guard_channel(g.port, certs, "edge-1")
+        rls = rls_pb2_grpc.RateLimitServiceStub(wrong)
+        tenant = [("tenant", "victim")]
+        with pytest.raises(grpc.RpcError) as refused:
+            rls.ShouldRateLimit(rl_request("shared", tenant, hits=3), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        wrong.close()
+        # the real caller: its token and budget are untouched
+        assert allowed(g.check(victim))
+        assert denied(g.check(victim))[1] == "replay"
+        r = g.limit("shared", tenant)
+        assert r.overall_code == OK and r.statuses[0].limit_remaining == 2
+        refusals = [
+            json.loads(line)
+            for line in g.proc.tail(400).splitlines()
+            if "guard caller refused" in line
+        ]
+        assert [r["reason"] for r in refusals] == 3 * ["client_san"], refusals
+        assert "URI:spiffe://xdsplane/node/edge-1" in refusals[0]["sans"]
+        metric = 'xdsplane_guard_callers_refused_total{reason="client_san"} 3.0'
+        assert metric in g.metrics()
+        # the two refused handshakes are logged too (by gRPC core, with the TLS reason)
+        log = output(g.proc)
+        assert "PEER_DID_NOT_RETURN_A_CERTIFICATE" in log, log
+        assert "CERTIFICATE_VERIFY_FAILED" in log, log
+    finally:
+        g.close()
+
+
+def output(proc: Proc, lines: int = 400) -> str:
+    """What the process wrote (the harness's own ``--- start: ARGV`` lines left out)."""
+    return "\n".join(x for x in proc.tail(lines).splitlines() if not x.startswith("--- "))
+
+
+def _start_fails(procs: ProcessGroup, name: str, *args: str) -> str:
+    """Run ``xdsplane guard ARGS`` (no implicit --insecure): it must exit 1; its output."""
+    argv = xdsplane_argv("guard", "--log-format", "json", *args)
+    proc = procs.spawn(name, argv).start()
+    assert proc.wait(30) == 1, proc.tail()
+    return output(proc)
+
+
+def test_guard_refuses_to_start_plaintext_or_with_a_public_admin_port(
+    procs: ProcessGroup, tmp_path: Path
+) -> None:
+    certs = pki_dir(tmp_path)
+    tls = guard_tls_args(certs)
+    grpc_port, admin_port = free_port(), free_port()
+    where = ["--address", f"{HOST}:{grpc_port}", "--admin-address", f"{HOST}:{admin_port}"]
+    out = _start_fails(procs, "plain", *where)
+    assert "plaintext" in out and "--insecure" in out and "not starting" in out
+    out = _start_fails(procs, "partial", *where, *tls[:4])  # no --client-ca / --client-san
+    assert "--client-ca" in out
+    out = _start_fails(procs, "no-san", *where, *tls[:6])
+    assert "--client-san is required" in out
+    public = ["--address", f"{HOST}:{grpc_port}", "--admin-address", f"0.0.0.0:{admin_port}"]
+    out = _start_fails(procs, "public-admin", *public, *tls)
+    assert "keep it on loopback" in out
+    # --insecure: it serves plaintext, and says so in /healthz
+    g = Guard(procs, "insecure").launch().ready()
+    try:
+        health = g.health()
+        assert health["grpc"] == "plaintext" and health["insecure"] is True
+        assert allowed(g.check({"jti": "x", "iss": "i", "exp": time.time() + 60}))
+    finally:
+        g.close()
+
+
+# -- Redis with a password ----------------------------------------------------------------------
+
+
+GUARD_POLICY = """\
+guard: {address: "127.0.0.1:1"}
+jwt_providers:
+  idp: {issuer: idp, audiences: [api], jwks_file: jwks.json, max_lifetime: 1h}
+listeners:
+  - name: http
+    address: 127.0.0.1:1
+    hosts:
+      - name: api
+        domains: ["*"]
+        routes:
+          - {name: once, prefix: /, jwt: idp, replay_protection: true, upstream: api}
+upstreams:
+  api: {endpoints: ["127.0.0.1:2"]}
+"""
+
+
+def test_guard_authenticates_to_redis_with_a_password_file(
+    procs: ProcessGroup, tmp_path: Path
+) -> None:
+    """redis-server --requirepass: the guard authenticates from --redis-password-file; a
+    wrong or missing password stops it with a clear error that never shows the password.
+    A jti is kept in Redis until exp + skew (PTTL), well past the old 300 s cap."""
+    password = "pw-" + os.urandom(12).hex()
+    redis = Redis(procs, tmp_path, password=password).start()
+    certs = pki_dir(tmp_path)
+    secret = tmp_path / "redis-password"
+    secret.write_text(password + "\n", encoding="utf-8")
+    wrong = tmp_path / "wrong-password"
+    wrong.write_text("not-" + password + "\n", encoding="utf-8")
+    out = _start_fails(
+        procs, "wrong", "--insecure", "--redis", redis.url, "--redis-password-file", str(wrong)
+    )
+    assert "authentication failed" in out and str(wrong) in out, out
+    assert password not in out
+    out = _start_fails(procs, "none", "--insecure", "--redis", redis.url)
+    assert "authentication failed" in out and "no password given" in out, out
+    in_url = redis.url.replace("redis://", f"redis://:{password}@")
+    out = _start_fails(
+        procs, "both", "--insecure", "--redis", in_url, "--redis-password-file", str(secret)
+    )
+    assert password not in out and ":***@" in out, out
+
+    folder = tmp_path / "policy"  # its provider's max_lifetime (1h) is what the guard allows
+    folder.mkdir()
+    (folder / "jwks.json").write_bytes(jwt.jwks(jwt.new_key()))
+    (folder / "edge.yaml").write_text(GUARD_POLICY, encoding="utf-8")
+    g = (
+        Guard(
+            procs,
+            "guard",
+            *("--redis", redis.url, "--redis-password-file", str(secret)),
+            *("--policy", str(folder)),
+            certs=certs,
+        )
+        .launch()
+        .ready()
+    )
+    try:
+        now = time.time()
+        token = {"jti": "hour-long", "sub": "alice", "iss": "idp", "exp": now + 3600}
+        assert allowed(g.check(token))
+        assert denied(g.check(token))[1] == "replay"
+        digest = hashlib.sha256(b"idp\0hour-long").hexdigest()
+        pttl = redis.command("PTTL", f"xdsplane:guard:jti:{digest}")
+        assert isinstance(pttl, int)
+        left = (token["exp"] + 60 - time.time()) * 1000  # exp + jwt_authn's 60 s skew
+        assert left - 1000 <= pttl <= left + 1000, (pttl, left)
+        assert pttl > 3_000_000  # not the old 300 s cap (--max-lifetime's default)
+        assert g.health()["backend_up"] is True
+        assert password not in output(g.proc)
+    finally:
+        g.close()
+    # a password in the URL works too, and is never shown
+    g2 = Guard(procs, "guard-url", "--redis", in_url, "--max-lifetime", "3600").launch().ready()
+    try:
+        assert allowed(g2.check({**token, "jti": "other"}))
+        log = output(g2.proc)
+        assert password not in log and ":***@" in log, log
+    finally:
+        g2.close()
+
+
+def _served_serial(port: int, certs: Path) -> int:
+    """The serial of the certificate a new TLS connection to the guard gets."""
+    import socket
+    import ssl
+
+    from cryptography import x509
+
+    ctx = ssl.create_default_context(cafile=str(certs / "service-ca.crt"))
+    ctx.load_cert_chain(str(certs / "guard-client.crt"), str(certs / "guard-client.key"))
+    ctx.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection((HOST, port), timeout=5) as raw,
+        ctx.wrap_socket(raw, server_hostname="guard") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return int(x509.load_der_x509_certificate(der).serial_number)
+
+
+def test_guard_certificate_rotation_reaches_new_connections(
+    procs: ProcessGroup, tmp_path: Path
+) -> None:
+    """``xdsplane certs rotate guard``: new connections get the new certificate without a
+    restart; an open channel keeps working."""
+    certs = pki_dir(tmp_path)
+    g = Guard(procs, "guard", certs=certs).launch().ready()
+    try:
+        before = _served_serial(g.port, certs)
+        assert before == pki.load_cert(certs / "guard.crt").serial_number
+        pki.rotate(certs, "guard")
+        after = pki.load_cert(certs / "guard.crt").serial_number
+        wait_until(lambda: _served_serial(g.port, certs) == after, 15, what="new certificate")
+        assert allowed(g.check({"jti": "r", "iss": "i", "exp": time.time() + 60}))
+        assert g.proc.starts == 1
+    finally:
+        g.close()

@@ -42,7 +42,7 @@ from harness import (
     wait_until,
     write_atomic,
 )
-from test_guard import Guard, Redis
+from test_guard import Guard, Redis, pki_dir
 from tls_helpers import attach_to_report, client_context, https_get, make_pki, process_group
 
 from xdsplane import jwt, pki
@@ -130,6 +130,7 @@ def test_guard_limits_come_from_the_policy(tmp_path: Path) -> None:
 def test_a_guard_edit_rebuilds_a_listener_with_only_global_limits(tmp_path: Path) -> None:
     """The translation cache keys such a listener on the guard too (fail_open is in it)."""
     (tmp_path / "jwks.json").write_bytes(jwt.jwks(jwt.new_key()))
+    pki_dir(tmp_path)
     text = SHARED_POLICY.format(node="edge-a", guard="127.0.0.1:1", port=1001, upstream=9)
     text = text.replace("replay_protection: true, ", "")  # global limits only
     policy = tmp_path / "policy" / "a.yaml"
@@ -397,7 +398,7 @@ def test_a_limit_edit_reaches_envoy_over_rds_only(local: Local) -> None:
 
 SHARED_POLICY = """\
 nodes: ["{node}"]
-guard: {{address: "{guard}", fail_open: false, timeout: 1s}}
+guard: {{address: "{guard}", fail_open: false, timeout: 1s, tls: {{certificate: gc, ca: sca}}}}
 jwt_providers:
   idp:
     issuer: https://idp.example.com
@@ -420,6 +421,9 @@ listeners:
             upstream: echo
 upstreams:
   echo: {{endpoints: ["127.0.0.1:{upstream}"]}}
+secrets:
+  gc: {{certificate: ../certs/guard-client.crt, private_key: ../certs/guard-client.key}}
+  sca: {{ca: ../certs/service-ca.crt}}
 """
 
 
@@ -449,13 +453,14 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
     folder = root / "policy"
     key = jwt.new_key()
     pki.write_atomic(root / "jwks.json", jwt.jwks(key))
+    certs = pki_dir(root)
     echo = EchoUpstream()
     try:
         with process_group(root / "logs") as group:
             redis = Redis(group, root).start()
             common = ["--redis", redis.url, "--policy", str(folder)]
-            guard_a = Guard(group, "guard-a", *common)
-            guard_b = Guard(group, "guard-b", *common, "--fail-open")
+            guard_a = Guard(group, "guard-a", *common, certs=certs)
+            guard_b = Guard(group, "guard-b", *common, "--fail-open", certs=certs)
             ports = {"a": free_port(), "b": free_port()}
             for name, g in (("a", guard_a), ("b", guard_b)):
                 text = SHARED_POLICY.format(

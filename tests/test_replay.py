@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from harness import (
@@ -19,7 +20,7 @@ from harness import (
     wait_until,
     write_atomic,
 )
-from test_guard import Guard
+from test_guard import Guard, pki_dir
 from test_jwt import Gateway
 from tls_helpers import attach_to_report, process_group
 
@@ -27,7 +28,14 @@ from xdsplane import jwt, pki
 
 POLICY = """\
 nodes: ["edge-*"]
-guard: {{address: "{guard}", fail_open: {fail_open}, timeout: 500ms}}
+guard:
+  address: "{guard}"
+  fail_open: {fail_open}
+  timeout: 500ms
+  tls: {{certificate: guard-client, ca: service-ca, sni: guard, subject_alt_names: [guard]}}
+secrets:
+  guard-client: {{certificate: ../certs/guard-client.crt, private_key: ../certs/guard-client.key}}
+  service-ca: {{ca: ../certs/service-ca.crt}}
 jwt_providers:
   idp:
     issuer: {issuer}
@@ -54,10 +62,11 @@ class Replay:
     gw: Gateway
     guard: Guard
     upstream: int
+    certs: Path
 
-    def write_policy(self, fail_open: bool) -> None:
+    def write_policy(self, fail_open: bool, guard_port: int | None = None) -> None:
         text = POLICY.format(
-            guard=f"{HOST}:{self.guard.port}",
+            guard=f"{HOST}:{guard_port or self.guard.port}",
             fail_open="true" if fail_open else "false",
             issuer=jwt.DEFAULT_ISSUER,
             port=self.gw.port,
@@ -73,15 +82,16 @@ def replay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replay]:
     folder.mkdir()
     key = jwt.new_key()
     pki.write_atomic(root / "keys" / "jwks.json", jwt.jwks(key))
+    certs = pki_dir(root)
     echo = EchoUpstream()
     port = free_port()
     try:
         with process_group(root / "logs") as group:
-            guard = Guard(group, "guard").launch().ready()
+            guard = Guard(group, "guard", certs=certs).launch().ready()
             server = XdsServer(group, folder)
             envoy = Envoy(group, root, "edge-1", server.xds_address)
             gw = Gateway(folder, port, key, envoy, server, group)
-            r = Replay(gw, guard, echo.port)
+            r = Replay(gw, guard, echo.port, certs)
             r.write_policy(fail_open=False)
             server.start()
             envoy.start()
@@ -109,6 +119,20 @@ def test_a_token_is_accepted_once(replay: Replay) -> None:
     assert again.headers.get("x-guard-reason") == "replay"
     fresh = gw.get("/billing/invoices", gw.token())
     assert fresh.status == 200, (fresh.status, fresh.text)
+    # Envoy asked the guard over mutual TLS (the guard serves nothing else)
+    assert gw.envoy.stat("cluster.xdsplane-guard.ssl.handshake") >= 1
+    assert replay.guard.health()["grpc"] == "mtls"
+
+
+@pytest.mark.envoy
+def test_a_token_without_exp_is_refused(replay: Replay) -> None:
+    """It could be replayed for ever: jwt_authn refuses it (xdsplane sets require_expiration
+    on every provider), and the guard would too (no_exp)."""
+    gw = replay.gw
+    claims = jwt.claims("alice")
+    del claims["exp"]
+    r = gw.get("/billing/invoices", jwt.sign(gw.key, claims))
+    assert r.status == 401, (r.status, r.text)
 
 
 @pytest.mark.envoy
@@ -120,6 +144,43 @@ def test_a_route_without_replay_protection_accepts_a_token_twice(replay: Replay)
         assert r.status == 200, (r.status, r.text)
     assert gw.get("/reusable/x").status == 401  # jwt: still applies
     assert gw.get("/billing/x").status == 401  # no token: jwt_authn refuses before the guard
+
+
+@pytest.mark.envoy
+def test_envoy_does_not_talk_to_a_guard_without_the_guard_san(replay: Replay) -> None:
+    """Another process at the guard's address, with a service-ca certificate that does not
+    name `guard` (the edge's own), would answer OK to every replay: Envoy refuses its
+    certificate (guard.tls.subject_alt_names) and fails closed."""
+    gw = replay.gw
+    used = gw.token()
+    assert gw.get("/billing/x", used).status == 200  # remembered by the real guard
+    c = replay.certs
+    rogue = Guard(
+        gw.group,
+        "rogue-guard",
+        *("--tls-cert", str(c / "edge.crt"), "--tls-key", str(c / "edge.key")),
+        *("--client-ca", str(c / "service-ca.crt"), "--client-san", pki.GUARD_CLIENT_URI),
+    )
+    rogue.launch().ready()
+    stat = "cluster.xdsplane-guard.ssl.fail_verify_san"
+    before = gw.envoy.stat(stat)
+    try:
+        replay.write_policy(fail_open=False, guard_port=rogue.port)
+        wait_until(
+            lambda: gw.get("/billing/x", gw.token()).status == 403 and gw.envoy.stat(stat) > before,
+            20,
+            what="Envoy tries the rogue guard and refuses its certificate",
+        )
+        replayed = gw.get("/billing/x", used)
+        assert replayed.status == 403, (replayed.status, replayed.text)
+        assert "xdsplane_guard_decisions_total{" not in rogue.metrics()  # never asked
+    finally:
+        replay.write_policy(fail_open=False)
+        rogue.proc.stop()
+    wait_until(
+        lambda: gw.get("/billing/x", gw.token()).status == 200, 20, what="the real guard again"
+    )
+    assert gw.get("/billing/x", used).status == 403  # still remembered there
 
 
 @pytest.mark.envoy

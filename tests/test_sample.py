@@ -28,6 +28,7 @@ from harness import (
     wait_until,
     xdsplane_argv,
 )
+from test_guard import guard_tls_args
 from tls_helpers import (
     DemoUpstream,
     TlsConnection,
@@ -91,6 +92,7 @@ def test_sample_is_served_live_without_nack(
         xdsplane_argv(
             *("guard", "--address", f"127.0.0.1:{ports[18081]}", "--policy", str(folder)),
             *("--admin-address", f"127.0.0.1:{guard_admin}", "--log-format", "json"),
+            *guard_tls_args(certs),
         ),
     ).start()
     try:
@@ -122,6 +124,7 @@ def test_sample_is_served_live_without_nack(
         assert "commonName=gateway" in answer.text  # Envoy reached billing over mTLS
         # ... once (replay protection), within a per-client budget (rate limit headers)
         assert answer.headers["x-ratelimit-limit"] == "60", answer.headers
+        assert envoy.stat("cluster.xdsplane-guard.ssl.handshake") >= 1  # the guard: mTLS
         assert bearer_get(ports[8443], ctx, "/billing/invoices", token).status == 403
         assert bearer_get(ports[8443], ctx, "/billing/invoices", None).status == 401
         admin, _ = https_get(ports[8443], ctx, "billing.example.com", "/billing/admin/x")

@@ -96,6 +96,7 @@ def test_up_serves_the_sample_and_stops_cleanly(tmp_path: Path) -> None:
         ga_port = int(addr["ga"].rsplit(":", 1)[1])
         health = json.loads(http_get(ga_port, "/healthz").body)
         assert health["domains"] == ["xdsplane"] and health["rules"] == 2, health
+        assert health["grpc"] == "mtls" and health["insecure"] is False, health
         # Envoy got its configuration over the mTLS xDS channel, as node edge-1.
         assert "(mTLS)" in log.read_text()
     finally:

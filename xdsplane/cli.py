@@ -749,7 +749,33 @@ def _add_guard(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--admin-address",
         default="127.0.0.1:19081",
         metavar="HOST:PORT",
-        help="HTTP /metrics and /healthz (default: 127.0.0.1:19081)",
+        help="HTTP /metrics and /healthz, plaintext: loopback only unless --insecure "
+        "(default: 127.0.0.1:19081)",
+    )
+    tls = p.add_argument_group(
+        "mTLS",
+        "With --tls-cert, --tls-key and --client-ca (all three) and --client-san, both gRPC "
+        "APIs are served over TLS to callers whose client certificate chains to --client-ca "
+        "and carries one of the --client-san values (URI SAN when the value has ://, else DNS "
+        "SAN); others are refused. The files are reloaded when they change and on SIGHUP. "
+        "Without them the guard does not start unless --insecure.",
+    )
+    tls.add_argument("--tls-cert", metavar="FILE", help="the guard's certificate (PEM chain)")
+    tls.add_argument("--tls-key", metavar="FILE", help="its private key (PEM)")
+    tls.add_argument("--client-ca", metavar="FILE", help="the CA client certificates chain to")
+    tls.add_argument(
+        "--client-san",
+        action="append",
+        default=[],
+        metavar="SAN",
+        help="a SAN a caller's certificate must carry (repeatable), e.g. "
+        "spiffe://xdsplane/guard-client",
+    )
+    tls.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow plaintext gRPC (any caller that reaches the port is served) and a "
+        "non-loopback --admin-address; warned at start",
     )
     p.add_argument("--limits", metavar="FILE", help="rate limits YAML (absent: nothing limited)")
     p.add_argument(
@@ -762,6 +788,11 @@ def _add_guard(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--redis", metavar="URL", help="redis://HOST:PORT/DB shared by guards (absent: memory)"
     )
     p.add_argument(
+        "--redis-password-file",
+        metavar="FILE",
+        help="a file holding the Redis password (AUTH), never shown in logs or errors",
+    )
+    p.add_argument(
         "--fail-open",
         action="store_true",
         help="when Redis cannot answer, allow requests (default: deny them)",
@@ -771,14 +802,16 @@ def _add_guard(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         type=float,
         default=300.0,
         metavar="SECONDS",
-        help="remember a jti at most this long, whatever its exp (default: 300)",
+        help="the longest token lifetime accepted (exp - now); a jti is remembered until "
+        "exp + clock skew. --policy raises it to its providers' max_lifetime (default: 300)",
     )
     p.add_argument(
         "--clock-skew",
         type=float,
         default=60.0,
         metavar="SECONDS",
-        help="jwt_authn accepts tokens this long past exp; remember them as long (default: 60)",
+        help="jwt_authn accepts tokens this long past exp; remember them as long. --policy "
+        "raises it to its providers' clock_skew (default: 60)",
     )
     p.add_argument(
         "--payload-key",
@@ -810,6 +843,12 @@ def cmd_guard(args: argparse.Namespace) -> int:
         limits=Path(args.limits) if args.limits else None,
         policy=Path(args.policy) if args.policy else None,
         redis=args.redis,
+        redis_password_file=Path(args.redis_password_file) if args.redis_password_file else None,
+        tls_cert=Path(args.tls_cert) if args.tls_cert else None,
+        tls_key=Path(args.tls_key) if args.tls_key else None,
+        client_ca=Path(args.client_ca) if args.client_ca else None,
+        client_sans=tuple(args.client_san),
+        insecure=args.insecure,
         config=GuardConfig(
             max_lifetime=args.max_lifetime,
             clock_skew=args.clock_skew,

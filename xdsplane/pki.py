@@ -23,6 +23,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from xdsplane import jwt
 
 DEFAULT_DAYS = 90
+GUARD_CLIENT_URI = "spiffe://xdsplane/guard-client"  # the SAN the guard lets call it
 CA_DAYS = 3650
 
 
@@ -58,6 +59,11 @@ SAMPLE: tuple[Spec, ...] = (
     # the control plane's server certificate and the sample node's client certificate.
     Spec("xds-server", "service-ca", dns=("localhost", "127.0.0.1"), usage=("server",)),
     Spec("edge-1", "service-ca", uris=("spiffe://xdsplane/node/edge-1",), usage=("client",)),
+    # mTLS between Envoy and the guard (xdsplane guard --tls-cert guard.crt ... --client-san
+    # spiffe://xdsplane/guard-client): the guard's server certificate and the client
+    # certificate Envoy presents to it (the policy's guard.tls.certificate).
+    Spec("guard", "service-ca", dns=("guard", "localhost", "127.0.0.1"), usage=("server",)),
+    Spec("guard-client", "service-ca", uris=(GUARD_CLIENT_URI,), usage=("client",)),
 )
 
 

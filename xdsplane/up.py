@@ -167,6 +167,15 @@ def run(opts: UpOptions) -> int:
                 # The global rate limits: the same policy Envoy is served.
                 "--policy",
                 str(opts.config),
+                # mTLS: only Envoy's guard-client certificate (the policy's guard.tls) is served.
+                "--tls-cert",
+                str(certs / "guard.crt"),
+                "--tls-key",
+                str(certs / "guard.key"),
+                "--client-ca",
+                str(certs / "service-ca.crt"),
+                "--client-san",
+                pki.GUARD_CLIENT_URI,
             ],
         )
         procs.append(("guard", guard))
@@ -235,7 +244,8 @@ def run(opts: UpOptions) -> int:
             f"  envoy          node {opts.node}, admin http://{opts.envoy_admin_address}/"
             f" (pid {envoy_proc.pid}), log {log_path}\n"
             f"  billing demo   https://{opts.billing_address}/ (mTLS, trusts service-ca)\n"
-            f"  guard          gRPC {opts.guard_address}, http://{opts.guard_admin_address}/healthz"
+            f"  guard          gRPC {opts.guard_address} (mTLS),"
+            f" http://{opts.guard_admin_address}/healthz"
             f" (pid {guard.pid})\n"
             f"  policy         {opts.config}/ (edit it: changes are served live)\n"
             f"  certificates   {certs}/ (xdsplane certs rotate edge: no connection dropped)\n\n"

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from aiohttp import web
@@ -17,10 +20,13 @@ from xdsplane import logs
 from xdsplane.bootstrap import split_address
 from xdsplane.config.errors import ConfigErrors
 from xdsplane.config.loader import list_files
+from xdsplane.config.stableread import FileBusy
 from xdsplane.guard.limits import Limits, load_limits
 from xdsplane.guard.policy import combine, limits_from_policy
 from xdsplane.guard.service import GuardConfig, GuardMetrics, GuardService
-from xdsplane.guard.store import MemoryStore, RedisStore, Store
+from xdsplane.guard.store import MemoryStore, RedisStore, Store, StoreAuthError, redact_url
+from xdsplane.guard.tls import CallerCheck, GuardTls
+from xdsplane.xdstls import XdsTlsError
 
 
 @dataclass
@@ -31,8 +37,17 @@ class GuardOptions:
     policy: Path | None = None  # a policy folder: its routes' global_rate_limit
     policy_poll_seconds: float = 0.5
     redis: str | None = None  # redis://host:port/db; None: in memory
+    redis_password_file: Path | None = None  # the Redis password, read from this file
     config: GuardConfig = field(default_factory=GuardConfig)
     grace_seconds: float = 2.0
+    # mTLS for both gRPC APIs: the server's certificate and key, the CA client certificates
+    # must chain to, and the SANs (URI with ://, else DNS) a caller's certificate must carry.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    client_ca: Path | None = None
+    client_sans: tuple[str, ...] = ()
+    # Plaintext gRPC, and the admin HTTP on a non-loopback address, are refused without it.
+    insecure: bool = False
 
 
 class GuardStartupError(Exception):
@@ -45,16 +60,87 @@ def _bracket(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+def read_password(path: Path) -> str:
+    """The password in ``path`` (one line; a trailing newline is not part of it)."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise GuardStartupError([f"--redis-password-file {path}: {e.strerror or e}"]) from None
+    text = data.decode("utf-8", errors="strict").rstrip("\r\n") if data else ""
+    if not text or "\n" in text:
+        raise GuardStartupError(
+            [f"--redis-password-file {path}: expected one line holding the password"]
+        )
+    return text
+
+
 def make_store(opts: GuardOptions, metrics: GuardMetrics) -> Store:
     if opts.redis is None:
+        if opts.redis_password_file is not None:
+            raise GuardStartupError(["--redis-password-file needs --redis"])
         return MemoryStore()
+    shown = redact_url(opts.redis)
     if not opts.redis.startswith(("redis://", "rediss://", "unix://")):
-        raise GuardStartupError([f"--redis {opts.redis}: expected redis://HOST:PORT/DB"])
+        raise GuardStartupError([f"--redis {shown}: expected redis://HOST:PORT/DB"])
+    password = None
+    if opts.redis_password_file is not None:
+        if shown != opts.redis:
+            raise GuardStartupError(
+                [f"--redis {shown} holds a password: give it there or in --redis-password-file"]
+            )
+        try:
+            password = read_password(opts.redis_password_file)
+        except UnicodeDecodeError:
+            raise GuardStartupError(
+                [f"--redis-password-file {opts.redis_password_file}: not UTF-8 text"]
+            ) from None
 
     def on_error(op: str, error: str) -> None:
         metrics.backend_errors.labels("redis", op, error).inc()
 
-    return RedisStore(opts.redis, on_error=on_error)
+    return RedisStore(opts.redis, on_error=on_error, password=password)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def guard_tls(opts: GuardOptions) -> GuardTls | None:
+    """The gRPC side's mTLS files, checked; None: plaintext (only with --insecure)."""
+    files = {"--tls-cert": opts.tls_cert, "--tls-key": opts.tls_key, "--client-ca": opts.client_ca}
+    given = [flag for flag, path in files.items() if path is not None]
+    if not given:
+        if opts.client_sans:
+            raise GuardStartupError(["--client-san needs --tls-cert, --tls-key and --client-ca"])
+        if not opts.insecure:
+            raise GuardStartupError(
+                [
+                    "the guard's gRPC would accept any caller in plaintext: give --tls-cert, "
+                    "--tls-key, --client-ca and --client-san (mTLS), or --insecure"
+                ]
+            )
+        return None
+    if len(given) != len(files):
+        missing = [flag for flag in files if flag not in given]
+        raise GuardStartupError([f"{', '.join(given)} needs {' and '.join(missing)} too"])
+    if not opts.client_sans:
+        raise GuardStartupError(
+            ["--client-san is required with --client-ca: the SAN(s) Envoy's certificate carries"]
+        )
+    assert opts.tls_cert is not None and opts.tls_key is not None and opts.client_ca is not None
+    for _ in range(400):  # files being written at startup: read them again shortly
+        try:
+            return GuardTls(opts.tls_cert, opts.tls_key, opts.client_ca)
+        except FileBusy:
+            time.sleep(0.005)
+        except XdsTlsError as e:
+            raise GuardStartupError(e.errors) from None
+    raise GuardStartupError([f"{opts.tls_cert}, {opts.tls_key}, {opts.client_ca}: stayed busy"])
 
 
 def admin_app(service: GuardService, opts: GuardOptions) -> web.Application:
@@ -67,6 +153,8 @@ def admin_app(service: GuardService, opts: GuardOptions) -> web.Application:
         # restart would not bring Redis back, and fail-open/closed already decides.
         body = {
             "status": "ok",
+            "grpc": "plaintext" if opts.tls_cert is None else "mtls",
+            "insecure": opts.insecure,
             "backend": service.store.name,
             "backend_up": service.store.up(),
             "fail_open": service.config.fail_open,
@@ -153,18 +241,41 @@ async def run(opts: GuardOptions) -> None:
         limits = load_all(opts)
     except ConfigErrors as e:
         raise GuardStartupError([str(x) for x in e.errors]) from None
-    metrics = GuardMetrics()
-    store = make_store(opts, metrics)
-    service = GuardService(store, limits, opts.config, metrics)
-
     try:
         host, port = split_address(opts.address)
         admin_host, admin_port = split_address(opts.admin_address)
     except ValueError as e:
         raise GuardStartupError([str(e)]) from None
+    if not opts.insecure and not _is_loopback(admin_host):
+        raise GuardStartupError(
+            [
+                f"--admin-address {opts.admin_address}: the admin HTTP (/metrics, /healthz) is "
+                "plaintext and unauthenticated: keep it on loopback, or pass --insecure"
+            ]
+        )
+    tls = guard_tls(opts)
+    metrics = GuardMetrics()
+    store = make_store(opts, metrics)
+    if isinstance(store, RedisStore):
+        try:
+            await store.check_auth()
+        except StoreAuthError as e:
+            await store.close()
+            hint = f" (--redis-password-file {opts.redis_password_file})"
+            raise GuardStartupError(
+                [str(e) + (hint if opts.redis_password_file else " (no password given)")]
+            ) from None
+    service = GuardService(store, limits, opts.config, metrics)
+    caller_check = None
+    if tls is not None:
+        caller_check = CallerCheck(opts.client_sans, metrics.registry)
+
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    server.add_generic_rpc_handlers(tuple(service.handlers()))
-    bound = server.add_insecure_port(f"{_bracket(host)}:{port}")
+    server.add_generic_rpc_handlers(tuple(service.handlers(caller_check)))
+    if tls is not None:
+        bound = server.add_secure_port(f"{_bracket(host)}:{port}", tls.credentials())
+    else:
+        bound = server.add_insecure_port(f"{_bracket(host)}:{port}")
     if bound == 0:
         raise GuardStartupError([f"cannot listen for gRPC on {opts.address}"])
     runner = web.AppRunner(admin_app(service, opts), access_log=None)
@@ -175,14 +286,25 @@ async def run(opts: GuardOptions) -> None:
         await runner.cleanup()
         raise GuardStartupError([f"cannot listen for admin on {opts.admin_address}: {e}"]) from None
     await server.start()
+    if opts.insecure:
+        log.warning(
+            "guard running with --insecure",
+            grpc="plaintext: any caller that reaches it is served" if tls is None else "mtls",
+            admin=opts.admin_address,
+        )
+    if tls is not None:
+        tls.log_loaded("guard tls loaded", client_sans=list(opts.client_sans))
+    skew, longest = service.token_bounds()
     log.info(
         "guard serving",
         grpc=f"{host}:{bound}",
+        tls="mtls" if tls is not None else "plaintext",
         admin=opts.admin_address,
         backend=store.name,
-        redis=opts.redis,
+        redis=redact_url(opts.redis) if opts.redis else None,
+        clock_skew=skew,
         fail_open=opts.config.fail_open,
-        max_lifetime=opts.config.max_lifetime,
+        max_lifetime=longest,
         limits=str(opts.limits) if opts.limits else None,
         policy=str(opts.policy) if opts.policy else None,
         rules=limits.rule_count(),
@@ -193,14 +315,25 @@ async def run(opts: GuardOptions) -> None:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     reloader = LimitsReloader(opts, service)
-    loop.add_signal_handler(
-        signal.SIGHUP, lambda: loop.run_in_executor(None, reloader.reload, "SIGHUP")
-    )
-    watcher = asyncio.create_task(reloader.watch(stop))
+    pending: set[asyncio.Future[Any]] = set()
+
+    def on_sighup() -> None:
+        tasks: list[asyncio.Future[Any]] = [loop.run_in_executor(None, reloader.reload, "SIGHUP")]
+        if tls is not None:
+            tasks.append(asyncio.ensure_future(tls.reload("SIGHUP")))
+        for t in tasks:
+            pending.add(t)
+            t.add_done_callback(pending.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
+    watchers = [asyncio.create_task(reloader.watch(stop))]
+    if tls is not None:
+        watchers.append(asyncio.create_task(tls.run(stop)))
     try:
         await stop.wait()
     finally:
-        watcher.cancel()
+        for w in watchers:
+            w.cancel()
         log.info("guard stopping")
         await server.stop(opts.grace_seconds)
         await runner.cleanup()

@@ -61,6 +61,10 @@ class Rule:
 @dataclass
 class Limits:
     domains: dict[str, dict[tuple[str, str | None], Rule]] = field(default_factory=dict)
+    # From a policy folder's JWT providers (their largest max_lifetime and clock_skew, in
+    # seconds), for replay protection: how long a token may live and be accepted past exp.
+    token_max_lifetime: float | None = None
+    token_clock_skew: float | None = None
 
     def match(self, domain: str, entries: list[tuple[str, str]]) -> Limit | None:
         """The limit for one request descriptor in ``domain``; None: not limited."""

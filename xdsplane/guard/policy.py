@@ -24,6 +24,7 @@ from xdsplane.config.yamlsrc import YamlError, parse
 from xdsplane.guard.limits import Limit, Limits, Rule
 from xdsplane.policy.check import check_policy
 from xdsplane.policy.merge import Fragment, merge
+from xdsplane.policy.model import duration_seconds
 from xdsplane.policy.translate.ratelimit import DOMAIN, KEYS, ROUTE_KEY, route_id
 
 
@@ -84,12 +85,19 @@ def limits_from_policy(folder: Path) -> Limits:
         raise ConfigErrors(errors)
     groups = _groups(units)
     rules: dict[tuple[str, str | None], Rule] = {}
+    lifetimes: list[float] = []
+    skews: list[float] = []
     seen: dict[str, tuple[tuple[int, str, str], Location]] = {}
     for name, members in groups:
         policy, errs = merge([Fragment(u.doc, u.policy) for u in members])
         errors.extend(errs)
         problems, _ = check_policy(policy, name if len(groups) > 1 else "")
         errors.extend(problems)
+        for ppart in policy.jwt_providers.values():
+            provider = ppart.value
+            skews.append(duration_seconds(provider.clock_skew))
+            if provider.max_lifetime is not None:
+                lifetimes.append(duration_seconds(provider.max_lifetime))
         for lname, lpart in sorted(policy.listeners.items()):
             for hi, host in enumerate(lpart.value.hosts):
                 for ri, route in enumerate(host.routes):
@@ -117,7 +125,9 @@ def limits_from_policy(folder: Path) -> Limits:
                     rules[(ROUTE_KEY, ident)] = Rule(ROUTE_KEY, ident, None, {(key, None): child})
     if errors:
         raise ConfigErrors(list(dict.fromkeys(errors)))
-    out = Limits()
+    out = Limits(
+        token_max_lifetime=max(lifetimes, default=None), token_clock_skew=max(skews, default=None)
+    )
     if rules:
         out.domains[DOMAIN] = rules
     return out
@@ -135,4 +145,8 @@ def combine(file_limits: Limits, policy_limits: Limits, policy: Path) -> Limits:
                 )
             ]
         )
-    return Limits({**file_limits.domains, **policy_limits.domains})
+    return Limits(
+        {**file_limits.domains, **policy_limits.domains},
+        policy_limits.token_max_lifetime,
+        policy_limits.token_clock_skew,
+    )

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,13 +46,20 @@ _UNITS = {
 }
 
 
+MAX_HITS_ADDEND = 100  # a rate limit request counting more hits at once is refused
+
+
 @dataclass
 class GuardConfig:
-    max_lifetime: float = 300.0  # seconds a jti is remembered at most
+    # The longest token lifetime (exp - now) accepted: a token living longer is refused
+    # rather than forgotten before it expires. A policy's providers (--policy) raise it to
+    # their own max_lifetime.
+    max_lifetime: float = 300.0
     clock_skew: float = 60.0  # jwt_authn accepts tokens this long after exp (its default)
     payload_key: str = "jwt_payload"  # jwt_authn's payload_in_metadata
     fail_open: bool = False  # store down: allow (True) or deny (False)
     key_prefix: str = "xdsplane:guard:"
+    max_hits_addend: int = MAX_HITS_ADDEND
 
 
 class GuardMetrics:
@@ -115,13 +122,22 @@ class GuardService:
 
     # -- wiring ---------------------------------------------------------------------------
 
-    def handlers(self) -> list[grpc.GenericRpcHandler]:
+    def handlers(
+        self, authorize: Callable[[Any], Awaitable[None]] | None = None
+    ) -> list[grpc.GenericRpcHandler]:
+        """The two services; with ``authorize`` (it aborts a call it refuses), every call
+        is put to it first."""
+        check: Any = self.check
+        should_rate_limit: Any = self.should_rate_limit
+        if authorize is not None:
+            check = _authorized(self.check, authorize)
+            should_rate_limit = _authorized(self.should_rate_limit, authorize)
         return [
             grpc.method_handlers_generic_handler(
                 AUTHZ_SERVICE,
                 {
                     "Check": grpc.unary_unary_rpc_method_handler(
-                        self.check,
+                        check,
                         request_deserializer=external_auth_pb2.CheckRequest.FromString,
                         response_serializer=external_auth_pb2.CheckResponse.SerializeToString,
                     )
@@ -131,7 +147,7 @@ class GuardService:
                 RLS_SERVICE,
                 {
                     "ShouldRateLimit": grpc.unary_unary_rpc_method_handler(
-                        self.should_rate_limit,
+                        should_rate_limit,
                         request_deserializer=rls_pb2.RateLimitRequest.FromString,
                         response_serializer=rls_pb2.RateLimitResponse.SerializeToString,
                     )
@@ -183,6 +199,13 @@ class GuardService:
         value = json_format.MessageToDict(struct.fields[self.config.payload_key])
         return value if isinstance(value, dict) else None
 
+    def token_bounds(self) -> tuple[float, float]:
+        """(clock skew, longest lifetime) in seconds: the flags, raised by what the policy's
+        JWT providers allow (their clock_skew and max_lifetime)."""
+        skew = max(self.config.clock_skew, self.limits.token_clock_skew or 0.0)
+        longest = max(self.config.max_lifetime, self.limits.token_max_lifetime or 0.0)
+        return skew, longest
+
     async def decide_replay(self, claims: dict[str, Any] | None) -> tuple[Decision, dict[str, Any]]:
         """Accept a token id once within its lifetime. Returns the decision and log fields."""
         if claims is None:
@@ -205,14 +228,28 @@ class GuardService:
         if not isinstance(jti, str) or not jti:
             return Decision(False, "no_jti", "the token has no jti claim", 403), fields
         now = self.clock()
-        ttl = self.config.max_lifetime
         exp = claims.get("exp")
-        if exp is not None:
-            if not isinstance(exp, int | float) or isinstance(exp, bool) or not math.isfinite(exp):
-                return Decision(False, "bad_exp", "the token's exp is not a number", 403), fields
-            ttl = min(ttl, float(exp) + self.config.clock_skew - now)
-            if ttl <= 0:
-                return Decision(False, "expired", "the token has expired", 403), fields
+        if exp is None:
+            # Remembered for ever or forgotten while still accepted: neither. The policy's
+            # max_lifetime makes jwt_authn refuse such tokens before they get here.
+            return Decision(False, "no_exp", "the token has no exp claim", 403), fields
+        if not isinstance(exp, int | float) or isinstance(exp, bool) or not math.isfinite(exp):
+            return Decision(False, "bad_exp", "the token's exp is not a number", 403), fields
+        skew, longest = self.token_bounds()
+        # Remembered until jwt_authn stops accepting it (exp + skew), never less.
+        ttl = float(exp) + skew - now
+        if ttl <= 0:
+            return Decision(False, "expired", "the token has expired", 403), fields
+        if float(exp) - now > longest + skew:
+            return (
+                Decision(
+                    False,
+                    "lifetime_too_long",
+                    f"the token expires in more than the guard's max lifetime ({longest:g}s)",
+                    403,
+                ),
+                fields,
+            )
         issuer = iss if isinstance(iss, str) else ""
         digest = hashlib.sha256(f"{issuer}\0{jti}".encode()).hexdigest()
         key = f"{self.config.key_prefix}jti:{digest}"
@@ -240,6 +277,8 @@ class GuardService:
         response = rls_pb2.RateLimitResponse(overall_code=_Code.OK)
         domain = str(request.domain)
         addend = int(request.hits_addend) or 1
+        if addend > self.config.max_hits_addend:
+            return self._refuse_addend(request, domain, addend, started)
         now = self.clock()
         reasons: list[str] = []
         for descriptor in request.descriptors:
@@ -288,6 +327,33 @@ class GuardService:
         if reason in ("store_unavailable", "fail_open"):
             self.log.warning("ratelimit " + result, domain=domain, reason=reason)
         return response
+
+    def _refuse_addend(self, request: Any, domain: str, addend: int, started: float) -> Any:
+        """A caller asking to count more than ``max_hits_addend`` hits at once: every
+        descriptor is OVER_LIMIT and no counter moves (nobody's budget is spent)."""
+        response = rls_pb2.RateLimitResponse(overall_code=_Code.OVER_LIMIT)
+        for _ in request.descriptors:
+            response.statuses.add(code=_Code.OVER_LIMIT)
+        self.metrics.decisions.labels("ratelimit", "over_limit", "bad_hits_addend").inc()
+        self.metrics.latency.labels("ratelimit").observe(time.perf_counter() - started)
+        self.log.warning(
+            "ratelimit refused",
+            domain=domain,
+            reason="bad_hits_addend",
+            hits_addend=addend,
+            max_hits_addend=self.config.max_hits_addend,
+        )
+        return response
+
+
+def _authorized(
+    handler: Callable[[Any, Any], Awaitable[Any]], authorize: Callable[[Any], Awaitable[None]]
+) -> Callable[[Any, Any], Awaitable[Any]]:
+    async def call(request: Any, context: Any) -> Any:
+        await authorize(context)
+        return await handler(request, context)
+
+    return call
 
 
 def _pick_reason(reasons: list[str], over: bool) -> str:

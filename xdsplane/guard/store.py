@@ -20,10 +20,29 @@ import heapq
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 
 class StoreUnavailable(Exception):
     """The backend could not answer (connection refused or lost, timeout, error reply)."""
+
+
+class StoreAuthError(Exception):
+    """Redis refused the guard's credentials (no password, or the wrong one)."""
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (for logs and errors)."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "<unparsable redis URL>"
+    if password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 class Store(Protocol):
@@ -117,21 +136,24 @@ class RedisStore:
         timeout: float = 0.5,
         backoff: float = 0.2,
         on_error: Callable[[str, str], None] | None = None,
+        password: str | None = None,
     ) -> None:
         import redis.asyncio as aioredis
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
-        self.url = url
+        self.url = redact_url(url)  # what logs and errors show: never the password
         self.timeout = timeout
         self.backoff = backoff
         self._on_error = on_error
+        extra: dict[str, Any] = {} if password is None else {"password": password}
         self._client: Any = aioredis.Redis.from_url(
             url,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 0),  # no hidden retries: the service decides
             health_check_interval=0,
+            **extra,
         )
         self._up = True
         self._retry_at = 0.0
@@ -154,7 +176,7 @@ class RedisStore:
                 self._on_error(op, type(e).__name__)
             # The broken connections are dropped; the next call opens new ones.
             await self._reset()
-            raise StoreUnavailable(f"redis {self.url}: {type(e).__name__}: {e}") from None
+            raise StoreUnavailable(f"redis {self.url}: {_describe(e)}") from None
         self._up = True
         return result
 
@@ -188,5 +210,33 @@ class RedisStore:
             return False
         return True
 
+    async def check_auth(self) -> None:
+        """Raise StoreAuthError when Redis refuses the credentials; a Redis that cannot be
+        reached is not an error here (the guard starts and fails closed or open)."""
+        from redis.exceptions import RedisError
+
+        try:
+            await asyncio.wait_for(self._client.ping(), self.timeout * 2)
+        except (RedisError, OSError, TimeoutError) as e:
+            await self._reset()
+            if _is_auth_error(e):
+                raise StoreAuthError(f"redis {self.url}: {_describe(e)}") from None
+
     async def close(self) -> None:
         await self._client.aclose()
+
+
+def _is_auth_error(e: BaseException) -> bool:
+    from redis.exceptions import AuthenticationError
+
+    text = str(e)
+    return isinstance(e, AuthenticationError) or "NOAUTH" in text or "WRONGPASS" in text
+
+
+def _describe(e: BaseException) -> str:
+    """An error's type and text (Redis never puts the password in them), with Redis'
+    authentication errors said plainly."""
+    text = str(e)[:200]
+    if _is_auth_error(e):
+        return f"authentication failed ({type(e).__name__}: {text})"
+    return f"{type(e).__name__}: {text}"

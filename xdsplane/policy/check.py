@@ -120,6 +120,7 @@ def check_policy(policy: GroupPolicy, scope: str = "") -> tuple[list[ConfigError
             )
 
     addresses = _Addresses()
+    no_lifetime: set[str] = set()  # providers already reported for lacking max_lifetime
     for lname, lpart in policy.listeners.items():
         listener, lo = lpart.value, lpart.origin
         conflicts = addresses.conflicts(lname, lo, listener.address)
@@ -243,6 +244,24 @@ def check_policy(policy: GroupPolicy, scope: str = "") -> tuple[list[ConfigError
                             "verified token's jti)",
                         )
                     )
+                if r.replay_protection and r.jwt is not None:
+                    ppart = policy.jwt_providers.get(r.jwt)
+                    if (
+                        ppart is not None
+                        and ppart.value.max_lifetime is None
+                        and r.jwt not in no_lifetime
+                    ):
+                        no_lifetime.add(r.jwt)
+                        at = lo.key(*hkeys, "routes", ri, "replay_protection")
+                        errors.append(
+                            ConfigError(
+                                ppart.origin.key(),
+                                f"jwt provider {r.jwt!r} needs max_lifetime: route "
+                                f"{lname}/{h.name}/{rname} ({at.path}:{at.line}) has "
+                                "replay_protection (the guard remembers a token until its "
+                                "exp; without max_lifetime a token may live for ever)",
+                            )
+                        )
                 if r.replay_protection and policy.guard is None:
                     errors.append(
                         ConfigError(
@@ -293,6 +312,18 @@ def check_policy(policy: GroupPolicy, scope: str = "") -> tuple[list[ConfigError
                     else:
                         usage.upstreams.add(use_key(part.origin))
 
+    if policy.guard is not None and policy.guard.value.tls is not None:
+        gtls, go = policy.guard.value.tls, policy.guard.origin
+        secret(gtls.ca, "ca", go, "tls", "ca")
+        secret(gtls.certificate, "certificate", go, "tls", "certificate")
+        if gtls.certificate is None:
+            errors.append(
+                ConfigError(
+                    go.key("tls"),
+                    "guard.tls needs certificate: the guard serves only callers with a client "
+                    "certificate (xdsplane certs init writes guard-client.crt/.key)",
+                )
+            )
     if policy.guard is not None and GUARD_CLUSTER in policy.upstreams:
         errors.append(
             ConfigError(

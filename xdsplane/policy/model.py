@@ -919,6 +919,11 @@ class Guard(Model):
         False, description="the guard unreachable: let requests through (true) or refuse"
     )
     timeout: Duration = Field("250ms", description="how long Envoy waits for the guard")
+    tls: UpstreamTls | None = Field(
+        None,
+        description="mutual TLS to the guard, as for an upstream: certificate (Envoy's client "
+        "certificate, required), ca, sni, subject_alt_names",
+    )
 
 
 class PolicyFile(Model):

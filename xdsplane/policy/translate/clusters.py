@@ -12,7 +12,7 @@ from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import string_pb2
 
-from xdsplane.policy.model import Upstream, split_host_port
+from xdsplane.policy.model import Upstream, UpstreamTls, split_host_port
 from xdsplane.policy.translate.common import (
     ads,
     duration,
@@ -81,33 +81,38 @@ def cluster(name: str, up: Upstream) -> Any:
             )
         )
     if up.tls is not None:
-        t_ = up.tls
-        common = tls_pb2.CommonTlsContext(tls_params=tls_params(t_.min_version, t_.max_version))
-        if t_.certificate is not None:
-            common.tls_certificate_sds_secret_configs.append(sds(t_.certificate))
-        validation = common_pb2.CertificateValidationContext()
-        for san in t_.subject_alt_names:
-            kind = (
-                common_pb2.SubjectAltNameMatcher.URI
-                if "://" in san
-                else common_pb2.SubjectAltNameMatcher.DNS
-            )
-            validation.match_typed_subject_alt_names.append(
-                common_pb2.SubjectAltNameMatcher(
-                    san_type=kind, matcher=string_pb2.StringMatcher(exact=san)
-                )
-            )
-        common.combined_validation_context.CopyFrom(
-            tls_pb2.CommonTlsContext.CombinedCertificateValidationContext(
-                default_validation_context=validation,
-                validation_context_sds_secret_config=sds(t_.ca),
+        c.transport_socket.CopyFrom(upstream_tls(up.tls))
+    return c
+
+
+def upstream_tls(t_: UpstreamTls) -> Any:
+    """The transport socket of a cluster that speaks (mutual) TLS to its endpoints: Envoy's
+    client certificate and the CA over SDS, the SANs and SNI to verify and send."""
+    common = tls_pb2.CommonTlsContext(tls_params=tls_params(t_.min_version, t_.max_version))
+    if t_.certificate is not None:
+        common.tls_certificate_sds_secret_configs.append(sds(t_.certificate))
+    validation = common_pb2.CertificateValidationContext()
+    for san in t_.subject_alt_names:
+        kind = (
+            common_pb2.SubjectAltNameMatcher.URI
+            if "://" in san
+            else common_pb2.SubjectAltNameMatcher.DNS
+        )
+        validation.match_typed_subject_alt_names.append(
+            common_pb2.SubjectAltNameMatcher(
+                san_type=kind, matcher=string_pb2.StringMatcher(exact=san)
             )
         )
-        ctx = tls_pb2.UpstreamTlsContext(common_tls_context=common)
-        if t_.sni:
-            ctx.sni = t_.sni
-        c.transport_socket.CopyFrom(transport_socket(ctx))
-    return c
+    common.combined_validation_context.CopyFrom(
+        tls_pb2.CommonTlsContext.CombinedCertificateValidationContext(
+            default_validation_context=validation,
+            validation_context_sds_secret_config=sds(t_.ca),
+        )
+    )
+    ctx = tls_pb2.UpstreamTlsContext(common_tls_context=common)
+    if t_.sni:
+        ctx.sni = t_.sni
+    return transport_socket(ctx)
 
 
 def load_assignment(name: str, up: Upstream) -> Any:

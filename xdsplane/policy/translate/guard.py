@@ -19,7 +19,7 @@ from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 
 from xdsplane.policy.model import Guard, Host, Route, split_host_port
-from xdsplane.policy.translate import jwt
+from xdsplane.policy.translate import clusters, jwt
 from xdsplane.policy.translate.common import duration, one_endpoint_cluster, pack
 
 CLUSTER = "xdsplane-guard"
@@ -32,7 +32,8 @@ def needs_ext_authz(hosts: Iterable[Host]) -> bool:
 
 
 def cluster(guard: Guard) -> Any:
-    """The guard's cluster: STATIC for an IP address, STRICT_DNS for a host name; HTTP/2."""
+    """The guard's cluster: STATIC for an IP address, STRICT_DNS for a host name; HTTP/2;
+    with ``tls``, mutual TLS (the same UpstreamTlsContext as an upstream's ``tls``)."""
     host, port = split_host_port(guard.address)
     try:
         ipaddress.ip_address(host)
@@ -46,6 +47,9 @@ def cluster(guard: Guard) -> Any:
         )
     )
     c.typed_extension_protocol_options[_HTTP_OPTIONS].CopyFrom(pack(opts))
+    if guard.tls is not None:
+        # mTLS as to an upstream: the guard serves only callers with its client SAN.
+        c.transport_socket.CopyFrom(clusters.upstream_tls(guard.tls))
     return c
 
 
