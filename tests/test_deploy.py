@@ -343,17 +343,18 @@ def test_each_service_finds_every_file_it_names_in_its_own_mounts(init_root: Pat
             assert (base / path[len(v["target"]) :].lstrip("/")).exists(), f"{name}: no {arg}"
 
 
-def test_redis_requires_the_generated_password(init_root: Path, procs: ProcessGroup) -> None:
-    """The compose redis command, run for real (the config path and port moved): without
-    the password nothing answers; the guard's password file is accepted."""
+def _client(port: int, password: str | None) -> Any:
     import redis
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    def client(password: str | None) -> redis.Redis:
-        return redis.Redis(
-            port=port, password=password, socket_timeout=2, retry=Retry(NoBackoff(), 0)
-        )
+    return redis.Redis(port=port, password=password, socket_timeout=2, retry=Retry(NoBackoff(), 0))
+
+
+def start_compose_redis(init_root: Path, procs: ProcessGroup) -> int:
+    """compose's redis command, run for real with its volume (the config path and the port
+    moved); returns the port once it refuses unauthenticated clients."""
+    import redis
 
     volumes = _volume_dirs(init_root)
     service = long_running()["redis"]
@@ -368,15 +369,12 @@ def test_redis_requires_the_generated_password(init_root: Path, procs: ProcessGr
         for a in service["command"]
     ]
     assert shutil.which(argv[0]), "redis-server not installed"
-    proc = procs.spawn("redis", argv, max_seconds=60).start()
-    password = (volumes["guard-certs"] / "redis-password").read_text().strip()
-    assert len(password) >= 32
-    assert password not in (REPO / "compose.yaml").read_text()
+    proc = procs.spawn("redis", argv, max_seconds=120).start()
 
     def up() -> bool:
         proc.ensure_alive()
         try:
-            client(None).ping()
+            _client(port, None).ping()
         except redis.AuthenticationError:
             return True
         except redis.ConnectionError:
@@ -384,6 +382,22 @@ def test_redis_requires_the_generated_password(init_root: Path, procs: ProcessGr
         raise AssertionError("redis answered PING without a password")
 
     wait_until(up, 20, what="redis-server refusing unauthenticated clients")
+    return port
+
+
+def test_redis_requires_the_generated_password(init_root: Path, procs: ProcessGroup) -> None:
+    """Without the password nothing answers; the guard's password file is accepted."""
+    import redis
+
+    port = start_compose_redis(init_root, procs)
+    volumes = _volume_dirs(init_root)
+    password = (volumes["guard-certs"] / "redis-password").read_text().strip()
+    assert len(password) >= 32
+    assert password not in (REPO / "compose.yaml").read_text()
+
+    def client(password: str | None) -> Any:
+        return _client(port, password)
+
     for wrong in ("", "guess", password[:-1]):
         with pytest.raises((redis.AuthenticationError, redis.ResponseError)):
             client(wrong or None).get("x")
@@ -396,6 +410,49 @@ def test_redis_requires_the_generated_password(init_root: Path, procs: ProcessGr
         ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True, timeout=30
     ).stdout.split()
     assert not [f for f in tracked if "redis-password" in f or f.endswith("redis.conf")]
+
+
+def _guard_has_tls_flags() -> bool:
+    out = subprocess.run(
+        xdsplane_argv("guard", "--help"), capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    return "--redis-password-file" in out and "--client-san" in out
+
+
+def test_compose_guard_runs_mtls_and_authenticates_to_redis(
+    init_root: Path, procs: ProcessGroup, tmp_path: Path
+) -> None:
+    """compose's guard command, run as written (ports moved) with only its own volume and
+    the policy, against compose's Redis: it starts over mTLS and reaches Redis with the
+    generated password (the guard refuses to start when Redis refuses its password)."""
+    if not _guard_has_tls_flags():
+        pytest.skip("the guard's --tls-cert/--client-san/--redis-password-file (sec-guard)")
+    redis_port = start_compose_redis(init_root, procs)
+    service = long_running()["guard"]
+    home = tmp_path / "guard"
+    for v in service["volumes"]:
+        target = home / v["target"][len(WORKDIR) + 1 :]
+        source = _volume_dirs(init_root)[v["source"]] if v["type"] == "volume" else v["source"]
+        shutil.copytree(source, target)
+    admin = free_port()
+    ports = {
+        "127.0.0.1:18081": f"127.0.0.1:{free_port()}",
+        "127.0.0.1:6379": f"127.0.0.1:{redis_port}",
+    }
+    argv = [_free_ports_for(a, ports) for a in service["command"]]
+    argv += ["--admin-address", f"127.0.0.1:{admin}", "--log-format", "json"]
+    guard = procs.spawn("guard", xdsplane_argv(*argv), cwd=home).start()
+
+    def health() -> dict[str, Any] | None:
+        guard.ensure_alive()
+        r = http_get(admin, "/healthz", timeout=2.0)
+        return json.loads(r.body) if r.status == 200 else None
+
+    wait_until(lambda: health() is not None, 30, what="the guard's /healthz")
+    h = health()
+    assert h is not None
+    assert h["grpc"] == "mtls" and h["backend"] == "redis" and h["backend_up"] is True, h
+    assert not h.get("insecure"), h
 
 
 def _free_ports_for(text: str, ports: dict[str, str]) -> str:
