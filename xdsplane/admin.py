@@ -35,6 +35,8 @@ class AdminState:
         self.started_at = time.time()
         # The xDS server's own certificate and client CA (serve over mTLS), for /status.
         self.xds_tls: Callable[[], dict[str, object]] | None = None
+        # Why this server is reachable in plaintext off the host (serve --insecure), if it is.
+        self.insecure: list[str] = []
 
     def certificates(self) -> list[dict[str, object]]:
         current = self.cache.current
@@ -82,6 +84,7 @@ class AdminState:
             "streams": [s.as_dict() for s in self.registry.streams.values()],
             "nacks": self.registry.nacks(),
             "refused": dict(self.registry.refused),
+            "insecure": list(self.insecure),
         }
 
 

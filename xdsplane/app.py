@@ -16,6 +16,7 @@ from xdsplane.bootstrap import split_address
 from xdsplane.cache import SnapshotCache
 from xdsplane.config.errors import ConfigErrors
 from xdsplane.config.stableread import FileBusy
+from xdsplane.exposure import serve_exposure
 from xdsplane.metrics import Metrics
 from xdsplane.server.ads import AdsService
 from xdsplane.server.limits import Limits
@@ -42,6 +43,8 @@ class ServeOptions:
     tls_key: Path | None = None
     client_ca: Path | None = None
     limits: Limits = field(default_factory=Limits)  # what one ADS client may ask (limits.py)
+    # Start even when a plaintext port listens off loopback (exposure.py); warned and in /status.
+    insecure: bool = False
 
     @property
     def tls(self) -> bool:
@@ -60,6 +63,14 @@ class TlsSetupError(StartupError):
 
 async def serve(opts: ServeOptions) -> None:
     log = logs.get("xdsplane.serve")
+    try:
+        exposed = serve_exposure(opts.xds_address, opts.tls, opts.admin_address)
+    except ValueError as e:
+        raise StartupError([str(e)]) from None
+    if exposed and not opts.insecure:
+        raise StartupError([*exposed, "--insecure starts anyway"])
+    for reason in exposed:
+        log.warning("insecure: started with --insecure", reason=reason)
     cache = SnapshotCache()
     registry = Registry()
     metrics = Metrics(lambda: cache.current)
@@ -116,6 +127,7 @@ async def serve(opts: ServeOptions) -> None:
     )
     if tls is not None:
         state.xds_tls = tls.status
+    state.insecure = exposed
     try:
         runner = await admin.start(state, admin_host, admin_port)
     except OSError as e:

@@ -70,6 +70,15 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     tls.add_argument(
         "--client-ca", metavar="FILE", help="CA certificate(s) (PEM) that issue client certificates"
     )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="start even when a plaintext port (xDS without the three TLS flags, or the "
+        "admin server, which is always plain HTTP) listens on a non-loopback address; "
+        "without it `serve` refuses (exit 2). Loopback is 127.0.0.0/8, ::1 and localhost; "
+        "0.0.0.0 and :: are not. The reasons are logged as warnings and listed in /status "
+        "under 'insecure'",
+    )
     _add_logging(p)
 
 
@@ -503,6 +512,7 @@ def _add_limits(p: argparse.ArgumentParser) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from xdsplane.app import ServeOptions, StartupError, TlsSetupError, serve
     from xdsplane.config import stableread
+    from xdsplane.exposure import serve_exposure
     from xdsplane.server.limits import Limits
 
     limits = Limits(
@@ -526,6 +536,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    try:
+        exposed = serve_exposure(args.xds_address, args.tls_cert is not None, args.admin_address)
+    except ValueError as e:
+        print(f"xdsplane serve: {e}", file=sys.stderr)
+        return 2
+    if exposed and not args.insecure:
+        for reason in exposed:
+            print(f"xdsplane serve: not starting: {reason}", file=sys.stderr)
+        print(
+            "xdsplane serve: --insecure starts anyway (logged as a warning and shown in "
+            "/status); see docs/deploy.md#no-plaintext-off-the-host",
+            file=sys.stderr,
+        )
+        return 2
     _configure_logging(args)
     stableread.install()
     opts = ServeOptions(
@@ -540,6 +564,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tls_key=Path(args.tls_key) if args.tls_key else None,
         client_ca=Path(args.client_ca) if args.client_ca else None,
         limits=limits,
+        insecure=args.insecure,
     )
     try:
         asyncio.run(serve(opts))

@@ -197,6 +197,7 @@ def render(status: Mapping[str, Any], cert_warn_days: float = 14.0) -> str:
         "<title>xdsplane</title>\n"
         f"<style>{_STYLE}</style></head><body>\n"
         f"<h1>xdsplane: {state}</h1>\n"
+        f"{''.join(f'<p class=bad>Insecure: {_e(r)}</p>' for r in status.get('insecure', []))}"
         f"<p class='muted'>Refreshes every {REFRESH_SECONDS} s. Machine-readable: "
         "<a href='/status'>/status</a>, <a href='/metrics'>/metrics</a>.</p>\n"
         f"<h2>Nodes ({len(status.get('streams', []))} streams)</h2>\n{_nodes(status)}"
@@ -232,7 +233,7 @@ def _columns(rows: list[list[str]]) -> list[str]:
 
 def render_text(status: Mapping[str, Any]) -> list[str]:
     """The node table, reload state and errors, then certificates, as lines of text."""
-    lines: list[str] = []
+    lines: list[str] = [f"INSECURE (--insecure): {r}" for r in status.get("insecure", [])]
     streams = sorted(
         status.get("streams", []), key=lambda s: (str(s.get("node")), int(s.get("stream", 0)))
     )
