@@ -34,6 +34,14 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="HTTP /healthz, /readyz, /status (default: 127.0.0.1:19000)",
     )
     p.add_argument(
+        "--admin-allowed-hosts",
+        action="append",
+        default=[],
+        metavar="HOST[:PORT],...",
+        help="Host headers the admin server answers besides its own address (and localhost "
+        "when on loopback); others get 421 (DNS rebinding). `*`: any",
+    )
+    p.add_argument(
         "--watch-step-ms",
         type=int,
         default=2,
@@ -515,6 +523,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"xdsplane serve: {problem}", file=sys.stderr)
         return 2
 
+    from xdsplane.admin import normalize_allowed
+
+    try:
+        normalize_allowed(args.admin_allowed_hosts)
+    except ValueError as e:
+        print(f"xdsplane serve: --admin-allowed-hosts: {e}", file=sys.stderr)
+        return 2
+
     tls_files = {"--tls-cert": args.tls_cert, "--tls-key": args.tls_key}
     tls_files["--client-ca"] = args.client_ca
     if any(tls_files.values()) and not all(tls_files.values()):
@@ -530,6 +546,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config=Path(args.config),
         xds_address=args.xds_address,
         admin_address=args.admin_address,
+        admin_allowed_hosts=tuple(args.admin_allowed_hosts),
         watch_step_ms=args.watch_step_ms,
         cert_warn_days=args.cert_warn_days,
         envoy_validate=args.envoy_validate,
@@ -707,6 +724,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     import urllib.request
 
     from xdsplane.bootstrap import split_address
+    from xdsplane.redact import escape_control
     from xdsplane.statuspage import render_text
 
     try:
@@ -726,8 +744,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         json.dump(data, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
+        # Node ids and NACK texts come from clients: never pass their control bytes on.
         for line in render_text(data):
-            print(line)
+            print(escape_control(line))
     return 0
 
 
