@@ -27,7 +27,7 @@ _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}(?:\.[A-Za-z0-9_-]*){
 # (names in a policy are lower case, versions and digests hex: they never look like this).
 _BLOB = re.compile(r"(?<![A-Za-z0-9+/_=-])[A-Za-z0-9+/_-]{32,}={0,2}(?![A-Za-z0-9+/_=-])")
 # A quoted value as repr() writes it in a message.
-_QUOTED = re.compile(r"""'(?:[^'\\\n]|\\.)*'|"(?:[^"\\\n]|\\.)*\"""")
+_QUOTED = re.compile(r"'[^'\\\n]*(?:\\.[^'\\\n]*)*'" + r'|"[^"\\\n]*(?:\\.[^"\\\n]*)*"')
 
 # Field names whose value is a secret (matched on words of the name, any case).
 _SECRET_WORDS = frozenset(
@@ -52,6 +52,25 @@ _SECRET_WORDS = frozenset(
         "d",
     }
 )
+# Envoy (proto) fields that hold key material or shared secrets.
+SECRET_PROTO_FIELDS = frozenset(
+    {
+        "private_key",  # TlsCertificate
+        "password",  # TlsCertificate, and any auth password
+        "pkcs12",
+        "private_key_provider",
+        "secret",  # GenericSecret.secret
+        "secrets",  # GenericSecret.secrets (a map of DataSources)
+        "keys",  # TlsSessionTicketKeys.keys
+        "session_ticket_keys",
+        "hmac_secret",
+        "token_secret",
+        "auth_password",  # Redis
+        "users",  # basic_auth: an htpasswd file inline
+        "credential",
+        "credentials",
+    }
+)
 # ...except these, whose value is a file name (the policy's private_key is a path).
 _PATH_FIELDS = frozenset({"private_key", "private_key_file", "key_file", "password_file"})
 
@@ -70,6 +89,18 @@ def is_secret_field(name: object) -> bool:
     if len(words) == 1 and words[0] in ("k", "d"):
         return True  # a JWK's symmetric key or private exponent
     return any(w in _SECRET_WORDS and w not in ("k", "d") for w in words)
+
+
+def hide_value(message: str, value: object) -> str:
+    """``message`` with every spelling of a scalar ``value`` replaced by its fingerprint (for
+    messages about a secret field, built by code that quotes what it got)."""
+    if isinstance(value, dict | list) or value is None or isinstance(value, bool):
+        return message
+    hidden = fingerprint(str(value))
+    for shown in sorted({repr(value), str(value)}, key=len, reverse=True):
+        if shown:
+            message = message.replace(shown, hidden)
+    return message
 
 
 def is_path_field(name: object) -> bool:
@@ -100,7 +131,7 @@ def _has_blob(text: str) -> bool:
 def scrub(text: str, blobs: bool = True) -> str:
     """``text`` with PEM blocks, JWTs and (``blobs``) long base64 runs replaced."""
     if "-----BEGIN " in text:
-        text = _PEM.sub(lambda m: f"<PEM {m.group(1).strip()} redacted>", text)
+        text = _PEM.sub(lambda m: f"<redacted PEM block ({m.group(1).strip().lower()})>", text)
     if "eyJ" in text:
         text = _JWT.sub(lambda m: fingerprint(m.group(0)), text)
     if blobs:
@@ -125,7 +156,7 @@ def quote(value: object, field: object = None, limit: int = MAX_VALUE) -> str:
     if not isinstance(value, str):
         return cut(scrub(text), limit)
     shown = scrub(value)
-    return repr(cut(shown, limit)) if shown == value else cut(shown, limit)
+    return _cut_quoted(repr(value), limit) if shown == value else cut(shown, limit)
 
 
 def scrub_message(message: str, limit: int = MAX_VALUE) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 from google.protobuf import json_format
 
 from xdsplane import redact as redact_text
-from xdsplane.redact import fingerprint
+from xdsplane.redact import SECRET_PROTO_FIELDS, fingerprint
 from xdsplane.snapshot import Snapshot
 from xdsplane.types import PUSH_ORDER
 
@@ -18,24 +18,7 @@ REDACTED = "[redacted]"
 
 # Fields that hold key material or shared secrets, in proto (snake_case) form; their whole
 # content is replaced by its fingerprint.
-SECRET_FIELDS = frozenset(
-    {
-        "private_key",  # TlsCertificate
-        "password",  # TlsCertificate, and any auth password
-        "pkcs12",
-        "private_key_provider",
-        "secret",  # GenericSecret.secret
-        "secrets",  # GenericSecret.secrets (a map of DataSources)
-        "keys",  # TlsSessionTicketKeys.keys
-        "session_ticket_keys",
-        "hmac_secret",
-        "token_secret",
-        "auth_password",  # Redis
-        "users",  # basic_auth: an htpasswd file inline
-        "credential",
-        "credentials",
-    }
-)
+SECRET_FIELDS = SECRET_PROTO_FIELDS
 # Members of a JWK that are secret: a symmetric (kty oct) key, and the private parts of RSA
 # and EC keys (validate refuses those in jwks_file, but `resources:` may hold anything).
 JWK_SECRET_MEMBERS = frozenset({"k", "d", "p", "q", "dp", "dq", "qi", "oth"})

@@ -50,10 +50,7 @@ class ConfigError:
         # belongs, a token, control characters, or megabytes on one line. Whatever built the
         # message, key material is replaced (xdsplane.redact), each quoted value is cut and
         # control characters are escaped, so no output surface can print them.
-        message = self.message
-        if len(message) > 4 * MAX_MESSAGE:  # scrub a bounded text, whatever the file holds
-            message = message[: 4 * MAX_MESSAGE]
-        message = scrub_message(message)
+        message = scrub_message(self.message)
         if len(message) > MAX_MESSAGE:
             message = f"{message[: MAX_MESSAGE - 40]}... ({len(message)} characters)"
         object.__setattr__(self, "message", message)

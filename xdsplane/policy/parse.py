@@ -12,7 +12,7 @@ from pydantic import BaseModel, ValidationError
 from xdsplane.config.errors import ConfigError
 from xdsplane.config.yamlsrc import Document
 from xdsplane.policy.model import PolicyFile, is_duration_field
-from xdsplane.redact import fingerprint, is_path_field, is_secret_field
+from xdsplane.redact import hide_value, is_path_field, is_secret_field
 
 
 def _unwrap(t: Any) -> Any:
@@ -82,11 +82,8 @@ def _message(err: dict[str, Any], loc: tuple[Any, ...]) -> str:
     text = _describe(err, loc)
     field = next((p for p in reversed(loc) if isinstance(p, str) and p != "[key]"), "")
     got = err.get("input")
-    if is_secret_field(field) and not is_path_field(field) and got not in (None, True, False):
-        hidden = fingerprint(str(got))
-        for shown in sorted({repr(got), str(got)}, key=len, reverse=True):
-            if shown:
-                text = text.replace(shown, hidden)
+    if is_secret_field(field) and not is_path_field(field):
+        text = hide_value(text, got)
     return text
 
 
