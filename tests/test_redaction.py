@@ -11,6 +11,7 @@ log (JSON and console), ``/status``, the HTML page and ``xdsplane status``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import subprocess
@@ -287,10 +288,8 @@ def _run_client(address: str) -> Any:
     def run() -> None:
         asyncio.set_event_loop(loop)
         task.append(loop.create_task(_hostile_client(address)))
-        try:
+        with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
             loop.run_until_complete(task[0])
-        except (asyncio.CancelledError, grpc.aio.AioRpcError):
-            pass
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
@@ -362,6 +361,8 @@ def test_scrub_catches_key_material_in_any_spelling() -> None:
         assert all(ln not in out for ln in KEY_LINES[1:]) and "PRIVATE KEY--" not in out
         assert all(p not in out for p in JWT_PARTS)
     assert scrub("../certs/edge.key") == "../certs/edge.key"
+    path = "/srv/Configs/Edge2024Certificates/server.pem"
+    assert scrub(path) == path  # a file name is not taken for a key
     assert scrub("0123456789abcdef" * 4) == "0123456789abcdef" * 4  # a hex digest stays
 
 

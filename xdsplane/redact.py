@@ -23,9 +23,10 @@ _PEM = re.compile(
 )
 # A JWT (or any JWS/JWE in compact form): base64url JSON header "eyJ", then dot-separated parts.
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}(?:\.[A-Za-z0-9_-]*){1,3}")
-# Key material without a PEM header: a long run of base64 mixing upper, lower case and digits
-# (names in a policy are lower case, versions and digests hex: they never look like this).
-_BLOB = re.compile(r"(?<![A-Za-z0-9+/_=-])[A-Za-z0-9+/_-]{32,}={0,2}(?![A-Za-z0-9+/_=-])")
+# Key material without a PEM header: a long run of base64(url) mixing upper, lower case and
+# digits (names in a policy are lower case, versions and digests hex: they never look like
+# this). "/" ends a run, so a file path is not taken for a key.
+_BLOB = re.compile(r"(?<![A-Za-z0-9+_=-])[A-Za-z0-9+_-]{32,}={0,2}(?![A-Za-z0-9+_=-])")
 # A quoted value as repr() writes it in a message.
 _QUOTED = re.compile(r"'[^'\\\n]*(?:\\.[^'\\\n]*)*'" + r'|"[^"\\\n]*(?:\\.[^"\\\n]*)*"')
 
