@@ -127,7 +127,7 @@ def _add_envoy_binary(p: argparse.ArgumentParser) -> None:
 def _add_render(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "render",
-        help="print the resources a node would get, as JSON by type (private keys redacted)",
+        help="print the resources a node would get, as JSON by type (secrets redacted)",
     )
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--node", required=True, metavar="ID", help="the Envoy node id")
@@ -629,7 +629,8 @@ def _add_diff(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Load OLD_DIR and NEW_DIR and show, per node group, which Envoy resources "
         "(SDS, CDS, EDS, ECDS, LDS, RDS) would be added (+), changed (~) and removed (-), with the "
         "field paths that change and their old -> new values. Key material is never shown: a "
-        "changed private key reads `[redacted] (changed)`. The last line sums up: "
+        "secret reads `<redacted sha256:1a2b3c4d...>` (a fingerprint: it differs when the secret "
+        "changed). The last line sums up: "
         "`N changed, N added, N removed`.",
         epilog="exit status: 0 done (whether or not the folders differ), 1 a folder does not "
         "load, 2 bad arguments, 3 the folders differ and --exit-code was given (a distinct "
