@@ -74,7 +74,9 @@ def _jwks() -> str:
     )
 
 
-def good_policy(generic: str = GENERIC, password: str = PASSWORD) -> dict[str, Any]:
+def good_policy(
+    generic: str = GENERIC, password: str = PASSWORD, body: str = "ok"
+) -> dict[str, Any]:
     return {
         "nodes": ["edge-*"],
         "jwt_providers": {
@@ -93,7 +95,11 @@ def good_policy(generic: str = GENERIC, password: str = PASSWORD) -> dict[str, A
                         "name": "web",
                         "domains": ["web.example.com"],
                         "routes": [
-                            {"prefix": "/", "jwt": "idp", "direct_response": {"status": 200}}
+                            {
+                                "prefix": "/",
+                                "jwt": "idp",
+                                "direct_response": {"status": 200, "body": body},
+                            }
                         ],
                     }
                 ],
@@ -239,7 +245,11 @@ def test_diff_says_which_secret_changed_without_printing_it(tmp_path: Path) -> N
     try:
         new = write_folder(
             tmp_path / "new",
-            good_policy(generic=GENERIC + "-rotated", password=PASSWORD + "-rotated"),
+            good_policy(
+                generic=GENERIC + "-rotated",
+                password=PASSWORD + "-rotated",
+                body="changed \x1b[2J\x07\u202e",  # diff prints it: escaped
+            ),
             jwks=_jwks().replace(OCT_K, new_k),
         )
         for extra in ([], ["--unified"]):
@@ -252,6 +262,7 @@ def test_diff_says_which_secret_changed_without_printing_it(tmp_path: Path) -> N
             fingerprints = set(re.findall(r"<redacted sha256:([0-9a-f]{8})\.\.\.>", text))
             assert len(fingerprints) >= 6, text  # old and new of each changed secret
             assert "secret" in text and "password" in text
+            assert "\\u001b[2J" in text or "\\x1b[2J" in text, text
     finally:
         SECRETS.remove(new_k)
 

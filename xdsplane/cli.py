@@ -679,8 +679,10 @@ def cmd_diff(args: argparse.Namespace) -> int:
     ):
         print(f"no file in {args.old} or {args.new} selects node {args.node!r}", file=sys.stderr)
         return 1
+    from xdsplane.redact import escape_control
+
     for line in render_text(summary, unified=args.unified):
-        print(line)
+        print(escape_control(line))  # values from raw resources may hold control characters
     print(summary.line() if not summary.identical else f"no differences; {summary.line()}")
     return DIFFERENT if args.exit_code and not summary.identical else 0
 
