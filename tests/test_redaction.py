@@ -384,3 +384,25 @@ def test_quote_hides_secret_fields_and_cuts() -> None:
     assert quote("y" * 500).endswith("(500 characters)")
     assert scrub_message("got '" + "z" * 300 + "'").endswith("(300 characters)")
     assert escape_control("a\x1b[2Jb\u202e\n") == "a\\x1b[2Jb\\u202e\\x0a"
+
+
+def test_render_redacts_auth_headers_and_key_sets_as_bytes() -> None:
+    import base64
+
+    from xdsplane.render import redact
+
+    headers = redact(
+        {
+            "request_headers_to_add": [
+                {"header": {"key": "Authorization", "value": f"Bearer {JWT}"}},
+                {"header": {"key": "x-api-key", "value": PASSWORD}},
+                {"header": {"key": "x-trace", "value": "1"}},
+            ]
+        }
+    )
+    shown = json.dumps(headers)
+    assert JWT_PARTS[1] not in shown and PASSWORD not in shown
+    assert headers["request_headers_to_add"][2]["header"]["value"] == "1"  # not a secret
+    jwks = base64.b64encode(_jwks().encode()).decode()
+    out = json.dumps(redact({"local_jwks": {"inline_bytes": jwks}}))
+    assert jwks not in out and "<redacted sha256:" in out

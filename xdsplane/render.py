@@ -80,6 +80,8 @@ def redact(value: Any, parent: str = "") -> Any:
                 out[k] = _hidden(v)
             elif parent == "local_jwks" and k == "inline_string" and isinstance(v, str):
                 out[k] = _jwks(v)
+            elif parent == "local_jwks" and k == "inline_bytes":
+                out[k] = _hidden(v)  # a key set as bytes: not parsed, hidden whole
             else:
                 out[k] = redact(v, k)
         return out
