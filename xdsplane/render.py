@@ -49,11 +49,13 @@ def _jwks(text: str) -> str:
         return _hidden(text) if _secret_string(text) else text
     if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
         return text
+    hidden = 0
     for key in doc["keys"]:
         if isinstance(key, dict):
             for member in JWK_SECRET_MEMBERS & set(key):
                 key[member] = _hidden(key[member])
-    return json.dumps(doc, sort_keys=True)
+                hidden += 1
+    return json.dumps(doc, sort_keys=True) if hidden else text  # public keys: as served
 
 
 def _sensitive_header(name: Any) -> bool:
