@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from harness import HOST, ProcessGroup, XdsServer, direct, listener, route_config, write_snapshot
 
-from xdsplane.admin import host_allowed, normalize_allowed
+from xdsplane.adminhttp import host_allowed, normalize_allowed
 
 PATHS = ["/", "/status", "/metrics", "/healthz", "/readyz", "/no-such-page"]
 

@@ -523,7 +523,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"xdsplane serve: {problem}", file=sys.stderr)
         return 2
 
-    from xdsplane.admin import normalize_allowed
+    from xdsplane.adminhttp import normalize_allowed
 
     try:
         normalize_allowed(args.admin_allowed_hosts)
