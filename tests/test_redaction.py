@@ -331,6 +331,8 @@ def test_serve_surfaces_print_no_secret_and_no_client_control_bytes(
         assert status.status == 200
         page = http_get(admin, "/")
         assert page.status == 200
+        metrics = http_get(admin, "/metrics")
+        assert metrics.status == 200
         text = cli("status", "--admin-address", f"{HOST}:{admin}")
         assert text.returncode == 0, text.stderr
         raw = cli("status", "--admin-address", f"{HOST}:{admin}", "--json")
@@ -341,6 +343,7 @@ def test_serve_surfaces_print_no_secret_and_no_client_control_bytes(
 
     assert_clean("/status", status.body)
     assert_clean("the status page", page.body)
+    assert_clean("/metrics", metrics.body)
     assert_clean("xdsplane status", text.stdout + text.stderr)
     assert_clean("xdsplane status --json", raw.stdout + raw.stderr)
     assert_clean(f"serve's {log_format} log", log)
@@ -355,6 +358,8 @@ def test_serve_surfaces_print_no_secret_and_no_client_control_bytes(
     assert shown.encode() in text.stdout, text.stdout
     assert b"\\x1b[31mred" in text.stdout
     assert shown.replace("&", "&amp;").encode() in page.body
+    # the node label, escaped (and its backslashes doubled by the exposition format)
+    assert shown.replace("\\", "\\\\").encode() in metrics.body
     if log_format == "console":
         assert shown.encode() in log
         assert b"\\x1b[31mred" in log

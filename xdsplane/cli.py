@@ -353,7 +353,10 @@ def _load(folder: str) -> tuple[object | None, list[str]]:
         except ConfigErrors as e:
             return None, [str(x) for x in e.errors]
         except Exception as e:  # a bug of ours: say so plainly, without a traceback
-            return None, [f"{folder}: internal error while loading ({type(e).__name__}: {e})"]
+            from xdsplane.redact import scrub_message
+
+            text = f"{folder}: internal error while loading ({type(e).__name__}: {e})"
+            return None, [scrub_message(text)]
     return None, [f"{folder}: files stayed open for writing; try again"]
 
 
