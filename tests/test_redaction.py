@@ -411,3 +411,23 @@ def test_render_redacts_auth_headers_and_key_sets_as_bytes() -> None:
     jwks = base64.b64encode(_jwks().encode()).decode()
     out = json.dumps(redact({"local_jwks": {"inline_bytes": jwks}}))
     assert jwks not in out and "<redacted sha256:" in out
+
+
+def test_a_huge_nack_text_is_cut_in_logs_and_status(capsys: pytest.CaptureFixture[str]) -> None:
+    from xdsplane import logs
+    from xdsplane.admin import _scrubbed
+    from xdsplane.redact import MAX_TEXT
+
+    huge = "nack " + "x" * 1_000_000
+    shown = _scrubbed({"nacks": {"edge-1": {"LDS": {"message": huge}}}})
+    assert len(shown["nacks"]["edge-1"]["LDS"]["message"]) < MAX_TEXT + 100
+    import structlog
+
+    logs.configure("info", json=False)
+    try:
+        logs.get("t").warning("nack", error=huge, node=NODE)
+    finally:
+        structlog.reset_defaults()
+    err = capsys.readouterr().err
+    assert len(err) < MAX_TEXT + 500 and "(1000005 characters)" in err
+    assert "\x1b" not in err and escape_control(NODE) in err

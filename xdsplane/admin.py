@@ -19,7 +19,7 @@ from xdsplane import statuspage
 from xdsplane.adminhttp import protect
 from xdsplane.cache import SnapshotCache
 from xdsplane.metrics import CONTENT_TYPE, Metrics
-from xdsplane.redact import scrub
+from xdsplane.redact import MAX_TEXT, cut, scrub
 from xdsplane.server.registry import Registry
 from xdsplane.watch import ReloadState
 
@@ -95,7 +95,9 @@ class AdminState:
 def _scrubbed(value: Any) -> Any:
     """Key material out of client-sent texts (a NACK may quote a resource) and errors."""
     if isinstance(value, str):
-        return scrub(value, blobs=False) if "-----BEGIN " in value or "eyJ" in value else value
+        if "-----BEGIN " in value or "eyJ" in value:
+            value = scrub(value, blobs=False)
+        return cut(value, MAX_TEXT)  # a NACK text may be megabytes
     if isinstance(value, list):
         return [_scrubbed(v) for v in value]
     if isinstance(value, dict):

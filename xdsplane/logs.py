@@ -2,8 +2,9 @@
 
 Log events carry text from clients (node ids, NACK details) and from files (error
 messages). Whatever the format, key material in a string value (a PEM block, a token) is
-replaced (xdsplane.redact); the console format also escapes control characters, so a node id
-holding ESC[2J cannot clear or rewrite the operator's terminal (JSON escapes them itself).
+replaced (xdsplane.redact) and a text longer than MAX_TEXT is cut; the console format also
+escapes control characters, so a node id holding ESC[2J cannot clear or rewrite the
+operator's terminal (JSON escapes them itself).
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ from typing import Any
 
 import structlog
 
-from xdsplane.redact import escape_control, scrub
+from xdsplane.redact import MAX_TEXT, cut, escape_control, scrub
 
 
 def _clean(value: Any, console: bool, keep: str = "") -> Any:
     if isinstance(value, str):
         text = scrub(value, blobs=False) if ("-----BEGIN " in value or "eyJ" in value) else value
+        if not keep:  # a traceback stays whole; any other text (a client's NACK) is cut
+            text = cut(text, MAX_TEXT)
         return escape_control(text, keep) if console else text
     if isinstance(value, list | tuple):
         return [_clean(v, console) for v in value]

@@ -14,6 +14,7 @@ import unicodedata
 
 ELLIPSIS = "..."
 MAX_VALUE = 120  # characters of one quoted value in an error message
+MAX_TEXT = 4000  # characters of one text from a client (a NACK) in logs, /status, the page
 
 # A PEM block, or its start when the end was cut off or mangled. The body is matched loosely
 # (text from a repr() has "\n" as two characters) and lazily, up to the first END line.
