@@ -18,7 +18,7 @@ from aiohttp import web
 
 from xdsplane.statuspage import STYLE_HASH
 
-LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "127.0.0.1", "::1"})
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 SECURITY_HEADERS = {
     # The page is one document with one inline <style> (allowed by its hash): no script, no
@@ -79,7 +79,7 @@ def host_allowed(header: str, local: tuple[str, int] | None, allowed: frozenset[
     if parsed is None:
         return False
     host, port = parsed
-    bare = host.rstrip(".") if not host.endswith("..") else host
+    bare = host[:-1] if host.endswith(".") else host  # "localhost." is "localhost"
     if bare in allowed or (port is not None and f"{bare}:{port}" in allowed):
         return True
     if local is None:
@@ -112,7 +112,7 @@ def normalize_allowed(hosts: Iterable[str]) -> frozenset[str]:
             if parsed is None:
                 raise ValueError(f"not a host name or host:port: {part!r}")
             host, port = parsed
-            host = host.rstrip(".")
+            host = host[:-1] if host.endswith(".") else host
             out.add(host if port is None else f"{host}:{port}")
     return frozenset(out)
 
