@@ -11,6 +11,7 @@ import functools
 import importlib
 import importlib.util
 import pkgutil
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,7 +20,7 @@ from google.protobuf.message import Message
 
 from xdsplane.config.errors import ConfigError, Location
 from xdsplane.config.yamlsrc import Document
-from xdsplane.redact import SECRET_PROTO_FIELDS, hide_value, is_secret_field
+from xdsplane.redact import SECRET_PROTO_FIELDS, hide_value
 
 _ROOTS = ("envoy", "xds", "udpa", "validate", "google")
 
@@ -190,8 +191,13 @@ def _shape_problem(field: Any, value: Any) -> str | None:
     return None
 
 
+_SECRET_SUFFIXES = ("secret", "secrets", "password", "token", "credentials", "private_key")
+
+
 def _secret(key: str) -> bool:
-    return key in SECRET_PROTO_FIELDS or is_secret_field(key)
+    """A proto field holding a secret (not every "*_key": runtime_key, hash_key are names)."""
+    snake = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", key).lower()
+    return snake in SECRET_PROTO_FIELDS or snake.endswith(_SECRET_SUFFIXES)
 
 
 def _descend(
