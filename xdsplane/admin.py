@@ -1,17 +1,25 @@
 """The control plane's own HTTP endpoints: /healthz, /readyz, /status (JSON), /metrics
-(Prometheus) and / (a status page for people)."""
+(Prometheus) and / (a status page for people).
+
+Hardened for a browser on the same machine (``adminhttp.protect``): a request whose Host
+header does not name this server (its address, loopback names on loopback, or
+``--admin-allowed-hosts``) gets 421, so a web page cannot read /status through DNS
+rebinding; every response carries a tight Content-Security-Policy, X-Frame-Options: DENY and
+X-Content-Type-Options: nosniff."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from aiohttp import web
 
 from xdsplane import statuspage
+from xdsplane.adminhttp import protect
 from xdsplane.cache import SnapshotCache
 from xdsplane.metrics import CONTENT_TYPE, Metrics
+from xdsplane.redact import MAX_TEXT, cut, scrub
 from xdsplane.server.registry import Registry
 from xdsplane.watch import ReloadState
 
@@ -88,6 +96,19 @@ class AdminState:
         }
 
 
+def _scrubbed(value: Any) -> Any:
+    """Key material out of client-sent texts (a NACK may quote a resource) and errors."""
+    if isinstance(value, str):
+        if "-----BEGIN " in value or "eyJ" in value:
+            value = scrub(value, blobs=False)
+        return cut(value, MAX_TEXT)  # a NACK text may be megabytes
+    if isinstance(value, list):
+        return [_scrubbed(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _scrubbed(v) for k, v in value.items()}
+    return value
+
+
 STATE_KEY: web.AppKey[AdminState] = web.AppKey("state", AdminState)
 
 
@@ -103,7 +124,7 @@ async def _readyz(request: web.Request) -> web.Response:
 
 
 async def _status(request: web.Request) -> web.Response:
-    return web.json_response(request.app[STATE_KEY].status(), dumps=_dumps)
+    return web.json_response(_scrubbed(request.app[STATE_KEY].status()), dumps=_dumps)
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -113,7 +134,7 @@ async def _metrics(request: web.Request) -> web.Response:
 
 async def _page(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
-    html = statuspage.render(state.status(), state.cert_warn_days)
+    html = statuspage.render(_scrubbed(state.status()), state.cert_warn_days)
     return web.Response(text=html, content_type="text/html", charset="utf-8")
 
 
@@ -123,8 +144,8 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, indent=2, sort_keys=False)
 
 
-def make_app(state: AdminState) -> web.Application:
-    app = web.Application()
+def make_app(state: AdminState, allowed_hosts: Iterable[str] = ()) -> web.Application:
+    app = protect(web.Application(), allowed_hosts)
     app[STATE_KEY] = state
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
@@ -134,8 +155,10 @@ def make_app(state: AdminState) -> web.Application:
     return app
 
 
-async def start(state: AdminState, host: str, port: int) -> web.AppRunner:
-    runner = web.AppRunner(make_app(state), access_log=None, handle_signals=False)
+async def start(
+    state: AdminState, host: str, port: int, allowed_hosts: Iterable[str] = ()
+) -> web.AppRunner:
+    runner = web.AppRunner(make_app(state, allowed_hosts), access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_port=False)
     await site.start()

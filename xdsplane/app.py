@@ -32,6 +32,7 @@ class ServeOptions:
     config: Path
     xds_address: str = "127.0.0.1:18000"
     admin_address: str = "127.0.0.1:19000"
+    admin_allowed_hosts: tuple[str, ...] = ()  # Host headers admin answers besides its own
     watch_step_ms: int = 2
     grace_seconds: float = 5.0
     cert_warn_days: float = 14.0
@@ -129,7 +130,7 @@ async def serve(opts: ServeOptions) -> None:
         state.xds_tls = tls.status
     state.insecure = exposed
     try:
-        runner = await admin.start(state, admin_host, admin_port)
+        runner = await admin.start(state, admin_host, admin_port, opts.admin_allowed_hosts)
     except OSError as e:
         raise StartupError([f"cannot listen for admin on {opts.admin_address}: {e}"]) from None
     await server.start()

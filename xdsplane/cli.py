@@ -34,6 +34,14 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="HTTP /healthz, /readyz, /status (default: 127.0.0.1:19000)",
     )
     p.add_argument(
+        "--admin-allowed-hosts",
+        action="append",
+        default=[],
+        metavar="HOST[:PORT],...",
+        help="Host headers the admin server answers besides its own address (and localhost "
+        "when on loopback); others get 421 (DNS rebinding). `*`: any",
+    )
+    p.add_argument(
         "--watch-step-ms",
         type=int,
         default=2,
@@ -128,7 +136,7 @@ def _add_envoy_binary(p: argparse.ArgumentParser) -> None:
 def _add_render(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "render",
-        help="print the resources a node would get, as JSON by type (private keys redacted)",
+        help="print the resources a node would get, as JSON by type (secrets redacted)",
     )
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--node", required=True, metavar="ID", help="the Envoy node id")
@@ -354,7 +362,10 @@ def _load(folder: str) -> tuple[object | None, list[str]]:
         except ConfigErrors as e:
             return None, [str(x) for x in e.errors]
         except Exception as e:  # a bug of ours: say so plainly, without a traceback
-            return None, [f"{folder}: internal error while loading ({type(e).__name__}: {e})"]
+            from xdsplane.redact import scrub_message
+
+            text = f"{folder}: internal error while loading ({type(e).__name__}: {e})"
+            return None, [scrub_message(text)]
     return None, [f"{folder}: files stayed open for writing; try again"]
 
 
@@ -527,6 +538,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"xdsplane serve: {problem}", file=sys.stderr)
         return 2
 
+    from xdsplane.adminhttp import normalize_allowed
+
+    try:
+        normalize_allowed(args.admin_allowed_hosts)
+    except ValueError as e:
+        print(f"xdsplane serve: --admin-allowed-hosts: {e}", file=sys.stderr)
+        return 2
+
     tls_files = {"--tls-cert": args.tls_cert, "--tls-key": args.tls_key}
     tls_files["--client-ca"] = args.client_ca
     if any(tls_files.values()) and not all(tls_files.values()):
@@ -556,6 +575,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config=Path(args.config),
         xds_address=args.xds_address,
         admin_address=args.admin_address,
+        admin_allowed_hosts=tuple(args.admin_allowed_hosts),
         watch_step_ms=args.watch_step_ms,
         cert_warn_days=args.cert_warn_days,
         envoy_validate=args.envoy_validate,
@@ -639,7 +659,8 @@ def _add_diff(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Load OLD_DIR and NEW_DIR and show, per node group, which Envoy resources "
         "(SDS, CDS, EDS, ECDS, LDS, RDS) would be added (+), changed (~) and removed (-), with the "
         "field paths that change and their old -> new values. Key material is never shown: a "
-        "changed private key reads `[redacted] (changed)`. The last line sums up: "
+        "secret reads `<redacted sha256:1a2b3c4d...>` (a fingerprint: it differs when the secret "
+        "changed). The last line sums up: "
         "`N changed, N added, N removed`.",
         epilog="exit status: 0 done (whether or not the folders differ), 1 a folder does not "
         "load, 2 bad arguments, 3 the folders differ and --exit-code was given (a distinct "
@@ -688,8 +709,10 @@ def cmd_diff(args: argparse.Namespace) -> int:
     ):
         print(f"no file in {args.old} or {args.new} selects node {args.node!r}", file=sys.stderr)
         return 1
+    from xdsplane.redact import escape_control
+
     for line in render_text(summary, unified=args.unified):
-        print(line)
+        print(escape_control(line))  # values from raw resources may hold control characters
     print(summary.line() if not summary.identical else f"no differences; {summary.line()}")
     return DIFFERENT if args.exit_code and not summary.identical else 0
 
@@ -734,6 +757,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     import urllib.request
 
     from xdsplane.bootstrap import split_address
+    from xdsplane.redact import escape_control
     from xdsplane.statuspage import render_text
 
     try:
@@ -753,8 +777,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         json.dump(data, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
+        # Node ids and NACK texts come from clients: never pass their control bytes on.
         for line in render_text(data):
-            print(line)
+            print(escape_control(line))
     return 0
 
 

@@ -24,6 +24,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
 
+from xdsplane.redact import escape_control
 from xdsplane.snapshot import SnapshotSet
 from xdsplane.types import PUSH_ORDER, ResourceType
 
@@ -111,6 +112,7 @@ class Metrics:
     # -- streams ------------------------------------------------------------------------------
 
     def stream_opened(self, node: str, variant: str) -> None:
+        node = escape_control(node)  # a client's id: `curl /metrics` must not drive a terminal
         key = (node, variant)
         count = self._streams.pop(key, 0) + 1
         self._streams[key] = count  # most recently seen last
@@ -119,6 +121,7 @@ class Metrics:
             self._forget_idle()
 
     def stream_closed(self, node: str, variant: str) -> None:
+        node = escape_control(node)
         key = (node, variant)
         count = max(self._streams.get(key, 0) - 1, 0)
         self._streams[key] = count

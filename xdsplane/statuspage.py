@@ -3,11 +3,14 @@ document as ``/status``. Every value is escaped; nothing secret is in that docum
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import time
 from collections.abc import Iterable, Mapping
 from html import escape
 from typing import Any
 
+from xdsplane.redact import escape_control
 from xdsplane.types import PUSH_ORDER
 
 REFRESH_SECONDS = 5
@@ -23,6 +26,10 @@ th { background: #f3f3f3; text-align: left; } code { font-size: 0.95em; }
 """
 
 
+# The Content-Security-Policy of the admin server allows this one inline style by its hash.
+STYLE_HASH = "sha256-" + base64.b64encode(hashlib.sha256(_STYLE.encode()).digest()).decode()
+
+
 def short(version: object) -> str:
     """A version as people compare it: its first 8 characters."""
     return str(version or "")[:8]
@@ -35,7 +42,8 @@ def when(ts: object) -> str:
 
 
 def _e(value: object) -> str:
-    return escape(str(value), quote=True)
+    # Node ids and NACK texts come from clients: control characters shown, not passed on.
+    return escape(escape_control(str(value)), quote=True)
 
 
 def _table(headers: Iterable[str], rows: Iterable[Iterable[str]]) -> str:

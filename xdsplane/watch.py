@@ -23,6 +23,7 @@ from xdsplane.config.errors import ConfigErrors
 from xdsplane.config.loader import FolderLoader
 from xdsplane.config.stableread import FileBusy
 from xdsplane.metrics import Metrics
+from xdsplane.redact import scrub_message
 from xdsplane.snapshot import SnapshotSet
 
 Validator = Callable[[SnapshotSet], Awaitable[list[str]]]
@@ -121,13 +122,14 @@ class Reloader:
                     return self._failed([str(x) for x in e.errors], reason)
                 except Exception as e:  # never let a surprise take down what is serving
                     self.log.exception("reload crashed")
-                    return self._failed([f"{self.root}: internal error while loading: {e}"], reason)
+                    text = scrub_message(f"{self.root}: internal error while loading: {e}")
+                    return self._failed([text], reason)
             if self.validator is not None:
                 try:
                     problems = await self.validator(snapshots)
                 except Exception as e:  # a broken check must not end the reload loop
                     self.log.exception("validator crashed")
-                    problems = [f"{self.root}: internal error while validating: {e}"]
+                    problems = [scrub_message(f"{self.root}: internal error while validating: {e}")]
                 if problems:
                     return self._failed(problems, reason)
             if _same_set(self.cache.current, snapshots) and not self.state.errors:

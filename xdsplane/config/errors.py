@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from xdsplane.redact import escape_control, quote, scrub_message
+
+__all__ = ["MAX_MESSAGE", "ConfigError", "ConfigErrors", "Location", "quote"]
+
 
 @dataclass(frozen=True, slots=True)
 class Location:
@@ -23,11 +27,12 @@ class Location:
         return cls(source or "<snapshot>")
 
     def __str__(self) -> str:
+        path = escape_control(self.path)
         if self.line and self.column:
-            return f"{self.path}:{self.line}:{self.column}"
+            return f"{path}:{self.line}:{self.column}"
         if self.line:
-            return f"{self.path}:{self.line}"
-        return self.path
+            return f"{path}:{self.line}"
+        return path
 
 
 MAX_MESSAGE = 1000  # characters of one error message
@@ -41,10 +46,14 @@ class ConfigError:
     message: str
 
     def __post_init__(self) -> None:
-        # A message quotes what the file says, which may be megabytes on one line.
-        if len(self.message) > MAX_MESSAGE:
-            cut = self.message[: MAX_MESSAGE - 40]
-            object.__setattr__(self, "message", f"{cut}... ({len(self.message)} characters)")
+        # A message quotes what the file says: maybe a private key pasted where a file name
+        # belongs, a token, control characters, or megabytes on one line. Whatever built the
+        # message, key material is replaced (xdsplane.redact), each quoted value is cut and
+        # control characters are escaped, so no output surface can print them.
+        message = scrub_message(self.message)
+        if len(message) > MAX_MESSAGE:
+            message = f"{message[: MAX_MESSAGE - 40]}... ({len(message)} characters)"
+        object.__setattr__(self, "message", message)
 
     def __str__(self) -> str:
         return f"{self.location}: {self.message}"

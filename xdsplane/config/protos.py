@@ -11,6 +11,7 @@ import functools
 import importlib
 import importlib.util
 import pkgutil
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +20,7 @@ from google.protobuf.message import Message
 
 from xdsplane.config.errors import ConfigError, Location
 from xdsplane.config.yamlsrc import Document
+from xdsplane.redact import SECRET_PROTO_FIELDS, hide_value
 
 _ROOTS = ("envoy", "xds", "udpa", "validate", "google")
 
@@ -189,9 +191,20 @@ def _shape_problem(field: Any, value: Any) -> str | None:
     return None
 
 
+_SECRET_SUFFIXES = ("secret", "secrets", "password", "token", "credentials", "private_key")
+
+
+def _secret(key: str) -> bool:
+    """A proto field holding a secret (not every "*_key": runtime_key, hash_key are names)."""
+    snake = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", key).lower()
+    return snake in SECRET_PROTO_FIELDS or snake.endswith(_SECRET_SUFFIXES)
+
+
 def _descend(
-    value: Any, desc: Any, doc: Document, keys: tuple[str | int, ...]
+    value: Any, desc: Any, doc: Document, keys: tuple[str | int, ...], secret: bool = False
 ) -> tuple[Location, str | None]:
+    """The deepest failing part of ``value`` and what is wrong with it. Under a secret field
+    (``secret``: a password, a private key...) the message never quotes the value."""
     if not isinstance(value, dict):
         return doc.locate(keys), None
     if desc.full_name == "google.protobuf.Any":
@@ -208,7 +221,7 @@ def _descend(
             and cls.DESCRIPTOR.full_name.startswith("google.protobuf.")
         ):
             return doc.locate(keys), None
-        return _descend(inner, cls.DESCRIPTOR, doc, keys)
+        return _descend(inner, cls.DESCRIPTOR, doc, keys, secret)
     for key, sub in value.items():
         if not isinstance(key, str):
             return doc.locate(keys), f"field names must be strings, not {key!r}"
@@ -217,13 +230,14 @@ def _descend(
             if key.startswith("[") or key == "@type":
                 continue
             return doc.locate_key((*keys, key)), f"{desc.full_name} has no field {key!r}"
+        hide = secret or _secret(key)
         shape = _shape_problem(f, sub)
         if shape is not None:
-            return doc.locate((*keys, key)), f"{key}: {shape}"
+            return doc.locate((*keys, key)), _hidden(f"{key}: {shape}", sub, hide)
         if f.message_type is None:
             problem = _fails({key: sub}, desc)
             if problem is not None:
-                return doc.locate((*keys, key)), f"{key}: {problem}"
+                return doc.locate((*keys, key)), _hidden(f"{key}: {problem}", sub, hide)
             continue
         sub_desc = f.message_type
         if sub_desc.GetOptions().map_entry:
@@ -232,12 +246,18 @@ def _descend(
                 continue
             for mk, mv in sub.items():
                 if _fails(mv, vf.message_type):
-                    return _descend(mv, vf.message_type, doc, (*keys, key, mk))
+                    return _descend(mv, vf.message_type, doc, (*keys, key, mk), hide)
             continue
         items = list(enumerate(sub)) if isinstance(sub, list) else [(None, sub)]
         for i, item in items:
             here = (*keys, key) if i is None else (*keys, key, i)
             if _fails(item, sub_desc) is not None:
-                loc, msg = _descend(item, sub_desc, doc, here)
+                loc, msg = _descend(item, sub_desc, doc, here, hide)
+                if msg is None and hide:
+                    return loc, f"{key}: not a valid {sub_desc.name} (value not shown: a secret)"
                 return loc, msg or _fails(item, sub_desc)
     return doc.locate(keys), None
+
+
+def _hidden(message: str, value: Any, hide: bool) -> str:
+    return hide_value(message, value) if hide else message

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ValidationError
 from xdsplane.config.errors import ConfigError
 from xdsplane.config.yamlsrc import Document
 from xdsplane.policy.model import PolicyFile, is_duration_field
+from xdsplane.redact import hide_value, is_path_field, is_secret_field
 
 
 def _unwrap(t: Any) -> Any:
@@ -75,6 +76,18 @@ def _suggest(key: str, loc: tuple[Any, ...]) -> str:
 
 
 def _message(err: dict[str, Any], loc: tuple[Any, ...]) -> str:
+    """The message for one pydantic error; the value of a secret field (password, token,
+    secret...) is never quoted, only its fingerprint (key material in any other field is
+    replaced by ConfigError itself)."""
+    text = _describe(err, loc)
+    field = next((p for p in reversed(loc) if isinstance(p, str) and p != "[key]"), "")
+    got = err.get("input")
+    if is_secret_field(field) and not is_path_field(field):
+        text = hide_value(text, got)
+    return text
+
+
+def _describe(err: dict[str, Any], loc: tuple[Any, ...]) -> str:
     kind = err["type"]
     msg = str(err["msg"])
     if msg.startswith("Value error, "):
