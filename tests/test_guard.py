@@ -721,6 +721,27 @@ def test_guard_refuses_to_start_plaintext_or_with_a_public_admin_port(
         g.close()
 
 
+def test_guard_admin_refuses_a_rebound_host_and_sends_security_headers(
+    procs: ProcessGroup,
+) -> None:
+    """The guard's admin HTTP gets serve's hardening: a page on evil.example that a DNS
+    rebinding points at 127.0.0.1 gets 421, and every answer carries the security headers."""
+    g = Guard(procs, "admin").launch().ready()
+    try:
+        for path in ("/healthz", "/metrics", "/nothing"):
+            refused = http_get(g.admin_port, path, host=f"evil.example:{g.admin_port}")
+            assert refused.status == 421, (path, refused.status)
+            assert "rate" not in refused.text and "backend" not in refused.text
+        ok = http_get(g.admin_port, "/healthz", host=f"127.0.0.1:{g.admin_port}")
+        assert ok.status == 200
+        for r in (ok, refused):
+            assert r.headers.get("x-frame-options") == "DENY"
+            assert r.headers.get("x-content-type-options") == "nosniff"
+            assert "default-src 'none'" in r.headers.get("content-security-policy", "")
+    finally:
+        g.close()
+
+
 # -- Redis with a password ----------------------------------------------------------------------
 
 

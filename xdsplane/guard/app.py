@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import json
 import signal
 import time
@@ -17,10 +16,12 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from xdsplane import logs
+from xdsplane.adminhttp import protect
 from xdsplane.bootstrap import split_address
 from xdsplane.config.errors import ConfigErrors
 from xdsplane.config.loader import list_files
 from xdsplane.config.stableread import FileBusy
+from xdsplane.exposure import is_loopback
 from xdsplane.guard.limits import Limits, load_limits
 from xdsplane.guard.policy import combine, limits_from_policy
 from xdsplane.guard.service import GuardConfig, GuardMetrics, GuardService
@@ -101,15 +102,6 @@ def make_store(opts: GuardOptions, metrics: GuardMetrics) -> Store:
     return RedisStore(opts.redis, on_error=on_error, password=password)
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def guard_tls(opts: GuardOptions) -> GuardTls | None:
     """The gRPC side's mTLS files, checked; None: plaintext (only with --insecure)."""
     files = {"--tls-cert": opts.tls_cert, "--tls-key": opts.tls_key, "--client-ca": opts.client_ca}
@@ -165,7 +157,8 @@ def admin_app(service: GuardService, opts: GuardOptions) -> web.Application:
         }
         return web.Response(text=json.dumps(body) + "\n", content_type="application/json")
 
-    app = web.Application()
+    # The same Host check (DNS rebinding) and security headers as serve's admin server.
+    app = protect(web.Application())
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     return app
@@ -246,7 +239,7 @@ async def run(opts: GuardOptions) -> None:
         admin_host, admin_port = split_address(opts.admin_address)
     except ValueError as e:
         raise GuardStartupError([str(e)]) from None
-    if not opts.insecure and not _is_loopback(admin_host):
+    if not opts.insecure and not is_loopback(admin_host):
         raise GuardStartupError(
             [
                 f"--admin-address {opts.admin_address}: the admin HTTP (/metrics, /healthz) is "
