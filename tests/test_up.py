@@ -522,3 +522,19 @@ def test_supervisor_restarts_after_the_delay_and_stop_cancels_a_pending_restart(
         assert marker.read_text() == "xx"
     finally:
         sup.stop()
+
+
+def test_supervisor_neither_reports_nor_restarts_exits_once_stop_is_requested() -> None:
+    """Ctrl-C in a terminal reaches the children too: their exits are the stop, not a crash."""
+    said: list[str] = []
+    sup = Supervisor(say=said.append, backoff=Backoff(first=0.0))
+    child = sup.start("worker", [sys.executable, "-c", "import sys; sys.exit(130)"])
+    try:
+        wait_until(lambda: sup.exited(), 60, what="the worker to exit")
+        sup.request_stop()  # what `up`'s SIGINT / SIGTERM handler does
+        sup.poll()
+        sup.poll()
+        assert said == []
+        assert child.restarts == 0
+    finally:
+        sup.stop()

@@ -72,6 +72,12 @@ class Supervisor:
     say: Callable[[str], None] = _say
     clock: Callable[[], float] = time.monotonic
     children: list[Child] = field(default_factory=list)
+    stopping: bool = False  # set from a signal handler: exits from now on are expected
+
+    def request_stop(self) -> None:
+        """Note that everything is about to stop (safe in a signal handler): a Ctrl-C in a
+        terminal reaches the children too, and their exits are then not restarted."""
+        self.stopping = True
 
     def start(
         self,
@@ -103,6 +109,8 @@ class Supervisor:
         """Notice processes that exited (schedule their restart) and start those now due."""
         now = self.clock()
         for child in self.children:
+            if self.stopping:
+                return
             proc = child.proc
             if proc is not None and proc.poll() is not None:
                 ran_for = now - child.started_at
@@ -134,6 +142,7 @@ class Supervisor:
     def stop(self, timeout: float = 10.0) -> None:
         """Cancel pending restarts and stop every process, last started first: SIGTERM,
         then SIGKILL for one that is still there after ``timeout`` seconds."""
+        self.stopping = True
         for child in self.children:
             child.restart_at = None
         for child in reversed(self.children):

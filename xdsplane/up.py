@@ -92,6 +92,7 @@ def run(opts: UpOptions) -> int:
     def on_signal(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
         stopping = True
+        sup.request_stop()
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     certs = opts.certs
