@@ -416,7 +416,8 @@ def test_control_plane_killed_under_up_fails_no_request(
         for key in ("listener_modified", "listener_removed", "total_listeners_draining"):
             assert after.get(f"listener_manager.{key}") == churn.get(f"listener_manager.{key}")
         text = up.text()
-        assert f"control plane (pid {old}) was killed by SIGKILL" in text, text[-3000:]
+        assert f"control plane (pid {old}) was killed by SIGKILL after" in text, text[-3000:]
+        assert "; restarting it in 0.5 s" in text
         assert f"control plane restarted (pid {new}" in text
         stop_and_check_nothing_left(up, signal.SIGTERM)
 
@@ -464,11 +465,12 @@ def test_sigterm_while_a_restart_waits_out_its_backoff_leaves_nothing(
         (up.policy / "broken.yaml").write_text("listeners: [\n")
         old = up.kill("control plane")
         wait_until(
-            lambda: "exited with code 1" in up.text() and "restarting it in 4.0 s" in up.text(),
+            lambda: "exited with code 1" in up.text() and "restarting it in 2.0 s" in up.text(),
             READY,
-            what="the third failed restart",
+            what="the second failed restart",
         )
         assert up.strict_get() == 200  # Envoy serves what it has meanwhile
+        wait_until(lambda: "restarting it in 4.0 s" in up.text(), READY, what="a third failure")
         assert "control plane" not in up.pieces()  # the 4 s backoff is pending
         tail = stop_and_check_nothing_left(up, signal.SIGTERM)
         assert "restarted" not in tail, tail
