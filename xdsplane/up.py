@@ -85,6 +85,7 @@ def _get(url: str, timeout: float = 1.0) -> int:
 
 def run(opts: UpOptions) -> int:
     envoy = find_envoy()
+    node_cert = _dev_pki(opts)
     workdir = Path(tempfile.mkdtemp(prefix="xdsplane-up-"))
     sup = Supervisor()
     stopping = False
@@ -96,7 +97,6 @@ def run(opts: UpOptions) -> int:
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     certs = opts.certs
-    node_cert = _dev_pki(opts)
     xds_host, _ = split_address(opts.xds_address)
     host, port = split_address(opts.billing_address)
     billing = demo.start(
