@@ -270,9 +270,10 @@ def _add_up(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "up",
         help="run the sample gateway: control plane, a real Envoy and the demo billing service",
-        description="Start the demo billing service, `xdsplane serve` on the policy folder and "
-        "an Envoy bootstrapped from it; wait until the edge answers; Ctrl-C or SIGTERM stops "
-        "everything.",
+        description="Start the demo billing service, `xdsplane serve` on the policy folder, "
+        "the guard and an Envoy bootstrapped from it; wait until the edge answers. A control "
+        "plane, guard or Envoy that dies is reported and restarted (after 0.5 s, doubling to "
+        "10 s); Ctrl-C or SIGTERM stops everything.",
     )
     p.add_argument("--config", default="snapshots", metavar="DIR", help="default: snapshots")
     p.add_argument("--node", default="edge-1", metavar="ID", help="Envoy node id (edge-1)")

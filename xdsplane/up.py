@@ -1,18 +1,20 @@
 """``xdsplane up``: the sample gateway in one command.
 
-Starts the demo billing service, the control plane on the sample folder and a real Envoy
-bootstrapped from it; waits until the edge answers, prints what runs where, and stops
-everything (by PID) on Ctrl-C or SIGTERM.
+Starts the demo billing service, the control plane on the sample folder, the guard and a
+real Envoy bootstrapped from it; waits until the edge answers and prints what runs where.
+From then on it supervises (``xdsplane.supervise``): a control plane, guard or Envoy that
+dies is reported and restarted with backoff, while the others keep running (Envoy keeps
+serving the configuration it has). Ctrl-C or SIGTERM stops everything (by PID).
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import socket
 import ssl
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,6 +26,7 @@ from types import FrameType
 
 from xdsplane import demo, pki
 from xdsplane.bootstrap import XdsTls, bootstrap, split_address, to_yaml
+from xdsplane.supervise import Child, Supervisor, describe_exit
 
 
 @dataclass
@@ -80,46 +83,20 @@ def _get(url: str, timeout: float = 1.0) -> int:
         return 0
 
 
-def _stop(proc: subprocess.Popen[bytes], name: str) -> None:
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        print(f"{name} (pid {proc.pid}) did not stop in 10 s; killing it", file=sys.stderr)
-        proc.kill()
-        proc.wait(timeout=5)
-
-
 def run(opts: UpOptions) -> int:
     envoy = find_envoy()
+    node_cert = _dev_pki(opts)
     workdir = Path(tempfile.mkdtemp(prefix="xdsplane-up-"))
-    procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+    sup = Supervisor()
     stopping = False
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
         stopping = True
+        sup.request_stop()
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     certs = opts.certs
-    try:
-        written = pki.init(certs)  # writes only what is missing
-        node_cert = certs / f"{opts.node}.crt"
-        if not node_cert.exists():
-            node_cert = pki.issue(
-                certs,
-                opts.node,
-                "service-ca",
-                uris=[f"spiffe://xdsplane/node/{opts.node}"],
-                usage=("client",),
-            )
-            written.append(node_cert)
-    except pki.PkiError as e:
-        raise UpError(str(e)) from None
-    if written:
-        print(f"development PKI: wrote {len(written)} file(s) in {certs}/", flush=True)
     xds_host, _ = split_address(opts.xds_address)
     host, port = split_address(opts.billing_address)
     billing = demo.start(
@@ -129,8 +106,11 @@ def run(opts: UpOptions) -> int:
             str(certs / "billing.crt"), str(certs / "billing.key"), str(certs / "service-ca.crt")
         ),
     )
+    admin_host, admin_port = split_address(opts.admin_address)
+    ca = certs / "service-ca.crt"
     try:
-        serve = subprocess.Popen(
+        serve = sup.start(
+            "control plane",
             [
                 sys.executable,
                 "-m",
@@ -152,9 +132,10 @@ def run(opts: UpOptions) -> int:
                 "--log-format",
                 "console",
             ],
+            ready=lambda: _get(f"http://{admin_host}:{admin_port}/readyz") == 200,
         )
-        procs.append(("control plane", serve))
-        guard = subprocess.Popen(
+        guard = sup.start(
+            "guard",
             [
                 sys.executable,
                 "-m",
@@ -178,99 +159,34 @@ def run(opts: UpOptions) -> int:
                 pki.GUARD_CLIENT_URI,
             ],
         )
-        procs.append(("guard", guard))
-        admin_host, admin_port = split_address(opts.admin_address)
+        guard.ready = lambda: _get(f"http://{opts.guard_admin_address}/healthz") == 200
         _wait(
-            lambda: _get(f"http://{admin_host}:{admin_port}/readyz") == 200,
+            serve.ready,
             opts,
-            procs,
+            sup,
             "the control plane to load " + str(opts.config),
             lambda: stopping,
         )
         bs = workdir / "envoy.yaml"
-        bs.write_text(
-            to_yaml(
-                bootstrap(
-                    opts.node,
-                    "",
-                    (opts.xds_address,),
-                    opts.envoy_admin_address,
-                    opts.delta,
-                    XdsTls.from_flags(
-                        str(node_cert),
-                        str(certs / f"{opts.node}.key"),
-                        str(certs / "service-ca.crt"),
-                        xds_host,
-                    ),
-                )
-            )
-        )
+        bs.write_text(_envoy_bootstrap(opts, node_cert, xds_host))
         log_path = workdir / "envoy.log"
-        with open(log_path, "wb") as log:
-            envoy_proc = subprocess.Popen(
-                [
-                    envoy,
-                    "-c",
-                    str(bs),
-                    "--disable-hot-restart",
-                    "--concurrency",
-                    "1",
-                    "-l",
-                    "warning",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        procs.append(("envoy", envoy_proc))
-        ca = certs / "service-ca.crt"
-        _wait(
-            lambda: https_status(opts.edge_address, opts.edge_host, "/healthz", ca) == 200,
-            opts,
-            procs,
-            "the edge to answer",
-            lambda: stopping,
+        envoy_proc = sup.start(
+            "envoy",
+            [envoy, "-c", str(bs), "--disable-hot-restart", "--concurrency", "1", "-l", "warning"],
+            log=log_path,
+            ready=lambda: https_status(opts.edge_address, opts.edge_host, "/healthz", ca) == 200,
         )
-        _eh, _ep = split_address(opts.envoy_admin_address)
-        edge_host, edge_port = split_address(opts.edge_address)
-        h = opts.edge_host
-        curl = f"curl -s --cacert {ca} --resolve {h}:{edge_port}:{edge_host}"
-        mtls = f"--resolve mtls.{h}:{edge_port}:{edge_host}"
-        alice = f"--cert {certs}/alice.crt --key {certs}/alice.key"
-        bearer = f'-H "authorization: Bearer $(xdsplane token --sub alice --dir {certs})"'
-        print(
-            "\nxdsplane is up:\n"
-            f"  control plane  xDS {opts.xds_address} (mTLS), http://{admin_host}:{admin_port}/status"
-            f" (pid {serve.pid})\n"
-            f"  envoy          node {opts.node}, admin http://{opts.envoy_admin_address}/"
-            f" (pid {envoy_proc.pid}), log {log_path}\n"
-            f"  billing demo   https://{opts.billing_address}/ (mTLS, trusts service-ca)\n"
-            f"  guard          gRPC {opts.guard_address} (mTLS),"
-            f" http://{opts.guard_admin_address}/healthz"
-            f" (pid {guard.pid})\n"
-            f"  policy         {opts.config}/ (edit it: changes are served live)\n"
-            f"  certificates   {certs}/ (xdsplane certs rotate edge: no connection dropped)\n\n"
-            "Try:\n"
-            f"  {curl} {bearer} https://{h}:{edge_port}/billing/invoices\n"
-            "     (a token is accepted once; 60 requests a minute per client, then 429)\n"
-            f"  {curl} https://{h}:{edge_port}/billing/invoices                # 401: no token\n"
-            f"  {curl} https://{h}:{edge_port}/billing/admin/audit             # 403\n"
-            f"  {curl} {alice} https://{h}:{edge_port}/billing/admin/audit\n"
-            f"  {curl} {mtls} {alice} https://mtls.{h}:{edge_port}/\n\n"
-            "Ctrl-C stops everything.",
-            flush=True,
-        )
+        _wait(envoy_proc.ready, opts, sup, "the edge to answer", lambda: stopping)
+        print(_banner(opts, serve, envoy_proc, guard, log_path), flush=True)
         while not stopping:
-            for name, p in procs:
-                if p.poll() is not None:
-                    raise UpError(f"{name} exited with code {p.returncode}")
+            sup.poll()
             time.sleep(0.2)
         return 0
     except UpError as e:
         print(f"xdsplane up: {e}", file=sys.stderr)
         return 1
     finally:
-        for name, p in reversed(procs):
-            _stop(p, name)
+        sup.stop()
         billing.shutdown()
         for signum, handler in old.items():
             signal.signal(signum, handler)
@@ -278,21 +194,115 @@ def run(opts: UpOptions) -> int:
         print("stopped.", file=sys.stderr)
 
 
+def _dev_pki(opts: UpOptions) -> Path:
+    """Write whatever of the development PKI is missing; the node's client certificate."""
+    certs = opts.certs
+    try:
+        written = pki.init(certs)  # writes only what is missing
+        node_cert = certs / f"{opts.node}.crt"
+        if not node_cert.exists():
+            node_cert = pki.issue(
+                certs,
+                opts.node,
+                "service-ca",
+                uris=[f"spiffe://xdsplane/node/{opts.node}"],
+                usage=("client",),
+            )
+            written.append(node_cert)
+    except pki.PkiError as e:
+        raise UpError(str(e)) from None
+    if written:
+        print(f"development PKI: wrote {len(written)} file(s) in {certs}/", flush=True)
+    return node_cert
+
+
+def _envoy_bootstrap(opts: UpOptions, node_cert: Path, xds_host: str) -> str:
+    """Envoy's bootstrap: node ``opts.node``, xDS over mTLS with the node's certificate."""
+    return to_yaml(
+        bootstrap(
+            opts.node,
+            "",
+            (opts.xds_address,),
+            opts.envoy_admin_address,
+            opts.delta,
+            XdsTls.from_flags(
+                str(node_cert),
+                str(opts.certs / f"{opts.node}.key"),
+                str(opts.certs / "service-ca.crt"),
+                xds_host,
+            ),
+        )
+    )
+
+
+def xdsplane_command() -> str:
+    """How to run xdsplane from any shell, with no virtual environment activated: the full
+    path of the ``xdsplane`` script beside this interpreter, else ``PYTHON -m xdsplane``."""
+    python = Path(os.path.abspath(sys.executable))  # not resolved: a venv's python is a link
+    script = python.parent / "xdsplane"
+    if script.is_file() and os.access(script, os.X_OK):
+        return shlex.quote(str(script))
+    return f"{shlex.quote(str(python))} -m xdsplane"
+
+
+def _banner(opts: UpOptions, serve: Child, envoy: Child, guard: Child, log_path: Path) -> str:
+    """What runs where, and example commands that run as shown in any new terminal: every
+    path is absolute and xdsplane is named by its full path."""
+    admin_host, admin_port = split_address(opts.admin_address)
+    edge_host, edge_port = split_address(opts.edge_address)
+    certs = opts.certs.resolve()
+    q = shlex.quote
+    xdsplane = xdsplane_command()
+    h = opts.edge_host
+    curl = (
+        f"curl -s --cacert {q(str(certs / 'service-ca.crt'))} --resolve {h}:{edge_port}:{edge_host}"
+    )
+    mtls = f"--resolve mtls.{h}:{edge_port}:{edge_host}"
+    alice = f"--cert {q(str(certs / 'alice.crt'))} --key {q(str(certs / 'alice.key'))}"
+    token = f"{xdsplane} token --sub alice --dir {q(str(certs))}"
+    bearer = f'-H "authorization: Bearer $({token})"'
+    return (
+        "\nxdsplane is up:\n"
+        f"  control plane  xDS {opts.xds_address} (mTLS), http://{admin_host}:{admin_port}/status"
+        f" (pid {serve.pid})\n"
+        f"  envoy          node {opts.node}, admin http://{opts.envoy_admin_address}/"
+        f" (pid {envoy.pid}), log {log_path}\n"
+        f"  billing demo   https://{opts.billing_address}/ (mTLS, trusts service-ca)\n"
+        f"  guard          gRPC {opts.guard_address} (mTLS), http://{opts.guard_admin_address}/healthz"
+        f" (pid {guard.pid})\n"
+        f"  policy         {opts.config.resolve()}/ (edit it: changes are served live)\n"
+        f"  certificates   {certs}/ ({xdsplane} certs rotate edge --dir {q(str(certs))}:"
+        " no connection dropped)\n\n"
+        "Try:\n"
+        f"  {curl} {bearer} https://{h}:{edge_port}/billing/invoices\n"
+        "     (a token is accepted once; 60 requests a minute per client, then 429)\n"
+        f"  {curl} https://{h}:{edge_port}/billing/invoices                # 401: no token\n"
+        f"  {curl} https://{h}:{edge_port}/billing/admin/audit             # 403\n"
+        f"  {curl} {alice} https://{h}:{edge_port}/billing/admin/audit\n"
+        f"  {curl} {mtls} {alice} https://mtls.{h}:{edge_port}/\n\n"
+        "A control plane, guard or Envoy that dies is restarted (0.5 s, doubling to 10 s).\n"
+        "Ctrl-C stops everything."
+    )
+
+
 def _wait(
-    ok: Callable[[], bool],
+    ok: Callable[[], bool] | None,
     opts: UpOptions,
-    procs: list[tuple[str, subprocess.Popen[bytes]]],
+    sup: Supervisor,
     what: str,
     stopping: Callable[[], bool],
 ) -> None:
+    """Poll ``ok`` until it holds; a process that exits meanwhile is fatal (at startup it
+    is a broken folder or a busy port, which restarting would not mend)."""
+    assert ok is not None
     deadline = time.monotonic() + opts.timeout
     while time.monotonic() < deadline:
         if stopping():
             raise UpError(f"interrupted while waiting for {what}")
         if ok():
             return
-        for name, p in procs:
-            if p.poll() is not None:
-                raise UpError(f"{name} exited with code {p.returncode} while waiting for {what}")
+        for child in sup.exited():
+            code = child.proc.returncode if child.proc is not None else 0
+            raise UpError(f"{child.name} {describe_exit(code)} while waiting for {what}")
         time.sleep(0.1)
     raise UpError(f"gave up after {opts.timeout:.0f} s waiting for {what}")
