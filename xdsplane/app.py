@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,15 +13,14 @@ import grpc
 from xdsplane import admin, logs
 from xdsplane.bootstrap import split_address
 from xdsplane.cache import SnapshotCache
-from xdsplane.config.errors import ConfigErrors
-from xdsplane.config.stableread import FileBusy
 from xdsplane.exposure import serve_exposure
 from xdsplane.metrics import Metrics
+from xdsplane.reload import Refused, retry_busy
 from xdsplane.server.ads import AdsService
 from xdsplane.server.limits import Limits
 from xdsplane.server.registry import Registry
 from xdsplane.watch import Reloader, Validator
-from xdsplane.xdstls import XdsTls, XdsTlsError
+from xdsplane.xdstls import XdsTls
 
 MAX_SEND_BYTES = 64 * 1024 * 1024  # responses: a full CDS of thousands of clusters
 
@@ -86,16 +84,10 @@ async def serve(opts: ServeOptions) -> None:
     )
 
     # Refuse to start on a folder that does not load: nothing would be served.
-    for _ in range(1000):
-        try:
-            snapshots = reloader.load_now()
-            break
-        except FileBusy:
-            await asyncio.sleep(0.005)
-        except ConfigErrors as e:
-            raise StartupError([str(x) for x in e.errors]) from None
-    else:
-        raise StartupError([f"{opts.config}: files stayed busy (open for writing)"])
+    try:
+        snapshots = await asyncio.to_thread(reloader.load_now)
+    except Refused as e:
+        raise StartupError(e.errors) from None
     reloader.state.attempts = 1
     if validator is not None:
         problems = await validator(snapshots)
@@ -199,17 +191,12 @@ def _server_tls(opts: ServeOptions) -> XdsTls | None:
     if len(given) != len(files):
         missing = [flag for flag in files if flag not in given]
         raise TlsSetupError([f"{', '.join(given)} needs {' and '.join(missing)} too"])
-    assert opts.tls_cert is not None and opts.tls_key is not None and opts.client_ca is not None
-    from xdsplane.config.stableread import FileBusy
-
-    for _ in range(400):  # files being written at startup: read them again shortly
-        try:
-            return XdsTls(opts.tls_cert, opts.tls_key, opts.client_ca)
-        except FileBusy:
-            time.sleep(0.005)
-        except XdsTlsError as e:
-            raise TlsSetupError(e.errors) from None
-    raise TlsSetupError([f"{opts.tls_cert}, {opts.tls_key}, {opts.client_ca}: stayed busy"])
+    cert, key, ca = opts.tls_cert, opts.tls_key, opts.client_ca
+    assert cert is not None and key is not None and ca is not None
+    try:  # files being written at startup are read again (reload.retry_busy)
+        return retry_busy(lambda: XdsTls(cert, key, ca))
+    except Refused as e:
+        raise TlsSetupError(e.errors) from None
 
 
 def _envoy_validator(opts: ServeOptions, log: Any) -> Validator | None:

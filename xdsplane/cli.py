@@ -350,24 +350,21 @@ def _load(folder: str) -> tuple[object | None, list[str]]:
     from xdsplane.config import stableread
     from xdsplane.config.errors import ConfigErrors
     from xdsplane.config.loader import FolderLoader
+    from xdsplane.reload import Refused, retry_busy
 
     stableread.install()
     loader = FolderLoader(Path(folder))
-    for _ in range(1000):
-        try:
-            return loader.load(), []
-        except stableread.FileBusy:
-            import time
+    try:
+        return retry_busy(loader.load), []  # files being written are read again shortly
+    except ConfigErrors as e:
+        return None, [str(x) for x in e.errors]
+    except Refused as e:  # still being written after the busy budget
+        return None, e.errors
+    except Exception as e:  # a bug of ours: say so plainly, without a traceback
+        from xdsplane.redact import scrub_message
 
-            time.sleep(0.005)
-        except ConfigErrors as e:
-            return None, [str(x) for x in e.errors]
-        except Exception as e:  # a bug of ours: say so plainly, without a traceback
-            from xdsplane.redact import scrub_message
-
-            text = f"{folder}: internal error while loading ({type(e).__name__}: {e})"
-            return None, [scrub_message(text)]
-    return None, [f"{folder}: files stayed open for writing; try again"]
+        text = f"{folder}: internal error while loading ({type(e).__name__}: {e})"
+        return None, [scrub_message(text)]
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

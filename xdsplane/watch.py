@@ -1,60 +1,72 @@
-"""The reload loop: watch the folder, rebuild, validate, swap; keep the last good snapshot.
+"""The policy folder's reload: watch it, rebuild, validate, swap; keep the last good snapshot.
 
-A reload that fails (a YAML error, a dangling reference, a file still being written for
-longer than ``busy_timeout``) changes nothing that is served: the error is logged with its
-``file:line`` and shown in /status until a later reload succeeds.
+A thin adapter (``Source``) on ``xdsplane.reload.FileReloader``, which watches, loads in a
+worker thread (retrying files being written for at most ``busy_timeout``), checks, swaps and
+records. A reload that fails (a YAML error, a dangling reference, a file still being written
+for longer than ``busy_timeout``) changes nothing that is served: the error is logged with
+its ``file:line`` and shown in /status until a later reload succeeds.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import watchfiles
 
 from xdsplane import logs
-from xdsplane.cache import SnapshotCache, Watch
+from xdsplane.cache import SnapshotCache
 from xdsplane.config.errors import ConfigErrors
 from xdsplane.config.loader import FolderLoader
-from xdsplane.config.stableread import FileBusy
 from xdsplane.metrics import Metrics
 from xdsplane.redact import scrub_message
+from xdsplane.reload import (
+    BUSY_BUDGET_SECONDS,
+    WAKE_MS,
+    FileReloader,
+    Refused,
+    ReloadState,
+    Source,
+)
 from xdsplane.snapshot import SnapshotSet
 
+__all__ = ["WAKE_MS", "ReloadState", "Reloader", "Validator"]
+
 Validator = Callable[[SnapshotSet], Awaitable[list[str]]]
-WAKE_MS = 250  # the longest the watch sleeps without events (folder replaced, new paths)
 DELETE_SETTLE_SECONDS = 0.15  # how long a deleted policy file has to reappear
 
 
-@dataclass
-class ReloadState:
-    """The outcome of the latest reloads, for /status and /readyz."""
+class _Outcomes:
+    """The policy's reload metrics (``xdsplane_reload_*``)."""
 
-    loaded: bool = False
-    loaded_at: float = 0.0
-    attempts: int = 0
-    successes: int = 0  # loads that changed what is served
-    unchanged: int = 0  # loads that found nothing new
-    failures: int = 0
-    errors: list[str] = field(default_factory=list)
-    failed_at: float = 0.0
-    warnings: list[str] = field(default_factory=list)  # of what is served (legacy TLS)
-    last_duration: float = 0.0
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def succeeded(self, seconds: float | None) -> None:
+        self.metrics.installed()
+        if seconds is not None:
+            self.metrics.reload_took(seconds)
+
+    def failed(self) -> None:
+        self.metrics.reload_failed()
 
 
-class Reloader:
+class Reloader(Source[SnapshotSet]):
+    """Serves the policy folder ``root`` from ``cache``, reloaded on change and on demand."""
+
+    debounce_ms = 1600
+    recursive = True
+    swap_on_recovery = True  # a load back to what is served, after errors, is served again
+
     def __init__(
         self,
         root: Path,
         cache: SnapshotCache,
         *,
         step_ms: int = 2,
-        busy_timeout: float = 5.0,
+        busy_timeout: float = BUSY_BUDGET_SECONDS,
         validator: Validator | None = None,
         cert_warn_days: float = 14.0,
         metrics: Metrics | None = None,
@@ -64,26 +76,117 @@ class Reloader:
         self.root = root
         self.cache = cache
         self.loader = FolderLoader(root)
-        self.step_ms = step_ms
-        self.busy_timeout = busy_timeout
         self.validator = validator
-        self.state = ReloadState()
         self.log = logs.get("xdsplane.reload")
-        self._lock = asyncio.Lock()
+        # The files outside the folder the latest load read (secrets): written by the
+        # loading thread as one object, read by the watch on the event loop.
+        self._outside: frozenset[str] = frozenset()
+        self.reloads = FileReloader(
+            self,
+            self.log,
+            outcomes=_Outcomes(self.metrics),
+            busy_budget=busy_timeout,
+            step_ms=step_ms,
+        )
+        self.state = self.reloads.state
 
-    def install(self, snapshots: SnapshotSet) -> list[Watch]:
-        """Serve ``snapshots``: the cache swaps, streams are told, expiry is checked."""
-        changed = self.cache.update(snapshots)
-        self.state.loaded = True
-        self.state.loaded_at = time.time()
-        self.state.successes += 1
-        self.state.errors = []
-        self.metrics.installed()
-        self.warn_expiring(snapshots)
-        self.state.warnings = [str(w) for w in snapshots.warnings]
-        for w in snapshots.warnings:
+    # -- Source ---------------------------------------------------------------------------
+
+    def load(self) -> SnapshotSet:
+        """In a worker thread: raises Refused (every error, ``path:line:col``) or FileBusy."""
+        try:
+            return self.loader.load()
+        except ConfigErrors as e:
+            raise Refused([str(x) for x in e.errors]) from None
+        finally:
+            self._outside = frozenset(self.loader.outside_files())
+
+    async def check(self, new: SnapshotSet) -> list[str]:
+        if self.validator is None:
+            return []
+        return await self.validator(new)
+
+    def same(self, new: SnapshotSet) -> bool:
+        # Nothing new (a touched file, a save of identical content): not a reload.
+        return _same_set(self.cache.current, new)
+
+    def swap(self, new: SnapshotSet, reason: str, state: ReloadState) -> None:
+        """Serve ``new``: the cache swaps, streams are told, expiry is checked."""
+        changed = self.cache.update(new)
+        self.warn_expiring(new)
+        state.warnings = [str(w) for w in new.warnings]
+        for w in new.warnings:
             self.log.warning("policy warning", location=str(w.location), warning=w.message)
-        return changed
+        if reason == "startup":
+            return
+        self.log.info(
+            "reload",
+            reason=reason,
+            groups=[g.name for g in new.groups],
+            resources=sum(g.snapshot.count() for g in new.groups),
+            streams_notified=len(changed),
+            ms=round(state.last_duration * 1000, 2),
+        )
+
+    def report_failure(self, errors: list[str], reason: str) -> None:
+        for err in errors:
+            self.log.error("reload failed, still serving the last good snapshot", error=err)
+        self.log.warning("reload rejected", reason=reason, errors=len(errors))
+
+    def internal_error(self, stage: str, error: Exception) -> str:
+        return scrub_message(f"{self.root}: internal error while {stage}: {error}")
+
+    def identity(self) -> tuple[int, int] | None:
+        try:
+            st = self.root.stat()
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino) if self.root.is_dir() else None
+
+    def gone(self) -> str:
+        if self.root.exists():
+            return f"{self.root}: is no longer a folder"
+        return f"{self.root}: the policy folder is gone (deleted or unmounted)"
+
+    def settle(self, changes: set[tuple[watchfiles.Change, str]]) -> float:
+        # Editors save by deleting and creating: wait for the new file rather than serve
+        # the folder without it for a moment.
+        deleted = any(
+            c == watchfiles.Change.deleted and self._is_policy_file(p) for c, p in changes
+        )
+        return DELETE_SETTLE_SECONDS if deleted else 0.0
+
+    def watch_paths(self) -> list[Path]:
+        """The folder, plus the folders of the files its secrets name (outside it)."""
+        root = self.root.resolve()
+        extra: set[Path] = set()
+        for f in self._outside:
+            folder = Path(f).parent
+            if folder.is_dir() and not folder.resolve().is_relative_to(root):
+                extra.add(folder)
+        return [self.root, *sorted(extra)]
+
+    def relevant(self, change: watchfiles.Change, path: str) -> bool:
+        return self._relevant(change, path)
+
+    # -- the policy's own API -------------------------------------------------------------
+
+    def load_now(self) -> SnapshotSet:
+        """Load on this thread (at startup), FileBusy retried; raises Refused."""
+        return self.reloads.load_now()
+
+    def install(self, snapshots: SnapshotSet) -> None:
+        """Serve ``snapshots`` loaded at startup (counted as a success, as in /status)."""
+        self.reloads.installed(snapshots, "startup")
+
+    async def reload(self, reason: str = "change") -> bool:
+        """Load the folder and serve it if it is good; True when something new is served."""
+        return await self.reloads.reload(reason)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Watch until ``stop`` is set; survives the folder vanishing; follows secret files
+        (see ``FileReloader.run``)."""
+        await self.reloads.run(stop)
 
     def warn_expiring(self, snapshots: SnapshotSet) -> None:
         limit = self.cert_warn_days * 86400
@@ -98,77 +201,6 @@ class Reloader:
                     not_after=cert.not_after.isoformat(),
                     days_left=round(left / 86400, 1),
                 )
-
-    def load_now(self) -> SnapshotSet:
-        """Load synchronously (at startup); raises ConfigErrors or FileBusy."""
-        return self.loader.load()
-
-    async def reload(self, reason: str = "change") -> bool:
-        """Load the folder and serve it if it is good; True when something new is served."""
-        async with self._lock:
-            started = time.perf_counter()
-            self.state.attempts += 1
-            deadline = time.monotonic() + self.busy_timeout
-            while True:
-                try:
-                    snapshots = self.loader.load()
-                    break
-                except FileBusy as e:
-                    if time.monotonic() > deadline:
-                        waited = f"gave up after waiting {self.busy_timeout:g}s"
-                        return self._failed([f"{e} ({waited})"], reason)
-                    await asyncio.sleep(0.005)
-                except ConfigErrors as e:
-                    return self._failed([str(x) for x in e.errors], reason)
-                except Exception as e:  # never let a surprise take down what is serving
-                    self.log.exception("reload crashed")
-                    text = scrub_message(f"{self.root}: internal error while loading: {e}")
-                    return self._failed([text], reason)
-            if self.validator is not None:
-                try:
-                    problems = await self.validator(snapshots)
-                except Exception as e:  # a broken check must not end the reload loop
-                    self.log.exception("validator crashed")
-                    problems = [scrub_message(f"{self.root}: internal error while validating: {e}")]
-                if problems:
-                    return self._failed(problems, reason)
-            if _same_set(self.cache.current, snapshots) and not self.state.errors:
-                # Nothing new (a touched file, a save of identical content): not a reload.
-                self.state.unchanged += 1
-                self.log.debug("reload: nothing changed", reason=reason)
-                return False
-            changed = self.install(snapshots)
-            self.state.last_duration = time.perf_counter() - started
-            self.metrics.reload_took(self.state.last_duration)
-            self.log.info(
-                "reload",
-                reason=reason,
-                groups=[g.name for g in snapshots.groups],
-                resources=sum(g.snapshot.count() for g in snapshots.groups),
-                streams_notified=len(changed),
-                ms=round(self.state.last_duration * 1000, 2),
-            )
-            return True
-
-    def _failed(self, errors: list[str], reason: str) -> bool:
-        self.state.failures += 1
-        self.metrics.reload_failed()
-        self.state.errors = errors
-        self.state.failed_at = time.time()
-        for err in errors:
-            self.log.error("reload failed, still serving the last good snapshot", error=err)
-        self.log.warning("reload rejected", reason=reason, errors=len(errors))
-        return False
-
-    def watch_paths(self) -> list[Path]:
-        """The folder, plus the folders of the files its secrets name (outside it)."""
-        root = self.root.resolve()
-        extra: set[Path] = set()
-        for f in self.loader.outside_files():
-            folder = Path(f).parent
-            if folder.is_dir() and not folder.resolve().is_relative_to(root):
-                extra.add(folder)
-        return [self.root, *sorted(extra)]
 
     def _is_policy_file(self, path: str) -> bool:
         p = _norm(Path(path))
@@ -186,7 +218,7 @@ class Reloader:
         p = Path(os.path.normpath(os.path.abspath(path)))
         if p.name == "..data":
             return True
-        read = self.loader.outside_files()  # secret and JWKS files, wherever they are
+        read = self._outside  # secret and JWKS files, wherever they are
         if any(p in (_norm(Path(f)), Path(f).resolve()) for f in read):
             return True
         for root in {_norm(self.root), self.root.resolve()}:
@@ -201,79 +233,6 @@ class Reloader:
                     return True
         return False
 
-    def _gone(self) -> str:
-        if self.root.exists():
-            return "is no longer a folder"
-        return "the policy folder is gone (deleted or unmounted)"
-
-    def _identity(self) -> tuple[int, int] | None:
-        try:
-            st = self.root.stat()
-        except OSError:
-            return None
-        return (st.st_dev, st.st_ino) if self.root.is_dir() else None
-
-    async def run(self, stop: asyncio.Event) -> None:
-        """Watch until ``stop`` is set; survives the folder vanishing; follows secret files.
-
-        The watch wakes at least every ``WAKE_MS`` even without events, to notice a folder
-        that was deleted or replaced (its inotify watch would never fire again) and a change
-        in the set of folders to watch (a secret now names a file elsewhere); either restarts
-        the watch, and the first wake-up after a restart reloads, so that an edit made while
-        no watch was in place is not missed.
-        """
-        resync = False
-        gone_logged = False
-        while not stop.is_set():
-            identity = self._identity()
-            if identity is None:
-                if not gone_logged:
-                    # An error like any failed load: in the log and /status until a load
-                    # of the folder, back again, succeeds.
-                    self._failed([f"{self.root}: {self._gone()}"], "folder gone")
-                    gone_logged = True
-                resync = True
-                await _wait(stop, 0.1)
-                continue
-            gone_logged = False
-            paths = self.watch_paths()
-            halt = asyncio.Event()
-            relay = asyncio.create_task(_relay(stop, halt))
-            try:
-                async for changes in watchfiles.awatch(
-                    *paths,
-                    step=self.step_ms,
-                    debounce=1600,
-                    stop_event=halt,
-                    recursive=True,
-                    ignore_permission_denied=True,
-                    watch_filter=self._relevant,
-                    rust_timeout=WAKE_MS,
-                    yield_on_timeout=True,
-                ):
-                    if self._identity() != identity:
-                        resync = True
-                        break
-                    if any(
-                        c == watchfiles.Change.deleted and self._is_policy_file(p)
-                        for c, p in changes
-                    ):
-                        # Editors save by deleting and creating: wait for the new file
-                        # rather than serve the folder without it for a moment.
-                        await asyncio.sleep(DELETE_SETTLE_SECONDS)
-                    if changes or resync:
-                        await self.reload("change" if changes else "watch restarted")
-                        resync = False
-                    if self.watch_paths() != paths:
-                        resync = True
-                        break
-            except (FileNotFoundError, RuntimeError, OSError) as e:
-                self.log.warning("watch interrupted, retrying", error=str(e))
-                resync = True
-                await _wait(stop, 0.1)
-            finally:
-                relay.cancel()
-
 
 def _norm(p: Path) -> Path:
     return Path(os.path.normpath(os.path.abspath(p)))
@@ -287,13 +246,3 @@ def _same_set(a: SnapshotSet | None, b: SnapshotSet) -> bool:
         for x, y in zip(a.groups, b.groups, strict=True)
     )
     return same_groups and a.certificates == b.certificates
-
-
-async def _relay(source: asyncio.Event, target: asyncio.Event) -> None:
-    await source.wait()
-    target.set()
-
-
-async def _wait(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)

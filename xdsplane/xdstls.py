@@ -5,8 +5,9 @@ before every new TLS handshake, from a gRPC core thread. The fetcher here only c
 generation number and hands back a configuration built beforehand, so it never reads a file
 or blocks: the files are read, checked (``tlsfiles``: the key matches the certificate, the
 chain is in order, nothing expired, the client CA bundle holds valid CAs) and turned into a
-``grpc.ServerCertificateConfiguration`` on the event loop, when they change (``run``: a
-watch on their folders, Kubernetes' ``..data`` symlink swaps included) or on SIGHUP.
+``grpc.ServerCertificateConfiguration`` in a worker thread, when they change (``run``: a
+watch on their folders, Kubernetes' ``..data`` symlink swaps included) or on SIGHUP, by the
+common reload helper (``xdsplane.reload``: this class is its ``Source``).
 
 Files that do not check out are refused with an error naming the file (logged and shown in
 /status under ``xds_tls``); the last good credentials keep serving new handshakes. Streams
@@ -17,13 +18,13 @@ Nothing here ever logs or reports key material: only the certificate's summary.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import watchfiles
@@ -33,18 +34,11 @@ from prometheus_client.registry import Collector
 
 from xdsplane import logs, tlsfiles
 from xdsplane.config.stableread import FileBusy, read_stable
-
-WAKE_MS = 250  # the longest the watch sleeps without events (to notice new folders)
-HALF_ROTATION_SECONDS = 2.0  # how long a key that does not match its certificate is retried
-RETRY_INTERVAL = 0.05
+from xdsplane.reload import FileReloader, Refused, ReloadState, Settling, Source
 
 
-class XdsTlsError(Exception):
+class XdsTlsError(Refused):
     """The xDS TLS files do not check out; ``errors`` name each file and what is wrong."""
-
-    def __init__(self, errors: list[str]) -> None:
-        super().__init__("\n".join(errors))
-        self.errors = errors
 
 
 @dataclass(frozen=True)
@@ -57,34 +51,44 @@ class Loaded:
     digest: str  # of the three files' bytes: tells an unchanged rewrite from a change
 
 
-@dataclass
-class XdsTlsState:
-    """For /status: the files, what is served, the latest reloads and errors."""
-
-    loaded_at: float = 0.0
-    attempts: int = 0
-    reloads: int = 0  # reloads that changed what new handshakes get
-    failures: int = 0
-    errors: list[str] = field(default_factory=list)
-    failed_at: float = 0.0
+XdsTlsState = ReloadState  # /status shows ``successes`` as ``reloads``
 
 
-class XdsTls:
-    """The server's certificate, key and client CA, read from ``cert``, ``key``, ``ca``."""
+class _Outcomes:
+    """``xdsplane_xds_tls_reloads_total{result}``, once registered."""
+
+    def __init__(self) -> None:
+        self.counter: Counter | None = None
+
+    def succeeded(self, seconds: float | None) -> None:
+        if self.counter is not None and seconds is not None:
+            self.counter.labels("success").inc()
+
+    def failed(self) -> None:
+        if self.counter is not None:
+            self.counter.labels("failure").inc()
+
+
+class XdsTls(Source[Loaded]):
+    """The server's certificate, key and client CA, read from ``cert``, ``key``, ``ca``.
+
+    Constructing it loads them on the calling thread: XdsTlsError (nothing to serve with),
+    or FileBusy while one is being written (``reload.retry_busy`` retries it)."""
 
     def __init__(self, cert: Path, key: Path, ca: Path) -> None:
         self.files = {"--tls-cert": cert, "--tls-key": key, "--client-ca": ca}
         self.cert, self.key, self.ca = cert, key, ca
-        self.state = XdsTlsState()
         self.log = logs.get("xdsplane.xds_tls")
         self._current = self.load()  # raises XdsTlsError: nothing to serve with
+        self._outcomes = _Outcomes()
+        self.reloads = FileReloader(self, _Log(self), outcomes=self._outcomes)
+        self.state = self.reloads.state
+        self.state.loaded = True
         self.state.loaded_at = time.time()
         # (generation, config), replaced as one object: the fetcher (another thread) reads
         # it once and never sees a generation with the wrong configuration.
         self._offer: tuple[int, grpc.ServerCertificateConfiguration] = (0, self._current.config)
         self._handed = 0  # the generation gRPC core has (the initial one is given directly)
-        self._lock = asyncio.Lock()
-        self._reloads: Counter | None = None
 
     @property
     def current(self) -> Loaded:
@@ -123,8 +127,9 @@ class XdsTls:
         return data
 
     def load(self) -> Loaded:
-        """Read and check the three files; raises XdsTlsError naming each bad file, or
-        FileBusy while one is open for writing."""
+        """Read and check the three files (in a worker thread, or at startup); raises
+        XdsTlsError naming each bad file, or FileBusy while one is open for writing (Settling
+        while the key does not match the certificate: a rotation seen half-way)."""
         data = self._read()
         errors = []
         certificate: tlsfiles.CertSummary | None = None
@@ -144,6 +149,8 @@ class XdsTls:
             cas = tlsfiles.check_ca("xds-client-ca", str(self.ca), data["--client-ca"], None)
         except tlsfiles.TlsFileError as e:
             errors.append(f"--client-ca {self.ca}: {e}")
+        if errors and all("does not match the certificate" in err for err in errors):
+            raise Settling(errors)  # reported as such if it lasts (reload.BUSY_BUDGET_SECONDS)
         if errors or certificate is None:
             raise XdsTlsError(errors)
         digest = hashlib.sha256(
@@ -154,60 +161,17 @@ class XdsTls:
         )
         return Loaded(config, certificate, tuple(cas), digest)
 
-    async def _load_settled(self) -> Loaded:
-        """``load``, read again for a moment while the files look half-way through a
-        rotation (busy, or a key that does not match its certificate yet)."""
-        deadline = time.monotonic() + HALF_ROTATION_SECONDS
-        while True:
-            try:
-                return self.load()
-            except FileBusy:
-                if time.monotonic() > deadline:
-                    raise XdsTlsError(
-                        [
-                            f"{', '.join(map(str, self.files.values()))}: still being written "
-                            f"after {HALF_ROTATION_SECONDS:g}s"
-                        ]
-                    ) from None
-            except XdsTlsError as e:
-                half = all("does not match the certificate" in err for err in e.errors)
-                if not half or time.monotonic() > deadline:
-                    raise
-            await asyncio.sleep(RETRY_INTERVAL)
+    # -- Source (xdsplane.reload) ---------------------------------------------------------
 
-    async def reload(self, reason: str = "change") -> bool:
-        """Check the files and, when they are good and new, give them to new handshakes.
-        True when something new is served; the last good credentials stay otherwise."""
-        async with self._lock:
-            self.state.attempts += 1
-            try:
-                loaded = await self._load_settled()
-            except XdsTlsError as e:
-                return self._failed(e.errors, reason)
-            except Exception as e:  # never let a surprise take down what is serving
-                self.log.exception("xds tls reload crashed")
-                return self._failed([f"{self.cert}: internal error while loading: {e}"], reason)
-            if loaded.digest == self._current.digest:
-                if self.state.errors:  # the files are back to what is served
-                    self.state.errors = []
-                    self.log.info("xds tls files good again", reason=reason)
-                return False
-            self._current = loaded
-            self._offer = (self._offer[0] + 1, loaded.config)
-            self.state.loaded_at = time.time()
-            self.state.reloads += 1
-            self.state.errors = []
-            if self._reloads is not None:
-                self._reloads.labels("success").inc()
-            self.log_loaded("xds tls reloaded", reason=reason)
-            return True
+    def same(self, new: Loaded) -> bool:
+        return new.digest == self._current.digest
 
-    def _failed(self, errors: list[str], reason: str) -> bool:
-        self.state.failures += 1
-        self.state.errors = errors
-        self.state.failed_at = time.time()
-        if self._reloads is not None:
-            self._reloads.labels("failure").inc()
+    def swap(self, new: Loaded, reason: str, state: ReloadState) -> None:
+        self._current = new
+        self._offer = (self._offer[0] + 1, new.config)
+        self.log_loaded("xds tls reloaded", reason=reason)
+
+    def report_failure(self, errors: list[str], reason: str) -> None:
         for err in errors:
             self.log.error(
                 "xds tls reload failed, new handshakes still get the previous certificate",
@@ -215,7 +179,17 @@ class XdsTls:
                 reason=reason,
                 serving_fingerprint_sha256=self._current.certificate.fingerprint_sha256,
             )
-        return False
+
+    def report_recovery(self, reason: str) -> None:
+        self.log.info("xds tls files good again", reason=reason)
+
+    def internal_error(self, stage: str, error: Exception) -> str:
+        return f"{self.cert}: internal error while {stage}: {error}"
+
+    async def reload(self, reason: str = "change") -> bool:
+        """Check the files and, when they are good and new, give them to new handshakes.
+        True when something new is served; the last good credentials stay otherwise."""
+        return await self.reloads.reload(reason)
 
     def log_loaded(self, event: str, **extra: object) -> None:
         c = self._current.certificate
@@ -242,14 +216,14 @@ class XdsTls:
             "client_cas": [ca.as_dict() for ca in self._current.client_cas],
             "loaded_at": s.loaded_at,
             "attempts": s.attempts,
-            "reloads": s.reloads,
+            "reloads": s.successes,
             "failures": s.failures,
             "failed_at": s.failed_at,
             "errors": list(s.errors),
         }
 
     def register_metrics(self, registry: CollectorRegistry) -> None:
-        self._reloads = Counter(
+        self._outcomes.counter = Counter(
             "xdsplane_xds_tls_reloads",
             "reloads of the xDS server's certificate, key and client CA, by result (success: "
             "new handshakes get the new files; failure: refused, the previous ones stay)",
@@ -269,7 +243,7 @@ class XdsTls:
                     folders.add(p.parent)
         return sorted(folders)
 
-    def _relevant(self, change: watchfiles.Change, path: str) -> bool:
+    def relevant(self, change: watchfiles.Change, path: str) -> bool:
         p = _norm(Path(path))
         if p.name == "..data":  # Kubernetes swapped the link to a new set of files
             return True
@@ -277,35 +251,18 @@ class XdsTls:
 
     async def run(self, stop: asyncio.Event, step_ms: int = 2) -> None:
         """Reload on every change to the files until ``stop`` is set."""
-        while not stop.is_set():
-            paths = self.watch_paths()
-            if not paths:
-                await _wait(stop, 0.25)
-                continue
-            halt = asyncio.Event()
-            relay = asyncio.create_task(_relay(stop, halt))
-            try:
-                async for changes in watchfiles.awatch(
-                    *paths,
-                    step=step_ms,
-                    debounce=400,
-                    stop_event=halt,
-                    recursive=False,
-                    ignore_permission_denied=True,
-                    watch_filter=self._relevant,
-                    rust_timeout=WAKE_MS,
-                    yield_on_timeout=True,
-                ):
-                    if changes:
-                        await self.reload("change")
-                    if self.watch_paths() != paths:  # a symlink now leads elsewhere
-                        await self.reload("watch restarted")
-                        break
-            except (FileNotFoundError, RuntimeError, OSError) as e:
-                self.log.warning("xds tls watch interrupted, retrying", error=str(e))
-                await _wait(stop, 0.1)
-            finally:
-                relay.cancel()
+        self.reloads.step_ms = step_ms
+        await self.reloads.run(stop)
+
+
+class _Log:
+    """The source's logger, looked up on each call (``GuardTls`` replaces it)."""
+
+    def __init__(self, tls: XdsTls) -> None:
+        self.tls = tls
+
+    def __getattr__(self, level: str) -> Any:
+        return getattr(self.tls.log, level)
 
 
 class _Collector(Collector):
@@ -336,13 +293,3 @@ class _Collector(Collector):
 
 def _norm(p: Path) -> Path:
     return Path(os.path.normpath(os.path.abspath(p)))
-
-
-async def _relay(source: asyncio.Event, target: asyncio.Event) -> None:
-    await source.wait()
-    target.set()
-
-
-async def _wait(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)

@@ -3,31 +3,28 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import signal
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
+import watchfiles
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
 from xdsplane import logs
 from xdsplane.adminhttp import protect
 from xdsplane.bootstrap import split_address
 from xdsplane.config.errors import ConfigErrors
-from xdsplane.config.loader import list_files
-from xdsplane.config.stableread import FileBusy
 from xdsplane.exposure import is_loopback
 from xdsplane.guard.limits import Limits, load_limits
 from xdsplane.guard.policy import combine, limits_from_policy
 from xdsplane.guard.service import GuardConfig, GuardMetrics, GuardService
 from xdsplane.guard.store import MemoryStore, RedisStore, Store, StoreAuthError, redact_url
 from xdsplane.guard.tls import CallerCheck, GuardTls
-from xdsplane.xdstls import XdsTlsError
+from xdsplane.reload import FileReloader, Refused, ReloadState, Source, norm, retry_busy
 
 
 @dataclass
@@ -35,8 +32,7 @@ class GuardOptions:
     address: str = "127.0.0.1:18081"
     admin_address: str = "127.0.0.1:19081"
     limits: Path | None = None
-    policy: Path | None = None  # a policy folder: its routes' global_rate_limit
-    policy_poll_seconds: float = 0.5
+    policy: Path | None = None  # a policy folder: its routes' global_rate_limit (watched)
     redis: str | None = None  # redis://host:port/db; None: in memory
     redis_password_file: Path | None = None  # the Redis password, read from this file
     config: GuardConfig = field(default_factory=GuardConfig)
@@ -124,15 +120,12 @@ def guard_tls(opts: GuardOptions) -> GuardTls | None:
         raise GuardStartupError(
             ["--client-san is required with --client-ca: the SAN(s) Envoy's certificate carries"]
         )
-    assert opts.tls_cert is not None and opts.tls_key is not None and opts.client_ca is not None
-    for _ in range(400):  # files being written at startup: read them again shortly
-        try:
-            return GuardTls(opts.tls_cert, opts.tls_key, opts.client_ca)
-        except FileBusy:
-            time.sleep(0.005)
-        except XdsTlsError as e:
-            raise GuardStartupError(e.errors) from None
-    raise GuardStartupError([f"{opts.tls_cert}, {opts.tls_key}, {opts.client_ca}: stayed busy"])
+    cert, key, ca = opts.tls_cert, opts.tls_key, opts.client_ca
+    assert cert is not None and key is not None and ca is not None
+    try:  # files being written at startup are read again (reload.retry_busy)
+        return retry_busy(lambda: GuardTls(cert, key, ca))
+    except Refused as e:
+        raise GuardStartupError(e.errors) from None
 
 
 def admin_app(service: GuardService, opts: GuardOptions) -> web.Application:
@@ -165,75 +158,97 @@ def admin_app(service: GuardService, opts: GuardOptions) -> web.Application:
 
 
 def load_all(opts: GuardOptions) -> Limits:
-    """The limits file's and the policy's limits; raises ConfigErrors."""
+    """The limits file's and the policy's limits; raises ConfigErrors, or FileBusy while a
+    file is being written."""
     limits = load_limits(opts.limits) if opts.limits is not None else Limits()
     if opts.policy is not None:
         limits = combine(limits, limits_from_policy(opts.policy), opts.policy)
     return limits
 
 
-def _fingerprint(folder: Path) -> tuple[tuple[str, int, int, int], ...]:
-    out = []
-    for path in list_files(folder):
-        try:
-            st = path.stat()
-        except OSError:
-            continue
-        out.append((str(path), st.st_ino, st.st_size, st.st_mtime_ns))
-    return tuple(out)
+class _Outcomes:
+    """``xdsplane_guard_limits_reloads_total{result}``."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.counter = Counter(
+            "xdsplane_guard_limits_reloads",
+            "reloads of the rate limits (--policy, --limits), by result (success: new limits "
+            "apply; failure: refused, the previous ones stay)",
+            ["result"],
+            registry=registry,
+        )
+
+    def succeeded(self, seconds: float | None) -> None:
+        if seconds is not None:
+            self.counter.labels("success").inc()
+
+    def failed(self) -> None:
+        self.counter.labels("failure").inc()
 
 
-class LimitsReloader:
-    """Reloads the limits when the policy folder changes (polled) and on SIGHUP; a folder
-    with errors is logged and the last good limits stay."""
+class LimitsReloader(Source[Limits]):
+    """Reloads the limits when the policy folder changes (watched) and on SIGHUP, through
+    ``xdsplane.reload``; a folder with errors is logged and the last good limits stay."""
+
+    debounce_ms = 400
+    recursive = True
 
     def __init__(self, opts: GuardOptions, service: GuardService) -> None:
         self.opts = opts
         self.service = service
         self.log = logs.get("xdsplane.guard")
-        self.failures = 0
-        self.reloads = 0
+        self.reloads = FileReloader(self, self.log, outcomes=_Outcomes(service.metrics.registry))
+        self.state = self.reloads.state
 
-    def reload(self, why: str) -> bool:
+    def load(self) -> Limits:
         try:
-            limits = load_all(self.opts)
+            return load_all(self.opts)
         except ConfigErrors as e:
-            self.failures += 1
-            self.log.error(
-                "limits not reloaded; keeping the last good ones",
-                why=why,
-                errors=[str(x) for x in e.errors],
-            )
-            return False
-        except Exception as e:  # a bug of ours must not stop the guard
-            self.failures += 1
-            self.log.error("limits not reloaded", why=why, error=f"{type(e).__name__}: {e}")
-            return False
-        self.service.limits = limits
-        self.reloads += 1
-        self.log.info("limits reloaded", why=why, rules=limits.rule_count())
-        return True
+            raise Refused([str(x) for x in e.errors]) from None
 
-    async def watch(self, stop: asyncio.Event) -> None:
+    def swap(self, new: Limits, reason: str, state: ReloadState) -> None:
+        self.service.limits = new
+        self.log.info("limits reloaded", why=reason, rules=new.rule_count())
+
+    def report_failure(self, errors: list[str], reason: str) -> None:
+        self.log.error("limits not reloaded; keeping the last good ones", why=reason, errors=errors)
+
+    def internal_error(self, stage: str, error: Exception) -> str:
+        return f"internal error while {stage}: {type(error).__name__}: {error}"
+
+    def watch_paths(self) -> list[Path]:
+        folder = self.opts.policy
+        return [folder] if folder is not None and folder.is_dir() else []
+
+    def relevant(self, change: watchfiles.Change, path: str) -> bool:
         folder = self.opts.policy
         if folder is None:
+            return False
+        p = norm(Path(path))
+        for root in {norm(folder), folder.resolve()}:
+            if p == root or root in p.parents:
+                if any(part.startswith(".") for part in p.relative_to(root).parts):
+                    return False
+                return p.suffix in (".yaml", ".yml") or p.is_dir()
+        return False
+
+    async def reload(self, why: str) -> bool:
+        return await self.reloads.reload(why)
+
+    async def watch(self, stop: asyncio.Event) -> None:
+        if self.opts.policy is None:
             return
-        seen = _fingerprint(folder)
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.opts.policy_poll_seconds)
-            now = await asyncio.to_thread(_fingerprint, folder)
-            if now != seen:
-                seen = now
-                await asyncio.to_thread(self.reload, "change")
+        await self.reloads.run(stop)
 
 
 async def run(opts: GuardOptions) -> None:
     log = logs.get("xdsplane.guard")
     try:
-        limits = load_all(opts)
+        limits = retry_busy(lambda: load_all(opts))
     except ConfigErrors as e:
         raise GuardStartupError([str(x) for x in e.errors]) from None
+    except Refused as e:  # still being written after the busy budget
+        raise GuardStartupError(e.errors) from None
     try:
         host, port = split_address(opts.address)
         admin_host, admin_port = split_address(opts.admin_address)
@@ -311,7 +326,7 @@ async def run(opts: GuardOptions) -> None:
     pending: set[asyncio.Future[Any]] = set()
 
     def on_sighup() -> None:
-        tasks: list[asyncio.Future[Any]] = [loop.run_in_executor(None, reloader.reload, "SIGHUP")]
+        tasks: list[asyncio.Future[Any]] = [asyncio.ensure_future(reloader.reload("SIGHUP"))]
         if tls is not None:
             tasks.append(asyncio.ensure_future(tls.reload("SIGHUP")))
         for t in tasks:

@@ -13,28 +13,18 @@ route id in two node groups must carry the same limit.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from xdsplane.compile import Unit, parse_unit
 from xdsplane.config.errors import ConfigError, ConfigErrors, Location
 from xdsplane.config.loader import list_files
-from xdsplane.config.stableread import FileBusy, read_stable
+from xdsplane.config.stableread import read_stable
 from xdsplane.config.yamlsrc import YamlError, parse
 from xdsplane.guard.limits import Limit, Limits, Rule
 from xdsplane.policy.check import check_policy
 from xdsplane.policy.merge import Fragment, merge
 from xdsplane.policy.model import duration_seconds
 from xdsplane.policy.translate.ratelimit import DOMAIN, KEYS, ROUTE_KEY, route_id
-
-
-def _read(path: Path, attempts: int = 200) -> bytes:
-    for _ in range(attempts):
-        try:
-            return read_stable(str(path))
-        except FileBusy:
-            time.sleep(0.01)
-    raise FileBusy(f"{path}: still being written")
 
 
 def _units(folder: Path, errors: list[ConfigError]) -> list[Unit]:
@@ -46,8 +36,8 @@ def _units(folder: Path, errors: list[ConfigError]) -> list[Unit]:
     units: list[Unit] = []
     for path in files:
         try:
-            data = _read(path)
-        except (OSError, FileBusy) as e:
+            data = read_stable(str(path))  # FileBusy: retried by the caller (reload.py)
+        except OSError as e:
             errors.append(ConfigError(Location(str(path)), f"cannot read: {e}"))
             continue
         try:
