@@ -3,6 +3,8 @@
     python benchmarks/_serve_diag.py [--gc-log FILE] [--proposals a,b] -- serve ARGS...
 
 --gc-log FILE   append one JSON line per garbage-collector pause of 2 ms or more
+--loop-lag FILE append one JSON line per event-loop wake-up 5 ms or more late (a 2 ms
+                heartbeat on the server's event loop: how long the loop itself was held)
 --proposals     apply prototypes of the fixes proposed in BENCHMARKS.md (see _proposals.py)
                 before the server starts; the xdsplane package itself is not changed.
 """
@@ -44,15 +46,41 @@ def install_gc_log(path: str) -> None:
     gc.callbacks.append(callback)
 
 
+def install_loop_lag(path: str) -> None:
+    import asyncio
+
+    out = open(path, "a", buffering=1)  # noqa: SIM115 - open for the life of the process
+    run_forever = asyncio.base_events.BaseEventLoop.run_forever
+
+    def patched(self: asyncio.base_events.BaseEventLoop) -> None:
+        last = [time.perf_counter()]
+
+        def beat() -> None:
+            now = time.perf_counter()
+            late = now - last[0] - 0.002
+            if late >= 0.005:
+                out.write(json.dumps({"t": time.time(), "ms": round(late * 1000, 2)}) + "\n")
+            last[0] = now
+            self.call_later(0.002, beat)
+
+        self.call_soon(beat)
+        run_forever(self)
+
+    asyncio.base_events.BaseEventLoop.run_forever = patched  # type: ignore[method-assign]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gc-log")
+    ap.add_argument("--loop-lag")
     ap.add_argument("--proposals", default="")
     ap.add_argument("rest", nargs=argparse.REMAINDER)
     args = ap.parse_args()
     rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
     if args.gc_log:
         install_gc_log(args.gc_log)
+    if args.loop_lag:
+        install_loop_lag(args.loop_lag)
     if args.proposals:
         import _proposals
 

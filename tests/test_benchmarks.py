@@ -114,3 +114,22 @@ def test_bench_storm_quick() -> None:
         assert cells[2] == "200" and cells[10] == "200", cells  # no stream leaked by the drop
         assert 0 < ms(cells[5]) <= ms(cells[6]) <= ms(cells[4]), cells
         assert float(cells[7]) >= 1.0, cells
+
+
+def test_bench_reload_quick() -> None:
+    """Cold reloads under live /healthz and ADS probes: each new folder is served and reaches
+    the stream; the tables hold every window with answers in it (figures not judged)."""
+    out = run_quick("bench_reload.py")
+    table = [r for r in rows(out, "idle") + rows(out, "cold reload") if len(r) == 11]
+    assert [r[0] for r in table] == ["idle", "cold reload 1", "cold reload 2"], out
+    for cells in table:
+        assert int(cells[3]) > 10 and int(cells[6]) > 10, cells  # /healthz answers, ADS gaps
+        assert 0 < ms(cells[4]) <= ms(cells[5]), cells
+        assert 0 < ms(cells[7]) <= ms(cells[8]), cells
+        assert cells[-1] == "ok" or cells[-1].startswith("MISS x"), cells
+    for cells in table[1:]:
+        assert cells[9] == "yes", cells  # the round's folder reached the ADS stream
+        assert cells[1].endswith(" ms") and cells[2].endswith(" ms"), cells
+    why = [r for r in rows(out, "idle") + rows(out, "cold reload") if len(r) == 8]
+    assert len(why) == 3, out
+    assert re.search(r"peak RSS \(VmHWM\) \d+ MB", out), out

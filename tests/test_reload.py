@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from xdsplane import reload as reload_helper
 from xdsplane.cache import SnapshotCache
 from xdsplane.config import stableread
 from xdsplane.snapshot import Snapshot
@@ -289,6 +291,68 @@ async def test_parse_is_skipped_for_unchanged_files(
     parsed.clear()
     assert await r.reload() is False  # nothing changed
     assert parsed == []
+
+
+async def test_the_event_loop_keeps_running_while_a_load_is_in_progress(
+    folder: Path, cache: SnapshotCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The load runs in a worker thread: while it takes its time, the event loop (ADS
+    streams, the admin server) keeps running and the last good snapshot is served."""
+    r = Reloader(folder, cache)
+    assert await r.reload("start") is True
+    entered, release = threading.Event(), threading.Event()
+    real = r.loader.load
+
+    def slow() -> object:
+        entered.set()
+        assert release.wait(WAIT), "never released: the event loop was blocked by the load"
+        return real()
+
+    monkeypatch.setattr(r.loader, "load", slow)
+    (folder / "routes.yaml").write_text(routes("/later"))
+    task = asyncio.create_task(r.reload())
+    await until(entered.is_set, what="the load to start")
+    for _ in range(5):  # timers fire: the loop is not held by the load
+        await asyncio.sleep(0.01)
+    assert not task.done()
+    assert route_prefix(served(cache)) == "/"
+    assert r.state.attempts == 2 and r.state.errors == []
+    release.set()
+    assert await asyncio.wait_for(task, WAIT) is True
+    assert route_prefix(served(cache)) == "/later"
+
+
+def test_file_busy_is_retried_within_one_budget() -> None:
+    """reload.retry_busy: a file busy for a moment is read again; one busy for longer than
+    the budget is an error naming the file (a rotation seen half-way: its own errors)."""
+    calls: list[int] = []
+
+    def busy_twice() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise stableread.FileBusy("/x/routes.yaml: the file is open for writing")
+        return "loaded"
+
+    assert reload_helper.retry_busy(busy_twice) == "loaded" and len(calls) == 3
+
+    def always_busy() -> str:
+        raise stableread.FileBusy("/x/routes.yaml: the file is open for writing")
+
+    started = time.monotonic()
+    with pytest.raises(reload_helper.Refused) as e:
+        reload_helper.retry_busy(always_busy, budget=0.05)
+    assert time.monotonic() - started < WAIT
+    assert e.value.errors == [
+        "/x/routes.yaml: the file is open for writing (gave up after waiting 0.05s)"
+    ]
+
+    def half_rotated() -> str:
+        raise reload_helper.Settling(["--tls-key k: does not match the certificate"])
+
+    with pytest.raises(reload_helper.Refused) as e:
+        reload_helper.retry_busy(half_rotated, budget=0.05)
+    assert e.value.errors == ["--tls-key k: does not match the certificate"]
+    assert reload_helper.BUSY_BUDGET_SECONDS == 5.0  # the documented budget (docs/deploy.md)
 
 
 # -- the watch loop -------------------------------------------------------------------------
