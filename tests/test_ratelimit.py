@@ -179,6 +179,13 @@ def test_guard_reloads_policy_limits_on_change_and_sighup(
         wait_until(lambda: "limits not reloaded" in g.proc.tail(), 10, what="reload refused")
         assert limit() == 9 and g.proc.alive()
         assert f"{folder / 'a.yaml'}:19:" in g.proc.tail()
+        # the reload state (xdsplane.reload) in /healthz and the metrics
+        state = g.health()["limits_reload"]
+        assert state["failures"] >= 1 and state["successes"] >= 1, state
+        assert state["errors"] and state["errors"][0].startswith(f"{folder / 'a.yaml'}:19:")
+        metrics = g.metrics()
+        assert 'xdsplane_guard_limits_reloads_total{result="failure"}' in metrics
+        assert 'xdsplane_guard_limits_reloads_total{result="success"}' in metrics
         # SIGHUP reloads too (a file whose stamp did not change, e.g. a restored backup)
         write_atomic(folder / "a.yaml", text)
         wait_until(lambda: limit() == 4, 10, what="the fixed policy is loaded again")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,7 +129,9 @@ def guard_tls(opts: GuardOptions) -> GuardTls | None:
         raise GuardStartupError(e.errors) from None
 
 
-def admin_app(service: GuardService, opts: GuardOptions) -> web.Application:
+def admin_app(
+    service: GuardService, opts: GuardOptions, reload: ReloadState | None = None
+) -> web.Application:
     async def metrics(_: web.Request) -> web.Response:
         body = generate_latest(service.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -136,7 +139,7 @@ def admin_app(service: GuardService, opts: GuardOptions) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
         # Liveness: the process serves. The backend's state is shown, not judged: a guard
         # restart would not bring Redis back, and fail-open/closed already decides.
-        body = {
+        body: dict[str, object] = {
             "status": "ok",
             "grpc": "plaintext" if opts.tls_cert is None else "mtls",
             "insecure": opts.insecure,
@@ -148,6 +151,15 @@ def admin_app(service: GuardService, opts: GuardOptions) -> web.Application:
             "domains": sorted(service.limits.domains),
             "rules": service.limits.rule_count(),
         }
+        if reload is not None:  # the limits' reloads (xdsplane.reload), as serve's /status
+            body["limits_reload"] = {
+                "loaded_at": reload.loaded_at,
+                "attempts": reload.attempts,
+                "successes": reload.successes,
+                "failures": reload.failures,
+                "failed_at": reload.failed_at,
+                "errors": list(reload.errors),
+            }
         return web.Response(text=json.dumps(body) + "\n", content_type="application/json")
 
     # The same Host check (DNS rebinding) and security headers as serve's admin server.
@@ -286,7 +298,9 @@ async def run(opts: GuardOptions) -> None:
         bound = server.add_insecure_port(f"{_bracket(host)}:{port}")
     if bound == 0:
         raise GuardStartupError([f"cannot listen for gRPC on {opts.address}"])
-    runner = web.AppRunner(admin_app(service, opts), access_log=None)
+    reloader = LimitsReloader(opts, service)
+    reloader.state.loaded, reloader.state.loaded_at = True, time.time()  # the startup load
+    runner = web.AppRunner(admin_app(service, opts, reloader.state), access_log=None)
     await runner.setup()
     try:
         await web.TCPSite(runner, admin_host, admin_port).start()
@@ -322,7 +336,6 @@ async def run(opts: GuardOptions) -> None:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    reloader = LimitsReloader(opts, service)
     pending: set[asyncio.Future[Any]] = set()
 
     def on_sighup() -> None:
