@@ -63,7 +63,11 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "for: the certificate carries the URI SAN spiffe://xdsplane/node/<node-id> or a DNS "
         "SAN equal to <node-id> (exact; wildcards never match). Otherwise the stream is "
         "refused with PERMISSION_DENIED, logged ('stream refused', with the node id and the "
-        "certificate's SANs) and counted in /status under 'refused'.",
+        "certificate's SANs) and counted in /status under 'refused'. node.cluster selects a "
+        "node group only when the certificate carries the URI SAN "
+        "spiffe://xdsplane/cluster/<cluster>; an unproven cluster that would select another "
+        "group than the node id is refused the same way (reason cluster_not_proven), one "
+        "that would not is ignored (docs/deploy.md, 'xDS identity').",
     )
     tls.add_argument("--tls-cert", metavar="FILE", help="the server certificate (PEM chain)")
     tls.add_argument("--tls-key", metavar="FILE", help="its private key (PEM)")
@@ -466,9 +470,29 @@ def _add_limits(p: argparse.ArgumentParser) -> None:
         type=int,
         default=d.max_streams,
         metavar="N",
-        help="ADS streams open at once; one more is refused with RESOURCE_EXHAUSTED and "
-        'counted in /metrics (xdsplane_streams_refused_total{reason="max_streams"}), open '
-        f"streams are not touched (default: {d.max_streams})",
+        help="ADS streams served at once, all clients together; a stream counts once its "
+        "first request is valid (streams still waiting for one do not: see "
+        "--max-streams-per-connection and --first-request-timeout); one more is refused with "
+        "RESOURCE_EXHAUSTED and counted in /metrics (xdsplane_streams_refused_total{reason="
+        f'"max_streams"}}), open streams are not touched (default: {d.max_streams})',
+    )
+    g.add_argument(
+        "--max-streams-per-connection",
+        type=int,
+        default=d.max_streams_per_connection,
+        metavar="N",
+        help="concurrent streams on one client connection (HTTP/2 max concurrent streams); "
+        "a client past it waits for one of its own streams to end; a real Envoy uses one "
+        f"(default: {d.max_streams_per_connection})",
+    )
+    g.add_argument(
+        "--first-request-timeout",
+        type=float,
+        default=d.first_request_timeout,
+        metavar="SECONDS",
+        help="a new stream that sends no request within SECONDS is ended with "
+        'DEADLINE_EXCEEDED and counted (reason="first_request_timeout") '
+        f"(default: {d.first_request_timeout:g})",
     )
     g.add_argument(
         "--max-request-rate",
@@ -496,6 +520,16 @@ def _add_limits(p: argparse.ArgumentParser) -> None:
         "subscription); more ends the stream with RESOURCE_EXHAUSTED "
         f"(default: {d.max_names})",
     )
+    g.add_argument(
+        "--max-total-names",
+        type=int,
+        default=d.max_total_names,
+        metavar="N",
+        help="resource names held by all streams together (as --max-names counts them, plus "
+        "a delta stream's initial_resource_versions); a request that would go past it ends "
+        'its stream with RESOURCE_EXHAUSTED, logged and counted (reason="max_total_names") '
+        f"(default: {d.max_total_names})",
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -509,6 +543,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         request_rate=args.max_request_rate,
         request_burst=args.request_burst,
         max_names=args.max_names,
+        max_streams_per_connection=args.max_streams_per_connection,
+        first_request_timeout=args.first_request_timeout,
+        max_total_names=args.max_total_names,
     )
     if limits.problems():
         for problem in limits.problems():

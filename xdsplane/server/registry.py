@@ -49,6 +49,7 @@ class Registry:
     streams: dict[int, StreamInfo] = field(default_factory=dict)
     nodes: dict[str, NodeMemory] = field(default_factory=dict)
     refused: dict[str, int] = field(default_factory=dict)  # streams refused, by reason
+    admitted: int = 0  # streams whose first request was valid: what --max-streams counts
     _next: int = 0
 
     def refuse(self, reason: str) -> None:
@@ -56,7 +57,8 @@ class Registry:
         self.refused[reason] = self.refused.get(reason, 0) + 1
 
     def memory(self, node_id: str) -> NodeMemory:
-        """What ``node_id`` rejected, shared by all its streams, kept after they close."""
+        """The last NACKs of ``node_id`` (for /status), shared by all its streams, kept after
+        they close. What a stream does not resend is its own (state.Parked)."""
         found = self.nodes.pop(node_id, None)
         if found is None:
             found = NodeMemory()
