@@ -294,8 +294,9 @@ def test_total_names_budget_refuses_past_it_and_is_given_back(
 # types (the review's attack took the server from 84 to 318 MiB). With --max-total-names
 # 100000 the server holds at most that many names at once: its peak RSS (VmHWM) may exceed
 # its RSS before the attack by MEMORY_CEILING at most. Measured on the 2-core test machine:
-# about 100 MiB with the budget (much of it requests in flight: up to 16 parsed requests of
-# 1 MiB per stream), 530 MiB without it (--max-total-names 10^9). The ceiling sits between.
+# 97-121 MiB with the budget (much of it requests in flight: up to 16 parsed requests of
+# 1 MiB per stream), 520-530 MiB without it (--max-total-names 10^9; BENCHMARKS.md
+# section 6). The ceiling sits between.
 MEMORY_CEILING = 300 * 1024 * 1024
 
 
@@ -354,3 +355,33 @@ def test_many_delta_streams_subscribing_huge_name_sets_stay_within_the_budget(
     print(f"\npeak RSS {peak / 2**20:.0f} MiB over the start; {refused} streams refused")
     assert refused >= 9  # 10 streams x 300,000 names asked, 100,000 allowed in all
     assert peak < MEMORY_CEILING, f"peak RSS grew by {peak / 2**20:.0f} MiB"
+
+
+def test_bad_values_of_the_new_limits_are_refused_by_the_command(tmp_path: Path) -> None:
+    import subprocess
+
+    from harness import xdsplane_argv
+
+    done = subprocess.run(
+        xdsplane_argv(
+            "serve",
+            "--config",
+            str(tmp_path),
+            "--max-streams-per-connection",
+            "0",
+            "--first-request-timeout",
+            "0",
+            "--max-total-names",
+            "0",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2, done
+    assert done.stderr.splitlines() == [
+        "xdsplane serve: --max-streams-per-connection must be at least 1",
+        "xdsplane serve: --first-request-timeout must be more than 0",
+        "xdsplane serve: --max-total-names must be at least 1",
+    ]
