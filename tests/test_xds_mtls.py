@@ -220,6 +220,38 @@ def test_identity_mapping(certs: Path) -> None:
     assert xds_identity.peer_identity({"x509_pem_cert": [pem]}) == edge1
 
 
+def test_cluster_proof_and_identity_only_selection() -> None:
+    """Pure: which cluster may select, and a watch keeps the selector it was made with."""
+    from xdsplane.cache import SnapshotCache
+    from xdsplane.snapshot import NodeGroup, Snapshot, SnapshotSet
+
+    proven = xds_identity.PeerIdentity(
+        "CN=c", uris=(xds_identity.node_uri("edge-c"), xds_identity.cluster_uri("edge-a"))
+    )
+    assert xds_identity.cluster_uri("edge-a") == "spiffe://xdsplane/cluster/edge-a"
+    assert xds_identity.selection_cluster(proven, "edge-a") == "edge-a"
+    assert xds_identity.selection_cluster(proven, "edge-b") is None
+    assert xds_identity.selection_cluster(proven, "") is None
+    dns_only = xds_identity.PeerIdentity("CN=b", dns=("edge-b", "edge-a"))
+    assert xds_identity.selection_cluster(dns_only, "edge-a") is None  # DNS proves no cluster
+    node_uri_only = xds_identity.PeerIdentity("CN=a", uris=(xds_identity.node_uri("edge-a"),))
+    assert xds_identity.selection_cluster(node_uri_only, "edge-a") is None
+
+    empty = Snapshot.build([])
+    a, b = NodeGroup("a", ("edge-a",), empty), NodeGroup("b", ("edge-b",), empty)
+    assert a.matches("edge-b", "edge-a") and not a.matches("edge-b", None)
+    cache = SnapshotCache()
+    cache.update(SnapshotSet((a, b)))
+    assert cache.group_for("edge-b", "edge-a") is a
+    assert cache.group_for("edge-b", None) is b
+    woken: list[str] = []
+    watch = cache.watch("edge-b", None, lambda: woken.append("b"))
+    # A reload that would make cluster "edge-x" select group a: the id-only watch stays on b.
+    a2 = NodeGroup("a", ("edge-a", "edge-x"), Snapshot.build([]))
+    cache.update(SnapshotSet((a2, b)))
+    assert woken == [] and cache.lookup(watch.node_id, watch.cluster) is b.snapshot
+
+
 def test_sample_pki_has_the_xds_certificates(certs: Path) -> None:
     server = xds_identity.from_pem((certs / "xds-server.crt").read_bytes())
     assert server.dns == ("localhost",) and server.ips == ("127.0.0.1",)
@@ -501,25 +533,17 @@ def write_groups(folder: Path, a_nodes: list[str] | None = None, b_value: str = 
     write_snapshot(folder / "b.yaml", group_resources("b", b_value), nodes=["edge-b"])
 
 
+def issue_cluster_certs(certs: Path) -> None:
+    """edge-c speaks for node edge-c and proves cluster edge-a; edge-d proves edge-z."""
+    node_uri, cluster_uri = xds_identity.node_uri, xds_identity.cluster_uri
+    for name, cluster in (("edge-c", "edge-a"), ("edge-d", "edge-z")):
+        uris = [node_uri(name), cluster_uri(cluster)]
+        pki.issue(certs, name, "service-ca", uris=uris, usage=("client",))
+
+
 @pytest.fixture
 def groups_server(procs: ProcessGroup, tmp_path: Path, certs: Path) -> Iterator[XdsServer]:
-    # edge-c speaks for node edge-c and proves cluster edge-a; edge-d proves cluster edge-z.
-    cluster_uri = xds_identity.cluster_uri
-    node_uri = xds_identity.node_uri
-    pki.issue(
-        certs,
-        "edge-c",
-        "service-ca",
-        uris=[node_uri("edge-c"), cluster_uri("edge-a")],
-        usage=("client",),
-    )
-    pki.issue(
-        certs,
-        "edge-d",
-        "service-ca",
-        uris=[node_uri("edge-d"), cluster_uri("edge-z")],
-        usage=("client",),
-    )
+    issue_cluster_certs(certs)
     config = tmp_path / "config"
     write_groups(config)
     yield XdsServer(procs, config, extra_args=tls_args(certs)).start()
@@ -694,14 +718,9 @@ def test_a_reload_that_makes_the_unproven_cluster_match_does_not_leak(
     assert groups_server.status()["refused"] == {"cluster_not_proven": 1}
 
 
-@envoy_only
-def test_envoy_with_edge_bs_certificate_and_cluster_edge_a_gets_nothing(
-    procs: ProcessGroup, tmp_path: Path, certs: Path
-) -> None:
-    """A real Envoy as the attacker: group edge-a has a listener and a Secret; an Envoy with
-    edge-b's certificate bootstrapped with --cluster edge-a is refused, and gets neither."""
-    config = tmp_path / "config"
-    port = free_port()
+def edge_a_listener_config(config: Path, port: int) -> None:
+    """Group edge-a: a listener answering "edge-a only", and its Secret and ECDS; edge-b:
+    its Secret and ECDS."""
     write_snapshot(
         config / "a.yaml",
         [
@@ -712,6 +731,16 @@ def test_envoy_with_edge_bs_certificate_and_cluster_edge_a_gets_nothing(
         nodes=["edge-a"],
     )
     write_snapshot(config / "b.yaml", group_resources("b"), nodes=["edge-b"])
+
+
+@envoy_only
+def test_envoy_with_edge_bs_certificate_and_cluster_edge_a_gets_nothing(
+    procs: ProcessGroup, tmp_path: Path, certs: Path
+) -> None:
+    """A real Envoy as the attacker: group edge-a has a listener and a Secret; an Envoy with
+    edge-b's certificate bootstrapped with --cluster edge-a is refused, and gets neither."""
+    config = tmp_path / "config"
+    edge_a_listener_config(config, free_port())
     server = XdsServer(procs, config, extra_args=tls_args(certs)).start()
     envoy = mtls_envoy(
         procs,
@@ -732,6 +761,32 @@ def test_envoy_with_edge_bs_certificate_and_cluster_edge_a_gets_nothing(
         what="nothing of edge-a reaches the Envoy",
     )
     assert log_events(server, "push") == []
-    dump = envoy.config_dump()
-    assert "edge-a only" not in json.dumps(dump)
-    assert "private key of a" not in json.dumps(dump)
+    dump = json.dumps(envoy.config_dump())
+    assert "edge-a only" not in dump and "private key of a" not in dump
+
+
+@envoy_only
+def test_envoy_whose_certificate_proves_its_cluster_is_served_by_cluster(
+    procs: ProcessGroup, tmp_path: Path, certs: Path
+) -> None:
+    """edge-c's certificate carries spiffe://xdsplane/cluster/edge-a: an Envoy with node
+    edge-c and --cluster edge-a is served group edge-a (its listener answers)."""
+    issue_cluster_certs(certs)
+    config = tmp_path / "config"
+    port = free_port()
+    edge_a_listener_config(config, port)
+    server = XdsServer(procs, config, extra_args=tls_args(certs)).start()
+    envoy = mtls_envoy(
+        procs,
+        tmp_path,
+        "edge-c",
+        server,
+        certs / "edge-c.crt",
+        certs / "edge-c.key",
+        certs / "service-ca.crt",
+        cluster="edge-a",
+    ).start()
+    wait_until(lambda: "http" in envoy.dynamic_listener_names(), 15, what="edge-a's listener")
+    wait_until(lambda: http_get(port, "/").text == "edge-a only", 15, what="listener answers")
+    assert server.stream("edge-c")["group"] == "edge-a"
+    assert server.status()["refused"] == {}

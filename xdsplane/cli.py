@@ -136,7 +136,14 @@ def _add_bootstrap(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         help="print an Envoy bootstrap (YAML) that takes its config from this server over ADS",
     )
     p.add_argument("--node", required=True, metavar="ID", help="the Envoy node id")
-    p.add_argument("--cluster", default="", metavar="NAME", help="node cluster (default: ID)")
+    p.add_argument(
+        "--cluster",
+        default="",
+        metavar="NAME",
+        help="node cluster (default: ID); over mTLS it selects a node group only when the "
+        "client certificate carries the URI SAN spiffe://xdsplane/cluster/NAME, and a "
+        "cluster that would change the group otherwise is refused",
+    )
     p.add_argument(
         "--xds-address",
         action="append",
