@@ -385,3 +385,24 @@ def test_bad_values_of_the_new_limits_are_refused_by_the_command(tmp_path: Path)
         "xdsplane serve: --first-request-timeout must be more than 0",
         "xdsplane serve: --max-total-names must be at least 1",
     ]
+
+
+def test_max_streams_per_node_does_not_apply_on_plaintext(
+    procs: ProcessGroup, tmp_path: Path
+) -> None:
+    """On plaintext the node id is only a claim: a per-node cap would let anyone use up a
+    real node's share, so it is not applied (over mTLS: test_xds_mtls.py)."""
+    server = serve(procs, tmp_path, "--max-streams-per-node", "1")
+
+    async def scenario(channel: grpc.aio.Channel) -> None:
+        streams = []
+        for _ in range(3):
+            s = Stream.open(channel, "sotw")
+            await s.write(sotw(CDS, "edge-a"))
+            assert len((await s.read(10)).resources) == 1
+            streams.append(s)
+        for s in streams:
+            s.cancel()
+
+    run(server, scenario)
+    assert server.status()["refused"] == {}

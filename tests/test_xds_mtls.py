@@ -790,3 +790,51 @@ def test_envoy_whose_certificate_proves_its_cluster_is_served_by_cluster(
     wait_until(lambda: http_get(port, "/").text == "edge-a only", 15, what="listener answers")
     assert server.stream("edge-c")["group"] == "edge-a"
     assert server.status()["refused"] == {}
+
+
+def test_one_certificate_cannot_take_more_than_max_streams_per_node(
+    procs: ProcessGroup, tmp_path: Path, certs: Path
+) -> None:
+    """Over mTLS a node id is its certificate's: --max-streams-per-node bounds what one
+    certificate holds of --max-streams (idle streams do not count, see
+    test_ads_isolation.py); other nodes are served."""
+    issue_cluster_certs(certs)
+    config = tmp_path / "config"
+    write_groups(config)
+    args = [*tls_args(certs), "--max-streams-per-node", "3"]
+    server = XdsServer(procs, config, extra_args=args).start()
+    wanted = ["a-secret", "b-secret"]
+
+    async def scenario() -> None:
+        client = Client.open(server, certs, "edge-b")
+        held = []
+        for _ in range(3):
+            call = Stream.open(client.channel, "delta")
+            await call.write(request_of("delta", SDS_URL, "edge-b", "", wanted))
+            assert names_in([await call.read(10)]) == ["b-secret"]
+            held.append(call)
+        extra = Stream.open(client.channel, "sotw")
+        await extra.write(request_of("sotw", SDS_URL, "edge-b", "", wanted))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await extra.read(10)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "--max-streams-per-node" in str(refused.value.details())
+        # Another node is served; and once one of edge-b's streams ends, edge-b is again.
+        other, call = open_stream(server, certs, "edge-c", "sotw")
+        await call.write(request_of("sotw", SDS_URL, "edge-c", "", ["a-secret"]))
+        assert await call.within(0.5) == []  # edge-c's id selects no group: nothing, no error
+        call.cancel()
+        await other.channel.close()
+        held.pop().cancel()
+        await asyncio.to_thread(
+            wait_until, lambda: len(server.streams("edge-b")) == 2, 10, what="one closed"
+        )
+        again = Stream.open(client.channel, "sotw")
+        await again.write(request_of("sotw", SDS_URL, "edge-b", "", wanted))
+        assert names_in([await again.read(10)]) == ["b-secret"]
+        for c in [again, *held]:
+            c.cancel()
+        await client.channel.close()
+
+    asyncio.run(scenario())
+    assert server.status()["refused"] == {"max_streams_per_node": 1}

@@ -484,6 +484,16 @@ def _add_limits(p: argparse.ArgumentParser) -> None:
         f'"max_streams"}}), open streams are not touched (default: {d.max_streams})',
     )
     g.add_argument(
+        "--max-streams-per-node",
+        type=int,
+        default=d.max_streams_per_node,
+        metavar="N",
+        help="over mTLS, streams served at once for one node id (the certificate proves it), "
+        "so one certificate cannot take all of --max-streams; one more is refused with "
+        'RESOURCE_EXHAUSTED (reason="max_streams_per_node"); not applied on plaintext '
+        f"(default: {d.max_streams_per_node})",
+    )
+    g.add_argument(
         "--max-streams-per-connection",
         type=int,
         default=d.max_streams_per_connection,
@@ -551,6 +561,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         request_burst=args.request_burst,
         max_names=args.max_names,
         max_streams_per_connection=args.max_streams_per_connection,
+        max_streams_per_node=args.max_streams_per_node,
         first_request_timeout=args.first_request_timeout,
         max_total_names=args.max_total_names,
     )

@@ -208,7 +208,24 @@ class AdsService:
                                 "replica",
                             )
                             return
-                        self.registry.admitted += 1
+                        per_node = self.limits.max_streams_per_node
+                        if (
+                            self.require_identity
+                            and self.registry.admitted_by_node.get(node_id, 0) >= per_node
+                        ):
+                            # Over mTLS only, where the node id is the certificate's: on
+                            # plaintext anyone could fill a real node's share with its id.
+                            log.warning(
+                                "stream refused", reason="max_streams_per_node", node=node_id
+                            )
+                            self._refuse("max_streams_per_node")
+                            await context.abort(
+                                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"node {node_id!r} has {per_node} ADS streams open already "
+                                "(--max-streams-per-node)",
+                            )
+                            return
+                        self.registry.admit(node_id)
                         admitted = True
                         info.node_id, info.cluster = node_id, cluster
                         group = self.cache.group_for(info.node_id, selector)
@@ -269,7 +286,7 @@ class AdsService:
                 self.cache.cancel(watch)
             self.registry.close(info)
             if admitted:
-                self.registry.admitted -= 1
+                self.registry.release(info.node_id)
             self.total_names -= names
             if counted:
                 self.metrics.stream_closed(info.node_id, variant)

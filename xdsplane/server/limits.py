@@ -12,6 +12,10 @@ These limits are far above that and bound what a broken or hostile client can co
   "max_streams"}`` and /status "refused"); open streams are not touched. Streams that have
   not sent a first request do not count, so idle streams lock nobody out: they are bounded
   by ``max_streams_per_connection`` and ``first_request_timeout`` instead.
+- ``max_streams_per_node``: over mTLS, streams served at once for one node id (which the
+  client certificate proves), so one certificate cannot take the whole of ``max_streams``;
+  one more is refused with RESOURCE_EXHAUSTED (``reason="max_streams_per_node"``). Not on
+  plaintext: there anyone could use up a real node's share by sending its id.
 - ``max_streams_per_connection``: HTTP/2 concurrent streams on one connection (gRPC's
   ``grpc.max_concurrent_streams``, announced to the client in SETTINGS); a client past it
   waits for one of its own streams to end. A real Envoy uses one.
@@ -54,6 +58,7 @@ class Limits:
     request_burst: int = 200
     max_names: int = 100_000
     max_streams_per_connection: int = 100
+    max_streams_per_node: int = 8
     first_request_timeout: float = 10.0
     max_total_names: int = 5_000_000
 
@@ -70,6 +75,8 @@ class Limits:
             out.append("--request-burst must be at least 1")
         if self.max_names < 1:
             out.append("--max-names must be at least 1")
+        if self.max_streams_per_node < 1:
+            out.append("--max-streams-per-node must be at least 1")
         if self.max_streams_per_connection < 1:
             out.append("--max-streams-per-connection must be at least 1")
         if not self.first_request_timeout > 0:

@@ -50,6 +50,7 @@ class Registry:
     nodes: dict[str, NodeMemory] = field(default_factory=dict)
     refused: dict[str, int] = field(default_factory=dict)  # streams refused, by reason
     admitted: int = 0  # streams whose first request was valid: what --max-streams counts
+    admitted_by_node: dict[str, int] = field(default_factory=dict)  # the same, per node id
     _next: int = 0
 
     def refuse(self, reason: str) -> None:
@@ -66,6 +67,20 @@ class Registry:
                 del self.nodes[next(iter(self.nodes))]  # forget the least recently seen
         self.nodes[node_id] = found
         return found
+
+    def admit(self, node_id: str) -> None:
+        """Count a stream whose first request was valid (--max-streams, per node)."""
+        self.admitted += 1
+        self.admitted_by_node[node_id] = self.admitted_by_node.get(node_id, 0) + 1
+
+    def release(self, node_id: str) -> None:
+        """The admitted stream of ``node_id`` ended."""
+        self.admitted -= 1
+        left = self.admitted_by_node.get(node_id, 0) - 1
+        if left > 0:
+            self.admitted_by_node[node_id] = left
+        else:
+            self.admitted_by_node.pop(node_id, None)
 
     def nacks(self) -> dict[str, dict[str, object]]:
         return {node: m.as_dict() for node, m in self.nodes.items() if m.last_nack}
