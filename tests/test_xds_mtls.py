@@ -792,12 +792,13 @@ def test_envoy_whose_certificate_proves_its_cluster_is_served_by_cluster(
     assert server.status()["refused"] == {}
 
 
-def test_one_certificate_cannot_take_more_than_max_streams_per_node(
+def test_one_certificate_holds_at_most_max_streams_per_node_the_oldest_makes_room(
     procs: ProcessGroup, tmp_path: Path, certs: Path
 ) -> None:
     """Over mTLS a node id is its certificate's: --max-streams-per-node bounds what one
     certificate holds of --max-streams (idle streams do not count, see
-    test_ads_isolation.py); other nodes are served."""
+    test_ads_isolation.py). A new stream past it ends the node's oldest (as a stream left
+    half-open by a network break would be), so the node is never locked out."""
     issue_cluster_certs(certs)
     config = tmp_path / "config"
     write_groups(config)
@@ -808,33 +809,35 @@ def test_one_certificate_cannot_take_more_than_max_streams_per_node(
     async def scenario() -> None:
         client = Client.open(server, certs, "edge-b")
         held = []
-        for _ in range(3):
-            call = Stream.open(client.channel, "delta")
-            await call.write(request_of("delta", SDS_URL, "edge-b", "", wanted))
+        for variant in ("delta", "sotw", "delta", "sotw", "sotw"):
+            call = Stream.open(client.channel, variant)
+            await call.write(request_of(variant, SDS_URL, "edge-b", "", wanted))
             assert names_in([await call.read(10)]) == ["b-secret"]
             held.append(call)
-        extra = Stream.open(client.channel, "sotw")
-        await extra.write(request_of("sotw", SDS_URL, "edge-b", "", wanted))
-        with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await extra.read(10)
-        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "--max-streams-per-node" in str(refused.value.details())
-        # Another node is served; and once one of edge-b's streams ends, edge-b is again.
-        other, call = open_stream(server, certs, "edge-c", "sotw")
-        await call.write(request_of("sotw", SDS_URL, "edge-c", "", ["a-secret"]))
-        assert await call.within(0.5) == []  # edge-c's id selects no group: nothing, no error
-        call.cancel()
-        await other.channel.close()
-        held.pop().cancel()
+        # The two oldest were ended, the three newest are served.
+        for old in held[:2]:
+            error = await old.ended(10)
+            assert error is not None and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "replaced by a newer stream of node 'edge-b'" in str(error.details())
+            assert "--max-streams-per-node" in str(error.details())
         await asyncio.to_thread(
-            wait_until, lambda: len(server.streams("edge-b")) == 2, 10, what="one closed"
+            wait_until, lambda: len(server.streams("edge-b")) == 3, 10, what="3 streams left"
         )
-        again = Stream.open(client.channel, "sotw")
-        await again.write(request_of("sotw", SDS_URL, "edge-b", "", wanted))
-        assert names_in([await again.read(10)]) == ["b-secret"]
-        for c in [again, *held]:
+        ids = sorted(s["stream"] for s in server.streams("edge-b"))
+        assert ids == [3, 4, 5], ids
+        # Another node's streams are not touched.
+        other, call = open_stream(server, certs, "edge-c", "sotw")
+        await call.write(request_of("sotw", SDS_URL, "edge-c", "edge-a", ["a-secret"]))
+        assert names_in([await call.read(10)]) == ["a-secret"]
+        for c in [call, *held]:
             c.cancel()
+        await other.channel.close()
         await client.channel.close()
 
     asyncio.run(scenario())
-    assert server.status()["refused"] == {"max_streams_per_node": 1}
+    assert server.status()["refused"] == {"max_streams_per_node": 2}
+    replaced = log_events(server, "stream replaced")
+    assert [(e["node"], e["replaced"], e["level"]) for e in replaced] == [
+        ("edge-b", 1, "warning"),
+        ("edge-b", 2, "warning"),
+    ]

@@ -488,9 +488,10 @@ def _add_limits(p: argparse.ArgumentParser) -> None:
         type=int,
         default=d.max_streams_per_node,
         metavar="N",
-        help="over mTLS, streams served at once for one node id (the certificate proves it), "
-        "so one certificate cannot take all of --max-streams; one more is refused with "
-        'RESOURCE_EXHAUSTED (reason="max_streams_per_node"); not applied on plaintext '
+        help="over mTLS, streams served at once for one node id (the certificate proves it): "
+        "a new stream past it ends the node's oldest with RESOURCE_EXHAUSTED (counted as "
+        'reason="max_streams_per_node"), so one certificate cannot take all of --max-streams '
+        "and half-open streams never lock a node out; not applied on plaintext "
         f"(default: {d.max_streams_per_node})",
     )
     g.add_argument(

@@ -30,6 +30,7 @@ MAX_INFLIGHT_REQUESTS = 16
 
 _END = object()
 _SNAPSHOT = object()
+_REPLACED = object()  # a newer stream of the node took this one's place
 
 
 def _identity(data: bytes) -> bytes:
@@ -127,13 +128,13 @@ class AdsService:
                 inbox.put_nowait(_END)
 
         info = self.registry.open(variant, str(context.peer()))
+        info.end = lambda: inbox.put_nowait(_REPLACED)
         log = self.log.bind(stream=info.id, variant=variant, peer=info.peer)
         reader = asyncio.create_task(read())
         watch = None
         # What groups select this stream by besides its node id, fixed when it is admitted:
         # over mTLS the cluster only when the client certificate proves it (None: the id).
         selector: str | None = None
-        admitted = False  # counted against --max-streams (a valid first request came)
         names = 0  # resource names this stream holds, charged to --max-total-names
         charged: dict[ResourceType, int] = {}  # by type: names charged
         initial: dict[ResourceType, int] = {}  # by type: initial_resource_versions (delta)
@@ -165,6 +166,14 @@ class AdsService:
                     item = await inbox.get()
                 if item is _END:
                     break
+                if item is _REPLACED:
+                    await context.abort(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"replaced by a newer stream of node {info.node_id!r}: a node has at "
+                        f"most {self.limits.max_streams_per_node} ADS streams at once "
+                        "(--max-streams-per-node)",
+                    )
+                    return
                 if item is _SNAPSHOT:
                     marked = False
                     installed_at = self.metrics.installed_at
@@ -196,6 +205,16 @@ class AdsService:
                         selector = cluster
                         if self.require_identity:
                             selector = await self._check_identity(log, node_id, cluster, context)
+                        per_node = self.limits.max_streams_per_node
+                        if (
+                            self.require_identity
+                            and self.registry.admitted_by_node.get(node_id, 0) >= per_node
+                        ):
+                            # Over mTLS only, where the node id is the certificate's: the
+                            # node's oldest stream makes room (a stream left half-open by a
+                            # network break, or one more of a client that opens too many).
+                            # On plaintext anyone could end a real node's streams by its id.
+                            self._replace_oldest(log, node_id)
                         if self.registry.admitted >= self.limits.max_streams:
                             # Checked and counted below with no await between: no race past
                             # the limit. Only admitted streams count: idle ones lock no one out.
@@ -208,25 +227,7 @@ class AdsService:
                                 "replica",
                             )
                             return
-                        per_node = self.limits.max_streams_per_node
-                        if (
-                            self.require_identity
-                            and self.registry.admitted_by_node.get(node_id, 0) >= per_node
-                        ):
-                            # Over mTLS only, where the node id is the certificate's: on
-                            # plaintext anyone could fill a real node's share with its id.
-                            log.warning(
-                                "stream refused", reason="max_streams_per_node", node=node_id
-                            )
-                            self._refuse("max_streams_per_node")
-                            await context.abort(
-                                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"node {node_id!r} has {per_node} ADS streams open already "
-                                "(--max-streams-per-node)",
-                            )
-                            return
-                        self.registry.admit(node_id)
-                        admitted = True
+                        self.registry.admit(info, node_id)
                         info.node_id, info.cluster = node_id, cluster
                         group = self.cache.group_for(info.node_id, selector)
                         info.group = group.name if group is not None else ""
@@ -285,12 +286,23 @@ class AdsService:
             if watch is not None:
                 self.cache.cancel(watch)
             self.registry.close(info)
-            if admitted:
-                self.registry.release(info.node_id)
+            self.registry.release(info)
             self.total_names -= names
             if counted:
                 self.metrics.stream_closed(info.node_id, variant)
             log.info("stream closed")
+
+    def _replace_oldest(self, log: Any, node_id: str) -> None:
+        """End the oldest stream of ``node_id`` (--max-streams-per-node), counted and logged;
+        it counts no more from now on."""
+        old = self.registry.oldest(node_id)
+        if old is None:
+            return
+        log.warning("stream replaced", reason="max_streams_per_node", node=node_id, replaced=old.id)
+        self._refuse("max_streams_per_node")
+        self.registry.release(old)
+        if old.end is not None:
+            old.end()
 
     def _refuse(self, reason: str) -> None:
         """Count a stream refused (or ended) for ``reason``: /status and /metrics."""

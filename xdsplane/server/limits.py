@@ -13,9 +13,11 @@ These limits are far above that and bound what a broken or hostile client can co
   not sent a first request do not count, so idle streams lock nobody out: they are bounded
   by ``max_streams_per_connection`` and ``first_request_timeout`` instead.
 - ``max_streams_per_node``: over mTLS, streams served at once for one node id (which the
-  client certificate proves), so one certificate cannot take the whole of ``max_streams``;
-  one more is refused with RESOURCE_EXHAUSTED (``reason="max_streams_per_node"``). Not on
-  plaintext: there anyone could use up a real node's share by sending its id.
+  client certificate proves). A new stream past it ends the node's oldest stream (with
+  RESOURCE_EXHAUSTED; counted as ``reason="max_streams_per_node"``): a stream left
+  half-open by a network break never locks its node out, and one certificate cannot take
+  more than this of ``max_streams``. Not on plaintext: there anyone could end a real node's
+  streams by sending its id.
 - ``max_streams_per_connection``: HTTP/2 concurrent streams on one connection (gRPC's
   ``grpc.max_concurrent_streams``, announced to the client in SETTINGS); a client past it
   waits for one of its own streams to end. A real Envoy uses one.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from xdsplane.server.state import NodeMemory, TypeStatus
@@ -22,6 +23,8 @@ class StreamInfo:
     requests: int = 0  # requests received
     throttled: int = 0  # requests delayed by the per-stream rate limit
     peak_burst: int = 0  # the most rate-limit tokens used at once
+    admitted: bool = False  # counted against --max-streams (its first request was valid)
+    end: Callable[[], None] | None = field(default=None, repr=False)  # asks it to end
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -68,19 +71,28 @@ class Registry:
         self.nodes[node_id] = found
         return found
 
-    def admit(self, node_id: str) -> None:
+    def admit(self, info: StreamInfo, node_id: str) -> None:
         """Count a stream whose first request was valid (--max-streams, per node)."""
+        info.node_id, info.admitted = node_id, True
         self.admitted += 1
         self.admitted_by_node[node_id] = self.admitted_by_node.get(node_id, 0) + 1
 
-    def release(self, node_id: str) -> None:
-        """The admitted stream of ``node_id`` ended."""
+    def release(self, info: StreamInfo) -> None:
+        """The admitted stream ``info`` ends (or is being ended): it counts no more."""
+        if not info.admitted:
+            return
+        info.admitted = False
         self.admitted -= 1
-        left = self.admitted_by_node.get(node_id, 0) - 1
+        left = self.admitted_by_node.get(info.node_id, 0) - 1
         if left > 0:
-            self.admitted_by_node[node_id] = left
+            self.admitted_by_node[info.node_id] = left
         else:
-            self.admitted_by_node.pop(node_id, None)
+            self.admitted_by_node.pop(info.node_id, None)
+
+    def oldest(self, node_id: str) -> StreamInfo | None:
+        """The admitted stream of ``node_id`` opened first."""
+        mine = (s for s in self.streams.values() if s.admitted and s.node_id == node_id)
+        return min(mine, key=lambda s: s.id, default=None)
 
     def nacks(self) -> dict[str, dict[str, object]]:
         return {node: m.as_dict() for node, m in self.nodes.items() if m.last_nack}
