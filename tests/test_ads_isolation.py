@@ -258,6 +258,8 @@ def test_total_names_budget_refuses_past_it_and_is_given_back(
         b = Stream.open(channel, variant)
         await b.write(subscribe("edge-b", ["alpha", *(f"b{i}" for i in range(399))]))
         assert len((await b.read(10)).resources) == 1
+        held = {x["node"]: x["names"] for x in server.streams()}
+        assert held == {"edge-a": 600, "edge-b": 400}, held  # shown per stream in /status
         # 1000 held: one more name anywhere is refused, and ends that stream only.
         over = Stream.open(channel, variant)
         await over.write(subscribe("edge-c", ["alpha"]))

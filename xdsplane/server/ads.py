@@ -265,6 +265,7 @@ class AdsService:
                             return
                         self.total_names += grown
                         names += grown
+                        info.names = names
                         charged[rtype] = held
                     self._log_request(log, variant, item)
                     before = _answers(machine, rtype)

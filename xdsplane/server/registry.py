@@ -23,6 +23,7 @@ class StreamInfo:
     requests: int = 0  # requests received
     throttled: int = 0  # requests delayed by the per-stream rate limit
     peak_burst: int = 0  # the most rate-limit tokens used at once
+    names: int = 0  # resource names it holds, charged to --max-total-names
     admitted: bool = False  # counted against --max-streams (its first request was valid)
     end: Callable[[], None] | None = field(default=None, repr=False)  # asks it to end
 
@@ -38,6 +39,7 @@ class StreamInfo:
             "requests": self.requests,
             "throttled": self.throttled,
             "peak_burst": self.peak_burst,
+            "names": self.names,
             "types": {
                 t.short: self.statuses[t].as_dict() for t in PUSH_ORDER if t in self.statuses
             },
