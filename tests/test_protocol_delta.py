@@ -541,3 +541,48 @@ def test_random_walk_client_holds_exactly_the_snapshot(
             ack_all(c.push(s))
         check(s)
         assert c.push(s) == []
+
+
+# -- a NACK parks the version for the stream that sent it only --------------------------------
+
+
+@pytest.mark.parametrize("rtype", [CDS, LDS, EDS, RDS, SDS])
+def test_a_nack_on_one_stream_does_not_freeze_another_stream_of_the_same_node(
+    rtype: ResourceType,
+) -> None:
+    """A process that claims a node's id and NACKs (issue 11): the node's other streams, and
+    its next one, are still sent the current version; the NACK stays in the node's view."""
+    from xdsplane.server.state import NodeMemory
+
+    node = NodeMemory()  # what ads.py gives every stream of one node id (registry.memory)
+    s1 = full()
+    names = [] if rtype.wildcard else list(s1.of(rtype))
+    changed = {
+        CDS: cluster("backend", 9),
+        LDS: listener("http", "routes", port=1),
+        EDS: endpoints("backend", 1),
+        RDS: route("routes", "backend", "/new"),
+        SDS: secret("ca", "new"),
+    }[rtype]
+    s2 = snap(*_replace(s1, changed))
+    attacker = Client(DeltaStream(node))
+    attacker.push(s2)
+    (got,) = attacker.request(rtype, names)
+    assert attacker.nack(got, "rejected on purpose") == []
+    assert attacker.request(rtype) == []  # parked for the stream that NACKed it
+    assert node.as_dict()[rtype.short]["message"] == "rejected on purpose"
+
+    # The real Envoy's stream, opened before the change: the change is pushed to it.
+    envoy = Client(DeltaStream(node))
+    envoy.push(s1)
+    (first,) = envoy.request(rtype, names)
+    assert envoy.ack(first) == []
+    (pushed,) = envoy.push(s2)
+    assert added(pushed) == {changed.name: changed.version}
+    # A new stream of the same node: sent the current version; if it NACKs, parked too.
+    again = Client(DeltaStream(node))
+    again.push(s2)
+    (fresh,) = again.request(rtype, names)
+    assert added(fresh)[changed.name] == changed.version
+    assert again.nack(fresh) == []
+    assert again.request(rtype) == []

@@ -797,3 +797,40 @@ def test_random_walk_client_always_converges_and_acks_get_nothing(
         check(s)
         # once converged, the same snapshot again and a repeated ACK bring nothing
         assert c.push(s) == []
+
+
+# -- a NACK parks the version for the stream that sent it only --------------------------------
+
+
+@pytest.mark.parametrize("rtype", [CDS, LDS, RDS, EDS, SDS])
+def test_a_nack_on_one_stream_does_not_freeze_another_stream_of_the_same_node(
+    rtype: ResourceType,
+) -> None:
+    """A process that claims a node's id and NACKs (issue 11): the node's other streams, and
+    its next one, are still sent the current version; the NACK stays in the node's view."""
+    from xdsplane.server.state import NodeMemory
+
+    node = NodeMemory()  # what ads.py gives every stream of one node id (registry.memory)
+    current = full(tag=2)
+    names = () if rtype.wildcard else tuple(current.of(rtype))
+    attacker = Client(SotwStream(node))
+    attacker.push(current)
+    (got,) = attacker.request(rtype, names)
+    assert attacker.nack(got, "rejected on purpose") == []
+    assert attacker.request(rtype, names) == []  # parked for the stream that NACKed it
+    assert node.as_dict()[rtype.short]["message"] == "rejected on purpose"
+
+    for late in (False, True):  # a stream opened before the NACK's snapshot, and after it
+        envoy = Client(SotwStream(node))
+        if late:
+            envoy.push(current)
+            (fresh,) = envoy.request(rtype, names)
+        else:
+            envoy.push(snap(*_without(current, rtype), *_variant(rtype)))
+            envoy.ack_all(envoy.request(rtype, names))
+            (fresh,) = envoy.push(current)
+        assert fresh.version_info == got.version_info
+        assert names_of(fresh) == names_of(got)
+        # If it NACKs too, it is parked for that stream as well.
+        assert envoy.nack(fresh) == []
+        assert envoy.request(rtype, names) == []

@@ -151,16 +151,22 @@ class Snapshot:
 
 @dataclass(frozen=True, slots=True)
 class NodeGroup:
-    """Nodes selected by globs on their id or cluster; ``None`` selects every node."""
+    """Nodes selected by globs on their id or cluster; ``None`` selects every node.
+
+    ``cluster`` None: the node id alone selects (over mTLS, a cluster the client certificate
+    does not prove is never used: xds_identity)."""
 
     name: str
     globs: tuple[str, ...] | None
     snapshot: Snapshot
 
-    def matches(self, node_id: str, cluster: str) -> bool:
+    def matches(self, node_id: str, cluster: str | None) -> bool:
         if self.globs is None:
             return True
-        return any(fnmatchcase(node_id, g) or fnmatchcase(cluster, g) for g in self.globs)
+        return any(
+            fnmatchcase(node_id, g) or (cluster is not None and fnmatchcase(cluster, g))
+            for g in self.globs
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,8 +181,9 @@ class SnapshotSet:
     certificates: tuple[Any, ...] = ()
     warnings: tuple[ConfigError, ...] = ()
 
-    def group_for(self, node_id: str, cluster: str) -> NodeGroup | None:
-        """The first group selecting the node; groups with globs come before the catch-all."""
+    def group_for(self, node_id: str, cluster: str | None) -> NodeGroup | None:
+        """The first group selecting the node; groups with globs come before the catch-all.
+        ``cluster`` None: by the node id alone."""
         for g in self.groups:
             if g.matches(node_id, cluster):
                 return g
@@ -188,6 +195,6 @@ class SnapshotSet:
                 return g.snapshot
         return None
 
-    def for_node(self, node_id: str, cluster: str) -> Snapshot | None:
+    def for_node(self, node_id: str, cluster: str | None) -> Snapshot | None:
         g = self.group_for(node_id, cluster)
         return g.snapshot if g is not None else None

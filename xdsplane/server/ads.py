@@ -19,7 +19,7 @@ from xdsplane import logs, xds_identity
 from xdsplane.cache import SnapshotCache
 from xdsplane.metrics import Metrics
 from xdsplane.server.delta import DeltaStream
-from xdsplane.server.limits import MAX_NODE_FIELD, Limits
+from xdsplane.server.limits import FIRST_REQUEST_TIMEOUT, MAX_NODE_FIELD, Limits, names_held
 from xdsplane.server.registry import Registry
 from xdsplane.server.sotw import SotwStream
 from xdsplane.server.state import Outgoing
@@ -30,6 +30,7 @@ MAX_INFLIGHT_REQUESTS = 16
 
 _END = object()
 _SNAPSHOT = object()
+_REPLACED = object()  # a newer stream of the node took this one's place
 
 
 def _identity(data: bytes) -> bytes:
@@ -60,6 +61,7 @@ class AdsService:
         # Over mTLS: the node id of a stream's first request must be one its client
         # certificate speaks for (xds_identity); otherwise the stream is refused.
         self.require_identity = require_identity
+        self.total_names = 0  # resource names held by all streams (--max-total-names)
         self.log = logs.get("xdsplane.ads")
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -92,18 +94,6 @@ class AdsService:
         requests: AsyncIterator[Any],
         context: Any,
     ) -> None:
-        if len(self.registry.streams) >= self.limits.max_streams:
-            # Checked and opened below with no await between: no race past the limit.
-            self.log.warning(
-                "stream refused", reason="max_streams", peer=str(context.peer()), variant=variant
-            )
-            self._refuse("max_streams")
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"this server serves at most {self.limits.max_streams} ADS streams at once "
-                "(--max-streams); retry later or use another replica",
-            )
-            return
         inbox: asyncio.Queue[Any] = asyncio.Queue()
         credits = asyncio.Semaphore(MAX_INFLIGHT_REQUESTS)
         bucket = self.limits.bucket()
@@ -138,24 +128,56 @@ class AdsService:
                 inbox.put_nowait(_END)
 
         info = self.registry.open(variant, str(context.peer()))
+        info.end = lambda: inbox.put_nowait(_REPLACED)
         log = self.log.bind(stream=info.id, variant=variant, peer=info.peer)
         reader = asyncio.create_task(read())
         watch = None
+        # What groups select this stream by besides its node id, fixed when it is admitted:
+        # over mTLS the cluster only when the client certificate proves it (None: the id).
+        selector: str | None = None
+        names = 0  # resource names this stream holds, charged to --max-total-names
+        charged: dict[ResourceType, int] = {}  # by type: names charged
+        initial: dict[ResourceType, int] = {}  # by type: initial_resource_versions (delta)
         out: list[Outgoing] = []
         o: Outgoing | None = None
         counted = False  # in the connected-streams gauge (once the node id is known)
         # Per type, the latest response caused by a snapshot change: its nonce and when that
         # snapshot was installed; its ACK observes the propagation latency.
         pending: dict[ResourceType, tuple[str, float]] = {}
+        loop = asyncio.get_running_loop()
+        first_deadline = loop.time() + self.limits.first_request_timeout
         try:
             while True:
-                item = await inbox.get()
+                if watch is None:
+                    try:
+                        item = await asyncio.wait_for(
+                            inbox.get(), max(0.0, first_deadline - loop.time())
+                        )
+                    except TimeoutError:
+                        log.warning("stream refused", reason=FIRST_REQUEST_TIMEOUT)
+                        self._refuse(FIRST_REQUEST_TIMEOUT)
+                        await context.abort(
+                            grpc.StatusCode.DEADLINE_EXCEEDED,
+                            "no first request within "
+                            f"{self.limits.first_request_timeout:g} s (--first-request-timeout)",
+                        )
+                        return
+                else:
+                    item = await inbox.get()
                 if item is _END:
                     break
+                if item is _REPLACED:
+                    await context.abort(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"replaced by a newer stream of node {info.node_id!r}: a node has at "
+                        f"most {self.limits.max_streams_per_node} ADS streams at once "
+                        "(--max-streams-per-node)",
+                    )
+                    return
                 if item is _SNAPSHOT:
                     marked = False
                     installed_at = self.metrics.installed_at
-                    snap = self.cache.lookup(info.node_id, info.cluster)
+                    snap = self.cache.lookup(info.node_id, selector)
                     out = machine.on_snapshot(snap) if snap is not None else []
                     pending.update((x.type, (x.nonce, installed_at)) for x in out)
                 else:
@@ -179,17 +201,42 @@ class AdsService:
                                 "characters",
                             )
                             return
+                        node_id, cluster = str(node.id), str(node.cluster)
+                        selector = cluster
                         if self.require_identity:
-                            await self._check_identity(log, str(node.id), context)
-                        info.node_id, info.cluster = str(node.id), str(node.cluster)
-                        group = self.cache.group_for(info.node_id, info.cluster)
+                            selector = await self._check_identity(log, node_id, cluster, context)
+                        per_node = self.limits.max_streams_per_node
+                        if (
+                            self.require_identity
+                            and self.registry.admitted_by_node.get(node_id, 0) >= per_node
+                        ):
+                            # Over mTLS only, where the node id is the certificate's: the
+                            # node's oldest stream makes room (a stream left half-open by a
+                            # network break, or one more of a client that opens too many).
+                            # On plaintext anyone could end a real node's streams by its id.
+                            self._replace_oldest(log, node_id)
+                        if self.registry.admitted >= self.limits.max_streams:
+                            # Checked and counted below with no await between: no race past
+                            # the limit. Only admitted streams count: idle ones lock no one out.
+                            log.warning("stream refused", reason="max_streams", node=node_id)
+                            self._refuse("max_streams")
+                            await context.abort(
+                                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"this server serves at most {self.limits.max_streams} ADS "
+                                "streams at once (--max-streams); retry later or use another "
+                                "replica",
+                            )
+                            return
+                        self.registry.admit(info, node_id)
+                        info.node_id, info.cluster = node_id, cluster
+                        group = self.cache.group_for(info.node_id, selector)
                         info.group = group.name if group is not None else ""
                         log = log.bind(node=info.node_id)
                         machine.memory = self.registry.memory(info.node_id)
                         log.info("stream opened", cluster=info.cluster, group=info.group)
                         self.metrics.stream_opened(info.node_id, variant)
                         counted = True
-                        watch = self.cache.watch(info.node_id, info.cluster, notify)
+                        watch = self.cache.watch(info.node_id, selector, notify)
                         if group is not None:
                             machine.on_snapshot(group.snapshot)
                     rtype = ResourceType.from_url(item.type_url)
@@ -199,6 +246,27 @@ class AdsService:
                         self._refuse("max_names")
                         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, too_many)
                         return
+                    if rtype is not None:
+                        if rtype not in initial:  # its first request on this stream
+                            initial[rtype] = (
+                                len(item.initial_resource_versions) if variant == "delta" else 0
+                            )
+                        held = self._names_held(variant, machine, rtype, item) + initial[rtype]
+                        grown = held - charged.get(rtype, 0)
+                        if grown > 0 and self.total_names + grown > self.limits.max_total_names:
+                            why = (
+                                f"the server holds {self.total_names} resource names for all "
+                                f"streams and this request would add {grown}; the limit is "
+                                f"{self.limits.max_total_names} (--max-total-names)"
+                            )
+                            log.warning("stream refused", reason="max_total_names", detail=why)
+                            self._refuse("max_total_names")
+                            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, why)
+                            return
+                        self.total_names += grown
+                        names += grown
+                        info.names = names
+                        charged[rtype] = held
                     self._log_request(log, variant, item)
                     before = _answers(machine, rtype)
                     out = machine.on_request(item)
@@ -219,9 +287,23 @@ class AdsService:
             if watch is not None:
                 self.cache.cancel(watch)
             self.registry.close(info)
+            self.registry.release(info)
+            self.total_names -= names
             if counted:
                 self.metrics.stream_closed(info.node_id, variant)
             log.info("stream closed")
+
+    def _replace_oldest(self, log: Any, node_id: str) -> None:
+        """End the oldest stream of ``node_id`` (--max-streams-per-node), counted and logged;
+        it counts no more from now on."""
+        old = self.registry.oldest(node_id)
+        if old is None:
+            return
+        log.warning("stream replaced", reason="max_streams_per_node", node=node_id, replaced=old.id)
+        self._refuse("max_streams_per_node")
+        self.registry.release(old)
+        if old.end is not None:
+            old.end()
 
     def _refuse(self, reason: str) -> None:
         """Count a stream refused (or ended) for ``reason``: /status and /metrics."""
@@ -238,6 +320,16 @@ class AdsService:
         st = machine.types.get(rtype) if rtype is not None else None
         subscribed = st.names if isinstance(machine, DeltaStream) and st is not None else ()
         return self.limits.names_problem(variant, req, subscribed)
+
+    @staticmethod
+    def _names_held(
+        variant: str, machine: SotwStream | DeltaStream, rtype: ResourceType | None, req: Any
+    ) -> int:
+        """Resource names the stream names for ``req``'s type once it is handled (its
+        ``initial_resource_versions`` are charged by the caller)."""
+        st = machine.types.get(rtype) if rtype is not None else None
+        subscribed = st.names if isinstance(machine, DeltaStream) and st is not None else ()
+        return names_held(variant, req, subscribed)
 
     def _count_answer(
         self,
@@ -261,12 +353,38 @@ class AdsService:
             self.metrics.nack(rtype)
             pending.pop(rtype, None)
 
-    async def _check_identity(self, log: Any, node_id: str, context: Any) -> None:
-        """Abort (PERMISSION_DENIED) unless the client certificate speaks for ``node_id``."""
+    async def _check_identity(
+        self, log: Any, node_id: str, cluster: str, context: Any
+    ) -> str | None:
+        """What groups may select the stream by besides ``node_id``: ``cluster`` when the
+        client certificate proves it, else None. Aborts (PERMISSION_DENIED) unless the
+        certificate speaks for ``node_id``, and when an unproven ``cluster`` would select
+        another group than ``node_id`` alone (xds_identity)."""
         identity = xds_identity.peer_identity(context.auth_context())
         refused = xds_identity.refusal(identity, node_id)
-        if refused is None:
-            return
+        if refused is None and identity is not None:
+            selector = xds_identity.selection_cluster(identity, cluster)
+            if selector is not None or not cluster:
+                return selector
+            by_id = self.cache.group_for(node_id, None)
+            by_cluster = self.cache.group_for(node_id, cluster)
+            same = (by_id.name if by_id else None) == (by_cluster.name if by_cluster else None)
+            if same:
+                return None  # the cluster changes nothing: ignored, now and after reloads
+            refused = (xds_identity.CLUSTER_NOT_PROVEN, xds_identity.cluster_refusal(cluster))
+            log.warning(
+                "stream refused",
+                reason=refused[0],
+                node=node_id,
+                cluster=cluster,
+                group_by_node_id=by_id.name if by_id is not None else None,
+                group_by_cluster=by_cluster.name if by_cluster is not None else None,
+                sans=identity.sans(),
+            )
+            self._refuse(refused[0])
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, refused[1])
+            return None
+        assert refused is not None
         reason, message = refused
         log.warning(
             "stream refused",
@@ -277,6 +395,7 @@ class AdsService:
         )
         self._refuse(reason)
         await context.abort(grpc.StatusCode.PERMISSION_DENIED, message)
+        return None
 
     @staticmethod
     def _log_request(log: Any, variant: str, req: Any) -> None:

@@ -8,8 +8,9 @@ for what it holds that no longer exists.
 
 - The first wildcard request of a type is answered even when there is nothing to send
   (Envoy's initialization waits for it), but only once a snapshot exists.
-- A NACKed version is not sent again: the client is taken to hold what was sent, so the
-  same resource goes out again only when it changes.
+- A NACKed version is not sent again on that stream: the client is taken to hold what was
+  sent, so the same resource goes out again only when it changes (a new stream is sent the
+  current version).
 - Make-before-break: on a snapshot change, additions and updates go out type by type in
   push order, then removals in the reverse order.
 - Secrets and filter configurations (ECDS) are never removed by the server: a draining
@@ -81,7 +82,7 @@ class DeltaStream(StreamBase):
                     st.status.nacks += 1
                     st.status.last_nack = nack_message(req.error_detail)
                     st.status.nacked_version = st.versions.get(req.response_nonce, "")
-                    self.memory.record_nack(
+                    self._record_nack(
                         rtype, st.status.nacked_version, st.last_sent, st.status.last_nack
                     )
                 else:
@@ -117,7 +118,7 @@ class DeltaStream(StreamBase):
                 continue
             if previous is not None and st.synced and st.synced == previous.versions[rtype]:
                 changed, removed = snapshot.diff(previous, rtype)
-                kept = [r for r in changed if not self.memory.rejected(rtype, r.name, r.version)]
+                kept = [r for r in changed if not self.parked.rejected(rtype, r.name, r.version)]
                 removals[rtype] = removed if not rtype.kept else ()
                 if len(kept) != len(changed):
                     st.synced = ""
@@ -162,7 +163,7 @@ class DeltaStream(StreamBase):
             for n in sorted(wanted)
             if n in available
             and st.held.get(n) != available[n].version
-            and not self.memory.rejected(rtype, n, available[n].version)
+            and not self.parked.rejected(rtype, n, available[n].version)
         ]
         removed: list[str] = []
         if removals and not rtype.kept:
@@ -172,7 +173,7 @@ class DeltaStream(StreamBase):
             for n in wanted
             if n in available
             and st.held.get(n) != available[n].version
-            and self.memory.rejected(rtype, n, available[n].version)
+            and self.parked.rejected(rtype, n, available[n].version)
         )
         out = self._emit(rtype, st, snapshot, changed, removed)
         # After a full pass with removals, a pure wildcard client holds exactly the type.

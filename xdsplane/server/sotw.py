@@ -6,8 +6,8 @@ what comes out, so every protocol rule can be tested by a scripted client.
 Rules (see shared/design/envoy-xds-facts.md):
 - a response is sent for a type only when the version of what the client would get differs
   from the version last sent on this stream, or when it subscribes to a name it was not sent;
-  ACKs therefore get no reply, and a NACKed version is never sent again (the type is parked
-  until the snapshot changes);
+  ACKs therefore get no reply, and a NACKed version is never sent again on that stream (the
+  type is parked until the snapshot changes; a new stream is sent the current version);
 - a request whose response_nonce is not the latest sent for its type is stale and ignored;
 - nothing is sent before a snapshot exists for the node (never an empty LDS/CDS);
 - for named subscriptions (RDS, EDS, SDS, ECDS) the version is a hash of exactly the resources
@@ -81,7 +81,7 @@ class SotwStream(StreamBase):
                 st.status.last_nack = nack_message(req.error_detail)
                 st.status.nacked_version = st.sent_version
                 rejected = {n: r.version for n, r in st.last_sent.items()}
-                self.memory.record_nack(rtype, st.sent_version, rejected, st.status.last_nack)
+                self._record_nack(rtype, st.sent_version, rejected, st.status.last_nack)
             else:
                 st.status.acks += 1
                 st.status.acked_version = req.version_info
@@ -148,7 +148,7 @@ class SotwStream(StreamBase):
         changed = {
             n: r
             for n, r in chosen.items()
-            if st.held.get(n) != r.version and not self.memory.rejected(rtype, n, r.version)
+            if st.held.get(n) != r.version and not self.parked.rejected(rtype, n, r.version)
         }
         if not changed:
             return []
@@ -166,10 +166,10 @@ class SotwStream(StreamBase):
     ) -> list[Outgoing]:
         if version is None:
             version = versions_hash((n, r.version) for n, r in resources.items())
-        if st.wildcard and (version == st.sent_version or version == self.memory.parked.get(rtype)):
+        if st.wildcard and (version == st.sent_version or version == self.parked.parked.get(rtype)):
             # The client holds exactly these (the version is their hash), for instance after
             # a reconnect that claimed the current version: remember them, so that a later
-            # removal is two-phase for this stream too. Or the node rejected this version.
+            # removal is two-phase for this stream too. Or this stream rejected this version.
             if version == st.sent_version:
                 st.sent = resources
             return []

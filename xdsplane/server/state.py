@@ -64,29 +64,39 @@ class NackRecord:
 
 
 @dataclass(slots=True)
-class NodeMemory:
-    """What a node rejected, kept across its streams (a reconnect must not resend it).
+class Parked:
+    """What one stream's client rejected: not sent to it again on that stream.
 
     ``parked`` holds the NACKed version per full-state type, ``nacked`` the NACKed version of
-    each named resource; neither is sent to the node again. A changed snapshot gives new
-    versions, which are sent.
+    each named resource. A changed snapshot gives new versions, which are sent. This belongs
+    to the stream that NACKed: a new stream, even with the same node id, is sent the current
+    version (and parks it for itself if it NACKs too), so a client that claims a node's id
+    and NACKs cannot freeze the real node's config (shared/design/envoy-xds-facts.md).
     """
 
     parked: dict[ResourceType, str] = field(default_factory=dict)
     nacked: dict[ResourceType, dict[str, str]] = field(default_factory=dict)
-    last_nack: dict[ResourceType, NackRecord] = field(default_factory=dict)
 
-    def record_nack(
-        self, rtype: ResourceType, version: str, resources: dict[str, str], message: str
-    ) -> None:
-        import time
-
+    def record(self, rtype: ResourceType, version: str, resources: dict[str, str]) -> None:
         self.parked[rtype] = version
         self.nacked.setdefault(rtype, {}).update(resources)
-        self.last_nack[rtype] = NackRecord(message, version, time.time())
 
     def rejected(self, rtype: ResourceType, name: str, version: str) -> bool:
         return self.nacked.get(rtype, {}).get(name) == version
+
+
+@dataclass(slots=True)
+class NodeMemory:
+    """The last NACK per type of a node, over all its streams and kept after they close: a
+    view for /status only. It decides nothing about what is sent (that is ``Parked``, per
+    stream)."""
+
+    last_nack: dict[ResourceType, NackRecord] = field(default_factory=dict)
+
+    def record_nack(self, rtype: ResourceType, version: str, message: str) -> None:
+        import time
+
+        self.last_nack[rtype] = NackRecord(message, version, time.time())
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -102,11 +112,20 @@ class StreamBase:
     """What both variants' per-stream machines keep besides their per-type state."""
 
     def __init__(self, memory: NodeMemory | None = None) -> None:
+        # ``memory``: the node's NACK view (/status), shared by the node's streams;
+        # ``parked``: what this stream's client rejected, this stream's own.
         self.memory = memory if memory is not None else NodeMemory()
+        self.parked = Parked()
         self.snapshot: Snapshot | None = None
         self._nonces = Nonces()
         self.ignored_types: set[str] = set()
         self.stale = 0
+
+    def _record_nack(
+        self, rtype: ResourceType, version: str, resources: dict[str, str], message: str
+    ) -> None:
+        self.parked.record(rtype, version, resources)
+        self.memory.record_nack(rtype, version, message)
 
     def _served_type(self, type_url: str) -> ResourceType | None:
         """The resource type of a request; None (and remembered) for types not served."""
