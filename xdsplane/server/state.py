@@ -108,13 +108,16 @@ class Subscription:
     held: dict[str, str] = field(default_factory=dict)
     nonce: str = ""
     sent_version: str = ""  # the type version last sent (SotW: or the one a client claimed)
-    last_sent: Mapping[str, Resource] = field(default_factory=dict)  # shared, never copied
+    # The latest response's resources (SotW: often the snapshot's own mapping, not a copy).
+    last_sent: Mapping[str, Resource] = field(default_factory=dict)
     cause: float | None = None
     status: TypeStatus = field(default_factory=TypeStatus)
     claimed: str = ""  # SotW, named types: the version a reconnecting client says it holds
     sent: Mapping[str, Resource] = field(default_factory=dict)  # SotW, full-state types
     answered: bool = False  # delta: the first wildcard request was answered
-    synced: str = ""  # delta: see delta.py
+    # Delta: the type version of the snapshot this client holds exactly (pure wildcard,
+    # nothing rejected, nothing extra): such a client gets the shared diff, not a scan.
+    synced: str = ""
 
     def sent_out(self, nonce: str, version: str, resources: Mapping[str, Resource]) -> None:
         """A response went out: ``resources`` as ``version``, with ``nonce``."""
