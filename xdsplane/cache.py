@@ -6,6 +6,7 @@ Publishing never blocks: a watch's ``notify`` only marks its stream as having wo
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -49,7 +50,11 @@ class SnapshotCache:
         return group.snapshot if group is not None else None
 
     def update(self, snapshots: SnapshotSet) -> list[Watch]:
-        """Make ``snapshots`` current; returns the watches whose snapshot changed."""
+        """Make ``snapshots`` current; returns the watches whose snapshot changed. Each
+        snapshot is stamped with its install time first (``Snapshot.installed_at``)."""
+        now = time.monotonic()
+        for g in snapshots.groups:
+            g.snapshot.mark_installed(now)
         self._current = snapshots
         self._groups = {}
         changed: list[Watch] = []

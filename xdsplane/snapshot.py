@@ -75,11 +75,15 @@ def _same(a: Mapping[str, Resource], b: Mapping[str, Resource]) -> bool:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Snapshot:
-    """The resources one group of nodes is served. Never mutated after it is built."""
+    """The resources one group of nodes is served. What it serves never changes after it is
+    built; ``installed_at`` is set once, when a cache first serves it (``mark_installed``)."""
 
     resources: Mapping[ResourceType, Mapping[str, Resource]]
     versions: Mapping[ResourceType, str] = field(init=False)
     digest: str = field(init=False)
+    # When a cache first served it (time.monotonic()); None until then. A stream's ACK of a
+    # response this snapshot's change caused observes the propagation from here.
+    installed_at: float | None = field(default=None, init=False, compare=False)
     previous: InitVar[Snapshot | None] = None
     _memo: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -141,6 +145,12 @@ class Snapshot:
 
     def of(self, rtype: ResourceType) -> Mapping[str, Resource]:
         return self.resources.get(rtype, {})
+
+    def mark_installed(self, at: float) -> None:
+        """Record ``at`` (monotonic seconds) as the install time, unless one is set: a
+        snapshot that stays served across reloads keeps the time it was first served."""
+        if self.installed_at is None:
+            object.__setattr__(self, "installed_at", at)
 
     def count(self) -> int:
         return sum(len(v) for v in self.resources.values())

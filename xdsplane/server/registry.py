@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from xdsplane.server.state import NodeMemory, TypeStatus
+from xdsplane.server.state import NodeMemory, Subscription
 from xdsplane.types import PUSH_ORDER, ResourceType
 
 
@@ -19,7 +19,9 @@ class StreamInfo:
     cluster: str = ""
     group: str = ""
     connected_at: float = field(default_factory=time.time)
-    statuses: dict[ResourceType, TypeStatus] = field(default_factory=dict)
+    # The stream's subscriptions, by type: its state machine's own (a live view, read for
+    # /status; ads.py hands it over when the stream opens).
+    types: Mapping[ResourceType, Subscription] = field(default_factory=dict)
     requests: int = 0  # requests received
     throttled: int = 0  # requests delayed by the per-stream rate limit
     peak_burst: int = 0  # the most rate-limit tokens used at once
@@ -41,7 +43,7 @@ class StreamInfo:
             "peak_burst": self.peak_burst,
             "names": self.names,
             "types": {
-                t.short: self.statuses[t].as_dict() for t in PUSH_ORDER if t in self.statuses
+                t.short: self.types[t].status.as_dict() for t in PUSH_ORDER if t in self.types
             },
         }
 
@@ -107,9 +109,3 @@ class Registry:
 
     def close(self, info: StreamInfo) -> None:
         self.streams.pop(info.id, None)
-
-    def by_node(self) -> dict[str, list[StreamInfo]]:
-        out: dict[str, list[StreamInfo]] = {}
-        for s in self.streams.values():
-            out.setdefault(s.node_id, []).append(s)
-        return out
