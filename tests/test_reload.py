@@ -269,7 +269,7 @@ async def test_unchanged_files_are_not_parsed_again(folder: Path, cache: Snapsho
 async def test_parse_is_skipped_for_unchanged_files(
     folder: Path, cache: SnapshotCache, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import xdsplane.config.loader as loader_mod
+    import xdsplane.pipeline.folder as loader_mod
 
     parsed: list[str] = []
     real = loader_mod.parse

@@ -8,8 +8,12 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from xdsplane import __version__, logs
+
+if TYPE_CHECKING:
+    from xdsplane.snapshot import SnapshotSet
 
 
 def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -357,28 +361,11 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load(folder: str) -> tuple[object | None, list[str]]:
-    from xdsplane.config import stableread
-    from xdsplane.config.errors import ConfigErrors
-    from xdsplane.config.loader import FolderLoader
+def _load(folder: str) -> tuple[SnapshotSet | None, list[str]]:
+    from xdsplane import pipeline
 
-    stableread.install()
-    loader = FolderLoader(Path(folder))
-    for _ in range(1000):
-        try:
-            return loader.load(), []
-        except stableread.FileBusy:
-            import time
-
-            time.sleep(0.005)
-        except ConfigErrors as e:
-            return None, [str(x) for x in e.errors]
-        except Exception as e:  # a bug of ours: say so plainly, without a traceback
-            from xdsplane.redact import scrub_message
-
-            text = f"{folder}: internal error while loading ({type(e).__name__}: {e})"
-            return None, [scrub_message(text)]
-    return None, [f"{folder}: files stayed open for writing; try again"]
+    result = pipeline.load(Path(folder))
+    return result.snapshots, list(result.errors)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

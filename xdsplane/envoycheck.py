@@ -47,9 +47,9 @@ from typing import Any
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from xdsplane.config.check import references
 from xdsplane.config.errors import Location
 from xdsplane.config.protos import find_message
+from xdsplane.pipeline.refs import references
 from xdsplane.snapshot import Resource, Snapshot, SnapshotSet
 from xdsplane.types import ResourceType
 

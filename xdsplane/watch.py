@@ -20,9 +20,9 @@ import watchfiles
 from xdsplane import logs
 from xdsplane.cache import SnapshotCache, Watch
 from xdsplane.config.errors import ConfigErrors
-from xdsplane.config.loader import FolderLoader
 from xdsplane.config.stableread import FileBusy
 from xdsplane.metrics import Metrics
+from xdsplane.pipeline import FolderLoader
 from xdsplane.redact import scrub_message
 from xdsplane.snapshot import SnapshotSet
 

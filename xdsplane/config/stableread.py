@@ -18,12 +18,33 @@ import errno
 import fcntl
 import os
 import signal
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 _F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)
 
 
 class FileBusy(Exception):
     """The file is being written right now; read it again shortly."""
+
+
+def retry_busy(load: Callable[[], T], seconds: float = 5.0, step: float = 0.005) -> T:
+    """``load()``, called again while it raises FileBusy, for up to ``seconds``.
+
+    For one-shot loads (``validate``, ``render``, ``diff``, the guard's policy): a writer
+    part-way through a file is waited for; after ``seconds`` the last FileBusy is raised.
+    """
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return load()
+        except FileBusy:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(step)
 
 
 def install() -> None:

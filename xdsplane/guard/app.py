@@ -19,7 +19,6 @@ from xdsplane import logs
 from xdsplane.adminhttp import protect
 from xdsplane.bootstrap import split_address
 from xdsplane.config.errors import ConfigErrors
-from xdsplane.config.loader import list_files
 from xdsplane.config.stableread import FileBusy
 from xdsplane.exposure import is_loopback
 from xdsplane.guard.limits import Limits, load_limits
@@ -27,6 +26,7 @@ from xdsplane.guard.policy import combine, limits_from_policy
 from xdsplane.guard.service import GuardConfig, GuardMetrics, GuardService
 from xdsplane.guard.store import MemoryStore, RedisStore, Store, StoreAuthError, redact_url
 from xdsplane.guard.tls import CallerCheck, GuardTls
+from xdsplane.pipeline import list_files
 from xdsplane.xdstls import XdsTlsError
 
 

@@ -6,93 +6,38 @@ then the identity's key without a value (one counter per identity), limited to `
 per second, minute or hour. That is the descriptor Envoy sends for the route (see
 ``xdsplane.policy.translate.ratelimit``), so the guard and every Envoy read the same files.
 
-The folder is parsed and checked as the control plane does it (every file, each node
-group merged; secret files are not read): its errors name ``path:line:column``. The same
+The folder goes through the control plane's own pipeline (``xdsplane.pipeline.load_policy``:
+every file, each node group merged and checked; secret files are not read): its errors
+name ``path:line:column``, word for word as ``validate`` says them. The same
 route id in two node groups must carry the same limit.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-from xdsplane.compile import Unit, parse_unit
 from xdsplane.config.errors import ConfigError, ConfigErrors, Location
-from xdsplane.config.loader import list_files
-from xdsplane.config.stableread import FileBusy, read_stable
-from xdsplane.config.yamlsrc import YamlError, parse
+from xdsplane.config.stableread import FileBusy
 from xdsplane.guard.limits import Limit, Limits, Rule
-from xdsplane.policy.check import check_policy
-from xdsplane.policy.merge import Fragment, merge
+from xdsplane.names import RATE_LIMIT_DOMAIN as DOMAIN
+from xdsplane.names import RATE_LIMIT_KEYS as KEYS
+from xdsplane.names import ROUTE_KEY, route_id
+from xdsplane.pipeline import load_policy
 from xdsplane.policy.model import duration_seconds
-from xdsplane.policy.translate.ratelimit import DOMAIN, KEYS, ROUTE_KEY, route_id
-
-
-def _read(path: Path, attempts: int = 200) -> bytes:
-    for _ in range(attempts):
-        try:
-            return read_stable(str(path))
-        except FileBusy:
-            time.sleep(0.01)
-    raise FileBusy(f"{path}: still being written")
-
-
-def _units(folder: Path, errors: list[ConfigError]) -> list[Unit]:
-    if not folder.is_dir():
-        raise ConfigErrors([ConfigError(Location(str(folder)), "is not a folder")])
-    files = list_files(folder)
-    if not files:
-        raise ConfigErrors([ConfigError(Location(str(folder)), "holds no .yaml or .yml files")])
-    units: list[Unit] = []
-    for path in files:
-        try:
-            data = _read(path)
-        except (OSError, FileBusy) as e:
-            errors.append(ConfigError(Location(str(path)), f"cannot read: {e}"))
-            continue
-        try:
-            docs = parse(data, str(path))
-        except YamlError as e:
-            errors.append(e.error)
-            continue
-        for doc in docs:
-            unit, errs = parse_unit(doc)
-            errors.extend(errs)
-            if unit is not None:
-                units.append(unit)
-    return units
-
-
-def _groups(units: list[Unit]) -> list[tuple[str, list[Unit]]]:
-    """Node groups as the control plane forms them: files with the same ``nodes``, plus
-    every file without ``nodes`` (which also form the catch-all group on their own)."""
-    common = [u for u in units if u.nodes is None]
-    members: dict[tuple[str, ...], list[Unit]] = {}
-    for u in units:
-        if u.nodes is not None:
-            members.setdefault(u.nodes, []).append(u)
-    out = [(",".join(nodes), found + common) for nodes, found in members.items()]
-    if common:
-        out.append(("*", common))
-    return out
 
 
 def limits_from_policy(folder: Path) -> Limits:
     """The global rate limits of the policy in ``folder``; raises ConfigErrors."""
-    errors: list[ConfigError] = []
-    units = _units(folder, errors)
-    if errors:
-        raise ConfigErrors(errors)
-    groups = _groups(units)
+    try:
+        groups, errors = load_policy(folder)
+    except FileBusy as e:
+        raise ConfigErrors([ConfigError(Location(str(folder)), f"cannot read: {e}")]) from None
     rules: dict[tuple[str, str | None], Rule] = {}
     lifetimes: list[float] = []
     skews: list[float] = []
     seen: dict[str, tuple[tuple[int, str, str], Location]] = {}
-    for name, members in groups:
-        policy, errs = merge([Fragment(u.doc, u.policy) for u in members])
-        errors.extend(errs)
-        problems, _ = check_policy(policy, name if len(groups) > 1 else "")
-        errors.extend(problems)
+    for group in groups:
+        policy = group.policy
         for ppart in policy.jwt_providers.values():
             provider = ppart.value
             skews.append(duration_seconds(provider.clock_skew))

@@ -7,10 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xdsplane.config.errors import ConfigError
+from xdsplane.names import GUARD_CLUSTER, JWKS_CLUSTER_PREFIX
 from xdsplane.policy.merge import GroupPolicy, Origin
 from xdsplane.policy.model import Route, split_host_port
-from xdsplane.policy.translate.guard import CLUSTER as GUARD_CLUSTER
-from xdsplane.policy.translate.jwt import JWKS_CLUSTER_PREFIX
 
 _ANY_HOSTS = (ipaddress.ip_address("0.0.0.0"), ipaddress.ip_address("::"))
 
