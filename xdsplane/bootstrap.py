@@ -8,6 +8,8 @@ from typing import Any
 
 import yaml
 
+from xdsplane.tlsflags import all_or_none
+
 XDS_CLUSTER = "xds_cluster"
 # Envoy's own ADS reconnect backoff (500 ms base, doubling, jittered, up to 30 s) leaves it
 # many seconds off a control plane that is back: measured 0.3-13.6 s after a restart. A
@@ -53,15 +55,10 @@ class XdsTls:
     ) -> XdsTls | None:
         """None without flags; ValueError unless cert, key and CA are all given and exist."""
         files = {"--tls-cert": cert, "--tls-key": key, "--ca": ca}
-        if not any(files.values()):
+        if not all_or_none(files):
             if sni:
                 raise ValueError("--sni needs --tls-cert, --tls-key and --ca")
             return None
-        missing = [flag for flag, value in files.items() if not value]
-        if missing:
-            raise ValueError(
-                f"--tls-cert, --tls-key and --ca go together (missing: {', '.join(missing)})"
-            )
         paths = {}
         for flag, value in files.items():
             assert value is not None
