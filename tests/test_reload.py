@@ -113,9 +113,9 @@ def cache() -> SnapshotCache:
 
 def served(cache: SnapshotCache) -> Snapshot:
     assert cache.current is not None
-    snap = cache.current.for_node(*NODE)
-    assert snap is not None
-    return snap
+    group = cache.current.group_for(*NODE)
+    assert group is not None
+    return group.snapshot
 
 
 def route_prefix(snap: Snapshot) -> str:

@@ -41,7 +41,7 @@ def _is_ip(host: str) -> bool:
 
 
 @dataclass(frozen=True)
-class XdsTls:
+class XdsClientTls:
     """mTLS from Envoy to the control plane: files Envoy reads itself (absolute paths)."""
 
     cert: str
@@ -52,7 +52,7 @@ class XdsTls:
     @classmethod
     def from_flags(
         cls, cert: str | None, key: str | None, ca: str | None, sni: str | None = None
-    ) -> XdsTls | None:
+    ) -> XdsClientTls | None:
         """None without flags; ValueError unless cert, key and CA are all given and exist."""
         files = {"--tls-cert": cert, "--tls-key": key, "--ca": ca}
         if not all_or_none(files):
@@ -99,7 +99,7 @@ def bootstrap(
     xds_addresses: tuple[str, ...] = ("127.0.0.1:18000",),
     admin_address: str = "127.0.0.1:9901",
     delta: bool = False,
-    tls: XdsTls | None = None,
+    tls: XdsClientTls | None = None,
     reconnect_max: float = RECONNECT_MAX_SECONDS,
 ) -> dict[str, Any]:
     """A bootstrap as a plain mapping (``to_yaml`` renders it).

@@ -25,7 +25,7 @@ from pathlib import Path
 from types import FrameType
 
 from xdsplane import demo, pki
-from xdsplane.bootstrap import XdsTls, bootstrap, split_address, to_yaml
+from xdsplane.bootstrap import XdsClientTls, bootstrap, split_address, to_yaml
 from xdsplane.supervise import Child, Supervisor, describe_exit
 
 
@@ -225,7 +225,7 @@ def _envoy_bootstrap(opts: UpOptions, node_cert: Path, xds_host: str) -> str:
             (opts.xds_address,),
             opts.envoy_admin_address,
             opts.delta,
-            XdsTls.from_flags(
+            XdsClientTls.from_flags(
                 str(node_cert),
                 str(opts.certs / f"{opts.node}.key"),
                 str(opts.certs / "service-ca.crt"),

@@ -59,10 +59,10 @@ def add_bootstrap(sub: Sub) -> None:
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
-    from xdsplane.bootstrap import XdsTls, bootstrap, to_yaml
+    from xdsplane.bootstrap import XdsClientTls, bootstrap, to_yaml
 
     try:
-        tls = XdsTls.from_flags(args.tls_cert, args.tls_key, args.ca, args.sni)
+        tls = XdsClientTls.from_flags(args.tls_cert, args.tls_key, args.ca, args.sni)
         data = bootstrap(
             args.node,
             args.cluster,

@@ -33,7 +33,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from xdsplane.bootstrap import split_address
     from xdsplane.redact import escape_control
-    from xdsplane.statuspage import render_text
+    from xdsplane.statuspage import status_lines
 
     try:
         host, port = split_address(args.admin_address)
@@ -53,6 +53,6 @@ def cmd_status(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     else:
         # Node ids and NACK texts come from clients: never pass their control bytes on.
-        for line in render_text(data):
+        for line in status_lines(data):
             print(escape_control(line))
     return 0

@@ -159,7 +159,7 @@ def add_diff(sub: Sub) -> None:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from xdsplane.diff import diff_sets, render_text
+    from xdsplane.diff import diff_lines, diff_sets
     from xdsplane.snapshot import SnapshotSet
 
     if args.cluster and not args.node:
@@ -189,7 +189,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
         return 1
     from xdsplane.redact import escape_control
 
-    for line in render_text(summary, unified=args.unified):
+    for line in diff_lines(summary, unified=args.unified):
         print(escape_control(line))  # values from raw resources may hold control characters
     print(summary.line() if not summary.identical else f"no differences; {summary.line()}")
     return DIFFERENT if args.exit_code and not summary.identical else 0

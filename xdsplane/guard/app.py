@@ -21,7 +21,7 @@ from xdsplane.bootstrap import split_address
 from xdsplane.config.errors import ConfigErrors
 from xdsplane.config.stableread import FileBusy
 from xdsplane.exposure import is_loopback
-from xdsplane.guard.limits import Limits, load_limits
+from xdsplane.guard.limits import GuardLimits, load_limits
 from xdsplane.guard.policy import combine, limits_from_policy
 from xdsplane.guard.service import GuardConfig, GuardMetrics, GuardService
 from xdsplane.guard.store import MemoryStore, RedisStore, Store, StoreAuthError, redact_url
@@ -164,9 +164,9 @@ def admin_app(service: GuardService, opts: GuardOptions) -> web.Application:
     return app
 
 
-def load_all(opts: GuardOptions) -> Limits:
+def load_all(opts: GuardOptions) -> GuardLimits:
     """The limits file's and the policy's limits; raises ConfigErrors."""
-    limits = load_limits(opts.limits) if opts.limits is not None else Limits()
+    limits = load_limits(opts.limits) if opts.limits is not None else GuardLimits()
     if opts.policy is not None:
         limits = combine(limits, limits_from_policy(opts.policy), opts.policy)
     return limits

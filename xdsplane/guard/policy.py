@@ -18,7 +18,7 @@ from pathlib import Path
 
 from xdsplane.config.errors import ConfigError, ConfigErrors, Location
 from xdsplane.config.stableread import FileBusy
-from xdsplane.guard.limits import Limit, Limits, Rule
+from xdsplane.guard.limits import GuardLimits, Limit, Rule
 from xdsplane.names import RATE_LIMIT_DOMAIN as DOMAIN
 from xdsplane.names import RATE_LIMIT_KEYS as KEYS
 from xdsplane.names import ROUTE_KEY, route_id
@@ -26,7 +26,7 @@ from xdsplane.pipeline import load_policy
 from xdsplane.policy.model import duration_seconds
 
 
-def limits_from_policy(folder: Path) -> Limits:
+def limits_from_policy(folder: Path) -> GuardLimits:
     """The global rate limits of the policy in ``folder``; raises ConfigErrors."""
     try:
         groups, errors = load_policy(folder)
@@ -70,7 +70,7 @@ def limits_from_policy(folder: Path) -> Limits:
                     rules[(ROUTE_KEY, ident)] = Rule(ROUTE_KEY, ident, None, {(key, None): child})
     if errors:
         raise ConfigErrors(list(dict.fromkeys(errors)))
-    out = Limits(
+    out = GuardLimits(
         token_max_lifetime=max(lifetimes, default=None), token_clock_skew=max(skews, default=None)
     )
     if rules:
@@ -78,7 +78,7 @@ def limits_from_policy(folder: Path) -> Limits:
     return out
 
 
-def combine(file_limits: Limits, policy_limits: Limits, policy: Path) -> Limits:
+def combine(file_limits: GuardLimits, policy_limits: GuardLimits, policy: Path) -> GuardLimits:
     """The limits file's domains and the policy's; the policy's domain may not be in both."""
     if DOMAIN in file_limits.domains and DOMAIN in policy_limits.domains:
         raise ConfigErrors(
@@ -90,7 +90,7 @@ def combine(file_limits: Limits, policy_limits: Limits, policy: Path) -> Limits:
                 )
             ]
         )
-    return Limits(
+    return GuardLimits(
         {**file_limits.domains, **policy_limits.domains},
         policy_limits.token_max_lifetime,
         policy_limits.token_clock_skew,

@@ -29,7 +29,7 @@ from google.rpc import code_pb2, status_pb2  # type: ignore[import-untyped]
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from xdsplane import logs
-from xdsplane.guard.limits import Limits, counter_key
+from xdsplane.guard.limits import GuardLimits, counter_key
 from xdsplane.guard.store import Store, StoreUnavailable
 from xdsplane.names import JWT_FILTER, JWT_PAYLOAD_KEY
 
@@ -107,13 +107,13 @@ class GuardService:
     def __init__(
         self,
         store: Store,
-        limits: Limits | None,
+        limits: GuardLimits | None,
         config: GuardConfig | None = None,
         metrics: GuardMetrics | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
-        self.limits = limits or Limits()
+        self.limits = limits or GuardLimits()
         self.config = config or GuardConfig()
         self.metrics = metrics or GuardMetrics()
         self.clock = clock

@@ -180,11 +180,6 @@ def requirement_name(route: Route) -> str | None:
     return None
 
 
-def hcm_hosts(listener: Listener, host: Host | None) -> list[Host]:
-    """The hosts sharing one HCM: a TLS host alone, or every host of a plain listener."""
-    return [host] if host is not None else list(listener.hosts)
-
-
 def providers_of(hosts: Iterable[Host]) -> list[str]:
     """The provider names the routes of ``hosts`` use, sorted."""
     names = {route_provider(r) for h in hosts for r in h.routes}
