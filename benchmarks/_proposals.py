@@ -223,7 +223,7 @@ def _statskip() -> None:
     import os
     import time
 
-    from xdsplane.config.loader import FolderLoader
+    from xdsplane.pipeline import FolderLoader
 
     original = FolderLoader._parse_file
 

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_build.py [--quick] [--runs N] [--edits N] [--no-profile]
 
-Measures, in this process, with xdsplane.config.loader.FolderLoader on a generated folder
+Measures, in this process, with xdsplane.pipeline.FolderLoader on a generated folder
 (see _snapgen.py: 2,000 EDS clusters with SDS-referencing UpstreamTlsContexts and their
 ClusterLoadAssignments, 200 Secrets, 200 Listeners with RDS, 200 RouteConfigurations):
 
@@ -39,9 +39,9 @@ import _common
 import _snapgen
 from _common import fmt_ms, p50, table, verdict
 
-import xdsplane.config.loader as loader_mod
+import xdsplane.pipeline.folder as loader_mod
 from xdsplane.config import stableread
-from xdsplane.config.loader import FolderLoader
+from xdsplane.pipeline import FolderLoader
 from xdsplane.snapshot import Snapshot, make_resource
 from xdsplane.types import ResourceType
 
@@ -88,24 +88,26 @@ class Phases:
                 setattr(mod, attr, self.wrap(label, fn))
 
     def install(self) -> None:
-        loader = ["xdsplane.config.loader"]
-        both = ["xdsplane.config.loader", "xdsplane.compile"]
+        loader = ["xdsplane.pipeline.folder"]
+        both = ["xdsplane.pipeline.folder", "xdsplane.pipeline.build"]
         self._patch("read files", "read_stable", loader)
         self._patch("hash file contents", "digest", loader)
         self._patch("list files", "list_files", loader)
         self._patch("YAML parse (libyaml + values)", "parse", loader)
-        self._patch("policy schema (parse_policy)", "parse_policy", both)
+        self._patch("policy schema (parse_policy)", "parse_policy", ["xdsplane.pipeline.units"])
         self._patch(
-            "proto3 JSON -> message (json_format)", "parse_message", ["xdsplane.config.raw"]
+            "proto3 JSON -> message (json_format)", "parse_message", ["xdsplane.pipeline.raw"]
         )
         self._patch(
             "serialize + hash + pre-encode (make_resource)",
             "make_resource",
-            ["xdsplane.config.raw", "xdsplane.compile"],
+            ["xdsplane.pipeline.raw", "xdsplane.pipeline.translations"],
         )
         self._patch("reference check (check_snapshot)", "check_snapshot", both)
-        self._patch("policy merge + checks + translate", "merge", ["xdsplane.compile"])
-        self._patch("policy merge + checks + translate", "check_policy", ["xdsplane.compile"])
+        self._patch("policy merge + checks + translate", "merge", ["xdsplane.pipeline.groups"])
+        self._patch(
+            "policy merge + checks + translate", "check_policy", ["xdsplane.pipeline.groups"]
+        )
         build = self.wrap("snapshot build (sort + versions)", Snapshot.build)
 
         class _TimedSnapshot:

@@ -29,8 +29,9 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import fmt_ms, header, p50, percentile, table, verdict
 
-from xdsplane.compile import TranslationCache, build
-from xdsplane.config.loader import FolderLoader
+from xdsplane.pipeline import FolderLoader
+from xdsplane.pipeline.build import build
+from xdsplane.pipeline.translations import TranslationCache
 
 GOAL_COLD = 0.050
 GOAL_EDIT = 0.005

@@ -12,8 +12,8 @@ from harness import envoy_binary
 
 from xdsplane import cli
 from xdsplane.config.errors import ConfigErrors
-from xdsplane.config.loader import FolderLoader
 from xdsplane.envoycheck import bootstrap_json
+from xdsplane.pipeline import FolderLoader
 from xdsplane.types import ResourceType
 
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."

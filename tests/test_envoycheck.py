@@ -17,8 +17,8 @@ import pytest
 
 from xdsplane import cli, envoycheck
 from xdsplane.cache import SnapshotCache
-from xdsplane.config.loader import FolderLoader
 from xdsplane.envoycheck import EnvoyChecker, bootstrap_json, clean_message, find_envoy
+from xdsplane.pipeline import FolderLoader
 from xdsplane.snapshot import NodeGroup, Snapshot, SnapshotSet, make_resource
 from xdsplane.types import ResourceType
 from xdsplane.watch import Reloader

@@ -21,7 +21,7 @@ from harness import HOST, Proc, ProcessGroup, free_port, http_get, wait_until, x
 
 from xdsplane import jwt, pki
 from xdsplane.config.errors import ConfigErrors
-from xdsplane.guard.limits import Limits, parse_limits
+from xdsplane.guard.limits import GuardLimits, parse_limits
 from xdsplane.guard.service import MAX_HITS_ADDEND, GuardConfig, GuardService
 from xdsplane.guard.store import MemoryStore, StoreUnavailable
 
@@ -232,7 +232,7 @@ async def test_a_jti_is_remembered_until_exp_plus_skew_past_the_old_300s_cap() -
     it only when jwt_authn would no longer accept it (exp + 60 s skew)."""
     clock = Clock()
     store = RecordingStore(clock)  # on the same fake clock as the service
-    policy = Limits(token_max_lifetime=3600, token_clock_skew=60)  # from --policy
+    policy = GuardLimits(token_max_lifetime=3600, token_clock_skew=60)  # from --policy
     svc = GuardService(store, policy, GuardConfig(), clock=clock)
     hour = {"jti": "hour", "sub": "a", "iss": "idp", "exp": clock.now + 3600}
     short = {"jti": "short", "sub": "a", "iss": "idp", "exp": clock.now + 10}
@@ -263,7 +263,7 @@ async def test_a_token_without_exp_or_living_past_max_lifetime_is_refused() -> N
     assert allowed(await svc.check(check_request(edge)))
     assert not store.ttls.keys() - {k for k in store.ttls if store.ttls[k] == 420_000}
     # the policy's providers (xdsplane guard --policy): max_lifetime 1d, clock_skew 2m
-    svc.limits = Limits(token_max_lifetime=86_400, token_clock_skew=120)
+    svc.limits = GuardLimits(token_max_lifetime=86_400, token_clock_skew=120)
     assert allowed(await svc.check(check_request(day)))
     assert max(store.ttls.values()) == (86_400 + 120) * 1000
     clock.now = day["exp"] + 119

@@ -37,7 +37,7 @@ from harness import (
 )
 
 from xdsplane import cli, jwt, pki
-from xdsplane.config.loader import FolderLoader
+from xdsplane.pipeline import FolderLoader
 from xdsplane.policy.translate import jwt as jwt_translate
 from xdsplane.types import ResourceType
 

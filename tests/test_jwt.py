@@ -35,7 +35,7 @@ from tls_helpers import attach_to_report, process_group
 
 from xdsplane import jwt, pki
 from xdsplane.config.errors import ConfigErrors
-from xdsplane.config.loader import FolderLoader
+from xdsplane.pipeline import FolderLoader
 from xdsplane.types import ResourceType
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -38,7 +38,7 @@ from tls_helpers import attach_to_report, process_group
 
 from xdsplane import jwt, pki
 from xdsplane.config.errors import ConfigErrors
-from xdsplane.config.loader import FolderLoader
+from xdsplane.pipeline import FolderLoader
 from xdsplane.policy.translate import jwt as jwt_translate
 from xdsplane.types import ResourceType
 

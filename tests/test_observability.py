@@ -472,6 +472,6 @@ def test_page_escapes_everything_and_flags_expiring_certificates() -> None:
     assert "&lt;script&gt;" in page
     assert "01234567" in page and "NACK" in page
     assert "expiring" in page and "edge" in page and "api" in page
-    text = "\n".join(statuspage.render_text(status))
+    text = "\n".join(statuspage.status_lines(status))
     assert "01234567 NACK" in text
     assert "EXPIRING" in text

@@ -27,8 +27,8 @@ import pytest
 import yaml
 from test_policy_corpus import make_pki, run_cli
 
-from xdsplane.config.loader import FolderLoader, list_files
 from xdsplane.config.yamlsrc import parse
+from xdsplane.pipeline import FolderLoader, list_files
 from xdsplane.render import redact, snapshot_to_json
 from xdsplane.snapshot import SnapshotSet
 

@@ -22,7 +22,7 @@ from harness import ProcessGroup, XdsServer, wait_until
 from test_policy_corpus import run_cli
 
 from xdsplane.config.errors import MAX_MESSAGE, ConfigErrors
-from xdsplane.config.loader import FolderLoader
+from xdsplane.pipeline import FolderLoader
 from xdsplane.policy.parse import MAX_ERRORS
 
 GOOD = """listeners:

@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 from test_policy_corpus import make_pki
 
 from xdsplane.config.errors import ConfigErrors
-from xdsplane.config.loader import FolderLoader
 from xdsplane.config.yamlsrc import parse
+from xdsplane.pipeline import FolderLoader
 from xdsplane.policy.model import PolicyFile
 from xdsplane.snapshot import SnapshotSet
 

@@ -24,7 +24,7 @@ from harness import ProcessGroup, XdsServer, envoy_binary, wait_until, write_ato
 from test_policy_corpus import run_cli, write_certificate
 
 from xdsplane.config.errors import ConfigErrors
-from xdsplane.config.loader import FolderLoader
+from xdsplane.pipeline import FolderLoader
 from xdsplane.policy import ciphers
 from xdsplane.render import snapshot_to_json
 from xdsplane.snapshot import SnapshotSet

@@ -47,8 +47,8 @@ from tls_helpers import attach_to_report, client_context, https_get, make_pki, p
 
 from xdsplane import jwt, pki
 from xdsplane.config.errors import ConfigErrors
-from xdsplane.config.loader import FolderLoader
 from xdsplane.guard.policy import limits_from_policy
+from xdsplane.pipeline import FolderLoader
 from xdsplane.types import ResourceType
 
 OTHER_HOST = "127.0.0.2"  # a second client address on loopback (Linux routes 127/8 to lo)

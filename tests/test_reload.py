@@ -115,9 +115,9 @@ def cache() -> SnapshotCache:
 
 def served(cache: SnapshotCache) -> Snapshot:
     assert cache.current is not None
-    snap = cache.current.for_node(*NODE)
-    assert snap is not None
-    return snap
+    group = cache.current.group_for(*NODE)
+    assert group is not None
+    return group.snapshot
 
 
 def route_prefix(snap: Snapshot) -> str:
@@ -271,7 +271,7 @@ async def test_unchanged_files_are_not_parsed_again(folder: Path, cache: Snapsho
 async def test_parse_is_skipped_for_unchanged_files(
     folder: Path, cache: SnapshotCache, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import xdsplane.config.loader as loader_mod
+    import xdsplane.pipeline.folder as loader_mod
 
     parsed: list[str] = []
     real = loader_mod.parse

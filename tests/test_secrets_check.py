@@ -37,7 +37,7 @@ from tls_helpers import (
 
 from xdsplane import cli, pki
 from xdsplane.config.errors import ConfigError, ConfigErrors
-from xdsplane.config.loader import FolderLoader
+from xdsplane.pipeline import FolderLoader
 
 # -- a policy folder with the sample PKI, shared read-only; each case breaks a copy ----------
 

@@ -41,7 +41,7 @@ from harness import (
 )
 
 from xdsplane import pki, xds_identity
-from xdsplane.bootstrap import XdsTls, bootstrap
+from xdsplane.bootstrap import XdsClientTls, bootstrap
 
 SDS_URL = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 
@@ -261,7 +261,7 @@ def test_sample_pki_has_the_xds_certificates(certs: Path) -> None:
 
 
 def test_bootstrap_tls(certs: Path) -> None:
-    tls = XdsTls.from_flags(
+    tls = XdsClientTls.from_flags(
         str(certs / "edge-1.crt"), str(certs / "edge-1.key"), str(certs / "service-ca.crt"), "x"
     )
     assert tls is not None
@@ -278,9 +278,11 @@ def test_bootstrap_tls(certs: Path) -> None:
     }
     assert "transport_socket" not in bootstrap("edge-1")["static_resources"]["clusters"][0]
     with pytest.raises(ValueError, match="go together"):
-        XdsTls.from_flags(str(certs / "edge-1.crt"), None, None)
+        XdsClientTls.from_flags(str(certs / "edge-1.crt"), None, None)
     with pytest.raises(ValueError, match="no such file"):
-        XdsTls.from_flags("/nonexistent.crt", "/nonexistent.key", str(certs / "service-ca.crt"))
+        XdsClientTls.from_flags(
+            "/nonexistent.crt", "/nonexistent.key", str(certs / "service-ca.crt")
+        )
 
 
 def test_cli_flags_go_together(tmp_path: Path, certs: Path) -> None:

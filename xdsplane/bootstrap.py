@@ -8,6 +8,8 @@ from typing import Any
 
 import yaml
 
+from xdsplane.tlsflags import all_or_none
+
 XDS_CLUSTER = "xds_cluster"
 # Envoy's own ADS reconnect backoff (500 ms base, doubling, jittered, up to 30 s) leaves it
 # many seconds off a control plane that is back: measured 0.3-13.6 s after a restart. A
@@ -39,7 +41,7 @@ def _is_ip(host: str) -> bool:
 
 
 @dataclass(frozen=True)
-class XdsTls:
+class XdsClientTls:
     """mTLS from Envoy to the control plane: files Envoy reads itself (absolute paths)."""
 
     cert: str
@@ -50,18 +52,13 @@ class XdsTls:
     @classmethod
     def from_flags(
         cls, cert: str | None, key: str | None, ca: str | None, sni: str | None = None
-    ) -> XdsTls | None:
+    ) -> XdsClientTls | None:
         """None without flags; ValueError unless cert, key and CA are all given and exist."""
         files = {"--tls-cert": cert, "--tls-key": key, "--ca": ca}
-        if not any(files.values()):
+        if not all_or_none(files):
             if sni:
                 raise ValueError("--sni needs --tls-cert, --tls-key and --ca")
             return None
-        missing = [flag for flag, value in files.items() if not value]
-        if missing:
-            raise ValueError(
-                f"--tls-cert, --tls-key and --ca go together (missing: {', '.join(missing)})"
-            )
         paths = {}
         for flag, value in files.items():
             assert value is not None
@@ -102,7 +99,7 @@ def bootstrap(
     xds_addresses: tuple[str, ...] = ("127.0.0.1:18000",),
     admin_address: str = "127.0.0.1:9901",
     delta: bool = False,
-    tls: XdsTls | None = None,
+    tls: XdsClientTls | None = None,
     reconnect_max: float = RECONNECT_MAX_SECONDS,
 ) -> dict[str, Any]:
     """A bootstrap as a plain mapping (``to_yaml`` renders it).

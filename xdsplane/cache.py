@@ -75,6 +75,3 @@ class SnapshotCache:
 
     def cancel(self, w: Watch) -> None:
         self._watches.discard(w)
-
-    def watch_count(self) -> int:
-        return len(self._watches)

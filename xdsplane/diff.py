@@ -314,7 +314,7 @@ def diff_sets(
 _MARK = {"added": "+", "changed": "~", "removed": "-"}
 
 
-def render_text(summary: Summary, unified: bool = False) -> list[str]:
+def diff_lines(summary: Summary, unified: bool = False) -> list[str]:
     """Readable lines; ``unified`` shows changed resources as a unified diff of their JSON."""
     lines: list[str] = []
     for g in summary.groups:

@@ -24,6 +24,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
+from xdsplane.atomicwrite import write_atomic
+
 KEY_FILE = "jwt-signing.key"
 JWKS_FILE = "jwks.json"
 DEFAULT_ISSUER = "https://idp.example.com"
@@ -174,8 +176,6 @@ def check_jwks(data: bytes) -> int:
 
 def init(directory: Path, force: bool = False) -> list[Path]:
     """``jwt-signing.key`` (0600) and ``jwks.json`` with its public key, unless present."""
-    from xdsplane.pki import write_atomic
-
     key_path, jwks_path = directory / KEY_FILE, directory / JWKS_FILE
     if key_path.exists() and jwks_path.exists() and not force:
         return []

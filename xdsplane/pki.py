@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from xdsplane import jwt
+from xdsplane.atomicwrite import write_atomic as write_atomic  # tests write with it too
 
 DEFAULT_DAYS = 90
 GUARD_CLIENT_URI = "spiffe://xdsplane/guard-client"  # the SAN the guard lets call it
@@ -65,22 +64,6 @@ SAMPLE: tuple[Spec, ...] = (
     Spec("guard", "service-ca", dns=("guard", "localhost", "127.0.0.1"), usage=("server",)),
     Spec("guard-client", "service-ca", uris=(GUARD_CLIENT_URI,), usage=("client",)),
 )
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _now() -> datetime.datetime:

@@ -36,7 +36,8 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import watchfiles
 
-from xdsplane.config.stableread import FileBusy
+from xdsplane.config import stableread
+from xdsplane.config.stableread import BUSY_BUDGET_SECONDS, BUSY_RETRY_SECONDS, FileBusy
 
 T = TypeVar("T")
 
@@ -44,8 +45,6 @@ T = TypeVar("T")
 # budget for every file xdsplane reads while running and at startup: long enough for an
 # editor's or a rotation's write (milliseconds), short enough that a writer that hangs is
 # reported promptly (as an error naming the file; the last good state stays).
-BUSY_BUDGET_SECONDS = 5.0
-BUSY_RETRY_SECONDS = 0.01
 
 # The GIL switch interval while a load runs in its thread (CPython's default is 5 ms): the
 # event loop waits at most about this long for the GIL each time it wakes up.
@@ -83,16 +82,12 @@ def _gave_up(e: FileBusy, budget: float) -> GaveUp:
 
 
 def retry_busy(load: Callable[[], T], budget: float = BUSY_BUDGET_SECONDS) -> T:
-    """``load()``, called again while it raises FileBusy, for at most ``budget`` seconds;
-    then GaveUp. For loads outside an event loop (startup, the CLI)."""
-    deadline = time.monotonic() + budget
-    while True:
-        try:
-            return load()
-        except FileBusy as e:
-            if time.monotonic() > deadline:
-                raise _gave_up(e, budget) from None
-        time.sleep(BUSY_RETRY_SECONDS)
+    """``load()``, called again while it raises FileBusy, for at most ``budget`` seconds
+    (``stableread.retry_busy``); then GaveUp. For loads outside an event loop."""
+    try:
+        return stableread.retry_busy(load, budget)
+    except FileBusy as e:
+        raise _gave_up(e, budget) from None
 
 
 _switch_lock = threading.Lock()

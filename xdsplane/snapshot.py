@@ -204,7 +204,3 @@ class SnapshotSet:
             if g.name == name:
                 return g.snapshot
         return None
-
-    def for_node(self, node_id: str, cluster: str | None) -> Snapshot | None:
-        g = self.group_for(node_id, cluster)
-        return g.snapshot if g is not None else None

@@ -239,7 +239,7 @@ def _columns(rows: list[list[str]]) -> list[str]:
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
 
 
-def render_text(status: Mapping[str, Any]) -> list[str]:
+def status_lines(status: Mapping[str, Any]) -> list[str]:
     """The node table, reload state and errors, then certificates, as lines of text."""
     lines: list[str] = [f"INSECURE (--insecure): {r}" for r in status.get("insecure", [])]
     streams = sorted(

@@ -21,11 +21,12 @@ import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType
 
 from xdsplane import demo, pki
-from xdsplane.bootstrap import XdsTls, bootstrap, split_address, to_yaml
+from xdsplane.bootstrap import XdsClientTls, bootstrap, split_address, to_yaml
 from xdsplane.supervise import Child, Supervisor, describe_exit
 
 
@@ -96,88 +97,9 @@ def run(opts: UpOptions) -> int:
         sup.request_stop()
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    certs = opts.certs
-    xds_host, _ = split_address(opts.xds_address)
-    host, port = split_address(opts.billing_address)
-    billing = demo.start(
-        host,
-        port,
-        tls=demo.TlsFiles(
-            str(certs / "billing.crt"), str(certs / "billing.key"), str(certs / "service-ca.crt")
-        ),
-    )
-    admin_host, admin_port = split_address(opts.admin_address)
-    ca = certs / "service-ca.crt"
+    billing = _start_billing(opts)
     try:
-        serve = sup.start(
-            "control plane",
-            [
-                sys.executable,
-                "-m",
-                "xdsplane",
-                "serve",
-                "--config",
-                str(opts.config),
-                "--xds-address",
-                opts.xds_address,
-                "--admin-address",
-                opts.admin_address,
-                # Envoy must prove it is the node it claims (its certificate's SAN).
-                "--tls-cert",
-                str(certs / "xds-server.crt"),
-                "--tls-key",
-                str(certs / "xds-server.key"),
-                "--client-ca",
-                str(certs / "service-ca.crt"),
-                "--log-format",
-                "console",
-            ],
-            ready=lambda: _get(f"http://{admin_host}:{admin_port}/readyz") == 200,
-        )
-        guard = sup.start(
-            "guard",
-            [
-                sys.executable,
-                "-m",
-                "xdsplane",
-                "guard",
-                "--address",
-                opts.guard_address,
-                "--admin-address",
-                opts.guard_admin_address,
-                # The global rate limits: the same policy Envoy is served.
-                "--policy",
-                str(opts.config),
-                # mTLS: only Envoy's guard-client certificate (the policy's guard.tls) is served.
-                "--tls-cert",
-                str(certs / "guard.crt"),
-                "--tls-key",
-                str(certs / "guard.key"),
-                "--client-ca",
-                str(certs / "service-ca.crt"),
-                "--client-san",
-                pki.GUARD_CLIENT_URI,
-            ],
-        )
-        guard.ready = lambda: _get(f"http://{opts.guard_admin_address}/healthz") == 200
-        _wait(
-            serve.ready,
-            opts,
-            sup,
-            "the control plane to load " + str(opts.config),
-            lambda: stopping,
-        )
-        bs = workdir / "envoy.yaml"
-        bs.write_text(_envoy_bootstrap(opts, node_cert, xds_host))
-        log_path = workdir / "envoy.log"
-        envoy_proc = sup.start(
-            "envoy",
-            [envoy, "-c", str(bs), "--disable-hot-restart", "--concurrency", "1", "-l", "warning"],
-            log=log_path,
-            ready=lambda: https_status(opts.edge_address, opts.edge_host, "/healthz", ca) == 200,
-        )
-        _wait(envoy_proc.ready, opts, sup, "the edge to answer", lambda: stopping)
-        print(_banner(opts, serve, envoy_proc, guard, log_path), flush=True)
+        _start_all(opts, sup, envoy, node_cert, workdir, lambda: stopping)
         while not stopping:
             sup.poll()
             time.sleep(0.2)
@@ -192,6 +114,101 @@ def run(opts: UpOptions) -> int:
             signal.signal(signum, handler)
         shutil.rmtree(workdir, ignore_errors=True)
         print("stopped.", file=sys.stderr)
+
+
+def _start_billing(opts: UpOptions) -> ThreadingHTTPServer:
+    """The demo billing service, in this process (mTLS with the service CA)."""
+    certs = opts.certs
+    host, port = split_address(opts.billing_address)
+    tls = demo.TlsFiles(
+        str(certs / "billing.crt"), str(certs / "billing.key"), str(certs / "service-ca.crt")
+    )
+    return demo.start(host, port, tls=tls)
+
+
+def _start_all(
+    opts: UpOptions,
+    sup: Supervisor,
+    envoy: str,
+    node_cert: Path,
+    workdir: Path,
+    stopping: Callable[[], bool],
+) -> None:
+    """Start the control plane and the guard, then Envoy once the control plane is ready;
+    return when the edge answers (UpError when something does not come up)."""
+    admin_host, admin_port = split_address(opts.admin_address)
+    serve = sup.start(
+        "control plane",
+        _serve_argv(opts),
+        ready=lambda: _get(f"http://{admin_host}:{admin_port}/readyz") == 200,
+    )
+    guard = sup.start("guard", _guard_argv(opts))
+    guard.ready = lambda: _get(f"http://{opts.guard_admin_address}/healthz") == 200
+    _wait(serve.ready, opts, sup, "the control plane to load " + str(opts.config), stopping)
+    xds_host, _ = split_address(opts.xds_address)
+    bs = workdir / "envoy.yaml"
+    bs.write_text(_envoy_bootstrap(opts, node_cert, xds_host))
+    log_path = workdir / "envoy.log"
+    ca = opts.certs / "service-ca.crt"
+    envoy_proc = sup.start(
+        "envoy",
+        [envoy, "-c", str(bs), "--disable-hot-restart", "--concurrency", "1", "-l", "warning"],
+        log=log_path,
+        ready=lambda: https_status(opts.edge_address, opts.edge_host, "/healthz", ca) == 200,
+    )
+    _wait(envoy_proc.ready, opts, sup, "the edge to answer", stopping)
+    print(_banner(opts, serve, envoy_proc, guard, log_path), flush=True)
+
+
+def _serve_argv(opts: UpOptions) -> list[str]:
+    certs = opts.certs
+    return [
+        sys.executable,
+        "-m",
+        "xdsplane",
+        "serve",
+        "--config",
+        str(opts.config),
+        "--xds-address",
+        opts.xds_address,
+        "--admin-address",
+        opts.admin_address,
+        # Envoy must prove it is the node it claims (its certificate's SAN).
+        "--tls-cert",
+        str(certs / "xds-server.crt"),
+        "--tls-key",
+        str(certs / "xds-server.key"),
+        "--client-ca",
+        str(certs / "service-ca.crt"),
+        "--log-format",
+        "console",
+    ]
+
+
+def _guard_argv(opts: UpOptions) -> list[str]:
+    certs = opts.certs
+    return [
+        sys.executable,
+        "-m",
+        "xdsplane",
+        "guard",
+        "--address",
+        opts.guard_address,
+        "--admin-address",
+        opts.guard_admin_address,
+        # The global rate limits: the same policy Envoy is served.
+        "--policy",
+        str(opts.config),
+        # mTLS: only Envoy's guard-client certificate (the policy's guard.tls) is served.
+        "--tls-cert",
+        str(certs / "guard.crt"),
+        "--tls-key",
+        str(certs / "guard.key"),
+        "--client-ca",
+        str(certs / "service-ca.crt"),
+        "--client-san",
+        pki.GUARD_CLIENT_URI,
+    ]
 
 
 def _dev_pki(opts: UpOptions) -> Path:
@@ -225,7 +242,7 @@ def _envoy_bootstrap(opts: UpOptions, node_cert: Path, xds_host: str) -> str:
             (opts.xds_address,),
             opts.envoy_admin_address,
             opts.delta,
-            XdsTls.from_flags(
+            XdsClientTls.from_flags(
                 str(node_cert),
                 str(opts.certs / f"{opts.node}.key"),
                 str(opts.certs / "service-ca.crt"),

@@ -19,11 +19,11 @@ import watchfiles
 from xdsplane import logs
 from xdsplane.cache import SnapshotCache
 from xdsplane.config.errors import ConfigErrors
-from xdsplane.config.loader import FolderLoader
+from xdsplane.config.stableread import BUSY_BUDGET_SECONDS
 from xdsplane.metrics import Metrics
+from xdsplane.pipeline import FolderLoader
 from xdsplane.redact import scrub_message
 from xdsplane.reload import (
-    BUSY_BUDGET_SECONDS,
     WAKE_MS,
     FileReloader,
     Refused,

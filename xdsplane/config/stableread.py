@@ -18,12 +18,43 @@ import errno
 import fcntl
 import os
 import signal
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 _F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)
 
 
 class FileBusy(Exception):
     """The file is being written right now; read it again shortly."""
+
+
+# The one budget for files being written (documented in docs/deploy.md, "Reloads"): every
+# load, at startup, on a reload (xdsplane/reload.py) or in a command, waits this long.
+BUSY_BUDGET_SECONDS = 5.0
+BUSY_RETRY_SECONDS = 0.01
+
+
+def retry_busy(
+    load: Callable[[], T],
+    seconds: float = BUSY_BUDGET_SECONDS,
+    step: float = BUSY_RETRY_SECONDS,
+) -> T:
+    """``load()``, called again while it raises FileBusy, for up to ``seconds``.
+
+    For loads outside an event loop (startup, ``validate``, ``render``, ``diff``): a writer
+    part-way through a file is waited for; after ``seconds`` the last FileBusy is raised.
+    """
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return load()
+        except FileBusy:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(step)
 
 
 def install() -> None:

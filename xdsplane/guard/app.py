@@ -20,7 +20,7 @@ from xdsplane.adminhttp import protect
 from xdsplane.bootstrap import split_address
 from xdsplane.config.errors import ConfigErrors
 from xdsplane.exposure import is_loopback
-from xdsplane.guard.limits import Limits, load_limits
+from xdsplane.guard.limits import GuardLimits, load_limits
 from xdsplane.guard.policy import combine, limits_from_policy
 from xdsplane.guard.service import GuardConfig, GuardMetrics, GuardService
 from xdsplane.guard.store import MemoryStore, RedisStore, Store, StoreAuthError, redact_url
@@ -169,10 +169,10 @@ def admin_app(
     return app
 
 
-def load_all(opts: GuardOptions) -> Limits:
+def load_all(opts: GuardOptions) -> GuardLimits:
     """The limits file's and the policy's limits; raises ConfigErrors, or FileBusy while a
     file is being written."""
-    limits = load_limits(opts.limits) if opts.limits is not None else Limits()
+    limits = load_limits(opts.limits) if opts.limits is not None else GuardLimits()
     if opts.policy is not None:
         limits = combine(limits, limits_from_policy(opts.policy), opts.policy)
     return limits
@@ -198,7 +198,7 @@ class _Outcomes:
         self.counter.labels("failure").inc()
 
 
-class LimitsReloader(Source[Limits]):
+class LimitsReloader(Source[GuardLimits]):
     """Reloads the limits when the policy folder changes (watched) and on SIGHUP, through
     ``xdsplane.reload``; a folder with errors is logged and the last good limits stay."""
 
@@ -212,13 +212,13 @@ class LimitsReloader(Source[Limits]):
         self.reloads = FileReloader(self, self.log, outcomes=_Outcomes(service.metrics.registry))
         self.state = self.reloads.state
 
-    def load(self) -> Limits:
+    def load(self) -> GuardLimits:
         try:
             return load_all(self.opts)
         except ConfigErrors as e:
             raise Refused([str(x) for x in e.errors]) from None
 
-    def swap(self, new: Limits, reason: str, state: ReloadState) -> None:
+    def swap(self, new: GuardLimits, reason: str, state: ReloadState) -> None:
         self.service.limits = new
         self.log.info("limits reloaded", why=reason, rules=new.rule_count())
 

@@ -59,7 +59,7 @@ class Rule:
 
 
 @dataclass
-class Limits:
+class GuardLimits:
     domains: dict[str, dict[tuple[str, str | None], Rule]] = field(default_factory=dict)
     # From a policy folder's JWT providers (their largest max_lifetime and clock_skew, in
     # seconds), for replay protection: how long a token may live and be accepted past exp.
@@ -187,13 +187,13 @@ class _Parser:
         return Limit(rpu, str(unit), f"{where.path}:{where.line}")
 
 
-def parse_limits(text: str | bytes, path: str) -> Limits:
+def parse_limits(text: str | bytes, path: str) -> GuardLimits:
     """Parse a limits file; raises ConfigErrors (every problem, located)."""
     try:
         docs = parse(text, path)
     except YamlError as e:
         raise ConfigErrors([e.error]) from None
-    limits = Limits()
+    limits = GuardLimits()
     errors: list[ConfigError] = []
     if not docs:
         errors.append(ConfigError(Location(path, 1), "no limits: the file is empty"))
@@ -215,7 +215,7 @@ def parse_limits(text: str | bytes, path: str) -> Limits:
     return limits
 
 
-def load_limits(path: Path) -> Limits:
+def load_limits(path: Path) -> GuardLimits:
     try:
         data = path.read_bytes()
     except OSError as e:

@@ -6,8 +6,9 @@ then the identity's key without a value (one counter per identity), limited to `
 per second, minute or hour. That is the descriptor Envoy sends for the route (see
 ``xdsplane.policy.translate.ratelimit``), so the guard and every Envoy read the same files.
 
-The folder is parsed and checked as the control plane does it (every file, each node
-group merged; secret files are not read): its errors name ``path:line:column``. The same
+The folder goes through the control plane's own pipeline (``xdsplane.pipeline.load_policy``:
+every file, each node group merged and checked; secret files are not read): its errors
+name ``path:line:column``, word for word as ``validate`` says them. The same
 route id in two node groups must carry the same limit.
 """
 
@@ -15,74 +16,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from xdsplane.compile import Unit, parse_unit
 from xdsplane.config.errors import ConfigError, ConfigErrors, Location
-from xdsplane.config.loader import list_files
-from xdsplane.config.stableread import read_stable
-from xdsplane.config.yamlsrc import YamlError, parse
-from xdsplane.guard.limits import Limit, Limits, Rule
-from xdsplane.policy.check import check_policy
-from xdsplane.policy.merge import Fragment, merge
+from xdsplane.guard.limits import GuardLimits, Limit, Rule
+from xdsplane.names import RATE_LIMIT_DOMAIN as DOMAIN
+from xdsplane.names import RATE_LIMIT_KEYS as KEYS
+from xdsplane.names import ROUTE_KEY, route_id
+from xdsplane.pipeline import load_policy
 from xdsplane.policy.model import duration_seconds
-from xdsplane.policy.translate.ratelimit import DOMAIN, KEYS, ROUTE_KEY, route_id
 
 
-def _units(folder: Path, errors: list[ConfigError]) -> list[Unit]:
-    if not folder.is_dir():
-        raise ConfigErrors([ConfigError(Location(str(folder)), "is not a folder")])
-    files = list_files(folder)
-    if not files:
-        raise ConfigErrors([ConfigError(Location(str(folder)), "holds no .yaml or .yml files")])
-    units: list[Unit] = []
-    for path in files:
-        try:
-            data = read_stable(str(path))  # FileBusy: retried by the caller (reload.py)
-        except OSError as e:
-            errors.append(ConfigError(Location(str(path)), f"cannot read: {e}"))
-            continue
-        try:
-            docs = parse(data, str(path))
-        except YamlError as e:
-            errors.append(e.error)
-            continue
-        for doc in docs:
-            unit, errs = parse_unit(doc)
-            errors.extend(errs)
-            if unit is not None:
-                units.append(unit)
-    return units
-
-
-def _groups(units: list[Unit]) -> list[tuple[str, list[Unit]]]:
-    """Node groups as the control plane forms them: files with the same ``nodes``, plus
-    every file without ``nodes`` (which also form the catch-all group on their own)."""
-    common = [u for u in units if u.nodes is None]
-    members: dict[tuple[str, ...], list[Unit]] = {}
-    for u in units:
-        if u.nodes is not None:
-            members.setdefault(u.nodes, []).append(u)
-    out = [(",".join(nodes), found + common) for nodes, found in members.items()]
-    if common:
-        out.append(("*", common))
-    return out
-
-
-def limits_from_policy(folder: Path) -> Limits:
+def limits_from_policy(folder: Path) -> GuardLimits:
     """The global rate limits of the policy in ``folder``; raises ConfigErrors."""
-    errors: list[ConfigError] = []
-    units = _units(folder, errors)
-    if errors:
-        raise ConfigErrors(errors)
-    groups = _groups(units)
+    # FileBusy (a file still being written) reaches the caller: reload.py retries it.
+    groups, errors = load_policy(folder)
     rules: dict[tuple[str, str | None], Rule] = {}
     lifetimes: list[float] = []
     skews: list[float] = []
     seen: dict[str, tuple[tuple[int, str, str], Location]] = {}
-    for name, members in groups:
-        policy, errs = merge([Fragment(u.doc, u.policy) for u in members])
-        errors.extend(errs)
-        problems, _ = check_policy(policy, name if len(groups) > 1 else "")
-        errors.extend(problems)
+    for group in groups:
+        policy = group.policy
         for ppart in policy.jwt_providers.values():
             provider = ppart.value
             skews.append(duration_seconds(provider.clock_skew))
@@ -115,7 +67,7 @@ def limits_from_policy(folder: Path) -> Limits:
                     rules[(ROUTE_KEY, ident)] = Rule(ROUTE_KEY, ident, None, {(key, None): child})
     if errors:
         raise ConfigErrors(list(dict.fromkeys(errors)))
-    out = Limits(
+    out = GuardLimits(
         token_max_lifetime=max(lifetimes, default=None), token_clock_skew=max(skews, default=None)
     )
     if rules:
@@ -123,7 +75,7 @@ def limits_from_policy(folder: Path) -> Limits:
     return out
 
 
-def combine(file_limits: Limits, policy_limits: Limits, policy: Path) -> Limits:
+def combine(file_limits: GuardLimits, policy_limits: GuardLimits, policy: Path) -> GuardLimits:
     """The limits file's domains and the policy's; the policy's domain may not be in both."""
     if DOMAIN in file_limits.domains and DOMAIN in policy_limits.domains:
         raise ConfigErrors(
@@ -135,7 +87,7 @@ def combine(file_limits: Limits, policy_limits: Limits, policy: Path) -> Limits:
                 )
             ]
         )
-    return Limits(
+    return GuardLimits(
         {**file_limits.domains, **policy_limits.domains},
         policy_limits.token_max_lifetime,
         policy_limits.token_clock_skew,

@@ -29,12 +29,13 @@ from google.rpc import code_pb2, status_pb2  # type: ignore[import-untyped]
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from xdsplane import logs
-from xdsplane.guard.limits import Limits, counter_key
+from xdsplane.guard.limits import GuardLimits, counter_key
 from xdsplane.guard.store import Store, StoreUnavailable
+from xdsplane.names import JWT_FILTER, JWT_PAYLOAD_KEY
 
 AUTHZ_SERVICE = "envoy.service.auth.v3.Authorization"
 RLS_SERVICE = "envoy.service.ratelimit.v3.RateLimitService"
-JWT_NAMESPACE = "envoy.filters.http.jwt_authn"
+JWT_NAMESPACE = JWT_FILTER  # where jwt_authn writes the verified claims
 REASON_HEADER = "x-guard-reason"
 MAX_JTI_LOG = 64  # characters of a jti shown in logs
 
@@ -56,7 +57,7 @@ class GuardConfig:
     # their own max_lifetime.
     max_lifetime: float = 300.0
     clock_skew: float = 60.0  # jwt_authn accepts tokens this long after exp (its default)
-    payload_key: str = "jwt_payload"  # jwt_authn's payload_in_metadata
+    payload_key: str = JWT_PAYLOAD_KEY  # jwt_authn's payload_in_metadata
     fail_open: bool = False  # store down: allow (True) or deny (False)
     key_prefix: str = "xdsplane:guard:"
     max_hits_addend: int = MAX_HITS_ADDEND
@@ -106,13 +107,13 @@ class GuardService:
     def __init__(
         self,
         store: Store,
-        limits: Limits | None,
+        limits: GuardLimits | None,
         config: GuardConfig | None = None,
         metrics: GuardMetrics | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
-        self.limits = limits or Limits()
+        self.limits = limits or GuardLimits()
         self.config = config or GuardConfig()
         self.metrics = metrics or GuardMetrics()
         self.clock = clock

@@ -6,11 +6,10 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
-from xdsplane.config.errors import ConfigError
-from xdsplane.policy.merge import GroupPolicy, Origin
-from xdsplane.policy.model import Route, split_host_port
-from xdsplane.policy.translate.guard import CLUSTER as GUARD_CLUSTER
-from xdsplane.policy.translate.jwt import JWKS_CLUSTER_PREFIX
+from xdsplane.config.errors import ConfigError, Location
+from xdsplane.names import GUARD_CLUSTER, JWKS_CLUSTER_PREFIX
+from xdsplane.policy.merge import GroupPolicy, Origin, Part
+from xdsplane.policy.model import Host, Listener, Route, split_host_port
 
 _ANY_HOSTS = (ipaddress.ip_address("0.0.0.0"), ipaddress.ip_address("::"))
 
@@ -88,267 +87,283 @@ class _Addresses:
 def check_policy(policy: GroupPolicy, scope: str = "") -> tuple[list[ConfigError], Usage]:
     """``scope`` names the node group when a folder has several: a file without ``nodes``
     is checked in each group, and a name it refers to may be missing in only some."""
-    errors: list[ConfigError] = []
-    usage = Usage()
-    where = f" for nodes {scope}" if scope else ""
+    check = _Checker(policy, f" for nodes {scope}" if scope else "")
+    for lname, lpart in policy.listeners.items():
+        check.listener(lname, lpart)
+    check.guard()
+    check.jwt_providers()
+    check.upstreams()
+    return check.errors, check.usage
 
-    def secret(name: str | None, kind: str, origin: Origin, *keys: str | int) -> None:
+
+class _Checker:
+    """One group's checks; errors come in the order of the policy (listener by listener,
+    host by host, route by route), then the guard, the JWT providers, the upstreams."""
+
+    def __init__(self, policy: GroupPolicy, where: str) -> None:
+        self.policy = policy
+        self.where = where
+        self.errors: list[ConfigError] = []
+        self.usage = Usage()
+        self.addresses = _Addresses()
+        self.no_lifetime: set[str] = set()  # providers already reported for lacking max_lifetime
+
+    def error(self, location: Location, message: str) -> None:
+        self.errors.append(ConfigError(location, message))
+
+    def secret(self, name: str | None, kind: str, origin: Origin, *keys: str | int) -> None:
+        """``name`` must be a secret of the group, of ``kind`` certificate or ca."""
         if name is None:
             return
-        part = policy.secrets.get(name)
+        part = self.policy.secrets.get(name)
         if part is None:
-            known = ", ".join(sorted(policy.secrets)) or "none defined"
-            errors.append(
-                ConfigError(origin.at(*keys), f"no secret named {name!r}{where} (secrets: {known})")
-            )
+            known = ", ".join(sorted(self.policy.secrets)) or "none defined"
+            self.error(origin.at(*keys), f"no secret named {name!r}{self.where} (secrets: {known})")
             return
-        usage.secrets.add(use_key(part.origin))
+        self.usage.secrets.add(use_key(part.origin))
         is_cert = part.value.is_certificate
         if kind == "certificate" and not is_cert:
-            errors.append(
-                ConfigError(
-                    origin.at(*keys),
-                    f"secret {name!r} is a CA bundle; a certificate with private_key is needed",
-                )
+            self.error(
+                origin.at(*keys),
+                f"secret {name!r} is a CA bundle; a certificate with private_key is needed",
             )
         if kind == "ca" and is_cert:
-            errors.append(
-                ConfigError(
-                    origin.at(*keys),
-                    f"secret {name!r} is a certificate; a CA bundle (ca:) is needed",
-                )
+            self.error(
+                origin.at(*keys), f"secret {name!r} is a certificate; a CA bundle (ca:) is needed"
             )
 
-    addresses = _Addresses()
-    no_lifetime: set[str] = set()  # providers already reported for lacking max_lifetime
-    for lname, lpart in policy.listeners.items():
+    # -- listeners, hosts, routes ----------------------------------------------------------
+
+    def listener(self, lname: str, lpart: Part[Listener]) -> None:
         listener, lo = lpart.value, lpart.origin
-        conflicts = addresses.conflicts(lname, lo, listener.address)
+        conflicts = self.addresses.conflicts(lname, lo, listener.address)
         if conflicts:
             # One error per listener, naming the first it conflicts with: a thousand
             # listeners on 0.0.0.0:8080 are a thousand errors, not half a million.
             other, oo = conflicts[0]
             at = oo.at("address")
             more = f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else ""
-            errors.append(
-                ConfigError(
-                    lo.at("address"),
-                    f"listener {lname!r} address {listener.address} conflicts with listener "
-                    f"{other!r} at {at.path}:{at.line}{more}",
-                )
+            self.error(
+                lo.at("address"),
+                f"listener {lname!r} address {listener.address} conflicts with listener "
+                f"{other!r} at {at.path}:{at.line}{more}",
             )
         seen_hosts: dict[str, int] = {}
         seen_domains: dict[str, str] = {}
         for hi, h in enumerate(listener.hosts):
             hkeys: tuple[str | int, ...] = ("hosts", hi)
             if h.name in seen_hosts:
-                errors.append(
-                    ConfigError(
-                        lo.at(*hkeys, "name"),
-                        f"duplicate host name {h.name!r} in listener {lname!r}",
-                    )
+                self.error(
+                    lo.at(*hkeys, "name"), f"duplicate host name {h.name!r} in listener {lname!r}"
                 )
             seen_hosts[h.name] = hi
             for di, d in enumerate(h.domains):
                 key = d.lower()
                 if key in seen_domains:
-                    errors.append(
-                        ConfigError(
-                            lo.at(*hkeys, "domains", di),
-                            f"domain {d!r} is already served by host {seen_domains[key]!r} "
-                            f"of listener {lname!r}",
-                        )
+                    self.error(
+                        lo.at(*hkeys, "domains", di),
+                        f"domain {d!r} is already served by host {seen_domains[key]!r} "
+                        f"of listener {lname!r}",
                     )
                 seen_domains.setdefault(key, h.name)
-            if listener.tls is not None:
-                if h.certificate is None:
-                    errors.append(
-                        ConfigError(
-                            lo.at(*hkeys),
-                            f"host {h.name!r} is on TLS listener {lname!r}: it needs certificate",
-                        )
-                    )
-                secret(h.certificate, "certificate", lo, *hkeys, "certificate")
-                secret(h.client_ca, "ca", lo, *hkeys, "client_ca")
-            else:
-                for key in ("certificate", "client_ca"):
-                    if getattr(h, key) is not None:
-                        errors.append(
-                            ConfigError(
-                                lo.key(*hkeys, key),
-                                f"{key}: listener {lname!r} has no tls, so its hosts take no "
-                                "certificates (add tls: {} to the listener)",
-                            )
-                        )
-                if h.client_certificate != "off":
-                    errors.append(
-                        ConfigError(
-                            lo.key(*hkeys, "client_certificate"),
-                            f"client_certificate: listener {lname!r} has no tls",
-                        )
-                    )
+            self.host_tls(lname, listener, h, lo, hkeys)
             route_names: set[str] = set()
             for ri, r in enumerate(h.routes):
                 rname = r.name or f"route-{ri}"
                 if rname in route_names:
-                    errors.append(
-                        ConfigError(
-                            lo.at(*hkeys, "routes", ri),
-                            f"duplicate route name {rname!r} in host {h.name!r}",
-                        )
+                    self.error(
+                        lo.at(*hkeys, "routes", ri),
+                        f"duplicate route name {rname!r} in host {h.name!r}",
                     )
                 route_names.add(rname)
-                wants_cert = r.require_client_certificate or r.allow_client_sans
-                if wants_cert and (listener.tls is None or h.client_certificate == "off"):
-                    key = (
-                        "allow_client_sans" if r.allow_client_sans else "require_client_certificate"
-                    )
-                    errors.append(
-                        ConfigError(
-                            lo.key(*hkeys, "routes", ri, key),
-                            f"{key}: host {h.name!r} does not ask for client certificates "
-                            "(set client_certificate: optional or required, and client_ca)",
-                        )
-                    )
-                if r.access is not None:
-                    errors.extend(
-                        _access_errors(
-                            r,
-                            lo,
-                            (*hkeys, "routes", ri, "access"),
-                            h.name,
-                            listener.tls is not None and h.client_certificate != "off",
-                        )
-                    )
-                for key in ("jwt", "jwt_optional"):
-                    provider = getattr(r, key)
-                    if provider is None:
-                        continue
-                    ppart = policy.jwt_providers.get(provider)
-                    if ppart is None:
-                        known = ", ".join(sorted(policy.jwt_providers)) or "none defined"
-                        errors.append(
-                            ConfigError(
-                                lo.at(*hkeys, "routes", ri, key),
-                                f"no jwt provider named {provider!r}{where} "
-                                f"(jwt_providers: {known})",
-                            )
-                        )
-                    else:
-                        usage.jwt_providers.add(use_key(ppart.origin))
-                if r.replay_protection and r.jwt is None:
-                    errors.append(
-                        ConfigError(
-                            lo.key(*hkeys, "routes", ri, "replay_protection"),
-                            "replay_protection needs jwt: on the route (the guard reads the "
-                            "verified token's jti)",
-                        )
-                    )
-                if r.replay_protection and r.jwt is not None:
-                    ppart = policy.jwt_providers.get(r.jwt)
-                    if (
-                        ppart is not None
-                        and ppart.value.max_lifetime is None
-                        and r.jwt not in no_lifetime
-                    ):
-                        no_lifetime.add(r.jwt)
-                        at = lo.key(*hkeys, "routes", ri, "replay_protection")
-                        errors.append(
-                            ConfigError(
-                                ppart.origin.key(),
-                                f"jwt provider {r.jwt!r} needs max_lifetime: route "
-                                f"{lname}/{h.name}/{rname} ({at.path}:{at.line}) has "
-                                "replay_protection (the guard remembers a token until its "
-                                "exp; without max_lifetime a token may live for ever)",
-                            )
-                        )
-                if r.replay_protection and policy.guard is None:
-                    errors.append(
-                        ConfigError(
-                            lo.key(*hkeys, "routes", ri, "replay_protection"),
-                            f"replay_protection needs a guard{where} "
-                            "(add guard: {address: HOST:PORT} at the top level)",
-                        )
-                    )
-                if r.global_rate_limit is not None and policy.guard is None:
-                    errors.append(
-                        ConfigError(
-                            lo.key(*hkeys, "routes", ri, "global_rate_limit"),
-                            f"global_rate_limit needs a guard{where} "
-                            "(add guard: {address: HOST:PORT} at the top level)",
-                        )
-                    )
-                for key in ("rate_limit", "global_rate_limit"):
-                    limit = getattr(r, key)
-                    if limit is None:
-                        continue
-                    if limit.by == "jwt_sub" and r.jwt is None and r.jwt_optional is None:
-                        errors.append(
-                            ConfigError(
-                                lo.at(*hkeys, "routes", ri, key, "by"),
-                                f"{key} by jwt_sub needs jwt: (or jwt_optional:) on the route",
-                            )
-                        )
-                    no_certs = listener.tls is None or h.client_certificate == "off"
-                    if limit.by == "client_certificate" and no_certs:
-                        errors.append(
-                            ConfigError(
-                                lo.at(*hkeys, "routes", ri, key, "by"),
-                                f"{key} by client_certificate: host {h.name!r} does not ask "
-                                "for client certificates (set client_certificate: optional or "
-                                "required, and client_ca)",
-                            )
-                        )
-                if r.upstream is not None:
-                    part = policy.upstreams.get(r.upstream)
-                    if part is None:
-                        known = ", ".join(sorted(policy.upstreams)) or "none defined"
-                        errors.append(
-                            ConfigError(
-                                lo.at(*hkeys, "routes", ri, "upstream"),
-                                f"no upstream named {r.upstream!r}{where} (upstreams: {known})",
-                            )
-                        )
-                    else:
-                        usage.upstreams.add(use_key(part.origin))
+                self.route(_At(lname, listener, h, lo, (*hkeys, "routes", ri)), r, rname)
 
-    if policy.guard is not None and policy.guard.value.tls is not None:
-        gtls, go = policy.guard.value.tls, policy.guard.origin
-        secret(gtls.ca, "ca", go, "tls", "ca")
-        secret(gtls.certificate, "certificate", go, "tls", "certificate")
-        if gtls.certificate is None:
-            errors.append(
-                ConfigError(
+    def host_tls(
+        self, lname: str, listener: Listener, h: Host, lo: Origin, hkeys: tuple[str | int, ...]
+    ) -> None:
+        """A host of a TLS listener needs a certificate; one of a plain listener takes none."""
+        if listener.tls is not None:
+            if h.certificate is None:
+                self.error(
+                    lo.at(*hkeys),
+                    f"host {h.name!r} is on TLS listener {lname!r}: it needs certificate",
+                )
+            self.secret(h.certificate, "certificate", lo, *hkeys, "certificate")
+            self.secret(h.client_ca, "ca", lo, *hkeys, "client_ca")
+            return
+        for key in ("certificate", "client_ca"):
+            if getattr(h, key) is not None:
+                self.error(
+                    lo.key(*hkeys, key),
+                    f"{key}: listener {lname!r} has no tls, so its hosts take no "
+                    "certificates (add tls: {} to the listener)",
+                )
+        if h.client_certificate != "off":
+            self.error(
+                lo.key(*hkeys, "client_certificate"),
+                f"client_certificate: listener {lname!r} has no tls",
+            )
+
+    def route(self, at: _At, r: Route, rname: str) -> None:
+        self.route_certificates(at, r)
+        self.route_jwt(at, r, rname)
+        self.route_limits(at, r)
+        if r.upstream is not None:
+            part = self.policy.upstreams.get(r.upstream)
+            if part is None:
+                known = ", ".join(sorted(self.policy.upstreams)) or "none defined"
+                self.error(
+                    at.at("upstream"),
+                    f"no upstream named {r.upstream!r}{self.where} (upstreams: {known})",
+                )
+            else:
+                self.usage.upstreams.add(use_key(part.origin))
+
+    def route_certificates(self, at: _At, r: Route) -> None:
+        """What a route asks of client certificates, its host must ask for."""
+        wants_cert = r.require_client_certificate or r.allow_client_sans
+        if wants_cert and not at.asks_certs:
+            key = "allow_client_sans" if r.allow_client_sans else "require_client_certificate"
+            self.error(
+                at.key(key),
+                f"{key}: host {at.host.name!r} does not ask for client certificates "
+                "(set client_certificate: optional or required, and client_ca)",
+            )
+        if r.access is not None:
+            self.errors.extend(
+                _access_errors(r, at.origin, (*at.keys, "access"), at.host.name, at.asks_certs)
+            )
+
+    def route_jwt(self, at: _At, r: Route, rname: str) -> None:
+        """The providers a route names exist; replay protection has a token and a guard."""
+        for key in ("jwt", "jwt_optional"):
+            provider = getattr(r, key)
+            if provider is None:
+                continue
+            ppart = self.policy.jwt_providers.get(provider)
+            if ppart is None:
+                known = ", ".join(sorted(self.policy.jwt_providers)) or "none defined"
+                self.error(
+                    at.at(key),
+                    f"no jwt provider named {provider!r}{self.where} (jwt_providers: {known})",
+                )
+            else:
+                self.usage.jwt_providers.add(use_key(ppart.origin))
+        if not r.replay_protection:
+            return
+        if r.jwt is None:
+            self.error(
+                at.key("replay_protection"),
+                "replay_protection needs jwt: on the route (the guard reads the "
+                "verified token's jti)",
+            )
+        else:
+            ppart = self.policy.jwt_providers.get(r.jwt)
+            if (
+                ppart is not None
+                and ppart.value.max_lifetime is None
+                and r.jwt not in self.no_lifetime
+            ):
+                self.no_lifetime.add(r.jwt)
+                where = at.key("replay_protection")
+                self.error(
+                    ppart.origin.key(),
+                    f"jwt provider {r.jwt!r} needs max_lifetime: route "
+                    f"{at.lname}/{at.host.name}/{rname} ({where.path}:{where.line}) has "
+                    "replay_protection (the guard remembers a token until its "
+                    "exp; without max_lifetime a token may live for ever)",
+                )
+        if self.policy.guard is None:
+            self.error(
+                at.key("replay_protection"),
+                f"replay_protection needs a guard{self.where} "
+                "(add guard: {address: HOST:PORT} at the top level)",
+            )
+
+    def route_limits(self, at: _At, r: Route) -> None:
+        """A global limit needs the guard; a limit by identity needs that identity."""
+        if r.global_rate_limit is not None and self.policy.guard is None:
+            self.error(
+                at.key("global_rate_limit"),
+                f"global_rate_limit needs a guard{self.where} "
+                "(add guard: {address: HOST:PORT} at the top level)",
+            )
+        for key in ("rate_limit", "global_rate_limit"):
+            limit = getattr(r, key)
+            if limit is None:
+                continue
+            if limit.by == "jwt_sub" and r.jwt is None and r.jwt_optional is None:
+                self.error(
+                    at.at(key, "by"),
+                    f"{key} by jwt_sub needs jwt: (or jwt_optional:) on the route",
+                )
+            if limit.by == "client_certificate" and not at.asks_certs:
+                self.error(
+                    at.at(key, "by"),
+                    f"{key} by client_certificate: host {at.host.name!r} does not ask "
+                    "for client certificates (set client_certificate: optional or "
+                    "required, and client_ca)",
+                )
+
+    # -- the rest of the group -------------------------------------------------------------
+
+    def guard(self) -> None:
+        guard = self.policy.guard
+        if guard is not None and guard.value.tls is not None:
+            gtls, go = guard.value.tls, guard.origin
+            self.secret(gtls.ca, "ca", go, "tls", "ca")
+            self.secret(gtls.certificate, "certificate", go, "tls", "certificate")
+            if gtls.certificate is None:
+                self.error(
                     go.key("tls"),
                     "guard.tls needs certificate: the guard serves only callers with a client "
                     "certificate (xdsplane certs init writes guard-client.crt/.key)",
                 )
-            )
-    if policy.guard is not None and GUARD_CLUSTER in policy.upstreams:
-        errors.append(
-            ConfigError(
-                policy.upstreams[GUARD_CLUSTER].origin.key(),
+        if guard is not None and GUARD_CLUSTER in self.policy.upstreams:
+            self.error(
+                self.policy.upstreams[GUARD_CLUSTER].origin.key(),
                 f"upstream name {GUARD_CLUSTER!r} is taken by the guard's cluster",
             )
-        )
-    for name, ppart in policy.jwt_providers.items():
-        if ppart.value.jwks_uri is None:
-            continue
-        secret(ppart.value.ca, "ca", ppart.origin, "ca")
-        cluster = JWKS_CLUSTER_PREFIX + name
-        if cluster in policy.upstreams:
-            at = policy.upstreams[cluster].origin.key()
-            errors.append(
-                ConfigError(
+
+    def jwt_providers(self) -> None:
+        for name, ppart in self.policy.jwt_providers.items():
+            if ppart.value.jwks_uri is None:
+                continue
+            self.secret(ppart.value.ca, "ca", ppart.origin, "ca")
+            cluster = JWKS_CLUSTER_PREFIX + name
+            if cluster in self.policy.upstreams:
+                at = self.policy.upstreams[cluster].origin.key()
+                self.error(
                     ppart.origin.at("jwks_uri"),
                     f"jwt provider {name!r} fetches its jwks_uri through cluster {cluster!r}, "
                     f"but upstream {cluster!r} ({at.path}:{at.line}) has that name",
                 )
-            )
-    for name, upart in policy.upstreams.items():
-        tls = upart.value.tls
-        if tls is not None:
-            secret(tls.ca, "ca", upart.origin, "tls", "ca")
-            secret(tls.certificate, "certificate", upart.origin, "tls", "certificate")
-        del name
-    return errors, usage
+
+    def upstreams(self) -> None:
+        for upart in self.policy.upstreams.values():
+            tls = upart.value.tls
+            if tls is not None:
+                self.secret(tls.ca, "ca", upart.origin, "tls", "ca")
+                self.secret(tls.certificate, "certificate", upart.origin, "tls", "certificate")
+
+
+@dataclass(frozen=True, slots=True)
+class _At:
+    """A route's place: its listener, its host, and the keys that lead to it."""
+
+    lname: str
+    listener: Listener
+    host: Host
+    origin: Origin
+    keys: tuple[str | int, ...]
+
+    @property
+    def asks_certs(self) -> bool:
+        """Does the route's host ask for client certificates?"""
+        return self.listener.tls is not None and self.host.client_certificate != "off"
+
+    def at(self, *keys: str | int) -> Location:
+        return self.origin.at(*self.keys, *keys)
+
+    def key(self, *keys: str | int) -> Location:
+        return self.origin.key(*self.keys, *keys)

@@ -67,9 +67,6 @@ class GroupPolicy:
     jwt_providers: dict[str, Part[JwtProvider]] = field(default_factory=dict)
     guard: Part[Guard] | None = None
 
-    def empty(self) -> bool:
-        return not (self.secrets or self.listeners or self.upstreams or self.jwt_providers)
-
 
 def merge(fragments: list[Fragment]) -> tuple[GroupPolicy, list[ConfigError]]:
     out = GroupPolicy()

@@ -756,7 +756,7 @@ class UpstreamTls(Model):
         return self
 
 
-class Limits(Model):
+class UpstreamLimits(Model):
     """Circuit breakers for the upstream."""
 
     max_connections: int | None = Field(None, ge=1)
@@ -784,7 +784,7 @@ class Upstream(Model):
     connect_timeout: Duration = "1s"
     http2: bool = Field(False, description="speak HTTP/2 to the upstream")
     tls: UpstreamTls | None = None
-    limits: Limits | None = None
+    limits: UpstreamLimits | None = None
     health_check: HealthCheck | None = None
 
 

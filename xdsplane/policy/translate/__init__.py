@@ -93,22 +93,3 @@ def listener_resources(
     for rc in routes.route_configurations(part.value):
         out.append(Built(ResourceType.ROUTE, rc, part.origin))
     return out
-
-
-def translate(policy: GroupPolicy, files: Mapping[str, bytes]) -> list[Built]:
-    """Every resource the policy gives; ``files`` holds the contents of the secret and JWKS
-    files."""
-    out: list[Built] = []
-    for name, spart in sorted(policy.secrets.items()):
-        out.extend(secret_resources(name, spart, files))
-    for name, upart in sorted(policy.upstreams.items()):
-        out.extend(upstream_resources(name, upart))
-    if policy.guard is not None:
-        out.extend(guard_resources(policy.guard))
-    log = policy.access_log.value if policy.access_log is not None else None
-    providers = jwt_providers(policy, files)
-    guard_spec = policy.guard.value if policy.guard is not None else None
-    for _, lpart in sorted(policy.listeners.items()):
-        out.extend(listener_resources(lpart, log, providers, guard_spec))
-    out.extend(jwt_resources(policy, providers))
-    return out

@@ -18,11 +18,12 @@ from envoy.config.core.v3 import config_source_pb2, grpc_service_pb2, protocol_p
 from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 
+from xdsplane.names import GUARD_CLUSTER
 from xdsplane.policy.model import Guard, Host, Route, split_host_port
 from xdsplane.policy.translate import clusters, jwt
 from xdsplane.policy.translate.common import duration, one_endpoint_cluster, pack
 
-CLUSTER = "xdsplane-guard"
+CLUSTER = GUARD_CLUSTER
 FILTER = "envoy.filters.http.ext_authz"
 _HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 

@@ -46,6 +46,7 @@ from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
 from envoy.type.matcher.v3 import string_pb2
 from google.protobuf import empty_pb2
 
+from xdsplane.names import JWKS_CLUSTER_PREFIX, JWT_FILTER, JWT_PAYLOAD_KEY
 from xdsplane.policy.model import Host, JwtProvider, Listener, Route, duration_seconds
 from xdsplane.policy.translate.common import (
     ads,
@@ -57,18 +58,14 @@ from xdsplane.policy.translate.common import (
     u32,
 )
 
-FILTER = "envoy.filters.http.jwt_authn"
+FILTER = JWT_FILTER
 """The HCM's filter name, hence the name of its ECDS resource and the per-route config key."""
 CONFIG_TYPE = "type.googleapis.com/" + config_pb2.JwtAuthentication.DESCRIPTOR.full_name
 STRIP_FILTER = "envoy.filters.http.header_mutation"
-PAYLOAD_KEY = "jwt_payload"
-"""Verified claims land in dynamic metadata ``envoy.filters.http.jwt_authn`` / this key."""
+PAYLOAD_KEY = JWT_PAYLOAD_KEY
 OPTIONAL = "/optional"
 
 
-JWKS_CLUSTER_PREFIX = "xdsplane-jwks-"
-"""A provider with ``jwks_uri`` fetches its key set through the Cluster of this prefix and
-its name."""
 JWKS_CACHE = "5m"
 """Envoy's default cache duration of a remote key set, written out."""
 JWKS_TIMEOUT = "5s"
@@ -181,11 +178,6 @@ def requirement_name(route: Route) -> str | None:
     if route.jwt_optional is not None:
         return route.jwt_optional + OPTIONAL
     return None
-
-
-def hcm_hosts(listener: Listener, host: Host | None) -> list[Host]:
-    """The hosts sharing one HCM: a TLS host alone, or every host of a plain listener."""
-    return [host] if host is not None else list(listener.hosts)
 
 
 def providers_of(hosts: Iterable[Host]) -> list[str]:

@@ -38,25 +38,19 @@ from envoy.type.metadata.v3 import metadata_pb2
 from envoy.type.v3 import percent_pb2, token_bucket_pb2
 from google.protobuf import wrappers_pb2
 
+from xdsplane.names import RATE_LIMIT_DOMAIN as DOMAIN
+from xdsplane.names import RATE_LIMIT_KEYS as KEYS
+from xdsplane.names import ROUTE_KEY, route_id
 from xdsplane.policy.model import Guard, Host, RateLimit, RateLimitBy, Route
 from xdsplane.policy.translate import guard, jwt
 from xdsplane.policy.translate.common import duration, pack, u32
 
 LOCAL_FILTER = "envoy.filters.http.local_ratelimit"
 GLOBAL_FILTER = "envoy.filters.http.ratelimit"
-DOMAIN = "xdsplane"
-"""The rate limit domain of every global limit (the guard's rules live under it)."""
-ROUTE_KEY = "route"
 ANONYMOUS = "anonymous"
 MAX_IDENTITIES = 10_000
 """Per-identity buckets one route keeps in each Envoy (least recently used dropped)."""
 
-KEYS: dict[str, str] = {
-    "source_address": "remote_address",
-    "jwt_sub": "jwt_sub",
-    "client_certificate": "client_san",
-}
-"""``by`` -> the descriptor entry's key."""
 
 # The client certificate's first URI SAN, else its first DNS SAN; "anonymous" without one.
 _SAN_EXPR = (
@@ -72,11 +66,6 @@ def needs_local(hosts: Iterable[Host]) -> bool:
 
 def needs_global(hosts: Iterable[Host]) -> bool:
     return any(r.global_rate_limit is not None for h in hosts for r in h.routes)
-
-
-def route_id(listener: str, host: str, route: str) -> str:
-    """The value of the ``route`` entry of a global descriptor."""
-    return f"{listener}/{host}/{route}"
 
 
 def identity_action(by: RateLimitBy) -> Any:

@@ -1,4 +1,4 @@
-"""A folder of YAML files -> a validated SnapshotSet, or every error found.
+"""Reading a folder (the first step): YAML files -> Units, then ``build`` -> a SnapshotSet.
 
 Files are cached by content: a file whose bytes did not change is not parsed or
 serialized again, so a one-file edit rebuilds only that file's resources.
@@ -13,11 +13,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from xdsplane.compile import TranslationCache, Unit, build, parse_unit
-from xdsplane.config.check import Ref, references
 from xdsplane.config.errors import ConfigError, ConfigErrors, Location
 from xdsplane.config.stableread import FileBusy, read_stable
 from xdsplane.config.yamlsrc import YamlError, parse
+from xdsplane.pipeline.build import build
+from xdsplane.pipeline.refs import Ref, references
+from xdsplane.pipeline.translations import TranslationCache
+from xdsplane.pipeline.units import Unit, parse_unit
 from xdsplane.snapshot import Resource, SnapshotSet, digest
 from xdsplane.types import ResourceType
 
@@ -180,7 +182,8 @@ class FolderLoader:
             if enabled:
                 gc.enable()
 
-    def _load(self) -> SnapshotSet:
+    def units(self) -> list[Unit]:
+        """Every document of the folder, parsed; raises ConfigErrors or FileBusy."""
         errors: list[ConfigError] = []
         if not self.root.is_dir():
             raise ConfigErrors([ConfigError(Location(str(self.root)), "is not a folder")])
@@ -197,6 +200,10 @@ class FolderLoader:
             del self._parsed[stale]
         if errors:
             raise ConfigErrors(errors)
+        return contents
+
+    def _load(self) -> SnapshotSet:
+        contents = self.units()
         self._reading = set()
         try:
             snapshots = build(

@@ -8,175 +8,25 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Callable
 
 from xdsplane import jwt as jwtkeys
 from xdsplane import tlsfiles
-from xdsplane.config.check import Ref, check_snapshot, references
 from xdsplane.config.errors import ConfigError, ConfigErrors, Location
-from xdsplane.config.raw import parse_resources
 from xdsplane.config.stableread import FileBusy
-from xdsplane.config.yamlsrc import Document
-from xdsplane.policy import tlsrules, translate
-from xdsplane.policy.check import Usage, UseKey, check_policy, use_key
-from xdsplane.policy.merge import Fragment, GroupPolicy, Origin, merge
-from xdsplane.policy.model import PolicyFile
-from xdsplane.policy.parse import parse_policy
-from xdsplane.policy.translate import Built, guard, jwt, ratelimit
+from xdsplane.pipeline.groups import merge_and_check, node_groups, scope_of
+from xdsplane.pipeline.refs import Ref, check_snapshot, references
+from xdsplane.pipeline.translations import TranslationCache
+from xdsplane.pipeline.units import Unit
+from xdsplane.policy.check import Usage, UseKey, use_key
+from xdsplane.policy.merge import GroupPolicy, Origin
 from xdsplane.policy.translate.secrets import paths, resolve
-from xdsplane.snapshot import (
-    NodeGroup,
-    Resource,
-    Snapshot,
-    SnapshotSet,
-    digest,
-    make_resource,
-)
+from xdsplane.snapshot import NodeGroup, Resource, Snapshot, SnapshotSet
 from xdsplane.tlsfiles import CertSummary
 from xdsplane.types import ResourceType
 
 Reader = Callable[[str], bytes]
 RefsOf = Callable[[Resource], tuple[Ref, ...]]
-
-
-class TranslationCache:
-    """Resources built from each policy part, reused while the part is unchanged.
-
-    A part's key is its canonical JSON (plus the digests of the files a secret names), so
-    a one-route edit re-translates and re-serializes only the listener holding that route.
-    Entries unused by the latest build are dropped.
-    """
-
-    def __init__(self) -> None:
-        self._entries: dict[tuple[str, str], list[Resource]] = {}
-        self._used: dict[tuple[str, str], list[Resource]] = {}
-        self.hits = 0
-        self.misses = 0
-
-    def _get(
-        self, key: tuple[str, str], source: str, build: Callable[[], list[Built]]
-    ) -> list[Resource]:
-        found = self._used.get(key) or self._entries.get(key)
-        if found is None:
-            self.misses += 1
-            found = [make_resource(b.type, b.message, b.origin.source) for b in build()]
-        else:
-            self.hits += 1
-            if found and found[0].source != source:
-                found = [replace(r, source=source) for r in found]
-        self._used[key] = found
-        return found
-
-    def translate(self, policy: GroupPolicy, files: Mapping[str, bytes]) -> list[Resource]:
-        out: list[Resource] = []
-        for name, spart in sorted(policy.secrets.items()):
-            parts = [spart.value.model_dump_json(), str(spart.origin.folder)]
-            parts += [digest(files[p]) for p in paths(spart.value, spart.origin.folder).values()]
-            key = ("secret:" + name, "|".join(parts))
-            out += self._get(
-                key,
-                spart.origin.source,
-                lambda n=name, sp=spart: translate.secret_resources(n, sp, files),  # type: ignore[misc]
-            )
-        for name, upart in sorted(policy.upstreams.items()):
-            key = ("upstream:" + name, upart.value.model_dump_json())
-            out += self._get(
-                key,
-                upart.origin.source,
-                lambda n=name, up=upart: translate.upstream_resources(n, up),  # type: ignore[misc]
-            )
-        gpart = policy.guard
-        if gpart is not None:
-            out += self._get(
-                ("guard", gpart.value.model_dump_json()),
-                gpart.origin.source,
-                lambda gp=gpart: translate.guard_resources(gp),  # type: ignore[misc]
-            )
-        log = policy.access_log.value if policy.access_log is not None else None
-        log_key = log.model_dump_json() if log is not None else ""
-        providers = translate.jwt_providers(policy, files)
-        guard_spec = gpart.value if gpart is not None else None
-        # The JWT providers (key sets included) are one ECDS resource, not in the listeners.
-        jwt_names = jwt.group_providers(p.value for p in policy.listeners.values())
-        if jwt_names:
-            jwt_key = "".join(
-                f"|{n}:{providers[n].spec.model_dump_json()}:{digest(providers[n].jwks)}"
-                for n in jwt_names
-            )
-            out += self._get(
-                ("jwt", jwt_key),
-                policy.jwt_providers[jwt_names[0]].origin.source,
-                lambda: translate.jwt_resources(policy, providers),
-            )
-        for lname, lpart in sorted(policy.listeners.items()):
-            # A listener names the JWT providers its routes use (for the claim headers).
-            jwt_key = "".join(
-                f"|{n}:{providers[n].spec.model_dump_json()}"
-                for n in jwt.listener_providers(lpart.value)
-            )
-            # ... and the guard, when a route of it is replay-protected or globally limited.
-            guard_key = ""
-            hosts = lpart.value.hosts
-            if guard_spec is not None and (
-                guard.needs_ext_authz(hosts) or ratelimit.needs_global(hosts)
-            ):
-                guard_key = "|guard:" + guard_spec.model_dump_json()
-            key = (
-                "listener:" + lname,
-                lpart.value.model_dump_json() + log_key + jwt_key + guard_key,
-            )
-            out += self._get(
-                key,
-                lpart.origin.source,
-                lambda lp=lpart: translate.listener_resources(lp, log, providers, guard_spec),  # type: ignore[misc]
-            )
-        return out
-
-    def sweep(self) -> None:
-        """Keep only what the latest build used."""
-        self._entries, self._used = self._used, {}
-
-
-@dataclass(frozen=True, slots=True)
-class Unit:
-    """One parsed document: who it is for, its policy and its raw resources."""
-
-    doc: Document
-    nodes: tuple[str, ...] | None
-    policy: PolicyFile
-    resources: tuple[Resource, ...]
-    warnings: tuple[ConfigError, ...] = ()
-
-
-def parse_unit(doc: Document) -> tuple[Unit | None, list[ConfigError]]:
-    policy, errors = parse_policy(doc)
-    if policy is None:
-        return None, errors
-    resources = parse_resources(doc, doc.value.get("resources"), ("resources",), errors)
-    tls = tlsrules.check(doc, policy)
-    errors.extend(tls.errors)
-    errors.extend(tlsrules.check_raw(doc, doc.value.get("resources"), ("resources",)))
-    if errors:
-        return None, errors
-    nodes = tuple(sorted(set(policy.nodes))) if policy.nodes is not None else None
-    if policy.resources:
-        policy = policy.model_copy(update={"resources": []})  # parsed: drop the raw dicts
-    if not (
-        policy.secrets
-        or policy.listeners
-        or policy.upstreams
-        or policy.access_log
-        or policy.jwt_providers
-    ):
-        # Raw resources only: their sources are already strings, so the YAML node tree
-        # (millions of objects for a big snapshot) need not stay alive.
-        doc = Document(doc.path, None, None)
-    return Unit(doc, nodes, policy, tuple(resources), tuple(tls.warnings)), []
-
-
-def group_name(nodes: tuple[str, ...] | None) -> str:
-    return "*" if nodes is None else ",".join(nodes)
 
 
 def _read_secret_files(
@@ -296,35 +146,22 @@ def build(
     previous: SnapshotSet | None = None,
 ) -> SnapshotSet:
     """Raises ConfigErrors with every problem found, or returns what is to be served."""
-    common = [u for u in units if u.nodes is None]
-    order: list[tuple[str, ...]] = []
-    members: dict[tuple[str, ...], list[Unit]] = {}
-    for u in units:
-        if u.nodes is not None:
-            if u.nodes not in members:
-                order.append(u.nodes)
-                members[u.nodes] = []
-            members[u.nodes].append(u)
-    plan: list[tuple[tuple[str, ...] | None, list[Unit]]] = [
-        (nodes, members[nodes] + common) for nodes in order
-    ]
-    if common:
-        plan.append((None, common))
+    plan = node_groups(units)
     cache = translations if translations is not None else TranslationCache()
     errors: list[ConfigError] = []
     groups: list[NodeGroup] = []
     used = Usage()
     certs: dict[str, CertSummary] = {}
-    for nodes, members_ in plan:
-        name = group_name(nodes)
-        scope = name if len(plan) > 1 else ""
-        before = previous.group(name) if previous is not None else None
-        snapshot, usage = _build_group(members_, scope, read, refs_of, errors, certs, cache, before)
+    for group in plan:
+        before = previous.group(group.name) if previous is not None else None
+        snapshot, usage = _build_group(
+            group.units, scope_of(group, plan), read, refs_of, errors, certs, cache, before
+        )
         used.secrets |= usage.secrets
         used.upstreams |= usage.upstreams
         used.jwt_providers |= usage.jwt_providers
         if snapshot is not None:
-            groups.append(NodeGroup(name, nodes, snapshot))
+            groups.append(NodeGroup(group.name, group.nodes, snapshot))
     if not errors:
         errors.extend(_unused(units, used))
     if errors:
@@ -346,9 +183,7 @@ def _build_group(
     previous: Snapshot | None = None,
 ) -> tuple[Snapshot | None, Usage]:
     before = len(errors)
-    policy, errs = merge([Fragment(u.doc, u.policy) for u in units])
-    errors.extend(errs)
-    problems, usage = check_policy(policy, scope)
+    policy, usage, problems = merge_and_check(units, scope)
     errors.extend(problems)
     files = _read_secret_files(policy, read, errors, certs)
     files.update(_read_jwks_files(policy, read, errors))

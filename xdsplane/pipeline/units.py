@@ -1,0 +1,50 @@
+"""One YAML document -> a Unit: its policy parsed and TLS-checked, its raw resources parsed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from xdsplane.config.errors import ConfigError
+from xdsplane.config.yamlsrc import Document
+from xdsplane.pipeline.raw import parse_resources
+from xdsplane.policy import tlsrules
+from xdsplane.policy.model import PolicyFile
+from xdsplane.policy.parse import parse_policy
+from xdsplane.snapshot import Resource
+
+
+@dataclass(frozen=True, slots=True)
+class Unit:
+    """One parsed document: who it is for, its policy and its raw resources."""
+
+    doc: Document
+    nodes: tuple[str, ...] | None
+    policy: PolicyFile
+    resources: tuple[Resource, ...]
+    warnings: tuple[ConfigError, ...] = ()
+
+
+def parse_unit(doc: Document) -> tuple[Unit | None, list[ConfigError]]:
+    policy, errors = parse_policy(doc)
+    if policy is None:
+        return None, errors
+    resources = parse_resources(doc, doc.value.get("resources"), ("resources",), errors)
+    tls = tlsrules.check(doc, policy)
+    errors.extend(tls.errors)
+    errors.extend(tlsrules.check_raw(doc, doc.value.get("resources"), ("resources",)))
+    if errors:
+        return None, errors
+    nodes = tuple(sorted(set(policy.nodes))) if policy.nodes is not None else None
+    if policy.resources:
+        policy = policy.model_copy(update={"resources": []})  # parsed: drop the raw dicts
+    if not (
+        policy.secrets
+        or policy.listeners
+        or policy.upstreams
+        or policy.access_log
+        or policy.jwt_providers
+    ):
+        # Raw resources only: their sources are already strings, so the YAML node tree
+        # (millions of objects for a big snapshot) need not stay alive.
+        doc = Document(doc.path, None, None)
+    return Unit(doc, nodes, policy, tuple(resources), tuple(tls.warnings)), []
