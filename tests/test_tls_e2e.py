@@ -665,11 +665,12 @@ def test_a_rotation_seen_half_way_is_not_a_reload_failure(edge: Edge, tmp_path: 
     pki.write_atomic(edge.certs / "edge.key", (staging / "edge.key").read_bytes(), 0o600)
     # Give the watcher time to look at the half-rotated pair (it reacts within ~10 ms);
     # far longer than any real rotation leaves between its two renames.
-    deadline = time.monotonic() + 1.0
-    while time.monotonic() < deadline:
-        if edge.server.status()["reload"]["failures"] > before["failures"]:
-            break
-        time.sleep(0.01)
+    holds_for(
+        lambda: edge.server.status()["reload"]["failures"] == before["failures"],
+        1.0,
+        interval=0.01,
+        what="no reload failure while the key is new and the certificate old",
+    )
     pki.write_atomic(edge.certs / "edge.crt", (staging / "edge.crt").read_bytes())
     wait_until(
         lambda: handshake(edge.layout.https_port, edge.ctx(), BILLING).serial == new,
