@@ -13,6 +13,7 @@ import json
 import queue
 import subprocess
 import threading
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -45,6 +46,7 @@ from harness import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from xdsplane import statuspage
+from xdsplane.cache import SnapshotCache
 from xdsplane.metrics import Metrics
 from xdsplane.snapshot import NodeGroup, Snapshot, SnapshotSet, make_resource
 from xdsplane.tlsfiles import CertSummary
@@ -407,6 +409,27 @@ def test_snapshot_and_certificate_gauges_are_read_at_scrape_time() -> None:
     other = Metrics()
     other.stream_opened("n", "sotw")
     assert b'node="n"' not in metrics.render()
+
+
+def test_a_snapshot_carries_the_time_it_was_first_served() -> None:
+    """Propagation is measured from the install of the snapshot a response was built from
+    (its ACK carries Snapshot.installed_at), not from whatever was installed last."""
+    a = Snapshot.build(
+        [make_resource(ResourceType.CLUSTER, ResourceType.CLUSTER.message_class(name="a"))]
+    )
+    b = Snapshot.build(
+        [make_resource(ResourceType.CLUSTER, ResourceType.CLUSTER.message_class(name="b"))]
+    )
+    assert a.installed_at is None  # built, not served
+    cache = SnapshotCache()
+    before = time.monotonic()
+    cache.update(SnapshotSet((NodeGroup("a", ("a-*",), a),)))
+    first = a.installed_at
+    assert first is not None and before <= first <= time.monotonic()
+    # a reload that keeps serving ``a`` and adds ``b``: ``a`` keeps its first install time
+    cache.update(SnapshotSet((NodeGroup("a", ("a-*",), a), NodeGroup("b", None, b))))
+    assert a.installed_at == first
+    assert b.installed_at is not None and b.installed_at >= first
 
 
 def test_page_escapes_everything_and_flags_expiring_certificates() -> None:

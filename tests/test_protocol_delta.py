@@ -25,7 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from xdsplane.server.delta import DeltaStream
-from xdsplane.server.state import Outgoing
+from xdsplane.server.state import Ack, Nack, Outgoing, Subscription
 from xdsplane.snapshot import Resource, Snapshot
 from xdsplane.types import PUSH_ORDER, ResourceType, resource_name
 
@@ -59,6 +59,7 @@ class Client:
         self.nonce: dict[ResourceType, str] = {}
         self.held: dict[ResourceType, dict[str, str]] = {t: {} for t in PUSH_ORDER}
         self.log: list[DeltaResponse] = []
+        self.answer: Ack | Nack | None = None
 
     def _decode(self, outs: list[Outgoing]) -> list[DeltaResponse]:
         got = []
@@ -99,7 +100,9 @@ class Client:
             self.first = False
         if error is not None:
             req.error_detail.CopyFrom(status_pb2.Status(code=3, message=error))
-        return self._decode(self.stream.on_request(req))
+        step = self.stream.on_request(req)
+        self.answer = step.answer  # the machine's judgement of this request (ACK, NACK, None)
+        return self._decode(step.responses)
 
     def ack(self, resp: DeltaResponse) -> list[DeltaResponse]:
         return self.request(ResourceType(resp.type_url), nonce=resp.nonce)
@@ -108,7 +111,7 @@ class Client:
         return self.request(ResourceType(resp.type_url), nonce=resp.nonce, error=message)
 
     def push(self, snapshot: Snapshot) -> list[DeltaResponse]:
-        return self._decode(self.stream.on_snapshot(snapshot))
+        return self._decode(self.stream.on_snapshot(snapshot).responses)
 
 
 def versions(s: Snapshot, rtype: ResourceType) -> dict[str, str]:
@@ -248,6 +251,32 @@ def test_stale_nonce_is_ignored_but_subscription_changes_count() -> None:
     assert added(b) == {"b": s.of(RDS)["b"].version}
     assert c.ack(b) == []
     assert c.stream.types[RDS].status.acks == 1
+
+
+def test_the_machine_returns_the_acks_and_nacks_it_judged() -> None:
+    """As in SotW: ACKs and NACKs are events the machine returns; a stale nonce is neither,
+    and only a response caused by a snapshot change carries its install time."""
+    c = Client()
+    s1 = snap(cluster("a"))
+    s1.mark_installed(100.0)
+    c.push(s1)
+    (first,) = c.request(CDS)
+    assert c.answer is None
+    assert c.ack(first) == []
+    assert c.answer == Ack(CDS, first.system_version_info, first.nonce, None)
+    s2 = snap(cluster("a", 2))
+    s2.mark_installed(200.0)
+    (second,) = c.push(s2)
+    assert c.request(CDS, nonce=first.nonce, error="late") == []
+    assert c.answer is None
+    assert c.nack(second, "bad cluster") == []
+    assert c.answer == Nack(CDS, second.system_version_info, second.nonce, "bad cluster")
+    s3 = snap(cluster("a", 3))
+    s3.mark_installed(300.0)
+    (third,) = c.push(s3)
+    assert c.ack(third) == []
+    assert c.answer == Ack(CDS, third.system_version_info, third.nonce, 300.0)
+    assert type(c.stream.types[CDS]) is Subscription
 
 
 # -- reconnect: initial_resource_versions ---------------------------------------------------
@@ -447,7 +476,7 @@ def test_joined_bytes_parse_like_a_protobuf_built_response() -> None:
     (cds,) = c.request(CDS)
     c.ack(cds)
     s2 = snap(cluster("a", 4), cluster("b"), cluster("c"))
-    outs = c.stream.on_snapshot(s2)
+    outs = c.stream.on_snapshot(s2).responses
     # removals come in their own response after the additions
     assert [(o.resources, o.removed) for o in outs] == [(2, 0), (0, 1)]
     for o in outs:
@@ -541,3 +570,48 @@ def test_random_walk_client_holds_exactly_the_snapshot(
             ack_all(c.push(s))
         check(s)
         assert c.push(s) == []
+
+
+# -- a NACK parks the version for the stream that sent it only --------------------------------
+
+
+@pytest.mark.parametrize("rtype", [CDS, LDS, EDS, RDS, SDS])
+def test_a_nack_on_one_stream_does_not_freeze_another_stream_of_the_same_node(
+    rtype: ResourceType,
+) -> None:
+    """A process that claims a node's id and NACKs (issue 11): the node's other streams, and
+    its next one, are still sent the current version; the NACK stays in the node's view."""
+    from xdsplane.server.state import NodeMemory
+
+    node = NodeMemory()  # what ads.py gives every stream of one node id (registry.memory)
+    s1 = full()
+    names = [] if rtype.wildcard else list(s1.of(rtype))
+    changed = {
+        CDS: cluster("backend", 9),
+        LDS: listener("http", "routes", port=1),
+        EDS: endpoints("backend", 1),
+        RDS: route("routes", "backend", "/new"),
+        SDS: secret("ca", "new"),
+    }[rtype]
+    s2 = snap(*_replace(s1, changed))
+    attacker = Client(DeltaStream(node))
+    attacker.push(s2)
+    (got,) = attacker.request(rtype, names)
+    assert attacker.nack(got, "rejected on purpose") == []
+    assert attacker.request(rtype) == []  # parked for the stream that NACKed it
+    assert node.as_dict()[rtype.short]["message"] == "rejected on purpose"
+
+    # The real Envoy's stream, opened before the change: the change is pushed to it.
+    envoy = Client(DeltaStream(node))
+    envoy.push(s1)
+    (first,) = envoy.request(rtype, names)
+    assert envoy.ack(first) == []
+    (pushed,) = envoy.push(s2)
+    assert added(pushed) == {changed.name: changed.version}
+    # A new stream of the same node: sent the current version; if it NACKs, parked too.
+    again = Client(DeltaStream(node))
+    again.push(s2)
+    (fresh,) = again.request(rtype, names)
+    assert added(fresh)[changed.name] == changed.version
+    assert again.nack(fresh) == []
+    assert again.request(rtype) == []

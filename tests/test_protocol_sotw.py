@@ -31,7 +31,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from xdsplane.server.sotw import SotwStream
-from xdsplane.server.state import Outgoing
+from xdsplane.server.state import Ack, Nack, Outgoing, Subscription
 from xdsplane.snapshot import Snapshot, versions_hash
 from xdsplane.types import PUSH_ORDER, ResourceType, resource_name
 
@@ -61,6 +61,7 @@ class Client:
         self.version: dict[ResourceType, str] = {}  # the last version accepted
         self.names: dict[ResourceType, tuple[str, ...]] = {}
         self.log: list[DiscoveryResponse] = []
+        self.answer: Ack | Nack | None = None
 
     def _decode(self, outs: list[Outgoing]) -> list[DiscoveryResponse]:
         got = []
@@ -98,7 +99,9 @@ class Client:
             self.first = False
         if error is not None:
             req.error_detail.CopyFrom(status_pb2.Status(code=3, message=error))
-        return self._decode(self.stream.on_request(req))
+        step = self.stream.on_request(req)
+        self.answer = step.answer  # the machine's judgement of this request (ACK, NACK, None)
+        return self._decode(step.responses)
 
     def ack(self, resp: DiscoveryResponse) -> list[DiscoveryResponse]:
         rtype = ResourceType(resp.type_url)
@@ -110,7 +113,7 @@ class Client:
         return self.request(rtype, self.names.get(rtype, ()), nonce=resp.nonce, error=message)
 
     def push(self, snapshot: Snapshot) -> list[DiscoveryResponse]:
-        return self._decode(self.stream.on_snapshot(snapshot))
+        return self._decode(self.stream.on_snapshot(snapshot).responses)
 
     def ack_all(self, responses: Iterable[DiscoveryResponse]) -> list[DiscoveryResponse]:
         """ACK the latest response of each type (Envoy ACKs older nonces too: stale)."""
@@ -197,7 +200,7 @@ def test_unknown_type_is_ignored() -> None:
     c = Client()
     c.push(full())
     req = DiscoveryRequest(type_url="type.googleapis.com/envoy.service.runtime.v3.Runtime")
-    assert c.stream.on_request(req) == []
+    assert c.stream.on_request(req).responses == []
     assert "type.googleapis.com/envoy.service.runtime.v3.Runtime" in c.stream.ignored_types
 
 
@@ -325,6 +328,38 @@ def test_stale_nonce_is_ignored() -> None:
     # The current nonce is honoured.
     assert c.ack(new) == []
     assert c.stream.types[CDS].status.acked_version == new.version_info
+
+
+def test_the_machine_returns_the_acks_and_nacks_it_judged() -> None:
+    """ACKs and NACKs come out of the machine as events, with its responses: ads.py counts
+    and logs them from these (stale nonces are neither)."""
+    c = Client()
+    s1 = snap(cluster("a"))
+    s1.mark_installed(100.0)
+    c.push(s1)
+    (first,) = c.request(CDS)
+    assert c.answer is None  # a subscription, not an answer
+    assert c.ack(first) == []
+    # a response caused by a request (a new subscription) ends no propagation
+    assert c.answer == Ack(CDS, first.version_info, first.nonce, None)
+    s2 = snap(cluster("a", 2))
+    s2.mark_installed(200.0)
+    pushed = c.stream.on_snapshot(s2)
+    assert pushed.answer is None
+    (second,) = c._decode(pushed.responses)
+    assert c.request(CDS, nonce=first.nonce, error="late") == []
+    assert c.answer is None  # stale: no NACK
+    assert c.nack(second, "bad cluster") == []
+    assert c.answer == Nack(CDS, second.version_info, second.nonce, "bad cluster")
+    s3 = snap(cluster("a", 3))
+    s3.mark_installed(300.0)
+    (third,) = c.push(s3)
+    assert c.ack(third) == []
+    # its response was caused by the change to s3: the ACK carries s3's install time
+    assert c.answer == Ack(CDS, third.version_info, third.nonce, 300.0)
+    assert c.ack(third) == []
+    assert c.answer == Ack(CDS, third.version_info, third.nonce, None)  # ended once
+    assert type(c.stream.types[CDS]) is Subscription
 
 
 def test_stale_request_does_not_change_the_subscription() -> None:
@@ -678,7 +713,7 @@ def test_joined_bytes_parse_like_a_protobuf_built_response(count: int) -> None:
     s = snap(*clusters)
     c = Client()
     c.push(s)
-    outs = c.stream.on_request(DiscoveryRequest(type_url=CDS.value))
+    outs = c.stream.on_request(DiscoveryRequest(type_url=CDS.value)).responses
     (o,) = outs
     parsed = DiscoveryResponse.FromString(o.data)
     expected = expected_sotw(CDS, s.versions[CDS], o.nonce, clusters)
@@ -695,7 +730,9 @@ def test_joined_bytes_parse_like_protobuf_for_every_type() -> None:
     c.push(s)
     for rtype in PUSH_ORDER:
         names = [] if rtype.wildcard else list(s.of(rtype))
-        outs = c.stream.on_request(DiscoveryRequest(type_url=rtype.value, resource_names=names))
+        outs = c.stream.on_request(
+            DiscoveryRequest(type_url=rtype.value, resource_names=names)
+        ).responses
         (o,) = outs
         expected = expected_sotw(rtype, o.version, o.nonce, s.of(rtype).values())
         assert DiscoveryResponse.FromString(o.data) == expected
@@ -797,3 +834,40 @@ def test_random_walk_client_always_converges_and_acks_get_nothing(
         check(s)
         # once converged, the same snapshot again and a repeated ACK bring nothing
         assert c.push(s) == []
+
+
+# -- a NACK parks the version for the stream that sent it only --------------------------------
+
+
+@pytest.mark.parametrize("rtype", [CDS, LDS, RDS, EDS, SDS])
+def test_a_nack_on_one_stream_does_not_freeze_another_stream_of_the_same_node(
+    rtype: ResourceType,
+) -> None:
+    """A process that claims a node's id and NACKs (issue 11): the node's other streams, and
+    its next one, are still sent the current version; the NACK stays in the node's view."""
+    from xdsplane.server.state import NodeMemory
+
+    node = NodeMemory()  # what ads.py gives every stream of one node id (registry.memory)
+    current = full(tag=2)
+    names = () if rtype.wildcard else tuple(current.of(rtype))
+    attacker = Client(SotwStream(node))
+    attacker.push(current)
+    (got,) = attacker.request(rtype, names)
+    assert attacker.nack(got, "rejected on purpose") == []
+    assert attacker.request(rtype, names) == []  # parked for the stream that NACKed it
+    assert node.as_dict()[rtype.short]["message"] == "rejected on purpose"
+
+    for late in (False, True):  # a stream opened before the NACK's snapshot, and after it
+        envoy = Client(SotwStream(node))
+        if late:
+            envoy.push(current)
+            (fresh,) = envoy.request(rtype, names)
+        else:
+            envoy.push(snap(*_without(current, rtype), *_variant(rtype)))
+            envoy.ack_all(envoy.request(rtype, names))
+            (fresh,) = envoy.push(current)
+        assert fresh.version_info == got.version_info
+        assert names_of(fresh) == names_of(got)
+        # If it NACKs too, it is parked for that stream as well.
+        assert envoy.nack(fresh) == []
+        assert envoy.request(rtype, names) == []

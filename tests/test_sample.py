@@ -78,6 +78,25 @@ def test_sample_validates_with_envoy(tmp_path: Path) -> None:
     assert "Traceback" not in r.stderr
 
 
+def start_sample_guard(procs: ProcessGroup, folder: Path, certs: Path, port: int) -> None:
+    """The sample's guard on ``port`` over mTLS (the policy's guard.tls), reading the
+    sample's limits from ``folder``; returns once it answers /healthz."""
+    admin = free_port()
+    guard = procs.spawn(
+        "guard",
+        xdsplane_argv(
+            *("guard", "--address", f"127.0.0.1:{port}", "--policy", str(folder)),
+            *("--admin-address", f"127.0.0.1:{admin}", "--log-format", "json"),
+            *guard_tls_args(certs),
+        ),
+    ).start()
+    wait_until(
+        lambda: guard.ensure_alive() or http_get(admin, "/healthz").status == 200,
+        20,
+        what="the guard answers /healthz",
+    )
+
+
 @pytest.mark.envoy
 @pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
 def test_sample_is_served_live_without_nack(
@@ -86,22 +105,9 @@ def test_sample_is_served_live_without_nack(
     folder, ports = sample_copy(tmp_path)
     certs = tmp_path / "certs"
     billing = DemoUpstream(certs, ports[9443]).start()
-    guard_admin = free_port()
-    guard = procs.spawn(
-        "guard",
-        xdsplane_argv(
-            *("guard", "--address", f"127.0.0.1:{ports[18081]}", "--policy", str(folder)),
-            *("--admin-address", f"127.0.0.1:{guard_admin}", "--log-format", "json"),
-            *guard_tls_args(certs),
-        ),
-    ).start()
+    start_sample_guard(procs, folder, certs, ports[18081])
     try:
         server = XdsServer(procs, folder).start()
-        wait_until(
-            lambda: guard.ensure_alive() or http_get(guard_admin, "/healthz").status == 200,
-            20,
-            what="the guard answers /healthz",
-        )
         envoy = Envoy(procs, tmp_path, "edge-1", server.xds_address, delta=delta).start()
         types = ("SDS", "CDS", "EDS", "ECDS", "LDS", "RDS")
         wait_until(lambda: server.settled("edge-1", types), 20, what="every type ACKed")
@@ -205,20 +211,8 @@ def sample_edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SampleEdge
         certs = root / "certs"
         billing = DemoUpstream(certs, ports[9443]).start()
         try:
-            guard_admin = free_port()
-            guard = procs.spawn(
-                "guard",
-                xdsplane_argv(
-                    *("guard", "--address", f"127.0.0.1:{ports[18081]}", "--policy", str(folder)),
-                    *("--admin-address", f"127.0.0.1:{guard_admin}"),
-                ),
-            ).start()
+            start_sample_guard(procs, folder, certs, ports[18081])
             server = XdsServer(procs, folder).start()
-            wait_until(
-                lambda: guard.ensure_alive() or http_get(guard_admin, "/healthz").status == 200,
-                20,
-                what="the guard answers /healthz",
-            )
             Envoy(procs, root, "edge-1", server.xds_address).start()
             edge = SampleEdge(ports[8443], certs, billing, procs)
             wait_until(

@@ -167,9 +167,11 @@ async def serve(opts: ServeOptions) -> None:
 
 def grpc_options(limits: Limits) -> list[tuple[str, int]]:
     """The xDS gRPC server's channel options: a larger request is refused by gRPC with
-    RESOURCE_EXHAUSTED before any of it reaches the ADS service."""
+    RESOURCE_EXHAUSTED before any of it reaches the ADS service; one connection carries at
+    most ``max_streams_per_connection`` streams at once (HTTP/2 SETTINGS)."""
     return [
         ("grpc.so_reuseport", 0),
+        ("grpc.max_concurrent_streams", limits.max_streams_per_connection),
         ("grpc.max_receive_message_length", limits.max_message_bytes),
         ("grpc.max_send_message_length", MAX_SEND_BYTES),
         ("grpc.keepalive_permit_without_calls", 1),

@@ -71,7 +71,11 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "for: the certificate carries the URI SAN spiffe://xdsplane/node/<node-id> or a DNS "
         "SAN equal to <node-id> (exact; wildcards never match). Otherwise the stream is "
         "refused with PERMISSION_DENIED, logged ('stream refused', with the node id and the "
-        "certificate's SANs) and counted in /status under 'refused'.",
+        "certificate's SANs) and counted in /status under 'refused'. node.cluster selects a "
+        "node group only when the certificate carries the URI SAN "
+        "spiffe://xdsplane/cluster/<cluster>; an unproven cluster that would select another "
+        "group than the node id is refused the same way (reason cluster_not_proven), one "
+        "that would not is ignored (docs/deploy.md, 'xDS identity').",
     )
     tls.add_argument("--tls-cert", metavar="FILE", help="the server certificate (PEM chain)")
     tls.add_argument("--tls-key", metavar="FILE", help="its private key (PEM)")
@@ -149,7 +153,14 @@ def _add_bootstrap(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         help="print an Envoy bootstrap (YAML) that takes its config from this server over ADS",
     )
     p.add_argument("--node", required=True, metavar="ID", help="the Envoy node id")
-    p.add_argument("--cluster", default="", metavar="NAME", help="node cluster (default: ID)")
+    p.add_argument(
+        "--cluster",
+        default="",
+        metavar="NAME",
+        help="node cluster (default: ID); over mTLS it selects a node group only when the "
+        "client certificate carries the URI SAN spiffe://xdsplane/cluster/NAME, and a "
+        "cluster that would change the group otherwise is refused",
+    )
     p.add_argument(
         "--xds-address",
         action="append",
@@ -489,9 +500,40 @@ def _add_limits(p: argparse.ArgumentParser) -> None:
         type=int,
         default=d.max_streams,
         metavar="N",
-        help="ADS streams open at once; one more is refused with RESOURCE_EXHAUSTED and "
-        'counted in /metrics (xdsplane_streams_refused_total{reason="max_streams"}), open '
-        f"streams are not touched (default: {d.max_streams})",
+        help="ADS streams served at once, all clients together; a stream counts once its "
+        "first request is valid (streams still waiting for one do not: see "
+        "--max-streams-per-connection and --first-request-timeout); one more is refused with "
+        "RESOURCE_EXHAUSTED and counted in /metrics (xdsplane_streams_refused_total{reason="
+        f'"max_streams"}}), open streams are not touched (default: {d.max_streams})',
+    )
+    g.add_argument(
+        "--max-streams-per-node",
+        type=int,
+        default=d.max_streams_per_node,
+        metavar="N",
+        help="over mTLS, streams served at once for one node id (the certificate proves it): "
+        "a new stream past it ends the node's oldest with RESOURCE_EXHAUSTED (counted as "
+        'reason="max_streams_per_node"), so one certificate cannot take all of --max-streams '
+        "and half-open streams never lock a node out; not applied on plaintext "
+        f"(default: {d.max_streams_per_node})",
+    )
+    g.add_argument(
+        "--max-streams-per-connection",
+        type=int,
+        default=d.max_streams_per_connection,
+        metavar="N",
+        help="concurrent streams on one client connection (HTTP/2 max concurrent streams); "
+        "a client past it waits for one of its own streams to end; a real Envoy uses one "
+        f"(default: {d.max_streams_per_connection})",
+    )
+    g.add_argument(
+        "--first-request-timeout",
+        type=float,
+        default=d.first_request_timeout,
+        metavar="SECONDS",
+        help="a new stream that sends no request within SECONDS is ended with "
+        'DEADLINE_EXCEEDED and counted (reason="first_request_timeout") '
+        f"(default: {d.first_request_timeout:g})",
     )
     g.add_argument(
         "--max-request-rate",
@@ -519,6 +561,16 @@ def _add_limits(p: argparse.ArgumentParser) -> None:
         "subscription); more ends the stream with RESOURCE_EXHAUSTED "
         f"(default: {d.max_names})",
     )
+    g.add_argument(
+        "--max-total-names",
+        type=int,
+        default=d.max_total_names,
+        metavar="N",
+        help="resource names held by all streams together (as --max-names counts them, plus "
+        "a delta stream's initial_resource_versions); a request that would go past it ends "
+        'its stream with RESOURCE_EXHAUSTED, logged and counted (reason="max_total_names") '
+        f"(default: {d.max_total_names})",
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -533,6 +585,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         request_rate=args.max_request_rate,
         request_burst=args.request_burst,
         max_names=args.max_names,
+        max_streams_per_connection=args.max_streams_per_connection,
+        max_streams_per_node=args.max_streams_per_node,
+        first_request_timeout=args.first_request_timeout,
+        max_total_names=args.max_total_names,
     )
     if limits.problems():
         for problem in limits.problems():

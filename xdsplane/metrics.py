@@ -106,8 +106,6 @@ class Metrics:
         r.register(_TaskCollector())
         ProcessCollector(registry=r)  # process_resident_memory_bytes and friends
         self._streams: dict[tuple[str, str], int] = {}
-        # When the latest snapshot was installed (monotonic), for propagation latency.
-        self.installed_at = time.monotonic()
 
     # -- streams ------------------------------------------------------------------------------
 
@@ -150,14 +148,15 @@ class Metrics:
         self.nacks.labels(rtype.short).inc()
 
     def propagated(self, rtype: ResourceType, installed_at: float) -> None:
+        """A stream ACKed a response caused by the snapshot installed at ``installed_at``
+        (``Snapshot.installed_at``, monotonic seconds)."""
         self.propagation_seconds.labels(rtype.short).observe(time.monotonic() - installed_at)
 
     # -- reloads ------------------------------------------------------------------------------
 
     def installed(self) -> None:
         """A snapshot set was installed (at startup or by a reload): a success, as in
-        /status."""
-        self.installed_at = time.monotonic()
+        /status. The install time travels with the snapshots (``Snapshot.installed_at``)."""
         self.reload_successes.inc()
 
     def reload_took(self, seconds: float) -> None:

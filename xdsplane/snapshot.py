@@ -75,11 +75,15 @@ def _same(a: Mapping[str, Resource], b: Mapping[str, Resource]) -> bool:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Snapshot:
-    """The resources one group of nodes is served. Never mutated after it is built."""
+    """The resources one group of nodes is served. What it serves never changes after it is
+    built; ``installed_at`` is set once, when a cache first serves it (``mark_installed``)."""
 
     resources: Mapping[ResourceType, Mapping[str, Resource]]
     versions: Mapping[ResourceType, str] = field(init=False)
     digest: str = field(init=False)
+    # When a cache first served it (time.monotonic()); None until then. A stream's ACK of a
+    # response this snapshot's change caused observes the propagation from here.
+    installed_at: float | None = field(default=None, init=False, compare=False)
     previous: InitVar[Snapshot | None] = None
     _memo: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -142,6 +146,12 @@ class Snapshot:
     def of(self, rtype: ResourceType) -> Mapping[str, Resource]:
         return self.resources.get(rtype, {})
 
+    def mark_installed(self, at: float) -> None:
+        """Record ``at`` (monotonic seconds) as the install time, unless one is set: a
+        snapshot that stays served across reloads keeps the time it was first served."""
+        if self.installed_at is None:
+            object.__setattr__(self, "installed_at", at)
+
     def count(self) -> int:
         return sum(len(v) for v in self.resources.values())
 
@@ -151,16 +161,22 @@ class Snapshot:
 
 @dataclass(frozen=True, slots=True)
 class NodeGroup:
-    """Nodes selected by globs on their id or cluster; ``None`` selects every node."""
+    """Nodes selected by globs on their id or cluster; ``None`` selects every node.
+
+    ``cluster`` None: the node id alone selects (over mTLS, a cluster the client certificate
+    does not prove is never used: xds_identity)."""
 
     name: str
     globs: tuple[str, ...] | None
     snapshot: Snapshot
 
-    def matches(self, node_id: str, cluster: str) -> bool:
+    def matches(self, node_id: str, cluster: str | None) -> bool:
         if self.globs is None:
             return True
-        return any(fnmatchcase(node_id, g) or fnmatchcase(cluster, g) for g in self.globs)
+        return any(
+            fnmatchcase(node_id, g) or (cluster is not None and fnmatchcase(cluster, g))
+            for g in self.globs
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,8 +191,9 @@ class SnapshotSet:
     certificates: tuple[Any, ...] = ()
     warnings: tuple[ConfigError, ...] = ()
 
-    def group_for(self, node_id: str, cluster: str) -> NodeGroup | None:
-        """The first group selecting the node; groups with globs come before the catch-all."""
+    def group_for(self, node_id: str, cluster: str | None) -> NodeGroup | None:
+        """The first group selecting the node; groups with globs come before the catch-all.
+        ``cluster`` None: by the node id alone."""
         for g in self.groups:
             if g.matches(node_id, cluster):
                 return g
@@ -188,6 +205,6 @@ class SnapshotSet:
                 return g.snapshot
         return None
 
-    def for_node(self, node_id: str, cluster: str) -> Snapshot | None:
+    def for_node(self, node_id: str, cluster: str | None) -> Snapshot | None:
         g = self.group_for(node_id, cluster)
         return g.snapshot if g is not None else None

@@ -6,6 +6,14 @@ speaks for node ``ID`` when it carries the URI SAN ``spiffe://xdsplane/node/ID``
 equal to ``ID`` (exactly, case included; a wildcard DNS SAN never matches). Anything else is
 refused. The certificate is read from gRPC's auth context (``x509_pem_cert``, the peer's leaf
 certificate as PEM) and parsed with ``cryptography``, so DNS and URI SANs are told apart.
+
+The certificate also decides which node group a stream is served (docs/deploy.md, "xDS
+identity"): groups select nodes by a glob on the node id or ``node.cluster``, and the
+cluster an Envoy sends is its own claim. Over mTLS ``node.cluster`` is used for selection
+only when the certificate proves it with the URI SAN ``spiffe://xdsplane/cluster/<name>``;
+an unproven cluster that would select another group than the node id alone is refused
+(``CLUSTER_NOT_PROVEN``), and one that would not is ignored for selection, now and after
+every reload.
 """
 
 from __future__ import annotations
@@ -16,16 +24,23 @@ from dataclasses import dataclass
 from cryptography import x509
 
 NODE_URI_PREFIX = "spiffe://xdsplane/node/"
+CLUSTER_URI_PREFIX = "spiffe://xdsplane/cluster/"
 
 # Reasons a stream is refused: the keys of ``Registry.refused`` (and of /status "refused").
 NO_NODE_ID = "no_node_id"
 NO_CLIENT_CERTIFICATE = "no_client_certificate"
 NODE_ID_MISMATCH = "node_id_mismatch"
+CLUSTER_NOT_PROVEN = "cluster_not_proven"
 
 
 def node_uri(node_id: str) -> str:
     """The URI SAN that makes a certificate speak for ``node_id``."""
     return NODE_URI_PREFIX + node_id
+
+
+def cluster_uri(cluster: str) -> str:
+    """The URI SAN that lets a certificate's node be selected by ``cluster``."""
+    return CLUSTER_URI_PREFIX + cluster
 
 
 @dataclass(frozen=True)
@@ -51,6 +66,10 @@ class PeerIdentity:
         if node_uri(node_id) in self.uris:
             return True
         return "*" not in node_id and node_id in self.dns
+
+    def proves_cluster(self, cluster: str) -> bool:
+        """The certificate carries the URI SAN ``spiffe://xdsplane/cluster/<cluster>``."""
+        return bool(cluster) and cluster_uri(cluster) in self.uris
 
 
 def from_pem(pem: bytes) -> PeerIdentity:
@@ -94,3 +113,19 @@ def refusal(identity: PeerIdentity | None, node_id: str) -> tuple[str, str] | No
             f"{node_uri(node_id)} or the DNS SAN {node_id}",
         )
     return None
+
+
+def selection_cluster(identity: PeerIdentity, cluster: str) -> str | None:
+    """The cluster groups may select ``identity``'s stream by: ``cluster`` when the
+    certificate proves it, else None (the node id alone selects)."""
+    return cluster if identity.proves_cluster(cluster) else None
+
+
+def cluster_refusal(cluster: str) -> str:
+    """The message for a stream whose unproven ``cluster`` would move it to another group
+    than its node id selects. Group names are not told to the client (the log has them)."""
+    return (
+        f"node.cluster {cluster!r} would select another node group than the node id, and the "
+        f"client certificate does not prove that cluster: it needs the URI SAN "
+        f"{cluster_uri(cluster)} (or send a cluster that does not change the group)"
+    )

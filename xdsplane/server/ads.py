@@ -4,6 +4,11 @@ Each stream reads requests in a task of its own and handles requests and snapsho
 one at a time; responses are written as pre-assembled bytes (the serializer is the identity).
 A snapshot change only marks a stream as having work (the cache never waits on a stream),
 so a slow or stuck Envoy delays nobody else. Requests in flight per stream are bounded.
+
+A stream's loop: admit its first request (limits.py, xds_identity.py), read, feed the state
+machine (sotw.py, delta.py), write what it returns, and tell the observer what happened
+(observe.py: metrics, /status and the log). What the client answered (ACK or NACK) is the
+machine's judgement, returned with its responses (state.Step).
 """
 
 from __future__ import annotations
@@ -15,14 +20,15 @@ from typing import Any
 import grpc
 from envoy.service.discovery.v3 import discovery_pb2
 
-from xdsplane import logs, xds_identity
-from xdsplane.cache import SnapshotCache
+from xdsplane import xds_identity
+from xdsplane.cache import SnapshotCache, Watch
 from xdsplane.metrics import Metrics
 from xdsplane.server.delta import DeltaStream
-from xdsplane.server.limits import MAX_NODE_FIELD, Limits
+from xdsplane.server.limits import FIRST_REQUEST_TIMEOUT, MAX_NODE_FIELD, Limits, names_held
+from xdsplane.server.observe import Refused, StreamObserver, observers
 from xdsplane.server.registry import Registry
 from xdsplane.server.sotw import SotwStream
-from xdsplane.server.state import Outgoing
+from xdsplane.server.state import Ack, Nack, Step
 from xdsplane.types import ResourceType
 
 SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
@@ -30,20 +36,18 @@ MAX_INFLIGHT_REQUESTS = 16
 
 _END = object()
 _SNAPSHOT = object()
+_REPLACED = object()  # a newer stream of the node took this one's place
 
 
 def _identity(data: bytes) -> bytes:
     return data
 
 
-def _answers(machine: SotwStream | DeltaStream, rtype: ResourceType | None) -> tuple[int, int]:
-    """(ACKs, NACKs) the machine has counted for ``rtype`` on this stream."""
-    st = machine.types.get(rtype) if rtype is not None else None
-    return (st.status.acks, st.status.nacks) if st is not None else (0, 0)
-
-
 class AdsService:
-    """Serves StreamAggregatedResources and DeltaAggregatedResources from a SnapshotCache."""
+    """Serves StreamAggregatedResources and DeltaAggregatedResources from a SnapshotCache.
+
+    ``observer``: what hears every stream's events; by default the log, ``registry``
+    (/status) and ``metrics`` (observe.observers)."""
 
     def __init__(
         self,
@@ -52,6 +56,7 @@ class AdsService:
         require_identity: bool = False,
         metrics: Metrics | None = None,
         limits: Limits | None = None,
+        observer: StreamObserver | None = None,
     ) -> None:
         self.cache = cache
         self.registry = registry
@@ -60,7 +65,8 @@ class AdsService:
         # Over mTLS: the node id of a stream's first request must be one its client
         # certificate speaks for (xds_identity); otherwise the stream is refused.
         self.require_identity = require_identity
-        self.log = logs.get("xdsplane.ads")
+        self.observer = observer if observer is not None else observers(self.metrics, registry)
+        self.total_names = 0  # resource names held by all streams (--max-total-names)
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
@@ -92,211 +98,272 @@ class AdsService:
         requests: AsyncIterator[Any],
         context: Any,
     ) -> None:
-        if len(self.registry.streams) >= self.limits.max_streams:
-            # Checked and opened below with no await between: no race past the limit.
-            self.log.warning(
-                "stream refused", reason="max_streams", peer=str(context.peer()), variant=variant
-            )
-            self._refuse("max_streams")
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"this server serves at most {self.limits.max_streams} ADS streams at once "
-                "(--max-streams); retry later or use another replica",
-            )
-            return
-        inbox: asyncio.Queue[Any] = asyncio.Queue()
-        credits = asyncio.Semaphore(MAX_INFLIGHT_REQUESTS)
-        bucket = self.limits.bucket()
-        marked = False
-
-        def notify() -> None:
-            nonlocal marked
-            if not marked:
-                marked = True
-                inbox.put_nowait(_SNAPSHOT)
-
-        async def read() -> None:
-            try:
-                async for req in requests:
-                    info.requests += 1
-                    if bucket is not None:
-                        # Over the rate: read nothing more until a token is there (HTTP/2
-                        # flow control holds the client back); nothing is dropped.
-                        wait = bucket.take()
-                        info.peak_burst = bucket.peak
-                        if wait > 0:
-                            info.throttled += 1
-                            self.metrics.throttled()
-                            await asyncio.sleep(wait)
-                    await credits.acquire()
-                    inbox.put_nowait(req)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # the client went away or sent garbage: end the stream
-                pass
-            finally:
-                inbox.put_nowait(_END)
-
-        info = self.registry.open(variant, str(context.peer()))
-        log = self.log.bind(stream=info.id, variant=variant, peer=info.peer)
-        reader = asyncio.create_task(read())
-        watch = None
-        out: list[Outgoing] = []
-        o: Outgoing | None = None
-        counted = False  # in the connected-streams gauge (once the node id is known)
-        # Per type, the latest response caused by a snapshot change: its nonce and when that
-        # snapshot was installed; its ACK observes the propagation latency.
-        pending: dict[ResourceType, tuple[str, float]] = {}
+        stream = _Stream(self, variant, machine, context)
+        reader = asyncio.create_task(stream.read(requests))
         try:
-            while True:
-                item = await inbox.get()
-                if item is _END:
-                    break
-                if item is _SNAPSHOT:
-                    marked = False
-                    installed_at = self.metrics.installed_at
-                    snap = self.cache.lookup(info.node_id, info.cluster)
-                    out = machine.on_snapshot(snap) if snap is not None else []
-                    pending.update((x.type, (x.nonce, installed_at)) for x in out)
-                else:
-                    credits.release()
-                    if watch is None:
-                        node = item.node
-                        if not node.id:
-                            log.warning("stream refused", reason="first request has no node id")
-                            self._refuse(xds_identity.NO_NODE_ID)
-                            await context.abort(
-                                grpc.StatusCode.INVALID_ARGUMENT,
-                                "the first request on a stream must carry node.id",
-                            )
-                            return
-                        if max(len(node.id), len(node.cluster)) > MAX_NODE_FIELD:
-                            log.warning("stream refused", reason="node_too_long")
-                            self._refuse("node_too_long")
-                            await context.abort(
-                                grpc.StatusCode.INVALID_ARGUMENT,
-                                f"node.id and node.cluster may have at most {MAX_NODE_FIELD} "
-                                "characters",
-                            )
-                            return
-                        if self.require_identity:
-                            await self._check_identity(log, str(node.id), context)
-                        info.node_id, info.cluster = str(node.id), str(node.cluster)
-                        group = self.cache.group_for(info.node_id, info.cluster)
-                        info.group = group.name if group is not None else ""
-                        log = log.bind(node=info.node_id)
-                        machine.memory = self.registry.memory(info.node_id)
-                        log.info("stream opened", cluster=info.cluster, group=info.group)
-                        self.metrics.stream_opened(info.node_id, variant)
-                        counted = True
-                        watch = self.cache.watch(info.node_id, info.cluster, notify)
-                        if group is not None:
-                            machine.on_snapshot(group.snapshot)
-                    rtype = ResourceType.from_url(item.type_url)
-                    too_many = self._names_problem(variant, machine, rtype, item)
-                    if too_many is not None:
-                        log.warning("stream refused", reason="max_names", detail=too_many)
-                        self._refuse("max_names")
-                        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, too_many)
-                        return
-                    self._log_request(log, variant, item)
-                    before = _answers(machine, rtype)
-                    out = machine.on_request(item)
-                    self._count_answer(machine, rtype, before, item, pending)
-                    info.statuses = {t: s.status for t, s in machine.types.items()}
-                for o in out:
-                    await context.write(o.data)
-                    self.metrics.response_sent(o.type)
-                    self._log_push(log, o)
-                if out:
-                    info.statuses = {t: s.status for t, s in machine.types.items()}
-                # Do not keep the last response alive while waiting: at 2,000 clusters a
-                # full CDS is most of a megabyte, for every idle stream.
-                out = []
-                o = None
+            while (item := await stream.next()) is not _END:
+                await stream.handle(item)
+        except Refused as refused:
+            self.observer.on_refuse(stream.info, refused)
+            await context.abort(refused.code, refused.message)
         finally:
             reader.cancel()
-            if watch is not None:
-                self.cache.cancel(watch)
-            self.registry.close(info)
-            if counted:
-                self.metrics.stream_closed(info.node_id, variant)
-            log.info("stream closed")
+            stream.close()
 
-    def _refuse(self, reason: str) -> None:
-        """Count a stream refused (or ended) for ``reason``: /status and /metrics."""
-        self.registry.refuse(reason)
-        self.metrics.stream_refused(reason)
 
-    def _names_problem(
-        self,
-        variant: str,
-        machine: SotwStream | DeltaStream,
-        rtype: ResourceType | None,
-        req: Any,
-    ) -> str | None:
-        st = machine.types.get(rtype) if rtype is not None else None
-        subscribed = st.names if isinstance(machine, DeltaStream) and st is not None else ()
-        return self.limits.names_problem(variant, req, subscribed)
+class _Stream:
+    """One ADS stream being served: its machine, its inbox (requests, snapshot changes),
+    what it was admitted with, and the resource names it is charged for."""
 
-    def _count_answer(
-        self,
-        machine: SotwStream | DeltaStream,
-        rtype: ResourceType | None,
-        before: tuple[int, int],
-        req: Any,
-        pending: dict[ResourceType, tuple[str, float]],
+    def __init__(
+        self, service: AdsService, variant: str, machine: SotwStream | DeltaStream, context: Any
     ) -> None:
-        """Count an ACK or NACK as the machine judged it (stale nonces are neither); the
-        ACK of a response caused by a snapshot change observes the propagation latency."""
-        if rtype is None:
-            return
-        acks, nacks = _answers(machine, rtype)
-        if acks > before[0]:
-            self.metrics.ack(rtype)
-            sent = pending.pop(rtype, None)
-            if sent is not None and sent[0] == req.response_nonce:
-                self.metrics.propagated(rtype, sent[1])
-        elif nacks > before[1]:
-            self.metrics.nack(rtype)
-            pending.pop(rtype, None)
+        self.service = service
+        self.variant = variant
+        self.machine = machine
+        self.context = context
+        self.observer = service.observer
+        self.inbox: asyncio.Queue[Any] = asyncio.Queue()
+        self.credits = asyncio.Semaphore(MAX_INFLIGHT_REQUESTS)
+        self.marked = False  # a snapshot change is in the inbox already
+        self.info = service.registry.open(variant, str(context.peer()))
+        self.info.end = lambda: self.inbox.put_nowait(_REPLACED)
+        self.watch: Watch | None = None  # set once the first request is admitted
+        # What groups select this stream by besides its node id, fixed when it is admitted:
+        # over mTLS the cluster only when the client certificate proves it (None: the id).
+        self.selector: str | None = None
+        self.charged: dict[ResourceType, int] = {}  # by type: names charged
+        self.initial: dict[ResourceType, int] = {}  # by type: initial_resource_versions (delta)
+        loop = asyncio.get_running_loop()
+        self.first_deadline = loop.time() + service.limits.first_request_timeout
 
-    async def _check_identity(self, log: Any, node_id: str, context: Any) -> None:
-        """Abort (PERMISSION_DENIED) unless the client certificate speaks for ``node_id``."""
-        identity = xds_identity.peer_identity(context.auth_context())
-        refused = xds_identity.refusal(identity, node_id)
-        if refused is None:
+    # -- the inbox ----------------------------------------------------------------------------
+
+    def notify(self) -> None:
+        """The stream's snapshot changed (called by the cache; never waits)."""
+        if not self.marked:
+            self.marked = True
+            self.inbox.put_nowait(_SNAPSHOT)
+
+    async def read(self, requests: AsyncIterator[Any]) -> None:
+        info = self.info
+        bucket = self.service.limits.bucket()
+        try:
+            async for req in requests:
+                info.requests += 1
+                if bucket is not None:
+                    # Over the rate: read nothing more until a token is there (HTTP/2 flow
+                    # control holds the client back); nothing is dropped.
+                    wait = bucket.take()
+                    info.peak_burst = bucket.peak
+                    if wait > 0:
+                        self.observer.on_throttle(info)
+                        await asyncio.sleep(wait)
+                await self.credits.acquire()
+                self.inbox.put_nowait(req)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the client went away or sent garbage: end the stream
+            pass
+        finally:
+            self.inbox.put_nowait(_END)
+
+    async def next(self) -> Any:
+        """The next request or event; before the first request, within its deadline."""
+        if self.watch is not None:
+            return await self.inbox.get()
+        limit = self.service.limits.first_request_timeout
+        left = max(0.0, self.first_deadline - asyncio.get_running_loop().time())
+        try:
+            return await asyncio.wait_for(self.inbox.get(), left)
+        except TimeoutError:
+            raise Refused(
+                FIRST_REQUEST_TIMEOUT,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"no first request within {limit:g} s (--first-request-timeout)",
+            ) from None
+
+    # -- one item -----------------------------------------------------------------------------
+
+    async def handle(self, item: Any) -> None:
+        if item is _REPLACED:
+            limit = self.service.limits.max_streams_per_node
+            await self.context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"replaced by a newer stream of node {self.info.node_id!r}: a node has at "
+                f"most {limit} ADS streams at once (--max-streams-per-node)",
+            )
             return
+        if item is _SNAPSHOT:
+            self.marked = False
+            snap = self.service.cache.lookup(self.info.node_id, self.selector)
+            step = self.machine.on_snapshot(snap) if snap is not None else Step()
+        else:
+            self.credits.release()
+            if self.watch is None:
+                self._admit(item)
+            self._charge(item)
+            self.observer.on_request(self.info, item)
+            step = self.machine.on_request(item)
+        await self._write(step)
+        # Returning drops the step: a stream waiting for its next request keeps no response
+        # alive (at 2,000 clusters a full CDS is most of a megabyte, for every idle stream).
+
+    async def _write(self, step: Step) -> None:
+        if isinstance(step.answer, Ack):
+            self.observer.on_ack(self.info, step.answer)
+        elif isinstance(step.answer, Nack):
+            self.observer.on_nack(self.info, step.answer)
+        for o in step.responses:
+            await self.context.write(o.data)
+            self.observer.on_push(self.info, o)
+
+    # -- admission ----------------------------------------------------------------------------
+
+    def _admit(self, req: Any) -> None:
+        """Admit the stream by its first request, or raise Refused. No await from the
+        --max-streams check to the count: no race past the limit."""
+        service, info = self.service, self.info
+        registry, limits = service.registry, service.limits
+        node = req.node
+        if not node.id:
+            raise Refused(
+                xds_identity.NO_NODE_ID,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "the first request on a stream must carry node.id",
+                logged_reason="first request has no node id",
+            )
+        if max(len(node.id), len(node.cluster)) > MAX_NODE_FIELD:
+            raise Refused(
+                "node_too_long",
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"node.id and node.cluster may have at most {MAX_NODE_FIELD} characters",
+            )
+        node_id, cluster = str(node.id), str(node.cluster)
+        self.selector = cluster
+        if service.require_identity:
+            self.selector = self._check_identity(node_id, cluster)
+            if registry.admitted_by_node.get(node_id, 0) >= limits.max_streams_per_node:
+                # Over mTLS only, where the node id is the certificate's: the node's oldest
+                # stream makes room (a stream left half-open by a network break, or one more
+                # of a client that opens too many). On plaintext anyone could end a real
+                # node's streams by its id.
+                self._replace_oldest(node_id)
+        if registry.admitted >= limits.max_streams:
+            # Only admitted streams count: idle ones lock no one out.
+            raise Refused(
+                "max_streams",
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this server serves at most {limits.max_streams} ADS streams at once "
+                "(--max-streams); retry later or use another replica",
+                node=node_id,
+            )
+        registry.admit(info, node_id)
+        info.cluster = cluster
+        group = service.cache.group_for(node_id, self.selector)
+        info.group = group.name if group is not None else ""
+        self.machine.memory = registry.memory(node_id)
+        info.types = self.machine.types
+        self.observer.on_open(info)
+        self.watch = service.cache.watch(node_id, self.selector, self.notify)
+        if group is not None:
+            self.machine.on_snapshot(group.snapshot)  # no type subscribed yet: sends nothing
+
+    def _replace_oldest(self, node_id: str) -> None:
+        """End the oldest stream of ``node_id`` (--max-streams-per-node), counted and logged
+        by this one; it counts no more from now on."""
+        registry = self.service.registry
+        old = registry.oldest(node_id)
+        if old is None:
+            return
+        self.observer.on_refuse(
+            self.info,
+            Refused(
+                "max_streams_per_node",
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"replaced by a newer stream of node {node_id!r}",
+                event="stream replaced",
+                node=node_id,
+                replaced=old.id,
+            ),
+        )
+        registry.release(old)
+        if old.end is not None:
+            old.end()
+
+    def _check_identity(self, node_id: str, cluster: str) -> str | None:
+        """What groups may select the stream by besides ``node_id``: ``cluster`` when the
+        client certificate proves it, else None. Refused (PERMISSION_DENIED) unless the
+        certificate speaks for ``node_id``, and when an unproven ``cluster`` would select
+        another group than ``node_id`` alone (xds_identity)."""
+        cache = self.service.cache
+        identity = xds_identity.peer_identity(self.context.auth_context())
+        refused = xds_identity.refusal(identity, node_id)
+        if refused is None and identity is not None:
+            selector = xds_identity.selection_cluster(identity, cluster)
+            if selector is not None or not cluster:
+                return selector
+            by_id = cache.group_for(node_id, None)
+            by_cluster = cache.group_for(node_id, cluster)
+            same = (by_id.name if by_id else None) == (by_cluster.name if by_cluster else None)
+            if same:
+                return None  # the cluster changes nothing: ignored, now and after reloads
+            raise Refused(
+                xds_identity.CLUSTER_NOT_PROVEN,
+                grpc.StatusCode.PERMISSION_DENIED,
+                xds_identity.cluster_refusal(cluster),
+                node=node_id,
+                cluster=cluster,
+                group_by_node_id=by_id.name if by_id is not None else None,
+                group_by_cluster=by_cluster.name if by_cluster is not None else None,
+                sans=identity.sans(),
+            )
+        assert refused is not None
         reason, message = refused
-        log.warning(
-            "stream refused",
-            reason=reason,
+        raise Refused(
+            reason,
+            grpc.StatusCode.PERMISSION_DENIED,
+            message,
             node=node_id,
             sans=identity.sans() if identity is not None else [],
             subject=identity.subject if identity is not None else None,
         )
-        self._refuse(reason)
-        await context.abort(grpc.StatusCode.PERMISSION_DENIED, message)
 
-    @staticmethod
-    def _log_request(log: Any, variant: str, req: Any) -> None:
+    # -- resource names (--max-names, --max-total-names) -----------------------------------
+
+    def _charge(self, req: Any) -> None:
+        """Charge the names ``req`` makes the stream hold, or raise Refused past a limit."""
+        service, info = self.service, self.info
         rtype = ResourceType.from_url(req.type_url)
-        kind = rtype.short if rtype is not None else req.type_url
-        if req.HasField("error_detail"):
-            log.warning("nack", type=kind, nonce=req.response_nonce, error=req.error_detail.message)
-        elif req.response_nonce:
-            version = req.version_info if variant == "sotw" else ""
-            log.info("ack", type=kind, nonce=req.response_nonce, version=version)
-        else:
-            log.info("subscribe", type=kind)
+        sub = self.machine.types.get(rtype) if rtype is not None else None
+        subscribed = sub.names if self.variant == "delta" and sub is not None else ()
+        too_many = service.limits.names_problem(self.variant, req, subscribed)
+        if too_many is not None:
+            raise Refused(
+                "max_names", grpc.StatusCode.RESOURCE_EXHAUSTED, too_many, detail=too_many
+            )
+        if rtype is None:
+            return
+        if rtype not in self.initial:  # its first request on this stream
+            initial = req.initial_resource_versions if self.variant == "delta" else ()
+            self.initial[rtype] = len(initial)
+        held = names_held(self.variant, req, subscribed) + self.initial[rtype]
+        grown = held - self.charged.get(rtype, 0)
+        limit = service.limits.max_total_names
+        if grown > 0 and service.total_names + grown > limit:
+            why = (
+                f"the server holds {service.total_names} resource names for all streams and "
+                f"this request would add {grown}; the limit is {limit} (--max-total-names)"
+            )
+            raise Refused("max_total_names", grpc.StatusCode.RESOURCE_EXHAUSTED, why, detail=why)
+        service.total_names += grown
+        info.names += grown
+        self.charged[rtype] = held
 
-    @staticmethod
-    def _log_push(log: Any, o: Outgoing) -> None:
-        log.info(
-            "push",
-            type=o.type.short,
-            version=o.version,
-            nonce=o.nonce,
-            resources=o.resources,
-            removed=o.removed,
-        )
+    # -- the end ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self.watch is not None:
+            self.service.cache.cancel(self.watch)
+        self.service.total_names -= self.info.names
+        self.observer.on_close(self.info)

@@ -8,8 +8,9 @@ for what it holds that no longer exists.
 
 - The first wildcard request of a type is answered even when there is nothing to send
   (Envoy's initialization waits for it), but only once a snapshot exists.
-- A NACKed version is not sent again: the client is taken to hold what was sent, so the
-  same resource goes out again only when it changes.
+- A NACKed version is not sent again on that stream: the client is taken to hold what was
+  sent, so the same resource goes out again only when it changes (a new stream is sent the
+  current version).
 - Make-before-break: on a snapshot change, additions and updates go out type by type in
   push order, then removals in the reverse order.
 - Secrets and filter configurations (ECDS) are never removed by the server: a draining
@@ -20,29 +21,13 @@ for what it holds that no longer exists.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 from envoy.service.discovery.v3 import discovery_pb2
 
-from xdsplane.server.state import NodeMemory, Outgoing, StreamBase, TypeStatus, nack_message
+from xdsplane.server.state import Outgoing, Step, StreamBase, Subscription
 from xdsplane.snapshot import Resource, Snapshot
 from xdsplane.types import PUSH_ORDER, ResourceType, eds_name
-
-
-@dataclass(slots=True)
-class _Type:
-    wildcard: bool
-    names: set[str] = field(default_factory=set)
-    held: dict[str, str] = field(default_factory=dict)  # name -> version the client has
-    nonce: str = ""
-    answered: bool = False
-    versions: dict[str, str] = field(default_factory=dict)  # nonce -> system version
-    last_sent: dict[str, str] = field(default_factory=dict)  # name -> version, last response
-    # The type version of the snapshot this client holds exactly (pure wildcard, nothing
-    # rejected, nothing extra): such a client gets the shared diff, not a scan of its own.
-    synced: str = ""
-    status: TypeStatus = field(default_factory=TypeStatus)
 
 
 def _encode(
@@ -57,19 +42,16 @@ def _encode(
 class DeltaStream(StreamBase):
     """The protocol state of one DeltaAggregatedResources stream."""
 
-    def __init__(self, memory: NodeMemory | None = None) -> None:
-        super().__init__(memory)
-        self.types: dict[ResourceType, _Type] = {}
-
-    def on_request(self, req: Any) -> list[Outgoing]:
+    def on_request(self, req: Any) -> Step:
         rtype = self._served_type(req.type_url)
         if rtype is None:
-            return []
+            return Step()
         subscribe = set(req.resource_names_subscribe)
         unsubscribe = set(req.resource_names_unsubscribe)
+        answer = None
         st = self.types.get(rtype)
         if st is None:
-            st = _Type(wildcard=not subscribe or "*" in subscribe)
+            st = Subscription(wildcard=not subscribe or "*" in subscribe)
             st.held = dict(req.initial_resource_versions)
             # A reconnecting client (it names what it holds) is not initializing: it needs no
             # empty answer, and Envoy would count one as an update.
@@ -77,23 +59,14 @@ class DeltaStream(StreamBase):
             self.types[rtype] = st
         elif req.response_nonce:
             if req.response_nonce == st.nonce:
-                if req.HasField("error_detail"):
-                    st.status.nacks += 1
-                    st.status.last_nack = nack_message(req.error_detail)
-                    st.status.nacked_version = st.versions.get(req.response_nonce, "")
-                    self.memory.record_nack(
-                        rtype, st.status.nacked_version, st.last_sent, st.status.last_nack
-                    )
-                else:
-                    st.status.acks += 1
-                    st.status.acked_version = st.versions.get(req.response_nonce, "")
+                answer = self._answer(rtype, st, req, st.sent_version)
             else:
                 self.stale += 1
             # Subscription changes count even on a stale nonce: they are deltas.
             if not subscribe and not unsubscribe:
                 # A plain ACK or NACK: nothing can have changed for this client that a
                 # snapshot push did not already send (and a rejected version is not resent).
-                return []
+                return Step(answer=answer)
         st.synced = ""
         if "*" in subscribe:
             st.wildcard = True
@@ -103,12 +76,12 @@ class DeltaStream(StreamBase):
         st.names -= unsubscribe
         for name in unsubscribe:
             st.held.pop(name, None)
-        return self._respond(rtype, st, self.snapshot, removals=True)
+        return Step(self._respond(rtype, st, self.snapshot, removals=True), answer)
 
-    def on_snapshot(self, snapshot: Snapshot) -> list[Outgoing]:
+    def on_snapshot(self, snapshot: Snapshot) -> Step:
         previous, self.snapshot = self.snapshot, snapshot
         if previous is not None and previous.digest == snapshot.digest:
-            return []
+            return Step()
         out: list[Outgoing] = []
         removals: dict[ResourceType, tuple[str, ...]] = {}
         for rtype in PUSH_ORDER:
@@ -117,7 +90,7 @@ class DeltaStream(StreamBase):
                 continue
             if previous is not None and st.synced and st.synced == previous.versions[rtype]:
                 changed, removed = snapshot.diff(previous, rtype)
-                kept = [r for r in changed if not self.memory.rejected(rtype, r.name, r.version)]
+                kept = [r for r in changed if not self.parked.rejected(rtype, r.name, r.version)]
                 removals[rtype] = removed if not rtype.kept else ()
                 if len(kept) != len(changed):
                     st.synced = ""
@@ -135,7 +108,7 @@ class DeltaStream(StreamBase):
                     st.synced = snapshot.versions[rtype]
             else:
                 out.extend(self._respond(rtype, st, snapshot, removals=True))
-        return out
+        return Step(self._caused_by(snapshot, out))
 
     def _refresh_endpoints(self, clusters: Iterable[Resource]) -> None:
         """A changed EDS cluster warms until it gets its ClusterLoadAssignment, and Envoy
@@ -150,7 +123,7 @@ class DeltaStream(StreamBase):
                 eds.synced = ""
 
     def _respond(
-        self, rtype: ResourceType, st: _Type, snapshot: Snapshot | None, removals: bool
+        self, rtype: ResourceType, st: Subscription, snapshot: Snapshot | None, removals: bool
     ) -> list[Outgoing]:
         if snapshot is None:
             return []
@@ -162,7 +135,7 @@ class DeltaStream(StreamBase):
             for n in sorted(wanted)
             if n in available
             and st.held.get(n) != available[n].version
-            and not self.memory.rejected(rtype, n, available[n].version)
+            and not self.parked.rejected(rtype, n, available[n].version)
         ]
         removed: list[str] = []
         if removals and not rtype.kept:
@@ -172,7 +145,7 @@ class DeltaStream(StreamBase):
             for n in wanted
             if n in available
             and st.held.get(n) != available[n].version
-            and self.memory.rejected(rtype, n, available[n].version)
+            and self.parked.rejected(rtype, n, available[n].version)
         )
         out = self._emit(rtype, st, snapshot, changed, removed)
         # After a full pass with removals, a pure wildcard client holds exactly the type.
@@ -183,7 +156,7 @@ class DeltaStream(StreamBase):
     def _emit(
         self,
         rtype: ResourceType,
-        st: _Type,
+        st: Subscription,
         snapshot: Snapshot,
         changed: list[Resource],
         removed: list[str],
@@ -199,11 +172,7 @@ class DeltaStream(StreamBase):
             st.held[r.name] = r.version
         for name in removed:
             del st.held[name]
-        st.nonce = nonce
-        st.last_sent = {r.name: r.version for r in changed}
+        st.sent_out(nonce, version, {r.name: r for r in changed})
         st.answered = True
-        st.versions = {nonce: version}
-        st.status.sent_version = version
-        st.status.responses += 1
         data = _encode(rtype, version, nonce, changed, removed)
         return [Outgoing(rtype, version, nonce, data, len(changed), len(removed))]

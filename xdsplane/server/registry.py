@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from xdsplane.server.state import NodeMemory, TypeStatus
+from xdsplane.server.state import NodeMemory, Subscription
 from xdsplane.types import PUSH_ORDER, ResourceType
 
 
@@ -18,10 +19,15 @@ class StreamInfo:
     cluster: str = ""
     group: str = ""
     connected_at: float = field(default_factory=time.time)
-    statuses: dict[ResourceType, TypeStatus] = field(default_factory=dict)
+    # The stream's subscriptions, by type: its state machine's own (a live view, read for
+    # /status; ads.py hands it over when the stream opens).
+    types: Mapping[ResourceType, Subscription] = field(default_factory=dict)
     requests: int = 0  # requests received
     throttled: int = 0  # requests delayed by the per-stream rate limit
     peak_burst: int = 0  # the most rate-limit tokens used at once
+    names: int = 0  # resource names it holds, charged to --max-total-names
+    admitted: bool = False  # counted against --max-streams (its first request was valid)
+    end: Callable[[], None] | None = field(default=None, repr=False)  # asks it to end
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -35,8 +41,9 @@ class StreamInfo:
             "requests": self.requests,
             "throttled": self.throttled,
             "peak_burst": self.peak_burst,
+            "names": self.names,
             "types": {
-                t.short: self.statuses[t].as_dict() for t in PUSH_ORDER if t in self.statuses
+                t.short: self.types[t].status.as_dict() for t in PUSH_ORDER if t in self.types
             },
         }
 
@@ -49,6 +56,8 @@ class Registry:
     streams: dict[int, StreamInfo] = field(default_factory=dict)
     nodes: dict[str, NodeMemory] = field(default_factory=dict)
     refused: dict[str, int] = field(default_factory=dict)  # streams refused, by reason
+    admitted: int = 0  # streams whose first request was valid: what --max-streams counts
+    admitted_by_node: dict[str, int] = field(default_factory=dict)  # the same, per node id
     _next: int = 0
 
     def refuse(self, reason: str) -> None:
@@ -56,7 +65,8 @@ class Registry:
         self.refused[reason] = self.refused.get(reason, 0) + 1
 
     def memory(self, node_id: str) -> NodeMemory:
-        """What ``node_id`` rejected, shared by all its streams, kept after they close."""
+        """The last NACKs of ``node_id`` (for /status), shared by all its streams, kept after
+        they close. What a stream does not resend is its own (state.Parked)."""
         found = self.nodes.pop(node_id, None)
         if found is None:
             found = NodeMemory()
@@ -64,6 +74,29 @@ class Registry:
                 del self.nodes[next(iter(self.nodes))]  # forget the least recently seen
         self.nodes[node_id] = found
         return found
+
+    def admit(self, info: StreamInfo, node_id: str) -> None:
+        """Count a stream whose first request was valid (--max-streams, per node)."""
+        info.node_id, info.admitted = node_id, True
+        self.admitted += 1
+        self.admitted_by_node[node_id] = self.admitted_by_node.get(node_id, 0) + 1
+
+    def release(self, info: StreamInfo) -> None:
+        """The admitted stream ``info`` ends (or is being ended): it counts no more."""
+        if not info.admitted:
+            return
+        info.admitted = False
+        self.admitted -= 1
+        left = self.admitted_by_node.get(info.node_id, 0) - 1
+        if left > 0:
+            self.admitted_by_node[info.node_id] = left
+        else:
+            self.admitted_by_node.pop(info.node_id, None)
+
+    def oldest(self, node_id: str) -> StreamInfo | None:
+        """The admitted stream of ``node_id`` opened first."""
+        mine = (s for s in self.streams.values() if s.admitted and s.node_id == node_id)
+        return min(mine, key=lambda s: s.id, default=None)
 
     def nacks(self) -> dict[str, dict[str, object]]:
         return {node: m.as_dict() for node, m in self.nodes.items() if m.last_nack}
@@ -76,9 +109,3 @@ class Registry:
 
     def close(self, info: StreamInfo) -> None:
         self.streams.pop(info.id, None)
-
-    def by_node(self) -> dict[str, list[StreamInfo]]:
-        out: dict[str, list[StreamInfo]] = {}
-        for s in self.streams.values():
-            out.setdefault(s.node_id, []).append(s)
-        return out

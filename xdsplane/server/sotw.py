@@ -6,8 +6,8 @@ what comes out, so every protocol rule can be tested by a scripted client.
 Rules (see shared/design/envoy-xds-facts.md):
 - a response is sent for a type only when the version of what the client would get differs
   from the version last sent on this stream, or when it subscribes to a name it was not sent;
-  ACKs therefore get no reply, and a NACKed version is never sent again (the type is parked
-  until the snapshot changes);
+  ACKs therefore get no reply, and a NACKed version is never sent again on that stream (the
+  type is parked until the snapshot changes; a new stream is sent the current version);
 - a request whose response_nonce is not the latest sent for its type is stale and ignored;
 - nothing is sent before a snapshot exists for the node (never an empty LDS/CDS);
 - for named subscriptions (RDS, EDS, SDS, ECDS) the version is a hash of exactly the resources
@@ -20,27 +20,13 @@ Rules (see shared/design/envoy-xds-facts.md):
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from envoy.service.discovery.v3 import discovery_pb2
 
-from xdsplane.server.state import NodeMemory, Outgoing, StreamBase, TypeStatus, nack_message
+from xdsplane.server.state import Outgoing, Step, StreamBase, Subscription
 from xdsplane.snapshot import Resource, Snapshot, versions_hash
 from xdsplane.types import PUSH_ORDER, ResourceType, eds_name
-
-
-@dataclass(slots=True)
-class _Type:
-    wildcard: bool
-    names: frozenset[str] = frozenset()
-    sent_version: str = ""  # the last version sent, or the one the client said it holds
-    claimed: str = ""  # named types: the version a reconnecting client says it holds
-    held: dict[str, str] = field(default_factory=dict)  # named types: name -> version sent
-    nonce: str = ""
-    sent: Mapping[str, Resource] = field(default_factory=dict)  # full-state types only
-    last_sent: Mapping[str, Resource] = field(default_factory=dict)  # the last response
-    status: TypeStatus = field(default_factory=TypeStatus)
 
 
 def _encode(rtype: ResourceType, version: str, nonce: str, body: bytes) -> bytes:
@@ -53,20 +39,17 @@ def _encode(rtype: ResourceType, version: str, nonce: str, body: bytes) -> bytes
 class SotwStream(StreamBase):
     """The protocol state of one StreamAggregatedResources stream."""
 
-    def __init__(self, memory: NodeMemory | None = None) -> None:
-        super().__init__(memory)
-        self.types: dict[ResourceType, _Type] = {}
-
     # -- inputs ---------------------------------------------------------------------------
 
-    def on_request(self, req: Any) -> list[Outgoing]:
+    def on_request(self, req: Any) -> Step:
         rtype = self._served_type(req.type_url)
         if rtype is None:
-            return []
-        names = frozenset(req.resource_names)
+            return Step()
+        names = set(req.resource_names)
+        answer = None
         st = self.types.get(rtype)
         if st is None:
-            st = _Type(wildcard=rtype.wildcard and (not names or "*" in names))
+            st = Subscription(wildcard=rtype.wildcard and (not names or "*" in names))
             if req.version_info:
                 # Reconnect: the client holds this version already; do not send it again.
                 st.sent_version = st.claimed = req.version_info
@@ -75,30 +58,23 @@ class SotwStream(StreamBase):
         else:
             if req.response_nonce != st.nonce:
                 self.stale += 1
-                return []
-            if req.HasField("error_detail"):
-                st.status.nacks += 1
-                st.status.last_nack = nack_message(req.error_detail)
-                st.status.nacked_version = st.sent_version
-                rejected = {n: r.version for n, r in st.last_sent.items()}
-                self.memory.record_nack(rtype, st.sent_version, rejected, st.status.last_nack)
-            else:
-                st.status.acks += 1
-                st.status.acked_version = req.version_info
+                return Step()
+            answer = self._answer(rtype, st, req, req.version_info)
             if rtype.wildcard and (not names or "*" in names):
                 st.wildcard = True
             elif names:
                 st.wildcard = False
-        st.names = names - {"*"}
+        names.discard("*")
+        st.names = names
         if not st.wildcard:
             # The client forgets what it unsubscribed from.
             st.held = {n: v for n, v in st.held.items() if n in st.names}
-        return self._respond(rtype, st, self.snapshot)
+        return Step(self._respond(rtype, st, self.snapshot), answer)
 
-    def on_snapshot(self, snapshot: Snapshot) -> list[Outgoing]:
+    def on_snapshot(self, snapshot: Snapshot) -> Step:
         previous, self.snapshot = self.snapshot, snapshot
         if previous is not None and previous.digest == snapshot.digest:
-            return []
+            return Step()
         out: list[Outgoing] = []
         finish: list[ResourceType] = []
         for rtype in PUSH_ORDER:
@@ -115,7 +91,7 @@ class SotwStream(StreamBase):
                 out.extend(self._respond(rtype, st, snapshot))
         for rtype in reversed(finish):
             out.extend(self._respond(rtype, self.types[rtype], snapshot))
-        return out
+        return Step(self._caused_by(snapshot, out))
 
     # -- outputs --------------------------------------------------------------------------
 
@@ -131,7 +107,9 @@ class SotwStream(StreamBase):
             if name is not None:
                 eds.held.pop(name, None)
 
-    def _respond(self, rtype: ResourceType, st: _Type, snapshot: Snapshot | None) -> list[Outgoing]:
+    def _respond(
+        self, rtype: ResourceType, st: Subscription, snapshot: Snapshot | None
+    ) -> list[Outgoing]:
         if snapshot is None:
             return []
         available = snapshot.of(rtype)
@@ -148,7 +126,7 @@ class SotwStream(StreamBase):
         changed = {
             n: r
             for n, r in chosen.items()
-            if st.held.get(n) != r.version and not self.memory.rejected(rtype, n, r.version)
+            if st.held.get(n) != r.version and not self.parked.rejected(rtype, n, r.version)
         }
         if not changed:
             return []
@@ -160,16 +138,16 @@ class SotwStream(StreamBase):
     def _send(
         self,
         rtype: ResourceType,
-        st: _Type,
+        st: Subscription,
         resources: Mapping[str, Resource],
         version: str | None = None,
     ) -> list[Outgoing]:
         if version is None:
             version = versions_hash((n, r.version) for n, r in resources.items())
-        if st.wildcard and (version == st.sent_version or version == self.memory.parked.get(rtype)):
+        if st.wildcard and (version == st.sent_version or version == self.parked.parked.get(rtype)):
             # The client holds exactly these (the version is their hash), for instance after
             # a reconnect that claimed the current version: remember them, so that a later
-            # removal is two-phase for this stream too. Or the node rejected this version.
+            # removal is two-phase for this stream too. Or this stream rejected this version.
             if version == st.sent_version:
                 st.sent = resources
             return []
@@ -185,14 +163,10 @@ class SotwStream(StreamBase):
             body = snapshot.sotw_body(rtype)  # the whole type: joined once, shared
         else:
             body = b"".join(resources[n].sotw_entry for n in sorted(resources))
-        st.sent_version = version
-        st.nonce = nonce
-        st.last_sent = resources  # shared with the snapshot: no per-stream copy
+        st.sent_out(nonce, version, resources)  # shared with the snapshot: no per-stream copy
         if st.wildcard:
             st.sent = resources
         else:
             st.held.update((n, r.version) for n, r in resources.items())
-        st.status.sent_version = version
-        st.status.responses += 1
         data = _encode(rtype, version, nonce, body)
         return [Outgoing(rtype, version, nonce, data, len(resources))]

@@ -1,10 +1,20 @@
-"""What both protocol variants share: outgoing messages and per-type status."""
+"""What both protocol variants share: what goes out, what the client answered, and the
+per-type subscription of a stream.
+
+A machine (sotw.py, delta.py) turns each input into a ``Step``: the responses to write, in
+order, and the client's answer (``Ack`` or ``Nack``) when the request was one. The grpc
+wiring writes the responses and hands the events to its observers (observe.py); nothing here
+does I/O.
+"""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
-from xdsplane.snapshot import Snapshot
+from xdsplane.snapshot import Resource, Snapshot
 from xdsplane.types import ResourceType
 
 
@@ -18,6 +28,41 @@ class Outgoing:
     data: bytes
     resources: int
     removed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """The client accepted the latest response of ``type`` on this stream (its ``nonce``).
+
+    ``installed_at``: when the snapshot whose change caused that response was installed
+    (``Snapshot.installed_at``, monotonic seconds); None when a request caused it (a new
+    subscription) or the snapshot was never installed (tests). Its ACK ends the propagation.
+    """
+
+    type: ResourceType
+    version: str
+    nonce: str
+    installed_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Nack:
+    """The client rejected the latest response of ``type`` (``version``, sent as ``nonce``)."""
+
+    type: ResourceType
+    version: str
+    nonce: str
+    message: str
+
+
+@dataclass(slots=True)
+class Step:
+    """What a machine made of one input: the responses to write, in order, and the client's
+    answer to the latest response of the request's type (None: the input was a snapshot, a
+    subscription, a stale nonce or an unknown type)."""
+
+    responses: list[Outgoing] = field(default_factory=list)
+    answer: Ack | Nack | None = None
 
 
 @dataclass(slots=True)
@@ -45,6 +90,46 @@ class TypeStatus:
 
 
 @dataclass(slots=True)
+class Subscription:
+    """One stream's subscription to one type, in either variant: what the client asked for,
+    what it holds, and what was sent last.
+
+    Both variants keep ``wildcard``, ``names``, ``held`` (named resource -> the version the
+    client holds: every resource in delta, named types in SotW), the latest ``nonce`` and
+    ``sent_version``, ``last_sent`` (what a NACK of the latest response rejects) and
+    ``cause`` (the install time of the snapshot whose change caused the latest response).
+    ``claimed`` and ``sent`` are SotW's (a reconnect's claimed version; the full set a
+    wildcard client holds), ``answered`` and ``synced`` delta's (the first wildcard answer;
+    the type version a pure wildcard client holds exactly).
+    """
+
+    wildcard: bool
+    names: set[str] = field(default_factory=set)
+    held: dict[str, str] = field(default_factory=dict)
+    nonce: str = ""
+    sent_version: str = ""  # the type version last sent (SotW: or the one a client claimed)
+    # The latest response's resources (SotW: often the snapshot's own mapping, not a copy).
+    last_sent: Mapping[str, Resource] = field(default_factory=dict)
+    cause: float | None = None
+    status: TypeStatus = field(default_factory=TypeStatus)
+    claimed: str = ""  # SotW, named types: the version a reconnecting client says it holds
+    sent: Mapping[str, Resource] = field(default_factory=dict)  # SotW, full-state types
+    answered: bool = False  # delta: the first wildcard request was answered
+    # Delta: the type version of the snapshot this client holds exactly (pure wildcard,
+    # nothing rejected, nothing extra): such a client gets the shared diff, not a scan.
+    synced: str = ""
+
+    def sent_out(self, nonce: str, version: str, resources: Mapping[str, Resource]) -> None:
+        """A response went out: ``resources`` as ``version``, with ``nonce``."""
+        self.nonce = nonce
+        self.sent_version = version
+        self.last_sent = resources
+        self.cause = None  # set by the machine when a snapshot change caused it
+        self.status.sent_version = version
+        self.status.responses += 1
+
+
+@dataclass(slots=True)
 class Nonces:
     """Nonces are per stream: one counter, the latest per type remembered by the caller."""
 
@@ -64,29 +149,37 @@ class NackRecord:
 
 
 @dataclass(slots=True)
-class NodeMemory:
-    """What a node rejected, kept across its streams (a reconnect must not resend it).
+class Parked:
+    """What one stream's client rejected: not sent to it again on that stream.
 
     ``parked`` holds the NACKed version per full-state type, ``nacked`` the NACKed version of
-    each named resource; neither is sent to the node again. A changed snapshot gives new
-    versions, which are sent.
+    each named resource. A changed snapshot gives new versions, which are sent. This belongs
+    to the stream that NACKed: a new stream, even with the same node id, is sent the current
+    version (and parks it for itself if it NACKs too), so a client that claims a node's id
+    and NACKs cannot freeze the real node's config (shared/design/envoy-xds-facts.md).
     """
 
     parked: dict[ResourceType, str] = field(default_factory=dict)
     nacked: dict[ResourceType, dict[str, str]] = field(default_factory=dict)
-    last_nack: dict[ResourceType, NackRecord] = field(default_factory=dict)
 
-    def record_nack(
-        self, rtype: ResourceType, version: str, resources: dict[str, str], message: str
-    ) -> None:
-        import time
-
+    def record(self, rtype: ResourceType, version: str, resources: dict[str, str]) -> None:
         self.parked[rtype] = version
         self.nacked.setdefault(rtype, {}).update(resources)
-        self.last_nack[rtype] = NackRecord(message, version, time.time())
 
     def rejected(self, rtype: ResourceType, name: str, version: str) -> bool:
         return self.nacked.get(rtype, {}).get(name) == version
+
+
+@dataclass(slots=True)
+class NodeMemory:
+    """The last NACK per type of a node, over all its streams and kept after they close: a
+    view for /status only. It decides nothing about what is sent (that is ``Parked``, per
+    stream)."""
+
+    last_nack: dict[ResourceType, NackRecord] = field(default_factory=dict)
+
+    def record_nack(self, rtype: ResourceType, version: str, message: str) -> None:
+        self.last_nack[rtype] = NackRecord(message, version, time.time())
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -102,11 +195,44 @@ class StreamBase:
     """What both variants' per-stream machines keep besides their per-type state."""
 
     def __init__(self, memory: NodeMemory | None = None) -> None:
+        # ``memory``: the node's NACK view (/status), shared by the node's streams;
+        # ``parked``: what this stream's client rejected, this stream's own.
         self.memory = memory if memory is not None else NodeMemory()
+        self.parked = Parked()
         self.snapshot: Snapshot | None = None
         self._nonces = Nonces()
         self.ignored_types: set[str] = set()
         self.stale = 0
+        self.types: dict[ResourceType, Subscription] = {}
+
+    def _answer(
+        self, rtype: ResourceType, sub: Subscription, req: Any, acked_version: str
+    ) -> Ack | Nack:
+        """Judge ``req``, which answers the latest response of ``rtype`` (its nonce is
+        checked by the caller): a NACK when it carries ``error_detail`` (the version is
+        parked on this stream and the node's view records it), else an ACK of
+        ``acked_version``."""
+        nonce = str(req.response_nonce)
+        cause, sub.cause = sub.cause, None  # one answer per response ends its propagation
+        if req.HasField("error_detail"):
+            message = nack_message(req.error_detail)
+            version = sub.sent_version
+            sub.status.nacks += 1
+            sub.status.last_nack = message
+            sub.status.nacked_version = version
+            self.parked.record(rtype, version, {n: r.version for n, r in sub.last_sent.items()})
+            self.memory.record_nack(rtype, version, message)
+            return Nack(rtype, version, nonce, message)
+        sub.status.acks += 1
+        sub.status.acked_version = acked_version
+        return Ack(rtype, acked_version, nonce, cause)
+
+    def _caused_by(self, snapshot: Snapshot, responses: list[Outgoing]) -> list[Outgoing]:
+        """Mark ``responses`` as caused by a change to ``snapshot``: their ACKs observe the
+        propagation from its install time."""
+        for o in responses:
+            self.types[o.type].cause = snapshot.installed_at
+        return responses
 
     def _served_type(self, type_url: str) -> ResourceType | None:
         """The resource type of a request; None (and remembered) for types not served."""

@@ -245,6 +245,12 @@ def per_route(route: Route) -> Any | None:
     return rbac_filter_pb2.RBACPerRoute(rbac=config)
 
 
+def disabled() -> Any:
+    """An RBACPerRoute without ``rbac``: Envoy disables the filter on the route, whatever
+    the HCM-level configuration says."""
+    return rbac_filter_pb2.RBACPerRoute()
+
+
 def filter_config() -> Any:
     """The HCM-level RBAC filter: no rules (allows all) until a route says otherwise."""
     return rbac_filter_pb2.RBAC()

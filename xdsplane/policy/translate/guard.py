@@ -69,4 +69,9 @@ def per_route(route: Route) -> Any | None:
     """Disabled unless the route is replay-protected (then the HCM-level filter applies)."""
     if route.replay_protection:
         return None
+    return disabled()
+
+
+def disabled() -> Any:
+    """The ExtAuthzPerRoute of a route that never asks the guard."""
     return ext_authz_pb2.ExtAuthzPerRoute(disabled=True)

@@ -278,5 +278,10 @@ def per_route(route: Route) -> Any:
     """A route under an HCM with jwt_authn: its requirement, or disabled."""
     name = requirement_name(route)
     if name is None:
-        return config_pb2.PerRouteConfig(disabled=True)
+        return disabled()
     return config_pb2.PerRouteConfig(requirement_name=name)
+
+
+def disabled() -> Any:
+    """The PerRouteConfig of a route whose requests jwt_authn leaves alone."""
+    return config_pb2.PerRouteConfig(disabled=True)

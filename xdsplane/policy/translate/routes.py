@@ -190,25 +190,31 @@ def virtual_host(
     return rc.VirtualHost(name=host.name, domains=host.domains, routes=routes)
 
 
-def _misdirected() -> Any:
-    """Requests whose :authority is not a domain of the connection's host (SNI): 421."""
-    return rc.VirtualHost(
-        name=MISDIRECTED,
-        domains=["*"],
-        routes=[
-            rc.Route(
-                name=f"{MISDIRECTED}/421",
-                match=rc.RouteMatch(prefix="/"),
-                direct_response=rc.DirectResponseAction(
-                    status=421,
-                    body=base_pb2.DataSource(
-                        inline_string="misdirected request: this host is not served on this "
-                        "connection's server name\n"
-                    ),
-                ),
-            )
-        ],
+def _misdirected(host: Host) -> Any:
+    """Requests whose :authority is not a domain of the connection's host (SNI): 421,
+    before any check of ``host``'s HCM acts on them. Filters run before the route's
+    action, so each one the HCM holds is switched off on this route: no jwt_authn (a
+    missing or bad token would turn 421 into 401), no ext_authz (the guard is never asked,
+    no jti is spent), no RBAC. The rate limit filters need nothing: the route names no
+    limit (the local filter's HCM config has no bucket, the global one has no descriptor)."""
+    out = rc.Route(
+        name=f"{MISDIRECTED}/421",
+        match=rc.RouteMatch(prefix="/"),
+        direct_response=rc.DirectResponseAction(
+            status=421,
+            body=base_pb2.DataSource(
+                inline_string="misdirected request: this host is not served on this "
+                "connection's server name\n"
+            ),
+        ),
     )
+    if jwt.providers_of([host]):
+        out.typed_per_filter_config[jwt.FILTER].CopyFrom(pack(jwt.disabled()))
+    if guard.needs_ext_authz([host]):
+        out.typed_per_filter_config[guard.FILTER].CopyFrom(pack(guard.disabled()))
+    if authz.needs_rbac([host]):
+        out.typed_per_filter_config[authz.RBAC_FILTER].CopyFrom(pack(authz.disabled()))
+    return rc.VirtualHost(name=MISDIRECTED, domains=["*"], routes=[out])
 
 
 def _redirect(listener: Listener) -> Any:
@@ -253,7 +259,7 @@ def route_configurations(listener: Listener) -> list[Any]:
             virtual_host(h, bool(jwt.providers_of([h])), guard.needs_ext_authz([h]), listener.name)
         ]
         if "*" not in h.domains:
-            vhosts.append(_misdirected())
+            vhosts.append(_misdirected(h))
         out.append(
             route_pb2.RouteConfiguration(name=route_config_name(listener, h), virtual_hosts=vhosts)
         )
