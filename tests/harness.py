@@ -3,8 +3,12 @@
 Rules these helpers keep (see the project's test rules):
 
 - everything listens on 127.0.0.1, on ports chosen free at run time (``free_port``);
-- every process is bounded in time (a watchdog kills it after ``max_seconds``) and is
-  stopped by its PID: terminate, wait with a timeout, then kill;
+- every process is bounded in time (a watchdog kills it after ``max_seconds``: TEST_SECONDS
+  for a test's own processes, a bound named by the module for the ones its tests share)
+  and is stopped by its PID: terminate, wait with a timeout, then kill;
+- a test that stops, restarts or edits a shared process's state starts its own;
+- a test marked ``envoy`` needs Envoy 1.40 (``require_envoy``): skipped without it, failed
+  when XDSPLANE_REQUIRE_ENVOY=1 (CI);
 - Envoy runs with ``--disable-hot-restart --concurrency 1`` so several can run at once;
 - nothing sleeps for a fixed time to "let things settle": tests poll with ``wait_until``
   (Envoy's admin API, our /status, HTTP answers) and use ``holds_for`` only to assert that
