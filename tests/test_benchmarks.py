@@ -88,14 +88,18 @@ def test_bench_guard_quick() -> None:
 
 @pytest.mark.envoy
 def test_bench_soak_quick() -> None:
-    out = run_quick("bench_soak.py")
+    # Each change acknowledged by every client is the behaviour checked; "in time" (before
+    # the next change, 1.8 s in the quick mode) is the benchmark's goal, a figure: a busy
+    # machine may miss it. 30 s per change is the ceiling before the run counts as broken.
+    out = run_quick("bench_soak.py", "--ack-ceiling", "30")
     sims = [r for r in rows(out, "100 simulated streams") if len(r) == 6]
     envoys = [r for r in rows(out, "2 Envoys") if len(r) == 6]
 
     assert len(sims) == 1 and len(envoys) == 1, out
     changes = int(sims[0][1])
-    assert changes >= 8, out  # 24 s, a change every 2 s
-    assert sims[0][2] == envoys[0][2] == f"{changes}/{changes}", out
+    assert changes >= 8, out  # 24 s, a change every 2 s (or later, when one is slow)
+    assert f"acknowledged at all: {changes}/{changes} by the simulated streams, " in out
+    assert f"{changes}/{changes} by the Envoys" in out
     assert "NACKs: none; every change acknowledged by every client: yes" in out
     rss = re.search(r"^(\d+) MB\s+(\d+) MB", out, re.MULTILINE)
     assert rss is not None and int(rss.group(1)) > 20, out

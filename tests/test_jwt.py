@@ -165,6 +165,11 @@ class Gateway:
         return jwt.sign(key or self.key, jwt.claims(sub, **claims))
 
 
+# The module's processes serve 15 tests, ~80 s together on a busy 2-core machine; 10 minutes
+# covers a machine many times slower (start-up included) before the watchdog kills them.
+MODULE_SECONDS = 600.0
+
+
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     root = tmp_path_factory.mktemp("jwt")
@@ -177,7 +182,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     log = root / "access.log"
     (folder / "edge.yaml").write_text(POLICY.format(port=port, upstream=echo.port, log=log))
     try:
-        with process_group(root / "logs") as group:
+        with process_group(root / "logs", max_seconds=MODULE_SECONDS) as group:
             server = XdsServer(group, folder).start()
             envoy = Envoy(group, root, "edge-1", server.xds_address).start()
             gw = Gateway(folder, port, key, envoy, server, group, access_log=log)

@@ -135,6 +135,11 @@ class Gateway:
         return jwt.sign(self.keys[provider], jwt.claims("alice"))
 
 
+# The module's processes serve 16 tests, ~60 s together on a busy 2-core machine; 10 minutes
+# covers a machine many times slower (start-up included) before the watchdog kills them.
+MODULE_SECONDS = 600.0
+
+
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     root = tmp_path_factory.mktemp("jwtremote")
@@ -160,7 +165,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         POLICY.format(port=port, upstream=app.port, **{n: s.port for n, s in servers.items()})
     )
     try:
-        with process_group(root / "logs") as group:
+        with process_group(root / "logs", max_seconds=MODULE_SECONDS) as group:
             server = XdsServer(group, folder).start()
             envoy = Envoy(group, root, "edge-1", server.xds_address).start()
             gw = Gateway(port, envoy, group, keys, servers)

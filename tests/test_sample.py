@@ -197,11 +197,16 @@ class SampleEdge:
         return answer, [p for p in self.billing.received if probe in p]
 
 
+# The module's processes serve most of its 38 tests, ~60 s together here; 15 minutes
+# covers a machine many times slower (start-up included) before the watchdog kills them.
+MODULE_SECONDS = 900.0
+
+
 @pytest.fixture(scope="module")
 def sample_edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SampleEdge]:
     """The sample as shipped (free ports), its guard, xdsplane serve, Envoy and billing."""
     root = tmp_path_factory.mktemp("sample-paths")
-    with process_group(root / "logs") as procs:
+    with process_group(root / "logs", max_seconds=MODULE_SECONDS) as procs:
         folder, ports = sample_copy(root)
         certs = root / "certs"
         billing = DemoUpstream(certs, ports[9443]).start()

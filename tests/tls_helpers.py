@@ -35,8 +35,11 @@ from xdsplane import demo, pki
 
 
 @contextlib.contextmanager
-def process_group(log_dir: Path) -> Iterator[ProcessGroup]:
+def process_group(log_dir: Path, *, max_seconds: float) -> Iterator[ProcessGroup]:
     """A ProcessGroup for a module-scoped fixture: every process stopped by PID at the end.
+
+    ``max_seconds`` is the watchdog of its processes: a bound on the whole module's run on
+    a slow machine (each module documents its figure), not one test's TEST_SECONDS.
 
     The ``procs`` fixture of conftest.py is function-scoped; this is its module-scoped
     equivalent. Use ``attach_to_report`` in an autouse function fixture so that a failing
