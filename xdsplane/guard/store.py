@@ -140,7 +140,7 @@ class RedisStore:
     ) -> None:
         import redis.asyncio as aioredis
         from redis.backoff import NoBackoff
-        from redis.retry import Retry
+        from redis.asyncio.retry import Retry
 
         self.url = redact_url(url)  # what logs and errors show: never the password
         self.timeout = timeout
