@@ -19,6 +19,7 @@ from xdsplane.reload import Refused, retry_busy
 from xdsplane.server.ads import AdsService
 from xdsplane.server.limits import Limits
 from xdsplane.server.registry import Registry
+from xdsplane.tlsflags import all_or_none
 from xdsplane.watch import Reloader, Validator
 from xdsplane.xdstls import XdsTls
 
@@ -187,12 +188,11 @@ def _server_tls(opts: ServeOptions) -> XdsTls | None:
     """The xDS server's hot-reloaded TLS files, requiring client certificates of
     ``client_ca``; None: plaintext. Raises TlsSetupError when they do not check out."""
     files = {"--tls-cert": opts.tls_cert, "--tls-key": opts.tls_key, "--client-ca": opts.client_ca}
-    given = [flag for flag, path in files.items() if path is not None]
-    if not given:
-        return None
-    if len(given) != len(files):
-        missing = [flag for flag in files if flag not in given]
-        raise TlsSetupError([f"{', '.join(given)} needs {' and '.join(missing)} too"])
+    try:
+        if not all_or_none(files):
+            return None
+    except ValueError as e:
+        raise TlsSetupError([str(e)]) from None
     cert, key, ca = opts.tls_cert, opts.tls_key, opts.client_ca
     assert cert is not None and key is not None and ca is not None
     try:  # files being written at startup are read again (reload.retry_busy)

@@ -1,7 +1,7 @@
 """TLS files come as a set: a certificate, its key and a CA, all three or none.
 
-``serve`` (--tls-cert, --tls-key, --client-ca) and ``bootstrap`` (--tls-cert, --tls-key,
---ca) apply this one rule.
+``serve`` (--tls-cert, --tls-key, --client-ca), the guard (the same three) and ``bootstrap``
+(--tls-cert, --tls-key, --ca) apply this one rule.
 """
 
 from __future__ import annotations

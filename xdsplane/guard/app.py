@@ -26,6 +26,7 @@ from xdsplane.guard.service import GuardConfig, GuardMetrics, GuardService
 from xdsplane.guard.store import MemoryStore, RedisStore, Store, StoreAuthError, redact_url
 from xdsplane.guard.tls import CallerCheck, GuardTls
 from xdsplane.reload import FileReloader, Refused, ReloadState, Source, norm, retry_busy
+from xdsplane.tlsflags import all_or_none
 
 
 @dataclass
@@ -102,7 +103,10 @@ def make_store(opts: GuardOptions, metrics: GuardMetrics) -> Store:
 def guard_tls(opts: GuardOptions) -> GuardTls | None:
     """The gRPC side's mTLS files, checked; None: plaintext (only with --insecure)."""
     files = {"--tls-cert": opts.tls_cert, "--tls-key": opts.tls_key, "--client-ca": opts.client_ca}
-    given = [flag for flag, path in files.items() if path is not None]
+    try:
+        given = all_or_none(files)
+    except ValueError as e:
+        raise GuardStartupError([str(e)]) from None
     if not given:
         if opts.client_sans:
             raise GuardStartupError(["--client-san needs --tls-cert, --tls-key and --client-ca"])
@@ -114,9 +118,6 @@ def guard_tls(opts: GuardOptions) -> GuardTls | None:
                 ]
             )
         return None
-    if len(given) != len(files):
-        missing = [flag for flag in files if flag not in given]
-        raise GuardStartupError([f"{', '.join(given)} needs {' and '.join(missing)} too"])
     if not opts.client_sans:
         raise GuardStartupError(
             ["--client-san is required with --client-ca: the SAN(s) Envoy's certificate carries"]

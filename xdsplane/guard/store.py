@@ -139,8 +139,8 @@ class RedisStore:
         password: str | None = None,
     ) -> None:
         import redis.asyncio as aioredis
-        from redis.backoff import NoBackoff
         from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
 
         self.url = redact_url(url)  # what logs and errors show: never the password
         self.timeout = timeout
