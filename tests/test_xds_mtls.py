@@ -488,10 +488,7 @@ def test_node_never_gets_another_groups_secret(secrets_server: XdsServer, certs:
         a = Client.open(secrets_server, certs, "edge-a")
         call = a.stream()
         await call.write(sds_request("edge-b", ["b-secret"]))
-        with pytest.raises(grpc.aio.AioRpcError) as denied:
-            await call.read(10)
-        assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        assert "spiffe://xdsplane/node/edge-b" in str(denied.value.details())
+        assert "spiffe://xdsplane/node/edge-b" in await expect_denied(call)
         call.cancel()
         await a.channel.close()
 
@@ -581,6 +578,15 @@ def names_in(responses: list[Any]) -> list[str]:
     return out
 
 
+async def expect_denied(call: Any) -> str:
+    """The first thing back on ``call`` is a PERMISSION_DENIED refusal (no resource at all);
+    its details."""
+    with pytest.raises(grpc.aio.AioRpcError) as denied:
+        await call.read(10)
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    return str(denied.value.details())
+
+
 def open_stream(server: XdsServer, certs: Path, cert: str, variant: str) -> tuple[Client, Stream]:
     client = Client.open(server, certs, cert)
     return client, Stream.open(client.channel, variant)
@@ -602,11 +608,9 @@ def test_a_certificate_for_edge_b_claiming_cluster_edge_a_gets_nothing_of_edge_a
     async def scenario() -> None:
         client, call = open_stream(groups_server, certs, "edge-b", variant)
         await call.write(request_of(variant, type_url, "edge-b", "edge-a", wanted))
-        with pytest.raises(grpc.aio.AioRpcError) as denied:
-            await call.read(10)  # the first thing back is the refusal: no resource at all
-        assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        assert "spiffe://xdsplane/cluster/edge-a" in str(denied.value.details())
-        assert "a-" not in str(denied.value.details())  # no group name, no resource name
+        details = await expect_denied(call)  # the first thing back is the refusal: no resource
+        assert "spiffe://xdsplane/cluster/edge-a" in details
+        assert "a-" not in details  # no group name, no resource name
         call.cancel()
         # Other spellings of the same claim: a glob, the catch-all, another case.
         for cluster in ("edge-?", "*", "edge-[a]"):
@@ -656,9 +660,7 @@ def test_a_cluster_proven_by_a_uri_san_selects_by_cluster(
         # (edge-d's id selects none), so it is refused.
         client, call = open_stream(groups_server, certs, "edge-d", variant)
         await call.write(request_of(variant, type_url, "edge-d", "edge-a", wanted))
-        with pytest.raises(grpc.aio.AioRpcError) as denied:
-            await call.read(10)
-        assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        await expect_denied(call)
         call.cancel()
         await client.channel.close()
 
@@ -707,9 +709,7 @@ def test_a_reload_that_makes_the_unproven_cluster_match_does_not_leak(
         # A new stream with the same claim now would change the group: refused.
         call = Stream.open(client.channel, variant)
         await call.write(request_of(variant, SDS_URL, "edge-b", "edge-x", wanted))
-        with pytest.raises(grpc.aio.AioRpcError) as denied:
-            await call.read(10)
-        assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        await expect_denied(call)
         call.cancel()
         await client.channel.close()
 
