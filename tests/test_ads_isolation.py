@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,26 +32,12 @@ from harness import (
     wait_until,
     write_snapshot,
 )
-from test_ads_limits import CDS, EDS, EXHAUSTED, delta, sotw
+from test_ads_limits import CDS, EDS, EXHAUSTED, delta, run, serve, sotw
 from test_observability import metric, resources
 
 LDS = "type.googleapis.com/envoy.config.listener.v3.Listener"
 
 envoy_only = [pytest.mark.envoy]  # conftest: skipped without Envoy 1.40, failed in CI
-
-
-def serve(procs: ProcessGroup, tmp_path: Path, *args: str, port: int = 0) -> XdsServer:
-    cfg = tmp_path / "snapshots"
-    write_snapshot(cfg / "edge.yaml", resources(port or free_port(), free_port(), "v1"))
-    return XdsServer(procs, cfg, extra_args=args).start()
-
-
-def run(server: XdsServer, scenario: Callable[[grpc.aio.Channel], Awaitable[None]]) -> None:
-    async def main() -> None:
-        async with grpc.aio.insecure_channel(server.xds_address) as channel:
-            await scenario(channel)
-
-    asyncio.run(main())
 
 
 def nack_of(variant: str, type_url: str, resp: Any, message: str) -> Any:

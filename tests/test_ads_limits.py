@@ -53,9 +53,10 @@ def delta(type_url: str, node: str | None = None, **kw: Any) -> Any:
     return req
 
 
-def serve(procs: ProcessGroup, tmp_path: Path, *limits: str) -> XdsServer:
+def serve(procs: ProcessGroup, tmp_path: Path, *limits: str, port: int = 0) -> XdsServer:
+    """A server with ``limits`` (flags) on a one-listener policy (listening on ``port``)."""
     cfg = tmp_path / "snapshots"
-    write_snapshot(cfg / "edge.yaml", resources(free_port(), free_port(), "v1"))
+    write_snapshot(cfg / "edge.yaml", resources(port or free_port(), free_port(), "v1"))
     return XdsServer(procs, cfg, extra_args=limits).start()
 
 
