@@ -779,3 +779,51 @@ def test_no_private_key_material_in_logs_status_or_render(edge: Edge) -> None:
         if "tls_certificate" in s["resource"]
     ]
     assert len(keys) == 2 and all(k.startswith("<redacted sha256:") for k in keys), keys
+
+
+# -- missing client certificates as events (docs/observability.md) ----------------------------
+
+
+def _missing_counter(edge: Edge, host: str) -> int:
+    """Envoy's per-host count of requests without a client certificate (0 before the first)."""
+    name = f"http.https/{host}.rbac.client_certificate_missing.shadow_denied"
+    return edge.envoy.stats("^" + re.escape(name) + "$").get(name, 0)
+
+
+def test_a_missing_certificate_is_an_event_and_counted_per_host(edge: Edge) -> None:
+    """billing.example.com (client_certificate: optional): a request without a certificate
+    is its own access-log event and counts in the host's stat; one with a certificate is
+    neither, and the strict host has no such event or counter."""
+    tag = str(time.monotonic_ns())
+    without, with_cert = f"/billing/missing-{tag}-anon", f"/billing/missing-{tag}-alice"
+    before = _missing_counter(edge, "billing")
+    assert edge.get(without).status == 200
+    wait_until(lambda: _missing_counter(edge, "billing") == before + 1, 10, what="counted")
+    anon = _log_for(edge, without)
+    assert (anon["event"], anon["client_certificate"]) == ("client_certificate_missing", "missing")
+    assert anon["sni"] == BILLING and anon["route"] == "billing/billing", anon
+
+    # A request the access rules refuse (the admin route wants a certificate) counts too.
+    refused = f"/billing/admin/missing-{tag}"
+    assert edge.get(refused).status == 403
+    wait_until(lambda: _missing_counter(edge, "billing") == before + 2, 10, what="counted")
+
+    assert edge.get(with_cert, cert="alice").status == 200
+    alice = _log_for(edge, with_cert)
+    assert (alice["event"], alice["client_certificate"]) == ("request", "presented"), alice
+    holds_for(lambda: _missing_counter(edge, "billing") == before + 2, 1.0, what="not counted")
+    assert _log_for(edge, refused)["event"] == "client_certificate_missing"
+
+    strict = f"/missing-{tag}-strict"
+    assert edge.get(strict, sni=STRICT, cert="alice").status == 200
+    line = _log_for(edge, strict)
+    assert "event" not in line and "client_certificate" not in line, line
+    assert not edge.envoy.stats(r"^http\.https/billing-strict\.rbac\.client_certificate_missing")
+
+    # The name the alert rules use (deploy/prometheus/alerts.yml), one label per host.
+    prom = edge.envoy.admin("/stats/prometheus").body.decode()
+    series = (
+        'envoy_http_rbac_shadow_denied{envoy_rbac_http_prefix="client_certificate_missing",'
+        'envoy_http_conn_manager_prefix="https/billing"} '
+    )
+    assert series + str(before + 2) in prom.splitlines(), prom

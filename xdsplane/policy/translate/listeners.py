@@ -8,14 +8,17 @@ from typing import Any
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.core.v3 import extension_pb2, substitution_format_string_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.rbac.v3 import rbac_pb2
 from envoy.extensions.access_loggers.file.v3 import file_pb2
 from envoy.extensions.access_loggers.filters.cel.v3 import cel_pb2 as cel_filter_pb2
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.extensions.formatter.cel.v3 import cel_pb2
+from envoy.extensions.rbac.principals.mtls_authenticated.v3 import mtls_authenticated_pb2
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from google.protobuf import struct_pb2, wrappers_pb2
 
@@ -71,6 +74,17 @@ ACCESS_LOG_FIELDS: dict[str, str] = {
 
 HANDSHAKE_FAILED = "tls_handshake_failed"
 
+# A request without a client certificate on a host whose client_certificate is optional
+# (docs/observability.md): its access-log line says so in two extra fields, and Envoy counts
+# it per host in http.<listener>/<host>.rbac.client_certificate_missing.shadow_denied
+# (dots in the names become _: host_stat_prefix).
+CERTIFICATE_MISSING = "client_certificate_missing"
+MISSING_STAT_PREFIX = CERTIFICATE_MISSING
+OPTIONAL_HOST_LOG_FIELDS: dict[str, str] = {
+    "event": f"%CEL(connection.mtls?'request':'{CERTIFICATE_MISSING}')%",
+    "client_certificate": "%CEL(connection.mtls?'presented':'missing')%",
+}
+
 
 def handshake_log_fields(listener: str) -> dict[str, str]:
     """What a failed-handshake line says, JSON keys -> Envoy command operators. ``reason``
@@ -108,8 +122,11 @@ def _log_format(log: AccessLog, fields: Mapping[str, str], cel: bool) -> Any:
     return fmt
 
 
-def access_log(log: AccessLog) -> Any:
-    fmt = _log_format(log, ACCESS_LOG_FIELDS, cel=True)
+def access_log(log: AccessLog, host: Host | None = None) -> Any:
+    fields = ACCESS_LOG_FIELDS
+    if host is not None and host.client_certificate == "optional":
+        fields = {**ACCESS_LOG_FIELDS, **OPTIONAL_HOST_LOG_FIELDS}
+    fmt = _log_format(log, fields, cel=True)
     return accesslog_pb2.AccessLog(
         name="envoy.access_loggers.file",
         typed_config=pack(file_pb2.FileAccessLog(path=log.path, log_format=fmt)),
@@ -148,6 +165,31 @@ def _router() -> Any:
     return hcm_pb2.HttpFilter(
         name="envoy.filters.http.router", typed_config=pack(router_pb2.Router())
     )
+
+
+def _missing_certificate_counter() -> Any:
+    """An RBAC filter with shadow rules only (it never refuses): its shadow policy "denies"
+    exactly the requests on a connection without a validated client certificate, which
+    Envoy counts in ``rbac.client_certificate_missing.shadow_denied`` under the host's HCM
+    stat prefix (``....shadow_allowed`` counts the others). The prefix also keeps its
+    dynamic metadata apart from the route access rules' ``shadow_engine_result``."""
+    presented = rbac_pb2.Principal(
+        custom=extension_pb2.TypedExtensionConfig(
+            name="envoy.rbac.principals.mtls_authenticated",
+            typed_config=pack(mtls_authenticated_pb2.Config(any_validated_client_certificate=True)),
+        )
+    )
+    missing = rbac_pb2.Policy(
+        permissions=[rbac_pb2.Permission(any=True)],
+        principals=[rbac_pb2.Principal(not_id=presented)],
+    )
+    config = rbac_filter_pb2.RBAC(
+        shadow_rules=rbac_pb2.RBAC(
+            action=rbac_pb2.RBAC.DENY, policies={CERTIFICATE_MISSING: missing}
+        ),
+        shadow_rules_stat_prefix=MISSING_STAT_PREFIX,
+    )
+    return hcm_pb2.HttpFilter(name=f"xdsplane.{CERTIFICATE_MISSING}", typed_config=pack(config))
 
 
 def _jwt_filters(names: list[str], providers: Mapping[str, jwt.Provider]) -> list[Any]:
@@ -192,7 +234,11 @@ def _http_filters(
     # jwt_authn first (the others read its claims); then the cheap local refusals (access
     # rules, rate limits) so that a refused request neither spends budget it was not granted
     # nor its token's one use at the guard (ext_authz, last before the router).
-    filters = _jwt_filters(jwt_names, providers)
+    filters = []
+    if host is not None and host.client_certificate == "optional":
+        # First: every request is counted, also those a later filter refuses.
+        filters.append(_missing_certificate_counter())
+    filters.extend(_jwt_filters(jwt_names, providers))
     if authz.needs_rbac(rbac_hosts):
         filters.append(
             hcm_pb2.HttpFilter(name=authz.RBAC_FILTER, typed_config=pack(authz.filter_config()))
@@ -238,8 +284,15 @@ def _hcm(
             )
         )
     if log is not None:
-        m.access_log.append(access_log(log))
+        m.access_log.append(access_log(log, host))
     return listener_components_pb2.Filter(name=HCM, typed_config=pack(m))
+
+
+def host_stat_prefix(listener: str, host: str) -> str:
+    """The HCM stat prefix of a host's filter chain: one token, so that Envoy's tag
+    extraction makes all of it the ``envoy_http_conn_manager_prefix`` label in
+    /stats/prometheus (a dot would end the label and put the rest into the metric's name)."""
+    return f"{listener}/{host}".replace(".", "_")
 
 
 def downstream_tls(tls: Tls, host: Host) -> Any:
@@ -307,7 +360,7 @@ def listener(
             name=f"{spec.name}/{h.name}",
             filters=[
                 _hcm(
-                    f"{spec.name}.{h.name}",
+                    host_stat_prefix(spec.name, h.name),
                     route_config_name(spec, h),
                     h,
                     log,
