@@ -827,3 +827,22 @@ def test_a_missing_certificate_is_an_event_and_counted_per_host(edge: Edge) -> N
         'envoy_http_conn_manager_prefix="https/billing"} '
     )
     assert series + str(before + 2) in prom.splitlines(), prom
+
+
+def test_routes_have_their_own_response_counters(edge: Edge) -> None:
+    """Each route's upstream answers are counted under its name (vhost.<host>.route.<host>/
+    <route>), which the per-route 4xx/5xx alerts of deploy/prometheus/alerts.yml read."""
+    name = "vhost.billing.route.billing/billing.upstream_rq_2xx"
+    before = edge.envoy.stats("^" + re.escape(name) + "$").get(name, 0)
+    assert edge.get(f"/billing/route-stat-{time.monotonic_ns()}").status == 200
+    wait_until(
+        lambda: edge.envoy.stats("^" + re.escape(name) + "$").get(name, 0) == before + 1,
+        10,
+        what=name,
+    )
+    prom = edge.envoy.admin("/stats/prometheus").body.decode()
+    series = (
+        'envoy_vhost_route_upstream_rq_xx{envoy_response_code_class="2",'
+        f'envoy_virtual_host="billing",envoy_route="billing/billing"}} {before + 1}'
+    )
+    assert series in prom.splitlines(), [x for x in prom.splitlines() if "route_upstream" in x]
