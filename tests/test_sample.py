@@ -6,6 +6,7 @@ serves a copy whose ports are free ones, with a PKI made by `xdsplane certs init
 
 from __future__ import annotations
 
+import json
 import ssl
 import subprocess
 import sys
@@ -135,8 +136,32 @@ def test_sample_is_served_live_without_nack(
         assert bearer_get(ports[8443], ctx, "/billing/invoices", None).status == 401
         admin, _ = https_get(ports[8443], ctx, "billing.example.com", "/billing/admin/x")
         assert admin.status == 403  # no client certificate
+        assert_missing_certificate_is_an_event(envoy, ports[8443], ctx)
     finally:
         billing.stop()
+
+
+def assert_missing_certificate_is_an_event(envoy: Envoy, port: int, ctx: ssl.SSLContext) -> None:
+    """billing.example.com is client_certificate: optional: a request without a certificate
+    (refused here, 401: no token) is its own access-log event (the sample logs JSON to
+    Envoy's stdout) and counts in the host's stat (docs/observability.md)."""
+    counter = "http.https/billing.rbac.client_certificate_missing.shadow_denied"
+    before = envoy.stat(counter)
+    path = f"/billing/missing-certificate-{uuid.uuid4().hex}"
+    assert bearer_get(port, ctx, path, None).status == 401
+    wait_until(lambda: envoy.stat(counter) == before + 1, 10, what=counter)
+
+    def logged() -> dict[str, object] | None:
+        for line in envoy.proc.log_path.read_text(encoding="utf-8").splitlines():
+            if line.startswith("{") and path in line:
+                found: dict[str, object] = json.loads(line)
+                return found
+        return None
+
+    # Envoy flushes its access-log files every 10 s by default: a generous ceiling.
+    line = wait_until(logged, 60, what=f"the access-log line for {path}")
+    assert (line["event"], line["client_certificate"]) == ("client_certificate_missing", "missing")
+    assert line["status"] == 401 and line["route"] == "billing/billing", line
 
 
 # -- the admin route cannot be walked around (issue #11, item 5) ----------------------------
