@@ -79,6 +79,27 @@ def test_sample_validates_with_envoy(tmp_path: Path) -> None:
     assert "Traceback" not in r.stderr
 
 
+def test_sample_with_a_text_access_log_validates_with_envoy(tmp_path: Path) -> None:
+    """The text format's CEL fields of the optional host (event=, client_certificate=) are
+    accepted by Envoy itself, as the JSON ones are in the live tests."""
+    folder, _ = sample_copy(tmp_path)
+    changed = 0
+    for f in folder.glob("*.yaml"):
+        text = f.read_text()
+        if "format: json" in text:
+            f.write_text(text.replace("format: json", "format: text"))
+            changed += 1
+    assert changed == 1
+    r = subprocess.run(
+        [sys.executable, "-m", "xdsplane", "validate", str(folder), "--envoy"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 def start_sample_guard(procs: ProcessGroup, folder: Path, certs: Path, port: int) -> None:
     """The sample's guard on ``port`` over mTLS (the policy's guard.tls), reading the
     sample's limits from ``folder``; returns once it answers /healthz."""
