@@ -63,6 +63,9 @@ def filter_config(guard: Guard) -> Any:
         transport_api_version=config_source_pb2.V3,
         failure_mode_allow=guard.fail_open,
         metadata_context_namespaces=[jwt.FILTER],
+        # The client certificate (PEM, URL-encoded) in the CheckRequest: the guard refuses a
+        # revoked one (xdsplane revoke --cert).
+        include_peer_certificate=True,
     )
 
 

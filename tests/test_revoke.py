@@ -1,0 +1,284 @@
+"""Revocation (issue #13): a token (jti), a subject (sub) or a client certificate refused
+by the guard until an expiry, with a reason; kept in the guard's store (memory, or the
+Redis every guard shares, TTL = expiry) or a watched file; managed by ``xdsplane revoke`` /
+``unrevoke``. Attacked: another spelling of a fingerprint, an expired entry, a connection
+opened before the revocation, a revoked subject at the other Envoy."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+from harness import HOST, TEST_SECONDS, Response, bearer, wait_until, write_atomic
+from test_guard import Clock, Guard, Redis, allowed, check_request, denied, pki_dir
+from test_ratelimit import MODULE_SECONDS, Shared, shared_edges, token
+from tls_helpers import process_group
+
+from xdsplane import jwt
+from xdsplane.guard import revoke as rv
+from xdsplane.guard.service import GuardConfig, GuardService
+from xdsplane.guard.store import MemoryStore
+
+ROOT = Path(__file__).resolve().parent.parent
+PREFIX = GuardConfig().key_prefix
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "xdsplane", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def claims(sub: str = "alice", jti: str | None = None, now: float = 1_700_000_000.0) -> Any:
+    return jwt.claims(sub, jti=jti, now=now, ttl=60)
+
+
+def service(clock: Clock) -> tuple[GuardService, MemoryStore]:
+    store = MemoryStore(clock)
+    return GuardService(store, None, GuardConfig(), clock=clock), store
+
+
+def with_cert(req: Any, pem: str) -> Any:
+    req.attributes.source.certificate = quote(pem)  # Envoy sends it URL-encoded
+    return req
+
+
+def refusals(svc: GuardService, reason: str) -> float:
+    value = svc.metrics.registry.get_sample_value(
+        "xdsplane_guard_decisions_total", {"api": "authz", "result": "deny", "reason": reason}
+    )
+    return value or 0.0
+
+
+# -- the service, memory store ------------------------------------------------------------
+
+
+async def test_revoked_sub_and_jti_are_refused_with_reason_until_unrevoked() -> None:
+    clock = Clock()
+    svc, store = service(clock)
+    await rv.put(store, PREFIX, rv.entry("sub", "mallory", None, "stolen laptop"), clock.now)
+    resp = await svc.check(check_request(claims("mallory", now=clock.now)))
+    assert denied(resp)[:2] == (403, "revoked_sub")
+    assert refusals(svc, "revoked_sub") == 1
+    assert allowed(await svc.check(check_request(claims("alice", now=clock.now))))
+    # a jti: refused even though it was never used (no replay claim taken)
+    await rv.put(store, PREFIX, rv.entry("jti", "t-1", clock.now + 30, "leaked"), clock.now)
+    assert denied(await svc.check(check_request(claims("bob", "t-1", clock.now))))[1] == (
+        "revoked_jti"
+    )
+    assert await rv.remove(store, PREFIX, "sub", "mallory")
+    assert allowed(await svc.check(check_request(claims("mallory", now=clock.now))))
+    listed = await rv.listing(store, PREFIX)
+    assert [(r.kind, r.value, r.reason) for r in listed] == [("jti", "t-1", "leaked")]
+
+
+async def test_store_entry_expires() -> None:
+    clock = Clock()
+    svc, store = service(clock)
+    await rv.put(store, PREFIX, rv.entry("sub", "eve", clock.now + 10, "r"), clock.now)
+    assert denied(await svc.check(check_request(claims("eve", now=clock.now))))[1] == "revoked_sub"
+    clock.now += 10.5
+    assert allowed(await svc.check(check_request(claims("eve", now=clock.now))))
+    assert await rv.listing(store, PREFIX) == []
+
+
+async def test_revoked_certificate_by_fingerprint_and_serial(tmp_path: Path) -> None:
+    certs = pki_dir(tmp_path)
+    pem = (certs / "edge-1.crt").read_text()
+    sha, serial = rv.cert_file_identity(certs / "edge-1.crt")
+    clock = Clock()
+    svc, store = service(clock)
+    # another spelling (upper case, colons) names the same certificate
+    spelled = ":".join(sha[i : i + 2] for i in range(0, 64, 2)).upper()
+    await rv.put(store, PREFIX, rv.entry("cert_sha256", spelled, None, "key lost"), clock.now)
+    resp = await svc.check(with_cert(check_request(claims(now=clock.now)), pem))
+    assert denied(resp)[1] == "revoked_cert"
+    other = (certs / "guard-client.crt").read_text()
+    assert allowed(await svc.check(with_cert(check_request(claims(now=clock.now)), other)))
+    await rv.remove(store, PREFIX, "cert_sha256", sha)
+    await rv.put(store, PREFIX, rv.entry("cert_serial", "00" + serial, None, "x"), clock.now)
+    resp = await svc.check(with_cert(check_request(claims(now=clock.now)), pem))
+    assert denied(resp)[1] == "revoked_cert"
+
+
+async def test_file_entries_apply_and_expire() -> None:
+    clock = Clock()
+    svc, _store = service(clock)
+    data = [
+        {"kind": "sub", "value": "old", "until": clock.now - 1, "reason": "past"},
+        {"kind": "sub", "value": "cur", "until": clock.now + 5, "reason": "now"},
+    ]
+    svc.revocations.set_file(rv.parse_entries(data, "revoked.yaml"))
+    assert allowed(await svc.check(check_request(claims("old", now=clock.now))))
+    assert denied(await svc.check(check_request(claims("cur", now=clock.now))))[1] == "revoked_sub"
+    clock.now += 6
+    assert allowed(await svc.check(check_request(claims("cur", now=clock.now))))
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("- {kind: sub}\n", "item 1: field value is required"),
+        ("- {kind: sub, value: a}\n- {kind: token, value: b}\n", "item 2: kind 'token'"),
+        ("- {kind: cert_sha256, value: zz}\n", "expected hexadecimal"),
+        ("- {kind: sub, value: a, until: soon}\n", "until 'soon'"),
+        ("- {kind: sub, value: a, color: red}\n", "unknown field(s) color"),
+        ("kind: sub\n", "expected a list"),
+        ("- [\n", "revoked.yaml:"),
+    ],
+)
+def test_bad_file_names_file_and_item(tmp_path: Path, text: str, error: str) -> None:
+    path = tmp_path / "revoked.yaml"
+    path.write_text(text)
+    with pytest.raises(rv.RevocationError) as e:
+        rv.read_file(path)
+    assert str(path) in str(e.value) and error in str(e.value), str(e.value)
+
+
+# -- the command ---------------------------------------------------------------------------
+
+
+def test_cli_file_revoke_list_unrevoke(tmp_path: Path) -> None:
+    path = tmp_path / "revoked.json"
+    r = run_cli(
+        "revoke", "--sub", "mallory", "--until", "1h", "--reason", "fired", "--file", str(path)
+    )
+    assert r.returncode == 0, r.stderr
+    r = run_cli("revoke", "--jti", "abc", "--file", str(path))
+    assert r.returncode == 0, r.stderr
+    listed = json.loads(run_cli("revoke", "--list", "--file", str(path)).stdout)
+    assert {(e["kind"], e["value"], e["reason"]) for e in listed} == {
+        ("sub", "mallory", "fired"),
+        ("jti", "abc", ""),
+    }
+    assert run_cli("unrevoke", "--sub", "mallory", "--file", str(path)).returncode == 0
+    assert [e["kind"] for e in json.loads(path.read_text())] == ["jti"]
+    missing = run_cli("unrevoke", "--sub", "mallory", "--file", str(path))
+    assert missing.returncode == 1 and "no sub revocation" in missing.stderr
+    bad = run_cli("revoke", "--sub", "x", "--until", "yesterday", "--file", str(path))
+    assert bad.returncode == 1 and "until 'yesterday'" in bad.stderr
+    both = run_cli("revoke", "--sub", "x", "--file", str(path), "--redis", "redis://h:1/0")
+    assert both.returncode == 2
+
+
+def test_cli_redis_ttl_is_the_expiry_and_guard_refuses(tmp_path: Path) -> None:
+    certs = pki_dir(tmp_path)
+    with process_group(tmp_path / "logs", max_seconds=TEST_SECONDS) as group:
+        redis = Redis(group, tmp_path).start()
+        guard = Guard(group, "guard", "--redis", redis.url, certs=certs).launch().ready()
+        now = time.time()
+        req = check_request(jwt.claims("mallory", now=now, ttl=60))
+        assert allowed(guard.authz.Check(req, timeout=5))
+        r = run_cli("revoke", "--sub", "mallory", "--until", "2s", "--redis", redis.url)
+        assert r.returncode == 0, r.stderr
+        key = rv.store_key(PREFIX, "sub", "mallory")
+        assert 0 < redis.command("PTTL", key) <= 2000  # Redis expires it
+        wait_until(
+            lambda: (
+                not allowed(
+                    guard.authz.Check(check_request(jwt.claims("mallory", ttl=60)), timeout=5)
+                )
+            ),
+            10,
+            what="revoked sub refused",
+        )
+        listed = json.loads(run_cli("revoke", "--list", "--redis", redis.url).stdout)
+        assert [(e["kind"], e["value"]) for e in listed] == [("sub", "mallory")]
+        # expiry honoured: the key is gone and the subject is served again
+        wait_until(lambda: redis.command("EXISTS", key) == 0, 10, what="redis expired the key")
+        assert allowed(guard.authz.Check(check_request(jwt.claims("mallory", ttl=60)), timeout=5))
+        # jti, then unrevoke
+        assert run_cli("revoke", "--jti", "j-9", "--redis", redis.url).returncode == 0
+        resp = guard.authz.Check(check_request(jwt.claims("a", jti="j-9", ttl=60)), timeout=5)
+        assert denied(resp)[1] == "revoked_jti"
+        assert run_cli("unrevoke", "--jti", "j-9", "--redis", redis.url).returncode == 0
+        resp = guard.authz.Check(check_request(jwt.claims("a", jti="j-9", ttl=60)), timeout=5)
+        assert allowed(resp)
+        guard.close()
+
+
+def test_guard_watches_the_revocations_file_with_the_memory_store(tmp_path: Path) -> None:
+    certs = pki_dir(tmp_path)
+    path = tmp_path / "revoked.yaml"
+    write_atomic(path, "[]\n")
+    with process_group(tmp_path / "logs", max_seconds=TEST_SECONDS) as group:
+        guard = Guard(group, "guard", "--revocations", str(path), certs=certs).launch().ready()
+
+        def refused() -> bool:
+            resp = guard.authz.Check(check_request(jwt.claims("mallory", ttl=60)), timeout=5)
+            return not allowed(resp) and denied(resp)[1] == "revoked_sub"
+
+        assert not refused()
+        assert run_cli("revoke", "--sub", "mallory", "--file", str(path)).returncode == 0
+        wait_until(refused, 10, what="file revocation applied")
+        # a broken file keeps the last good entries
+        write_atomic(path, "- {kind: nope, value: x}\n")
+        time.sleep(0.5)  # no event to wait for: a refused reload changes nothing
+        assert refused()
+        write_atomic(path, "[]\n")
+        wait_until(lambda: not refused(), 10, what="file unrevocation applied")
+        guard.close()
+
+
+# -- two Envoys, two guards, one Redis -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
+    with shared_edges(tmp_path_factory.mktemp("revoke-shared"), MODULE_SECONDS) as edges:
+        yield edges
+
+
+def keepalive_get(conn: http.client.HTTPConnection, path: str, tok: str) -> Response:
+    conn.request("GET", path, headers=bearer(tok))
+    r = conn.getresponse()
+    return Response(r.status, r.read(), {k.lower(): v for k, v in r.getheaders()})
+
+
+@pytest.mark.envoy
+def test_revoked_sub_refused_on_both_envoys_on_open_connections(shared: Shared) -> None:
+    mallory = shared.sub("mallory")
+    conns = [http.client.HTTPConnection(HOST, e.port, timeout=5) for e in (shared.a, shared.b)]
+    try:
+        for c in conns:  # opened (and used) before the revocation
+            assert keepalive_get(c, "/once/x", token(shared.key, mallory)).status == 200
+        socks = [c.sock for c in conns]
+        started = time.monotonic()
+        r = run_cli("revoke", "--sub", mallory, "--reason", "test", "--redis", shared.redis.url)
+        assert r.returncode == 0, r.stderr
+        assert mallory not in r.stdout  # the command echoes the kind, not values or tokens
+
+        def refused(c: http.client.HTTPConnection) -> bool:
+            resp = keepalive_get(c, "/once/x", token(shared.key, mallory))
+            return resp.status == 403 and resp.headers.get("x-guard-reason") == "revoked_sub"
+
+        for c in conns:
+            wait_until(lambda c=c: refused(c), 10, what="revoked sub refused")
+        print(f"revocation applied on both Envoys after {time.monotonic() - started:.3f}s")
+        assert [c.sock for c in conns] == socks  # the same connections, never dropped
+        other = shared.sub("alice")
+        assert keepalive_get(conns[0], "/once/x", token(shared.key, other)).status == 200
+        assert run_cli("unrevoke", "--sub", mallory, "--redis", shared.redis.url).returncode == 0
+        for c in conns:
+            wait_until(
+                lambda c=c: keepalive_get(c, "/once/x", token(shared.key, mallory)).status == 200,
+                10,
+                what="unrevoked sub served",
+            )
+        assert [c.sock for c in conns] == socks
+    finally:
+        for c in conns:
+            c.close()
