@@ -282,3 +282,127 @@ def test_revoked_sub_refused_on_both_envoys_on_open_connections(shared: Shared) 
     finally:
         for c in conns:
             c.close()
+
+
+# -- a client certificate through a real Envoy, file-based with the memory store ----------
+
+CERT_POLICY = """\
+nodes: ["edge-*"]
+guard:
+  address: "{guard}"
+  fail_open: false
+  timeout: 1s
+  tls: {{certificate: guard-client, ca: service-ca, sni: guard, subject_alt_names: [guard]}}
+jwt_providers:
+  idp:
+    issuer: {issuer}
+    audiences: [billing]
+    jwks_file: ../keys/jwks.json
+    max_lifetime: 300s
+listeners:
+  - name: https
+    address: 127.0.0.1:{port}
+    tls: {{}}
+    hosts:
+      - name: billing
+        domains: [billing.example.com]
+        certificate: edge-server
+        client_certificate: required
+        client_ca: client-ca
+        routes:
+          - {{name: once, prefix: /, jwt: idp, replay_protection: true, upstream: echo}}
+secrets:
+  guard-client: {{certificate: ../certs/guard-client.crt, private_key: ../certs/guard-client.key}}
+  service-ca: {{ca: ../certs/service-ca.crt}}
+  edge-server: {{certificate: ../certs/edge.crt, private_key: ../certs/edge.key}}
+  client-ca: {{ca: ../certs/client-ca.crt}}
+upstreams:
+  echo: {{endpoints: ["127.0.0.1:{upstream}"]}}
+"""
+
+
+def tls_conn(port: int, certs: Path, name: str) -> http.client.HTTPConnection:
+    """A keep-alive HTTP connection over TLS (SNI billing.example.com) presenting ``name``."""
+    import socket
+
+    from tls_helpers import client_context
+
+    ctx = client_context(certs, name)
+    conn = http.client.HTTPConnection("billing.example.com", port, timeout=5)
+    raw = socket.create_connection((HOST, port), timeout=5)
+    conn.sock = ctx.wrap_socket(raw, server_hostname="billing.example.com")
+    return conn
+
+
+@pytest.mark.envoy
+def test_revoked_client_certificate_refused_through_envoy_by_file(tmp_path: Path) -> None:
+    from harness import EchoUpstream, Envoy, XdsServer, free_port
+
+    from xdsplane import pki
+
+    certs = pki_dir(tmp_path)
+    pki.issue(
+        certs, "carol", "client-ca", uris=["spiffe://example.com/ops/carol"], usage=["client"]
+    )
+    key = jwt.new_key()
+    pki.write_atomic(tmp_path / "keys" / "jwks.json", jwt.jwks(key))
+    revoked = tmp_path / "revoked.yaml"
+    write_atomic(revoked, "[]\n")
+    folder = tmp_path / "policy"
+    echo = EchoUpstream()
+    port = free_port()
+    try:
+        with process_group(tmp_path / "logs", max_seconds=TEST_SECONDS) as group:
+            guard = Guard(group, "guard", "--revocations", str(revoked), certs=certs)
+            guard.launch().ready()
+            text = CERT_POLICY.format(
+                guard=f"{HOST}:{guard.port}",
+                issuer=jwt.DEFAULT_ISSUER,
+                port=port,
+                upstream=echo.port,
+            )
+            write_atomic(folder / "edge.yaml", text)
+            server = XdsServer(group, folder).start()
+            Envoy(group, tmp_path, "edge-1", server.xds_address).start()
+
+            def get(conn: http.client.HTTPConnection) -> Response:
+                return keepalive_get(conn, "/x", jwt.sign(key, jwt.claims("someone")))
+
+            alice = tls_conn(port, certs, "alice")
+            wait_until(lambda: get(tls_conn(port, certs, "alice")).status == 200, 20, what="edge")
+            assert get(alice).status == 200  # opened before the revocation
+            sock = alice.sock
+            r = run_cli(
+                "revoke",
+                "--cert",
+                str(certs / "alice.crt"),
+                "--reason",
+                "key lost",
+                "--file",
+                str(revoked),
+            )
+            assert r.returncode == 0, r.stderr
+
+            def refused(conn: http.client.HTTPConnection) -> bool:
+                resp = get(conn)
+                return resp.status == 403 and resp.headers.get("x-guard-reason") == "revoked_cert"
+
+            wait_until(lambda: refused(alice), 10, what="revoked certificate refused")
+            assert alice.sock is sock  # the same connection
+            assert get(tls_conn(port, certs, "carol")).status == 200  # another certificate
+            _sha, serial = rv.cert_file_identity(certs / "carol.crt")
+            assert (
+                run_cli("revoke", "--cert-serial", serial, "--file", str(revoked)).returncode == 0
+            )
+            carol = tls_conn(port, certs, "carol")
+            wait_until(lambda: refused(carol), 10, what="revoked serial refused")
+            assert (
+                run_cli(
+                    "unrevoke", "--cert", str(certs / "alice.crt"), "--file", str(revoked)
+                ).returncode
+                == 0
+            )
+            wait_until(lambda: get(alice).status == 200, 10, what="unrevoked certificate served")
+            guard.close()
+    finally:
+        echo.close()
