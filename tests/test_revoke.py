@@ -265,9 +265,15 @@ def test_revoked_sub_refused_on_both_envoys_on_open_connections(shared: Shared) 
             resp = keepalive_get(c, "/once/x", token(shared.key, mallory))
             return resp.status == 403 and resp.headers.get("x-guard-reason") == "revoked_sub"
 
+        written = time.monotonic()  # the key is in Redis
         for c in conns:
             wait_until(lambda c=c: refused(c), 10, what="revoked sub refused")
-        print(f"revocation applied on both Envoys after {time.monotonic() - started:.3f}s")
+        # The figure for docs/guard.md (not judged: a generous ceiling above).
+        done = time.monotonic()
+        print(
+            f"revocation refused on both Envoys {done - written:.3f}s after the key was "
+            f"written ({done - started:.3f}s after starting xdsplane revoke)"
+        )
         assert [c.sock for c in conns] == socks  # the same connections, never dropped
         other = shared.sub("alice")
         assert keepalive_get(conns[0], "/once/x", token(shared.key, other)).status == 200
