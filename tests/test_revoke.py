@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-from harness import HOST, TEST_SECONDS, Response, bearer, wait_until, write_atomic
+from harness import HOST, TEST_SECONDS, Response, bearer, http_get, wait_until, write_atomic
 from test_guard import Clock, Guard, Redis, allowed, check_request, denied, pki_dir
 from test_ratelimit import MODULE_SECONDS, Shared, shared_edges, token
 from tls_helpers import process_group
@@ -226,7 +226,14 @@ def test_guard_watches_the_revocations_file_with_the_memory_store(tmp_path: Path
         wait_until(refused, 10, what="file revocation applied")
         # a broken file keeps the last good entries
         write_atomic(path, "- {kind: nope, value: x}\n")
-        time.sleep(0.5)  # no event to wait for: a refused reload changes nothing
+
+        def health() -> Any:
+            return json.loads(http_get(guard.admin_port, "/healthz").text)
+
+        wait_until(lambda: health()["revocations_reload"]["failures"] >= 1, 10, what="refused")
+        errors = health()["revocations_reload"]["errors"]
+        assert any(str(path) in e and "item 1: kind 'nope'" in e for e in errors), errors
+        assert health()["revocations_file_entries"] == 1
         assert refused()
         write_atomic(path, "[]\n")
         wait_until(lambda: not refused(), 10, what="file unrevocation applied")

@@ -133,8 +133,22 @@ def guard_tls(opts: GuardOptions) -> GuardTls | None:
         raise GuardStartupError(e.errors) from None
 
 
+def _reload_json(state: ReloadState) -> dict[str, object]:
+    return {
+        "loaded_at": state.loaded_at,
+        "attempts": state.attempts,
+        "successes": state.successes,
+        "failures": state.failures,
+        "failed_at": state.failed_at,
+        "errors": list(state.errors),
+    }
+
+
 def admin_app(
-    service: GuardService, opts: GuardOptions, reload: ReloadState | None = None
+    service: GuardService,
+    opts: GuardOptions,
+    reload: ReloadState | None = None,
+    revocations: ReloadState | None = None,
 ) -> web.Application:
     async def metrics(_: web.Request) -> web.Response:
         body = generate_latest(service.metrics.registry)
@@ -156,14 +170,11 @@ def admin_app(
             "rules": service.limits.rule_count(),
         }
         if reload is not None:  # the limits' reloads (xdsplane.reload), as serve's /status
-            body["limits_reload"] = {
-                "loaded_at": reload.loaded_at,
-                "attempts": reload.attempts,
-                "successes": reload.successes,
-                "failures": reload.failures,
-                "failed_at": reload.failed_at,
-                "errors": list(reload.errors),
-            }
+            body["limits_reload"] = _reload_json(reload)
+        if revocations is not None:  # --revocations FILE
+            body["revocations"] = str(opts.revocations)
+            body["revocations_file_entries"] = len(service.revocations.from_file)
+            body["revocations_reload"] = _reload_json(revocations)
         return web.Response(text=json.dumps(body) + "\n", content_type="application/json")
 
     # The same Host check (DNS rebinding) and security headers as serve's admin server.
@@ -354,7 +365,10 @@ async def run(opts: GuardOptions) -> None:
             raise GuardStartupError(e.errors) from None
         revoker.state.loaded, revoker.state.loaded_at = True, time.time()
     reloader.state.loaded, reloader.state.loaded_at = True, time.time()  # the startup load
-    runner = web.AppRunner(admin_app(service, opts, reloader.state), access_log=None)
+    runner = web.AppRunner(
+        admin_app(service, opts, reloader.state, revoker.state if revoker else None),
+        access_log=None,
+    )
     await runner.setup()
     try:
         await web.TCPSite(runner, admin_host, admin_port).start()
