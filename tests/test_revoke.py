@@ -419,3 +419,19 @@ def test_revoked_client_certificate_refused_through_envoy_by_file(tmp_path: Path
             guard.close()
     finally:
         echo.close()
+
+
+async def test_store_down_file_entries_still_refuse_and_store_lookup_fails_closed() -> None:
+    from test_guard import DownStore
+
+    clock = Clock()
+    for fail_open in (False, True):
+        svc = GuardService(DownStore(), None, GuardConfig(fail_open=fail_open), clock=clock)
+        svc.revocations.set_file([rv.entry("sub", "mallory", None, "file")])
+        resp = await svc.check(check_request(claims("mallory", now=clock.now)))
+        assert denied(resp)[1] == "revoked_sub"  # the file needs no store
+        resp = await svc.check(check_request(claims("alice", now=clock.now)))
+        if fail_open:
+            assert allowed(resp)
+        else:
+            assert denied(resp)[:2] == (503, "store_unavailable")
