@@ -323,6 +323,8 @@ listeners:
         client_certificate: required
         client_ca: client-ca
         routes:
+          - {{name: check, prefix: /check/, jwt: idp, revocation_check: true, upstream: echo}}
+          - {{name: open, prefix: /open/, jwt: idp, upstream: echo}}
           - {{name: once, prefix: /, jwt: idp, replay_protection: true, upstream: echo}}
 secrets:
   guard-client: {{certificate: ../certs/guard-client.crt, private_key: ../certs/guard-client.key}}
@@ -402,6 +404,12 @@ def test_revoked_client_certificate_refused_through_envoy_by_file(tmp_path: Path
 
             wait_until(lambda: refused(alice), 10, what="revoked certificate refused")
             assert alice.sock is sock  # the same connection
+            # revocation_check without replay_protection: refused too; a route that does not
+            # call the guard is not covered (docs/guard.md says which routes are)
+            reused = jwt.sign(key, jwt.claims("someone"))
+            check = keepalive_get(alice, "/check/x", reused)
+            assert (check.status, check.headers.get("x-guard-reason")) == (403, "revoked_cert")
+            assert keepalive_get(alice, "/open/x", reused).status == 200
             assert get(tls_conn(port, certs, "carol")).status == 200  # another certificate
             _sha, serial = rv.cert_file_identity(certs / "carol.crt")
             assert (
@@ -416,6 +424,8 @@ def test_revoked_client_certificate_refused_through_envoy_by_file(tmp_path: Path
                 == 0
             )
             wait_until(lambda: get(alice).status == 200, 10, what="unrevoked certificate served")
+            # revocation_check accepts a token again and again (no replay protection there)
+            assert [keepalive_get(alice, "/check/x", reused).status for _ in range(2)] == [200, 200]
             guard.close()
     finally:
         echo.close()
@@ -435,3 +445,36 @@ async def test_store_down_file_entries_still_refuse_and_store_lookup_fails_close
             assert allowed(resp)
         else:
             assert denied(resp)[:2] == (503, "store_unavailable")
+
+
+async def test_revocation_check_route_checks_revocation_only() -> None:
+    """The context extension a revocation_check route sets: no replay check, revocation
+    still refused."""
+    clock = Clock()
+    svc, store = service(clock)
+
+    def req(sub: str) -> Any:
+        r = check_request(claims(sub, "same-jti", clock.now))
+        r.attributes.context_extensions["xdsplane_check"] = "revocation"
+        return r
+
+    assert allowed(await svc.check(req("alice")))
+    assert allowed(await svc.check(req("alice")))  # the same jti again: no replay check
+    await rv.put(store, PREFIX, rv.entry("sub", "alice", None, "x"), clock.now)
+    assert denied(await svc.check(req("alice")))[1] == "revoked_sub"
+    # without the extension (a replay_protection route) the jti is claimed
+    assert allowed(await svc.check(check_request(claims("bob", "j2", clock.now))))
+    assert denied(await svc.check(check_request(claims("bob", "j2", clock.now))))[1] == "replay"
+
+
+def test_revocation_check_needs_a_guard(tmp_path: Path) -> None:
+    from xdsplane.pipeline import load
+
+    (tmp_path / "p.yaml").write_text(
+        "listeners:\n  - name: l\n    address: 127.0.0.1:10000\n    hosts:\n"
+        "      - name: h\n        domains: ['*']\n        routes:\n"
+        "          - {name: r, prefix: /, revocation_check: true,"
+        " direct_response: {status: 200}}\n"
+    )
+    errors = [str(e) for e in load(tmp_path).errors]
+    assert any("revocation_check needs a guard" in e and "p.yaml:" in e for e in errors), errors

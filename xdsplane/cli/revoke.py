@@ -39,8 +39,8 @@ def add_revoke(sub: Sub) -> None:
         "revoke",
         help="refuse a token (jti), a subject (sub) or a client certificate at every guard",
         description="Add a revocation: the guards refuse requests carrying it (ext_authz, "
-        "routes with replay_protection) from their next Check, until --until. See "
-        "docs/guard.md.",
+        "routes with replay_protection or revocation_check) from their next Check, until "
+        "--until. See docs/guard.md.",
     )
     _target(p, listing=True)
     p.add_argument(

@@ -32,7 +32,12 @@ from xdsplane import logs
 from xdsplane.guard.limits import GuardLimits, counter_key
 from xdsplane.guard.revoke import Revocations, cert_identity
 from xdsplane.guard.store import Store, StoreUnavailable
-from xdsplane.names import JWT_FILTER, JWT_PAYLOAD_KEY
+from xdsplane.names import (
+    GUARD_CHECK_EXTENSION,
+    GUARD_CHECK_REVOCATION,
+    JWT_FILTER,
+    JWT_PAYLOAD_KEY,
+)
 
 AUTHZ_SERVICE = "envoy.service.auth.v3.Authorization"
 RLS_SERVICE = "envoy.service.ratelimit.v3.RateLimitService"
@@ -183,8 +188,14 @@ class GuardService:
         claims = self._claims(request)
         cert = str(request.attributes.source.certificate)
         revoked = await self.decide_revoked(claims, cert)
+        only_revocation = (
+            request.attributes.context_extensions.get(GUARD_CHECK_EXTENSION)
+            == GUARD_CHECK_REVOCATION
+        )
         if revoked is not None:
             decision, fields = revoked
+        elif only_revocation:  # a route with revocation_check, no replay_protection
+            decision, fields = Decision(True, "not_revoked", "not revoked"), {}
         else:
             decision, fields = await self.decide_replay(claims)
         self.metrics.latency.labels("authz").observe(time.perf_counter() - started)
