@@ -97,6 +97,9 @@ class DownStore:
     async def hit(self, key: str, addend: int, ttl_ms: int) -> int:
         raise StoreUnavailable("down")
 
+    async def get_many(self, keys: list[str]) -> list[bytes | None]:
+        raise StoreUnavailable("down")
+
     def up(self) -> bool:
         return False
 
@@ -306,7 +309,8 @@ async def test_store_down_fails_closed_or_open() -> None:
     r = await opened.should_rate_limit(rl_request("edge", [("remote_address", "1.2.3.4")]))
     assert r.overall_code == OK
     sample = closed.metrics.registry.get_sample_value
-    labels = {"backend": "redis", "op": "claim", "error": "unavailable"}
+    # the first store call of a Check is the revocation lookup (xdsplane revoke)
+    labels = {"backend": "redis", "op": "revoked", "error": "unavailable"}
     assert sample("xdsplane_guard_backend_errors_total", labels) == 1
     assert sample("xdsplane_guard_backend_up", {"backend": "redis"}) == 0
 

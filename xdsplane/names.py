@@ -7,6 +7,10 @@ guard (``xdsplane.guard``) import these, so a rename happens in one place.
 from __future__ import annotations
 
 GUARD_CLUSTER = "xdsplane-guard"
+# The ext_authz context extension a route with revocation_check (and no replay_protection)
+# sets: the guard then checks revocation only.
+GUARD_CHECK_EXTENSION = "xdsplane_check"
+GUARD_CHECK_REVOCATION = "revocation"
 """The Cluster through which Envoy reaches the guard (ext_authz and rate limit service)."""
 
 JWKS_CLUSTER_PREFIX = "xdsplane-jwks-"

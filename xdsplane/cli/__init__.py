@@ -11,12 +11,14 @@ import sys
 from collections.abc import Callable, Sequence
 
 from xdsplane import __version__
-from xdsplane.cli import bootstrap, guard, serve, status, up, validate
+from xdsplane.cli import bootstrap, guard, revoke, serve, status, up, validate
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "status": status.cmd_status,
     "diff": validate.cmd_diff,
     "guard": guard.cmd_guard,
+    "revoke": revoke.cmd_revoke,
+    "unrevoke": revoke.cmd_unrevoke,
     "serve": serve.cmd_serve,
     "validate": validate.cmd_validate,
     "render": validate.cmd_render,
@@ -48,6 +50,8 @@ def parser() -> argparse.ArgumentParser:
     validate.add_schema(sub)
     validate.add_diff(sub)
     guard.add_guard(sub)
+    revoke.add_revoke(sub)
+    revoke.add_unrevoke(sub)
     status.add_status(sub)
     return p
 

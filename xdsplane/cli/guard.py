@@ -62,6 +62,12 @@ def add_guard(sub: Sub) -> None:
         "xdsplane); reloaded when its files change and on SIGHUP",
     )
     p.add_argument(
+        "--revocations",
+        metavar="FILE",
+        help="a YAML/JSON list of revocations (xdsplane revoke --file), watched: entries "
+        "refused beside those in the store",
+    )
+    p.add_argument(
         "--redis", metavar="URL", help="redis://HOST:PORT/DB shared by guards (absent: memory)"
     )
     p.add_argument(
@@ -119,6 +125,7 @@ def cmd_guard(args: argparse.Namespace) -> int:
         admin_address=args.admin_address,
         limits=Path(args.limits) if args.limits else None,
         policy=Path(args.policy) if args.policy else None,
+        revocations=Path(args.revocations) if args.revocations else None,
         redis=args.redis,
         redis_password_file=Path(args.redis_password_file) if args.redis_password_file else None,
         tls_cert=Path(args.tls_cert) if args.tls_cert else None,

@@ -22,6 +22,7 @@ from xdsplane.config.errors import ConfigErrors
 from xdsplane.exposure import is_loopback
 from xdsplane.guard.limits import GuardLimits, load_limits
 from xdsplane.guard.policy import combine, limits_from_policy
+from xdsplane.guard.revoke import Revocation, RevocationError, read_file
 from xdsplane.guard.service import GuardConfig, GuardMetrics, GuardService
 from xdsplane.guard.store import MemoryStore, RedisStore, Store, StoreAuthError, redact_url
 from xdsplane.guard.tls import CallerCheck, GuardTls
@@ -45,6 +46,8 @@ class GuardOptions:
     tls_key: Path | None = None
     client_ca: Path | None = None
     client_sans: tuple[str, ...] = ()
+    # A watched YAML/JSON list of revocations (xdsplane revoke --file), beside the store's.
+    revocations: Path | None = None
     # Plaintext gRPC, and the admin HTTP on a non-loopback address, are refused without it.
     insecure: bool = False
 
@@ -130,8 +133,22 @@ def guard_tls(opts: GuardOptions) -> GuardTls | None:
         raise GuardStartupError(e.errors) from None
 
 
+def _reload_json(state: ReloadState) -> dict[str, object]:
+    return {
+        "loaded_at": state.loaded_at,
+        "attempts": state.attempts,
+        "successes": state.successes,
+        "failures": state.failures,
+        "failed_at": state.failed_at,
+        "errors": list(state.errors),
+    }
+
+
 def admin_app(
-    service: GuardService, opts: GuardOptions, reload: ReloadState | None = None
+    service: GuardService,
+    opts: GuardOptions,
+    reload: ReloadState | None = None,
+    revocations: ReloadState | None = None,
 ) -> web.Application:
     async def metrics(_: web.Request) -> web.Response:
         body = generate_latest(service.metrics.registry)
@@ -153,14 +170,11 @@ def admin_app(
             "rules": service.limits.rule_count(),
         }
         if reload is not None:  # the limits' reloads (xdsplane.reload), as serve's /status
-            body["limits_reload"] = {
-                "loaded_at": reload.loaded_at,
-                "attempts": reload.attempts,
-                "successes": reload.successes,
-                "failures": reload.failures,
-                "failed_at": reload.failed_at,
-                "errors": list(reload.errors),
-            }
+            body["limits_reload"] = _reload_json(reload)
+        if revocations is not None:  # --revocations FILE
+            body["revocations"] = str(opts.revocations)
+            body["revocations_file_entries"] = len(service.revocations.from_file)
+            body["revocations_reload"] = _reload_json(revocations)
         return web.Response(text=json.dumps(body) + "\n", content_type="application/json")
 
     # The same Host check (DNS rebinding) and security headers as serve's admin server.
@@ -254,6 +268,47 @@ class LimitsReloader(Source[GuardLimits]):
         await self.reloads.run(stop)
 
 
+class RevocationsReloader(Source[list[Revocation]]):
+    """Reloads the revocations file (--revocations) when it changes and on SIGHUP; a file
+    with errors is logged and the last good entries stay."""
+
+    debounce_ms = 50  # a revocation applies within a second
+
+    def __init__(self, path: Path, service: GuardService) -> None:
+        self.path = path
+        self.service = service
+        self.log = logs.get("xdsplane.guard")
+        self.reloads = FileReloader(self, self.log)
+        self.state = self.reloads.state
+
+    def load(self) -> list[Revocation]:
+        try:
+            return read_file(self.path)
+        except RevocationError as e:
+            raise Refused([str(e)]) from None
+
+    def swap(self, new: list[Revocation], reason: str, state: ReloadState) -> None:
+        self.service.revocations.set_file(new)
+        self.log.info("revocations reloaded", why=reason, file=str(self.path), entries=len(new))
+
+    def report_failure(self, errors: list[str], reason: str) -> None:
+        self.log.error(
+            "revocations not reloaded; keeping the last good ones", why=reason, errors=errors
+        )
+
+    def watch_paths(self) -> list[Path]:
+        return [self.path.parent]
+
+    def relevant(self, change: watchfiles.Change, path: str) -> bool:
+        return norm(Path(path)) == norm(self.path)
+
+    async def reload(self, why: str) -> bool:
+        return await self.reloads.reload(why)
+
+    async def watch(self, stop: asyncio.Event) -> None:
+        await self.reloads.run(stop)
+
+
 async def run(opts: GuardOptions) -> None:
     log = logs.get("xdsplane.guard")
     try:
@@ -300,8 +355,20 @@ async def run(opts: GuardOptions) -> None:
     if bound == 0:
         raise GuardStartupError([f"cannot listen for gRPC on {opts.address}"])
     reloader = LimitsReloader(opts, service)
+    revoker: RevocationsReloader | None = None
+    if opts.revocations is not None:
+        revoker = RevocationsReloader(opts.revocations, service)
+        try:
+            service.revocations.set_file(retry_busy(revoker.load))
+        except Refused as e:
+            await store.close()
+            raise GuardStartupError(e.errors) from None
+        revoker.state.loaded, revoker.state.loaded_at = True, time.time()
     reloader.state.loaded, reloader.state.loaded_at = True, time.time()  # the startup load
-    runner = web.AppRunner(admin_app(service, opts, reloader.state), access_log=None)
+    runner = web.AppRunner(
+        admin_app(service, opts, reloader.state, revoker.state if revoker else None),
+        access_log=None,
+    )
     await runner.setup()
     try:
         await web.TCPSite(runner, admin_host, admin_port).start()
@@ -330,6 +397,7 @@ async def run(opts: GuardOptions) -> None:
         max_lifetime=longest,
         limits=str(opts.limits) if opts.limits else None,
         policy=str(opts.policy) if opts.policy else None,
+        revocations=str(opts.revocations) if opts.revocations else None,
         rules=limits.rule_count(),
     )
 
@@ -343,6 +411,8 @@ async def run(opts: GuardOptions) -> None:
         tasks: list[asyncio.Future[Any]] = [asyncio.ensure_future(reloader.reload("SIGHUP"))]
         if tls is not None:
             tasks.append(asyncio.ensure_future(tls.reload("SIGHUP")))
+        if revoker is not None:
+            tasks.append(asyncio.ensure_future(revoker.reload("SIGHUP")))
         for t in tasks:
             pending.add(t)
             t.add_done_callback(pending.discard)
@@ -351,6 +421,8 @@ async def run(opts: GuardOptions) -> None:
     watchers = [asyncio.create_task(reloader.watch(stop))]
     if tls is not None:
         watchers.append(asyncio.create_task(tls.run(stop)))
+    if revoker is not None:
+        watchers.append(asyncio.create_task(revoker.watch(stop)))
     try:
         await stop.wait()
     finally:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import math
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -56,6 +57,22 @@ class Store(Protocol):
         """Add ``addend`` to the counter ``key`` (created with ``ttl_ms``); the new count."""
         ...
 
+    async def put(self, key: str, value: bytes, ttl_ms: int | None) -> None:
+        """Set ``key`` to ``value`` for ``ttl_ms`` (None: no expiry)."""
+        ...
+
+    async def get_many(self, keys: list[str]) -> list[bytes | None]:
+        """The values of ``keys`` (None where absent or expired), in one round trip."""
+        ...
+
+    async def delete(self, key: str) -> bool:
+        """Remove ``key``; True when it was there."""
+        ...
+
+    async def scan(self, prefix: str) -> list[bytes]:
+        """The values of the live keys starting with ``prefix``."""
+        ...
+
     def up(self) -> bool:
         """Whether the last call to the backend succeeded (for /healthz and metrics)."""
         ...
@@ -72,6 +89,7 @@ class MemoryStore:
         self._clock = clock
         self._values: dict[str, tuple[int, float]] = {}  # key -> (value, expires at)
         self._expiries: list[tuple[float, str]] = []  # heap; stale entries skipped
+        self._blobs: dict[str, tuple[bytes, float]] = {}  # key -> (value, expires at)
 
     def _sweep(self, now: float) -> None:
         while self._expiries and self._expiries[0][0] <= now:
@@ -108,6 +126,27 @@ class MemoryStore:
         count = held[0] + addend
         self._values[key] = (count, held[1])
         return count
+
+    async def put(self, key: str, value: bytes, ttl_ms: int | None) -> None:
+        self._blobs[key] = (value, math.inf if ttl_ms is None else self._clock() + ttl_ms / 1000)
+
+    async def get_many(self, keys: list[str]) -> list[bytes | None]:
+        now = self._clock()
+        out: list[bytes | None] = []
+        for key in keys:
+            held = self._blobs.get(key)
+            out.append(held[0] if held is not None and held[1] > now else None)
+        return out
+
+    async def delete(self, key: str) -> bool:
+        held = self._blobs.pop(key, None)
+        return held is not None and held[1] > self._clock()
+
+    async def scan(self, prefix: str) -> list[bytes]:
+        now = self._clock()
+        for key in [k for k, (_v, at) in self._blobs.items() if at <= now]:
+            del self._blobs[key]
+        return [v for k, (v, _at) in self._blobs.items() if k.startswith(prefix)]
 
     def up(self) -> bool:
         return True
@@ -203,6 +242,33 @@ class RedisStore:
         results = await self._call("hit", run)
         return int(results[0])
 
+    async def put(self, key: str, value: bytes, ttl_ms: int | None) -> None:
+        async def run() -> Any:
+            if ttl_ms is None:
+                return await self._client.set(key, value)
+            return await self._client.set(key, value, px=max(1, ttl_ms))
+
+        await self._call("put", run)
+
+    async def get_many(self, keys: list[str]) -> list[bytes | None]:
+        async def run() -> Any:
+            return await self._client.mget(keys)
+
+        return list(await self._call("get", run))
+
+    async def delete(self, key: str) -> bool:
+        async def run() -> Any:
+            return await self._client.delete(key)
+
+        return bool(await self._call("delete", run))
+
+    async def scan(self, prefix: str) -> list[bytes]:
+        async def run() -> Any:
+            keys = [k async for k in self._client.scan_iter(match=_glob(prefix) + "*")]
+            return await self._client.mget(keys) if keys else []
+
+        return [v for v in await self._call("scan", run) if v is not None]
+
     async def ping(self) -> bool:
         try:
             await self._call("ping", self._client.ping)
@@ -224,6 +290,11 @@ class RedisStore:
 
     async def close(self) -> None:
         await self._client.aclose()
+
+
+def _glob(text: str) -> str:
+    """``text`` with Redis' glob characters escaped."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 def _is_auth_error(e: BaseException) -> bool:

@@ -249,6 +249,12 @@ class _Checker:
                 )
             else:
                 self.usage.jwt_providers.add(use_key(ppart.origin))
+        if r.revocation_check and self.policy.guard is None:
+            self.error(
+                at.key("revocation_check"),
+                f"revocation_check needs a guard{self.where} "
+                "(add guard: {address: HOST:PORT} at the top level)",
+            )
         if not r.replay_protection:
             return
         if r.jwt is None:

@@ -482,6 +482,7 @@ _REQUIREMENTS = {
     "jwt",
     "jwt_optional",
     "replay_protection",
+    "revocation_check",
     "require_client_certificate",
     "allow_client_sans",
     "access",
@@ -547,6 +548,11 @@ class Route(Model):
         description="each token (its jti) is accepted once, as checked by the guard; needs "
         "jwt: and a top-level guard",
     )
+    revocation_check: bool = Field(
+        False,
+        description="the guard refuses a revoked token (jti), subject (sub) or client "
+        "certificate (xdsplane revoke); needs a top-level guard; replay_protection implies it",
+    )
     access: Access | None = Field(
         None,
         description="allow or deny requests by client certificate, JWT claims, source "
@@ -587,6 +593,7 @@ class Route(Model):
             self.jwt
             or self.jwt_optional
             or self.replay_protection
+            or self.revocation_check
             or self.require_client_certificate
             or self.allow_client_sans
             or self.access
@@ -610,6 +617,8 @@ class Route(Model):
         ):
             return False
         if other.replay_protection and not self.replay_protection:
+            return False
+        if other.revocation_check and not (self.revocation_check or self.replay_protection):
             return False
         if (other.require_client_certificate or other.allow_client_sans) and not (
             self.require_client_certificate or self.allow_client_sans

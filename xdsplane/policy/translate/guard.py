@@ -18,18 +18,20 @@ from envoy.config.core.v3 import config_source_pb2, grpc_service_pb2, protocol_p
 from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 
-from xdsplane.names import GUARD_CLUSTER
+from xdsplane.names import GUARD_CHECK_EXTENSION, GUARD_CHECK_REVOCATION, GUARD_CLUSTER
 from xdsplane.policy.model import Guard, Host, Route, split_host_port
 from xdsplane.policy.translate import clusters, jwt
 from xdsplane.policy.translate.common import duration, one_endpoint_cluster, pack
 
 CLUSTER = GUARD_CLUSTER
 FILTER = "envoy.filters.http.ext_authz"
+CHECK_EXTENSION = GUARD_CHECK_EXTENSION
+CHECK_REVOCATION = GUARD_CHECK_REVOCATION
 _HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
 def needs_ext_authz(hosts: Iterable[Host]) -> bool:
-    return any(r.replay_protection for h in hosts for r in h.routes)
+    return any(r.replay_protection or r.revocation_check for h in hosts for r in h.routes)
 
 
 def cluster(guard: Guard) -> Any:
@@ -63,13 +65,24 @@ def filter_config(guard: Guard) -> Any:
         transport_api_version=config_source_pb2.V3,
         failure_mode_allow=guard.fail_open,
         metadata_context_namespaces=[jwt.FILTER],
+        # The client certificate (PEM, URL-encoded) in the CheckRequest: the guard refuses a
+        # revoked one (xdsplane revoke --cert).
+        include_peer_certificate=True,
     )
 
 
 def per_route(route: Route) -> Any | None:
-    """Disabled unless the route is replay-protected (then the HCM-level filter applies)."""
+    """Disabled unless the route is replay-protected (then the HCM-level filter applies) or
+    has ``revocation_check`` (then the guard is told, in a context extension Envoy sets and
+    a client cannot, to check revocation only)."""
     if route.replay_protection:
         return None
+    if route.revocation_check:
+        return ext_authz_pb2.ExtAuthzPerRoute(
+            check_settings=ext_authz_pb2.CheckSettings(
+                context_extensions={CHECK_EXTENSION: CHECK_REVOCATION}
+            )
+        )
     return disabled()
 
 
