@@ -16,6 +16,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from xdsplane import jwt
@@ -191,6 +192,43 @@ def empty_crl(directory: Path, ca: str, days: int = 365) -> Path:
     )
     path = directory / f"{ca}.crl"
     write_atomic(path, crl.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+OCSP_DAYS = 7
+
+
+def ocsp_response(directory: Path, name: str, days: int = OCSP_DAYS, revoked: bool = False) -> Path:
+    """Write ``NAME.ocsp.der``: an OCSP response for NAME signed by its CA (found in
+    ``directory``), good (or revoked, for tests) from five minutes ago for ``days``."""
+    if days < 1:
+        raise PkiError("--days must be at least 1")
+    cert = load_cert(directory / f"{name}.crt")
+    ca = _find_issuer(directory, cert)
+    if ca is None:
+        raise PkiError(f"{name} is a self-signed CA: there is no issuer to answer for it")
+    ca_cert = load_cert(directory / f"{ca}.crt")
+    signer = load_key(directory / f"{ca}.key")
+    now = _now()
+    this_update = now - datetime.timedelta(minutes=5)
+    status = ocsp.OCSPCertStatus.REVOKED if revoked else ocsp.OCSPCertStatus.GOOD
+    response = (
+        ocsp.OCSPResponseBuilder()
+        .add_response(
+            cert=cert,
+            issuer=ca_cert,
+            algorithm=hashes.SHA1(),  # the hash every client matches (RFC 5019)
+            cert_status=status,
+            this_update=this_update,
+            next_update=now + datetime.timedelta(days=days),
+            revocation_time=this_update if revoked else None,
+            revocation_reason=x509.ReasonFlags.key_compromise if revoked else None,
+        )
+        .responder_id(ocsp.OCSPResponderEncoding.HASH, ca_cert)
+        .sign(signer, hashes.SHA256())
+    )
+    path = directory / f"{name}.ocsp.der"
+    write_atomic(path, response.public_bytes(serialization.Encoding.DER))
     return path
 
 

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.x509 import ocsp
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +156,103 @@ def check_certificate(secret: str, cert_path: str, cert_pem: bytes, key_pem: byt
             ) from None
         _check_validity(parent, f"chain certificate {i + 2}", now)
     return summarize(secret, cert_path, leaf)
+
+
+def check_ocsp(
+    staple_path: str, staple_der: bytes, cert_pem: bytes, issuer_pem: bytes | None
+) -> None:
+    """An OCSP response to staple: for the chain's leaf (serial and issuer hashes), signed
+    by its issuer (or a responder the issuer delegated to), status good, current. The issuer
+    is ``issuer_pem`` or else the chain's second certificate. Raises TlsFileError."""
+    now = _now()
+    chain = _certs(cert_pem, "certificate file")
+    leaf = chain[0]
+    what = f"ocsp_staple {staple_path}"
+    if issuer_pem is not None:
+        issuer = _certs(issuer_pem, "ocsp_issuer file")[0]
+    elif len(chain) > 1:
+        issuer = chain[1]
+    else:
+        raise TlsFileError(
+            f"{what}: cannot check its signature: the certificate file holds no issuer "
+            "(add the CA after the leaf, or set ocsp_issuer)"
+        )
+    if leaf.issuer != issuer.subject:
+        raise TlsFileError(
+            f"{what}: issuer {issuer.subject.rfc4514_string()} did not issue the certificate "
+            f"({leaf.issuer.rfc4514_string()})"
+        )
+    try:
+        resp = ocsp.load_der_ocsp_response(staple_der)
+    except ValueError:
+        raise TlsFileError(f"{what} holds no valid DER OCSP response") from None
+    if resp.response_status != ocsp.OCSPResponseStatus.SUCCESSFUL:
+        raise TlsFileError(f"{what}: response status is {resp.response_status.name.lower()}")
+    if resp.serial_number != leaf.serial_number:
+        raise TlsFileError(
+            f"{what} is for serial {resp.serial_number:x}, not the certificate's "
+            f"({leaf.serial_number:x})"
+        )
+    algorithm = resp.hash_algorithm
+    expected = ocsp.OCSPRequestBuilder().add_certificate(leaf, issuer, algorithm).build()
+    if (
+        resp.issuer_name_hash != expected.issuer_name_hash
+        or resp.issuer_key_hash != expected.issuer_key_hash
+    ):
+        raise TlsFileError(f"{what} names another issuer than the certificate's")
+    signer = issuer
+    if resp.certificates:
+        delegate = resp.certificates[0]
+        try:
+            delegate.verify_directly_issued_by(issuer)
+        except (ValueError, TypeError, InvalidSignature):
+            raise TlsFileError(
+                f"{what}: its responder certificate ({delegate.subject.rfc4514_string()}) "
+                "is not issued by the certificate's issuer"
+            ) from None
+        try:
+            eku = delegate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        except x509.ExtensionNotFound:
+            eku = x509.ExtendedKeyUsage([])
+        if ExtendedKeyUsageOID.OCSP_SIGNING not in eku:
+            raise TlsFileError(
+                f"{what}: its responder certificate is not delegated (no OCSPSigning usage)"
+            )
+        _check_validity(delegate, f"{what}: responder certificate", now)
+        signer = delegate
+    if not _signed_by(resp, signer):
+        raise TlsFileError(f"{what}: signature does not verify with its issuer")
+    if resp.certificate_status == ocsp.OCSPCertStatus.REVOKED:
+        when = resp.revocation_time_utc
+        at = f" on {when:%Y-%m-%d %H:%M} UTC" if when is not None else ""
+        raise TlsFileError(f"{what}: the certificate is revoked{at}")
+    if resp.certificate_status != ocsp.OCSPCertStatus.GOOD:
+        raise TlsFileError(f"{what}: certificate status is unknown to the responder")
+    if resp.this_update_utc > now:
+        raise TlsFileError(f"{what} is not valid before {resp.this_update_utc:%Y-%m-%d %H:%M} UTC")
+    if resp.next_update_utc is None:
+        raise TlsFileError(f"{what} has no next update (Envoy refuses such responses)")
+    if resp.next_update_utc <= now:
+        raise TlsFileError(
+            f"{what} expired: its next update was due {resp.next_update_utc:%Y-%m-%d %H:%M} UTC"
+        )
+
+
+def _signed_by(resp: ocsp.OCSPResponse, signer: x509.Certificate) -> bool:
+    key = signer.public_key()
+    algorithm = resp.signature_hash_algorithm
+    try:
+        if isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(resp.signature, resp.tbs_response_bytes, ec.ECDSA(algorithm))  # type: ignore[arg-type]
+        elif isinstance(key, rsa.RSAPublicKey):
+            key.verify(resp.signature, resp.tbs_response_bytes, padding.PKCS1v15(), algorithm)  # type: ignore[arg-type]
+        elif isinstance(key, ed25519.Ed25519PublicKey):
+            key.verify(resp.signature, resp.tbs_response_bytes)
+        else:
+            return False
+    except InvalidSignature:
+        return False
+    return True
 
 
 def check_ca(secret: str, ca_path: str, ca_pem: bytes, crl_pem: bytes | None) -> list[CertSummary]:

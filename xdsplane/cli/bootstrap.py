@@ -106,6 +106,15 @@ def add_certs(sub: Sub) -> None:
     r.add_argument("name", metavar="NAME")
     r.add_argument("--dir", default="certs", help="default: certs")
     r.add_argument("--days", type=int, default=None, help="default: the old lifetime")
+    o = certs.add_parser(
+        "ocsp",
+        help="write NAME.ocsp.der: an OCSP response for NAME signed by its CA, to staple "
+        "(the secret's ocsp_staple)",
+    )
+    o.add_argument("name", metavar="NAME")
+    o.add_argument("--dir", default="certs", help="default: certs")
+    o.add_argument("--days", type=int, default=7, help="until its next update (default: 7)")
+    o.add_argument("--revoked", action="store_true", help="say revoked (to test refusals)")
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
@@ -122,6 +131,10 @@ def cmd_certs(args: argparse.Namespace) -> int:
         elif args.certs_command == "issue":
             path = pki.issue(directory, args.name, args.ca, args.dns, args.uri, args.days)
             print(f"wrote {path} and {path.with_suffix('.key')}")
+        elif args.certs_command == "ocsp":
+            path = pki.ocsp_response(directory, args.name, args.days, args.revoked)
+            status = "revoked" if args.revoked else "good"
+            print(f"wrote {path} ({status}, next update in {args.days} days)")
         else:
             path = pki.rotate(directory, args.name, args.days)
             print(f"rotated {path}")

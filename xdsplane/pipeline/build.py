@@ -57,6 +57,8 @@ def _read_secret_files(
                     name, cert, files[cert], files[wanted["private_key"]]
                 )
                 certs[name] = summary
+                if "ocsp_staple" in wanted:
+                    _check_staple(name, part.origin, wanted, files, errors)
             else:
                 ca = wanted["ca"]
                 crl = files[wanted["crl"]] if "crl" in wanted else None
@@ -70,6 +72,26 @@ def _read_secret_files(
         except tlsfiles.TlsFileError as e:
             errors.append(ConfigError(part.origin.key(), f"secret {name!r}: {e}"))
     return files
+
+
+def _check_staple(
+    name: str,
+    origin: Origin,
+    wanted: dict[str, str],
+    files: dict[str, bytes],
+    errors: list[ConfigError],
+) -> None:
+    """A certificate secret's OCSP staple must be for it, signed by its issuer, current."""
+    issuer = wanted.get("ocsp_issuer")
+    try:
+        tlsfiles.check_ocsp(
+            wanted["ocsp_staple"],
+            files[wanted["ocsp_staple"]],
+            files[wanted["certificate"]],
+            files[issuer] if issuer is not None else None,
+        )
+    except tlsfiles.TlsFileError as e:
+        errors.append(ConfigError(origin.at("ocsp_staple"), f"secret {name!r}: {e}"))
 
 
 def _read_jwks_files(

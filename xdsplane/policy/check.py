@@ -190,8 +190,20 @@ class _Checker:
                 )
             self.secret(h.certificate, "certificate", lo, *hkeys, "certificate")
             self.secret(h.client_ca, "ca", lo, *hkeys, "client_ca")
+            part = self.policy.secrets.get(h.certificate or "")
+            if (
+                h.ocsp == "must_staple"
+                and part is not None
+                and part.value.is_certificate
+                and part.value.ocsp_staple is None
+            ):
+                self.error(
+                    lo.at(*hkeys, "ocsp"),
+                    f"ocsp: must_staple, but secret {h.certificate!r} has no ocsp_staple "
+                    "(Envoy would refuse the listener)",
+                )
             return
-        for key in ("certificate", "client_ca"):
+        for key in ("certificate", "client_ca", "ocsp"):
             if getattr(h, key) is not None:
                 self.error(
                     lo.key(*hkeys, key),

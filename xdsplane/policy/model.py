@@ -183,6 +183,16 @@ class Secret(Model):
     private_key: str | None = Field(None, description="PEM private key file")
     ca: str | None = Field(None, description="PEM CA bundle file, to verify peers")
     crl: str | None = Field(None, description="PEM certificate revocation list for `ca`")
+    ocsp_staple: str | None = Field(
+        None,
+        description="DER OCSP response for `certificate`, stapled in TLS handshakes; checked "
+        "at load: for this certificate, signed by its issuer, status good, current",
+    )
+    ocsp_issuer: str | None = Field(
+        None,
+        description="PEM certificate of the issuer that signs `ocsp_staple` "
+        "(default: the second certificate of the `certificate` chain)",
+    )
 
     @model_validator(mode="after")
     def _kind(self) -> Secret:
@@ -194,6 +204,10 @@ class Secret(Model):
             raise ValueError("certificate and private_key go together")
         if self.crl is not None and self.ca is None:
             raise ValueError("crl needs ca")
+        if (self.ocsp_staple is not None or self.ocsp_issuer is not None) and not cert:
+            raise ValueError("ocsp_staple goes with certificate and private_key")
+        if self.ocsp_issuer is not None and self.ocsp_staple is None:
+            raise ValueError("ocsp_issuer needs ocsp_staple")
         if not cert and not ca:
             raise ValueError("give certificate and private_key, or ca")
         return self
@@ -641,6 +655,7 @@ class Route(Model):
 
 ClientCertificate = Literal["required", "optional", "off"]
 PathParameters = Literal["reject", "allow"]
+OcspPolicy = Literal["lenient", "strict", "must_staple"]
 _DOMAIN = re.compile(r"(\*\.)?[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?|\*")
 
 
@@ -665,6 +680,13 @@ class Host(Model):
     certificate: Name | None = Field(None, description="secret with the server certificate")
     client_certificate: ClientCertificate = "off"
     client_ca: Name | None = Field(None, description="secret with the CA for client certificates")
+    ocsp: OcspPolicy | None = Field(
+        None,
+        description="OCSP stapling (Envoy's ocsp_staple_policy): lenient (staple when "
+        "there is a response; an expired one is skipped), strict (an expired staple fails "
+        "the handshake), must_staple (the certificate secret must have ocsp_staple); "
+        "default: Envoy's (lenient)",
+    )
     path_parameters: PathParameters = Field(
         "reject",
         description="paths with ';' (or %3B), which many servers read as segment parameters "

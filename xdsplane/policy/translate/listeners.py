@@ -295,6 +295,13 @@ def host_stat_prefix(listener: str, host: str) -> str:
     return f"{listener}/{host}".replace(".", "_")
 
 
+OCSP_POLICIES = {
+    "lenient": tls_pb2.DownstreamTlsContext.LENIENT_STAPLING,
+    "strict": tls_pb2.DownstreamTlsContext.STRICT_STAPLING,
+    "must_staple": tls_pb2.DownstreamTlsContext.MUST_STAPLE,
+}
+
+
 def downstream_tls(tls: Tls, host: Host) -> Any:
     common = tls_pb2.CommonTlsContext(
         tls_params=tls_params(tls.min_version, tls.max_version, tls.cipher_suites),
@@ -304,6 +311,8 @@ def downstream_tls(tls: Tls, host: Host) -> Any:
     if host.client_certificate != "off":
         common.validation_context_sds_secret_config.CopyFrom(sds(host.client_ca or ""))
     ctx = tls_pb2.DownstreamTlsContext(common_tls_context=common)
+    if host.ocsp is not None:
+        ctx.ocsp_staple_policy = OCSP_POLICIES[host.ocsp]
     if host.client_certificate != "off":
         ctx.require_client_certificate.CopyFrom(
             wrappers_pb2.BoolValue(value=host.client_certificate == "required")

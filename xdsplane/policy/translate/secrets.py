@@ -21,7 +21,7 @@ def resolve(folder: Path, path: str) -> str:
 def paths(secret: Secret, folder: Path) -> dict[str, str]:
     """The files a secret needs, by field name."""
     out = {}
-    for field in ("certificate", "private_key", "ca", "crl"):
+    for field in ("certificate", "private_key", "ocsp_staple", "ocsp_issuer", "ca", "crl"):
         value = getattr(secret, field)
         if value is not None:
             out[field] = resolve(folder, value)
@@ -35,12 +35,12 @@ def secret(name: str, spec: Secret, folder: Path, files: Mapping[str, bytes]) ->
         return base_pb2.DataSource(inline_bytes=files[p[field]])
 
     if spec.is_certificate:
-        return secret_pb2.Secret(
-            name=name,
-            tls_certificate=common_pb2.TlsCertificate(
-                certificate_chain=data("certificate"), private_key=data("private_key")
-            ),
+        cert = common_pb2.TlsCertificate(
+            certificate_chain=data("certificate"), private_key=data("private_key")
         )
+        if "ocsp_staple" in p:
+            cert.ocsp_staple.CopyFrom(data("ocsp_staple"))
+        return secret_pb2.Secret(name=name, tls_certificate=cert)
     ctx = common_pb2.CertificateValidationContext(trusted_ca=data("ca"))
     if "crl" in p:
         ctx.crl.CopyFrom(data("crl"))
