@@ -99,6 +99,35 @@ def write_certificate(
         crl_path.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
 
 
+def write_ocsp(staple: Path, cert_path: Path, key_path: Path) -> None:
+    """A good OCSP response (next update in a day) for the self-signed ``cert_path``."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509 import ocsp
+
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    now = datetime.datetime.now(datetime.UTC)
+    response = (
+        ocsp.OCSPResponseBuilder()
+        .add_response(
+            cert=cert,
+            issuer=cert,
+            algorithm=hashes.SHA1(),
+            cert_status=ocsp.OCSPCertStatus.GOOD,
+            this_update=now - datetime.timedelta(minutes=5),
+            next_update=now + datetime.timedelta(days=1),
+            revocation_time=None,
+            revocation_reason=None,
+        )
+        .responder_id(ocsp.OCSPResponderEncoding.HASH, cert)
+        .sign(key, hashes.SHA256())
+    )
+    staple.write_bytes(response.public_bytes(serialization.Encoding.DER))
+
+
 def make_pki(folder: Path) -> list[Path]:
     """Generate the files ``folder/pki.txt`` lists; returns their paths."""
     spec = folder / "pki.txt"
@@ -118,6 +147,11 @@ def make_pki(folder: Path) -> list[Path]:
             crl = folder / words[2] if len(words) == 3 else None
             write_certificate(cert, None, [Path(words[1]).stem + " test CA"], crl)
             made += [cert] if crl is None else [cert, crl]
+        elif words[0] == "ocsp" and len(words) == 4:
+            # ocsp RESPONSE CERT KEY: a good OCSP response for a self-signed CERT, signed by KEY
+            staple = folder / words[1]
+            write_ocsp(staple, folder / words[2], folder / words[3])
+            made.append(staple)
         else:
             raise ValueError(f"{spec}: bad line {line!r}")
     return made

@@ -172,6 +172,8 @@ def check_ocsp(
         issuer = _certs(issuer_pem, "ocsp_issuer file")[0]
     elif len(chain) > 1:
         issuer = chain[1]
+    elif leaf.issuer == leaf.subject:
+        issuer = leaf  # self-signed: it answers for itself
     else:
         raise TlsFileError(
             f"{what}: cannot check its signature: the certificate file holds no issuer "
