@@ -270,7 +270,12 @@ def rotate(directory: Path, name: str, days: int | None = None) -> Path:
     if days is None:
         lifetime = old.not_valid_after_utc - old.not_valid_before_utc
         days = max(1, round(lifetime.total_seconds() / 86400))
-    return issue(directory, name, ca, dns, uris, days, usage)
+    path = issue(directory, name, ca, dns, uris, days, usage)
+    if ca is not None and (directory / f"{name}.ocsp.der").exists():
+        # The old staple answers for the old serial: a new one, right after the certificate
+        # (a loader seeing the two half-way waits, as for the key).
+        ocsp_response(directory, name)
+    return path
 
 
 def init(directory: Path, force: bool = False) -> list[Path]:

@@ -64,6 +64,10 @@ class KeyMismatch(TlsFileError):
     """The key does not match the certificate (maybe only half-way through a rotation)."""
 
 
+class StapleMismatch(TlsFileError):
+    """The OCSP staple is for another certificate (maybe only half-way through a rotation)."""
+
+
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
@@ -191,7 +195,7 @@ def check_ocsp(
     if resp.response_status != ocsp.OCSPResponseStatus.SUCCESSFUL:
         raise TlsFileError(f"{what}: response status is {resp.response_status.name.lower()}")
     if resp.serial_number != leaf.serial_number:
-        raise TlsFileError(
+        raise StapleMismatch(
             f"{what} is for serial {resp.serial_number:x}, not the certificate's "
             f"({leaf.serial_number:x})"
         )

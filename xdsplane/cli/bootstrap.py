@@ -101,7 +101,9 @@ def add_certs(sub: Sub) -> None:
     s.add_argument("--days", type=int, default=90, help="validity in days (default: 90)")
     s.add_argument("--dir", default="certs", help="default: certs")
     r = certs.add_parser(
-        "rotate", help="re-issue NAME in place: new key and serial, same SANs and issuer"
+        "rotate",
+        help="re-issue NAME in place: new key and serial, same SANs and issuer (and a new "
+        "NAME.ocsp.der when there is one)",
     )
     r.add_argument("name", metavar="NAME")
     r.add_argument("--dir", default="certs", help="default: certs")

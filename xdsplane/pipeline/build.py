@@ -90,6 +90,11 @@ def _check_staple(
             files[wanted["certificate"]],
             files[issuer] if issuer is not None else None,
         )
+    except tlsfiles.StapleMismatch as e:
+        if _just_written(wanted["ocsp_staple"], wanted["certificate"]):
+            # A rotation writes the certificate, then its new staple: seen half-way, try again.
+            raise FileBusy(f"{name}: certificate and OCSP staple are being replaced") from None
+        errors.append(ConfigError(origin.at("ocsp_staple"), f"secret {name!r}: {e}"))
     except tlsfiles.TlsFileError as e:
         errors.append(ConfigError(origin.at("ocsp_staple"), f"secret {name!r}: {e}"))
 
