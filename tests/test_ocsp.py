@@ -305,6 +305,26 @@ def test_must_staple_needs_a_staple(pristine: Path, tmp_path: Path) -> None:
     assert "secret 'edge-server' has no ocsp_staple" in error.message
 
 
+def test_ocsp_needs_a_tls_listener(pristine: Path, tmp_path: Path) -> None:
+    layout = folder(pristine, tmp_path)
+    text = layout.policy_file.read_text()
+    redirect = f"    redirect_to_https: true\n    https_port: {layout.https_port}\n"
+    assert redirect in text
+    plain = (
+        "    hosts:\n"
+        "      - name: plain\n"
+        "        domains: [plain.example.com]\n"
+        "        ocsp: lenient\n"
+        "        routes: [{name: all, prefix: /, upstream: billing}]\n"
+    )
+    layout.policy_file.write_text(text.replace(redirect, plain))
+    with pytest.raises(ConfigErrors) as caught:
+        FolderLoader(layout.policy_dir).load()
+    (error,) = caught.value.errors
+    assert error.location.line == line_of(layout.policy_file, "ocsp: lenient"), error
+    assert error.message.startswith("ocsp: listener 'http' has no tls"), error
+
+
 # -- xdsplane certs ocsp --------------------------------------------------------------------
 
 
