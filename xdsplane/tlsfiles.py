@@ -3,8 +3,8 @@
 A certificate secret is served only when its key matches its certificate, its chain is in
 order (each certificate signed by the next), and it is valid now; a CA bundle only when it
 holds CA certificates valid now, and its CRL (if any) is signed by one of them; an OCSP
-staple only when it answers `good` for the certificate, signed by its issuer, and is current. What is
-found is summarized (never the key) for /status, logs and expiry warnings.
+staple only when it answers `good` for the certificate, signed by its issuer, and is current.
+What is found is summarized (never the key) for /status, logs and expiry warnings.
 """
 
 from __future__ import annotations
