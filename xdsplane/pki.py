@@ -232,6 +232,20 @@ def ocsp_response(directory: Path, name: str, days: int = OCSP_DAYS, revoked: bo
     return path
 
 
+STAPLED = ("edge",)
+
+
+def _staple_due(directory: Path, name: str) -> bool:
+    try:
+        resp = ocsp.load_der_ocsp_response((directory / f"{name}.ocsp.der").read_bytes())
+        cert = load_cert(directory / f"{name}.crt")
+        if resp.serial_number != cert.serial_number or resp.next_update_utc is None:
+            return True
+        return resp.next_update_utc - _now() < datetime.timedelta(days=1)
+    except (OSError, ValueError, PkiError):
+        return True
+
+
 def _find_issuer(directory: Path, cert: x509.Certificate) -> str | None:
     if cert.issuer == cert.subject:
         return None
@@ -289,6 +303,12 @@ def init(directory: Path, force: bool = False) -> list[Path]:
         )
     if force or not (directory / "client-ca.crl").exists():
         written.append(empty_crl(directory, "client-ca"))
+    # The sample staples an OCSP response for edge (the secret's ocsp_staple): renewed when
+    # missing, for another certificate, or due within a day, so a restart never meets an
+    # expired one.
+    for name in STAPLED:
+        if force or (directory / f"{name}.crt") in written or _staple_due(directory, name):
+            written.append(ocsp_response(directory, name))
     # The development JWT issuer: jwt-signing.key (0600) and its public key in jwks.json.
     written.extend(jwt.init(directory, force))
     return written
