@@ -516,3 +516,25 @@ def test_certs_rotate_renews_the_staple_with_the_certificate(edge: Edge) -> None
     out = s_client(edge)
     assert "Cert Status: good" in out, out
     assert edge.server.status()["reload"]["errors"] == []
+
+
+@pytest.mark.envoy
+def test_the_sample_under_up_staples_its_edge_certificate(
+    tmp_path: Path, procs: ProcessGroup
+) -> None:
+    """`xdsplane up` on the sample (no certificates yet): certs init writes edge.ocsp.der,
+    and the edge staples it on the billing host."""
+    from test_up import running_up
+
+    with running_up(tmp_path, procs) as up:
+        staple = ocsp.load_der_ocsp_response((up.certs / "edge.ocsp.der").read_bytes())
+        assert staple.serial_number == pki.load_cert(up.certs / "edge.crt").serial_number
+        done = subprocess.run(
+            ["openssl", "s_client", "-status", "-servername", BILLING, "-connect",
+             f"127.0.0.1:{up.edge_port}", "-CAfile", str(up.certs / "service-ca.crt")],
+            input="", capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        assert "OCSP Response Status: successful" in done.stdout, done.stdout
+        assert "Cert Status: good" in done.stdout, done.stdout
+        serial = format(staple.serial_number, "X")
+        assert re.search(rf"Serial Number: 0*{serial}\b", done.stdout), done.stdout
