@@ -36,7 +36,7 @@ share() {
 # The control plane: its xDS server certificate, the CA of the Envoys' client certificates,
 # and every file the policy (snapshots/) serves to Envoy over SDS and ECDS.
 share control-plane xds-server.crt xds-server.key service-ca.crt \
-  edge.crt edge.key client-ca.crt client-ca.crl gateway.crt gateway.key \
+  edge.crt edge.key edge.ocsp.der client-ca.crt client-ca.crl gateway.crt gateway.key \
   guard-client.crt guard-client.key jwks.json
 # Envoy: the client certificate that proves it is node edge-1, and the CA of the server's.
 share envoy edge-1.crt edge-1.key service-ca.crt
