@@ -15,7 +15,7 @@ import itertools
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509 import ocsp
@@ -195,13 +195,18 @@ def check_ocsp(
         raise TlsFileError(f"{what} holds no valid DER OCSP response") from None
     if resp.response_status != ocsp.OCSPResponseStatus.SUCCESSFUL:
         raise TlsFileError(f"{what}: response status is {resp.response_status.name.lower()}")
+    if sum(1 for _ in resp.responses) != 1:
+        raise TlsFileError(f"{what} must answer for one certificate only (Envoy's rule)")
     if resp.serial_number != leaf.serial_number:
         raise StapleMismatch(
             f"{what} is for serial {resp.serial_number:x}, not the certificate's "
             f"({leaf.serial_number:x})"
         )
-    algorithm = resp.hash_algorithm
-    expected = ocsp.OCSPRequestBuilder().add_certificate(leaf, issuer, algorithm).build()
+    try:
+        algorithm = resp.hash_algorithm
+        expected = ocsp.OCSPRequestBuilder().add_certificate(leaf, issuer, algorithm).build()
+    except (ValueError, UnsupportedAlgorithm):
+        raise TlsFileError(f"{what}: its certificate ID uses an unsupported hash") from None
     if (
         resp.issuer_name_hash != expected.issuer_name_hash
         or resp.issuer_key_hash != expected.issuer_key_hash
