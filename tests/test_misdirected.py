@@ -63,6 +63,7 @@ UNKNOWN = "unknown.example.net"
 JWT_FILTER = "envoy.filters.http.jwt_authn"
 EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
 RBAC_FILTER = "envoy.filters.http.rbac"
+MISSING_CERT_COUNTER = "xdsplane.client_certificate_missing"  # an RBAC with shadow rules only
 LOCAL_RATE_LIMIT = "envoy.filters.http.local_ratelimit"
 GLOBAL_RATE_LIMIT = "envoy.filters.http.ratelimit"
 HARMLESS = {"envoy.filters.http.router", "envoy.filters.http.header_mutation"}
@@ -114,7 +115,7 @@ def _assert_nothing_checks(chain: str, filters: list[str], route: dict[str, Any]
         config = per_filter.get(name)
         if name in (JWT_FILTER, EXT_AUTHZ_FILTER):
             assert config is not None and config.get("disabled") is True, (chain, name, route)
-        elif name == RBAC_FILTER:
+        elif name in (RBAC_FILTER, MISSING_CERT_COUNTER):
             # An RBACPerRoute without `rbac`: Envoy disables the filter on the route.
             assert config is not None and set(config) == {"@type"}, (chain, name, route)
         elif name in (LOCAL_RATE_LIMIT, GLOBAL_RATE_LIMIT):

@@ -245,6 +245,12 @@ def per_route(route: Route) -> Any | None:
     return rbac_filter_pb2.RBACPerRoute(rbac=config)
 
 
+# The shadow-only RBAC filter that counts requests without a client certificate on optional
+# hosts (listeners.py builds it; routes.py switches it off on the 421 route).
+CERTIFICATE_MISSING = "client_certificate_missing"
+CERTIFICATE_MISSING_FILTER = f"xdsplane.{CERTIFICATE_MISSING}"
+
+
 def disabled() -> Any:
     """An RBACPerRoute without ``rbac``: Envoy disables the filter on the route, whatever
     the HCM-level configuration says."""

@@ -78,7 +78,7 @@ HANDSHAKE_FAILED = "tls_handshake_failed"
 # (docs/observability.md): its access-log line says so in two extra fields, and Envoy counts
 # it per host in http.<listener>/<host>.rbac.client_certificate_missing.shadow_denied
 # (dots in the names become _: host_stat_prefix).
-CERTIFICATE_MISSING = "client_certificate_missing"
+CERTIFICATE_MISSING = authz.CERTIFICATE_MISSING
 MISSING_STAT_PREFIX = CERTIFICATE_MISSING
 OPTIONAL_HOST_LOG_FIELDS: dict[str, str] = {
     "event": f"%CEL(connection.mtls?'request':'{CERTIFICATE_MISSING}')%",
@@ -189,7 +189,7 @@ def _missing_certificate_counter() -> Any:
         ),
         shadow_rules_stat_prefix=MISSING_STAT_PREFIX,
     )
-    return hcm_pb2.HttpFilter(name=f"xdsplane.{CERTIFICATE_MISSING}", typed_config=pack(config))
+    return hcm_pb2.HttpFilter(name=authz.CERTIFICATE_MISSING_FILTER, typed_config=pack(config))
 
 
 def _jwt_filters(names: list[str], providers: Mapping[str, jwt.Provider]) -> list[Any]:

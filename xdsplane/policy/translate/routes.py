@@ -199,7 +199,8 @@ def _misdirected(host: Host) -> Any:
     before any check of ``host``'s HCM acts on them. Filters run before the route's
     action, so each one the HCM holds is switched off on this route: no jwt_authn (a
     missing or bad token would turn 421 into 401), no ext_authz (the guard is never asked,
-    no jti is spent), no RBAC. The rate limit filters need nothing: the route names no
+    no jti is spent), no RBAC, and the missing-certificate counter of optional hosts does not
+    count it. The rate limit filters need nothing: the route names no
     limit (the local filter's HCM config has no bucket, the global one has no descriptor)."""
     out = rc.Route(
         name=f"{MISDIRECTED}/421",
@@ -218,6 +219,10 @@ def _misdirected(host: Host) -> Any:
         out.typed_per_filter_config[guard.FILTER].CopyFrom(pack(guard.disabled()))
     if authz.needs_rbac([host]):
         out.typed_per_filter_config[authz.RBAC_FILTER].CopyFrom(pack(authz.disabled()))
+    if host.client_certificate == "optional":  # the missing-certificate counter: not a 421
+        out.typed_per_filter_config[authz.CERTIFICATE_MISSING_FILTER].CopyFrom(
+            pack(authz.disabled())
+        )
     return rc.VirtualHost(name=MISDIRECTED, domains=["*"], routes=[out])
 
 
