@@ -1,0 +1,1 @@
+"""`xdsplane test`: requests run against a real Envoy serving a policy, checked case by case."""
