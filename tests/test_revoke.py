@@ -426,6 +426,24 @@ def test_revoked_client_certificate_refused_through_envoy_by_file(tmp_path: Path
             wait_until(lambda: get(alice).status == 200, 10, what="unrevoked certificate served")
             # revocation_check accepts a token again and again (no replay protection there)
             assert [keepalive_get(alice, "/check/x", reused).status for _ in range(2)] == [200, 200]
+            # a token revoked by its jti: refused on the connection it already used, at once
+            # on every route that calls the guard; another token of the same subject served
+            jti = f"leaked-{time.monotonic_ns()}"
+            leaked = jwt.sign(key, jwt.claims("someone", jti=jti))
+            assert keepalive_get(alice, "/check/x", leaked).status == 200
+            r = run_cli("revoke", "--jti", jti, "--reason", "pasted", "--file", str(revoked))
+            assert r.returncode == 0, r.stderr
+            assert jti not in r.stdout + r.stderr  # the command names the kind, not the value
+
+            def jti_refused() -> bool:
+                resp = keepalive_get(alice, "/check/x", leaked)
+                return resp.status == 403 and resp.headers.get("x-guard-reason") == "revoked_jti"
+
+            wait_until(jti_refused, 10, what="revoked jti refused")
+            assert keepalive_get(alice, "/x", leaked).status == 403  # the replay route too
+            fresh = jwt.sign(key, jwt.claims("someone"))
+            assert keepalive_get(alice, "/check/x", fresh).status == 200
+            assert alice.sock is sock  # still the connection opened before any revocation
             guard.close()
     finally:
         echo.close()
