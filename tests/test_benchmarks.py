@@ -137,3 +137,13 @@ def test_bench_reload_quick() -> None:
     why = [r for r in rows(out, "idle") + rows(out, "cold reload") if len(r) == 8]
     assert len(why) == 3, out
     assert re.search(r"peak RSS \(VmHWM\) \d+ MB", out), out
+
+
+@pytest.mark.envoy
+def test_bench_revoke_quick() -> None:
+    out = run_quick("bench_revoke.py")
+    found = rows(out, "written -> refused") + rows(out, "command -> refused")
+    assert len(found) == 2, out
+    for cells in found:
+        assert cells[1] == "3", cells  # every run refused on both Envoys
+    assert "the same two kept-alive connections" in out
