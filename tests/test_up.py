@@ -304,6 +304,26 @@ def test_up_serves_the_sample_over_mtls_as_edge_1_and_stops_cleanly(
         refusal = _xds_without_client_certificate(up)
         assert refusal, "the xDS port answered a client without a certificate"
 
+        # A request without a client certificate on the optional host: counted per host by
+        # Envoy, and shown by the control plane, which `up` points at Envoy's admin.
+        anonymous = ssl.create_default_context(cafile=str(up.certs / "service-ca.crt"))
+        fresh = jwt.token(up.certs, "bob")
+        assert bearer_get(up.edge_port, anonymous, "/billing/invoices", fresh).status == 200
+
+        def missing_shown() -> int:
+            envoys = up.status()["envoys"]
+            assert [e["name"] for e in envoys] == ["edge-1"], envoys
+            hosts = {h["host"]: h for e in envoys for h in e["hosts"]}
+            return int(hosts.get("https/billing", {}).get("without_certificate", 0))
+
+        wait_until(lambda: missing_shown() >= 1, 20, what="the missing certificate in /status")
+        envoy_count = up.envoy_stats()[
+            "http.https/billing.rbac.client_certificate_missing.shadow_denied"
+        ]
+        assert 1 <= missing_shown() <= envoy_count
+        page = http_get(up.port("admin"), "/").text
+        assert "Client certificates on optional hosts" in page and "https/billing" in page
+
         # The printed example commands run as shown in a new terminal: another directory,
         # a PATH without the virtual environment, no VIRTUAL_ENV.
         try_token = next(line.strip() for line in up.text().splitlines() if "Bearer $(" in line)

@@ -45,6 +45,8 @@ class AdminState:
         self.xds_tls: Callable[[], dict[str, object]] | None = None
         # Why this server is reachable in plaintext off the host (serve --insecure), if it is.
         self.insecure: list[str] = []
+        # Per-host client-certificate counts read from Envoys' admin (serve --envoy-admin).
+        self.envoys: Callable[[], list[dict[str, Any]]] | None = None
 
     def certificates(self) -> list[dict[str, object]]:
         current = self.cache.current
@@ -93,6 +95,7 @@ class AdminState:
             "nacks": self.registry.nacks(),
             "refused": dict(self.registry.refused),
             "insecure": list(self.insecure),
+            "envoys": self.envoys() if self.envoys is not None else None,
         }
 
 

@@ -10,9 +10,10 @@ from typing import Any
 
 import grpc
 
-from xdsplane import admin, logs
+from xdsplane import admin, envoystats, logs
 from xdsplane.bootstrap import split_address
 from xdsplane.cache import SnapshotCache
+from xdsplane.envoystats import EnvoyAdmin
 from xdsplane.exposure import serve_exposure
 from xdsplane.metrics import Metrics
 from xdsplane.reload import Refused, retry_busy
@@ -45,6 +46,8 @@ class ServeOptions:
     limits: Limits = field(default_factory=Limits)  # what one ADS client may ask (limits.py)
     # Start even when a plaintext port listens off loopback (exposure.py); warned and in /status.
     insecure: bool = False
+    # Envoys whose admin /stats is read for the per-host missing-certificate counts.
+    envoy_admins: tuple[EnvoyAdmin, ...] = ()
 
     @property
     def tls(self) -> bool:
@@ -65,6 +68,7 @@ async def serve(opts: ServeOptions) -> None:
     log = logs.get("xdsplane.serve")
     try:
         exposed = serve_exposure(opts.xds_address, opts.tls, opts.admin_address)
+        exposed += envoystats.exposure(list(opts.envoy_admins))
     except ValueError as e:
         raise StartupError([str(e)]) from None
     if exposed and not opts.insecure:
@@ -122,6 +126,9 @@ async def serve(opts: ServeOptions) -> None:
     if tls is not None:
         state.xds_tls = tls.status
     state.insecure = exposed
+    envoy_stats = envoystats.EnvoyStats(list(opts.envoy_admins))
+    if opts.envoy_admins:
+        state.envoys = envoy_stats.status
     try:
         runner = await admin.start(state, admin_host, admin_port, opts.admin_allowed_hosts)
     except OSError as e:
@@ -147,6 +154,8 @@ async def serve(opts: ServeOptions) -> None:
     if tls is not None:
         tls.log_loaded("xds tls loaded")
         tasks.append(asyncio.create_task(tls.run(stop, opts.watch_step_ms)))
+    if opts.envoy_admins:
+        tasks.append(asyncio.create_task(envoy_stats.run(stop)))
     try:
         await stop.wait()
     finally:

@@ -111,6 +111,31 @@ def _nacks(status: Mapping[str, Any]) -> str:
     return _table(["node", "type", "version", "at", "error"], rows)
 
 
+def _envoys(status: Mapping[str, Any]) -> str:
+    """Per-host requests without/with a client certificate, from each named Envoy's admin."""
+    envoys = status.get("envoys")
+    if envoys is None:
+        return ""
+    rows = []
+    for e in envoys:
+        name = f"{_e(e.get('name', ''))} <span class='muted'>{_e(e.get('address', ''))}</span>"
+        if not e.get("ok"):
+            rows.append([name, "-", "-", "-", f"<span class='bad'>{_e(e.get('error', ''))}</span>"])
+            continue
+        read = _e(when(e.get("read_at")))
+        hosts = e.get("hosts") or []
+        if not hosts:
+            rows.append([name, "<span class='muted'>no optional host</span>", "-", "-", read])
+        for h in hosts:
+            missing = int(h.get("without_certificate", 0))
+            cell = f"<span class='warn'>{missing}</span>" if missing else "0"
+            rows.append([name, _e(h.get("host", "")), cell, _e(h.get("with_certificate", 0)), read])
+    table = _table(
+        ["envoy", "listener/host", "without certificate", "with certificate", "read"], rows
+    )
+    return f"<h2>Client certificates on optional hosts (Envoy admin)</h2>\n{table}"
+
+
 def _reload(status: Mapping[str, Any]) -> str:
     r: Mapping[str, Any] = status.get("reload", {})
     lines = [
@@ -211,6 +236,7 @@ def render(status: Mapping[str, Any], cert_warn_days: float = 14.0) -> str:
         f"<h2>Nodes ({len(status.get('streams', []))} streams)</h2>\n{_nodes(status)}"
         f"{refused_html}"
         f"<h2>Rejected (last NACK per node and type)</h2>\n{_nacks(status)}"
+        f"{_envoys(status)}"
         f"<h2>Policy</h2>\n{_reload(status)}"
         f"<h2>Certificates (expiring: within {_e(cert_warn_days)} days)</h2>\n"
         f"{_certificates(status)}"
@@ -262,6 +288,16 @@ def status_lines(status: Mapping[str, Any]) -> list[str]:
             lines.append(
                 f"NACK {node} {t} version {short(r.get('version'))} at {when(r.get('at'))}: "
                 f"{r.get('message', '')}"
+            )
+    for e in status.get("envoys") or []:
+        if not e.get("ok"):
+            lines.append(f"envoy {e.get('name', '')}: admin not read: {e.get('error', '')}")
+            continue
+        for h in e.get("hosts") or []:
+            lines.append(
+                f"envoy {e.get('name', '')} {h.get('host', '')}: "
+                f"{h.get('without_certificate', 0)} requests without a client certificate, "
+                f"{h.get('with_certificate', 0)} with one"
             )
     r = status.get("reload", {})
     lines.append("")

@@ -173,6 +173,9 @@ def _serve_argv(opts: UpOptions) -> list[str]:
         opts.xds_address,
         "--admin-address",
         opts.admin_address,
+        # The status page shows the Envoy's per-host missing-certificate counts.
+        "--envoy-admin",
+        f"{opts.node}={opts.envoy_admin_address}",
         # Envoy must prove it is the node it claims (its certificate's SAN).
         "--tls-cert",
         str(certs / "xds-server.crt"),

@@ -89,6 +89,16 @@ def add_serve(sub: Sub) -> None:
         "0.0.0.0 and :: are not. The reasons are logged as warnings and listed in /status "
         "under 'insecure'",
     )
+    p.add_argument(
+        "--envoy-admin",
+        action="append",
+        default=[],
+        metavar="[NAME=]HOST:PORT",
+        help="an Envoy's admin address (repeatable): its per-host counts of requests with and "
+        "without a client certificate (optional hosts) are read every 5 s and shown in "
+        "/status, the status page and `xdsplane status`; loopback only (plain HTTP) unless "
+        "--insecure. `xdsplane up` names the Envoy it starts",
+    )
     add_logging(p)
 
 
@@ -241,6 +251,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    from xdsplane.envoystats import exposure, parse_admin
+
+    try:
+        envoy_admins = tuple(parse_admin(v) for v in args.envoy_admin)
+    except ValueError as e:
+        print(f"xdsplane serve: --envoy-admin {e}", file=sys.stderr)
+        return 2
+    names = [a.name for a in envoy_admins]
+    if len(set(names)) != len(names):
+        print("xdsplane serve: --envoy-admin: two Envoys with one name", file=sys.stderr)
+        return 2
+    exposed += exposure(list(envoy_admins))
+    if exposed and not args.insecure:
+        for reason in exposed:
+            print(f"xdsplane serve: not starting: {reason}", file=sys.stderr)
+        return 2
     configure_logging(args)
     stableread.install()
     opts = ServeOptions(
@@ -257,6 +283,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         client_ca=Path(args.client_ca) if args.client_ca else None,
         limits=limits,
         insecure=args.insecure,
+        envoy_admins=envoy_admins,
     )
     try:
         asyncio.run(serve(opts))
