@@ -50,8 +50,7 @@ class RunEnvoy:
                     self.argv,
                     stdin=subprocess.DEVNULL,
                     stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
+                    stderr=subprocess.STDOUT,  # same session: a Ctrl-C stops it with the run
                 )
             except OSError as e:
                 raise PolicyTestError([f"cannot run {self.argv[0]}: {e}"]) from None

@@ -1,0 +1,264 @@
+"""`xdsplane test` (issue #14): a policy's cases run against one real Envoy, hermetically.
+
+Every run here is the command itself (a subprocess, bounded by ``RUN_SECONDS``) on a real
+Envoy 1.40: the sample's cases pass as shipped; a policy weakened on the admin route fails
+naming the admin case; a case that expects the wrong upstream shows what it expected and
+what came back; bad cases files exit 2 naming file:line before any Envoy starts. Each run
+gets its own TMPDIR, which must be empty afterwards (keys, tokens and the bootstrap are
+removed), and nothing of the run (a token, a private key) may appear in its output.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from xdsplane.config.errors import ConfigErrors
+from xdsplane.policytest.cases import REFUSED, load_cases, relative_seconds
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = REPO / "snapshots"
+SAMPLE_CASES = REPO / "policy-tests" / "billing-edge.yaml"
+RUN_SECONDS = 180.0  # one run: an Envoy start and a few dozen requests, on a busy machine
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+    junit: Path
+
+
+def xdsplane_test(tmp: Path, policy: Path, *cases: Path, extra: tuple[str, ...] = ()) -> Run:
+    """``xdsplane test POLICY CASES... --junit FILE`` with its own (checked empty) TMPDIR."""
+    tmpdir = tmp / "tmpdir"
+    tmpdir.mkdir(exist_ok=True)
+    junit = tmp / "junit.xml"
+    env = {**os.environ, "TMPDIR": str(tmpdir)}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    r = subprocess.run(
+        [
+            *(sys.executable, "-m", "xdsplane", "test", str(policy), *map(str, cases)),
+            *("--junit", str(junit), *extra),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=RUN_SECONDS,
+        check=False,
+        env=env,
+    )
+    assert "Traceback" not in r.stderr, r.stderr
+    assert list(tmpdir.iterdir()) == [], "the run left files behind"
+    for text in (r.stdout, r.stderr, junit.read_text() if junit.exists() else ""):
+        assert "PRIVATE KEY" not in text and "eyJ" not in text, text  # no key, no token
+    return Run(r.returncode, r.stdout, r.stderr, junit)
+
+
+def policy_copy(tmp: Path, drop: tuple[str, ...] = ()) -> Path:
+    """The sample policy in ``tmp/snapshots`` without the lines that contain ``drop``."""
+    folder = tmp / "snapshots"
+    folder.mkdir()
+    for f in SAMPLE.glob("*.yaml"):
+        lines = f.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if not any(d in line for d in drop)]
+        assert len(lines) - len(kept) == len(drop), f"{drop} not found once each in {f}"
+        (folder / f.name).write_text("".join(kept))
+    return folder
+
+
+def write_cases(tmp: Path, text: str, name: str = "cases.yaml") -> Path:
+    path = tmp / name
+    path.write_text(text)
+    return path
+
+
+# -- the sample's cases ----------------------------------------------------------------------
+
+
+@pytest.mark.envoy
+def test_the_sample_cases_pass(tmp_path: Path) -> None:
+    run = xdsplane_test(tmp_path, SAMPLE, SAMPLE_CASES)
+    assert run.code == 0, run.out + run.err
+    cases = load_cases(SAMPLE_CASES)
+    assert run.out.count("\nok    ") + run.out.startswith("ok    ") == len(cases), run.out
+    assert f"{len(cases)} passed, 0 failed" in run.err, run.err
+    suites = ET.parse(run.junit).getroot()
+    assert (suites.get("tests"), suites.get("failures")) == (str(len(cases)), "0")
+    # The cases cover every rule of the sample (issue #14 item 2).
+    names = " ".join(c.name for c in cases)
+    for rule in ("optional", "admin needs a client certificate", "outside ops", "expired",
+                 "another audience", "missing token", "once", "429", "421", "redirected to HTTPS",
+                 "strict host refuses", "upper case", "double slash"):  # fmt: skip
+        assert rule in names, rule
+    assert any(REFUSED in c.expect.statuses for c in cases)
+
+
+@pytest.mark.envoy
+def test_without_the_admin_certificate_requirement_the_admin_case_fails(tmp_path: Path) -> None:
+    """The admin route's certificate requirement removed (require_client_certificate and the
+    SAN list that implies it): `xdsplane test` exits 1 and names the admin cases, with what
+    was expected (403, no upstream) and what came back (200 from billing)."""
+    weak = policy_copy(tmp_path, drop=("require_client_certificate: true", "allow_client_sans: ["))
+    run = xdsplane_test(tmp_path, weak, SAMPLE_CASES)
+    assert run.code == 1, run.out + run.err
+    failed = [line for line in run.out.splitlines() if line.startswith("FAIL")]
+    assert any(line.endswith(": admin needs a client certificate") for line in failed), failed
+    at = run.out.index(": admin needs a client certificate")
+    block = run.out[at : at + 400]
+    assert "expected: status 403, upstream none" in block, block
+    assert "got:      status 200, upstream billing" in block, block
+    root = ET.parse(run.junit).getroot()
+    failures = {tc.get("name") for tc in root.iter("testcase") if tc.find("failure") is not None}
+    assert "admin needs a client certificate" in failures, failures
+    assert "a certificate outside ops is refused on admin" in failures, failures
+
+
+@pytest.mark.envoy
+def test_require_client_certificate_alone_is_implied_by_the_san_list(tmp_path: Path) -> None:
+    """Removing only `require_client_certificate: true` changes nothing Envoy runs: the
+    admin route's allow_client_sans implies it (docs/policy.md), so every case still
+    passes. `xdsplane diff --fail-on-weaken` is what names that edit."""
+    run = xdsplane_test(tmp_path, policy_copy(tmp_path, ("require_client_certificate: true",)),
+                        SAMPLE_CASES)  # fmt: skip
+    assert run.code == 0, run.out + run.err
+
+
+# -- failures show what was expected and what came back ---------------------------------------
+
+MIXED = """\
+cases:
+  - name: healthz answers
+    request: {host: billing.example.com, path: /healthz}
+    expect: {status: 200, upstream: none}
+  - name: billing expected at payments
+    request: {host: billing.example.com, path: /billing/invoices,
+              jwt: {provider: idp, sub: alice}}
+    expect: {status: 200, upstream: payments}
+  - name: the token's subject reaches billing
+    request: {host: billing.example.com, path: /billing/x, jwt: {sub: bob}}
+    expect: {status: 200, upstream: billing, headers_to_upstream: {x-jwt-sub: bob},
+             response_headers: {x-ratelimit-remaining: "999, 59"}}
+"""
+
+
+@pytest.mark.envoy
+def test_a_wrong_upstream_fails_with_expected_and_got_and_junit_counts(tmp_path: Path) -> None:
+    cases = write_cases(tmp_path, MIXED)
+    run = xdsplane_test(tmp_path, SAMPLE, cases)
+    assert run.code == 1, run.out + run.err
+    assert f"FAIL  {cases}:5: billing expected at payments" in run.out, run.out
+    assert "expected: status 200, upstream payments" in run.out, run.out
+    assert "got:      status 200, upstream billing" in run.out, run.out
+    assert run.out.count("ok    ") == 2, run.out
+    root = ET.parse(run.junit).getroot()
+    assert (root.get("tests"), root.get("failures")) == ("3", "1")
+    (suite,) = root.findall("testsuite")
+    assert (suite.get("tests"), suite.get("failures")) == ("3", "1")
+    failing = [tc for tc in suite.findall("testcase") if tc.find("failure") is not None]
+    assert [tc.get("name") for tc in failing] == ["billing expected at payments"]
+    failure = failing[0].find("failure")
+    assert failure is not None and failure.text is not None
+    assert "expected: status 200, upstream payments" in failure.text
+    assert "got:      status 200, upstream billing" in failure.text
+    assert failing[0].get("line") == "5"
+
+
+# -- bad input: exit 2, file:line, before any Envoy ---------------------------------------------
+
+BAD = """\
+cases:
+  - name: fine
+    request: {host: billing.example.com, path: /healthz}
+    expect: {status: 200}
+  - name: broken
+    request: {host: billing.example.com, path: /healthz, repeat: 2}
+    expect: {status: [200, 403, 403]}
+  - name: unknown key
+    request: {host: billing.example.com, path: /healthz, cookie: yes}
+    expect: {status: ok}
+"""
+
+
+def test_a_bad_cases_file_exits_2_naming_file_line_and_field(tmp_path: Path) -> None:
+    cases = write_cases(tmp_path, BAD)
+    run = xdsplane_test(tmp_path, SAMPLE, cases)
+    assert run.code == 2, run.out + run.err
+    assert f"{cases}:7:" in run.out and "expect.status: 3 statuses for 2 requests" in run.out
+    assert f"{cases}:9:" in run.out and "unknown key 'cookie'" in run.out, run.out
+    assert f"{cases}:10:" in run.out and "expect.status: expected an HTTP status" in run.out
+    assert not run.junit.exists()
+
+
+@pytest.mark.envoy
+def test_an_unknown_listener_or_provider_exits_2_at_its_line(tmp_path: Path) -> None:
+    cases = write_cases(
+        tmp_path,
+        "cases:\n"
+        "  - name: a\n"
+        "    request: {host: billing.example.com, path: /, listener: nope}\n"
+        "    expect: {status: 200}\n"
+        "  - name: b\n"
+        "    request: {host: billing.example.com, path: /, jwt: {provider: other}}\n"
+        "    expect: {status: 200}\n",
+    )
+    run = xdsplane_test(tmp_path, SAMPLE, cases)
+    assert run.code == 2, run.out + run.err
+    assert f"{cases}:3:" in run.out and "no listener 'nope' (http, https)" in run.out, run.out
+    assert f"{cases}:6:" in run.out and "no provider 'other' (idp)" in run.out, run.out
+
+
+def test_a_node_no_group_serves_exits_2(tmp_path: Path) -> None:
+    run = xdsplane_test(tmp_path, SAMPLE, SAMPLE_CASES, extra=("--node", "core-1"))
+    assert run.code == 2, run.out + run.err
+    assert "--node core-1: no node group" in run.out, run.out
+
+
+def test_a_policy_that_does_not_load_exits_2_with_its_errors(tmp_path: Path) -> None:
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "p.yaml").write_text("listeners:\n  - name: x\n    bogus: 1\n")
+    run = xdsplane_test(tmp_path, folder, SAMPLE_CASES)
+    assert run.code == 2, run.out + run.err
+    assert f"{folder / 'p.yaml'}:" in run.out, run.out
+
+
+# -- the cases format ---------------------------------------------------------------------------
+
+
+def test_relative_expiry_and_repeated_statuses(tmp_path: Path) -> None:
+    assert [relative_seconds(v) for v in ("-1h", "5m", "+30s", "2d", 90, "soon")] == [
+        -3600, 300, 30, 172800, 90, None,
+    ]  # fmt: skip
+    path = write_cases(
+        tmp_path,
+        "cases:\n"
+        "  - name: burst\n"
+        "    request: {host: h, path: /, repeat: 4, jwt: {sub: a, exp: -1h, tenant: t1}}\n"
+        "    expect: {status: [200, '403*2', refused]}\n",
+    )
+    (case,) = load_cases(path)
+    assert case.expect.statuses == (200, 403, 403, REFUSED)
+    assert case.request.jwt is not None
+    assert (case.request.jwt.exp, dict(case.request.jwt.extra)) == (-3600, {"tenant": "t1"})
+    assert case.line == 2
+
+
+def test_duplicate_names_and_missing_parts_are_errors(tmp_path: Path) -> None:
+    path = write_cases(
+        tmp_path,
+        "cases:\n"
+        "  - name: a\n    request: {host: h, path: /}\n    expect: {status: 200}\n"
+        "  - name: a\n    request: {path: /}\n    expect: {upstream: x}\n",
+    )
+    with pytest.raises(ConfigErrors) as e:
+        load_cases(path)
+    text = str(e.value)
+    assert f"{path}:5:" in text and "used twice (first on line 2)" in text, text
+    assert "request: host is required" in text and "expect: status is required" in text, text
