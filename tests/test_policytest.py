@@ -11,8 +11,10 @@ removed), and nothing of the run (a token, a private key) may appear in its outp
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import threading
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -262,3 +264,46 @@ def test_duplicate_names_and_missing_parts_are_errors(tmp_path: Path) -> None:
     text = str(e.value)
     assert f"{path}:5:" in text and "used twice (first on line 2)" in text, text
     assert "request: host is required" in text and "expect: status is required" in text, text
+
+
+# -- hermetic: the policy's real upstream and guard addresses are never dialled ---------------
+
+
+@pytest.mark.envoy
+def test_the_real_upstream_and_guard_are_never_reached(tmp_path: Path) -> None:
+    """Listeners on the addresses the policy names for billing and the guard: the run's
+    requests go to its recorders and its own guard, never there."""
+    listeners = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]
+    accepted: list[int] = []
+
+    def count(s: socket.socket) -> None:
+        s.settimeout(0.05)
+        while s.fileno() != -1:
+            try:
+                conn, _ = s.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            accepted.append(1)
+            conn.close()
+
+    threads = [threading.Thread(target=count, args=(s,), daemon=True) for s in listeners]
+    for t in threads:
+        t.start()
+    try:
+        billing, guard = (s.getsockname()[1] for s in listeners)
+        folder = tmp_path / "snapshots"
+        folder.mkdir()
+        text = (SAMPLE / "billing-edge.yaml").read_text()
+        text = text.replace("127.0.0.1:9443", f"127.0.0.1:{billing}")
+        text = text.replace("127.0.0.1:18081", f"127.0.0.1:{guard}")
+        (folder / "billing-edge.yaml").write_text(text)
+        run = xdsplane_test(tmp_path, folder, SAMPLE_CASES)
+        assert run.code == 0, run.out + run.err
+    finally:
+        for s in listeners:
+            s.close()
+        for t in threads:
+            t.join(timeout=5)
+    assert accepted == [], "a request of the run reached the policy's real addresses"
