@@ -307,3 +307,24 @@ def test_the_real_upstream_and_guard_are_never_reached(tmp_path: Path) -> None:
         for t in threads:
             t.join(timeout=5)
     assert accepted == [], "a request of the run reached the policy's real addresses"
+
+
+@pytest.mark.envoy
+def test_remote_key_sets_are_replaced_by_the_runs_key(tmp_path: Path) -> None:
+    """Providers with jwks_uri (an https IdP by host name, a plain-http one): no fetch, the
+    run's key signs tokens each provider accepts, and only on its own routes."""
+    cases = write_cases(
+        tmp_path,
+        "cases:\n"
+        "  - name: idp token\n"
+        "    request: {host: api.example.com, path: /x, jwt: {provider: idp, sub: a}}\n"
+        "    expect: {status: 200, upstream: api, headers_to_upstream: {authorization: null}}\n"
+        "  - name: internal token on ops\n"
+        "    request: {host: api.example.com, path: /ops/x, jwt: {provider: internal}}\n"
+        "    expect: {status: 200, upstream: api}\n"
+        "  - name: no token on ops\n"
+        "    request: {host: api.example.com, path: /ops/x}\n"
+        "    expect: {status: 401, upstream: none}\n",
+    )
+    run = xdsplane_test(tmp_path, REPO / "tests" / "golden" / "jwt-remote", cases)
+    assert run.code == 0, run.out + run.err

@@ -73,9 +73,12 @@ class RunEnvoy:
     def _ready(self) -> bool:
         if not self.admin:
             try:
-                self.admin = self.admin_path.read_text().strip()
+                text = self.admin_path.read_text().strip()
             except OSError:
                 return False
+            if not text.rpartition(":")[2].isdigit():
+                return False  # not written yet, or half-way
+            self.admin = text
         try:
             return self.get("/ready")[0] == 200
         except (OSError, http.client.HTTPException):
