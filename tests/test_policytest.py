@@ -23,6 +23,9 @@ import pytest
 
 from xdsplane.config.errors import ConfigErrors
 from xdsplane.policytest.cases import REFUSED, load_cases, relative_seconds
+from xdsplane.policytest.client import Session, tls_context
+from xdsplane.policytest.recorders import Log, Recorder
+from xdsplane.policytest.runpki import RunPki
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "snapshots"
@@ -328,3 +331,38 @@ def test_remote_key_sets_are_replaced_by_the_runs_key(tmp_path: Path) -> None:
     )
     run = xdsplane_test(tmp_path, REPO / "tests" / "golden" / "jwt-remote", cases)
     assert run.code == 0, run.out + run.err
+
+
+def test_a_cases_file_inside_the_policy_folder_is_refused(tmp_path: Path) -> None:
+    """The loader would read it as a policy file: said plainly, before anything runs."""
+    folder = policy_copy(tmp_path)
+    inside = folder / "cases.yaml"
+    inside.write_text(SAMPLE_CASES.read_text())
+    run = xdsplane_test(tmp_path, folder, inside)
+    assert run.code == 2, run.out + run.err
+    assert f"{inside}: inside {folder}, where the loader reads every .yaml file" in run.out
+
+
+def test_a_tls_recorder_requires_the_client_certificate_envoy_presents(tmp_path: Path) -> None:
+    """Upstream mutual TLS stays real: a recorder for a cluster that presents a client
+    certificate refuses a handshake without one and notes the URI SANs of the one given."""
+    run = RunPki()
+    try:
+        log = Log()
+        server = run.issue(["billing.internal"], (), "server")
+        rec = Recorder("billing", log, server, run.ca_path).start()
+        try:
+            bare = Session(rec.port, tls_context(run.ca_path, None), "billing.internal")
+            assert bare.send("GET", "/x", {"Host": "b"}, last=True).status is None
+            cert = run.issue((), ["spiffe://xdsplane-test/secret/gateway-client"], "client")
+            mtls = Session(rec.port, tls_context(run.ca_path, cert), "billing.internal")
+            answer = mtls.send("GET", "/x", {"Host": "b", "X-Probe": "1"}, last=True)
+            assert answer.status == 200, answer
+        finally:
+            rec.close()
+        (record,) = log.records
+        assert (record.upstream, record.path, record.headers["x-probe"]) == ("billing", "/x", "1")
+        assert record.client_uris == ("spiffe://xdsplane-test/secret/gateway-client",)
+    finally:
+        run.close()
+    assert not run.dir.exists()

@@ -49,6 +49,13 @@ def load_all_cases(files: Sequence[Path]) -> list[Case]:
     return out
 
 
+def _is_under(path: Path, folder: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(folder.resolve())
+    except OSError:
+        return False
+
+
 def _listener(case: Case, p: Plan) -> str:
     req = case.request
     if req.listener is not None:
@@ -164,6 +171,15 @@ def run_cases(
     bad cases file, a policy that does not load, an unknown node, listener or provider, or
     an Envoy that cannot start.
     """
+    inside = [f for f in cases_files if _is_under(f, policy_dir)]
+    if inside:
+        raise PolicyTestError(
+            [
+                f"{f}: inside {policy_dir}, where the loader reads every .yaml file as a policy "
+                "file; keep cases beside the folder (e.g. policy-tests/)"
+                for f in inside
+            ]
+        )
     cases = load_all_cases(cases_files)
     binary = find_envoy(envoy_binary)
     if binary is None:
