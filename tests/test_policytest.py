@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from xdsplane.config.errors import ConfigErrors
 from xdsplane.policytest.cases import REFUSED, load_cases, relative_seconds
@@ -78,6 +79,15 @@ def policy_copy(tmp: Path, drop: tuple[str, ...] = ()) -> Path:
     return folder
 
 
+def sample_cases_without_bursts(tmp: Path) -> Path:
+    """The sample's cases but the 61-request one: for the tests that need every other case
+    to pass and are not about rate limits (the burst races a refilling bucket, see
+    docs/testing.md; test_the_sample_cases_pass runs it)."""
+    doc = yaml.safe_load(SAMPLE_CASES.read_text())
+    doc["cases"] = [c for c in doc["cases"] if c["request"].get("repeat", 1) <= 2]
+    return write_cases(tmp, yaml.safe_dump(doc, sort_keys=False), "sample-cases.yaml")
+
+
 def write_cases(tmp: Path, text: str, name: str = "cases.yaml") -> Path:
     path = tmp / name
     path.write_text(text)
@@ -130,8 +140,8 @@ def test_require_client_certificate_alone_is_implied_by_the_san_list(tmp_path: P
     """Removing only `require_client_certificate: true` changes nothing Envoy runs: the
     admin route's allow_client_sans implies it (docs/policy.md), so every case still
     passes. `xdsplane diff --fail-on-weaken` is what names that edit."""
-    run = xdsplane_test(tmp_path, policy_copy(tmp_path, ("require_client_certificate: true",)),
-                        SAMPLE_CASES)  # fmt: skip
+    weak = policy_copy(tmp_path, ("require_client_certificate: true",))
+    run = xdsplane_test(tmp_path, weak, sample_cases_without_bursts(tmp_path))
     assert run.code == 0, run.out + run.err
 
 
@@ -302,7 +312,7 @@ def test_the_real_upstream_and_guard_are_never_reached(tmp_path: Path) -> None:
         text = text.replace("127.0.0.1:9443", f"127.0.0.1:{billing}")
         text = text.replace("127.0.0.1:18081", f"127.0.0.1:{guard}")
         (folder / "billing-edge.yaml").write_text(text)
-        run = xdsplane_test(tmp_path, folder, SAMPLE_CASES)
+        run = xdsplane_test(tmp_path, folder, sample_cases_without_bursts(tmp_path))
         assert run.code == 0, run.out + run.err
     finally:
         for s in listeners:
