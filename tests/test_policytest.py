@@ -381,3 +381,36 @@ def test_a_tls_recorder_requires_the_client_certificate_envoy_presents(tmp_path:
     finally:
         run.close()
     assert not run.dir.exists()
+
+
+# -- the node's config, exactly: --node picks the group ----------------------------------------
+
+CORE = """\
+nodes: ["core-*"]
+listeners:
+  - name: core-http
+    address: 127.0.0.1:8090
+    hosts:
+      - name: core
+        domains: [core.example.com]
+        routes:
+          - {name: all, prefix: /, direct_response: {status: 204}}
+"""
+CORE_CASES = """\
+cases:
+  - name: the core node's own route
+    request: {host: core.example.com, path: /x}
+    expect: {status: 204, upstream: none}
+"""
+
+
+@pytest.mark.envoy
+def test_node_picks_the_group_whose_config_runs(tmp_path: Path) -> None:
+    folder = policy_copy(tmp_path)
+    (folder / "core.yaml").write_text(CORE)
+    cases = write_cases(tmp_path, CORE_CASES)
+    core = xdsplane_test(tmp_path, folder, cases, extra=("--node", "core-1"))
+    assert core.code == 0, core.out + core.err
+    edge = xdsplane_test(tmp_path, folder, cases, extra=("--node", "edge-1"))
+    assert edge.code == 2, edge.out + edge.err
+    assert f"{cases}:3:" in edge.out and "no listener serves core.example.com" in edge.out
