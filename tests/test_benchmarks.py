@@ -147,3 +147,12 @@ def test_bench_revoke_quick() -> None:
     for cells in found:
         assert cells[1] == "3", cells  # every run refused on both Envoys
     assert "the same two kept-alive connections" in out
+
+
+@pytest.mark.envoy
+def test_bench_policytest_quick() -> None:
+    """50 generated cases against one Envoy: every case passes, the table is there."""
+    out = run_quick("bench_policytest.py")
+    (cells,) = rows(out, "50 cases, one Envoy")
+    assert cells[1].endswith(" s") and float(cells[1][:-2]) > 0, cells
+    assert cells[-1] == "ok" or cells[-1].startswith("MISS x"), cells

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from xdsplane import __version__
-from xdsplane.cli import bootstrap, guard, revoke, serve, status, up, validate
+from xdsplane.cli import bootstrap, guard, policytest, revoke, serve, status, up, validate
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "status": status.cmd_status,
@@ -28,6 +28,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "token": bootstrap.cmd_token,
     "demo-billing": up.cmd_demo,
     "schema": validate.cmd_schema,
+    "test": policytest.cmd_test,
 }
 
 
@@ -49,6 +50,7 @@ def parser() -> argparse.ArgumentParser:
     up.add_demo(sub)
     validate.add_schema(sub)
     validate.add_diff(sub)
+    policytest.add_test(sub)
     guard.add_guard(sub)
     revoke.add_revoke(sub)
     revoke.add_unrevoke(sub)
