@@ -117,14 +117,17 @@ def test_the_sample_cases_pass(tmp_path: Path) -> None:
 
 @pytest.mark.envoy
 def test_without_the_admin_certificate_requirement_the_admin_case_fails(tmp_path: Path) -> None:
-    """The admin route's certificate requirement removed (require_client_certificate and the
-    SAN list that implies it): `xdsplane test` exits 1 and names the admin cases, with what
-    was expected (403, no upstream) and what came back (200 from billing)."""
-    weak = policy_copy(tmp_path, drop=("require_client_certificate: true", "allow_client_sans: ["))
-    run = xdsplane_test(tmp_path, weak, SAMPLE_CASES)
+    """The reviewer's edit (issue #14): only `require_client_certificate: true` removed from
+    the admin route. Its SAN list then checks only the certificates clients present, so a
+    client without one reaches billing: `xdsplane test` exits 1 and names the admin case,
+    with what was expected (403, no upstream) and what came back (200 from billing). The
+    case for a certificate outside ops still passes: the SAN list still refuses it."""
+    weak = policy_copy(tmp_path, drop=("require_client_certificate: true",))
+    run = xdsplane_test(tmp_path, weak, sample_cases_without_bursts(tmp_path))
     assert run.code == 1, run.out + run.err
     failed = [line for line in run.out.splitlines() if line.startswith("FAIL")]
     assert any(line.endswith(": admin needs a client certificate") for line in failed), failed
+    assert not any("outside ops" in line for line in failed), failed
     at = run.out.index(": admin needs a client certificate")
     block = run.out[at : at + 400]
     assert "expected: status 403, upstream none" in block, block
@@ -132,17 +135,18 @@ def test_without_the_admin_certificate_requirement_the_admin_case_fails(tmp_path
     root = ET.parse(run.junit).getroot()
     failures = {tc.get("name") for tc in root.iter("testcase") if tc.find("failure") is not None}
     assert "admin needs a client certificate" in failures, failures
-    assert "a certificate outside ops is refused on admin" in failures, failures
 
 
 @pytest.mark.envoy
-def test_require_client_certificate_alone_is_implied_by_the_san_list(tmp_path: Path) -> None:
-    """Removing only `require_client_certificate: true` changes nothing Envoy runs: the
-    admin route's allow_client_sans implies it (docs/policy.md), so every case still
-    passes. `xdsplane diff --fail-on-weaken` is what names that edit."""
-    weak = policy_copy(tmp_path, ("require_client_certificate: true",))
+def test_without_the_admin_san_list_a_certificate_outside_ops_fails(tmp_path: Path) -> None:
+    """The SAN list removed, the requirement kept: any certificate of the client CA reaches
+    admin, and the case for a certificate outside ops fails by name."""
+    weak = policy_copy(tmp_path, drop=("allow_client_sans: [",))
     run = xdsplane_test(tmp_path, weak, sample_cases_without_bursts(tmp_path))
-    assert run.code == 0, run.out + run.err
+    assert run.code == 1, run.out + run.err
+    failed = [line for line in run.out.splitlines() if line.startswith("FAIL")]
+    assert any("a certificate outside ops is refused on admin" in line for line in failed), failed
+    assert not any(line.endswith(": admin needs a client certificate") for line in failed)
 
 
 # -- failures show what was expected and what came back ---------------------------------------

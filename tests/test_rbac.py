@@ -175,6 +175,15 @@ listeners:
             access:
               deny: [{{client_sans: ["spiffe://example.com/dev/*"]}}]
             direct_response: {{status: 200, body: no-dev}}
+          - name: sans-presented
+            prefix: /sans-presented/
+            allow_client_sans: ["spiffe://example.com/ops/*"]
+            direct_response: {{status: 200, body: sans-presented}}
+          - name: sans-required
+            prefix: /sans-required/
+            require_client_certificate: true
+            allow_client_sans: ["spiffe://example.com/ops/*"]
+            direct_response: {{status: 200, body: sans-required}}
           - name: cert-shadow
             prefix: /cert-shadow/
             require_client_certificate: true
@@ -372,6 +381,45 @@ def test_deny_by_san(gateway: Gateway) -> None:
     assert_refused(gateway.tls_get("/no-dev/x", cert="bob"))
     assert gateway.tls_get("/no-dev/x", cert="alice").text == "no-dev"
     assert gateway.tls_get("/no-dev/x").text == "no-dev"
+
+
+@pytest.mark.envoy
+def test_a_san_list_checks_presented_certificates_and_the_requirement_is_its_own_key(
+    gateway: Gateway,
+) -> None:
+    """allow_client_sans alone: bob (dev, valid certificate) is refused by
+    client-certificate, alice passes, and so does a client without a certificate;
+    with require_client_certificate too, that client is refused as well."""
+    bob = tagged("/sans-presented/x")
+    assert_refused(gateway.tls_get(bob, cert="bob"))
+    assert gateway.log_line(bob)["access_denied_by"] == "client-certificate"
+    assert gateway.tls_get("/sans-presented/x", cert="alice").text == "sans-presented"
+    assert gateway.tls_get("/sans-presented/x").text == "sans-presented"
+    anon = tagged("/sans-required/x")
+    assert_refused(gateway.tls_get(anon))
+    assert gateway.log_line(anon)["access_denied_by"] == "client-certificate"
+    assert_refused(gateway.tls_get("/sans-required/x", cert="bob"))
+    assert gateway.tls_get("/sans-required/x", cert="alice").text == "sans-required"
+
+
+@pytest.mark.envoy
+def test_a_san_list_alone_on_an_optional_host_is_a_warning(gateway: Gateway) -> None:
+    """validate says, with the line, that a SAN list without the requirement lets a
+    request without a certificate through (never silent); with the requirement, or in an
+    access rule, nothing is said."""
+    from xdsplane import pipeline
+
+    policy = gateway.root / "policy" / "edge.yaml"
+    result = pipeline.load(policy.parent)
+    assert not result.errors, result.errors
+    warnings = [str(w) for w in result.warnings]
+    san_warnings = [w for w in warnings if "allow_client_sans" in w]
+    assert len(san_warnings) == 1, warnings
+    lines = policy.read_text().splitlines()
+    at = lines.index("          - name: sans-presented") + 3  # its allow_client_sans line
+    assert lines[at - 1].strip().startswith("allow_client_sans:"), lines[at - 1]
+    assert f"edge.yaml:{at}:" in san_warnings[0], san_warnings
+    assert "'sans-presented'" in san_warnings[0] and "passes" in san_warnings[0]
 
 
 @pytest.mark.envoy

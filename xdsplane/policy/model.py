@@ -544,8 +544,9 @@ class Route(Model):
     )
     allow_client_sans: list[str] = Field(
         default_factory=list,
-        description="the client certificate must carry a SAN matching one of these globs "
-        "('*' matches any run of characters); implies require_client_certificate",
+        description="a client certificate presented must carry a SAN matching one of these "
+        "globs ('*' matches any run of characters), else 403; a request without one is not "
+        "refused by this list: add require_client_certificate: true for that",
     )
     jwt: Name | None = Field(
         None,
@@ -634,9 +635,7 @@ class Route(Model):
             return False
         if other.revocation_check and not (self.revocation_check or self.replay_protection):
             return False
-        if (other.require_client_certificate or other.allow_client_sans) and not (
-            self.require_client_certificate or self.allow_client_sans
-        ):
+        if other.require_client_certificate and not self.require_client_certificate:
             return False
         if other.allow_client_sans and not (
             self.allow_client_sans and set(self.allow_client_sans) <= set(other.allow_client_sans)

@@ -34,7 +34,29 @@ def check(doc: Document, policy: PolicyFile) -> Findings:
         if upstream.tls is not None:
             what = f"upstream {name!r}"
             _check_tls(doc, ("upstreams", name, "tls"), upstream.tls, what, found)
+    _check_san_lists(doc, policy, found)
     return found
+
+
+def _check_san_lists(doc: Document, policy: PolicyFile, found: Findings) -> None:
+    """``allow_client_sans`` without ``require_client_certificate`` on an optional host
+    checks only the certificates clients present: said at every load, never silent."""
+    for li, listener in enumerate(policy.listeners):
+        for hi, host in enumerate(listener.hosts):
+            if host.client_certificate != "optional":
+                continue
+            for ri, route in enumerate(host.routes):
+                if route.allow_client_sans and not route.require_client_certificate:
+                    keys = ("listeners", li, "hosts", hi, "routes", ri, "allow_client_sans")
+                    found.warnings.append(
+                        ConfigError(
+                            doc.locate_key(keys),
+                            f"route {route.name or ri!r} of optional host {host.name!r}: "
+                            "allow_client_sans checks the certificates clients present, "
+                            "and a request without one passes; add "
+                            "require_client_certificate: true to refuse it",
+                        )
+                    )
 
 
 def _check_tls(

@@ -12,8 +12,11 @@ dynamic-metadata namespace) or the matcher API (no ``mtls_authenticated`` princi
 ordered matchers where a policy map is enough), every reason to refuse is one policy of a
 DENY engine:
 
-- ``client-certificate``: not (a validated client certificate [with a SAN matching
-  ``allow_client_sans``]);
+- ``client-certificate``: with ``require_client_certificate``, not (a validated client
+  certificate [with a SAN matching ``allow_client_sans``]); with ``allow_client_sans``
+  alone, a validated client certificate with no SAN matching (a request without a
+  certificate is not refused by it: the two keys are the two questions Envoy's TLS asks
+  too, whether a certificate is required and which ones are accepted);
 - ``deny-N``: deny rule N of ``access`` matches;
 - ``no-allow-rule`` (``default: deny``): not (any allow rule matches).
 
@@ -231,8 +234,11 @@ def per_route(route: Route) -> Any | None:
     """The RBACPerRoute for a route, or None when it asks nothing of the request."""
     enforced: dict[str, Any] = {}
     shadow: dict[str, Any] = {}
-    if route.require_client_certificate or route.allow_client_sans:
+    if route.require_client_certificate:
         enforced[POLICY] = _policy(_not(_certificate(route)))
+    elif route.allow_client_sans:
+        presented = _mtls(mtls_authenticated_pb2.Config(any_validated_client_certificate=True))
+        enforced[POLICY] = _policy(_and([presented, _not(_sans(route.allow_client_sans))]))
     if route.access is not None:
         (shadow if route.access.shadow else enforced).update(access_policies(route.access))
     if not enforced and not shadow:
