@@ -70,6 +70,13 @@ class TranslationCache:
             )
         log = policy.access_log.value if policy.access_log is not None else None
         log_key = log.model_dump_json() if log is not None else ""
+        lpart_log = policy.access_log
+        if lpart_log is not None and lpart_log.value.otlp is not None:
+            out += self._get(
+                ("otlp", log_key),
+                lpart_log.origin.source,
+                lambda: translate.otlp_resources(lpart_log),
+            )
         providers = translate.jwt_providers(policy, files)
         guard_spec = gpart.value if gpart is not None else None
         # The JWT providers (key sets included) are one ECDS resource, not in the listeners.
