@@ -17,7 +17,7 @@ import socket
 import ssl
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +25,22 @@ from typing import Any
 
 import grpc
 import pytest
-from harness import Envoy, ProcessGroup, Response, XdsServer, bearer, exchange, wait_until
+from harness import (
+    Envoy,
+    ProcessGroup,
+    Response,
+    XdsServer,
+    bearer,
+    exchange,
+    free_port,
+    http_get,
+    wait_until,
+    xdsplane_argv,
+)
 from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service_pb2_grpc
-from test_sample import sample_copy, start_sample_guard
+from test_grafana import dashboard_metric_names, dashboard_name_patterns
+from test_guard import guard_tls_args
+from test_sample import sample_copy
 from tls_helpers import (
     DemoUpstream,
     TlsConnection,
@@ -98,6 +111,7 @@ class Site:
     server: XdsServer
     collector: Collector
     access_log: Path
+    guard_admin: int
 
     def get(
         self, path: str, cert: str | None = None, token: str | None = None, **headers: str
@@ -162,17 +176,36 @@ def site(group: ProcessGroup, tmp_path_factory: pytest.TempPathFactory) -> Itera
     )
     billing = DemoUpstream(certs, ports[9443]).start()
     try:
-        start_sample_guard(group, folder, certs, ports[18081])
+        guard_admin = start_guard(group, folder, certs, ports[18081])
         xds = XdsServer(group, folder).start()
         envoy = Envoy(group, root, "edge-1", xds.xds_address)
         envoy.proc.argv += ["--file-flush-interval-msec", "50"]
         envoy.start()
-        site = Site(folder, certs, ports, envoy, xds, collector, log_file)
+        site = Site(folder, certs, ports, envoy, xds, collector, log_file, guard_admin)
         wait_until(lambda: site.get("/healthz").status == 200, 20, what="the edge answers")
         yield site
     finally:
         billing.stop()
         server.stop(grace=None)
+
+
+def start_guard(procs: ProcessGroup, folder: Path, certs: Path, port: int) -> int:
+    """The sample's guard (as tests/test_sample.py starts it); returns its admin port."""
+    admin = free_port()
+    guard = procs.spawn(
+        "guard",
+        xdsplane_argv(
+            *("guard", "--address", f"127.0.0.1:{port}", "--policy", str(folder)),
+            *("--admin-address", f"127.0.0.1:{admin}", "--log-format", "json"),
+            *guard_tls_args(certs),
+        ),
+    ).start()
+    wait_until(
+        lambda: guard.ensure_alive() or http_get(admin, "/healthz").status == 200,
+        20,
+        what="the guard answers /healthz",
+    )
+    return admin
 
 
 def _jti(token: str) -> str:
@@ -341,7 +374,23 @@ def prometheus_names(text: str) -> set[str]:
     return names
 
 
-def site_metric_names(site: Site, fetch: Callable[[int, str], Any]) -> set[str]:
-    envoy_text = site.envoy.admin("/stats/prometheus").text
-    xds_text = fetch(site.server.admin_port, "/metrics").text
-    return prometheus_names(envoy_text) | prometheus_names(xds_text)
+def test_every_dashboard_metric_exists(site: Site) -> None:
+    """deploy/grafana/billing-edge.json reads only metric names that a real Envoy's
+    /stats/prometheus, xdsplane serve's /metrics and the guard's /metrics expose, after
+    traffic of every kind (a certificate, none, a token, a replay, a refusal)."""
+    token = jwt.token(site.certs, "alice")
+    site.get(_unique("/billing/admin/dash-"), cert="alice")
+    site.get(_unique("/billing/admin/dash-"))
+    site.get(_unique("/billing/dash-"), token=token)
+    site.get(_unique("/billing/dash-"), token=token)
+    site.get(_unique("/billing/dash-"))
+    envoy = site.envoy.admin("/stats/prometheus")
+    xds = http_get(site.server.admin_port, "/metrics")
+    guard = http_get(site.guard_admin, "/metrics")
+    assert envoy.status == xds.status == guard.status == 200
+    known = prometheus_names(envoy.text) | prometheus_names(xds.text)
+    known |= prometheus_names(guard.text)
+    missing = sorted(dashboard_metric_names() - known)
+    assert not missing, missing
+    for pattern in dashboard_name_patterns():  # {__name__=~"..."}: each matches a name
+        assert any(re.fullmatch(pattern, name) for name in known), pattern
