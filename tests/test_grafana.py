@@ -155,4 +155,3 @@ def test_the_doc_names_the_dashboard() -> None:
     doc = DOC.read_text(encoding="utf-8")
     assert "deploy/grafana/billing-edge.json" in doc
     assert load()["uid"] in doc
-
