@@ -86,3 +86,14 @@ def test_without_otlp_no_collector_cluster(tmp_path: Path) -> None:
     rendered = snapshot_to_json(snaps.groups[0].snapshot)
     assert "xdsplane-otlp" not in {r["name"] for r in rendered["CDS"]["resources"]}
     assert [log["name"] for log in loggers(listener_json(snaps))] == ["envoy.access_loggers.file"]
+
+
+def test_the_collector_cluster_name_is_reserved(tmp_path: Path) -> None:
+    text = with_otlp('{address: "127.0.0.1:4317"}').replace(
+        "upstreams:\n  web:", "upstreams:\n  xdsplane-otlp:"
+    )
+    text = text.replace("upstream: web}", "upstream: xdsplane-otlp}")
+    errors = errors_of(folder_with(tmp_path, text))
+    assert any("'xdsplane-otlp' is taken by the OTLP collector's cluster" in e for e in errors), (
+        errors
+    )
