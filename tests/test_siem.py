@@ -3,8 +3,10 @@ OTLP/gRPC to an OpenTelemetry collector, beside the file, and the Grafana dashbo
 metric names checked against a real Envoy's and a real ``xdsplane serve``'s.
 
 The collector is opentelemetry-proto's own ``LogsService`` (its generated servicer and
-messages) served with grpcio on 127.0.0.1; the edge is the sample (snapshots/) on free
-ports, with its guard, its demo billing service, ``xdsplane serve`` and Envoy 1.40.
+messages) served with grpcio on 127.0.0.1 over mutual TLS (``access_log.otlp.tls``); the
+edge is the sample (snapshots/) on free ports, with its guard, its demo billing service,
+``xdsplane serve`` and Envoy 1.40. (Plaintext to a loopback collector: the same logger
+without a transport socket, tests/test_otlp_policy.py.)
 """
 
 from __future__ import annotations
@@ -71,11 +73,13 @@ class Collector(logs_service_pb2_grpc.LogsServiceServicer):
         self.lock = threading.Lock()
         self.requests: list[Any] = []
         self.raw: list[bytes] = []
+        self.peers: list[list[bytes]] = []  # the client certificate's SANs, per export
 
     def Export(self, request: Any, context: Any) -> Any:
         with self.lock:
             self.requests.append(request)
             self.raw.append(request.SerializeToString())
+            self.peers.append(list(context.auth_context().get("x509_subject_alternative_name", [])))
         return logs_service_pb2.ExportLogsServiceResponse()
 
     def records(self) -> list[tuple[dict[str, Any], dict[str, Any], str]]:
@@ -157,19 +161,27 @@ def _report_logs(request: pytest.FixtureRequest, group: ProcessGroup) -> None:
 @pytest.fixture(scope="module")
 def site(group: ProcessGroup, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     root = tmp_path_factory.mktemp("siem")
+    folder, ports = sample_copy(root)
+    certs = root / "certs"
+    # The collector serves mutual TLS as a SIEM's would: its certificate (the PKI's guard.crt:
+    # service-ca, SAN guard) and only clients of service-ca (Envoy's guard-client).
     collector = Collector()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     logs_service_pb2_grpc.add_LogsServiceServicer_to_server(collector, server)
-    otlp_port = server.add_insecure_port("127.0.0.1:0")
+    creds = grpc.ssl_server_credentials(
+        [((certs / "guard.key").read_bytes(), (certs / "guard.crt").read_bytes())],
+        root_certificates=(certs / "service-ca.crt").read_bytes(),
+        require_client_auth=True,
+    )
+    otlp_port = server.add_secure_port("127.0.0.1:0", creds)
     server.start()
-    folder, ports = sample_copy(root)
-    certs = root / "certs"
     log_file = root / "access.log"
     policy = folder / "billing-edge.yaml"
     text = policy.read_text(encoding="utf-8")
     line = "access_log: {path: /dev/stdout, format: json}"
     assert line in text
-    otlp = f'otlp: {{address: "127.0.0.1:{otlp_port}", log_name: billing-edge}}'
+    tls = "{ca: service-ca, certificate: guard-client, sni: guard, subject_alt_names: [guard]}"
+    otlp = f'otlp: {{address: "127.0.0.1:{otlp_port}", log_name: billing-edge, tls: {tls}}}'
     policy.write_text(
         text.replace(line, f"access_log: {{path: {json.dumps(str(log_file))}, {otlp}}}"),
         encoding="utf-8",
@@ -333,6 +345,18 @@ def test_failed_handshakes_reach_the_collector(site: Site) -> None:
 
     rec = wait_until(found, RECORD_SECONDS, what="the handshake failure's record")
     assert rec["sni"] == "nobody.example.com" and rec["listener"] == "https", rec
+
+
+def test_records_come_over_mutual_tls_from_envoy(site: Site) -> None:
+    """access_log.otlp.tls: Envoy verified the collector (sni, SAN guard) and presented its
+    guard-client certificate, which the collector required."""
+    path = _unique("/billing/admin/mtls-")
+    site.get(path, cert="alice")
+    site.record(path)
+    with site.collector.lock:
+        peers = list(site.collector.peers)
+    assert peers and all(p == [b"spiffe://xdsplane/guard-client"] for p in peers), peers
+    assert site.envoy.stat("cluster.xdsplane-otlp.ssl.handshake") >= 1
 
 
 def test_records_carry_the_log_name(site: Site) -> None:
