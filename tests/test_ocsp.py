@@ -14,6 +14,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -36,6 +37,7 @@ from tls_helpers import (
 from xdsplane import cli, pki
 from xdsplane.config.errors import ConfigErrors
 from xdsplane.pipeline import FolderLoader
+from xdsplane.snapshot import SnapshotSet
 from xdsplane.types import ResourceType
 
 EDGE_LINE = "  edge-server: {certificate: ../certs/edge.crt, private_key: ../certs/edge.key}"
@@ -210,7 +212,6 @@ def _garbage(certs: Path) -> None:
 
 CASES: dict[str, tuple[Callable[[Path], None], str]] = {
     "wrong-certificate": (_wrong_certificate, r"is for serial [0-9a-f]+, not the certificate's"),
-    "expired": (_expired, r"expired: its next update was due \d{4}-\d\d-\d\d \d\d:\d\d UTC"),
     "not-yet-valid": (_not_yet_valid, r"is not valid before"),
     "no-next-update": (_no_next_update, r"has no next update"),
     "forged-signature": (_forged_signature, r"signature does not verify with its issuer"),
@@ -261,6 +262,93 @@ def test_a_bad_staple_is_refused_at_its_line(
     assert cli.main(["validate", str(layout.policy_dir)]) == 1
     out, _ = capsys.readouterr()
     assert re.search(message, out), out
+
+
+EXPIRED = r"expired: its next update was due \d{4}-\d\d-\d\d \d\d:\d\d UTC"
+
+
+def _secret(snapshots: SnapshotSet, name: str = "edge-server") -> Any:
+    (found,) = {
+        res.message.SerializeToString(): res.message
+        for g in snapshots.groups
+        for res in g.snapshot.of(ResourceType.SECRET).values()
+        if res.name == name
+    }.values()
+    return found
+
+
+@pytest.mark.parametrize("policy", [None, "lenient", "strict"])
+def test_an_expired_staple_is_left_out_with_a_warning(
+    policy: str | None, pristine: Path, tmp_path: Path
+) -> None:
+    """At its nextUpdate a staple stops the load only under must_staple: otherwise the
+    certificate is served without it (Envoy would not staple it under lenient, and would
+    fail every handshake under strict), other edits keep loading, and it is said."""
+    layout = folder(pristine, tmp_path, policy)
+    _expired(layout.certs)
+    settled(layout.certs)
+    snapshots = FolderLoader(layout.policy_dir).load()
+    secret = _secret(snapshots)
+    assert secret.tls_certificate.certificate_chain.inline_bytes  # the certificate: served
+    assert not secret.tls_certificate.HasField("ocsp_staple")
+    (warning,) = snapshots.warnings
+    assert warning.location.line == line_of(layout.policy_file, "ocsp_staple:"), warning
+    assert re.search(EXPIRED, warning.message), warning
+    assert "served without a staple" in warning.message, warning
+    (summary,) = [c for c in snapshots.certificates if c.secret == "edge-server"]
+    status = summary.as_dict()
+    assert (status["ocsp_stapled"], status["ocsp_expired"], status["ocsp_due"]) == (
+        False,
+        True,
+        True,
+    )
+
+
+def test_an_expired_staple_under_must_staple_is_refused(pristine: Path, tmp_path: Path) -> None:
+    """must_staple: nothing valid to serve without a current staple; the load is refused
+    (the last good snapshot keeps serving) with the reason at the staple's line."""
+    layout = folder(pristine, tmp_path, "must_staple")
+    _expired(layout.certs)
+    settled(layout.certs)
+    with pytest.raises(ConfigErrors) as caught:
+        FolderLoader(layout.policy_dir).load()
+    (error,) = caught.value.errors
+    assert error.location.line == line_of(layout.policy_file, "ocsp_staple:"), error
+    assert re.search(EXPIRED, error.message), error
+    assert "must_staple" in error.message, error
+
+
+def test_a_due_staple_shows_in_status_metrics_and_page(pristine: Path, tmp_path: Path) -> None:
+    """nextUpdate within a day: served, and /status, the page, `xdsplane status` and
+    xdsplane_ocsp_staple_next_update_seconds say it is due."""
+    from xdsplane import statuspage
+    from xdsplane.metrics import _SnapshotCollector as SnapshotCollector
+
+    layout = folder(pristine, tmp_path, "strict")
+    _write(layout.certs, _response(layout.certs, next_update=datetime.timedelta(hours=12)))
+    settled(layout.certs)
+    snapshots = FolderLoader(layout.policy_dir).load()
+    assert _secret(snapshots).tls_certificate.ocsp_staple.inline_bytes
+    assert snapshots.warnings == ()
+    (summary,) = [c for c in snapshots.certificates if c.secret == "edge-server"]
+    entry = summary.as_dict()
+    assert entry["ocsp_due"] is True and entry["ocsp_expired"] is False, entry
+    assert entry["ocsp_stapled"] is True and 11.9 < float(entry["ocsp_hours_left"]) <= 12, entry
+    status = {"certificates": [entry]}
+    page = statuspage.render(status)
+    assert "OCSP staple due: edge-server" in page and "DUE: next update" in page, page
+    lines = "\n".join(statuspage.status_lines(status))
+    assert "warning: the OCSP staple of edge-server is due" in lines, lines
+    samples = {
+        (s.name, s.labels["secret"], s.labels["stapled"]): s.value
+        for family in SnapshotCollector(lambda: snapshots).collect()
+        for s in family.samples
+        if s.name == "xdsplane_ocsp_staple_next_update_seconds"
+    }
+    value = samples[("xdsplane_ocsp_staple_next_update_seconds", "edge-server", "true")]
+    assert 12 * 3600 - 120 < value <= 12 * 3600, samples
+    # A certificate without a staple has no such series.
+    assert {k[1] for k in samples} == {"edge-server"}, samples
 
 
 def test_the_issuer_must_be_the_certificates(pristine: Path, tmp_path: Path) -> None:
@@ -476,7 +564,7 @@ def test_a_new_staple_reaches_new_handshakes_without_dropping_connections(edge: 
         conn.close()
 
 
-LIVE = ("revoked", "wrong-certificate", "expired", "forged-signature")
+LIVE = ("revoked", "wrong-certificate", "forged-signature")
 
 
 @pytest.mark.envoy
@@ -504,6 +592,75 @@ def test_a_bad_staple_is_refused_live_and_the_good_one_kept(edge: Edge, case: st
     finally:
         pki.write_atomic(edge.certs / "edge.ocsp.der", good)
         wait_until(lambda: edge.server.status()["reload"]["errors"] == [], 10, what="cleared")
+
+
+def _staple_metric(edge: Edge) -> float | None:
+    from harness import http_get
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = http_get(edge.server.admin_port, "/metrics").text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "xdsplane_ocsp_staple_next_update_seconds":
+                return float(sample.value)
+    return None
+
+
+# A staple that expires while served: long enough to be loaded and stapled first.
+SHORT_STAPLE_SECONDS = 8
+
+
+@pytest.mark.envoy
+def test_a_staple_expiring_while_served_is_dropped_and_the_edge_stays_up(edge: Edge) -> None:
+    """The edge's host is ocsp: strict, under which Envoy fails every handshake with an
+    expired staple. At its nextUpdate (no file changes) xdsplane reloads on its own and
+    serves the certificate without the staple: handshakes go on, unstapled; /status and
+    the metric say it expired; a fresh staple is stapled again."""
+    good = (edge.certs / "edge.ocsp.der").read_bytes()
+    failed_before = _staple_failures(edge)
+    short = _response(edge.certs, next_update=datetime.timedelta(seconds=SHORT_STAPLE_SECONDS))
+    _write(edge.certs, short)
+    due = next_update(pki_ocsp_text(short))
+    try:
+        wait_until(
+            lambda: (out := s_client(edge)) and "Cert Status: good" in out and due in out,
+            SHORT_STAPLE_SECONDS,
+            what="the short-lived staple is stapled",
+        )
+        # Past its nextUpdate: no staple, and handshakes of clients that ask for one (as
+        # browsers do; Envoy under strict refuses them while it holds an expired staple:
+        # its ssl.ocsp_staple_failed) still succeed, as does a request.
+        out = wait_until(
+            lambda: o if "OCSP response: no response sent" in (o := s_client(edge)) else None,
+            SHORT_STAPLE_SECONDS + 20,
+            what="the expired staple is no longer stapled",
+        )
+        assert "Verify return code: 0 (ok)" in out, out
+        assert _staple_failures(edge) == failed_before
+        assert edge.get("/healthz").status == 200
+        status = edge.server.status()
+        (cert,) = [c for c in status["certificates"] if c["secret"] == "edge-server"]
+        assert cert["ocsp_expired"] is True and cert["ocsp_stapled"] is False, cert
+        assert any("served without a staple" in w for w in status["reload"]["warnings"]), status
+        assert status["reload"]["errors"] == [], status
+        metric = _staple_metric(edge)
+        assert metric is not None and metric <= 0, metric
+    finally:
+        pki.write_atomic(edge.certs / "edge.ocsp.der", good)
+        wait_until(lambda: "Cert Status: good" in s_client(edge), 20, what="stapled again")
+    assert edge.server.status()["reload"]["warnings"] == []
+
+
+def _staple_failures(edge: Edge) -> int:
+    """Handshakes Envoy refused for an expired staple under strict (every listener)."""
+    return sum(v for k, v in edge.envoy.stats(r"ssl\.ocsp_staple_failed$").items())
+
+
+def pki_ocsp_text(der: bytes) -> str:
+    """'Next Update: ...' as openssl prints it, for a DER response."""
+    resp = ocsp.load_der_ocsp_response(der)
+    assert resp.next_update_utc is not None
+    return f"Next Update: {resp.next_update_utc:%b %e %H:%M:%S %Y} GMT"
 
 
 @pytest.mark.envoy

@@ -496,3 +496,31 @@ def test_revocation_check_needs_a_guard(tmp_path: Path) -> None:
     )
     errors = [str(e) for e in load(tmp_path).errors]
     assert any("revocation_check needs a guard" in e and "p.yaml:" in e for e in errors), errors
+
+
+# -- what the guard tells Envoy's access log ------------------------------------------------
+
+
+async def test_answers_carry_the_reason_and_a_jti_hash_never_the_jti() -> None:
+    """ext_authz dynamic metadata (docs/guard.md): guard_reason and jti_sha256 (16 hex
+    digits of SHA-256 of the jti), on a first use, a replay and a revocation alike."""
+    import hashlib
+
+    from google.protobuf import json_format
+
+    clock = Clock()
+    svc, store = service(clock)
+    jti = "secret-jti-0001"
+    wanted = hashlib.sha256(jti.encode()).hexdigest()[:16]
+    first = await svc.check(check_request(claims("alice", jti=jti, now=clock.now)))
+    again = await svc.check(check_request(claims("alice", jti=jti, now=clock.now)))
+    await rv.put(store, PREFIX, rv.entry("sub", "mallory", None, "stolen"), clock.now)
+    revoked = await svc.check(check_request(claims("mallory", jti="j-2", now=clock.now)))
+    no_token = await svc.check(check_request(None))
+    for resp, reason in ((first, "ok"), (again, "replay"), (revoked, "revoked_sub")):
+        meta = json_format.MessageToDict(resp.dynamic_metadata)
+        assert meta["guard_reason"] == reason, meta
+        assert len(meta["jti_sha256"]) == 16, meta
+        assert jti not in resp.SerializeToString().decode("latin-1")
+    assert json_format.MessageToDict(first.dynamic_metadata)["jti_sha256"] == wanted
+    assert "jti_sha256" not in json_format.MessageToDict(no_token.dynamic_metadata)

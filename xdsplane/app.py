@@ -150,7 +150,7 @@ async def serve(opts: ServeOptions) -> None:
     hups: set[asyncio.Task[bool]] = set()
     loop.add_signal_handler(signal.SIGHUP, lambda: _on_sighup(reloader, tls, hups))
     watcher = asyncio.create_task(reloader.run(stop))
-    tasks = [watcher]
+    tasks = [watcher, asyncio.create_task(reloader.run_staple_deadlines(stop))]
     if tls is not None:
         tls.log_loaded("xds tls loaded")
         tasks.append(asyncio.create_task(tls.run(stop, opts.watch_step_ms)))

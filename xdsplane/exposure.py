@@ -14,26 +14,10 @@ is treated as reachable from outside.
 
 from __future__ import annotations
 
-import ipaddress
-
 from xdsplane.bootstrap import split_address
+from xdsplane.loopback import is_loopback
 
-_LOOPBACK_V4 = ipaddress.ip_network("127.0.0.0/8")
-_LOOPBACK_V6 = ipaddress.IPv6Address("::1")
-
-
-def is_loopback(host: str) -> bool:
-    """True only for 127.0.0.0/8, ``::1`` and ``localhost`` (see the module docstring)."""
-    host = host.strip("[]")
-    if host.lower() == "localhost":
-        return True
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv4Address):
-        return ip in _LOOPBACK_V4
-    return ip == _LOOPBACK_V6  # a zone (::1%lo) or a mapped address does not compare equal
+__all__ = ["is_loopback", "serve_exposure"]
 
 
 def serve_exposure(xds_address: str, xds_tls: bool, admin_address: str) -> list[str]:

@@ -26,6 +26,7 @@ from prometheus_client.registry import Collector
 
 from xdsplane.redact import escape_control
 from xdsplane.snapshot import SnapshotSet
+from xdsplane.tlsfiles import CertSummary
 from xdsplane.types import PUSH_ORDER, ResourceType
 
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4  # what generate_latest writes
@@ -201,7 +202,7 @@ class _SnapshotCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         current = self.snapshots()
         families = self._families()
-        resources, size, expiry = families
+        resources, size, expiry, staple = families
         if current is not None:
             for g in current.groups:
                 for t in PUSH_ORDER:
@@ -217,6 +218,7 @@ class _SnapshotCollector(Collector):
                         [*labels, str(cert.subject), str(cert.not_after.isoformat())],
                         cert.seconds_left(),
                     )
+                    _add_staple(staple, cert)
         return families
 
     @staticmethod
@@ -237,4 +239,19 @@ class _SnapshotCollector(Collector):
                 "seconds until a served certificate expires (negative: expired)",
                 labels=["secret", "serial", "subject", "not_after"],
             ),
+            GaugeMetricFamily(
+                "xdsplane_ocsp_staple_next_update_seconds",
+                "seconds until a certificate secret's OCSP staple reaches its nextUpdate "
+                "(negative: expired, and no longer stapled unless a host has must_staple)",
+                labels=["secret", "next_update", "stapled"],
+            ),
         ]
+
+
+def _add_staple(family: GaugeMetricFamily, cert: CertSummary) -> None:
+    """The certificate secret's OCSP staple, if it has one: seconds to its nextUpdate."""
+    left = cert.ocsp_seconds_left()
+    if left is None or cert.ocsp_next_update is None:
+        return
+    stapled = "true" if cert.ocsp_stapled else "false"
+    family.add_metric([str(cert.secret), cert.ocsp_next_update.isoformat(), stapled], left)

@@ -13,6 +13,19 @@ GUARD_CHECK_EXTENSION = "xdsplane_check"
 GUARD_CHECK_REVOCATION = "revocation"
 """The Cluster through which Envoy reaches the guard (ext_authz and rate limit service)."""
 
+OTLP_CLUSTER = "xdsplane-otlp"
+"""The Cluster through which Envoy sends access-log records to ``access_log.otlp``."""
+
+EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
+"""ext_authz's filter name: the dynamic metadata namespace of what the guard returns."""
+
+JTI_HASH_KEY = "jti_sha256"
+"""The guard returns the first 16 hex digits of the SHA-256 of the token's jti under this
+key (ext_authz dynamic metadata), for the access log: never the jti or the token."""
+
+GUARD_REASON_KEY = "guard_reason"
+"""... and its decision's reason (``replay``, ``revoked_sub``, ``first_use``...)."""
+
 JWKS_CLUSTER_PREFIX = "xdsplane-jwks-"
 """A provider with ``jwks_uri`` fetches its key set through the Cluster of this prefix and
 its name."""

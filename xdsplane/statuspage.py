@@ -173,9 +173,40 @@ def _certificates(status: Mapping[str, Any]) -> str:
                 _e(c.get("not_after", "")),
                 f"<span class='{'bad' if expiring else 'ok'}'>{_e(days)}</span>",
                 flag,
+                _staple_cell(c),
             ]
         )
-    return _table(["secret", "subject", "DNS names", "not after", "days left", ""], rows)
+    headers = ["secret", "subject", "DNS names", "not after", "days left", "", "OCSP staple"]
+    due = [c for c in certs if c.get("ocsp_due")]
+    warning = ""
+    if due:
+        names = ", ".join(str(c.get("secret", "")) for c in due)
+        warning = (
+            f"<p class='warn'>OCSP staple due: {_e(names)}. Renew it (xdsplane certs ocsp "
+            "NAME, or your responder's renewal) before its next update.</p>\n"
+        )
+    return warning + _table(headers, rows)
+
+
+def staple_text(c: Mapping[str, Any]) -> str:
+    """A certificate's OCSP staple in words: '' without one; its nextUpdate and state."""
+    if "ocsp_next_update" not in c:
+        return ""
+    when = str(c.get("ocsp_next_update", ""))
+    if c.get("ocsp_expired"):
+        served = "stapled (must_staple)" if c.get("ocsp_stapled") else "not stapled"
+        return f"EXPIRED {when}, {served}"
+    hours = c.get("ocsp_hours_left", "")
+    state = "DUE" if c.get("ocsp_due") else "ok"
+    return f"{state}: next update {when} ({hours} h)"
+
+
+def _staple_cell(c: Mapping[str, Any]) -> str:
+    text = staple_text(c)
+    if not text:
+        return "<span class='muted'>none</span>"
+    css = "bad" if c.get("ocsp_expired") else "warn" if c.get("ocsp_due") else "ok"
+    return f"<span class='{css}'>{_e(text)}</span>"
 
 
 def _xds_tls(status: Mapping[str, Any]) -> str:
@@ -316,7 +347,7 @@ def status_lines(status: Mapping[str, Any]) -> list[str]:
     certs = list(status.get("certificates", []))
     lines.append("")
     if certs:
-        rows = [["SECRET", "SUBJECT", "NOT AFTER", "DAYS LEFT", ""]]
+        rows = [["SECRET", "SUBJECT", "NOT AFTER", "DAYS LEFT", "", "OCSP STAPLE"]]
         for c in certs:
             rows.append(
                 [
@@ -325,9 +356,16 @@ def status_lines(status: Mapping[str, Any]) -> list[str]:
                     str(c.get("not_after", "")),
                     str(c.get("days_left", "")),
                     "EXPIRING" if c.get("expiring") else "",
+                    staple_text(c),
                 ]
             )
         lines += _columns(rows)
+        for c in certs:
+            if c.get("ocsp_due"):
+                lines.append(
+                    f"warning: the OCSP staple of {c.get('secret', '')} is due "
+                    f"({staple_text(c)}): renew it (xdsplane certs ocsp NAME)"
+                )
     else:
         lines.append("no certificates served")
     tls = status.get("xds_tls")

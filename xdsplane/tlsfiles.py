@@ -36,10 +36,21 @@ class CertSummary:
     uris: tuple[str, ...]
     fingerprint_sha256: str
     is_ca: bool
+    # The OCSP staple of a certificate secret: its nextUpdate, and whether it is served
+    # (an expired one is not, unless a host has ocsp: must_staple: docs/policy.md).
+    ocsp_next_update: datetime.datetime | None = None
+    ocsp_stapled: bool = False
 
     def seconds_left(self, now: datetime.datetime | None = None) -> float:
         now = now or datetime.datetime.now(datetime.UTC)
         return (self.not_after - now).total_seconds()
+
+    def ocsp_seconds_left(self, now: datetime.datetime | None = None) -> float | None:
+        """Seconds until the staple's nextUpdate (negative: expired); None without one."""
+        if self.ocsp_next_update is None:
+            return None
+        now = now or datetime.datetime.now(datetime.UTC)
+        return (self.ocsp_next_update - now).total_seconds()
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -54,6 +65,20 @@ class CertSummary:
             "uris": list(self.uris),
             "fingerprint_sha256": self.fingerprint_sha256,
             "ca": self.is_ca,
+            **self._ocsp_dict(),
+        }
+
+    def _ocsp_dict(self) -> dict[str, object]:
+        left = self.ocsp_seconds_left()
+        if self.ocsp_next_update is None or left is None:
+            return {}
+        return {
+            "ocsp_next_update": self.ocsp_next_update.isoformat(),
+            "ocsp_hours_left": round(left / 3600, 1),
+            "ocsp_stapled": self.ocsp_stapled,
+            # Renew it (xdsplane certs ocsp NAME) before: due within a day, or past.
+            "ocsp_due": left < OCSP_DUE_SECONDS,
+            "ocsp_expired": left <= 0,
         }
 
 
@@ -67,6 +92,18 @@ class KeyMismatch(TlsFileError):
 
 class StapleMismatch(TlsFileError):
     """The OCSP staple is for another certificate (maybe only half-way through a rotation)."""
+
+
+class StapleExpired(TlsFileError):
+    """The OCSP staple is good in every way but time: its nextUpdate has passed."""
+
+    def __init__(self, message: str, next_update: datetime.datetime) -> None:
+        super().__init__(message)
+        self.next_update = next_update
+
+
+OCSP_DUE_SECONDS = 86400.0
+"""A staple whose nextUpdate is this close is due: /status warns, the alert fires."""
 
 
 def _now() -> datetime.datetime:
@@ -165,10 +202,11 @@ def check_certificate(secret: str, cert_path: str, cert_pem: bytes, key_pem: byt
 
 def check_ocsp(
     staple_path: str, staple_der: bytes, cert_pem: bytes, issuer_pem: bytes | None
-) -> None:
+) -> datetime.datetime:
     """An OCSP response to staple: for the chain's leaf (serial and issuer hashes), signed
     by its issuer (or a responder the issuer delegated to), status good, current. The issuer
-    is ``issuer_pem`` or else the chain's second certificate. Raises TlsFileError."""
+    is ``issuer_pem`` or else the chain's second certificate. Returns its nextUpdate.
+    Raises TlsFileError (StapleExpired when only its nextUpdate has passed)."""
     now = _now()
     chain = _certs(cert_pem, "certificate file")
     leaf = chain[0]
@@ -245,9 +283,11 @@ def check_ocsp(
     if resp.next_update_utc is None:
         raise TlsFileError(f"{what} has no next update (Envoy refuses such responses)")
     if resp.next_update_utc <= now:
-        raise TlsFileError(
-            f"{what} expired: its next update was due {resp.next_update_utc:%Y-%m-%d %H:%M} UTC"
+        raise StapleExpired(
+            f"{what} expired: its next update was due {resp.next_update_utc:%Y-%m-%d %H:%M} UTC",
+            resp.next_update_utc,
         )
+    return resp.next_update_utc
 
 
 def _signed_by(resp: ocsp.OCSPResponse, signer: x509.Certificate) -> bool:

@@ -10,6 +10,8 @@ its ``file:line`` and shown in /status until a later reload succeeds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -36,6 +38,7 @@ __all__ = ["WAKE_MS", "ReloadState", "Reloader", "Validator"]
 
 Validator = Callable[[SnapshotSet], Awaitable[list[str]]]
 DELETE_SETTLE_SECONDS = 0.15  # how long a deleted policy file has to reappear
+STAPLE_WAKE_SECONDS = 1.0  # the longest the staple deadline watch sleeps (to see new snapshots)
 
 
 class _Outcomes:
@@ -187,6 +190,38 @@ class Reloader(Source[SnapshotSet]):
         """Watch until ``stop`` is set; survives the folder vanishing; follows secret files
         (see ``FileReloader.run``)."""
         await self.reloads.run(stop)
+
+    async def run_staple_deadlines(self, stop: asyncio.Event) -> None:
+        """Reload when a served OCSP staple reaches its nextUpdate, until ``stop`` is set.
+
+        No file changes then, but what may be served does: the load leaves an expired staple
+        out of its Secret (Envoy fails every handshake of a host with ``ocsp: strict`` that
+        still has one) or, with ``ocsp: must_staple``, is refused, which /status shows while
+        the last good snapshot keeps serving. Each (secret, nextUpdate) reloads once."""
+        done: set[tuple[str, datetime.datetime]] = set()
+        while not stop.is_set():
+            wait = STAPLE_WAKE_SECONDS
+            current = self.cache.current
+            now = datetime.datetime.now(datetime.UTC)
+            for cert in current.certificates if current is not None else ():
+                due = cert.ocsp_next_update
+                if not cert.ocsp_stapled or due is None or (cert.secret, due) in done:
+                    continue
+                left = (due - now).total_seconds()
+                if left > 0:
+                    wait = min(wait, left)
+                    continue
+                done.add((cert.secret, due))
+                self.log.warning(
+                    "ocsp staple expired, reloading",
+                    secret=cert.secret,
+                    next_update=due.isoformat(),
+                )
+                await self.reload("ocsp staple expired")
+                wait = 0.0
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), max(wait, 0.05))
 
     def warn_expiring(self, snapshots: SnapshotSet) -> None:
         limit = self.cert_warn_days * 86400

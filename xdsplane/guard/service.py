@@ -35,6 +35,8 @@ from xdsplane.guard.store import Store, StoreUnavailable
 from xdsplane.names import (
     GUARD_CHECK_EXTENSION,
     GUARD_CHECK_REVOCATION,
+    GUARD_REASON_KEY,
+    JTI_HASH_KEY,
     JWT_FILTER,
     JWT_PAYLOAD_KEY,
 )
@@ -205,7 +207,7 @@ class GuardService:
         # allowed request costs the guard a tenth of its CPU at 1,000 requests/s.
         log = self.log.debug if decision.allowed else self.log.warning
         log("authz " + result, reason=decision.reason, detail=decision.message, **fields)
-        return _check_response(decision)
+        return _check_response(decision, _log_metadata(decision, claims))
 
     def _claims(self, request: Any) -> dict[str, Any] | None:
         """The JWT payload jwt_authn put in the metadata, or None when there is none."""
@@ -423,14 +425,33 @@ def _entries_text(entries: list[tuple[str, str]]) -> str:
     return ",".join(f"{k}={v[:64]}" for k, v in entries)
 
 
-def _check_response(decision: Decision) -> Any:
+def jti_hash(jti: str) -> str:
+    """What the access log shows of a token's jti: the first 16 hex digits (64 bits) of its
+    SHA-256, enough to follow one token across records, not the jti itself."""
+    return hashlib.sha256(jti.encode("utf-8")).hexdigest()[:16]
+
+
+def _log_metadata(decision: Decision, claims: dict[str, Any] | None) -> dict[str, str]:
+    """ext_authz dynamic metadata for Envoy's access log (docs/observability.md): the
+    decision's reason and, when the token has one, its jti's hash."""
+    out = {GUARD_REASON_KEY: decision.reason}
+    jti = claims.get("jti") if claims is not None else None
+    if isinstance(jti, str) and jti:
+        out[JTI_HASH_KEY] = jti_hash(jti)
+    return out
+
+
+def _check_response(decision: Decision, metadata: dict[str, str] | None = None) -> Any:
     if decision.allowed:
-        return external_auth_pb2.CheckResponse(
+        response = external_auth_pb2.CheckResponse(
             status=status_pb2.Status(code=code_pb2.OK),
             ok_response=external_auth_pb2.OkHttpResponse(),
         )
+        if metadata:
+            response.dynamic_metadata.update(metadata)
+        return response
     code = code_pb2.UNAVAILABLE if decision.status == 503 else code_pb2.PERMISSION_DENIED
-    return external_auth_pb2.CheckResponse(
+    response = external_auth_pb2.CheckResponse(
         status=status_pb2.Status(code=code, message=decision.message),
         denied_response=external_auth_pb2.DeniedHttpResponse(
             status=http_status_pb2.HttpStatus(code=decision.status),
@@ -445,3 +466,6 @@ def _check_response(decision: Decision) -> Any:
             body=f"{decision.message}\n",
         ),
     )
+    if metadata:
+        response.dynamic_metadata.update(metadata)
+    return response

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from xdsplane import jwt as jwtkeys
 from xdsplane import tlsfiles
@@ -19,7 +20,7 @@ from xdsplane.pipeline.refs import Ref, check_snapshot, references
 from xdsplane.pipeline.translations import TranslationCache
 from xdsplane.pipeline.units import Unit
 from xdsplane.policy.check import Usage, UseKey, use_key
-from xdsplane.policy.merge import GroupPolicy, Origin
+from xdsplane.policy.merge import GroupPolicy, Origin, Part
 from xdsplane.policy.translate.secrets import paths, resolve
 from xdsplane.snapshot import NodeGroup, Resource, Snapshot, SnapshotSet
 from xdsplane.tlsfiles import CertSummary
@@ -29,10 +30,24 @@ Reader = Callable[[str], bytes]
 RefsOf = Callable[[Resource], tuple[Ref, ...]]
 
 
+class Staples:
+    """What the OCSP staple checks found besides errors: warnings, and the secrets whose
+    expired staple is left out of what is served."""
+
+    def __init__(self) -> None:
+        self.warnings: list[ConfigError] = []
+        self.expired: set[str] = set()
+
+
 def _read_secret_files(
-    policy: GroupPolicy, read: Reader, errors: list[ConfigError], certs: dict[str, CertSummary]
+    policy: GroupPolicy,
+    read: Reader,
+    errors: list[ConfigError],
+    certs: dict[str, CertSummary],
+    staples: Staples | None = None,
 ) -> dict[str, bytes]:
     """Read and check every file the secrets name; fill ``certs`` with what was found."""
+    staples = staples if staples is not None else Staples()
     files: dict[str, bytes] = {}
     for name, part in sorted(policy.secrets.items()):
         wanted = paths(part.value, part.origin.folder)
@@ -56,9 +71,11 @@ def _read_secret_files(
                 summary = tlsfiles.check_certificate(
                     name, cert, files[cert], files[wanted["private_key"]]
                 )
-                certs[name] = summary
                 if "ocsp_staple" in wanted:
-                    _check_staple(name, part.origin, wanted, files, errors)
+                    summary = _check_staple(
+                        policy, name, part.origin, wanted, files, errors, staples, summary
+                    )
+                certs[name] = summary
             else:
                 ca = wanted["ca"]
                 crl = files[wanted["crl"]] if "crl" in wanted else None
@@ -74,22 +91,63 @@ def _read_secret_files(
     return files
 
 
+def _must_staple(policy: GroupPolicy, secret: str) -> list[str]:
+    """The hosts with ``ocsp: must_staple`` whose certificate is ``secret``."""
+    return [
+        h.name
+        for lpart in policy.listeners.values()
+        for h in lpart.value.hosts
+        if h.certificate == secret and h.ocsp == "must_staple"
+    ]
+
+
 def _check_staple(
+    policy: GroupPolicy,
     name: str,
     origin: Origin,
     wanted: dict[str, str],
     files: dict[str, bytes],
     errors: list[ConfigError],
-) -> None:
-    """A certificate secret's OCSP staple must be for it, signed by its issuer, current."""
+    staples: Staples,
+    summary: CertSummary,
+) -> CertSummary:
+    """A certificate secret's OCSP staple must be for it, signed by its issuer, current.
+
+    A staple that is right but for its nextUpdate having passed does not stop the load
+    unless a host has ``ocsp: must_staple``: the secret is served without it (Envoy staples
+    no expired response under ``lenient``, and fails every handshake of one under
+    ``strict``), with a warning, so that the edge keeps serving and other edits still load
+    (docs/policy.md#ocsp-stapling). Returns ``summary`` with the staple's nextUpdate."""
     issuer = wanted.get("ocsp_issuer")
     try:
-        tlsfiles.check_ocsp(
+        next_update = tlsfiles.check_ocsp(
             wanted["ocsp_staple"],
             files[wanted["ocsp_staple"]],
             files[wanted["certificate"]],
             files[issuer] if issuer is not None else None,
         )
+        return replace(summary, ocsp_next_update=next_update, ocsp_stapled=True)
+    except tlsfiles.StapleExpired as e:
+        hosts = _must_staple(policy, name)
+        if hosts:
+            errors.append(
+                ConfigError(
+                    origin.at("ocsp_staple"),
+                    f"secret {name!r}: {e}; host {hosts[0]!r} has ocsp: must_staple, so it "
+                    "cannot be served without a current one: write one (xdsplane certs ocsp, "
+                    "or your responder's renewal)",
+                )
+            )
+        else:
+            staples.expired.add(name)
+            staples.warnings.append(
+                ConfigError(
+                    origin.at("ocsp_staple"),
+                    f"secret {name!r}: {e}; served without a staple until a current one is "
+                    "written (xdsplane certs ocsp, or your responder's renewal)",
+                )
+            )
+        return replace(summary, ocsp_next_update=e.next_update, ocsp_stapled=False)
     except tlsfiles.StapleMismatch as e:
         if _just_written(wanted["ocsp_staple"], wanted["certificate"]):
             # A rotation writes the certificate, then its new staple: seen half-way, try again.
@@ -97,6 +155,7 @@ def _check_staple(
         errors.append(ConfigError(origin.at("ocsp_staple"), f"secret {name!r}: {e}"))
     except tlsfiles.TlsFileError as e:
         errors.append(ConfigError(origin.at("ocsp_staple"), f"secret {name!r}: {e}"))
+    return summary
 
 
 def _read_jwks_files(
@@ -179,10 +238,11 @@ def build(
     groups: list[NodeGroup] = []
     used = Usage()
     certs: dict[str, CertSummary] = {}
+    staples = Staples()
     for group in plan:
         before = previous.group(group.name) if previous is not None else None
         snapshot, usage = _build_group(
-            group.units, scope_of(group, plan), read, refs_of, errors, certs, cache, before
+            group.units, scope_of(group, plan), read, refs_of, errors, certs, cache, before, staples
         )
         used.secrets |= usage.secrets
         used.upstreams |= usage.upstreams
@@ -195,7 +255,7 @@ def build(
         raise ConfigErrors(list(dict.fromkeys(errors)))
     cache.sweep()
     summaries = tuple(sorted(certs.values(), key=lambda c: (c.secret, c.path)))
-    warnings = tuple(dict.fromkeys(w for u in units for w in u.warnings))
+    warnings = tuple(dict.fromkeys([*(w for u in units for w in u.warnings), *staples.warnings]))
     return SnapshotSet(tuple(groups), summaries, warnings)
 
 
@@ -208,11 +268,18 @@ def _build_group(
     certs: dict[str, CertSummary],
     cache: TranslationCache,
     previous: Snapshot | None = None,
+    staples: Staples | None = None,
 ) -> tuple[Snapshot | None, Usage]:
     before = len(errors)
     policy, usage, problems = merge_and_check(units, scope)
     errors.extend(problems)
-    files = _read_secret_files(policy, read, errors, certs)
+    staples = staples if staples is not None else Staples()
+    files = _read_secret_files(policy, read, errors, certs, staples)
+    for name in staples.expired & set(policy.secrets):
+        # Served without its expired staple (see _check_staple).
+        spart = policy.secrets[name]
+        bare = spart.value.model_copy(update={"ocsp_staple": None, "ocsp_issuer": None})
+        policy.secrets[name] = Part(bare, spart.origin)
     files.update(_read_jwks_files(policy, read, errors))
     _check_domains(policy, certs, errors)
     if len(errors) > before:

@@ -70,6 +70,14 @@ class TranslationCache:
             )
         log = policy.access_log.value if policy.access_log is not None else None
         log_key = log.model_dump_json() if log is not None else ""
+        log_part = policy.access_log
+        if log_part is not None and log_part.value.otlp is not None:
+            # The OTLP collector's cluster (the listeners' loggers send to it).
+            out += self._get(
+                ("otlp", log_key),
+                log_part.origin.source,
+                lambda: translate.otlp_resources(log_part),
+            )
         providers = translate.jwt_providers(policy, files)
         guard_spec = gpart.value if gpart is not None else None
         # The JWT providers (key sets included) are one ECDS resource, not in the listeners.

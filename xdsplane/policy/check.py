@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xdsplane.config.errors import ConfigError, Location
-from xdsplane.names import GUARD_CLUSTER, JWKS_CLUSTER_PREFIX
+from xdsplane.loopback import is_loopback
+from xdsplane.names import GUARD_CLUSTER, JWKS_CLUSTER_PREFIX, OTLP_CLUSTER
 from xdsplane.policy.merge import GroupPolicy, Origin, Part
 from xdsplane.policy.model import Host, Listener, Route, split_host_port
 
@@ -91,6 +92,7 @@ def check_policy(policy: GroupPolicy, scope: str = "") -> tuple[list[ConfigError
     for lname, lpart in policy.listeners.items():
         check.listener(lname, lpart)
     check.guard()
+    check.otlp()
     check.jwt_providers()
     check.upstreams()
     return check.errors, check.usage
@@ -341,6 +343,32 @@ class _Checker:
             self.error(
                 self.policy.upstreams[GUARD_CLUSTER].origin.key(),
                 f"upstream name {GUARD_CLUSTER!r} is taken by the guard's cluster",
+            )
+
+    def otlp(self) -> None:
+        """TLS secrets exist; plaintext only to a loopback collector: the records carry
+        who called (client SANs, JWT sub), which must not leave the host in clear."""
+        log = self.policy.access_log
+        if log is None or log.value.otlp is None:
+            return
+        otlp, lo = log.value.otlp, log.origin
+        if otlp.tls is not None:
+            self.secret(otlp.tls.ca, "ca", lo, "otlp", "tls", "ca")
+            self.secret(otlp.tls.certificate, "certificate", lo, "otlp", "tls", "certificate")
+        else:
+            host, _ = split_host_port(otlp.address)
+            if not is_loopback(host):
+                self.error(
+                    lo.at("otlp", "address"),
+                    f"access_log.otlp sends to {otlp.address} without TLS: the records "
+                    "carry client identities (certificate SANs, JWT sub) and must not leave "
+                    "this host in plaintext; add otlp.tls (ca, sni, subject_alt_names) or "
+                    "use a collector on 127.0.0.1",
+                )
+        if OTLP_CLUSTER in self.policy.upstreams:
+            self.error(
+                self.policy.upstreams[OTLP_CLUSTER].origin.key(),
+                f"upstream name {OTLP_CLUSTER!r} is taken by the OTLP collector's cluster",
             )
 
     def jwt_providers(self) -> None:

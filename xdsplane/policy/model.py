@@ -936,9 +936,27 @@ class JwtProvider(Model):
 # -- the file --------------------------------------------------------------------------------
 
 
+class OtlpLog(Model):
+    """An OpenTelemetry collector that gets every access-log record over OTLP/gRPC."""
+
+    address: Address = Field(description="the collector's OTLP/gRPC address, HOST:PORT")
+    tls: UpstreamTls | None = Field(
+        None,
+        description="TLS to the collector, as for an upstream: ca, sni, subject_alt_names, "
+        "certificate (mutual TLS); required unless the address is loopback",
+    )
+    log_name: str = Field(
+        "xdsplane", min_length=1, max_length=128, description="the records' log_name attribute"
+    )
+    timeout: Duration = Field("5s", description="how long one export call may take")
+
+
 class AccessLog(Model):
     path: str = Field("/dev/stdout", description="file Envoy appends to")
     format: Literal["json", "text"] = "json"
+    otlp: OtlpLog | None = Field(
+        None, description="also send each record to an OpenTelemetry collector (OTLP/gRPC)"
+    )
 
 
 class Guard(Model):

@@ -15,6 +15,7 @@ back to the policy:
 | jwt providers of a group | TypedExtensionConfig `envoy.filters.http.jwt_authn` |
 | `jwks_uri` of jwt provider `P` | Cluster `xdsplane-jwks-P` |
 | guard | Cluster `xdsplane-guard` |
+| `access_log.otlp` | Cluster `xdsplane-otlp` |
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 
 from xdsplane.policy.merge import GroupPolicy, Origin, Part
 from xdsplane.policy.model import AccessLog, Guard, Listener, Secret, Upstream
-from xdsplane.policy.translate import clusters, guard, jwt, listeners, routes, secrets
+from xdsplane.policy.translate import clusters, guard, jwt, listeners, otlp, routes, secrets
 from xdsplane.types import ResourceType
 
 
@@ -80,6 +81,13 @@ def jwt_resources(policy: GroupPolicy, providers: Mapping[str, jwt.Provider]) ->
 
 def guard_resources(part: Part[Guard]) -> list[Built]:
     return [Built(ResourceType.CLUSTER, guard.cluster(part.value), part.origin)]
+
+
+def otlp_resources(part: Part[AccessLog]) -> list[Built]:
+    """The OTLP collector's Cluster, when the access log sends there."""
+    if part.value.otlp is None:
+        return []
+    return [Built(ResourceType.CLUSTER, otlp.cluster(part.value.otlp), part.origin)]
 
 
 def listener_resources(

@@ -22,8 +22,9 @@ from envoy.extensions.rbac.principals.mtls_authenticated.v3 import mtls_authenti
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from google.protobuf import struct_pb2, wrappers_pb2
 
+from xdsplane.names import EXT_AUTHZ_NAMESPACE, GUARD_REASON_KEY, JTI_HASH_KEY, JWT_PAYLOAD_KEY
 from xdsplane.policy.model import AccessLog, Guard, Host, Listener, Tls
-from xdsplane.policy.translate import authz, guard, jwt, ratelimit
+from xdsplane.policy.translate import authz, guard, jwt, otlp, ratelimit
 from xdsplane.policy.translate.common import (
     ads,
     pack,
@@ -69,6 +70,16 @@ ACCESS_LOG_FIELDS: dict[str, str] = {
     "access_denied_by": authz.metadata_operator("enforced_effective_policy_id"),
     "access_shadow": authz.metadata_operator("shadow_engine_result"),
     "access_shadow_denied_by": authz.metadata_operator("shadow_effective_policy_id"),
+    # Who, by token: the verified JWT's sub (jwt_authn's payload metadata, so never a claim
+    # of an unverified token), and what the guard returned as ext_authz dynamic metadata:
+    # a hash of the token's jti (never the jti or the token) and its decision's reason.
+    # Empty on routes without a token or without the guard.
+    "jwt_sub": f"%DYNAMIC_METADATA({jwt.FILTER}:{JWT_PAYLOAD_KEY}:sub)%",
+    "jti_hash": f"%DYNAMIC_METADATA({EXT_AUTHZ_NAMESPACE}:{JTI_HASH_KEY})%",
+    "guard_reason": f"%DYNAMIC_METADATA({EXT_AUTHZ_NAMESPACE}:{GUARD_REASON_KEY})%",
+    # Timing: the request's start (``time``), its whole duration, and the upstream's part
+    # (first byte sent upstream to last byte received; empty when no upstream answered).
+    "upstream_ms": "%COMMON_DURATION(US_TX_BEG:US_RX_END:ms)%",
 }
 
 
@@ -122,18 +133,29 @@ def _log_format(log: AccessLog, fields: Mapping[str, str], cel: bool) -> Any:
     return fmt
 
 
-def access_log(log: AccessLog, host: Host | None = None) -> Any:
-    fields = ACCESS_LOG_FIELDS
+def access_log_fields(host: Host | None = None) -> dict[str, str]:
+    """What a request's line (and OTLP record) says, JSON keys -> Envoy command operators."""
     if host is not None and host.client_certificate == "optional":
-        fields = {**ACCESS_LOG_FIELDS, **OPTIONAL_HOST_LOG_FIELDS}
+        return {**ACCESS_LOG_FIELDS, **OPTIONAL_HOST_LOG_FIELDS}
+    return dict(ACCESS_LOG_FIELDS)
+
+
+def access_logs(log: AccessLog, host: Host | None = None) -> list[Any]:
+    """The file's logger, and with ``otlp`` the OpenTelemetry one: same fields."""
+    fields = access_log_fields(host)
     fmt = _log_format(log, fields, cel=True)
-    return accesslog_pb2.AccessLog(
-        name="envoy.access_loggers.file",
-        typed_config=pack(file_pb2.FileAccessLog(path=log.path, log_format=fmt)),
-    )
+    out = [
+        accesslog_pb2.AccessLog(
+            name="envoy.access_loggers.file",
+            typed_config=pack(file_pb2.FileAccessLog(path=log.path, log_format=fmt)),
+        )
+    ]
+    if log.otlp is not None:
+        out.append(otlp.access_log(log.otlp, fields, cel=True))
+    return out
 
 
-def handshake_log(log: AccessLog, listener: str) -> Any:
+def handshake_logs(log: AccessLog, listener: str) -> list[Any]:
     """The listener's own access log, for connections that never reach an HTTP connection
     manager: Envoy writes it for every connection, so it is filtered to those whose TLS
     handshake failed (a transport failure reason) or whose SNI no host serves (NR). Same
@@ -151,14 +173,21 @@ def handshake_log(log: AccessLog, listener: str) -> Any:
     no_chain = accesslog_pb2.AccessLogFilter(
         response_flag_filter=accesslog_pb2.ResponseFlagFilter(flags=["NR"])
     )
-    fmt = _log_format(log, handshake_log_fields(listener), cel=False)
-    return accesslog_pb2.AccessLog(
-        name="envoy.access_loggers.file",
-        filter=accesslog_pb2.AccessLogFilter(
-            or_filter=accesslog_pb2.OrFilter(filters=[failed, no_chain])
-        ),
-        typed_config=pack(file_pb2.FileAccessLog(path=log.path, log_format=fmt)),
+    fields = handshake_log_fields(listener)
+    fmt = _log_format(log, fields, cel=False)
+    handshake_failed = accesslog_pb2.AccessLogFilter(
+        or_filter=accesslog_pb2.OrFilter(filters=[failed, no_chain])
     )
+    out = [
+        accesslog_pb2.AccessLog(
+            name="envoy.access_loggers.file",
+            filter=handshake_failed,
+            typed_config=pack(file_pb2.FileAccessLog(path=log.path, log_format=fmt)),
+        )
+    ]
+    if log.otlp is not None:
+        out.append(otlp.access_log(log.otlp, fields, cel=False, log_filter=handshake_failed))
+    return out
 
 
 def _router() -> Any:
@@ -284,7 +313,7 @@ def _hcm(
             )
         )
     if log is not None:
-        m.access_log.append(access_log(log, host))
+        m.access_log.extend(access_logs(log, host))
     return listener_components_pb2.Filter(name=HCM, typed_config=pack(m))
 
 
@@ -357,7 +386,7 @@ def listener(
         out.filter_chains.append(listener_components_pb2.FilterChain(name=spec.name, filters=[hcm]))
         return out
     if log is not None:
-        out.access_log.append(handshake_log(log, spec.name))
+        out.access_log.extend(handshake_logs(log, spec.name))
     out.listener_filters.append(
         listener_components_pb2.ListenerFilter(
             name="envoy.filters.listener.tls_inspector",
