@@ -217,7 +217,8 @@ class GuardService:
         ext = request.attributes.context_extensions
         if ext.get(GUARD_CHECK_EXTENSION) == GUARD_CHECK_INTROSPECTION:
             decision, fields, headers = await self.decide_introspection(request)
-            return self._answer(decision, fields, started, headers)
+            # The token is not sent upstream (as jwt_authn's forward: false does for JWTs).
+            return self._answer(decision, fields, started, headers, ["authorization"])
         claims = self._claims(request)
         cert = str(request.attributes.source.certificate)
         revoked = await self.decide_revoked(claims, cert)
@@ -239,6 +240,7 @@ class GuardService:
         fields: dict[str, Any],
         started: float,
         headers: list[tuple[str, str]] | None = None,
+        remove: list[str] | None = None,
     ) -> Any:
         self.metrics.latency.labels("authz").observe(time.perf_counter() - started)
         result = "allow" if decision.allowed else "deny"
@@ -247,7 +249,7 @@ class GuardService:
         # allowed request costs the guard a tenth of its CPU at 1,000 requests/s.
         log = self.log.debug if decision.allowed else self.log.warning
         log("authz " + result, reason=decision.reason, detail=decision.message, **fields)
-        return _check_response(decision, headers or [])
+        return _check_response(decision, headers or [], remove or [])
 
     # -- introspection (RFC 7662) ---------------------------------------------------------
 
@@ -561,7 +563,11 @@ def _challenge(decision: Decision) -> str | None:
     return None
 
 
-def _check_response(decision: Decision, headers: list[tuple[str, str]] | None = None) -> Any:
+def _check_response(
+    decision: Decision,
+    headers: list[tuple[str, str]] | None = None,
+    remove: list[str] | None = None,
+) -> Any:
     if decision.allowed:
         # Claims for the upstream replace any copy (the HCM strips client-sent ones first).
         return external_auth_pb2.CheckResponse(
@@ -572,7 +578,8 @@ def _check_response(decision: Decision, headers: list[tuple[str, str]] | None = 
                         header=base_pb2.HeaderValue(key=k, value=v), append_action=_OVERWRITE
                     )
                     for k, v in headers or []
-                ]
+                ],
+                headers_to_remove=remove or [],
             ),
         )
     code = _CODES.get(decision.status, code_pb2.PERMISSION_DENIED)
