@@ -335,3 +335,72 @@ async def test_an_endpoint_certificate_for_another_name_is_refused(certs: Path) 
         await svc.close()
     finally:
         server.close()
+
+
+# -- the policy, as the guard reads it -----------------------------------------------------------
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "examples" / "introspection.yaml"
+
+
+def _example_folder(tmp: Path) -> Path:
+    """docs/examples/introspection.yaml at the same depth under ``tmp``, beside a dev PKI in
+    tmp/certs (the example's ../../certs) and its client secret file."""
+    from xdsplane import pki
+
+    pki.init(tmp / "certs")
+    (tmp / "certs" / "introspection-client-secret").write_text("s3cret-Value-9f2\n")
+    folder = tmp / "docs" / "examples"
+    folder.mkdir(parents=True)
+    (folder / "introspection.yaml").write_text(EXAMPLE.read_text())
+    return folder
+
+
+def test_the_docs_example_validates_and_the_guard_reads_its_provider(tmp_path: Path) -> None:
+    from test_policy_corpus import run_cli
+
+    from xdsplane.guard.policy import limits_from_policy
+
+    folder = _example_folder(tmp_path)
+    done = run_cli("validate", str(folder), cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    found = limits_from_policy(folder).introspection["idp-opaque"]
+    assert found.client_secret == "s3cret-Value-9f2"  # one line, newline dropped
+    assert found.ca_file is not None and found.ca_file.endswith("service-ca.crt")
+    assert (found.max_entries, found.max_ttl, found.negative_ttl) == (50000, 30.0, 2.0)
+    assert "s3cret" not in repr(found)
+
+
+def test_a_missing_or_empty_secret_file_is_named_never_shown(tmp_path: Path) -> None:
+    from xdsplane.config.errors import ConfigErrors
+    from xdsplane.guard.policy import limits_from_policy
+
+    folder = _example_folder(tmp_path)
+    secret = tmp_path / "certs" / "introspection-client-secret"
+    secret.unlink()
+    with pytest.raises(ConfigErrors) as e:
+        limits_from_policy(folder)
+    text = str(e.value)
+    assert "introspection.yaml:" in text and "client_secret_file: cannot read" in text
+    assert "../../certs/introspection-client-secret: No such file" in text
+    secret.write_text("\n")
+    with pytest.raises(ConfigErrors, match="is empty"):
+        limits_from_policy(folder)
+    secret.write_text("first-Secret-line\nsecond-Secret-line\n")
+    with pytest.raises(ConfigErrors) as e:
+        limits_from_policy(folder)
+    assert "more than one line" in str(e.value)
+    assert "Secret-line" not in str(e.value)
+
+
+async def test_a_changed_provider_gets_a_fresh_cache(idp: IntrospectionServer, certs: Path) -> None:
+    """A policy reload that changes the provider (here its cache bound) starts a new cache:
+    an answer cached under the old settings is not trusted under the new ones."""
+    svc = service(spec(idp, certs))
+    token = idp.issue("liam")
+    assert allowed(await svc.check(request(token)))
+    first = svc.introspectors[PROVIDER]
+    idp.deactivate(token)
+    svc.limits = GuardLimits(introspection={PROVIDER: spec(idp, certs, max_ttl=5.0)})
+    assert denied(await svc.check(request(token)))[1] == "inactive_token"
+    assert svc.introspectors[PROVIDER] is not first
+    await svc.close()
