@@ -268,8 +268,11 @@ async def test_fails_closed_when_the_endpoint_is_down(certs: Path) -> None:
 async def test_fails_closed_on_a_timeout(certs: Path) -> None:
     """An endpoint that accepts the connection and never answers: refused after timeout."""
 
+    done = asyncio.Event()
+
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await asyncio.sleep(30)
+        await done.wait()  # reads nothing, answers nothing, until the test ends
+        writer.close()
 
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
@@ -286,7 +289,9 @@ async def test_fails_closed_on_a_timeout(certs: Path) -> None:
     assert (status, reason) == (503, "introspection_unavailable")
     assert time.monotonic() - started < 5
     await svc.close()
+    done.set()
     server.close()
+    await server.wait_closed()
 
 
 async def test_a_wrong_client_secret_is_refused_and_never_printed(
@@ -403,4 +408,22 @@ async def test_a_changed_provider_gets_a_fresh_cache(idp: IntrospectionServer, c
     svc.limits = GuardLimits(introspection={PROVIDER: spec(idp, certs, max_ttl=5.0)})
     assert denied(await svc.check(request(token)))[1] == "inactive_token"
     assert svc.introspectors[PROVIDER] is not first
+    await svc.close()
+
+
+async def test_with_revocation_check_a_revoked_sub_of_an_active_token_is_refused(
+    idp: IntrospectionServer, certs: Path
+) -> None:
+    from xdsplane.guard import revoke as rv
+    from xdsplane.names import GUARD_ALSO_REVOCATION
+
+    clock = Clock(time.time())
+    svc = service(spec(idp, certs), clock)
+    token = idp.issue("mallory")
+    req = request(token)
+    assert allowed(await svc.check(req))  # without the check: the endpoint says active
+    entry = rv.entry("sub", "mallory", None, "stolen laptop")
+    await rv.put(svc.store, svc.config.key_prefix, entry, clock.now)
+    req.attributes.context_extensions[GUARD_ALSO_REVOCATION] = "true"
+    assert denied(await svc.check(req))[:2] == (403, "revoked_sub")
     await svc.close()
