@@ -160,7 +160,8 @@ class Introspector:
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=64, ssl=self._ssl or False),
+                # https without a CA of its own (never from a policy): the system's, verified.
+                connector=aiohttp.TCPConnector(limit=64, ssl=self._ssl or True),
                 # No cookies: nothing the endpoint sets travels with the next token.
                 cookie_jar=aiohttp.DummyCookieJar(),
             )

@@ -327,6 +327,14 @@ class _Checker:
                 f"introspection needs a guard{self.where} (the guard asks the endpoint; add "
                 "guard: {address: HOST:PORT} at the top level)",
             )
+        elif self.policy.guard.value.fail_open:
+            where = self.policy.guard.origin.at("fail_open")
+            self.error(
+                at.key("introspection"),
+                f"introspection needs guard.fail_open: false{self.where} ({where.path}:"
+                f"{where.line}): with fail_open an unreachable guard would let requests "
+                "through without their token being checked",
+            )
 
     def route_limits(self, at: _At, r: Route) -> None:
         """A global limit needs the guard; a limit by identity needs that identity."""
