@@ -68,6 +68,12 @@ introspection_providers:
     forward_claims: {{sub: x-introspected-sub, scope: x-introspected-scope}}
     cache: {{max_entries: 100, max_ttl: {max_ttl}s, negative_ttl: 1s}}
     timeout: 2s
+  idp-down:
+    endpoint: "https://127.0.0.1:{down_port}/introspect"
+    ca: service-ca
+    client_id: edge
+    client_secret_file: ../client-secret
+    timeout: 500ms
   idp-wrong:
     endpoint: "{endpoint}"
     ca: service-ca
@@ -93,6 +99,7 @@ listeners:
             require_scopes: ["billing:read", "billing:refund"]
             upstream: echo
           - {{name: wrong, prefix: /wrong/, introspection: idp-wrong, upstream: echo}}
+          - {{name: down, prefix: /down/, introspection: idp-down, upstream: echo}}
           - {{name: public, prefix: /public/, upstream: echo}}
 upstreams:
   echo: {{endpoints: ["127.0.0.1:{upstream}"]}}
@@ -143,6 +150,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
                 port=port,
                 upstream=echo.port,
                 max_ttl=MAX_TTL,
+                down_port=free_port(),  # nothing listens there
             )
             write_atomic(folder / "edge.yaml", text)
             server = XdsServer(group, folder).launch()
@@ -181,6 +189,23 @@ def test_an_opaque_token_passes_and_the_upstream_sees_its_claims_not_the_clients
     assert r.headers.get("www-authenticate", "").startswith("Bearer")
     r = get(gateway.port, "/invoices/1", bearer("not-a-token-the-idp-issued"))
     assert (r.status, r.headers.get("x-guard-reason")) == (401, "inactive_token"), r.text
+    metrics = gateway.guard.metrics()
+    assert 'xdsplane_guard_introspection_calls_total{provider="idp-opaque",result="active"}' in (
+        metrics
+    )
+    assert 'xdsplane_guard_decisions_total{api="authz",reason="no_token",result="deny"}' in (
+        metrics
+    )
+
+
+@pytest.mark.envoy
+def test_an_endpoint_that_is_down_means_503_never_a_pass(gateway: Gateway) -> None:
+    token = gateway.idp.issue("frank", scope="billing:read")
+    r = get(gateway.port, "/down/1", bearer(token))
+    assert (r.status, r.headers.get("x-guard-reason")) == (503, "introspection_unavailable")
+    # and again: a failure is never cached as an answer
+    r = get(gateway.port, "/down/2", bearer(token))
+    assert (r.status, r.headers.get("x-guard-reason")) == (503, "introspection_unavailable")
 
 
 @pytest.mark.envoy
