@@ -11,6 +11,13 @@ GUARD_CLUSTER = "xdsplane-guard"
 # sets: the guard then checks revocation only.
 GUARD_CHECK_EXTENSION = "xdsplane_check"
 GUARD_CHECK_REVOCATION = "revocation"
+# A route with introspection: NAME sets GUARD_CHECK_EXTENSION to this, the provider's name
+# under GUARD_INTROSPECTION_PROVIDER, its require_scopes (space-separated) under
+# GUARD_REQUIRED_SCOPES, and "true" under GUARD_ALSO_REVOCATION with revocation_check.
+GUARD_CHECK_INTROSPECTION = "introspection"
+GUARD_INTROSPECTION_PROVIDER = "xdsplane_introspection"
+GUARD_REQUIRED_SCOPES = "xdsplane_scopes"
+GUARD_ALSO_REVOCATION = "xdsplane_revocation"
 """The Cluster through which Envoy reaches the guard (ext_authz and rate limit service)."""
 
 OTLP_CLUSTER = "xdsplane-otlp"

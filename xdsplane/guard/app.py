@@ -168,6 +168,11 @@ def admin_app(
             "policy": str(opts.policy) if opts.policy else None,
             "domains": sorted(service.limits.domains),
             "rules": service.limits.rule_count(),
+            # Endpoints and client ids only: never the client secret.
+            "introspection": {
+                name: {"endpoint": spec.endpoint, "client_id": spec.client_id}
+                for name, spec in sorted(service.limits.introspection.items())
+            },
         }
         if reload is not None:  # the limits' reloads (xdsplane.reload), as serve's /status
             body["limits_reload"] = _reload_json(reload)
@@ -431,5 +436,6 @@ async def run(opts: GuardOptions) -> None:
         log.info("guard stopping")
         await server.stop(opts.grace_seconds)
         await runner.cleanup()
+        await service.close()
         await store.close()
         log.info("guard stopped")

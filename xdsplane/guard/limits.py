@@ -33,6 +33,7 @@ from typing import Any
 
 from xdsplane.config.errors import ConfigError, ConfigErrors, Location
 from xdsplane.config.yamlsrc import Document, YamlError, parse
+from xdsplane.guard.introspect import IntrospectionSpec
 
 UNITS: dict[str, int] = {"second": 1, "minute": 60, "hour": 3600}
 
@@ -65,6 +66,9 @@ class GuardLimits:
     # seconds), for replay protection: how long a token may live and be accepted past exp.
     token_max_lifetime: float | None = None
     token_clock_skew: float | None = None
+    # The policy's introspection providers, read with its limits (one read of the folder):
+    # name -> what the guard needs to ask the endpoint (secret file and CA read).
+    introspection: dict[str, IntrospectionSpec] = field(default_factory=dict)
 
     def match(self, domain: str, entries: list[tuple[str, str]]) -> Limit | None:
         """The limit for one request descriptor in ``domain``; None: not limited."""

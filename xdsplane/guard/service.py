@@ -12,6 +12,7 @@ is let through (logged and counted) or refused (the default).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
 import time
@@ -29,13 +30,19 @@ from google.rpc import code_pb2, status_pb2  # type: ignore[import-untyped]
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from xdsplane import logs
+from xdsplane.guard.introspect import IntrospectionFailed, Introspector, token_digest
 from xdsplane.guard.limits import GuardLimits, counter_key
+from xdsplane.guard.opaque import bearer_token, claim_headers, judge
 from xdsplane.guard.revoke import Revocations, cert_identity
 from xdsplane.guard.store import Store, StoreUnavailable
 from xdsplane.names import (
+    GUARD_ALSO_REVOCATION,
     GUARD_CHECK_EXTENSION,
+    GUARD_CHECK_INTROSPECTION,
     GUARD_CHECK_REVOCATION,
+    GUARD_INTROSPECTION_PROVIDER,
     GUARD_REASON_KEY,
+    GUARD_REQUIRED_SCOPES,
     JTI_HASH_KEY,
     JWT_FILTER,
     JWT_PAYLOAD_KEY,
@@ -46,6 +53,7 @@ RLS_SERVICE = "envoy.service.ratelimit.v3.RateLimitService"
 JWT_NAMESPACE = JWT_FILTER  # where jwt_authn writes the verified claims
 REASON_HEADER = "x-guard-reason"
 MAX_JTI_LOG = 64  # characters of a jti shown in logs
+TOKEN_HASH_LOG = 12  # hex characters of a token's SHA-256 shown in logs (never the token)
 
 _Code = rls_pb2.RateLimitResponse.Code
 _UNITS = {
@@ -101,6 +109,25 @@ class GuardMetrics:
             registry=self.registry,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
         )
+        self.introspection_calls = Counter(
+            "xdsplane_guard_introspection_calls",
+            "Calls to an introspection endpoint, by provider and result (active, inactive, "
+            "unavailable, http_error, bad_answer)",
+            ["provider", "result"],
+            registry=self.registry,
+        )
+        self.introspection_cache = Counter(
+            "xdsplane_guard_introspection_cache",
+            "Introspection answers looked up in the cache, by provider and result (hit, miss)",
+            ["provider", "result"],
+            registry=self.registry,
+        )
+        self.introspection_entries = Gauge(
+            "xdsplane_guard_introspection_cache_entries",
+            "Introspection answers in the cache, by provider",
+            ["provider"],
+            registry=self.registry,
+        )
 
 
 @dataclass(frozen=True)
@@ -129,6 +156,8 @@ class GuardService:
         self.revocations = Revocations(self.config.key_prefix, clock)
         self._backend_down = False
         self.metrics.backend_up.labels(store.name).set(1)
+        self.introspectors: dict[str, Introspector] = {}
+        self._closing: set[Any] = set()
 
     # -- wiring ---------------------------------------------------------------------------
 
@@ -187,6 +216,11 @@ class GuardService:
 
     async def check(self, request: Any, context: Any = None) -> Any:
         started = time.perf_counter()
+        ext = request.attributes.context_extensions
+        if ext.get(GUARD_CHECK_EXTENSION) == GUARD_CHECK_INTROSPECTION:
+            decision, fields, headers = await self.decide_introspection(request)
+            # The token is not sent upstream (as jwt_authn's forward: false does for JWTs).
+            return self._answer(decision, fields, started, headers, ["authorization"])
         claims = self._claims(request)
         cert = str(request.attributes.source.certificate)
         revoked = await self.decide_revoked(claims, cert)
@@ -200,6 +234,17 @@ class GuardService:
             decision, fields = Decision(True, "not_revoked", "not revoked"), {}
         else:
             decision, fields = await self.decide_replay(claims)
+        return self._answer(decision, fields, started, claims=claims)
+
+    def _answer(
+        self,
+        decision: Decision,
+        fields: dict[str, Any],
+        started: float,
+        headers: list[tuple[str, str]] | None = None,
+        remove: list[str] | None = None,
+        claims: dict[str, Any] | None = None,
+    ) -> Any:
         self.metrics.latency.labels("authz").observe(time.perf_counter() - started)
         result = "allow" if decision.allowed else "deny"
         self.metrics.decisions.labels("authz", result, decision.reason).inc()
@@ -207,7 +252,89 @@ class GuardService:
         # allowed request costs the guard a tenth of its CPU at 1,000 requests/s.
         log = self.log.debug if decision.allowed else self.log.warning
         log("authz " + result, reason=decision.reason, detail=decision.message, **fields)
-        return _check_response(decision, _log_metadata(decision, claims))
+        metadata = _log_metadata(decision, claims)
+        return _check_response(decision, headers or [], remove or [], metadata)
+
+    # -- introspection (RFC 7662) ---------------------------------------------------------
+
+    def introspector(self, name: str) -> Introspector | None:
+        """The provider's introspector, made anew (empty cache) when the policy changed it."""
+        spec = self.limits.introspection.get(name)
+        if spec is None:
+            return None
+        found = self.introspectors.get(name)
+        if found is None or found.spec != spec:
+            if found is not None:
+                self._close_later(found)
+            metrics = self.metrics
+
+            def counted(result: str, provider: str = name) -> None:
+                metrics.introspection_calls.labels(provider, result).inc()
+
+            found = self.introspectors[name] = Introspector(spec, self.clock, counted)
+        return found
+
+    def _close_later(self, old: Introspector) -> None:
+        task = asyncio.ensure_future(old.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def close(self) -> None:
+        for found in self.introspectors.values():
+            await found.close()
+        self.introspectors.clear()
+
+    async def decide_introspection(
+        self, request: Any
+    ) -> tuple[Decision, dict[str, Any], list[tuple[str, str]]]:
+        """An opaque token: asked of the route's provider (or its cached answer), checked,
+        and its chosen claims as headers for the upstream."""
+        ext = request.attributes.context_extensions
+        name = str(ext.get(GUARD_INTROSPECTION_PROVIDER, ""))
+        fields: dict[str, Any] = {"provider": name}
+        found = self.introspector(name)
+        if found is None:
+            return (
+                Decision(
+                    False,
+                    "unknown_provider",
+                    "the guard does not know this route's introspection provider",
+                    503,
+                ),
+                fields,
+                [],
+            )
+        token = bearer_token(request.attributes.request.http.headers)
+        if token is None:
+            return Decision(False, "no_token", "a bearer token is required", 401), fields, []
+        fields["token_sha256"] = token_digest(token)[:TOKEN_HASH_LOG]
+        try:
+            answer = await found.introspect(token)
+        except IntrospectionFailed as e:
+            fields["error"] = str(e)
+            self.metrics.introspection_cache.labels(name, "miss").inc()
+            return Decision(False, e.reason, "token introspection failed", 503), fields, []
+        finally:
+            self.metrics.introspection_entries.labels(name).set(found.entries)
+        self.metrics.introspection_cache.labels(name, "hit" if answer.cached else "miss").inc()
+        fields["cached"] = answer.cached
+        claims = answer.claims
+        if claims is None:
+            return Decision(False, "inactive_token", "the token is not active", 401), fields, []
+        sub = claims.get("sub")
+        if isinstance(sub, str):
+            fields["sub"] = sub
+        required = str(ext.get(GUARD_REQUIRED_SCOPES, "")).split()
+        refusal = judge(found.spec, claims, self.clock(), required)
+        if refusal is not None:
+            if refusal.reason == "insufficient_scope":
+                fields["required_scopes"] = " ".join(required)
+            return Decision(False, refusal.reason, refusal.message, refusal.status), fields, []
+        if ext.get(GUARD_ALSO_REVOCATION) == "true":
+            revoked = await self.decide_revoked(claims, str(request.attributes.source.certificate))
+            if revoked is not None:
+                return revoked[0], {**fields, **revoked[1]}, []
+        return Decision(True, "active", "active token"), fields, claim_headers(found.spec, claims)
 
     def _claims(self, request: Any) -> dict[str, Any] | None:
         """The JWT payload jwt_authn put in the metadata, or None when there is none."""
@@ -441,27 +568,56 @@ def _log_metadata(decision: Decision, claims: dict[str, Any] | None) -> dict[str
     return out
 
 
-def _check_response(decision: Decision, metadata: dict[str, str] | None = None) -> Any:
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_CODES = {503: code_pb2.UNAVAILABLE, 401: code_pb2.UNAUTHENTICATED}
+
+
+def _challenge(decision: Decision) -> str | None:
+    """RFC 6750's WWW-Authenticate for a refused bearer token."""
+    if decision.status == 401:
+        if decision.reason == "no_token":
+            return 'Bearer realm="xdsplane"'
+        return 'Bearer realm="xdsplane", error="invalid_token"'
+    if decision.reason == "insufficient_scope":
+        return 'Bearer realm="xdsplane", error="insufficient_scope"'
+    return None
+
+
+def _check_response(
+    decision: Decision,
+    headers: list[tuple[str, str]] | None = None,
+    remove: list[str] | None = None,
+    metadata: dict[str, str] | None = None,
+) -> Any:
     if decision.allowed:
+        # Claims for the upstream replace any copy (the HCM strips client-sent ones first).
         response = external_auth_pb2.CheckResponse(
             status=status_pb2.Status(code=code_pb2.OK),
-            ok_response=external_auth_pb2.OkHttpResponse(),
+            ok_response=external_auth_pb2.OkHttpResponse(
+                headers=[
+                    base_pb2.HeaderValueOption(
+                        header=base_pb2.HeaderValue(key=k, value=v), append_action=_OVERWRITE
+                    )
+                    for k, v in headers or []
+                ],
+                headers_to_remove=remove or [],
+            ),
         )
         if metadata:
             response.dynamic_metadata.update(metadata)
         return response
-    code = code_pb2.UNAVAILABLE if decision.status == 503 else code_pb2.PERMISSION_DENIED
+    code = _CODES.get(decision.status, code_pb2.PERMISSION_DENIED)
+    sent = [(REASON_HEADER, decision.reason), ("content-type", "text/plain")]
+    challenge = _challenge(decision)
+    if challenge is not None:
+        sent.append(("www-authenticate", challenge))
     response = external_auth_pb2.CheckResponse(
         status=status_pb2.Status(code=code, message=decision.message),
         denied_response=external_auth_pb2.DeniedHttpResponse(
             status=http_status_pb2.HttpStatus(code=decision.status),
             headers=[
-                base_pb2.HeaderValueOption(
-                    header=base_pb2.HeaderValue(key=REASON_HEADER, value=decision.reason)
-                ),
-                base_pb2.HeaderValueOption(
-                    header=base_pb2.HeaderValue(key="content-type", value="text/plain")
-                ),
+                base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, value=v))
+                for k, v in sent
             ],
             body=f"{decision.message}\n",
         ),

@@ -247,6 +247,7 @@ def build(
         used.secrets |= usage.secrets
         used.upstreams |= usage.upstreams
         used.jwt_providers |= usage.jwt_providers
+        used.introspection_providers |= usage.introspection_providers
         if snapshot is not None:
             groups.append(NodeGroup(group.name, group.nodes, snapshot))
     if not errors:
@@ -352,6 +353,14 @@ def _unused(units: list[Unit], used: Usage) -> list[ConfigError]:
             if not _is_used(origin, used.jwt_providers):
                 errors.append(
                     ConfigError(origin.key(), f"jwt provider {name!r} is not used by any route")
+                )
+        for name in u.policy.introspection_providers:
+            origin = Origin(u.doc, ("introspection_providers", name))
+            if not _is_used(origin, used.introspection_providers):
+                errors.append(
+                    ConfigError(
+                        origin.key(), f"introspection provider {name!r} is not used by any route"
+                    )
                 )
     return errors
 

@@ -10,7 +10,7 @@ from dataclasses import replace
 
 from xdsplane.policy import translate
 from xdsplane.policy.merge import GroupPolicy
-from xdsplane.policy.translate import Built, guard, jwt, ratelimit
+from xdsplane.policy.translate import Built, guard, introspection, jwt, ratelimit
 from xdsplane.policy.translate.secrets import paths
 from xdsplane.snapshot import Resource, digest, make_resource
 
@@ -101,18 +101,27 @@ class TranslationCache:
             # ... and the guard, when a route of it is replay-protected or globally limited.
             guard_key = ""
             hosts = lpart.value.hosts
+            # ... and its introspection providers (forwarded headers, the guard's timeout).
+            introspected = {
+                n: policy.introspection_providers[n].value
+                for n in introspection.providers_of(hosts)
+                if n in policy.introspection_providers
+            }
+            intro_key = "".join(f"|{n}:{p.model_dump_json()}" for n, p in introspected.items())
             if guard_spec is not None and (
                 guard.needs_ext_authz(hosts) or ratelimit.needs_global(hosts)
             ):
                 guard_key = "|guard:" + guard_spec.model_dump_json()
             key = (
                 "listener:" + lname,
-                lpart.value.model_dump_json() + log_key + jwt_key + guard_key,
+                lpart.value.model_dump_json() + log_key + jwt_key + guard_key + intro_key,
             )
             out += self._get(
                 key,
                 lpart.origin.source,
-                lambda lp=lpart: translate.listener_resources(lp, log, providers, guard_spec),  # type: ignore[misc]
+                lambda lp=lpart, i=introspected: translate.listener_resources(  # type: ignore[misc]
+                    lp, log, providers, guard_spec, i
+                ),
             )
         return out
 

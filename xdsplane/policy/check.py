@@ -30,6 +30,7 @@ class Usage:
     secrets: set[UseKey] = field(default_factory=set)
     upstreams: set[UseKey] = field(default_factory=set)
     jwt_providers: set[UseKey] = field(default_factory=set)
+    introspection_providers: set[UseKey] = field(default_factory=set)
 
 
 def _access_errors(
@@ -42,11 +43,17 @@ def _access_errors(
     for kind in ("allow", "deny"):
         for i, rule in enumerate(getattr(route.access, kind)):
             if rule.jwt_claims is not None and not has_jwt:
+                also = (
+                    "; an introspected token's claims are not seen by access rules, which run "
+                    "before the guard: use require_scopes"
+                    if route.introspection is not None
+                    else ""
+                )
                 errors.append(
                     ConfigError(
                         origin.key(*keys, kind, i, "jwt_claims"),
                         "jwt_claims: the route verifies no token (add jwt: or jwt_optional: "
-                        "with a provider)",
+                        f"with a provider){also}",
                     )
                 )
             if rule.client_sans is not None and not asks_certs:
@@ -94,6 +101,7 @@ def check_policy(policy: GroupPolicy, scope: str = "") -> tuple[list[ConfigError
     check.guard()
     check.otlp()
     check.jwt_providers()
+    check.introspection_providers()
     check.upstreams()
     return check.errors, check.usage
 
@@ -263,6 +271,7 @@ class _Checker:
                 )
             else:
                 self.usage.jwt_providers.add(use_key(ppart.origin))
+        self.route_introspection(at, r)
         if r.revocation_check and self.policy.guard is None:
             self.error(
                 at.key("revocation_check"),
@@ -298,6 +307,35 @@ class _Checker:
                 at.key("replay_protection"),
                 f"replay_protection needs a guard{self.where} "
                 "(add guard: {address: HOST:PORT} at the top level)",
+            )
+
+    def route_introspection(self, at: _At, r: Route) -> None:
+        """The provider exists and a guard asks it, in time for Envoy."""
+        if r.introspection is None:
+            return
+        ppart = self.policy.introspection_providers.get(r.introspection)
+        if ppart is None:
+            known = ", ".join(sorted(self.policy.introspection_providers)) or "none defined"
+            self.error(
+                at.at("introspection"),
+                f"no introspection provider named {r.introspection!r}{self.where} "
+                f"(introspection_providers: {known})",
+            )
+        else:
+            self.usage.introspection_providers.add(use_key(ppart.origin))
+        if self.policy.guard is None:
+            self.error(
+                at.key("introspection"),
+                f"introspection needs a guard{self.where} (the guard asks the endpoint; add "
+                "guard: {address: HOST:PORT} at the top level)",
+            )
+        elif self.policy.guard.value.fail_open:
+            where = self.policy.guard.origin.at("fail_open")
+            self.error(
+                at.key("introspection"),
+                f"introspection needs guard.fail_open: false{self.where} ({where.path}:"
+                f"{where.line}): with fail_open an unreachable guard would let requests "
+                "through without their token being checked",
             )
 
     def route_limits(self, at: _At, r: Route) -> None:
@@ -384,6 +422,10 @@ class _Checker:
                     f"jwt provider {name!r} fetches its jwks_uri through cluster {cluster!r}, "
                     f"but upstream {cluster!r} ({at.path}:{at.line}) has that name",
                 )
+
+    def introspection_providers(self) -> None:
+        for ppart in self.policy.introspection_providers.values():
+            self.secret(ppart.value.ca, "ca", ppart.origin, "ca")
 
     def upstreams(self) -> None:
         for upart in self.policy.upstreams.values():

@@ -12,6 +12,7 @@ from xdsplane.config.yamlsrc import Document
 from xdsplane.policy.model import (
     AccessLog,
     Guard,
+    IntrospectionProvider,
     JwtProvider,
     Listener,
     PolicyFile,
@@ -65,6 +66,7 @@ class GroupPolicy:
     upstreams: dict[str, Part[Upstream]] = field(default_factory=dict)
     access_log: Part[AccessLog] | None = None
     jwt_providers: dict[str, Part[JwtProvider]] = field(default_factory=dict)
+    introspection_providers: dict[str, Part[IntrospectionProvider]] = field(default_factory=dict)
     guard: Part[Guard] | None = None
 
 
@@ -97,6 +99,13 @@ def merge(fragments: list[Fragment]) -> tuple[GroupPolicy, list[ConfigError]]:
         add_named("secret", "secrets", f, p.secrets, out.secrets)
         add_named("upstream", "upstreams", f, p.upstreams, out.upstreams)
         add_named("jwt provider", "jwt_providers", f, p.jwt_providers, out.jwt_providers)
+        add_named(
+            "introspection provider",
+            "introspection_providers",
+            f,
+            p.introspection_providers,
+            out.introspection_providers,
+        )
         for i, listener in enumerate(p.listeners):
             origin = Origin(f.doc, ("listeners", i))
             if listener.name in out.listeners:

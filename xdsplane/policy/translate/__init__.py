@@ -16,6 +16,7 @@ back to the policy:
 | `jwks_uri` of jwt provider `P` | Cluster `xdsplane-jwks-P` |
 | guard | Cluster `xdsplane-guard` |
 | `access_log.otlp` | Cluster `xdsplane-otlp` |
+| `introspection: P` on a route | its ExtAuthzPerRoute's context extensions (the guard asks `P`) |
 """
 
 from __future__ import annotations
@@ -25,8 +26,23 @@ from dataclasses import dataclass
 from typing import Any
 
 from xdsplane.policy.merge import GroupPolicy, Origin, Part
-from xdsplane.policy.model import AccessLog, Guard, Listener, Secret, Upstream
-from xdsplane.policy.translate import clusters, guard, jwt, listeners, otlp, routes, secrets
+from xdsplane.policy.model import (
+    AccessLog,
+    Guard,
+    IntrospectionProvider,
+    Listener,
+    Secret,
+    Upstream,
+)
+from xdsplane.policy.translate import (
+    clusters,
+    guard,
+    jwt,
+    listeners,
+    otlp,
+    routes,
+    secrets,
+)
 from xdsplane.types import ResourceType
 
 
@@ -95,8 +111,9 @@ def listener_resources(
     log: AccessLog | None,
     providers: Mapping[str, jwt.Provider] | None = None,
     guard_spec: Guard | None = None,
+    introspected: Mapping[str, IntrospectionProvider] | None = None,
 ) -> list[Built]:
-    message = listeners.listener(part.value, log, providers, guard_spec)
+    message = listeners.listener(part.value, log, providers, guard_spec, introspected)
     out = [Built(ResourceType.LISTENER, message, part.origin)]
     for rc in routes.route_configurations(part.value):
         out.append(Built(ResourceType.ROUTE, rc, part.origin))

@@ -19,8 +19,8 @@ from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 
 from xdsplane.names import GUARD_CHECK_EXTENSION, GUARD_CHECK_REVOCATION, GUARD_CLUSTER
-from xdsplane.policy.model import Guard, Host, Route, split_host_port
-from xdsplane.policy.translate import clusters, jwt
+from xdsplane.policy.model import Guard, Host, Route, duration_seconds, split_host_port
+from xdsplane.policy.translate import clusters, introspection, jwt
 from xdsplane.policy.translate.common import duration, one_endpoint_cluster, pack
 
 CLUSTER = GUARD_CLUSTER
@@ -31,7 +31,11 @@ _HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
 def needs_ext_authz(hosts: Iterable[Host]) -> bool:
-    return any(r.replay_protection or r.revocation_check for h in hosts for r in h.routes)
+    return any(
+        r.replay_protection or r.revocation_check or r.introspection is not None
+        for h in hosts
+        for r in h.routes
+    )
 
 
 def cluster(guard: Guard) -> Any:
@@ -56,11 +60,20 @@ def cluster(guard: Guard) -> Any:
     return c
 
 
-def filter_config(guard: Guard) -> Any:
+def timeout(guard: Guard, introspection_timeout: float = 0.0) -> str:
+    """How long Envoy waits for the guard: its ``timeout``, plus the longest endpoint timeout
+    of the introspection providers the HCM's routes name (the guard may have to ask one)."""
+    if not introspection_timeout:
+        return guard.timeout
+    total = duration_seconds(guard.timeout) + introspection_timeout
+    return f"{round(total * 1000)}ms"
+
+
+def filter_config(guard: Guard, introspection_timeout: float = 0.0) -> Any:
     return ext_authz_pb2.ExtAuthz(
         grpc_service=grpc_service_pb2.GrpcService(
             envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=CLUSTER),
-            timeout=duration(guard.timeout),
+            timeout=duration(timeout(guard, introspection_timeout)),
         ),
         transport_api_version=config_source_pb2.V3,
         failure_mode_allow=guard.fail_open,
@@ -75,6 +88,8 @@ def per_route(route: Route) -> Any | None:
     """Disabled unless the route is replay-protected (then the HCM-level filter applies) or
     has ``revocation_check`` (then the guard is told, in a context extension Envoy sets and
     a client cannot, to check revocation only)."""
+    if route.introspection is not None:
+        return introspection.per_route(route)
     if route.replay_protection:
         return None
     if route.revocation_check:

@@ -23,8 +23,8 @@ from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from google.protobuf import struct_pb2, wrappers_pb2
 
 from xdsplane.names import EXT_AUTHZ_NAMESPACE, GUARD_REASON_KEY, JTI_HASH_KEY, JWT_PAYLOAD_KEY
-from xdsplane.policy.model import AccessLog, Guard, Host, Listener, Tls
-from xdsplane.policy.translate import authz, guard, jwt, otlp, ratelimit
+from xdsplane.policy.model import AccessLog, Guard, Host, IntrospectionProvider, Listener, Tls
+from xdsplane.policy.translate import authz, guard, introspection, jwt, otlp, ratelimit
 from xdsplane.policy.translate.common import (
     ads,
     pack,
@@ -221,16 +221,19 @@ def _missing_certificate_counter() -> Any:
     return hcm_pb2.HttpFilter(name=authz.CERTIFICATE_MISSING_FILTER, typed_config=pack(config))
 
 
-def _jwt_filters(names: list[str], providers: Mapping[str, jwt.Provider]) -> list[Any]:
-    """Claim headers stripped, then tokens checked: before RBAC and the router."""
-    if not names:
-        return []
+def _jwt_filters(
+    names: list[str], providers: Mapping[str, jwt.Provider], more_headers: Sequence[str] = ()
+) -> list[Any]:
+    """Claim headers stripped (those of the JWT providers and ``more_headers``, the
+    introspection providers'), then tokens checked: before RBAC and the router."""
     filters = []
-    headers = jwt.forwarded_headers(names, providers)
+    headers = sorted({*(jwt.forwarded_headers(names, providers) if names else []), *more_headers})
     if headers:
         filters.append(
             hcm_pb2.HttpFilter(name=jwt.STRIP_FILTER, typed_config=pack(jwt.strip_config(headers)))
         )
+    if not names:
+        return filters
     # The configuration, key sets included, comes over ECDS: a new JWKS leaves the Listener.
     filters.append(hcm_pb2.HttpFilter(name=jwt.FILTER, config_discovery=jwt.config_discovery()))
     return filters
@@ -256,8 +259,10 @@ def _http_filters(
     ext_authz: Guard | None = None,
     rbac_hosts: Sequence[Host] = (),
     limits: tuple[bool, Guard | None] = (False, None),
+    introspected: Mapping[str, IntrospectionProvider] | None = None,
 ) -> list[Any]:
-    """``ext_authz``: the guard that the HCM's replay-protected routes ask, if any;
+    """``introspected``: the introspection providers (the HCM's routes may name some);
+    ``ext_authz``: the guard that the HCM's replay-protected routes ask, if any;
     ``rbac_hosts``: the hosts whose routes the HCM serves (RBAC if any route has rules);
     ``limits``: (a route has a local rate limit, the guard asked for global ones)."""
     # jwt_authn first (the others read its claims); then the cheap local refusals (access
@@ -267,7 +272,10 @@ def _http_filters(
     if host is not None and host.client_certificate == "optional":
         # First: every request is counted, also those a later filter refuses.
         filters.append(_missing_certificate_counter())
-    filters.extend(_jwt_filters(jwt_names, providers))
+    intro_names = introspection.providers_of(rbac_hosts)
+    found = introspected or {}
+    intro_headers = introspection.forwarded_headers(intro_names, found)
+    filters.extend(_jwt_filters(jwt_names, providers, intro_headers))
     if authz.needs_rbac(rbac_hosts):
         filters.append(
             hcm_pb2.HttpFilter(name=authz.RBAC_FILTER, typed_config=pack(authz.filter_config()))
@@ -275,7 +283,14 @@ def _http_filters(
     filters.extend(_rate_limit_filters(*limits))
     if ext_authz is not None:
         filters.append(
-            hcm_pb2.HttpFilter(name=guard.FILTER, typed_config=pack(guard.filter_config(ext_authz)))
+            hcm_pb2.HttpFilter(
+                name=guard.FILTER,
+                typed_config=pack(
+                    guard.filter_config(
+                        ext_authz, introspection.longest_timeout(intro_names, found)
+                    )
+                ),
+            )
         )
     filters.append(_router())
     return filters
@@ -291,12 +306,15 @@ def _hcm(
     ext_authz: Guard | None = None,
     rbac_hosts: Sequence[Host] = (),
     limits: tuple[bool, Guard | None] = (False, None),
+    introspected: Mapping[str, IntrospectionProvider] | None = None,
 ) -> Any:
     m = hcm_pb2.HttpConnectionManager(
         stat_prefix=name,
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
         rds=hcm_pb2.Rds(config_source=ads(), route_config_name=route_config),
-        http_filters=_http_filters(host, jwt_names, providers, ext_authz, rbac_hosts, limits),
+        http_filters=_http_filters(
+            host, jwt_names, providers, ext_authz, rbac_hosts, limits, introspected
+        ),
         use_remote_address=wrappers_pb2.BoolValue(value=True),
         normalize_path=wrappers_pb2.BoolValue(value=True),
         merge_slashes=True,
@@ -357,8 +375,10 @@ def listener(
     log: AccessLog | None,
     providers: Mapping[str, jwt.Provider] | None = None,
     guard_spec: Guard | None = None,
+    introspected: Mapping[str, IntrospectionProvider] | None = None,
 ) -> Any:
     """``providers``: the JWT providers (with their JWKS) the listener's routes name;
+    ``introspected``: the introspection providers they name (forwarded headers, timeout);
     ``guard_spec``: the policy's guard, for hosts with replay-protected routes."""
     found = providers or {}
 
@@ -382,6 +402,7 @@ def listener(
             ext_authz(spec.hosts),
             rbac_hosts=spec.hosts,
             limits=limits(spec.hosts),
+            introspected=introspected,
         )
         out.filter_chains.append(listener_components_pb2.FilterChain(name=spec.name, filters=[hcm]))
         return out
@@ -407,6 +428,7 @@ def listener(
                     ext_authz([h]),
                     rbac_hosts=[h],
                     limits=limits([h]),
+                    introspected=introspected,
                 )
             ],
             transport_socket=transport_socket(downstream_tls(spec.tls, h)),
