@@ -19,6 +19,7 @@ from xdsplane import statuspage
 from xdsplane.adminhttp import protect
 from xdsplane.cache import SnapshotCache
 from xdsplane.metrics import CONTENT_TYPE, Metrics
+from xdsplane.policy.matrix import access_matrix
 from xdsplane.redact import MAX_TEXT, cut, scrub
 from xdsplane.server.registry import Registry
 from xdsplane.watch import ReloadState
@@ -45,6 +46,21 @@ class AdminState:
         self.xds_tls: Callable[[], dict[str, object]] | None = None
         # Why this server is reachable in plaintext off the host (serve --insecure), if it is.
         self.insecure: list[str] = []
+        # The access matrix of each served group's policy, kept while that policy is served.
+        self._access: dict[int, tuple[object, list[dict[str, Any]]]] = {}
+
+    def access(self, policy: object) -> list[dict[str, Any]]:
+        """The access matrix (policy/matrix.py) of a served group's policy, as JSON rows;
+        computed once per policy, not per request of the page."""
+        if policy is None:
+            return []
+        hit = self._access.get(id(policy))
+        if hit is None or hit[0] is not policy:
+            rows = [r.as_json() for r in access_matrix(policy)]  # type: ignore[arg-type]
+            if len(self._access) > 64:
+                self._access.clear()
+            hit = self._access[id(policy)] = (policy, rows)
+        return hit[1]
 
     def certificates(self) -> list[dict[str, object]]:
         current = self.cache.current
@@ -69,6 +85,7 @@ class AdminState:
                         "digest": g.snapshot.digest,
                         "versions": {t.short: v for t, v in g.snapshot.versions.items()},
                         "resources": {t.short: len(r) for t, r in g.snapshot.resources.items()},
+                        "access": self.access(g.policy),
                     }
                 )
         r = self.reload
