@@ -35,12 +35,13 @@ class Weakening:
     host: str
     route: str  # "" for the host or listener itself
     what: str
+    request: str = ""  # the request that shows it, e.g. "GET /admin (now reaches route x)"
 
     def line(self) -> str:
         where = f"listener {self.listener}, host {self.host}"
         if self.route:
             where += f", route {self.route}"
-        return f"{where}: {self.what}"
+        return f"{where}: {self.request + ': ' if self.request else ''}{self.what}"
 
 
 def glob_covers(wide: str, narrow: str) -> bool:
@@ -249,14 +250,14 @@ def _fewer_spellings(old: RouteAccess, new: RouteAccess) -> list[str]:
 
 def _host_routes(
     old_rows: Sequence[RouteAccess], new_rows: Sequence[RouteAccess]
-) -> Iterable[tuple[RouteAccess, str]]:
-    """(old route, finding) for one host pair."""
+) -> Iterable[tuple[RouteAccess, str, str]]:
+    """(old route, request, finding) for one host pair."""
     by_name = {r.route: r for r in new_rows}
     for o in old_rows:
         n = by_name.get(o.route)
         if n is not None and n != o:
             for what in compare_routes(o, n) + _fewer_spellings(o, n):
-                yield o, what
+                yield o, "", what
     methods = sorted(
         {"GET"} | {m for r in (*old_rows, *new_rows) if r.match for m in r.match.methods}
     )
@@ -270,7 +271,7 @@ def _host_routes(
                     continue
                 for what in compare_routes(was, now):
                     note = "" if now.route == was.route else f" (now reaches route {now.route})"
-                    yield was, f"{method} {path}{note}: {what}"
+                    yield was, f"{method} {path}{note}", what
 
 
 def _serving(rows_by_host: dict[str, list[RouteAccess]], domain: str) -> str | None:
@@ -295,9 +296,9 @@ def weakenings(old: Sequence[RouteAccess], new: Sequence[RouteAccess]) -> list[W
     """Every way ``new`` lets a request through with less than ``old`` asked of it."""
     found: dict[tuple[str, str, str, str], Weakening] = {}
 
-    def add(lst: str, host: str, route: str, what: str) -> None:
-        key = (lst, host, route, what.split(": ", 1)[-1] if route else what)
-        found.setdefault(key, Weakening(lst, host, route, what))
+    def add(lst: str, host: str, route: str, what: str, request: str = "") -> None:
+        """One finding per route and what: the first request that shows it."""
+        found.setdefault((lst, host, route, what), Weakening(lst, host, route, what, request))
 
     old_l, new_l = _by(old, "listener"), _by(new, "listener")
     new_by_address = {rows[0].address: rows for rows in new_l.values()}
@@ -320,6 +321,6 @@ def weakenings(old: Sequence[RouteAccess], new: Sequence[RouteAccess]) -> list[W
                     continue
                 for what in _host_changes(rows[0], n_hosts[n_host][0]):
                     add(name, host, "", what)
-                for o, what in _host_routes(rows, n_hosts[n_host]):
-                    add(name, host, o.route, what)
+                for o, request, what in _host_routes(rows, n_hosts[n_host]):
+                    add(name, host, o.route, what, request)
     return list(found.values())
