@@ -111,6 +111,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     try:
         evidence = report.collect(Path(args.dir), list(args.cases), args.node)
+    except ModuleNotFoundError as e:
+        if e.name != "xdsplane.policytest.run":
+            raise
+        print(
+            "xdsplane report: this build has no policy test runner (xdsplane test)", file=sys.stderr
+        )
+        return 1
     except report.NotLoaded as e:
         for line in e.errors:
             print(line, file=sys.stderr)

@@ -148,7 +148,8 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], cls: str = "")
     head = "".join(f"<th>{_e(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>\n" for r in rows)
     attr = f" class='{cls}'" if cls else ""
-    return f"<table{attr}>\n<tr>{head}</tr>\n{body}</table>\n"
+    head_row = f"<tr>{head}</tr>\n" if any(headers) else ""
+    return f"<table{attr}>\n{head_row}{body}</table>\n"
 
 
 def _cases(results: Sequence[CaseResult]) -> str:
