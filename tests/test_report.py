@@ -6,14 +6,16 @@ and fetch nothing: hostile policy and case text (an <img> pointing at a local se
 counts hits) stays text. The status page of a running `serve` shows the same matrix for the
 served config, and /status carries it.
 
-The policy test runner (`xdsplane test`, policytest/run.py) is built on branch s14-test;
-until it is merged, these tests stub the runner only (`report.default_runner`): the matrix,
-the git state, the certificates and the page are real.
+One test runs the real runner (`xdsplane test`'s: one real Envoy) on the sample's cases;
+the others stub the runner only (`report.default_runner`), to feed hostile case text and
+a failing case: the matrix, the git state, the certificates and the page are real.
 """
 
 from __future__ import annotations
 
+import html
 import http.server
+import shutil
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -22,10 +24,11 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
-from harness import ProcessGroup, XdsServer, free_port
+from harness import ProcessGroup, XdsServer, free_port, xdsplane_argv
 from test_sample import sample_copy
 from test_statuspage_browser import ARTIFACTS, browser, chromium
 
+from xdsplane import pki
 from xdsplane.cli import main
 from xdsplane.policytest import report
 from xdsplane.policytest.results import CaseResult
@@ -116,7 +119,7 @@ def test_report_in_a_real_browser(
         calls.append((p, c, node))
         return _results(port)
 
-    monkeypatch.setattr(report, "default_runner", lambda: runner)
+    monkeypatch.setattr(report, "default_runner", lambda envoy_binary: runner)
     out = tmp_path / "evidence.html"
     assert main(["report", str(folder), str(cases), "--out", str(out), "--node", "edge-1"]) == 1
     assert calls == [(folder, [cases], "edge-1")]
@@ -157,7 +160,7 @@ def test_report_in_a_real_browser(
 
     # an edit not committed: the page says so
     policy.write_text(text + "\n# edited\n")
-    monkeypatch.setattr(report, "default_runner", lambda: lambda p, c, n: _results(port)[:1])
+    monkeypatch.setattr(report, "default_runner", lambda e: lambda p, c, n: _results(port)[:1])
     assert main(["report", str(folder), str(cases), "--out", str(out)]) == 0
     html = out.read_text()
     assert "uncommitted changes" in html and "billing-edge.yaml" in html
@@ -167,7 +170,7 @@ def test_report_outside_git_and_on_a_broken_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     folder, _ = sample_copy(tmp_path)
-    monkeypatch.setattr(report, "default_runner", lambda: lambda p, c, n: _results(1)[:1])
+    monkeypatch.setattr(report, "default_runner", lambda e: lambda p, c, n: _results(1)[:1])
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
     out = tmp_path / "r.html"
     assert main(["report", str(folder), str(tmp_path / "c.yaml"), "--out", str(out)]) == 0
@@ -198,3 +201,37 @@ def test_status_page_shows_the_served_matrix(procs: ProcessGroup, tmp_path: Path
     assert "Access matrix (served config)" in page and "nodes edge-*" in page
     assert "certificate-only" in page and "spiffe://example.com/ops/*" in page
     assert "SHADOW" not in page and "PRIVATE KEY" not in page
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.envoy
+def test_report_runs_the_sample_cases_on_a_real_envoy(tmp_path: Path) -> None:
+    """The command as an assessor runs it: a subprocess, the real runner, a real Envoy."""
+    binary = browser()
+    folder = tmp_path / "snapshots"  # as shipped: the cases expect its redirect port
+    shutil.copytree(REPO / "snapshots", folder)
+    pki.init(tmp_path / "certs")
+    cases = REPO / "policy-tests" / "billing-edge.yaml"
+    out = tmp_path / "evidence.html"
+    done = subprocess.run(
+        [*xdsplane_argv("report", str(folder), str(cases), "--out", str(out))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    dom = chromium(binary, tmp_path / "profile", "--dump-dom", out.as_uri())
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    page = dom.stdout
+    assert "all cases passed" in page and "FAIL" not in page
+    names = [
+        html.escape(line.split("- name: ", 1)[1].strip().strip('"'), quote=False)
+        for line in cases.read_text().splitlines()
+        if "- name: " in line
+    ]
+    assert len(names) > 5 and all(n in page for n in names), [n for n in names if n not in page]
+    assert page.count("PASS") == len(names)
+    assert "certificate-only" in page and "policy commit" in page

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from xdsplane.cli.common import Sub
+from xdsplane.cli.common import Sub, add_envoy_binary
 
 
 def add_routes(sub: Sub) -> None:
@@ -98,26 +98,33 @@ def add_report(sub: Sub) -> None:
         "subject and expiry (never a key), when it was generated and by which xdsplane "
         "version (docs/audit.md).",
         epilog="exit status: 0 written and every case passed, 1 written but a case failed, or "
-        "the folder does not load (nothing written), 2 bad arguments.",
+        "the folder does not load (nothing written), 2 bad arguments or cases, or no Envoy "
+        "to run them (nothing written).",
     )
     p.add_argument("dir", metavar="POLICY_DIR")
     p.add_argument("cases", metavar="CASES_FILE", nargs="+", type=Path)
     p.add_argument("--out", required=True, type=Path, metavar="FILE", help="the HTML file")
-    p.add_argument("--node", metavar="ID", help="the Envoy node id (default: the runner's)")
+    p.add_argument(
+        "--node",
+        metavar="ID",
+        help="the node id whose config is tested and shown (default: as `xdsplane test`, "
+        "the folder's first node group; the matrix then shows every group)",
+    )
+    add_envoy_binary(p)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from xdsplane.policytest import report
+    from xdsplane.policytest.run import PolicyTestError
 
+    runner = report.default_runner(args.envoy_binary)
     try:
-        evidence = report.collect(Path(args.dir), list(args.cases), args.node)
-    except ModuleNotFoundError as e:
-        if e.name != "xdsplane.policytest.run":
-            raise
-        print(
-            "xdsplane report: this build has no policy test runner (xdsplane test)", file=sys.stderr
-        )
-        return 1
+        evidence = report.collect(Path(args.dir), list(args.cases), args.node, runner)
+    except PolicyTestError as e:
+        for line in e.lines:
+            print(line, file=sys.stderr)
+        print("xdsplane report: no case run, nothing written", file=sys.stderr)
+        return 2
     except report.NotLoaded as e:
         for line in e.errors:
             print(line, file=sys.stderr)

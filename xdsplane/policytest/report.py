@@ -11,7 +11,6 @@ text from the policy or the cases is escaped: policy text is input, not markup.
 from __future__ import annotations
 
 import datetime
-import importlib
 import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -94,17 +93,21 @@ def git_state(folder: Path) -> GitState | None:
     return GitState(commit.strip(), bool(changed), changed)
 
 
-def default_runner() -> Runner:
-    """``xdsplane test``'s runner (policytest/run.py)."""
-    module = importlib.import_module("xdsplane.policytest.run")
-    runner: Runner = module.run_cases
-    return runner
+def default_runner(envoy_binary: str | None = None) -> Runner:
+    """``xdsplane test``'s runner (policytest/run.py): one real Envoy, hermetic."""
+    from xdsplane.policytest.run import run_cases
+
+    def run(folder: Path, cases: list[Path], node: str | None) -> list[CaseResult]:
+        return run_cases(folder, cases, node=node, envoy_binary=envoy_binary)
+
+    return run
 
 
 def collect(
     folder: Path, cases: list[Path], node: str | None, run: Runner | None = None
 ) -> Evidence:
-    """Load ``folder``, run ``cases`` and gather the rest; raises NotLoaded."""
+    """Load ``folder``, run ``cases`` and gather the rest; raises NotLoaded, and the
+    runner's PolicyTestError (bad cases, no Envoy)."""
     from xdsplane import pipeline
 
     loaded = pipeline.load(folder)
