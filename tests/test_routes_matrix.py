@@ -280,3 +280,84 @@ def test_markdown_and_table_keep_hostile_text_in_its_cell(
     assert rows[0].rbac is not None and rows[0].rbac.shadow == ("deny-0",)
     assert rows[0].rbac.enforced == () and rows[1].who == "open"
     check_row(rows[0], loaded.snapshots.groups[0].snapshot)
+
+
+EVERY_KEY = """
+guard: {address: 127.0.0.1:18081, fail_open: true}
+secrets:
+  edge: {certificate: certs/edge.crt, private_key: certs/edge.key}
+  clients: {ca: certs/client-ca.crt}
+  service-ca: {ca: certs/service-ca.crt}
+jwt_providers:
+  idp: {issuer: https://idp.example.com, audiences: [a, b], jwks_file: jwks.json,
+        max_lifetime: 5m}
+listeners:
+  - name: edge
+    address: 127.0.0.1:8443
+    tls: {min_version: "1.3"}
+    hosts:
+      - name: api
+        domains: [api.example.com]
+        certificate: edge
+        client_certificate: optional
+        client_ca: clients
+        path_parameters: allow
+        routes:
+          - name: audited
+            path: /audit
+            jwt: idp
+            access:
+              default: deny
+              allow: [{jwt_claims: {grp: [auditors, admins]}, methods: [GET]}]
+              deny: [{sources: [10.0.0.0/8]}, {paths: ["/audit/*"]}]
+            upstream: tls-only
+          - name: trial
+            prefix: /trial/
+            jwt_optional: idp
+            revocation_check: true
+            allow_client_sans: ["spiffe://example.com/ops/*", "ops.example.com"]
+            access: {shadow: true, deny: [{client_sans: ["spiffe://x/*"]}]}
+            upstream: plain
+          - name: img
+            regex: "^/img/[0-9]+$"
+            case_sensitive: false
+            headers: [{name: accept, prefix: image/}]
+            methods: [GET, HEAD]
+            global_rate_limit: {requests: 5, per: 1s, by: source_address}
+            upstream: plain
+upstreams:
+  tls-only:
+    endpoints: [127.0.0.1:9443]
+    tls: {ca: service-ca, subject_alt_names: [svc.internal], min_version: "1.3"}
+  plain: {endpoints: [127.0.0.1:9000]}
+"""
+
+
+def test_every_key_the_matrix_shows_says_what_envoy_is_given(tmp_path: Path) -> None:
+    """Access rules (enforced and shadow), jwt_optional, revocation_check, a guard that
+    fails open, regex with headers and methods, TLS without mTLS, a plaintext upstream."""
+    (tmp_path / "policy.yaml").write_text(EVERY_KEY)
+    shutil.copy(Path(__file__).parent / "golden" / "jwt" / "jwks.json", tmp_path)
+    (tmp_path / "pki.txt").write_text(
+        "cert certs/edge.crt certs/edge.key api.example.com\n"
+        "ca certs/client-ca.crt\nca certs/service-ca.crt\n"
+    )
+    make_pki(tmp_path)
+    assert check_folder(tmp_path) == 3
+    loaded = pipeline.load(tmp_path)
+    assert loaded.snapshots is not None
+    audited, trial, img = access_matrix(loaded.snapshots.groups[0].policy)
+    assert audited.rbac is not None and audited.rbac.enforced == (
+        "deny-0",
+        "deny-1",
+        "no-allow-rule",
+    )
+    assert audited.who == "token" and audited.upstream_tls is not None
+    assert not audited.upstream_tls.mtls
+    assert trial.rbac is not None and trial.rbac.shadow == ("deny-0",)
+    assert trial.rbac.enforced == ("client-certificate",)
+    assert trial.jwt is not None and not trial.jwt.required and trial.revocation_check
+    assert trial.guard_fail_open is True and trial.who == "certificate-only"
+    assert img.match is not None and img.match.kind == "regex" and not img.match.case_sensitive
+    assert img.match.methods == ("GET", "HEAD") and img.match.headers == ("accept",)
+    assert img.who == "open" and img.global_rate_limit is not None
