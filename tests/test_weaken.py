@@ -446,3 +446,65 @@ def test_diff_fail_on_weaken_passes_a_strengthening(
     assert "! weakens" not in out.out and "weaken a route" not in out.err
     assert main(["diff", str(sample), str(sample), "--fail-on-weaken"]) == 0
     assert capsys.readouterr().out.startswith("no differences")
+
+
+def test_any_two_golden_policies_compare(tmp_path: Path) -> None:
+    """Every pair of golden policies (and the sample's shape, BASE) compares without error;
+    a policy compared with itself weakens nothing."""
+    from test_policy_golden import CASES, prepare
+
+    matrices = {"base": matrix(BASE, tmp_path / "base")}
+    for case in CASES:
+        folder, _ = prepare(case, tmp_path / "golden")
+        loaded = pipeline.load(folder)
+        assert loaded.snapshots is not None, loaded.errors
+        matrices[case] = access_matrix(loaded.snapshots.groups[0].policy)
+    for a, old in matrices.items():
+        assert weakenings(old, old) == [], a
+        for b, new in matrices.items():
+            assert isinstance(weakenings(old, new), list), (a, b)
+
+
+def test_a_listener_turned_into_a_redirect_weakens_nothing(tmp_path: Path) -> None:
+    def redirect(d: dict[str, Any]) -> None:
+        d["listeners"][0] = {
+            "name": "https",
+            "address": "127.0.0.1:8443",
+            "redirect_to_https": True,
+            "https_port": 9443,
+        }
+        d["secrets"] = {}
+        d.pop("guard")
+        d.pop("jwt_providers")
+        d["upstreams"]["billing"].pop("tls")
+
+    assert found(redirect, tmp_path) == []
+    back = copy.deepcopy(BASE)
+    redirect(back)
+    old, new = matrix(back, tmp_path / "a"), matrix(BASE, tmp_path / "b")
+    assert weakenings(old, new) == []  # a redirect listener turned into an HTTPS one
+
+
+def test_a_redirect_listener_that_now_serves_plain_http_is_flagged(tmp_path: Path) -> None:
+    old = copy.deepcopy(BASE)
+    old["listeners"].append(
+        {"name": "http", "address": "127.0.0.1:8080", "redirect_to_https": True}
+    )
+    new = copy.deepcopy(BASE)
+    new["listeners"].append(
+        {
+            "name": "http",
+            "address": "127.0.0.1:8080",
+            "hosts": [
+                {
+                    "name": "plain",
+                    "domains": ["*"],
+                    "routes": [{"prefix": "/", "upstream": "billing"}],
+                }
+            ],
+        }
+    )
+    got = weakenings(matrix(old, tmp_path / "a"), matrix(new, tmp_path / "b"))
+    assert [w.line() for w in got] == [
+        "listener http, host *: no longer redirects to HTTPS: plain HTTP requests reach routes"
+    ]

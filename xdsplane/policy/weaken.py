@@ -307,7 +307,10 @@ def weakenings(old: Sequence[RouteAccess], new: Sequence[RouteAccess]) -> list[W
         if not n_rows:
             continue
         if o_rows[0].redirect and not n_rows[0].redirect:
-            add(name, "*", "", "no longer redirects to HTTPS: plain HTTP requests reach routes")
+            if n_rows[0].tls is None:
+                add(name, "*", "", "no longer redirects to HTTPS: plain HTTP requests reach routes")
+            continue
+        if n_rows[0].redirect:  # it serves no route now
             continue
         o_hosts, n_hosts = _by(o_rows, "host"), _by(n_rows, "host")
         seen: set[tuple[str, str]] = set()
