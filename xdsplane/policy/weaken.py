@@ -213,13 +213,41 @@ def _probes(m: Match) -> set[str]:
     return paths | {p.upper() for p in paths}
 
 
-def _first(
-    rows: Sequence[RouteAccess], path: str, method: str, headers: bool
-) -> RouteAccess | None:
-    for r in rows:
-        if r.match is not None and _matches(r.match, path, method, headers):
-            return r
-    return None
+class _Routes:
+    """A host's routes indexed by match, so that finding the first route a path takes
+    costs its candidates, not every route (hosts of thousands of routes)."""
+
+    def __init__(self, rows: Sequence[RouteAccess]) -> None:
+        self.rows = rows
+        self.keyed: dict[tuple[str, bool, str], list[int]] = {}
+        self.regex: list[int] = []
+        for i, r in enumerate(rows):
+            m = r.match
+            if m is None:
+                continue
+            if m.kind == "regex":
+                self.regex.append(i)
+                continue
+            value = m.value if m.case_sensitive else m.value.lower()
+            self.keyed.setdefault((m.kind, m.case_sensitive, value), []).append(i)
+
+    def _candidates(self, path: str) -> set[int]:
+        found = set(self.regex)
+        for sensitive, probe in ((True, path), (False, path.lower())):
+            found.update(self.keyed.get(("path", sensitive, probe), ()))
+            for k in range(len(probe) + 1):
+                head = probe[:k]
+                found.update(self.keyed.get(("prefix", sensitive, head), ()))
+                if k == len(probe) or probe[k] == "/":
+                    found.update(self.keyed.get(("path_prefix", sensitive, head), ()))
+        return found
+
+    def first(self, path: str, method: str, headers: bool) -> RouteAccess | None:
+        for i in sorted(self._candidates(path)):
+            m = self.rows[i].match
+            if m is not None and _matches(m, path, method, headers):
+                return self.rows[i]
+        return None
 
 
 def _protected(r: RouteAccess) -> bool:
@@ -262,11 +290,12 @@ def _host_routes(
         {"GET"} | {m for r in (*old_rows, *new_rows) if r.match for m in r.match.methods}
     )
     paths = sorted({p for r in (*old_rows, *new_rows) if r.match for p in _probes(r.match)})
+    old_index, new_index = _Routes(old_rows), _Routes(new_rows)
     for path in paths:
         for method in methods:
             for headers in (False, True):
-                was = _first(old_rows, path, method, headers)
-                now = _first(new_rows, path, method, headers)
+                was = old_index.first(path, method, headers)
+                now = new_index.first(path, method, headers)
                 if was is None or now is None or was == now:
                     continue
                 for what in compare_routes(was, now):
