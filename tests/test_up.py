@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import ssl
@@ -183,6 +184,7 @@ def sample_policy(root: Path) -> tuple[Path, dict[int, int]]:
             text = text.replace(f"127.0.0.1:{old}", f"127.0.0.1:{new}")
             text = text.replace(f"https_port: {old}", f"https_port: {new}")
         (policy / f.name).write_text(text)
+    shutil.copytree(REPO / "policy-tests", root / "policy-tests")  # `up` prints how to run them
     return policy, ports
 
 
@@ -321,6 +323,11 @@ def test_up_serves_the_sample_over_mtls_as_edge_1_and_stops_cleanly(
         )
         assert shell.returncode == 0, shell
         assert '"path": "/billing/invoices"' in shell.stdout, shell
+        # ... and so does the command running the policy's cases (xdsplane test).
+        cases = (tmp_path / "policy-tests" / "billing-edge.yaml").resolve()
+        try_test = next(line.strip() for line in up.text().splitlines() if " test " in line)
+        assert shlex.split(try_test)[-3:] == ["test", str(up.policy.resolve()), str(cases)]
+        assert "xdsplane" in shlex.split(try_test)[0], try_test
 
         tail = stop_and_check_nothing_left(up, signal.SIGTERM)
         assert "restart" not in tail, tail

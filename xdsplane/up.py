@@ -262,6 +262,25 @@ def xdsplane_command() -> str:
     return f"{shlex.quote(str(python))} -m xdsplane"
 
 
+def policy_cases(config: Path) -> list[Path]:
+    """The cases files of the policy folder ``config``: ``policy-tests/*.yaml`` beside it
+    (outside the folder, so the loader never reads them)."""
+    folder = config.resolve().parent / "policy-tests"
+    return sorted(folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def _test_hint(opts: UpOptions, xdsplane: str) -> str:
+    """The ``xdsplane test`` command for the policy's cases ("" when it has none)."""
+    cases = policy_cases(opts.config)
+    if not cases:
+        return ""
+    files = " ".join(shlex.quote(str(c)) for c in cases)
+    return (
+        "Before changing the policy, run its cases against a real Envoy (docs/testing.md):\n"
+        f"  {xdsplane} test {shlex.quote(str(opts.config.resolve()))} {files}\n\n"
+    )
+
+
 def _banner(opts: UpOptions, serve: Child, envoy: Child, guard: Child, log_path: Path) -> str:
     """What runs where, and example commands that run as shown in any new terminal: every
     path is absolute and xdsplane is named by its full path."""
@@ -297,6 +316,7 @@ def _banner(opts: UpOptions, serve: Child, envoy: Child, guard: Child, log_path:
         f"  {curl} https://{h}:{edge_port}/billing/admin/audit             # 403\n"
         f"  {curl} {alice} https://{h}:{edge_port}/billing/admin/audit\n"
         f"  {curl} {mtls} {alice} https://mtls.{h}:{edge_port}/\n\n"
+        f"{_test_hint(opts, xdsplane)}"
         "A control plane, guard or Envoy that dies is restarted (0.5 s, doubling to 10 s).\n"
         "Ctrl-C stops everything."
     )

@@ -86,7 +86,7 @@ def judge(case: Case, answers: list[Answer], reached: list[list[Record]]) -> Cas
     return CaseResult(
         file=case.file,
         line=case.line,
-        name=case.name,
+        name=scrub_message(case.name),
         passed=ok,
         expected=scrub_message(", ".join(expected), limit=2000),
         got=scrub_message(", ".join(got), limit=2000),

@@ -50,8 +50,7 @@ class RunEnvoy:
                     self.argv,
                     stdin=subprocess.DEVNULL,
                     stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
+                    stderr=subprocess.STDOUT,  # same session: a Ctrl-C stops it with the run
                 )
             except OSError as e:
                 raise PolicyTestError([f"cannot run {self.argv[0]}: {e}"]) from None
@@ -74,9 +73,12 @@ class RunEnvoy:
     def _ready(self) -> bool:
         if not self.admin:
             try:
-                self.admin = self.admin_path.read_text().strip()
+                text = self.admin_path.read_text().strip()
             except OSError:
                 return False
+            if not text.rpartition(":")[2].isdigit():
+                return False  # not written yet, or half-way
+            self.admin = text
         try:
             return self.get("/ready")[0] == 200
         except (OSError, http.client.HTTPException):

