@@ -361,3 +361,42 @@ def test_every_key_the_matrix_shows_says_what_envoy_is_given(tmp_path: Path) -> 
     assert img.match is not None and img.match.kind == "regex" and not img.match.case_sensitive
     assert img.match.methods == ("GET", "HEAD") and img.match.headers == ("accept",)
     assert img.who == "open" and img.global_rate_limit is not None
+
+
+TOKEN = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlc2lnbmF0dXJlc2ln"
+KEY_BODY = "MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg"
+
+
+def test_a_pasted_token_or_key_is_never_printed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A token pasted into an access rule and a private key pasted as an issuer show as
+    fingerprints in every format (the JSON is what /status and `report` show too)."""
+    policy = f"""
+listeners:
+  - name: plain
+    address: 127.0.0.1:8080
+    hosts:
+      - name: h
+        domains: [example.com]
+        routes:
+          - name: r
+            prefix: /
+            jwt: idp
+            access: {{deny: [{{paths: ["/a/{TOKEN}"]}}]}}
+            upstream: u
+upstreams:
+  u: {{endpoints: ["127.0.0.1:9000"]}}
+jwt_providers:
+  idp:
+    issuer: "-----BEGIN PRIVATE KEY-----\\n{KEY_BODY}\\n-----END PRIVATE KEY-----"
+    audiences: [a]
+    jwks_file: jwks.json
+"""
+    (tmp_path / "p.yaml").write_text(policy)
+    shutil.copy(Path(__file__).parent / "golden" / "jwt" / "jwks.json", tmp_path)
+    for fmt in ("table", "json", "markdown"):
+        assert main(["routes", str(tmp_path), "--format", fmt]) == 0
+        out = capsys.readouterr().out
+        assert "redacted sha256:" in out, fmt
+        assert TOKEN not in out and TOKEN[:30] not in out and KEY_BODY not in out, fmt

@@ -17,6 +17,7 @@ from typing import Any
 from xdsplane.policy.merge import GroupPolicy
 from xdsplane.policy.model import AccessRule, Guard, Host, JwtProvider, Listener, Route, Upstream
 from xdsplane.policy.translate import authz, guard, jwt, routes
+from xdsplane.redact import scrub
 
 CERTIFICATE_ONLY = "certificate-only"
 TOKEN = "token"
@@ -109,6 +110,7 @@ class RouteAccess:
         return self.client_certificate == "required" or self.require_client_certificate
 
     def as_json(self) -> dict[str, Any]:
+        """The row as /status, ``routes --format json`` and every renderer read it."""
         out = asdict(self)
         out["certificate_required"] = self.certificate_required
         lists: dict[str, Any] = _lists(out)
@@ -116,10 +118,14 @@ class RouteAccess:
 
 
 def _lists(value: Any) -> Any:
+    """JSON types, and no key material: a key or token pasted into a SAN glob, an issuer
+    or a rule is shown as its fingerprint (``redact.scrub``), as in error messages."""
     if isinstance(value, dict):
         return {k: _lists(v) for k, v in value.items()}
     if isinstance(value, tuple | list):
         return [_lists(v) for v in value]
+    if isinstance(value, str):
+        return scrub(value)
     return value
 
 
