@@ -20,13 +20,13 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from xdsplane.policy.matrix import Jwt, Limit, Match, RouteAccess, UpstreamTlsInfo
+from xdsplane.policy.matrix import Jwt, Limit, RouteAccess, UpstreamTlsInfo
 from xdsplane.policy.model import duration_seconds
+from xdsplane.policy.reach import HostRoutes, probes
 from xdsplane.policy.translate.authz import POLICY as CERTIFICATE_POLICY
 
 _CERT_RANK = {"off": 0, "optional": 1, "required": 2}
 _TLS_RANK = {"1.0": 0, "1.1": 1, "1.2": 2, "1.3": 3}
-_REGEX_LITERAL = re.compile(r"\^?((?:[^\\.^$*+?()\[\]{}|]|\\[./-])*)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,77 +179,6 @@ def _host_changes(old: RouteAccess, new: RouteAccess) -> list[str]:
     return out
 
 
-def _matches(m: Match, path: str, method: str, headers: bool) -> bool:
-    if m.methods and method not in m.methods:
-        return False
-    if m.headers and not headers:
-        return False
-    value, probe = (m.value, path) if m.case_sensitive else (m.value.lower(), path.lower())
-    if m.kind == "prefix":
-        return probe.startswith(value)
-    if m.kind == "path_prefix":
-        return probe == value or probe.startswith(value + "/")
-    if m.kind == "path":
-        return probe == value
-    try:
-        return re.fullmatch(m.value, path, 0 if m.case_sensitive else re.IGNORECASE) is not None
-    except re.error:
-        return False
-
-
-def _probes(m: Match) -> set[str]:
-    if m.kind == "regex":
-        literal = _REGEX_LITERAL.match(m.value)
-        base = literal.group(1).replace("\\", "") if literal else ""
-        paths = {base, base + "x"} if base.startswith("/") else set()
-    elif m.kind == "path":
-        paths = {m.value}
-    elif m.kind == "path_prefix":
-        paths = {m.value, m.value + "/x"}
-    else:
-        paths = {m.value, m.value + "x"}
-        if m.value.endswith("/") and len(m.value) > 1:
-            paths.add(m.value.rstrip("/"))
-    return paths | {p.upper() for p in paths}
-
-
-class _Routes:
-    """A host's routes indexed by match, so that finding the first route a path takes
-    costs its candidates, not every route (hosts of thousands of routes)."""
-
-    def __init__(self, rows: Sequence[RouteAccess]) -> None:
-        self.rows = rows
-        self.keyed: dict[tuple[str, bool, str], list[int]] = {}
-        self.regex: list[int] = []
-        for i, r in enumerate(rows):
-            m = r.match
-            if m is None:
-                continue
-            if m.kind == "regex":
-                self.regex.append(i)
-                continue
-            value = m.value if m.case_sensitive else m.value.lower()
-            self.keyed.setdefault((m.kind, m.case_sensitive, value), []).append(i)
-
-    def _candidates(self, path: str) -> set[int]:
-        found = set(self.regex)
-        for sensitive, probe in ((True, path), (False, path.lower())):
-            found.update(self.keyed.get(("path", sensitive, probe), ()))
-            for k in range(len(probe) + 1):
-                head = probe[:k]
-                found.update(self.keyed.get(("prefix", sensitive, head), ()))
-                if k == len(probe) or probe[k] == "/":
-                    found.update(self.keyed.get(("path_prefix", sensitive, head), ()))
-        return found
-
-    def first(self, path: str, method: str, headers: bool) -> RouteAccess | None:
-        for i in sorted(self._candidates(path)):
-            m = self.rows[i].match
-            if m is not None and _matches(m, path, method, headers):
-                return self.rows[i]
-        return None
-
-
 def _protected(r: RouteAccess) -> bool:
     return bool(
         r.certificate_required
@@ -289,8 +218,8 @@ def _host_routes(
     methods = sorted(
         {"GET"} | {m for r in (*old_rows, *new_rows) if r.match for m in r.match.methods}
     )
-    paths = sorted({p for r in (*old_rows, *new_rows) if r.match for p in _probes(r.match)})
-    old_index, new_index = _Routes(old_rows), _Routes(new_rows)
+    paths = sorted({p for r in (*old_rows, *new_rows) if r.match for p in probes(r.match)})
+    old_index, new_index = HostRoutes(old_rows), HostRoutes(new_rows)
     for path in paths:
         for method in methods:
             for headers in (False, True):
