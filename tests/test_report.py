@@ -235,3 +235,17 @@ def test_report_runs_the_sample_cases_on_a_real_envoy(tmp_path: Path) -> None:
     assert len(names) > 5 and all(n in page for n in names), [n for n in names if n not in page]
     assert page.count("PASS") == len(names)
     assert "certificate-only" in page and "policy commit" in page
+
+
+def test_report_on_bad_cases_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The real runner refuses a bad cases file (before any Envoy): exit 2, no page."""
+    folder, _ = sample_copy(tmp_path)
+    bad = tmp_path / "cases.yaml"
+    bad.write_text("cases:\n  - name: x\n    request: {host: billing.example.com}\n")
+    out = tmp_path / "r.html"
+    assert main(["report", str(folder), str(bad), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "cases.yaml" in err and "nothing written" in err
+    assert not out.exists()

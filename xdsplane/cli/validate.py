@@ -163,7 +163,7 @@ def add_diff(sub: Sub) -> None:
     p.add_argument(
         "--fail-on-weaken",
         action="store_true",
-        help="exit 3 when a change weakens a route or host (a `weakens:` line names each: "
+        help="exit 3 when a change weakens a route or host (a `! weakens` line names each: "
         "listener, host, route and what asks less), so CI can ask for a second reviewer",
     )
 
