@@ -19,6 +19,7 @@ from xdsplane import statuspage
 from xdsplane.adminhttp import protect
 from xdsplane.cache import SnapshotCache
 from xdsplane.metrics import CONTENT_TYPE, Metrics
+from xdsplane.policy.matrix import access_matrix
 from xdsplane.redact import MAX_TEXT, cut, scrub
 from xdsplane.server.registry import Registry
 from xdsplane.watch import ReloadState
@@ -47,6 +48,21 @@ class AdminState:
         self.insecure: list[str] = []
         # Per-host client-certificate counts read from Envoys' admin (serve --envoy-admin).
         self.envoys: Callable[[], list[dict[str, Any]]] | None = None
+        # The access matrix of each served group's policy, kept while that policy is served.
+        self._access: dict[int, tuple[object, list[dict[str, Any]]]] = {}
+
+    def access(self, policy: object) -> list[dict[str, Any]]:
+        """The access matrix (policy/matrix.py) of a served group's policy, as JSON rows;
+        computed once per policy, not per request of the page."""
+        if policy is None:
+            return []
+        hit = self._access.get(id(policy))
+        if hit is None or hit[0] is not policy:
+            rows = [r.as_json() for r in access_matrix(policy)]  # type: ignore[arg-type]
+            if len(self._access) > 64:
+                self._access.clear()
+            hit = self._access[id(policy)] = (policy, rows)
+        return hit[1]
 
     def certificates(self) -> list[dict[str, object]]:
         current = self.cache.current
@@ -71,6 +87,7 @@ class AdminState:
                         "digest": g.snapshot.digest,
                         "versions": {t.short: v for t, v in g.snapshot.versions.items()},
                         "resources": {t.short: len(r) for t, r in g.snapshot.resources.items()},
+                        "access": self.access(g.policy),
                     }
                 )
         r = self.reload

@@ -25,6 +25,8 @@ from typing import Any
 
 from google.protobuf import json_format
 
+from xdsplane.policy.matrix import access_matrix
+from xdsplane.policy.weaken import Weakening, weakenings
 from xdsplane.render import REDACTED, SECRET_FIELDS, message_to_json
 from xdsplane.snapshot import NodeGroup, Resource, Snapshot, SnapshotSet
 from xdsplane.types import ORDER_INDEX, PUSH_ORDER, ResourceType
@@ -309,6 +311,37 @@ def diff_sets(
             )
         )
     return summary
+
+
+def weakened(
+    old: SnapshotSet, new: SnapshotSet, node: str | None = None, cluster: str = ""
+) -> list[tuple[str, Weakening]]:
+    """(group title, weakening) for every way NEW asks less of a request than OLD
+    (policy/weaken.py over the groups' access matrices). Groups pair by name, or for one
+    node on each side; a group whose nodes changed pairs with the new groups its globs fall
+    in, so a change of ``nodes`` does not hide what it weakens."""
+    pairs: list[tuple[NodeGroup, NodeGroup]] = []
+    if node is not None:
+        a, b = old.group_for(node, cluster or node), new.group_for(node, cluster or node)
+        pairs += [(a, b)] if a is not None and b is not None else []
+    else:
+        new_by_name = {g.name: g for g in new.groups}
+        for g in old.groups:
+            if g.name in new_by_name:
+                pairs.append((g, new_by_name[g.name]))
+                continue
+            for glob in g.globs or ():
+                b = new.group_for(glob, None)
+                if b is not None and (g, b) not in pairs:
+                    pairs.append((g, b))
+    out = []
+    for a, b in pairs:
+        if a.policy is None or b.policy is None:
+            continue
+        title = f"nodes {a.name}" if a.name == b.name else f"nodes {a.name} -> {b.name}"
+        found = weakenings(access_matrix(a.policy), access_matrix(b.policy))
+        out += [(title, w) for w in found]
+    return out
 
 
 _MARK = {"added": "+", "changed": "~", "removed": "-"}

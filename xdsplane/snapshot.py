@@ -169,6 +169,9 @@ class NodeGroup:
     name: str
     globs: tuple[str, ...] | None
     snapshot: Snapshot
+    # The merged policy the snapshot was translated from (policy.merge.GroupPolicy), for the
+    # access matrix (policy/matrix.py) of `routes`, /status and `diff --fail-on-weaken`.
+    policy: Any = field(default=None, compare=False)
 
     def matches(self, node_id: str, cluster: str | None) -> bool:
         if self.globs is None:

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping
 from html import escape
 from typing import Any
 
+from xdsplane.policy import matrix_render
 from xdsplane.redact import escape_control
 from xdsplane.types import PUSH_ORDER
 
@@ -23,6 +24,7 @@ table { border-collapse: collapse; } th, td { border: 1px solid #ccc; padding: 3
 th { background: #f3f3f3; text-align: left; } code { font-size: 0.95em; }
 .bad { color: #b00020; font-weight: 600; } .warn { color: #a15c00; font-weight: 600; }
 .ok { color: #1b5e20; } .muted { color: #777; }
+table.matrix td { font-size: 0.9em; vertical-align: top; } tr.open td { background: #fff4e5; }
 """
 
 
@@ -244,6 +246,20 @@ def _xds_tls(status: Mapping[str, Any]) -> str:
     return out
 
 
+def _access(status: Mapping[str, Any]) -> str:
+    """The access matrix of each served node group (policy/matrix.py, as /status has it)."""
+    groups = [g for g in status.get("groups", []) if g.get("access")]
+    if not groups:
+        return "<p class='muted'>No policy routes are served.</p>\n"
+    out = [
+        "<p>Who may reach what, as Envoy is told (<code>xdsplane routes</code>); rows on a "
+        "tint reach an upstream with no check.</p>\n"
+    ]
+    for g in groups:
+        out.append(f"<h3>nodes {_e(g.get('name', ''))}</h3>\n{matrix_render.html(g['access'])}")
+    return "".join(out)
+
+
 def render(status: Mapping[str, Any], cert_warn_days: float = 14.0) -> str:
     ready = bool(status.get("ready"))
     state = "<span class='ok'>ready</span>" if ready else "<span class='bad'>not ready</span>"
@@ -269,6 +285,7 @@ def render(status: Mapping[str, Any], cert_warn_days: float = 14.0) -> str:
         f"<h2>Rejected (last NACK per node and type)</h2>\n{_nacks(status)}"
         f"{_envoys(status)}"
         f"<h2>Policy</h2>\n{_reload(status)}"
+        f"<h2>Access matrix (served config)</h2>\n{_access(status)}"
         f"<h2>Certificates (expiring: within {_e(cert_warn_days)} days)</h2>\n"
         f"{_certificates(status)}"
         f"<h2>xDS server certificate</h2>\n{_xds_tls(status)}"

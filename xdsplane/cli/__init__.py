@@ -11,7 +11,17 @@ import sys
 from collections.abc import Callable, Sequence
 
 from xdsplane import __version__
-from xdsplane.cli import bootstrap, guard, policytest, revoke, serve, status, up, validate
+from xdsplane.cli import (
+    audit,
+    bootstrap,
+    guard,
+    policytest,
+    revoke,
+    serve,
+    status,
+    up,
+    validate,
+)
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "status": status.cmd_status,
@@ -29,6 +39,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "demo-billing": up.cmd_demo,
     "schema": validate.cmd_schema,
     "test": policytest.cmd_test,
+    "routes": audit.cmd_routes,
+    "report": audit.cmd_report,
 }
 
 
@@ -51,6 +63,8 @@ def parser() -> argparse.ArgumentParser:
     validate.add_schema(sub)
     validate.add_diff(sub)
     policytest.add_test(sub)
+    audit.add_routes(sub)
+    audit.add_report(sub)
     guard.add_guard(sub)
     revoke.add_revoke(sub)
     revoke.add_unrevoke(sub)

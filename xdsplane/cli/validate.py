@@ -139,10 +139,14 @@ def add_diff(sub: Sub) -> None:
         "field paths that change and their old -> new values. Key material is never shown: a "
         "secret reads `<redacted sha256:1a2b3c4d...>` (a fingerprint: it differs when the secret "
         "changed). The last line sums up: "
-        "`N changed, N added, N removed`.",
+        "`N changed, N added, N removed`. Before it, one `! weakens` line for each change "
+        "that lets a request through with less than before (client certificate, SANs, JWT, "
+        "replay protection, rate limits, access rules, TLS versions, upstream TLS, a route "
+        "shadowed or widened): see docs/audit.md.",
         epilog="exit status: 0 done (whether or not the folders differ), 1 a folder does not "
-        "load, 2 bad arguments, 3 the folders differ and --exit-code was given (a distinct "
-        "code, so that scripts can tell a difference from an error).",
+        "load, 2 bad arguments, 3 the folders differ and --exit-code was given, or a change "
+        "weakens a route or host and --fail-on-weaken was given (a distinct code, so that "
+        "scripts can tell a difference from an error).",
     )
     p.add_argument("old", metavar="OLD_DIR")
     p.add_argument("new", metavar="NEW_DIR")
@@ -156,10 +160,16 @@ def add_diff(sub: Sub) -> None:
     p.add_argument(
         "--exit-code", action="store_true", help="exit 3 when the folders differ (0 when not)"
     )
+    p.add_argument(
+        "--fail-on-weaken",
+        action="store_true",
+        help="exit 3 when a change weakens a route or host (a `! weakens` line names each: "
+        "listener, host, route and what asks less), so CI can ask for a second reviewer",
+    )
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from xdsplane.diff import diff_lines, diff_sets
+    from xdsplane.diff import diff_lines, diff_sets, weakened
     from xdsplane.snapshot import SnapshotSet
 
     if args.cluster and not args.node:
@@ -191,7 +201,18 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
     for line in diff_lines(summary, unified=args.unified):
         print(escape_control(line))  # values from raw resources may hold control characters
+    weakens = weakened(old, new, args.node, args.cluster)
+    for title, w in weakens:
+        print(escape_control(f"! weakens {title}: {w.line()}"))
     print(summary.line() if not summary.identical else f"no differences; {summary.line()}")
+    if weakens:
+        print(
+            f"{len(weakens)} change(s) weaken a route or host"
+            + ("" if args.fail_on_weaken else " (--fail-on-weaken: exit 3)"),
+            file=sys.stderr,
+        )
+        if args.fail_on_weaken:
+            return DIFFERENT
     return DIFFERENT if args.exit_code and not summary.identical else 0
 
 

@@ -241,7 +241,7 @@ def build(
     staples = Staples()
     for group in plan:
         before = previous.group(group.name) if previous is not None else None
-        snapshot, usage = _build_group(
+        snapshot, usage, policy = _build_group(
             group.units, scope_of(group, plan), read, refs_of, errors, certs, cache, before, staples
         )
         used.secrets |= usage.secrets
@@ -249,7 +249,7 @@ def build(
         used.jwt_providers |= usage.jwt_providers
         used.introspection_providers |= usage.introspection_providers
         if snapshot is not None:
-            groups.append(NodeGroup(group.name, group.nodes, snapshot))
+            groups.append(NodeGroup(group.name, group.nodes, snapshot, policy))
     if not errors:
         errors.extend(_unused(units, used))
     if errors:
@@ -270,7 +270,7 @@ def _build_group(
     cache: TranslationCache,
     previous: Snapshot | None = None,
     staples: Staples | None = None,
-) -> tuple[Snapshot | None, Usage]:
+) -> tuple[Snapshot | None, Usage, GroupPolicy | None]:
     before = len(errors)
     policy, usage, problems = merge_and_check(units, scope)
     errors.extend(problems)
@@ -284,7 +284,7 @@ def _build_group(
     files.update(_read_jwks_files(policy, read, errors))
     _check_domains(policy, certs, errors)
     if len(errors) > before:
-        return None, usage
+        return None, usage, None
     resources = cache.translate(policy, files)
     for u in units:
         resources.extend(u.resources)
@@ -293,7 +293,9 @@ def _build_group(
     snapshot = Snapshot.build(merged, previous)
     if len(errors) == before:
         errors.extend(check_snapshot(snapshot, scope, refs_of))
-    return (snapshot if len(errors) == before else None), usage
+    if len(errors) > before:
+        return None, usage, None
+    return snapshot, usage, policy
 
 
 def _count_raw_uses(
