@@ -133,8 +133,11 @@ def check_row(row: RouteAccess, snap: Snapshot) -> None:
     # the guard: replay (the HCM's ext_authz applies), revocation only, or never asked
     if row.replay_protection:
         assert EXT_AUTHZ in filters and EXT_AUTHZ not in per
-    elif row.revocation_check:
-        assert per[EXT_AUTHZ]["check_settings"]["context_extensions"]
+    elif row.revocation_check or row.introspection is not None:
+        ext = per[EXT_AUTHZ]["check_settings"]["context_extensions"]
+        if row.introspection is not None:
+            assert ext["xdsplane_introspection"] == row.introspection
+            assert ext.get("xdsplane_scopes", "").split() == list(row.require_scopes)
     else:
         assert per.get(EXT_AUTHZ, {"disabled": True}).get("disabled") is True
     if row.guard_fail_open is not None and EXT_AUTHZ in filters:
@@ -357,7 +360,9 @@ def test_every_key_the_matrix_shows_says_what_envoy_is_given(tmp_path: Path) -> 
     assert trial.rbac is not None and trial.rbac.shadow == ("deny-0",)
     assert trial.rbac.enforced == ("client-certificate",)
     assert trial.jwt is not None and not trial.jwt.required and trial.revocation_check
-    assert trial.guard_fail_open is True and trial.who == "certificate-only"
+    # a SAN list alone checks presented certificates: no certificate is required
+    assert trial.guard_fail_open is True and trial.who == "open"
+    assert not trial.certificate_required and trial.client_sans
     assert img.match is not None and img.match.kind == "regex" and not img.match.case_sensitive
     assert img.match.methods == ("GET", "HEAD") and img.match.headers == ("accept",)
     assert img.who == "open" and img.global_rate_limit is not None

@@ -417,11 +417,9 @@ def _edited(sample: Path, into: Path, old: str, new: str) -> Path:
 def test_diff_fail_on_weaken_names_the_admin_route(
     sample: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # allow_client_sans implies require_client_certificate: both go
-    checks = (
-        "            require_client_certificate: true\n"
-        '            allow_client_sans: ["spiffe://example.com/ops/*"]\n'
-    )
+    # the reviewer's edit (issue #14): only the requirement goes; the SAN list stays and
+    # checks presented certificates only
+    checks = "            require_client_certificate: true\n"
     new = _edited(sample, tmp_path, checks, "")
     assert main(["diff", str(sample), str(new)]) == 0  # marked, but no exit status asked
     plain = capsys.readouterr()

@@ -92,6 +92,8 @@ class RouteAccess:
     require_client_certificate: bool  # the route asks for a validated certificate itself
     client_sans: tuple[str, ...]  # a presented certificate's SAN must match one; (): any
     jwt: Jwt | None
+    introspection: str | None  # the introspection provider the guard asks (opaque tokens)
+    require_scopes: tuple[str, ...]
     replay_protection: bool
     revocation_check: bool  # the guard checks revocation (replay protection implies it)
     guard_fail_open: bool | None  # None: the route never asks the guard
@@ -219,7 +221,7 @@ def _route_row(
     providers = {n: p.value for n, p in policy.jwt_providers.items()}
     up_part = policy.upstreams.get(r.upstream or "")
     up = up_part.value if up_part is not None else None
-    token = r.jwt is not None and jwt.requirement_name(r) == r.jwt
+    token = (r.jwt is not None and jwt.requirement_name(r) == r.jwt) or r.introspection is not None
     ext_authz = guard.per_route(r)  # None: the HCM's ext_authz applies; disabled: never asked
     asks_guard = ext_authz is None or not ext_authz.disabled
     # allow_client_sans alone checks presented certificates only (docs/policy.md)
@@ -240,6 +242,8 @@ def _route_row(
         require_client_certificate=r.require_client_certificate,
         client_sans=tuple(r.allow_client_sans),
         jwt=_jwt(r, providers),
+        introspection=r.introspection,
+        require_scopes=tuple(r.require_scopes or ()),
         replay_protection=r.replay_protection,
         revocation_check=r.revocation_check or r.replay_protection,
         guard_fail_open=(
@@ -275,6 +279,8 @@ def _redirect_row(lst: Listener) -> RouteAccess:
         require_client_certificate=False,
         client_sans=(),
         jwt=None,
+        introspection=None,
+        require_scopes=(),
         replay_protection=False,
         revocation_check=False,
         guard_fail_open=None,

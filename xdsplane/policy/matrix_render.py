@@ -59,6 +59,11 @@ def _sans(row: Row) -> str:
 
 def _jwt(row: Row) -> str:
     j = row.get("jwt")
+    if not j and row.get("introspection"):
+        scopes = row.get("require_scopes") or []
+        return f"introspection {row['introspection']}" + (
+            f" scopes {','.join(scopes)}" if scopes else ""
+        )
     if not j:
         return "-"
     text = str(j["provider"]) + ("" if j["required"] else " (optional)")

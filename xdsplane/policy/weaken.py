@@ -141,9 +141,16 @@ def compare_routes(old: RouteAccess, new: RouteAccess) -> list[str]:
     if old.certificate_required and not new.certificate_required:
         by = "require_client_certificate removed" if old.require_client_certificate else ""
         out.append("client certificate no longer required" + (f" ({by})" if by else ""))
-    if new.certificate_required:
-        out += _sans(old.client_sans, new.client_sans)
+    # a SAN list checks presented certificates whether or not one is required
+    out += _sans(old.client_sans, new.client_sans)
     out += _jwt(old.jwt, new.jwt)
+    if old.introspection is not None and new.introspection is None:
+        out.append(f"token introspection ({old.introspection}) removed")
+    elif old.introspection is not None and new.introspection != old.introspection:
+        out.append(f"introspection provider changed: {old.introspection} -> {new.introspection}")
+    dropped = sorted(set(old.require_scopes) - set(new.require_scopes))
+    if dropped and new.introspection is not None:
+        out.append(f"required scopes removed: {', '.join(dropped)}")
     if old.replay_protection and not new.replay_protection:
         out.append("replay protection removed")
     elif old.revocation_check and not new.revocation_check:
@@ -183,6 +190,7 @@ def _protected(r: RouteAccess) -> bool:
     return bool(
         r.certificate_required
         or r.jwt
+        or r.introspection
         or r.revocation_check
         or r.rate_limit
         or r.global_rate_limit
