@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 
-from xdsplane.policy import translate
+from xdsplane.policy import grpc_providers, translate
 from xdsplane.policy.merge import GroupPolicy
 from xdsplane.policy.translate import Built, guard, jwt, ratelimit
 from xdsplane.policy.translate.secrets import paths
@@ -45,7 +45,10 @@ class TranslationCache:
 
     def translate(self, policy: GroupPolicy, files: Mapping[str, bytes]) -> list[Resource]:
         out: list[Resource] = []
+        sds = grpc_providers.sds_secrets(policy)  # not those only gRPC uses (never SDS)
         for name, spart in sorted(policy.secrets.items()):
+            if name not in sds:
+                continue
             parts = [spart.value.model_dump_json(), str(spart.origin.folder)]
             parts += [digest(files[p]) for p in paths(spart.value, spart.origin.folder).values()]
             key = ("secret:" + name, "|".join(parts))
@@ -105,6 +108,12 @@ class TranslationCache:
                 key,
                 lpart.origin.source,
                 lambda lp=lpart: translate.listener_resources(lp, log, providers, guard_spec),  # type: ignore[misc]
+            )
+        for sname, srv in sorted(policy.grpc_servers.items()):
+            out += self._get(
+                ("grpc_server:" + sname, srv.value.model_dump_json()),
+                srv.origin.source,
+                lambda sp=srv: translate.grpc_server_resources(sp),  # type: ignore[misc]
             )
         return out
 

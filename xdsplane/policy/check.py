@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xdsplane.config.errors import ConfigError, Location
-from xdsplane.names import GUARD_CLUSTER, JWKS_CLUSTER_PREFIX
+from xdsplane.names import GUARD_CLUSTER, JWKS_CLUSTER_PREFIX, grpc_server_listener
 from xdsplane.policy.merge import GroupPolicy, Origin, Part
 from xdsplane.policy.model import Host, Listener, Route, split_host_port
 
@@ -93,6 +93,7 @@ def check_policy(policy: GroupPolicy, scope: str = "") -> tuple[list[ConfigError
     check.guard()
     check.jwt_providers()
     check.upstreams()
+    check.grpc_servers()
     return check.errors, check.usage
 
 
@@ -355,6 +356,46 @@ class _Checker:
                     ppart.origin.at("jwks_uri"),
                     f"jwt provider {name!r} fetches its jwks_uri through cluster {cluster!r}, "
                     f"but upstream {cluster!r} ({at.path}:{at.line}) has that name",
+                )
+
+    def grpc_servers(self) -> None:
+        """The secrets of each gRPC server (certificate providers for gRPC: no OCSP staple,
+        no CRL), one server per address, and no Envoy listener in the same node group."""
+        addresses: dict[str, str] = {}
+        for name, part in self.policy.grpc_servers.items():
+            spec, origin = part.value, part.origin
+            if spec.address in addresses:
+                self.error(
+                    origin.at("address"),
+                    f"gRPC server {name!r} has the address of gRPC server "
+                    f"{addresses[spec.address]!r}: both would be the Listener "
+                    f"{grpc_server_listener(spec.address)!r}",
+                )
+            addresses.setdefault(spec.address, name)
+            self.secret(spec.certificate, "certificate", origin, "certificate")
+            self.secret(spec.client_ca, "ca", origin, "client_ca")
+            cert = self.policy.secrets.get(spec.certificate)
+            if cert is not None and cert.value.ocsp_staple is not None:
+                self.error(
+                    origin.at("certificate"),
+                    f"secret {spec.certificate!r} has ocsp_staple: gRPC servers do not staple "
+                    "OCSP responses (use a secret without it)",
+                )
+            ca = self.policy.secrets.get(spec.client_ca or "")
+            if ca is not None and ca.value.crl is not None:
+                self.error(
+                    origin.at("client_ca"),
+                    f"secret {spec.client_ca!r} has a crl: gRPC's file_watcher certificate "
+                    "provider reads no CRL, so a revoked client certificate would pass (use "
+                    "a CA secret without crl)",
+                )
+            if self.policy.listeners:
+                other = next(iter(self.policy.listeners.values())).origin.at()
+                self.error(
+                    origin.key(),
+                    f"gRPC server {name!r} is in a node group with Envoy listeners (first at "
+                    f"{other.path}:{other.line}){self.where}: Envoys would be sent its "
+                    "Listener and bind its address; give the files different nodes:",
                 )
 
     def upstreams(self) -> None:

@@ -11,6 +11,7 @@ from xdsplane.config.errors import ConfigError, Location
 from xdsplane.config.yamlsrc import Document
 from xdsplane.policy.model import (
     AccessLog,
+    GrpcServer,
     Guard,
     JwtProvider,
     Listener,
@@ -66,6 +67,7 @@ class GroupPolicy:
     access_log: Part[AccessLog] | None = None
     jwt_providers: dict[str, Part[JwtProvider]] = field(default_factory=dict)
     guard: Part[Guard] | None = None
+    grpc_servers: dict[str, Part[GrpcServer]] = field(default_factory=dict)
 
 
 def merge(fragments: list[Fragment]) -> tuple[GroupPolicy, list[ConfigError]]:
@@ -109,6 +111,13 @@ def merge(fragments: list[Fragment]) -> tuple[GroupPolicy, list[ConfigError]]:
                 )
             else:
                 out.listeners[listener.name] = Part(listener, origin)
+        for i, server in enumerate(p.grpc_servers):
+            origin = Origin(f.doc, ("grpc_servers", i))
+            if server.name in out.grpc_servers:
+                earlier = out.grpc_servers[server.name].origin
+                dup("gRPC server", server.name, earlier, origin, origin.at("name"))
+            else:
+                out.grpc_servers[server.name] = Part(server, origin)
         if p.access_log is not None:
             origin = Origin(f.doc, ("access_log",))
             if out.access_log is not None:

@@ -15,6 +15,7 @@ back to the policy:
 | jwt providers of a group | TypedExtensionConfig `envoy.filters.http.jwt_authn` |
 | `jwks_uri` of jwt provider `P` | Cluster `xdsplane-jwks-P` |
 | guard | Cluster `xdsplane-guard` |
+| gRPC server `G` on `A` (IP:PORT) | Listener `grpc/server?xds.resource.listening_address=A` |
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from xdsplane.policy.merge import GroupPolicy, Origin, Part
-from xdsplane.policy.model import AccessLog, Guard, Listener, Secret, Upstream
-from xdsplane.policy.translate import clusters, guard, jwt, listeners, routes, secrets
+from xdsplane.policy.model import AccessLog, GrpcServer, Guard, Listener, Secret, Upstream
+from xdsplane.policy.translate import clusters, grpc_servers, guard, jwt, listeners, routes, secrets
 from xdsplane.types import ResourceType
 
 
@@ -93,3 +94,7 @@ def listener_resources(
     for rc in routes.route_configurations(part.value):
         out.append(Built(ResourceType.ROUTE, rc, part.origin))
     return out
+
+
+def grpc_server_resources(part: Part[GrpcServer]) -> list[Built]:
+    return [Built(ResourceType.LISTENER, grpc_servers.listener(part.value), part.origin)]
