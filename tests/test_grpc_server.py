@@ -15,6 +15,7 @@ The module's processes are bounded by MODULE_SECONDS; each wait by SERVING_SECON
 
 from __future__ import annotations
 
+import json
 import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from ads_client import Stream
 from grpc_server_helpers import (
     SERVING_SECONDS,
     bootstrap,
@@ -30,7 +32,9 @@ from grpc_server_helpers import (
     wait_serving,
 )
 from harness import ProcessGroup, XdsServer, free_port, wait_until, write_atomic
-from tls_helpers import attach_to_report, make_pki, process_group
+from test_ads_limits import run, sotw
+from test_policy_corpus import run_cli
+from tls_helpers import assert_no_key_material, attach_to_report, make_pki, process_group
 
 from xdsplane import pki
 from xdsplane.names import grpc_server_listener
@@ -43,6 +47,8 @@ REFUND = "/billing.Billing/Refund"
 STATUS = "/billing.Status/Get"
 DELETE = "/billing.Admin/Delete"
 DENIED = grpc.StatusCode.PERMISSION_DENIED
+LDS = "type.googleapis.com/envoy.config.listener.v3.Listener"
+SDS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 
 SECRETS = """\
 secrets:
@@ -273,3 +279,38 @@ def test_tightened_rbac_takes_effect_on_the_running_server(
     assert call_once(s.certs, s.strict, "alice", CHARGE).ok
     lds = s.xds.type_status("billing-strict", "LDS")
     assert lds["acked_version"] == lds["sent_version"] and lds["nacks"] == 0
+
+
+def test_the_servers_private_key_is_not_in_the_snapshot(setup: Setup) -> None:
+    """A node of the group asking SDS for the gRPC server's secrets gets nothing: they are
+    certificate providers on the gRPC host, never sent over xDS."""
+    listener_name = grpc_server_listener(f"127.0.0.1:{setup.strict}")
+
+    async def scenario(channel: grpc.aio.Channel) -> None:
+        s = Stream.open(channel, "sotw")
+        await s.write(sotw(SDS, "billing-snoop", names=["billing", "client-ca"]))
+        await s.write(sotw(LDS, names=[listener_name]))
+        seen = []
+        while True:  # responses come in request order: SDS (if any) before LDS
+            got = await s.read(10)
+            seen.append(got)
+            if got.type_url == LDS:
+                break
+        s.cancel()
+        assert [r.type_url for r in seen if r.type_url == SDS and r.resources] == []
+        assert [len(r.resources) for r in seen if r.type_url == LDS] == [1]
+
+    run(setup.xds, scenario)
+    rendered = run_cli("render", "--node", "billing-1", str(setup.root / "policy"), cwd=setup.root)
+    assert rendered.returncode == 0, rendered.stderr
+    assert json.loads(rendered.stdout)["resources"]["SDS"]["resources"] == []
+    assert_no_key_material("render", rendered.stdout, setup.certs)
+
+
+@pytest.mark.envoy
+def test_validate_envoy_leaves_grpc_server_listeners_to_our_checks(setup: Setup) -> None:
+    """Envoy is not the client of a gRPC server's Listener (it would bind the address and
+    find no SDS certificate): ``validate --envoy`` passes a folder of gRPC servers."""
+    r = run_cli("validate", "--envoy", str(setup.root / "policy"), cwd=setup.root, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "envoy accepts" in r.stderr

@@ -16,6 +16,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from xdsplane.config.protos import find_message
+from xdsplane.names import GRPC_SERVER_LISTENER_TEMPLATE
 from xdsplane.snapshot import Snapshot
 from xdsplane.types import ResourceType
 
@@ -41,6 +42,14 @@ class Trial:
     stub_endpoints: frozenset[str] = frozenset()
     dummy_secrets: frozenset[str] = frozenset()
     stub_extensions: frozenset[str] = frozenset()
+
+
+def envoy_listeners(snapshot: Snapshot) -> tuple[str, ...]:
+    """The snapshot's Listeners but those xDS-enabled gRPC servers ask for (named by
+    ``GRPC_SERVER_LISTENER_TEMPLATE``): Envoy is not their client, and would refuse their
+    certificate provider instances; ``validate`` checks them by its own rules."""
+    prefix = GRPC_SERVER_LISTENER_TEMPLATE.split("%s", 1)[0]
+    return tuple(n for n in snapshot.of(ResourceType.LISTENER) if not n.startswith(prefix))
 
 
 def _is_ads(config_source: Any) -> bool:
@@ -147,7 +156,7 @@ def bootstrap(snapshot: Snapshot, trial: Trial | None = None) -> Any:
 
     if trial is None:
         trial = Trial(
-            tuple(snapshot.of(ResourceType.LISTENER)), tuple(snapshot.of(ResourceType.CLUSTER))
+            envoy_listeners(snapshot), tuple(snapshot.of(ResourceType.CLUSTER))
         )
     rw = _Rewriter(snapshot, trial)
     out = bootstrap_pb2.Bootstrap()
