@@ -155,9 +155,7 @@ def bootstrap(snapshot: Snapshot, trial: Trial | None = None) -> Any:
     from envoy.config.bootstrap.v3 import bootstrap_pb2
 
     if trial is None:
-        trial = Trial(
-            envoy_listeners(snapshot), tuple(snapshot.of(ResourceType.CLUSTER))
-        )
+        trial = Trial(envoy_listeners(snapshot), tuple(snapshot.of(ResourceType.CLUSTER)))
     rw = _Rewriter(snapshot, trial)
     out = bootstrap_pb2.Bootstrap()
     out.node.id = VALIDATE_NODE
