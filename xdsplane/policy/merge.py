@@ -11,6 +11,7 @@ from xdsplane.config.errors import ConfigError, Location
 from xdsplane.config.yamlsrc import Document
 from xdsplane.policy.model import (
     AccessLog,
+    GrpcService,
     Guard,
     JwtProvider,
     Listener,
@@ -66,6 +67,7 @@ class GroupPolicy:
     access_log: Part[AccessLog] | None = None
     jwt_providers: dict[str, Part[JwtProvider]] = field(default_factory=dict)
     guard: Part[Guard] | None = None
+    grpc_services: dict[str, Part[GrpcService]] = field(default_factory=dict)
 
 
 def merge(fragments: list[Fragment]) -> tuple[GroupPolicy, list[ConfigError]]:
@@ -109,6 +111,13 @@ def merge(fragments: list[Fragment]) -> tuple[GroupPolicy, list[ConfigError]]:
                 )
             else:
                 out.listeners[listener.name] = Part(listener, origin)
+        for i, service in enumerate(p.grpc_services):
+            origin = Origin(f.doc, ("grpc_services", i))
+            if service.name in out.grpc_services:
+                earlier = out.grpc_services[service.name].origin
+                dup("gRPC service", service.name, earlier, origin, origin.at("name"))
+            else:
+                out.grpc_services[service.name] = Part(service, origin)
         if p.access_log is not None:
             origin = Origin(f.doc, ("access_log",))
             if out.access_log is not None:

@@ -15,6 +15,7 @@ back to the policy:
 | jwt providers of a group | TypedExtensionConfig `envoy.filters.http.jwt_authn` |
 | `jwks_uri` of jwt provider `P` | Cluster `xdsplane-jwks-P` |
 | guard | Cluster `xdsplane-guard` |
+| gRPC service `NAME` | Listener `NAME` (api_listener), RouteConfiguration `NAME` (see `grpc.py`) |
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from xdsplane.policy.merge import GroupPolicy, Origin, Part
-from xdsplane.policy.model import AccessLog, Guard, Listener, Secret, Upstream
-from xdsplane.policy.translate import clusters, guard, jwt, listeners, routes, secrets
+from xdsplane.policy.model import AccessLog, GrpcService, Guard, Listener, Secret, Upstream
+from xdsplane.policy.translate import clusters, grpc, guard, jwt, listeners, routes, secrets
 from xdsplane.types import ResourceType
 
 
@@ -47,6 +48,21 @@ def upstream_resources(name: str, part: Part[Upstream]) -> list[Built]:
         cla = clusters.load_assignment(name, part.value)
         out.append(Built(ResourceType.ENDPOINT, cla, part.origin))
     return out
+
+
+def grpc_upstream_resources(name: str, part: Part[Upstream]) -> list[Built]:
+    """An upstream as gRPC clients take it: EDS, TLS from certificate providers."""
+    return [
+        Built(ResourceType.CLUSTER, grpc.cluster(name, part.value), part.origin),
+        Built(ResourceType.ENDPOINT, grpc.load_assignment(name, part.value), part.origin),
+    ]
+
+
+def grpc_service_resources(part: Part[GrpcService]) -> list[Built]:
+    return [
+        Built(ResourceType.LISTENER, grpc.listener(part.value), part.origin),
+        Built(ResourceType.ROUTE, grpc.route_configuration(part.value), part.origin),
+    ]
 
 
 def jwt_providers(policy: GroupPolicy, files: Mapping[str, bytes]) -> dict[str, jwt.Provider]:
