@@ -43,6 +43,7 @@ class Backend:
         self.fail_first = fail_first
         self.delay = delay
         self.calls = 0
+        self.peers: list[list[bytes]] = []  # the client certificate's SANs, per call (TLS)
         self._lock = threading.Lock()
         self.port = free_port()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
@@ -66,6 +67,7 @@ class Backend:
         with self._lock:
             self.calls += 1
             n = self.calls
+            self.peers.append(list(context.peer_identities() or []))
         if n <= self.fail_first:
             context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.name} fails call {n}")
         if self.delay:
