@@ -121,8 +121,8 @@ def _upstream(upart: Part[Upstream], secret: Callable[..., None]) -> list[Config
         errors.append(
             ConfigError(
                 origin.at("lb"),
-                f"lb {up.lb!r}: gRPC's C-core client (Python, C++) balances round_robin only "
-                "here; it would NACK the cluster",
+                f"lb {up.lb!r}: gRPC's C-core client (Python, C++) does not implement it and "
+                "would NACK the cluster; use round_robin",
             )
         )
     if up.health_check is not None:
