@@ -1,10 +1,8 @@
 """Helpers for tests of xDS-enabled gRPC servers: the gRPC bootstrap of a server node, the
 server process (tests/grpc_xds_server.py, real grpcio), and plain TLS gRPC clients.
 
-The bootstrap is written here, minimal (xds_servers, node, certificate_providers,
-server_listener_resource_name_template): its certificate providers come from
-``xdsplane.policy.grpc_providers.provider_config``, the same function the bootstrap command
-uses, so the provider names and files are the ones the policy's secrets give.
+The bootstrap is the one ``xdsplane bootstrap --grpc --policy DIR`` prints for the node:
+its certificate providers are the policy's secrets, by the same names.
 """
 
 from __future__ import annotations
@@ -16,10 +14,9 @@ from pathlib import Path
 
 import grpc
 from harness import Proc, ProcessGroup, wait_until
+from test_policy_corpus import run_cli
 
 from xdsplane.names import GRPC_SERVER_LISTENER_TEMPLATE
-from xdsplane.policy.grpc_providers import provider_config
-from xdsplane.policy.model import Secret
 
 SERVER_SCRIPT = Path(__file__).parent / "grpc_xds_server.py"
 RPC_SECONDS = 5.0
@@ -29,24 +26,26 @@ RPC_SECONDS = 5.0
 SERVING_SECONDS = 60.0
 
 
-def bootstrap(xds_address: str, node: str, providers: dict[str, Secret], folder: Path) -> str:
-    """The gRPC bootstrap JSON of server node ``node`` (insecure xDS channel, loopback)."""
-    return json.dumps(
-        {
-            "xds_servers": [
-                {
-                    "server_uri": xds_address,
-                    "channel_creds": [{"type": "insecure"}],
-                    "server_features": ["xds_v3"],
-                }
-            ],
-            "node": {"id": node, "cluster": "billing"},
-            "server_listener_resource_name_template": GRPC_SERVER_LISTENER_TEMPLATE,
-            "certificate_providers": {
-                name: provider_config(secret, folder) for name, secret in providers.items()
-            },
-        }
+def bootstrap(xds_address: str, node: str, policy_dir: Path) -> str:
+    """The gRPC bootstrap JSON of server node ``node``, as ``xdsplane bootstrap --grpc
+    --policy`` prints it: its certificate providers are the group's secrets, by name."""
+    r = run_cli(
+        "bootstrap",
+        "--grpc",
+        "--policy",
+        str(policy_dir),
+        "--node",
+        node,
+        "--cluster",
+        "billing",
+        "--xds-address",
+        xds_address,
+        cwd=policy_dir,
     )
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["server_listener_resource_name_template"] == GRPC_SERVER_LISTENER_TEMPLATE
+    return json.dumps(data)
 
 
 def start_server(procs: ProcessGroup, name: str, address: str, bootstrap_json: str) -> Proc:

@@ -20,10 +20,12 @@ import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from ads_client import Stream
+from envoy.config.listener.v3 import listener_pb2
 from grpc_server_helpers import (
     SERVING_SECONDS,
     bootstrap,
@@ -37,8 +39,8 @@ from test_policy_corpus import run_cli
 from tls_helpers import assert_no_key_material, attach_to_report, make_pki, process_group
 
 from xdsplane import pki
-from xdsplane.names import grpc_server_listener
-from xdsplane.policy.model import Secret
+from xdsplane.bootstrap import GRPC_SERVER_TEMPLATE
+from xdsplane.names import GRPC_SERVER_LISTENER_TEMPLATE, grpc_server_listener
 
 # Two gRPC servers and a control plane for the whole module: well under a minute here.
 MODULE_SECONDS = 300.0
@@ -131,12 +133,8 @@ def start(procs: ProcessGroup, root: Path, strict_rbac: str | None = None) -> Se
     strict, open_ = free_port(), free_port()
     write_atomic(root / "policy" / "billing.yaml", policy(strict, open_, strict_rbac))
     xds = XdsServer(procs, root / "policy").start()
-    providers = {
-        "billing": Secret(certificate="billing.crt", private_key="billing.key"),
-        "client-ca": Secret(ca="client-ca.crt"),
-    }
     for name, port in (("strict", strict), ("open", open_)):
-        boot = bootstrap(xds.xds_address, f"billing-{name}", providers, certs)
+        boot = bootstrap(xds.xds_address, f"billing-{name}", root / "policy")
         start_server(procs, f"grpc-{name}", f"127.0.0.1:{port}", boot)
     return Setup(root, certs, strict, open_, xds)
 
@@ -284,6 +282,32 @@ def test_tightened_rbac_takes_effect_on_the_running_server(
     assert lds["acked_version"] == lds["sent_version"] and lds["nacks"] == 0
 
 
+def test_removed_server_entry_stops_serving(procs: ProcessGroup, tmp_path: Path) -> None:
+    """Deleting the entry deletes the Listener (SotW: absent from the next response): the
+    server goes back to "not serving" (A36) and its clients are refused, with no restart;
+    the other server of the group, whose Listener is unchanged, keeps serving."""
+    s = start(procs, tmp_path)
+    wait_serving(procs.procs[1], s.certs, s.strict, "alice", CHARGE)
+    wait_serving(procs.procs[2], s.certs, s.open, "alice", CHARGE)
+    text = policy(s.strict, s.open)
+    start_open = text.index("- name: open")
+    kept = text[: text.index("grpc_servers:\n")] + "grpc_servers:\n" + text[start_open:]
+    write_atomic(tmp_path / "policy" / "billing.yaml", kept)
+    wait_until(
+        lambda: call_once(s.certs, s.strict, "alice", CHARGE).code == grpc.StatusCode.UNAVAILABLE,
+        SERVING_SECONDS,
+        what="the strict server not serving once its Listener is gone",
+    )
+    assert procs.procs[1].alive(), "not serving, not dead"
+    assert call_once(s.certs, s.open, "alice", CHARGE).ok
+
+
+def _listener(packed: Any) -> Any:
+    out = listener_pb2.Listener()
+    packed.Unpack(out)
+    return out
+
+
 def test_the_servers_private_key_is_not_in_the_snapshot(setup: Setup) -> None:
     """A node of the group asking SDS for the gRPC server's secrets gets nothing: they are
     certificate providers on the gRPC host, never sent over xDS."""
@@ -301,7 +325,8 @@ def test_the_servers_private_key_is_not_in_the_snapshot(setup: Setup) -> None:
                 break
         s.cancel()
         assert [r.type_url for r in seen if r.type_url == SDS and r.resources] == []
-        assert [len(r.resources) for r in seen if r.type_url == LDS] == [1]
+        names = [[x.name for x in map(_listener, r.resources)] for r in seen if r.type_url == LDS]
+        assert names == [[listener_name]], "a subset subscription gets just what it named"
 
     run(setup.xds, scenario)
     rendered = run_cli("render", "--node", "billing-1", str(setup.root / "policy"), cwd=setup.root)
@@ -317,3 +342,18 @@ def test_validate_envoy_leaves_grpc_server_listeners_to_our_checks(setup: Setup)
     r = run_cli("validate", "--envoy", str(setup.root / "policy"), cwd=setup.root, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "envoy accepts" in r.stderr
+
+
+def test_bootstrap_names_the_servers_certificate_providers(setup: Setup) -> None:
+    """``bootstrap --grpc --policy`` gives a server node its secrets as file_watcher
+    providers of the same names, and the Listener template the translation names."""
+    data = json.loads(bootstrap(setup.xds.xds_address, "billing-strict", setup.root / "policy"))
+    providers = data["certificate_providers"]
+    assert sorted(providers) == ["billing", "client-ca"]
+    assert providers["billing"]["plugin_name"] == "file_watcher"
+    config = {**providers["billing"]["config"], **providers["client-ca"]["config"]}
+    files = {k: Path(v) for k, v in config.items() if k.endswith("_file")}
+    assert all(p.is_absolute() for p in files.values()), files
+    assert files["certificate_file"].resolve() == (setup.certs / "billing.crt").resolve()
+    assert files["ca_certificate_file"].resolve() == (setup.certs / "client-ca.crt").resolve()
+    assert GRPC_SERVER_TEMPLATE == GRPC_SERVER_LISTENER_TEMPLATE

@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 
 from xdsplane.policy import grpc_providers, translate
+from xdsplane.policy.grpc_check import grpc_upstreams
 from xdsplane.policy.merge import GroupPolicy
 from xdsplane.policy.translate import Built, guard, jwt, ratelimit
 from xdsplane.policy.translate.secrets import paths
@@ -45,7 +46,8 @@ class TranslationCache:
 
     def translate(self, policy: GroupPolicy, files: Mapping[str, bytes]) -> list[Resource]:
         out: list[Resource] = []
-        sds = grpc_providers.sds_secrets(policy)  # not those only gRPC uses (never SDS)
+        grpc_ups = grpc_upstreams(policy)
+        sds = grpc_providers.sds_secrets(policy)  # gRPC reads certificate providers, never SDS
         for name, spart in sorted(policy.secrets.items()):
             if name not in sds:
                 continue
@@ -58,11 +60,24 @@ class TranslationCache:
                 lambda n=name, sp=spart: translate.secret_resources(n, sp, files),  # type: ignore[misc]
             )
         for name, upart in sorted(policy.upstreams.items()):
+            if name in grpc_ups:
+                out += self._get(
+                    ("grpc-upstream:" + name, upart.value.model_dump_json()),
+                    upart.origin.source,
+                    lambda n=name, up=upart: translate.grpc_upstream_resources(n, up),  # type: ignore[misc]
+                )
+                continue
             key = ("upstream:" + name, upart.value.model_dump_json())
             out += self._get(
                 key,
                 upart.origin.source,
                 lambda n=name, up=upart: translate.upstream_resources(n, up),  # type: ignore[misc]
+            )
+        for sname, gpart_ in sorted(policy.grpc_services.items()):
+            out += self._get(
+                ("grpc:" + sname, gpart_.value.model_dump_json()),
+                gpart_.origin.source,
+                lambda sp=gpart_: translate.grpc_service_resources(sp),  # type: ignore[misc]
             )
         gpart = policy.guard
         if gpart is not None:

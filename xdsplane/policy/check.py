@@ -8,6 +8,7 @@ from typing import Any
 
 from xdsplane.config.errors import ConfigError, Location
 from xdsplane.names import GUARD_CLUSTER, JWKS_CLUSTER_PREFIX, grpc_server_listener
+from xdsplane.policy.grpc_check import check_grpc
 from xdsplane.policy.merge import GroupPolicy, Origin, Part
 from xdsplane.policy.model import Host, Listener, Route, split_host_port
 
@@ -92,6 +93,7 @@ def check_policy(policy: GroupPolicy, scope: str = "") -> tuple[list[ConfigError
         check.listener(lname, lpart)
     check.guard()
     check.jwt_providers()
+    check.grpc_services()
     check.upstreams()
     check.grpc_servers()
     return check.errors, check.usage
@@ -107,7 +109,9 @@ class _Checker:
         self.errors: list[ConfigError] = []
         self.usage = Usage()
         self.addresses = _Addresses()
-        self.no_lifetime: set[str] = set()  # providers already reported for lacking max_lifetime
+        # providers already reported for lacking max_lifetime
+        self.no_lifetime: set[str] = set()
+        self.grpc_used: set[str] = set()  # upstreams gRPC services use (checked there)
 
     def error(self, location: Location, message: str) -> None:
         self.errors.append(ConfigError(location, message))
@@ -398,10 +402,22 @@ class _Checker:
                     "Listener and bind its address; give the files different nodes:",
                 )
 
+    def grpc_services(self) -> None:
+        if not self.policy.grpc_services:
+            return
+        envoy = {
+            n for n, p in self.policy.upstreams.items() if use_key(p.origin) in self.usage.upstreams
+        }
+        errors, used = check_grpc(self.policy, self.where, envoy, self.secret)
+        self.errors += errors
+        self.grpc_used = used
+        for name in used:
+            self.usage.upstreams.add(use_key(self.policy.upstreams[name].origin))
+
     def upstreams(self) -> None:
-        for upart in self.policy.upstreams.values():
+        for name, upart in self.policy.upstreams.items():
             tls = upart.value.tls
-            if tls is not None:
+            if tls is not None and name not in self.grpc_used:
                 self.secret(tls.ca, "ca", upart.origin, "tls", "ca")
                 self.secret(tls.certificate, "certificate", upart.origin, "tls", "certificate")
 

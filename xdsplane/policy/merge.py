@@ -12,6 +12,7 @@ from xdsplane.config.yamlsrc import Document
 from xdsplane.policy.model import (
     AccessLog,
     GrpcServer,
+    GrpcService,
     Guard,
     JwtProvider,
     Listener,
@@ -68,6 +69,7 @@ class GroupPolicy:
     jwt_providers: dict[str, Part[JwtProvider]] = field(default_factory=dict)
     guard: Part[Guard] | None = None
     grpc_servers: dict[str, Part[GrpcServer]] = field(default_factory=dict)
+    grpc_services: dict[str, Part[GrpcService]] = field(default_factory=dict)
 
 
 def merge(fragments: list[Fragment]) -> tuple[GroupPolicy, list[ConfigError]]:
@@ -118,6 +120,13 @@ def merge(fragments: list[Fragment]) -> tuple[GroupPolicy, list[ConfigError]]:
                 dup("gRPC server", server.name, earlier, origin, origin.at("name"))
             else:
                 out.grpc_servers[server.name] = Part(server, origin)
+        for i, service in enumerate(p.grpc_services):
+            origin = Origin(f.doc, ("grpc_services", i))
+            if service.name in out.grpc_services:
+                earlier = out.grpc_services[service.name].origin
+                dup("gRPC service", service.name, earlier, origin, origin.at("name"))
+            else:
+                out.grpc_services[service.name] = Part(service, origin)
         if p.access_log is not None:
             origin = Origin(f.doc, ("access_log",))
             if out.access_log is not None:

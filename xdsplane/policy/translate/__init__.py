@@ -16,6 +16,7 @@ back to the policy:
 | `jwks_uri` of jwt provider `P` | Cluster `xdsplane-jwks-P` |
 | guard | Cluster `xdsplane-guard` |
 | gRPC server `G` on `A` (IP:PORT) | Listener `grpc/server?xds.resource.listening_address=A` |
+| gRPC service `NAME` | Listener `NAME` (api_listener), RouteConfiguration `NAME` (see `grpc.py`) |
 """
 
 from __future__ import annotations
@@ -25,8 +26,25 @@ from dataclasses import dataclass
 from typing import Any
 
 from xdsplane.policy.merge import GroupPolicy, Origin, Part
-from xdsplane.policy.model import AccessLog, GrpcServer, Guard, Listener, Secret, Upstream
-from xdsplane.policy.translate import clusters, grpc_servers, guard, jwt, listeners, routes, secrets
+from xdsplane.policy.model import (
+    AccessLog,
+    GrpcServer,
+    GrpcService,
+    Guard,
+    Listener,
+    Secret,
+    Upstream,
+)
+from xdsplane.policy.translate import (
+    clusters,
+    grpc,
+    grpc_servers,
+    guard,
+    jwt,
+    listeners,
+    routes,
+    secrets,
+)
 from xdsplane.types import ResourceType
 
 
@@ -48,6 +66,21 @@ def upstream_resources(name: str, part: Part[Upstream]) -> list[Built]:
         cla = clusters.load_assignment(name, part.value)
         out.append(Built(ResourceType.ENDPOINT, cla, part.origin))
     return out
+
+
+def grpc_upstream_resources(name: str, part: Part[Upstream]) -> list[Built]:
+    """An upstream as gRPC clients take it: EDS, TLS from certificate providers."""
+    return [
+        Built(ResourceType.CLUSTER, grpc.cluster(name, part.value), part.origin),
+        Built(ResourceType.ENDPOINT, grpc.load_assignment(name, part.value), part.origin),
+    ]
+
+
+def grpc_service_resources(part: Part[GrpcService]) -> list[Built]:
+    return [
+        Built(ResourceType.LISTENER, grpc.listener(part.value), part.origin),
+        Built(ResourceType.ROUTE, grpc.route_configuration(part.value), part.origin),
+    ]
 
 
 def jwt_providers(policy: GroupPolicy, files: Mapping[str, bytes]) -> dict[str, jwt.Provider]:
