@@ -162,6 +162,7 @@ def test_server_asks_for_its_listener_over_sotw_and_acks(setup: Setup) -> None:
     for name in ("strict", "open"):
         stream = setup.xds.stream(f"billing-{name}")
         assert stream["variant"] == "sotw"
+        assert stream["client"] == "grpc", "shown in /status as a gRPC node"
         lds = stream["types"]["LDS"]
         assert lds["acked_version"] == lds["sent_version"] and lds["nacks"] == 0
         assert "RDS" not in stream["types"], "the route configuration is inline"
