@@ -23,7 +23,14 @@ from xdsplane import pki
 
 REPO = Path(__file__).resolve().parent.parent
 UPDATE = os.environ.get("XDSPLANE_UPDATE_GOLDEN") == "1"
-TLS = ["--tls-cert", "certs/{node}.crt", "--tls-key", "certs/{node}.key", "--ca", "certs/service-ca.crt"]
+TLS = [
+    "--tls-cert",
+    "certs/{node}.crt",
+    "--tls-key",
+    "certs/{node}.key",
+    "--ca",
+    "certs/service-ca.crt",
+]
 FILES = {
     "edge-1.yaml": ["--node", "edge-1", *TLS, "--sni", "localhost"],
     "grpc-client.json": ["--grpc", "--node", "grpc-1", *TLS],
