@@ -282,3 +282,26 @@ def test_a_client_reconnects_to_a_restarted_server_with_its_last_versions(
         15,
         what="the edit after the restart reaches the client",
     )
+
+
+def test_ring_hash_on_a_header_keeps_each_key_on_one_backend(
+    procs: ProcessGroup, tmp_path: Path, backends: list[Backend]
+) -> None:
+    """ring_hash with hash: {header: x-account} (gRFC A42): 32 account values, each sent
+    three times, each always to the same backend; both backends get some. With a balanced
+    ring the chance that all 32 land on one of two backends is 2 in 2**32."""
+    a, b = backend(backends, "alpha"), backend(backends, "beta")
+    server = serve(
+        procs,
+        tmp_path / "policy",
+        policy(
+            [{"name": TARGET, "upstream": "ledger", "hash": {"header": "x-account"}}],
+            {"ledger": {"endpoints": [a.address, b.address], "lb": "ring_hash"}},
+        ),
+    )
+    boot = grpc_bootstrap(NODE, server.xds_address)
+    out = run_calls(boot, TARGET, 96, timeout=FIRST_RPC_SECONDS, hash_header="x-account")
+    assert out["errors"] == {}, out
+    assert len(out["by_key"]) == 32
+    assert all(len(v) == 1 for v in out["by_key"].values()), out["by_key"]
+    assert set(out["answers"]) == {"alpha", "beta"}, out["answers"]
