@@ -76,6 +76,8 @@ def test_an_rpc_through_xds_and_the_client_in_status(
     assert stream["client"] == "grpc", stream
     assert stream["user_agent"].startswith("gRPC C-core"), stream  # "... Python 1.85.3"
     assert stream["group"] == "grpc-*"
+    # gRPC tells it balances no overprovisioning (docs/grpc.md); the server needs none.
+    assert "envoy.lb.does_not_support_overprovisioning" in stream["client_features"], stream
     assert {t: s["nacks"] for t, s in stream["types"].items()} == {
         "CDS": 0,
         "EDS": 0,
