@@ -279,3 +279,25 @@ def test_a_grpc_group_serves_no_secret_and_its_bootstrap_names_files_only(
     assert json.loads(boot)["certificate_providers"]["gateway"]["config"][
         "private_key_file"
     ] == str(certs / "gateway.key")
+
+
+@pytest.mark.envoy
+def test_validate_envoy_leaves_grpc_resources_to_grpc(tmp_path: Path, certs: Path) -> None:
+    """`validate --envoy` accepts a group of gRPC services with mTLS upstreams: Envoy cannot
+    build an api_listener from xDS nor a cluster whose TLS names certificate provider
+    instances, so those are gRPC's to judge (its NACKs show in /status)."""
+    import subprocess
+
+    from harness import xdsplane_argv
+
+    folder = tmp_path / "policy"
+    write_atomic(folder / "grpc.yaml", tls_policy(certs, "127.0.0.1:50051", ["billing.internal"]))
+    done = subprocess.run(
+        xdsplane_argv("validate", str(folder), "--envoy"),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "envoy accepts every node group" in done.stderr
