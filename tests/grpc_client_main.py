@@ -4,6 +4,9 @@
     python grpc_client_main.py TARGET METHOD calls N [TIMEOUT]
         N unary calls; prints one JSON object: {"answers": {backend: n}, "errors":
         {code: n}, "details": [first few error details], "seconds": [per call]}
+    python grpc_client_main.py TARGET METHOD calls N TIMEOUT hash:NAME
+        the same, call i sending metadata NAME: k<i % 32>; the summary adds "by_key":
+        {value: sorted distinct backends}
     python grpc_client_main.py TARGET METHOD loop SECONDS
         calls every 10 ms for SECONDS, one JSON line per call: {"t": time.time(),
         "answer": backend or null, "code": status name or null}
@@ -26,6 +29,7 @@ import grpc.experimental
 def main() -> int:
     target, method, mode, arg = sys.argv[1:5]
     timeout = float(sys.argv[5]) if len(sys.argv) > 5 else 10.0
+    hash_header = sys.argv[6].removeprefix("hash:") if len(sys.argv) > 6 else None
     # xDS credentials: TLS to the backend as the Cluster says (certificate providers, gRFC
     # A29), plaintext when it says nothing.
     creds = grpc.xds_channel_credentials(grpc.experimental.insecure_channel_credentials())
@@ -36,16 +40,22 @@ def main() -> int:
         errors: collections.Counter[str] = collections.Counter()
         details: list[str] = []
         seconds: list[float] = []
-        for _ in range(int(arg)):
+        by_key: dict[str, set[str]] = collections.defaultdict(set)
+        for i in range(int(arg)):
             start = time.monotonic()
+            metadata = [(hash_header, f"k{i % 32}")] if hash_header else None
             try:
-                answers[call(b"{}", timeout=timeout).decode()] += 1
+                answer = call(b"{}", timeout=timeout, metadata=metadata).decode()
+                answers[answer] += 1
+                if metadata:
+                    by_key[metadata[0][1]].add(answer)
             except grpc.RpcError as e:
                 errors[e.code().name] += 1
                 if len(details) < 5:
                     details.append(str(e.details()))
             seconds.append(round(time.monotonic() - start, 4))
         out = {"answers": answers, "errors": errors, "details": details, "seconds": seconds}
+        out["by_key"] = {k: sorted(v) for k, v in by_key.items()}
         print(json.dumps(out))
         return 0
     end = time.monotonic() + float(arg)

@@ -100,11 +100,26 @@ def client_env(bootstrap: str) -> dict[str, str]:
 
 
 def run_calls(
-    bootstrap: str, target: str, count: int, method: str = CHARGE, timeout: float = 10.0
+    bootstrap: str,
+    target: str,
+    count: int,
+    method: str = CHARGE,
+    timeout: float = 10.0,
+    hash_header: str | None = None,
 ) -> dict[str, Any]:
     """``count`` calls from a fresh client process; its JSON summary."""
+    extra = [f"hash:{hash_header}"] if hash_header else []
     done = subprocess.run(
-        [sys.executable, CLIENT, f"xds:///{target}", method, "calls", str(count), str(timeout)],
+        [
+            sys.executable,
+            CLIENT,
+            f"xds:///{target}",
+            method,
+            "calls",
+            str(count),
+            str(timeout),
+            *extra,
+        ],
         capture_output=True,
         text=True,
         timeout=CLIENT_SECONDS,

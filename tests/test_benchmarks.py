@@ -137,3 +137,17 @@ def test_bench_reload_quick() -> None:
     why = [r for r in rows(out, "idle") + rows(out, "cold reload") if len(r) == 8]
     assert len(why) == 3, out
     assert re.search(r"peak RSS \(VmHWM\) \d+ MB", out), out
+
+
+@pytest.mark.envoy
+def test_bench_grpc_quick() -> None:
+    """Real grpcio client channels in worker processes and a real Envoy on one server:
+    every edit reaches every channel and the Envoy."""
+    out = run_quick("bench_grpc.py")
+    cells = [re.split(r"\s{2,}", line.strip()) for line in out.splitlines()]
+    edits = [r for r in cells if len(r) == 6 and r[0].isdigit()]
+    assert len(edits) == 3, out
+    for r in edits:
+        assert r[1] == "20", r
+        assert ms(r[4]) < 30_000 and ms(r[5]) < 30_000, r  # every channel, and Envoy, got it
+    assert "server peak RSS (VmHWM)" in out, out

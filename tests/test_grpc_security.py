@@ -248,3 +248,56 @@ def test_a_nack_shows_in_status_and_the_last_good_config_keeps_serving(
         what="every call after the NACK reaches alpha",
     )
     assert server.status()["reload"]["errors"] == []  # the edit passed validation
+
+
+def test_a_grpc_group_serves_no_secret_and_its_bootstrap_names_files_only(
+    tmp_path: Path, certs: Path
+) -> None:
+    """gRPC reads its keys from files (certificate providers): a group of gRPC services
+    serves no Secret resource at all (a client asking SDS by name gets nothing), and the
+    bootstrap carries paths, never a key."""
+    import subprocess
+
+    from harness import xdsplane_argv
+
+    folder = tmp_path / "policy"
+    write_atomic(folder / "grpc.yaml", tls_policy(certs, "127.0.0.1:50051", ["billing.internal"]))
+    render = subprocess.run(
+        xdsplane_argv("render", str(folder), "--node", NODE),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    resources = json.loads(render.stdout)["resources"]
+    assert resources["SDS"]["resources"] == []
+    assert [r["name"] for r in resources["CDS"]["resources"]] == ["billing"]
+    boot = grpc_bootstrap(NODE, "127.0.0.1:18000", "--policy", str(folder))
+    assert "PRIVATE KEY" not in boot and "BEGIN" not in boot
+    key = (certs / "gateway.key").read_text()
+    assert key.splitlines()[1] not in boot
+    assert json.loads(boot)["certificate_providers"]["gateway"]["config"][
+        "private_key_file"
+    ] == str(certs / "gateway.key")
+
+
+@pytest.mark.envoy
+def test_validate_envoy_leaves_grpc_resources_to_grpc(tmp_path: Path, certs: Path) -> None:
+    """`validate --envoy` accepts a group of gRPC services with mTLS upstreams: Envoy cannot
+    build an api_listener from xDS nor a cluster whose TLS names certificate provider
+    instances, so those are gRPC's to judge (its NACKs show in /status)."""
+    import subprocess
+
+    from harness import xdsplane_argv
+
+    folder = tmp_path / "policy"
+    write_atomic(folder / "grpc.yaml", tls_policy(certs, "127.0.0.1:50051", ["billing.internal"]))
+    done = subprocess.run(
+        xdsplane_argv("validate", str(folder), "--envoy"),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "envoy accepts every node group" in done.stderr

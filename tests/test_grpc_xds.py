@@ -76,6 +76,8 @@ def test_an_rpc_through_xds_and_the_client_in_status(
     assert stream["client"] == "grpc", stream
     assert stream["user_agent"].startswith("gRPC C-core"), stream  # "... Python 1.85.3"
     assert stream["group"] == "grpc-*"
+    # gRPC tells it balances no overprovisioning (docs/grpc.md); the server needs none.
+    assert "envoy.lb.does_not_support_overprovisioning" in stream["client_features"], stream
     assert {t: s["nacks"] for t, s in stream["types"].items()} == {
         "CDS": 0,
         "EDS": 0,
@@ -214,3 +216,94 @@ def test_a_route_timeout(procs: ProcessGroup, tmp_path: Path, backends: list[Bac
     assert max(out["seconds"][1:]) < 1.5, out["seconds"]  # the first call also fetches xDS
     refund = run_calls(boot, TARGET, 1, method="/billing.Billing/Refund", timeout=10)
     assert refund["answers"] == {"slow": 1}, refund
+
+
+def test_fault_injection_abort_and_delay(
+    procs: ProcessGroup, tmp_path: Path, backends: list[Backend]
+) -> None:
+    """Charge is aborted with UNAVAILABLE before it leaves the client; Refund is held
+    400 ms (gRFC A33: the HTTP fault filter, per route)."""
+    a = backend(backends, "alpha")
+    routes = [
+        {
+            "service": "billing.Billing",
+            "method": "Charge",
+            "upstream": "billing",
+            "fault": {"abort": {"status": "unavailable"}},
+        },
+        {"upstream": "billing", "fault": {"delay": {"fixed": "400ms"}}},
+    ]
+    server = serve(
+        procs,
+        tmp_path / "policy",
+        policy([{"name": TARGET, "routes": routes}], {"billing": {"endpoints": [a.address]}}),
+    )
+    boot = grpc_bootstrap(NODE, server.xds_address)
+    charged = run_calls(boot, TARGET, 3, timeout=FIRST_RPC_SECONDS)
+    assert charged["errors"] == {"UNAVAILABLE": 3}, charged
+    assert a.calls == 0  # aborted in the client: nothing reached the backend
+    refund = run_calls(boot, TARGET, 3, method="/billing.Billing/Refund", timeout=10)
+    assert refund["answers"] == {"alpha": 3}, refund
+    assert min(refund["seconds"]) >= 0.4, refund["seconds"]
+
+
+def test_a_client_reconnects_to_a_restarted_server_with_its_last_versions(
+    procs: ProcessGroup, tmp_path: Path, backends: list[Backend]
+) -> None:
+    """After a restart the client resends its subscriptions with the versions it holds and
+    an empty nonce: the unchanged configuration is not sent again, calls go on, and a
+    later edit still reaches it."""
+    a, b = backend(backends, "alpha"), backend(backends, "beta")
+    folder = tmp_path / "policy"
+
+    def text(address: str) -> str:
+        return policy(
+            [{"name": TARGET, "upstream": "billing"}], {"billing": {"endpoints": [address]}}
+        )
+
+    server = serve(procs, folder, text(a.address))
+    client = start_loop(procs, "client", grpc_bootstrap(NODE, server.xds_address), TARGET, 90)
+    wait_until(lambda: server.settled(NODE), FIRST_RPC_SECONDS, what="the client ACKed all")
+    held = {t: s["acked_version"] for t, s in server.stream(NODE)["types"].items()}
+    server.stop()
+    server.start()
+    stream = wait_until(lambda: server.stream(NODE), 60, what="the client back on the server")
+    wait_until(
+        lambda: set(server.stream(NODE)["types"]) == set(held), 30, what="all four types again"
+    )
+    stream = server.stream(NODE)
+    for t, version in held.items():
+        assert stream["types"][t]["acked_version"] == version, (t, stream["types"][t])
+        assert stream["types"][t]["responses"] == 0, (t, stream["types"][t])  # nothing resent
+    seen = len(loop_lines(client))
+    wait_until(lambda: len(loop_lines(client)) >= seen + 10, 15, what="10 more calls")
+    assert all(x["answer"] == "alpha" for x in loop_lines(client)[seen:])
+    write_atomic(folder / "grpc.yaml", text(b.address))
+    wait_until(
+        lambda: any(x["answer"] == "beta" for x in loop_lines(client)[seen:]),
+        15,
+        what="the edit after the restart reaches the client",
+    )
+
+
+def test_ring_hash_on_a_header_keeps_each_key_on_one_backend(
+    procs: ProcessGroup, tmp_path: Path, backends: list[Backend]
+) -> None:
+    """ring_hash with hash: {header: x-account} (gRFC A42): 32 account values, each sent
+    three times, each always to the same backend; both backends get some. With a balanced
+    ring the chance that all 32 land on one of two backends is 2 in 2**32."""
+    a, b = backend(backends, "alpha"), backend(backends, "beta")
+    server = serve(
+        procs,
+        tmp_path / "policy",
+        policy(
+            [{"name": TARGET, "upstream": "ledger", "hash": {"header": "x-account"}}],
+            {"ledger": {"endpoints": [a.address, b.address], "lb": "ring_hash"}},
+        ),
+    )
+    boot = grpc_bootstrap(NODE, server.xds_address)
+    out = run_calls(boot, TARGET, 96, timeout=FIRST_RPC_SECONDS, hash_header="x-account")
+    assert out["errors"] == {}, out
+    assert len(out["by_key"]) == 32
+    assert all(len(v) == 1 for v in out["by_key"].values()), out["by_key"]
+    assert set(out["answers"]) == {"alpha", "beta"}, out["answers"]

@@ -235,6 +235,13 @@ class _Checker:
                 )
             else:
                 self.usage.upstreams.add(use_key(part.origin))
+                if part.value.lb == "ring_hash":
+                    self.error(
+                        at.at("upstream"),
+                        f"upstream {r.upstream!r} balances by ring_hash, which needs a hash "
+                        "policy that Envoy routes here cannot give (it would act as random): "
+                        "ring_hash is for gRPC services (hash:)",
+                    )
 
     def route_certificates(self, at: _At, r: Route) -> None:
         """What a route asks of client certificates, its host must ask for."""

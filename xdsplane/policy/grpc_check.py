@@ -89,6 +89,18 @@ def _route(
             errors.append(ConfigError(at, f"no upstream named {up!r}{where} (upstreams: {known})"))
         else:
             used.add(up)
+    for key, up in targets:
+        part = policy.upstreams.get(up or "")
+        if part is not None and part.value.lb == "ring_hash" and r.hash is None:
+            errors.append(
+                ConfigError(
+                    origin.at(*keys, key)
+                    if key == "upstream"
+                    else origin.key(*keys, key, up or ""),
+                    f"upstream {up!r} balances by ring_hash: give the route (or the service) "
+                    "hash: {header: NAME} or {channel: true}, else every call hashes at random",
+                )
+            )
     for j, h in enumerate(r.headers):
         if h.name.lower().endswith("-bin"):
             errors.append(
@@ -117,12 +129,12 @@ def _upstream(upart: Part[Upstream], secret: Callable[..., None]) -> list[Config
                     f"endpoint {e!r}: gRPC clients take IP addresses over EDS, not host names",
                 )
             )
-    if up.lb != "round_robin":
+    if up.lb not in ("round_robin", "ring_hash"):
         errors.append(
             ConfigError(
                 origin.at("lb"),
                 f"lb {up.lb!r}: gRPC's C-core client (Python, C++) does not implement it and "
-                "would NACK the cluster; use round_robin",
+                "would NACK the cluster; use round_robin or ring_hash",
             )
         )
     if up.health_check is not None:

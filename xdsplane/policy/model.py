@@ -804,9 +804,36 @@ class HealthCheck(Model):
     unhealthy_threshold: int = Field(3, ge=1)
 
 
-# ring_hash and maglev need a hash policy on the routes; until the policy can say what to
-# hash on, they are not offered (they would silently behave like random).
-LbPolicy = Literal["round_robin", "least_request", "random"]
+# ring_hash needs a hash policy on the routes: only gRPC routes can say what to hash on
+# (`hash:`), so an Envoy route to a ring_hash upstream is refused (it would silently behave
+# like random). maglev is not offered.
+LbPolicy = Literal["round_robin", "least_request", "random", "ring_hash"]
+
+
+class OutlierDetection(Model):
+    """Take endpoints that fail often out of the rotation for a while, by failure
+    percentage: the one ejection rule Envoy and gRPC (gRFC A50) both implement. Envoy's
+    consecutive-error and success-rate rules are switched off, so both behave alike."""
+
+    failure_percentage: int = Field(
+        ge=1,
+        le=100,
+        description="eject an endpoint whose share of failed requests in an interval is at "
+        "least this (percent)",
+    )
+    interval: Duration = Field("10s", description="how often endpoints are judged")
+    base_ejection_time: Duration = Field(
+        "30s", description="first ejection's length; it grows with each ejection"
+    )
+    max_ejection_percent: int = Field(
+        10, ge=1, le=100, description="at most this share of the endpoints is ejected at once"
+    )
+    minimum_hosts: int = Field(
+        5, ge=1, description="judge only when at least this many endpoints have enough requests"
+    )
+    request_volume: int = Field(
+        50, ge=1, description="an endpoint needs this many requests in an interval to be judged"
+    )
 
 
 class Upstream(Model):
@@ -817,6 +844,9 @@ class Upstream(Model):
     tls: UpstreamTls | None = None
     limits: UpstreamLimits | None = None
     health_check: HealthCheck | None = None
+    outlier_detection: OutlierDetection | None = Field(
+        None, description="eject endpoints that fail often (Envoy and gRPC)"
+    )
 
 
 # -- JWT providers ---------------------------------------------------------------------------
@@ -1199,6 +1229,24 @@ class GrpcFault(Model):
         return self
 
 
+class GrpcHash(Model):
+    """What a ring_hash upstream hashes on (gRFC A42): a request metadata value, or the
+    channel (every call of one client channel to one endpoint)."""
+
+    header: str | None = Field(
+        None, min_length=1, description="request metadata (header) whose value is hashed"
+    )
+    channel: bool = Field(False, description="hash on the client channel")
+
+    @model_validator(mode="after")
+    def _one(self) -> GrpcHash:
+        if (self.header is None) == (not self.channel):
+            raise ValueError("give header: NAME or channel: true (one of them)")
+        if self.header is not None and self.header.lower().endswith("-bin"):
+            raise ValueError(f"header {self.header!r}: gRPC never hashes binary (-bin) metadata")
+        return self
+
+
 class GrpcRoute(Model):
     """One route of a gRPC service: which calls (service, method, headers) go where."""
 
@@ -1223,6 +1271,9 @@ class GrpcRoute(Model):
     )
     retries: GrpcRetries | None = Field(None, description="default: the service's")
     fault: GrpcFault | None = Field(None, description="inject delays or failures (testing)")
+    hash: GrpcHash | None = Field(
+        None, description="what ring_hash upstreams hash on; default: the service's"
+    )
 
     @model_validator(mode="after")
     def _shape(self) -> GrpcRoute:
@@ -1249,6 +1300,7 @@ class GrpcService(Model):
     timeout: Duration | None = Field(None, description="default timeout of every route")
     retries: GrpcRetries | None = Field(None, description="default retries of every route")
     fault: GrpcFault | None = Field(None, description="fault injection on every call (testing)")
+    hash: GrpcHash | None = Field(None, description="default hash of every route (ring_hash)")
 
     @model_validator(mode="after")
     def _shape(self) -> GrpcService:
@@ -1272,12 +1324,13 @@ class GrpcService(Model):
                     timeout=self.timeout,
                     retries=self.retries,
                     fault=self.fault,
+                    hash=self.hash,
                 )
             ]
         out = []
         for r in self.routes:
             updates: dict[str, Any] = {}
-            for key in ("timeout", "retries", "fault"):
+            for key in ("timeout", "retries", "fault", "hash"):
                 if getattr(r, key) is None and getattr(self, key) is not None:
                     updates[key] = getattr(self, key)
             out.append(r.model_copy(update=updates) if updates else r)

@@ -33,6 +33,14 @@ def user_agent(node: Any) -> str:
     return f"{node.user_agent_name} {version}".strip()[:MAX_USER_AGENT]
 
 
+MAX_FEATURES = 16
+
+
+def client_features(node: Any) -> tuple[str, ...]:
+    """The first MAX_FEATURES of node.client_features, each at most MAX_USER_AGENT long."""
+    return tuple(str(f)[:MAX_USER_AGENT] for f in list(node.client_features)[:MAX_FEATURES])
+
+
 @dataclass(eq=False)
 class StreamInfo:
     id: int
@@ -45,6 +53,7 @@ class StreamInfo:
     # the name as given; shown, never trusted for anything.
     client: str = ""
     user_agent: str = ""
+    client_features: tuple[str, ...] = ()  # node.client_features, bounded; shown only
     connected_at: float = field(default_factory=time.time)
     # The stream's subscriptions, by type: its state machine's own (a live view, read for
     # /status; ads.py hands it over when the stream opens).
@@ -66,6 +75,7 @@ class StreamInfo:
             "group": self.group,
             "client": self.client,
             "user_agent": self.user_agent,
+            "client_features": list(self.client_features),
             "connected_at": self.connected_at,
             "requests": self.requests,
             "throttled": self.throttled,

@@ -45,6 +45,7 @@ from xdsplane.policy.model import (
     Upstream,
     UpstreamTls,
 )
+from xdsplane.policy.translate.clusters import outlier_detection
 from xdsplane.policy.translate.common import (
     ads,
     duration,
@@ -56,6 +57,7 @@ from xdsplane.policy.translate.common import (
 from xdsplane.policy.translate.routes import header_matcher
 
 FAULT_FILTER = "envoy.filters.http.fault"
+CHANNEL_ID = "io.grpc.channel_id"  # the filter state key gRPC hashes a channel by (gRFC A42)
 _ROUTER = "envoy.filters.http.router"
 
 
@@ -111,6 +113,13 @@ def _route(index: int, r: GrpcRoute) -> Any:
         )
     if r.retries is not None:
         action.retry_policy.CopyFrom(retry_policy(r.retries))
+    if r.hash is not None:
+        hp = rc.RouteAction.HashPolicy()
+        if r.hash.header is not None:
+            hp.header.header_name = r.hash.header
+        else:
+            hp.filter_state.key = CHANNEL_ID
+        action.hash_policy.append(hp)
     route = rc.Route(name=r.name or f"route-{index}", match=match, route=action)
     if r.fault is not None:
         route.typed_per_filter_config[FAULT_FILTER].CopyFrom(pack(fault(r.fault)))
@@ -164,6 +173,11 @@ def cluster(name: str, up: Upstream) -> Any:
         eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=ads()),
         lb_policy=cluster_pb2.Cluster.ROUND_ROBIN,
     )
+    if up.lb == "ring_hash":
+        c.lb_policy = cluster_pb2.Cluster.RING_HASH
+        c.ring_hash_lb_config.hash_function = cluster_pb2.Cluster.RingHashLbConfig.XX_HASH
+    if up.outlier_detection is not None:
+        c.outlier_detection.CopyFrom(outlier_detection(up.outlier_detection))
     if up.limits is not None and up.limits.max_requests is not None:
         c.circuit_breakers.thresholds.append(
             circuit_breaker_pb2.CircuitBreakers.Thresholds(
