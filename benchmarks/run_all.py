@@ -20,6 +20,7 @@ BENCHMARKS = {
     "build": "bench_build.py",
     "fanout": "bench_fanout.py",
     "propagation": "bench_propagation.py",
+    "grpc": "bench_grpc.py",
     "policy": "bench_policy.py",
     "rotation": "bench_rotation.py",
     "guard": "bench_guard.py",

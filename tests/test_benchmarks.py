@@ -156,3 +156,16 @@ def test_bench_policytest_quick() -> None:
     (cells,) = rows(out, "50 cases, one Envoy")
     assert cells[1].endswith(" s") and float(cells[1][:-2]) > 0, cells
     assert cells[-1] == "ok" or cells[-1].startswith("MISS x"), cells
+
+
+def test_bench_grpc_quick() -> None:
+    """Real grpcio client channels in worker processes and a real Envoy on one server:
+    every edit reaches every channel and the Envoy."""
+    out = run_quick("bench_grpc.py")
+    cells = [re.split(r"\s{2,}", line.strip()) for line in out.splitlines()]
+    edits = [r for r in cells if len(r) == 6 and r[0].isdigit()]
+    assert len(edits) == 3, out
+    for r in edits:
+        assert r[1] == "20", r
+        assert ms(r[4]) < 30_000 and ms(r[5]) < 30_000, r  # every channel, and Envoy, got it
+    assert "server peak RSS (VmHWM)" in out, out

@@ -183,8 +183,9 @@ def test_metrics_page_and_status_follow_envoy_through_reload_nack_and_disconnect
     out = run_status("--admin-address", f"{HOST}:{admin}")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert lines[0].split()[:3] == ["NODE", "VARIANT", "GROUP"]
+    assert lines[0].split()[:4] == ["NODE", "CLIENT", "VARIANT", "GROUP"]
     (row,) = [line for line in lines if line.startswith("edge-a")]
+    assert row.split()[1] == "envoy"  # the client kind, from node.user_agent_name
     assert variant in row.split() and "NACK" in row
     assert any(line.startswith("NACK edge-a RDS") for line in lines), out.stdout
     assert any(line.startswith("reload: ready") for line in lines), out.stdout

@@ -175,7 +175,13 @@ class Up:
 
 
 def sample_policy(root: Path) -> tuple[Path, dict[int, int]]:
-    ports = {8443: free_port(), 8080: free_port(), 9443: free_port(), 18081: free_port()}
+    ports = {
+        8443: free_port(),
+        8080: free_port(),
+        9443: free_port(),
+        18081: free_port(),
+        50051: free_port(),  # the gRPC billing demo (the authority keeps :50051)
+    }
     policy = root / "snapshots"
     policy.mkdir()
     for f in (REPO / "snapshots").glob("*.yaml"):
@@ -206,6 +212,7 @@ def running_up(tmp_path: Path, procs: ProcessGroup) -> Iterator[Up]:
                 "--xds-address", addr["xds"], "--admin-address", addr["admin"],
                 "--envoy-admin-address", addr["envoy"],
                 "--billing-address", f"127.0.0.1:{ports[9443]}",
+                "--grpc-billing-address", f"127.0.0.1:{ports[50051]}",
                 "--edge-address", f"127.0.0.1:{ports[8443]}",
                 "--guard-address", addr["g"], "--guard-admin-address", addr["ga"],
             ],
@@ -349,10 +356,53 @@ def test_up_serves_the_sample_over_mtls_as_edge_1_and_stops_cleanly(
         assert shlex.split(try_test)[-3:] == ["test", str(up.policy.resolve()), str(cases)]
         assert "xdsplane" in shlex.split(try_test)[0], try_test
 
+        # The printed gRPC client (a Python program that knows only grpcio) reaches the
+        # gRPC billing demo through xds:/// with the bootstrap `bootstrap --grpc` prints.
+        grpc_line = next(
+            line.strip() for line in up.text().splitlines() if "GRPC_XDS_BOOTSTRAP" in line
+        )
+        shell = subprocess.run(
+            ["/bin/sh", "-c", grpc_line],
+            cwd=elsewhere,
+            env={"PATH": "/usr/bin:/bin", "HOME": str(elsewhere)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert shell.returncode == 0, shell
+        assert json.loads(shell.stdout)["service"] == "billing-grpc", shell
+        # A gRPC client that stays connected is listed beside Envoy in `xdsplane status`.
+        env = dict(os.environ, GRPC_XDS_BOOTSTRAP_CONFIG=grpc_bootstrap_of(grpc_line))
+        client = procs.spawn(
+            "grpc-client",
+            [sys.executable, str(REPO / "tests" / "grpc_client_main.py"),
+             "xds:///billing.grpc:50051", "/billing.Billing/Charge", "loop", "60"],
+            env=env,
+        ).start()  # fmt: skip
+        wait_until(
+            lambda: (
+                {s["node"]: s["client"] for s in up.status()["streams"]}
+                == {"edge-1": "envoy", "grpc-1": "grpc"}
+            ),
+            30,
+            what="edge-1 and grpc-1 in /status",
+        )
+        client.stop()
+
         tail = stop_and_check_nothing_left(up, signal.SIGTERM)
         assert "restart" not in tail, tail
         text = up.text()
         assert "PRIVATE KEY" not in text and token not in text
+
+
+def grpc_bootstrap_of(line: str) -> str:
+    """Run the `xdsplane bootstrap --grpc ...` inside the printed command; its JSON."""
+    command = line.split('"$(', 1)[1].split(')"', 1)[0]
+    done = subprocess.run(
+        ["/bin/sh", "-c", command], capture_output=True, text=True, timeout=60, check=True
+    )
+    return done.stdout
 
 
 def _xds_without_client_certificate(up: Up) -> str:

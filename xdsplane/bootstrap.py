@@ -178,3 +178,54 @@ def _duration(seconds: float) -> str:
 
 def to_yaml(data: dict[str, Any]) -> str:
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
+
+
+# -- gRPC (proxyless) ------------------------------------------------------------------------
+
+GRPC_SERVER_TEMPLATE = "grpc/server?xds.resource.listening_address=%s"
+# "xds_v3" only. "ignore_resource_deletion" (gRFC A53) is left out: it is safe only when the
+# control plane alerts on clients asking for resources that do not exist, and a deleted
+# gRPC service should stop being served rather than linger until the client restarts.
+GRPC_SERVER_FEATURES = ("xds_v3",)
+
+
+def grpc_bootstrap(
+    node_id: str,
+    cluster: str = "",
+    xds_addresses: tuple[str, ...] = ("127.0.0.1:18000",),
+    tls: XdsClientTls | None = None,
+    providers: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A gRPC xDS bootstrap (``GRPC_XDS_BOOTSTRAP`` / ``GRPC_XDS_BOOTSTRAP_CONFIG``) as a
+    mapping: every replica in ``xds_servers`` (gRPC uses the first it reaches, gRFC A71),
+    channel creds ``tls`` with the files (gRFC A65) or ``insecure``, the certificate
+    providers the policy's gRPC resources name, and the template xDS-enabled servers use."""
+    if tls is not None and tls.sni:
+        raise ValueError("--sni: gRPC verifies the server by the host of --xds-address")
+    creds: dict[str, Any] = {"type": "insecure"}
+    if tls is not None:
+        creds = {
+            "type": "tls",
+            "config": {
+                "ca_certificate_file": tls.ca,
+                "certificate_file": tls.cert,
+                "private_key_file": tls.key,
+            },
+        }
+    servers = []
+    for addr in xds_addresses:
+        host, port = split_address(addr)
+        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        servers.append(
+            {
+                "server_uri": target,
+                "channel_creds": [creds],
+                "server_features": list(GRPC_SERVER_FEATURES),
+            }
+        )
+    return {
+        "xds_servers": servers,
+        "node": {"id": node_id, "cluster": cluster or node_id},
+        "certificate_providers": dict(providers or {}),
+        "server_listener_resource_name_template": GRPC_SERVER_TEMPLATE,
+    }

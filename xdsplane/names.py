@@ -60,3 +60,14 @@ RATE_LIMIT_KEYS: dict[str, str] = {
 def route_id(listener: str, host: str, route: str) -> str:
     """The value of the ``route`` entry of a global descriptor."""
     return f"{listener}/{host}/{route}"
+
+
+GRPC_SERVER_LISTENER_TEMPLATE = "grpc/server?xds.resource.listening_address=%s"
+"""The bootstrap's ``server_listener_resource_name_template`` for xDS-enabled gRPC servers
+(gRFC A36): a server listening on IP:PORT asks for the Listener of this name, ``%s``
+replaced by IP:PORT."""
+
+
+def grpc_server_listener(address: str) -> str:
+    """The Listener name a gRPC server listening on ``address`` (IP:PORT) asks for."""
+    return GRPC_SERVER_LISTENER_TEMPLATE.replace("%s", address)

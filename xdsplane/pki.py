@@ -59,6 +59,9 @@ SAMPLE: tuple[Spec, ...] = (
     # the control plane's server certificate and the sample node's client certificate.
     Spec("xds-server", "service-ca", dns=("localhost", "127.0.0.1"), usage=("server",)),
     Spec("edge-1", "service-ca", uris=("spiffe://xdsplane/node/edge-1",), usage=("client",)),
+    # The sample gRPC client's certificate for the xDS channel (node grpc-1, see
+    # snapshots/grpc-clients.yaml and `xdsplane bootstrap --grpc`).
+    Spec("grpc-1", "service-ca", uris=("spiffe://xdsplane/node/grpc-1",), usage=("client",)),
     # mTLS between Envoy and the guard (xdsplane guard --tls-cert guard.crt ... --client-san
     # spiffe://xdsplane/guard-client): the guard's server certificate and the client
     # certificate Envoy presents to it (the policy's guard.tls.certificate).

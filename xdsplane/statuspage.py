@@ -81,6 +81,7 @@ def _nodes(status: Mapping[str, Any]) -> str:
             [
                 f"<b>{_e(s.get('node') or '(no request yet)')}</b>",
                 _e(s.get("cluster", "")),
+                _e(s.get("user_agent") or s.get("client", "")),
                 _e(s.get("variant", "")),
                 _e(s.get("group", "")),
                 _e(s.get("peer", "")),
@@ -88,7 +89,7 @@ def _nodes(status: Mapping[str, Any]) -> str:
                 *(_type_cell(types.get(t)) for t in TYPES),
             ]
         )
-    headers = ["node", "cluster", "variant", "group", "peer", "connected", *TYPES]
+    headers = ["node", "cluster", "client", "variant", "group", "peer", "connected", *TYPES]
     return (
         "<p>Acknowledged version per type (first 8 characters of the content hash).</p>\n"
         + _table(headers, rows)
@@ -320,17 +321,22 @@ def status_lines(status: Mapping[str, Any]) -> list[str]:
         status.get("streams", []), key=lambda s: (str(s.get("node")), int(s.get("stream", 0)))
     )
     if streams:
-        rows = [["NODE", "VARIANT", "GROUP", *TYPES]]
+        rows = [["NODE", "CLIENT", "VARIANT", "GROUP", *TYPES]]
         for s in streams:
             types = s.get("types", {})
             node = str(s.get("node") or "(no request yet)")
             rows.append(
-                [node, str(s.get("variant", "")), str(s.get("group", ""))]
+                [
+                    node,
+                    str(s.get("client") or "-"),
+                    str(s.get("variant", "")),
+                    str(s.get("group", "")),
+                ]
                 + [_type_text(types.get(t)) for t in TYPES]
             )
         lines += _columns(rows)
     else:
-        lines.append("no Envoy is connected")
+        lines.append("no Envoy or gRPC client is connected")
     for node, by_type in sorted(status.get("nacks", {}).items()):
         for t, r in by_type.items():
             lines.append(

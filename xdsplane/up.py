@@ -25,7 +25,7 @@ from http.server import ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType
 
-from xdsplane import demo, pki
+from xdsplane import demo, grpcdemo, pki
 from xdsplane.bootstrap import XdsClientTls, bootstrap, split_address, to_yaml
 from xdsplane.supervise import Child, Supervisor, describe_exit
 
@@ -41,6 +41,8 @@ class UpOptions:
     edge_address: str = "127.0.0.1:8443"
     edge_host: str = "billing.example.com"
     billing_address: str = "127.0.0.1:9443"
+    grpc_billing_address: str = "127.0.0.1:50051"
+    grpc_node: str = "grpc-1"
     guard_address: str = "127.0.0.1:18081"
     guard_admin_address: str = "127.0.0.1:19081"
     timeout: float = 60.0
@@ -99,6 +101,14 @@ def run(opts: UpOptions) -> int:
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     billing = _start_billing(opts)
     try:
+        grpc_billing = grpcdemo.start(opts.grpc_billing_address)
+    except OSError as e:
+        billing.shutdown()
+        for signum, handler in old.items():
+            signal.signal(signum, handler)
+        print(f"xdsplane up: the gRPC billing demo: {e}", file=sys.stderr)
+        return 1
+    try:
         _start_all(opts, sup, envoy, node_cert, workdir, lambda: stopping)
         while not stopping:
             sup.poll()
@@ -110,6 +120,7 @@ def run(opts: UpOptions) -> int:
     finally:
         sup.stop()
         billing.shutdown()
+        grpc_billing.stop(None)
         for signum, handler in old.items():
             signal.signal(signum, handler)
         shutil.rmtree(workdir, ignore_errors=True)
@@ -307,6 +318,8 @@ def _banner(opts: UpOptions, serve: Child, envoy: Child, guard: Child, log_path:
         f"  envoy          node {opts.node}, admin http://{opts.envoy_admin_address}/"
         f" (pid {envoy.pid}), log {log_path}\n"
         f"  billing demo   https://{opts.billing_address}/ (mTLS, trusts service-ca)\n"
+        f"  gRPC billing   {opts.grpc_billing_address} (billing.Billing; proxyless clients dial"
+        " xds:///billing.grpc:50051)\n"
         f"  guard          gRPC {opts.guard_address} (mTLS), http://{opts.guard_admin_address}/healthz"
         f" (pid {guard.pid})\n"
         f"  policy         {opts.config.resolve()}/ (edit it: changes are served live)\n"
@@ -318,11 +331,37 @@ def _banner(opts: UpOptions, serve: Child, envoy: Child, guard: Child, log_path:
         f"  {curl} https://{h}:{edge_port}/billing/invoices                # 401: no token\n"
         f"  {curl} https://{h}:{edge_port}/billing/admin/audit             # 403\n"
         f"  {curl} {alice} https://{h}:{edge_port}/billing/admin/audit\n"
-        f"  {curl} {mtls} {alice} https://mtls.{h}:{edge_port}/\n\n"
+        f"  {curl} {mtls} {alice} https://mtls.{h}:{edge_port}/\n"
+        f"  {grpc_client(opts, xdsplane)}\n"
+        "     (a proxyless gRPC client, node grpc-1: `xdsplane status` lists it beside Envoy)\n\n"
         f"{_test_hint(opts, xdsplane)}"
         "A control plane, guard or Envoy that dies is restarted (0.5 s, doubling to 10 s).\n"
         "Ctrl-C stops everything."
     )
+
+
+GRPC_CLIENT = (
+    "import grpc, grpc.experimental; "
+    "c = grpc.xds_channel_credentials(grpc.experimental.insecure_channel_credentials()); "
+    "ch = grpc.secure_channel('xds:///billing.grpc:50051', c); "
+    "print(ch.unary_unary('/billing.Billing/Charge')(b'{}', timeout=10).decode())"
+)
+
+
+def grpc_client(opts: UpOptions, xdsplane: str) -> str:
+    """A shell command: a Python gRPC client that knows nothing of xdsplane, calling the gRPC
+    billing demo through xds:/// with the bootstrap `xdsplane bootstrap --grpc` prints (mTLS
+    on the xDS channel with the grpc-1 certificate)."""
+    certs = opts.certs.resolve()
+    q = shlex.quote
+    boot = (
+        f"{xdsplane} bootstrap --grpc --node {q(opts.grpc_node)} --xds-address "
+        f"{q(opts.xds_address)} --tls-cert {q(str(certs / (opts.grpc_node + '.crt')))} "
+        f"--tls-key {q(str(certs / (opts.grpc_node + '.key')))} "
+        f"--ca {q(str(certs / 'service-ca.crt'))}"
+    )
+    python = q(os.path.abspath(sys.executable))
+    return f'GRPC_XDS_BOOTSTRAP_CONFIG="$({boot})" {python} -c {q(GRPC_CLIENT)}'
 
 
 def _wait(

@@ -12,7 +12,25 @@ from xdsplane.cli.common import Sub
 def add_bootstrap(sub: Sub) -> None:
     p = sub.add_parser(
         "bootstrap",
-        help="print an Envoy bootstrap (YAML) that takes its config from this server over ADS",
+        help="print an Envoy bootstrap (YAML) that takes its config from this server over "
+        "ADS, or with --grpc a gRPC xDS bootstrap (JSON)",
+    )
+    p.add_argument(
+        "--grpc",
+        action="store_true",
+        help="print the bootstrap JSON of a proxyless gRPC client or xDS-enabled server "
+        "(GRPC_XDS_BOOTSTRAP file or GRPC_XDS_BOOTSTRAP_CONFIG value; docs/grpc.md)",
+    )
+    p.add_argument(
+        "--policy",
+        metavar="DIR",
+        help="with --grpc: the policy folder whose certificate providers the node's group "
+        "needs (each secret its gRPC resources name, as a file_watcher instance)",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="with --grpc: allow a plaintext xDS channel to a non-loopback --xds-address",
     )
     p.add_argument("--node", required=True, metavar="ID", help="the Envoy node id")
     p.add_argument(
@@ -60,6 +78,14 @@ def add_bootstrap(sub: Sub) -> None:
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
     from xdsplane.bootstrap import XdsClientTls, bootstrap, to_yaml
+
+    if args.grpc:
+        from xdsplane.cli.grpc_bootstrap import cmd_grpc_bootstrap
+
+        return cmd_grpc_bootstrap(args)
+    if args.policy or args.insecure:
+        print("xdsplane bootstrap: --policy and --insecure go with --grpc", file=sys.stderr)
+        return 2
 
     try:
         tls = XdsClientTls.from_flags(args.tls_cert, args.tls_key, args.ca, args.sni)

@@ -25,6 +25,12 @@ def add_up(sub: Sub) -> None:
     p.add_argument("--envoy-admin-address", default="127.0.0.1:9901", metavar="HOST:PORT")
     p.add_argument("--billing-address", default="127.0.0.1:9443", metavar="HOST:PORT")
     p.add_argument(
+        "--grpc-billing-address",
+        default="127.0.0.1:50051",
+        metavar="HOST:PORT",
+        help="the gRPC billing demo that proxyless clients reach through xds:/// (50051)",
+    )
+    p.add_argument(
         "--edge-address",
         default="127.0.0.1:8443",
         metavar="HOST:PORT",
@@ -49,6 +55,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 admin_address=args.admin_address,
                 envoy_admin_address=args.envoy_admin_address,
                 billing_address=args.billing_address,
+                grpc_billing_address=args.grpc_billing_address,
                 edge_address=args.edge_address,
                 guard_address=args.guard_address,
                 guard_admin_address=args.guard_admin_address,
@@ -65,14 +72,21 @@ def cmd_up(args: argparse.Namespace) -> int:
 def add_demo(sub: Sub) -> None:
     p = sub.add_parser(
         "demo-billing",
-        help="run the demo billing service (echoes what it received as JSON)",
+        help="run the demo billing service (echoes what it received as JSON), over HTTP and gRPC",
         description="The upstream the sample routes to. With --cert/--key it serves TLS; with "
-        "--client-ca too it requires a client certificate from that CA (mTLS).",
+        "--client-ca too it requires a client certificate from that CA (mTLS). With "
+        "--grpc-address it also serves billing.Billing (Charge, Refund, List) over gRPC "
+        "(plaintext), the backend of the sample's proxyless gRPC clients.",
     )
     p.add_argument("--address", default="127.0.0.1:9443", metavar="HOST:PORT")
     p.add_argument("--cert", metavar="FILE", help="server certificate (PEM)")
     p.add_argument("--key", metavar="FILE", help="its private key (PEM)")
     p.add_argument("--client-ca", metavar="FILE", help="require client certificates of this CA")
+    p.add_argument(
+        "--grpc-address",
+        metavar="HOST:PORT",
+        help="also serve the gRPC billing demo here (the sample's is 127.0.0.1:50051)",
+    )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -95,10 +109,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         print(f"xdsplane demo-billing: {e}", file=sys.stderr)
         return 1
+    grpc_server = None
+    if args.grpc_address:
+        from xdsplane import grpcdemo
+
+        try:
+            grpc_server = grpcdemo.start(args.grpc_address)
+        except (OSError, RuntimeError) as e:
+            server.shutdown()
+            print(f"xdsplane demo-billing: --grpc-address: {e}", file=sys.stderr)
+            return 1
+        print(f"demo billing on grpc://{args.grpc_address} (billing.Billing)", flush=True)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     print(f"demo billing on {'https' if tls else 'http'}://{host}:{port}/", flush=True)
     done.wait()
     server.shutdown()
+    if grpc_server is not None:
+        grpc_server.stop(None)
     return 0

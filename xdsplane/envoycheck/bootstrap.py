@@ -16,6 +16,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from xdsplane.config.protos import find_message
+from xdsplane.names import GRPC_SERVER_LISTENER_TEMPLATE
 from xdsplane.snapshot import Snapshot
 from xdsplane.types import ResourceType
 
@@ -141,13 +142,48 @@ class _Rewriter:
         return changed
 
 
+_UPSTREAM_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+
+
+def for_grpc(rtype: ResourceType, message: Any) -> bool:
+    """A resource only proxyless gRPC clients take, which Envoy cannot judge: a Listener that
+    is an ``api_listener`` (Envoy builds those only from its own bootstrap), a Cluster whose
+    TLS names bootstrap certificate provider instances (gRPC's, docs/grpc.md). gRPC judges
+    them itself; its NACKs show in /status."""
+    if rtype is ResourceType.LISTENER:
+        # ... or the Listener an xDS-enabled gRPC server asks for (GRPC_SERVER_LISTENER_TEMPLATE):
+        # Envoy would bind its address and refuse its certificate provider instances.
+        server = GRPC_SERVER_LISTENER_TEMPLATE.split("%s", 1)[0]
+        return bool(message.HasField("api_listener") or message.name.startswith(server))
+    if rtype is ResourceType.CLUSTER and message.HasField("transport_socket"):
+        packed = message.transport_socket.typed_config
+        if packed.type_url != _UPSTREAM_TLS:
+            return False
+        from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
+
+        ctx = tls_pb2.UpstreamTlsContext()
+        packed.Unpack(ctx)
+        common = ctx.common_tls_context
+        return bool(
+            common.HasField("tls_certificate_provider_instance")
+            or common.validation_context.HasField("ca_certificate_provider_instance")
+        )
+    return False
+
+
+def envoy_names(snapshot: Snapshot, rtype: ResourceType) -> tuple[str, ...]:
+    """The listeners or clusters of ``snapshot`` that Envoy can judge (not ``for_grpc``)."""
+    return tuple(n for n, r in snapshot.of(rtype).items() if not for_grpc(rtype, r.message))
+
+
 def bootstrap(snapshot: Snapshot, trial: Trial | None = None) -> Any:
     """A static Envoy Bootstrap message for ``snapshot`` (all of it unless ``trial`` says)."""
     from envoy.config.bootstrap.v3 import bootstrap_pb2
 
     if trial is None:
         trial = Trial(
-            tuple(snapshot.of(ResourceType.LISTENER)), tuple(snapshot.of(ResourceType.CLUSTER))
+            envoy_names(snapshot, ResourceType.LISTENER),
+            envoy_names(snapshot, ResourceType.CLUSTER),
         )
     rw = _Rewriter(snapshot, trial)
     out = bootstrap_pb2.Bootstrap()

@@ -12,7 +12,7 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 
 from xdsplane.config.errors import Location
-from xdsplane.envoycheck.bootstrap import Trial
+from xdsplane.envoycheck.bootstrap import Trial, envoy_names
 from xdsplane.pipeline.refs import references
 from xdsplane.snapshot import Resource, Snapshot
 from xdsplane.types import ResourceType
@@ -118,8 +118,8 @@ def _blame_refs(
 
 def _judge(snapshot: Snapshot) -> Judgement:
     """Yields trials, is sent their outcomes; returns the resource to blame and the message."""
-    listeners = tuple(snapshot.of(ResourceType.LISTENER))
-    clusters = tuple(snapshot.of(ResourceType.CLUSTER))
+    listeners = envoy_names(snapshot, ResourceType.LISTENER)
+    clusters = envoy_names(snapshot, ResourceType.CLUSTER)
     full = yield Trial(listeners, clusters)
     if full.accepted:
         return None, ""

@@ -8,7 +8,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 
-from xdsplane.policy import translate
+from xdsplane.policy import grpc_providers, translate
+from xdsplane.policy.grpc_check import grpc_upstreams
 from xdsplane.policy.merge import GroupPolicy
 from xdsplane.policy.translate import Built, guard, introspection, jwt, ratelimit
 from xdsplane.policy.translate.secrets import paths
@@ -45,7 +46,11 @@ class TranslationCache:
 
     def translate(self, policy: GroupPolicy, files: Mapping[str, bytes]) -> list[Resource]:
         out: list[Resource] = []
+        grpc_ups = grpc_upstreams(policy)
+        sds = grpc_providers.sds_secrets(policy)  # gRPC reads certificate providers, never SDS
         for name, spart in sorted(policy.secrets.items()):
+            if name not in sds:
+                continue
             parts = [spart.value.model_dump_json(), str(spart.origin.folder)]
             parts += [digest(files[p]) for p in paths(spart.value, spart.origin.folder).values()]
             key = ("secret:" + name, "|".join(parts))
@@ -55,11 +60,24 @@ class TranslationCache:
                 lambda n=name, sp=spart: translate.secret_resources(n, sp, files),  # type: ignore[misc]
             )
         for name, upart in sorted(policy.upstreams.items()):
+            if name in grpc_ups:
+                out += self._get(
+                    ("grpc-upstream:" + name, upart.value.model_dump_json()),
+                    upart.origin.source,
+                    lambda n=name, up=upart: translate.grpc_upstream_resources(n, up),  # type: ignore[misc]
+                )
+                continue
             key = ("upstream:" + name, upart.value.model_dump_json())
             out += self._get(
                 key,
                 upart.origin.source,
                 lambda n=name, up=upart: translate.upstream_resources(n, up),  # type: ignore[misc]
+            )
+        for sname, gpart_ in sorted(policy.grpc_services.items()):
+            out += self._get(
+                ("grpc:" + sname, gpart_.value.model_dump_json()),
+                gpart_.origin.source,
+                lambda sp=gpart_: translate.grpc_service_resources(sp),  # type: ignore[misc]
             )
         gpart = policy.guard
         if gpart is not None:
@@ -122,6 +140,12 @@ class TranslationCache:
                 lambda lp=lpart, i=introspected: translate.listener_resources(  # type: ignore[misc]
                     lp, log, providers, guard_spec, i
                 ),
+            )
+        for sname, srv in sorted(policy.grpc_servers.items()):
+            out += self._get(
+                ("grpc_server:" + sname, srv.value.model_dump_json()),
+                srv.origin.source,
+                lambda sp=srv: translate.grpc_server_resources(sp),  # type: ignore[misc]
             )
         return out
 

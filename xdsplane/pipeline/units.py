@@ -44,6 +44,7 @@ def parse_unit(doc: Document) -> tuple[Unit | None, list[ConfigError]]:
         or policy.access_log
         or policy.jwt_providers
         or policy.introspection_providers
+        or policy.grpc_services
     ):
         # Raw resources only: their sources are already strings, so the YAML node tree
         # (millions of objects for a big snapshot) need not stay alive.

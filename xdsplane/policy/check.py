@@ -8,7 +8,8 @@ from typing import Any
 
 from xdsplane.config.errors import ConfigError, Location
 from xdsplane.loopback import is_loopback
-from xdsplane.names import GUARD_CLUSTER, JWKS_CLUSTER_PREFIX, OTLP_CLUSTER
+from xdsplane.names import GUARD_CLUSTER, JWKS_CLUSTER_PREFIX, OTLP_CLUSTER, grpc_server_listener
+from xdsplane.policy.grpc_check import check_grpc
 from xdsplane.policy.merge import GroupPolicy, Origin, Part
 from xdsplane.policy.model import Host, Listener, Route, split_host_port
 
@@ -102,7 +103,9 @@ def check_policy(policy: GroupPolicy, scope: str = "") -> tuple[list[ConfigError
     check.otlp()
     check.jwt_providers()
     check.introspection_providers()
+    check.grpc_services()
     check.upstreams()
+    check.grpc_servers()
     return check.errors, check.usage
 
 
@@ -116,7 +119,9 @@ class _Checker:
         self.errors: list[ConfigError] = []
         self.usage = Usage()
         self.addresses = _Addresses()
-        self.no_lifetime: set[str] = set()  # providers already reported for lacking max_lifetime
+        # providers already reported for lacking max_lifetime
+        self.no_lifetime: set[str] = set()
+        self.grpc_used: set[str] = set()  # upstreams gRPC services use (checked there)
 
     def error(self, location: Location, message: str) -> None:
         self.errors.append(ConfigError(location, message))
@@ -240,6 +245,13 @@ class _Checker:
                 )
             else:
                 self.usage.upstreams.add(use_key(part.origin))
+                if part.value.lb == "ring_hash":
+                    self.error(
+                        at.at("upstream"),
+                        f"upstream {r.upstream!r} balances by ring_hash, which needs a hash "
+                        "policy that Envoy routes here cannot give (it would act as random): "
+                        "ring_hash is for gRPC services (hash:)",
+                    )
 
     def route_certificates(self, at: _At, r: Route) -> None:
         """What a route asks of client certificates, its host must ask for."""
@@ -427,10 +439,62 @@ class _Checker:
         for ppart in self.policy.introspection_providers.values():
             self.secret(ppart.value.ca, "ca", ppart.origin, "ca")
 
+    def grpc_servers(self) -> None:
+        """The secrets of each gRPC server (certificate providers for gRPC: no OCSP staple,
+        no CRL), one server per address, and no Envoy listener in the same node group."""
+        addresses: dict[str, str] = {}
+        for name, part in self.policy.grpc_servers.items():
+            spec, origin = part.value, part.origin
+            if spec.address in addresses:
+                self.error(
+                    origin.at("address"),
+                    f"gRPC server {name!r} has the address of gRPC server "
+                    f"{addresses[spec.address]!r}: both would be the Listener "
+                    f"{grpc_server_listener(spec.address)!r}",
+                )
+            addresses.setdefault(spec.address, name)
+            self.secret(spec.certificate, "certificate", origin, "certificate")
+            self.secret(spec.client_ca, "ca", origin, "client_ca")
+            cert = self.policy.secrets.get(spec.certificate)
+            if cert is not None and cert.value.ocsp_staple is not None:
+                self.error(
+                    origin.at("certificate"),
+                    f"secret {spec.certificate!r} has ocsp_staple: gRPC servers do not staple "
+                    "OCSP responses (use a secret without it)",
+                )
+            ca = self.policy.secrets.get(spec.client_ca or "")
+            if ca is not None and ca.value.crl is not None:
+                self.error(
+                    origin.at("client_ca"),
+                    f"secret {spec.client_ca!r} has a crl: gRPC's file_watcher certificate "
+                    "provider reads no CRL, so a revoked client certificate would pass (use "
+                    "a CA secret without crl)",
+                )
+            if self.policy.listeners:
+                other = next(iter(self.policy.listeners.values())).origin.at()
+                self.error(
+                    origin.key(),
+                    f"gRPC server {name!r} is in a node group with Envoy listeners (first at "
+                    f"{other.path}:{other.line}){self.where}: Envoys would be sent its "
+                    "Listener and bind its address; give the files different nodes:",
+                )
+
+    def grpc_services(self) -> None:
+        if not self.policy.grpc_services:
+            return
+        envoy = {
+            n for n, p in self.policy.upstreams.items() if use_key(p.origin) in self.usage.upstreams
+        }
+        errors, used = check_grpc(self.policy, self.where, envoy, self.secret)
+        self.errors += errors
+        self.grpc_used = used
+        for name in used:
+            self.usage.upstreams.add(use_key(self.policy.upstreams[name].origin))
+
     def upstreams(self) -> None:
-        for upart in self.policy.upstreams.values():
+        for name, upart in self.policy.upstreams.items():
             tls = upart.value.tls
-            if tls is not None:
+            if tls is not None and name not in self.grpc_used:
                 self.secret(tls.ca, "ca", upart.origin, "tls", "ca")
                 self.secret(tls.certificate, "certificate", upart.origin, "tls", "certificate")
 

@@ -11,6 +11,8 @@ from xdsplane.config.errors import ConfigError, Location
 from xdsplane.config.yamlsrc import Document
 from xdsplane.policy.model import (
     AccessLog,
+    GrpcServer,
+    GrpcService,
     Guard,
     IntrospectionProvider,
     JwtProvider,
@@ -68,6 +70,8 @@ class GroupPolicy:
     jwt_providers: dict[str, Part[JwtProvider]] = field(default_factory=dict)
     introspection_providers: dict[str, Part[IntrospectionProvider]] = field(default_factory=dict)
     guard: Part[Guard] | None = None
+    grpc_servers: dict[str, Part[GrpcServer]] = field(default_factory=dict)
+    grpc_services: dict[str, Part[GrpcService]] = field(default_factory=dict)
 
 
 def merge(fragments: list[Fragment]) -> tuple[GroupPolicy, list[ConfigError]]:
@@ -118,6 +122,20 @@ def merge(fragments: list[Fragment]) -> tuple[GroupPolicy, list[ConfigError]]:
                 )
             else:
                 out.listeners[listener.name] = Part(listener, origin)
+        for i, server in enumerate(p.grpc_servers):
+            origin = Origin(f.doc, ("grpc_servers", i))
+            if server.name in out.grpc_servers:
+                earlier = out.grpc_servers[server.name].origin
+                dup("gRPC server", server.name, earlier, origin, origin.at("name"))
+            else:
+                out.grpc_servers[server.name] = Part(server, origin)
+        for i, service in enumerate(p.grpc_services):
+            origin = Origin(f.doc, ("grpc_services", i))
+            if service.name in out.grpc_services:
+                earlier = out.grpc_services[service.name].origin
+                dup("gRPC service", service.name, earlier, origin, origin.at("name"))
+            else:
+                out.grpc_services[service.name] = Part(service, origin)
         if p.access_log is not None:
             origin = Origin(f.doc, ("access_log",))
             if out.access_log is not None:

@@ -26,7 +26,7 @@ from xdsplane.metrics import Metrics
 from xdsplane.server.delta import DeltaStream
 from xdsplane.server.limits import FIRST_REQUEST_TIMEOUT, MAX_NODE_FIELD, Limits, names_held
 from xdsplane.server.observe import Refused, StreamObserver, observers
-from xdsplane.server.registry import Registry
+from xdsplane.server.registry import Registry, client_features, client_kind, user_agent
 from xdsplane.server.sotw import SotwStream
 from xdsplane.server.state import Ack, Nack, Step
 from xdsplane.types import ResourceType
@@ -260,6 +260,9 @@ class _Stream:
             )
         registry.admit(info, node_id)
         info.cluster = cluster
+        info.client = client_kind(str(node.user_agent_name))
+        info.user_agent = user_agent(node)
+        info.client_features = client_features(node)
         group = service.cache.group_for(node_id, self.selector)
         info.group = group.name if group is not None else ""
         self.machine.memory = registry.memory(node_id)

@@ -5,9 +5,40 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from xdsplane.server.state import NodeMemory, Subscription
 from xdsplane.types import PUSH_ORDER, ResourceType
+
+MAX_USER_AGENT = 80
+
+
+def client_kind(user_agent_name: str) -> str:
+    """``envoy`` for Envoy, ``grpc`` for gRPC's own xDS client ("gRPC Python", "gRPC C++",
+    "grpc-go", ...), else the name itself (shortened)."""
+    name = user_agent_name.strip()
+    if name.lower() == "envoy":
+        return "envoy"
+    if "grpc" in name.lower():
+        return "grpc"
+    return name[:MAX_USER_AGENT]
+
+
+def user_agent(node: Any) -> str:
+    """``NAME VERSION`` from a node (Envoy puts its version in user_agent_build_version)."""
+    version = str(node.user_agent_version)
+    if not version and node.HasField("user_agent_build_version"):
+        v = node.user_agent_build_version.version
+        version = f"{v.major_number}.{v.minor_number}.{v.patch}"
+    return f"{node.user_agent_name} {version}".strip()[:MAX_USER_AGENT]
+
+
+MAX_FEATURES = 16
+
+
+def client_features(node: Any) -> tuple[str, ...]:
+    """The first MAX_FEATURES of node.client_features, each at most MAX_USER_AGENT long."""
+    return tuple(str(f)[:MAX_USER_AGENT] for f in list(node.client_features)[:MAX_FEATURES])
 
 
 @dataclass(eq=False)
@@ -18,6 +49,11 @@ class StreamInfo:
     node_id: str = ""
     cluster: str = ""
     group: str = ""
+    # What the client says it is (node.user_agent_name and version): "envoy", "grpc" or
+    # the name as given; shown, never trusted for anything.
+    client: str = ""
+    user_agent: str = ""
+    client_features: tuple[str, ...] = ()  # node.client_features, bounded; shown only
     connected_at: float = field(default_factory=time.time)
     # The stream's subscriptions, by type: its state machine's own (a live view, read for
     # /status; ads.py hands it over when the stream opens).
@@ -37,6 +73,9 @@ class StreamInfo:
             "node": self.node_id,
             "cluster": self.cluster,
             "group": self.group,
+            "client": self.client,
+            "user_agent": self.user_agent,
+            "client_features": list(self.client_features),
             "connected_at": self.connected_at,
             "requests": self.requests,
             "throttled": self.throttled,

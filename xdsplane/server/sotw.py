@@ -116,6 +116,8 @@ class SotwStream(StreamBase):
         if st.wildcard:
             return self._send(rtype, st, available, snapshot.versions[rtype])
         chosen = {n: available[n] for n in sorted(st.names) if n in available}
+        if rtype.wildcard:
+            return self._respond_full_state(rtype, st, chosen)
         if not chosen:
             return []
         if st.claimed:
@@ -134,6 +136,28 @@ class SotwStream(StreamBase):
         # the version is the hash of everything the client then holds of its subscription.
         version = versions_hash((n, r.version) for n, r in chosen.items())
         return self._send(rtype, st, changed, version)
+
+    def _respond_full_state(
+        self, rtype: ResourceType, st: Subscription, chosen: dict[str, Resource]
+    ) -> list[Outgoing]:
+        """LDS or CDS asked for by name (gRPC's client): each response carries every
+        subscribed resource that exists, since a name left out is a deletion there, and a
+        name that does not exist is answered by a response without it (so the client need
+        not wait out its does-not-exist timer). Sent when that set or a version differs
+        from what the client holds; a set this stream NACKed is not sent again."""
+        version = versions_hash((n, r.version) for n, r in chosen.items())
+        if st.claimed:
+            if version == st.claimed:
+                st.held = {n: r.version for n, r in chosen.items()}
+            st.claimed = ""
+        holds = {n: r.version for n, r in chosen.items()}
+        if st.status.responses and st.held == holds and st.sent_version:
+            return []
+        if not st.status.responses and st.sent_version == version:
+            return []  # a reconnect that claimed exactly this
+        if self.parked.parked.get(rtype) == version:
+            return []
+        return self._send(rtype, st, chosen, version)
 
     def _send(
         self,
@@ -166,6 +190,8 @@ class SotwStream(StreamBase):
         st.sent_out(nonce, version, resources)  # shared with the snapshot: no per-stream copy
         if st.wildcard:
             st.sent = resources
+        elif rtype.wildcard:
+            st.held = {n: r.version for n, r in resources.items()}
         else:
             st.held.update((n, r.version) for n, r in resources.items())
         data = _encode(rtype, version, nonce, body)

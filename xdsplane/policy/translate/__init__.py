@@ -17,6 +17,8 @@ back to the policy:
 | guard | Cluster `xdsplane-guard` |
 | `access_log.otlp` | Cluster `xdsplane-otlp` |
 | `introspection: P` on a route | its ExtAuthzPerRoute's context extensions (the guard asks `P`) |
+| gRPC server `G` on `A` (IP:PORT) | Listener `grpc/server?xds.resource.listening_address=A` |
+| gRPC service `NAME` | Listener `NAME` (api_listener), RouteConfiguration `NAME` (see `grpc.py`) |
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from typing import Any
 from xdsplane.policy.merge import GroupPolicy, Origin, Part
 from xdsplane.policy.model import (
     AccessLog,
+    GrpcServer,
+    GrpcService,
     Guard,
     IntrospectionProvider,
     Listener,
@@ -36,6 +40,8 @@ from xdsplane.policy.model import (
 )
 from xdsplane.policy.translate import (
     clusters,
+    grpc,
+    grpc_servers,
     guard,
     jwt,
     listeners,
@@ -64,6 +70,21 @@ def upstream_resources(name: str, part: Part[Upstream]) -> list[Built]:
         cla = clusters.load_assignment(name, part.value)
         out.append(Built(ResourceType.ENDPOINT, cla, part.origin))
     return out
+
+
+def grpc_upstream_resources(name: str, part: Part[Upstream]) -> list[Built]:
+    """An upstream as gRPC clients take it: EDS, TLS from certificate providers."""
+    return [
+        Built(ResourceType.CLUSTER, grpc.cluster(name, part.value), part.origin),
+        Built(ResourceType.ENDPOINT, grpc.load_assignment(name, part.value), part.origin),
+    ]
+
+
+def grpc_service_resources(part: Part[GrpcService]) -> list[Built]:
+    return [
+        Built(ResourceType.LISTENER, grpc.listener(part.value), part.origin),
+        Built(ResourceType.ROUTE, grpc.route_configuration(part.value), part.origin),
+    ]
 
 
 def jwt_providers(policy: GroupPolicy, files: Mapping[str, bytes]) -> dict[str, jwt.Provider]:
@@ -118,3 +139,7 @@ def listener_resources(
     for rc in routes.route_configurations(part.value):
         out.append(Built(ResourceType.ROUTE, rc, part.origin))
     return out
+
+
+def grpc_server_resources(part: Part[GrpcServer]) -> list[Built]:
+    return [Built(ResourceType.LISTENER, grpc_servers.listener(part.value), part.origin)]

@@ -5,14 +5,14 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2
+from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
 from envoy.config.core.v3 import base_pb2, health_check_pb2, protocol_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import string_pb2
 
-from xdsplane.policy.model import Upstream, UpstreamTls, split_host_port
+from xdsplane.policy.model import OutlierDetection, Upstream, UpstreamTls, split_host_port
 from xdsplane.policy.translate.common import (
     ads,
     duration,
@@ -28,6 +28,7 @@ _LB = {
     "round_robin": cluster_pb2.Cluster.ROUND_ROBIN,
     "least_request": cluster_pb2.Cluster.LEAST_REQUEST,
     "random": cluster_pb2.Cluster.RANDOM,
+    "ring_hash": cluster_pb2.Cluster.RING_HASH,
 }
 _HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
@@ -82,7 +83,26 @@ def cluster(name: str, up: Upstream) -> Any:
         )
     if up.tls is not None:
         c.transport_socket.CopyFrom(upstream_tls(up.tls))
+    if up.outlier_detection is not None:
+        c.outlier_detection.CopyFrom(outlier_detection(up.outlier_detection))
     return c
+
+
+def outlier_detection(od: OutlierDetection) -> Any:
+    """Failure-percentage ejection only, the rule Envoy and gRPC share: Envoy's
+    consecutive-5xx and success-rate rules (on by default there) are switched off."""
+    return outlier_detection_pb2.OutlierDetection(
+        interval=duration(od.interval),
+        base_ejection_time=duration(od.base_ejection_time),
+        max_ejection_percent=u32(od.max_ejection_percent),
+        enforcing_consecutive_5xx=u32(0),
+        enforcing_consecutive_gateway_failure=u32(0),
+        enforcing_success_rate=u32(0),
+        failure_percentage_threshold=u32(od.failure_percentage),
+        enforcing_failure_percentage=u32(100),
+        failure_percentage_minimum_hosts=u32(od.minimum_hosts),
+        failure_percentage_request_volume=u32(od.request_volume),
+    )
 
 
 def upstream_tls(t_: UpstreamTls) -> Any:

@@ -39,7 +39,7 @@ def _regex(pattern: str) -> Any:
     return regex_pb2.RegexMatcher(regex=pattern)
 
 
-def _header(h: HeaderMatch) -> Any:
+def header_matcher(h: HeaderMatch) -> Any:
     m = rc.HeaderMatcher(name=h.name, invert_match=h.invert)
     if h.present is not None:
         m.present_match = h.present
@@ -122,7 +122,7 @@ def route(
     ``index``: the route's position in ``host.routes`` (-1: not one of them, no path match
     is set)."""
     match = path_match(host, index) if index >= 0 else rc.RouteMatch()
-    match.headers.extend(_header(h) for h in r.headers)
+    match.headers.extend(header_matcher(h) for h in r.headers)
     if r.methods:
         methods = "|".join(sorted(set(r.methods)))
         match.headers.append(
