@@ -1,7 +1,8 @@
 """Reading a folder (the first step): YAML files -> Units, then ``build`` -> a SnapshotSet.
 
 Files are cached by content: a file whose bytes did not change is not parsed or
-serialized again, so a one-file edit rebuilds only that file's resources.
+serialized again, so a one-file edit rebuilds only that file's resources; inside a raw
+snapshot file, only the entries that changed (``chunks.py``).
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from xdsplane.config.errors import ConfigError, ConfigErrors, Location
 from xdsplane.config.stableread import FileBusy, read_stable
 from xdsplane.config.yamlsrc import YamlError, parse
 from xdsplane.pipeline.build import build
+from xdsplane.pipeline.chunks import Layout
 from xdsplane.pipeline.refs import Ref, references
 from xdsplane.pipeline.translations import TranslationCache
 from xdsplane.pipeline.units import Unit, parse_unit
-from xdsplane.snapshot import Resource, SnapshotSet, digest
+from xdsplane.snapshot import Resource, SnapshotSet
 from xdsplane.types import ResourceType
 
 SUFFIXES = (".yaml", ".yml")
@@ -77,7 +79,10 @@ class FolderLoader:
     """Loads one folder again and again, reusing what did not change."""
 
     root: Path
-    _parsed: dict[str, tuple[str, list[Unit], tuple[int, ...]]] = field(default_factory=dict)
+    # path -> (bytes, units, stat stamp, layout of a raw file re-parsed by entry)
+    _parsed: dict[str, tuple[bytes, list[Unit], tuple[int, ...], Layout | None]] = field(
+        default_factory=dict
+    )
     _refs: dict[tuple[ResourceType, str, str], tuple[Ref, ...]] = field(default_factory=dict)
     secret_files: set[str] = field(default_factory=set)
     _translations: TranslationCache = field(default_factory=TranslationCache)
@@ -114,13 +119,12 @@ class FolderLoader:
         except OSError as e:
             errors.append(ConfigError(Location(shown), f"cannot read: {e.strerror or e}"))
             return []
-        key = digest(data)
         try:
             stamp = _stamp(os.stat(path))
         except OSError:
             stamp = ()
-        if cached is not None and cached[0] == key:
-            self._parsed[shown] = (key, cached[1], stamp)
+        if cached is not None and cached[0] == data:
+            self._parsed[shown] = (data, cached[1], stamp, cached[3])
             return cached[1]
         try:
             text = data.decode("utf-8")
@@ -134,8 +138,16 @@ class FolderLoader:
                     break
             errors.append(ConfigError(Location(shown, line, column), message))
             return []
+        if cached is not None and cached[3] is not None:
+            layout = cached[3].update(text, shown)
+            if layout is not None:
+                unit = cached[1][0]
+                units = [Unit(unit.doc, unit.nodes, unit.policy, layout.resources)]
+                self._parsed[shown] = (data, units, stamp, layout)
+                return units
+        sizes: list[dict[int, int]] = []
         try:
-            docs = parse(text, shown)
+            docs = parse(text, shown, sizes=sizes)
         except YamlError as e:
             errors.append(e.error)
             return []
@@ -149,7 +161,11 @@ class FolderLoader:
         if file_errors:
             errors.extend(file_errors)
             return []
-        self._parsed[shown] = (key, contents, stamp)
+        layout = None
+        one = contents[0] if len(docs) == 1 and len(contents) == 1 else None
+        if one is not None and one.doc.node is None and not one.warnings:
+            layout = Layout.of(text, docs[0], sizes[0], one.resources)
+        self._parsed[shown] = (data, contents, stamp, layout)
         return contents
 
     def _read_secret(self, path: str) -> bytes:
