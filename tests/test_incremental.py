@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -202,3 +203,65 @@ def test_versions_do_not_depend_on_the_history(tmp_path: Path) -> None:
         replica.load()
     late = FolderLoader(tmp_path).load()
     assert outcome(replica.load()) == outcome(late)
+
+
+def _walk_reference(root: Path) -> list[Path]:
+    """The listing as it was (os.walk, Path order), to compare the cached one with."""
+    found: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        visible = [d for d in dirnames if not d.startswith(".")]
+        found.extend(Path(dirpath) / d for d in visible if d.endswith((".yaml", ".yml")))
+        dirnames[:] = sorted(d for d in visible if not d.endswith((".yaml", ".yml")))
+        found += [
+            Path(dirpath) / n
+            for n in filenames
+            if not n.startswith(".") and n.endswith((".yaml", ".yml"))
+        ]
+    return sorted(found)
+
+
+def test_the_listing_is_reused_only_where_no_folder_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files added, removed or renamed in a settled folder tree are seen on the next load;
+    the order is the one a full walk gives (Path order: "a/b" before "a-b")."""
+    import xdsplane.pipeline.listing as listing
+
+    for name in ("a/b.yaml", "a-b.yaml", "a/c/d.yml", "z.yaml", ".hidden.yaml", "a/.x/e.yaml"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("")
+    (tmp_path / "loop").symlink_to(tmp_path)
+    (tmp_path / "dir.yaml").mkdir()
+    lister = listing.Listing(tmp_path)
+    assert lister.files() == _walk_reference(tmp_path)
+    monkeypatch.setattr(listing, "SETTLED_SECONDS", -1.0)  # every folder counts as settled
+    scans: list[str] = []
+    real = listing._scan
+    monkeypatch.setattr(listing, "_scan", lambda f: (scans.append(f), real(f))[1])
+    assert lister.files() == _walk_reference(tmp_path)
+    assert scans == []  # nothing changed: no folder listed again
+    os.replace(tmp_path / "a/c/d.yml", tmp_path / "a/c/f.yaml")
+    (tmp_path / "a/new.yaml").write_text("")
+    (tmp_path / "z.yaml").unlink()
+    assert lister.files() == _walk_reference(tmp_path)
+    assert sorted(Path(s).name for s in scans) == ["a", "c", tmp_path.name]
+
+
+def test_the_versions_formula_is_unchanged() -> None:
+    """Replicas of different builds agree: a type's version is blake2b-64 over the sorted
+    "name\\0version\\n" lines, whatever computes it."""
+    import hashlib
+
+    from xdsplane.snapshot import versions_hash
+
+    items = [("b", "2"), ("a", "1"), ("é", "3")]
+    h = hashlib.blake2b(digest_size=8)
+    for name, version in sorted(items):
+        h.update(name.encode() + b"\0" + version.encode() + b"\n")
+    assert versions_hash(items) == h.hexdigest()

@@ -19,16 +19,15 @@ from xdsplane.config.stableread import FileBusy, read_stable
 from xdsplane.config.yamlsrc import YamlError, parse
 from xdsplane.pipeline.build import build
 from xdsplane.pipeline.chunks import Layout
+from xdsplane.pipeline.incremental import GroupState
+from xdsplane.pipeline.listing import SETTLED_SECONDS, Listing
+from xdsplane.pipeline.listing import stamp as _stamp
 from xdsplane.pipeline.refs import Ref, references
 from xdsplane.pipeline.translations import TranslationCache
 from xdsplane.pipeline.units import Unit, parse_unit
 from xdsplane.snapshot import Resource, SnapshotSet
 from xdsplane.types import ResourceType
 
-SUFFIXES = (".yaml", ".yml")
-
-
-SETTLED_SECONDS = 2.0
 # Longest first: a UTF-32 little-endian mark starts with the UTF-16 one.
 _BOMS = (
     (codecs.BOM_UTF32_LE, "UTF-32"),
@@ -36,42 +35,6 @@ _BOMS = (
     (codecs.BOM_UTF16_LE, "UTF-16"),
     (codecs.BOM_UTF16_BE, "UTF-16"),
 )
-
-
-def _stamp(st: os.stat_result) -> tuple[int, ...]:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-def list_files(root: Path) -> list[Path]:
-    """The YAML files under ``root``, sorted; hidden files and folders are skipped.
-
-    Hidden entries cover editors' swap files and Kubernetes' ``..data`` folders (whose
-    files are reached through the visible symlinks beside them). A folder named like a
-    policy file is listed, not entered: a policy file replaced by a directory is reported
-    by its name rather than silently missing.
-    """
-    found: list[Path] = []
-    seen: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        # A folder reached again through a symlink (a loop such as ``sub -> .``) is listed
-        # once: otherwise the walk runs until paths get too long, exponentially with two.
-        try:
-            st = os.stat(dirpath)
-        except OSError:
-            dirnames[:] = []
-            continue
-        if (st.st_dev, st.st_ino) in seen:
-            dirnames[:] = []
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        visible = [d for d in dirnames if not d.startswith(".")]
-        found.extend(Path(dirpath) / d for d in visible if d.endswith(SUFFIXES))
-        dirnames[:] = sorted(d for d in visible if not d.endswith(SUFFIXES))
-        for name in filenames:
-            if name.startswith(".") or not name.endswith(SUFFIXES):
-                continue
-            found.append(Path(dirpath) / name)
-    return sorted(found)
 
 
 @dataclass
@@ -87,6 +50,8 @@ class FolderLoader:
     secret_files: set[str] = field(default_factory=set)
     _translations: TranslationCache = field(default_factory=TranslationCache)
     _last: SnapshotSet | None = None
+    _states: dict[str, GroupState] = field(default_factory=dict)
+    _listing: Listing | None = None
     _reading: set[str] = field(default_factory=set)
 
     def _display(self, path: Path) -> str:
@@ -168,6 +133,11 @@ class FolderLoader:
         self._parsed[shown] = (data, contents, stamp, layout)
         return contents
 
+    def _files(self) -> list[Path]:
+        if self._listing is None or self._listing.root != self.root:
+            self._listing = Listing(self.root)
+        return self._listing.files()
+
     def _read_secret(self, path: str) -> bytes:
         self._reading.add(path)
         return read_stable(path, limit=4 * 1024 * 1024)
@@ -203,7 +173,7 @@ class FolderLoader:
         errors: list[ConfigError] = []
         if not self.root.is_dir():
             raise ConfigErrors([ConfigError(Location(str(self.root)), "is not a folder")])
-        files = list_files(self.root)
+        files = self._files()
         if not files:
             raise ConfigErrors(
                 [ConfigError(Location(str(self.root)), "holds no .yaml or .yml files")]
@@ -223,7 +193,12 @@ class FolderLoader:
         self._reading = set()
         try:
             snapshots = build(
-                contents, self._read_secret, self._refs_of, self._translations, self._last
+                contents,
+                self._read_secret,
+                self._refs_of,
+                self._translations,
+                self._last,
+                self._states,
             )
             self._last = snapshots
         finally:
