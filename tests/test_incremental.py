@@ -265,3 +265,33 @@ def test_the_versions_formula_is_unchanged() -> None:
     for name, version in sorted(items):
         h.update(name.encode() + b"\0" + version.encode() + b"\n")
     assert versions_hash(items) == h.hexdigest()
+
+
+def test_response_entries_are_what_protobuf_encodes(tmp_path: Path) -> None:
+    """``snapshot.from_payload`` encodes the SotW and delta entries by hand: byte for byte
+    what protobuf gives, for names and payloads short and long (varint lengths)."""
+    from envoy.config.cluster.v3 import cluster_pb2
+    from envoy.service.discovery.v3 import discovery_pb2
+    from google.protobuf import any_pb2
+
+    from xdsplane.snapshot import make_resource
+    from xdsplane.types import ResourceType
+
+    for name in ("", "a", "x" * 127, "y" * 128, "z" * 20000):
+        for size in (0, 1, 200, 70000):
+            msg = cluster_pb2.Cluster(name=name, alt_stat_name="s" * size)
+            r = make_resource(ResourceType.CLUSTER, msg)
+            payload = msg.SerializeToString(deterministic=True)
+            packed = any_pb2.Any(type_url=ResourceType.CLUSTER.value, value=payload)
+            assert (
+                r.sotw_entry
+                == discovery_pb2.DiscoveryResponse(resources=[packed]).SerializeToString()
+            )
+            assert (
+                r.delta_entry
+                == discovery_pb2.DeltaDiscoveryResponse(
+                    resources=[
+                        discovery_pb2.Resource(name=name, version=r.version, resource=packed)
+                    ]
+                ).SerializeToString()
+            )

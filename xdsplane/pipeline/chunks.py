@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
+from typing import Any
 
 import yaml
 
@@ -85,6 +86,43 @@ class Layout:
             others,
             where,
         )
+
+    def to_json(self) -> dict[str, Any]:
+        """What ``from_json`` needs besides the text and the resources (``diskcache.py``)."""
+        return {
+            "indent": self.indent,
+            "starts": self.starts,
+            "lines": self.lines,
+            "columns": self.columns,
+            "sizes": self.sizes,
+            "others": self.others,
+            "where": self.where,
+        }
+
+    @classmethod
+    def from_json(
+        cls, text: str, data: dict[str, Any], resources: tuple[Resource, ...]
+    ) -> Layout | None:
+        try:
+            out = cls(
+                text,
+                int(data["indent"]),
+                tuple(int(x) for x in data["starts"]),
+                tuple(int(x) for x in data["lines"]),
+                tuple(int(x) for x in data["columns"]),
+                tuple(int(x) for x in data["sizes"]),
+                resources,
+                int(data["others"]),
+                str(data["where"]),
+            )
+        except (KeyError, TypeError, ValueError):
+            return None
+        n = len(resources)
+        if not (len(out.starts) == len(out.lines) == len(out.columns) == len(out.sizes) == n):
+            return None
+        if any(text[s : s + out.indent + 1] != " " * out.indent + "-" for s in out.starts):
+            return None
+        return out
 
     def update(self, text: str, path: str) -> Layout | None:
         """The layout of ``text`` (this file edited), parsing only the entries that changed;

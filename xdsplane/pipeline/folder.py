@@ -19,10 +19,12 @@ from xdsplane.config.stableread import FileBusy, read_stable
 from xdsplane.config.yamlsrc import YamlError, parse
 from xdsplane.pipeline.build import build
 from xdsplane.pipeline.chunks import Layout
+from xdsplane.pipeline.diskcache import DiskCache, Persisted
+from xdsplane.pipeline.groups import has_parts
 from xdsplane.pipeline.incremental import GroupState
 from xdsplane.pipeline.listing import SETTLED_SECONDS, Listing
 from xdsplane.pipeline.listing import stamp as _stamp
-from xdsplane.pipeline.refs import Ref, references
+from xdsplane.pipeline.refs import Ref, scan
 from xdsplane.pipeline.translations import TranslationCache
 from xdsplane.pipeline.units import Unit, parse_unit
 from xdsplane.snapshot import Resource, SnapshotSet
@@ -42,17 +44,27 @@ class FolderLoader:
     """Loads one folder again and again, reusing what did not change."""
 
     root: Path
+    # A folder for built raw resources across restarts (serve --cache-dir; diskcache.py).
+    cache_dir: Path | None = None
     # path -> (bytes, units, stat stamp, layout of a raw file re-parsed by entry)
     _parsed: dict[str, tuple[bytes, list[Unit], tuple[int, ...], Layout | None]] = field(
         default_factory=dict
     )
-    _refs: dict[tuple[ResourceType, str, str], tuple[Ref, ...]] = field(default_factory=dict)
+    # (type, name, version) -> (its references, whether it may hold key material)
+    _refs: dict[tuple[ResourceType, str, str], tuple[tuple[Ref, ...], bool]] = field(
+        default_factory=dict
+    )
     secret_files: set[str] = field(default_factory=set)
     _translations: TranslationCache = field(default_factory=TranslationCache)
     _last: SnapshotSet | None = None
     _states: dict[str, GroupState] = field(default_factory=dict)
     _listing: Listing | None = None
     _reading: set[str] = field(default_factory=set)
+    _disk: Persisted | None = None
+
+    def __post_init__(self) -> None:
+        if self.cache_dir is not None:  # CacheDirError: a folder that cannot be trusted
+            self._disk = Persisted(DiskCache(self.cache_dir, self.root))
 
     def _display(self, path: Path) -> str:
         return str(path)
@@ -110,6 +122,13 @@ class FolderLoader:
                 units = [Unit(unit.doc, unit.nodes, unit.policy, layout.resources)]
                 self._parsed[shown] = (data, units, stamp, layout)
                 return units
+        key = None
+        if self._disk is not None:
+            found = self._disk.read(shown, data, text, self._refs)
+            if not isinstance(found, str):
+                self._parsed[shown] = (data, [found[0]], stamp, found[1])
+                return [found[0]]
+            key = found
         sizes: list[dict[int, int]] = []
         try:
             docs = parse(text, shown, sizes=sizes)
@@ -130,6 +149,8 @@ class FolderLoader:
         one = contents[0] if len(docs) == 1 and len(contents) == 1 else None
         if one is not None and one.doc.node is None and not one.warnings:
             layout = Layout.of(text, docs[0], sizes[0], one.resources)
+            if key is not None and self._disk is not None and not has_parts(one):
+                self._disk.parsed(shown, key, one, layout)
         self._parsed[shown] = (data, contents, stamp, layout)
         return contents
 
@@ -146,13 +167,16 @@ class FolderLoader:
         """Files the last load read from outside the folder (secrets): to watch too."""
         return set(self.secret_files)
 
-    def _refs_of(self, resource: Resource) -> tuple[Ref, ...]:
+    def _scan(self, resource: Resource) -> tuple[tuple[Ref, ...], bool]:
         key = (resource.type, resource.name, resource.version)
-        refs = self._refs.get(key)
-        if refs is None:
-            refs = references(resource)
-            self._refs[key] = refs
-        return refs
+        found = self._refs.get(key)
+        if found is None:
+            found = scan(resource)
+            self._refs[key] = found
+        return found
+
+    def _refs_of(self, resource: Resource) -> tuple[Ref, ...]:
+        return self._scan(resource)[0]
 
     def load(self) -> SnapshotSet:
         """Load the folder; raises ConfigErrors (all of them) or FileBusy (try again).
@@ -203,6 +227,8 @@ class FolderLoader:
             self._last = snapshots
         finally:
             self.secret_files = self._reading
+        if self._disk is not None:
+            self._disk.save(self._scan, set(self._parsed))
         if len(self._refs) > 100_000:
             self._refs.clear()
         return snapshots
