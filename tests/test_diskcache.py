@@ -14,6 +14,7 @@ import stat
 from pathlib import Path
 
 import pytest
+from harness import ProcessGroup, XdsServer
 from test_incremental import ROUTES, base_entries, cluster, load, outcome, text_of, write
 
 import xdsplane.pipeline.diskcache as diskcache
@@ -180,3 +181,60 @@ def test_a_new_cache_folder_and_its_entries_are_private(folder: Path, tmp_path: 
     for p in entries(cache):
         assert stat.S_IMODE(p.stat().st_mode) == 0o600
         assert stat.S_IMODE(p.parent.stat().st_mode) == 0o700
+
+
+async def _cds(address: str) -> tuple[str, list[bytes]]:
+    """The CDS a real grpcio SotW client gets: (version, the serialized clusters)."""
+    import grpc
+    from ads_client import Stream
+    from envoy.config.core.v3 import base_pb2
+    from envoy.service.discovery.v3 import discovery_pb2
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        stream = Stream.open(channel, "sotw")
+        await stream.write(
+            discovery_pb2.DiscoveryRequest(
+                node=base_pb2.Node(id="edge", cluster="edge"),
+                type_url="type.googleapis.com/envoy.config.cluster.v3.Cluster",
+            )
+        )
+        response = await stream.read(timeout=30)
+        stream.cancel()
+        return response.version_info, sorted(a.value for a in response.resources)
+
+
+def test_serve_with_a_cache_dir_serves_the_same_after_a_restart(
+    procs: ProcessGroup, folder: Path, tmp_path: Path
+) -> None:
+    """`xdsplane serve --cache-dir`: the first run writes entries (0600), a restart serves
+    the very same clusters and version to a real gRPC client as a run without the cache."""
+    import asyncio
+
+    (folder / "secrets.yaml").unlink()  # its Secret would be unused by what is served
+    (folder / "inline.yaml").unlink()
+    cache = tmp_path / "cache"
+    plain = XdsServer(procs, folder, name="plain").start(timeout=60)
+    expected = asyncio.run(_cds(plain.xds_address))
+    assert expected[1], "no clusters served"
+    for run in ("first", "second"):
+        server = XdsServer(procs, folder, name=run, extra_args=["--cache-dir", str(cache)])
+        server.start(timeout=60)
+        assert asyncio.run(_cds(server.xds_address)) == expected
+        server.proc.stop()
+        assert len(entries(cache)) == 2
+        assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in entries(cache))
+
+
+def test_serve_refuses_a_cache_dir_others_may_write_to(
+    procs: ProcessGroup, folder: Path, tmp_path: Path
+) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    server = XdsServer(procs, folder, extra_args=["--cache-dir", str(shared)])
+    server.launch()
+    code = server.proc.wait(timeout=60)
+    assert code == 2, code
+    log = server.proc.tail()
+    assert f"not starting: --cache-dir {shared}: writable by others" in log, log
+    assert not list(shared.iterdir())  # nothing written to it
