@@ -76,6 +76,8 @@ EDITS = st.one_of(
     st.tuples(st.just("bad"), st.integers(0, 1000), st.sampled_from(["field", "yaml", "indent"])),
     st.tuples(st.just("header"), st.sampled_from(["", "nodes: [a]\n", "# top\n"])),
     st.tuples(st.just("endpoints"), st.integers(0, 1000), st.integers(1, 65535)),
+    st.tuples(st.just("alias"), st.integers(0, 1000), st.booleans()),
+    st.tuples(st.just("star"), st.integers(0, 1000), st.integers(0, 9)),
 )
 
 
@@ -106,6 +108,14 @@ def apply(entries: list[str], header: str, edit: tuple) -> tuple[list[str], str]
         out[at] = broken[edit[2]]
     elif kind == "header":
         header = edit[1]
+    elif kind == "alias" and out:
+        # an anchor in one entry (maybe), an alias to it in a new one
+        if edit[2]:
+            out[at] = out[at].replace("connect_timeout: 1s", "connect_timeout: &t 1s", 1)
+        out.append(cluster("aliased", 1).replace("connect_timeout: 1s", "connect_timeout: *t"))
+    elif kind == "star":
+        route = ROUTES.split("\n", 1)[1].replace('["x"]', '["*"]').replace("name: r\n", "name: s")
+        out.insert(at, route.replace("name: s", f"name: s{edit[2]}\n", 1))
     elif kind == "endpoints" and out:
         out.insert(at, endpoints(f"c{edit[1] % 12:02d}", edit[2]))
     return out, header

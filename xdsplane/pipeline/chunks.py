@@ -10,9 +10,10 @@ reused as they are; entries after it are reused with their line moved, without p
 Only what is certain to read the same alone as in the file is done here; anything else
 returns None and the caller parses the whole file (``folder.py``), which also gives the
 errors: the changed part must parse alone as a block list at the entries' indentation, with
-no anchors or aliases (``&``, ``*``) anywhere in the file, no line break YAML knows but
-``\\n`` (``\\r``, NEL, LS, PS), the header (``nodes``) unchanged, every entry giving one
-resource with no error, and the file's value count within ``yamlsrc.MAX_VALUES``.
+nothing that may be an anchor or an alias (``&``, ``*`` starting a token) in the file, no
+line break YAML knows but ``\\n`` (``\\r``, NEL, LS, PS), the header (``nodes``)
+unchanged, every entry giving one resource with no error, and the file's value count within
+``yamlsrc.MAX_VALUES``.
 """
 
 from __future__ import annotations
@@ -29,12 +30,26 @@ from xdsplane.pipeline.raw import parse_resources
 from xdsplane.policy import tlsrules
 from xdsplane.snapshot import Resource
 
-_UNSAFE = ("&", "*", "\r", "\x85", "\u2028", "\u2029")
+_BREAKS = ("\r", "\x85", "\u2028", "\u2029")
 _BLOCK = 4096
 
 
 def _safe(text: str) -> bool:
-    return not any(c in text for c in _UNSAFE)
+    """No line break but "\\n", and nothing that may be an anchor or an alias: "&" or "*"
+    starting a token (after a space, a line start, "[", "{" or ","). A "*" inside a quoted
+    string ("*.example.com") is fine; one after a space inside a string is taken for an
+    alias all the same (the file is then parsed whole: slower, never wrong)."""
+    if any(c in text for c in _BREAKS):
+        return False
+    for mark in ("&", "*"):
+        i = text.find(mark)
+        while i >= 0:
+            before = text[i - 1] if i else "\n"
+            after = text[i + 1 : i + 2]
+            if before in " \t\n[{," and after not in ("", " ", "\t", "\n", ",", "]", "}"):
+                return False
+            i = text.find(mark, i + 1)
+    return True
 
 
 @dataclass(frozen=True, slots=True)
