@@ -84,6 +84,8 @@ def _ld(tag: bytes, data: bytes) -> bytes:
     n = len(data)
     if n < 0x80:
         return tag + _SHORT_LENGTHS[n] + data
+    if n < 0x4000:
+        return tag + bytes(((n & 0x7F) | 0x80, n >> 7)) + data
     out = bytearray(tag)
     while n >= 0x80:
         out.append((n & 0x7F) | 0x80)

@@ -149,16 +149,22 @@ class DiskCache:
         refs: list[tuple[tuple[ResourceType, str, str], ...]],
         layout: dict[str, Any] | None,
     ) -> None:
+        types = [t.value for t in ResourceType]
+        index = {t: i for i, t in enumerate(ResourceType)}
+        whats: dict[str, int] = {}
+        rows = []
+        for r, rs in zip(resources, refs, strict=True):
+            found = [[index[t], n, whats.setdefault(w, len(whats))] for t, n, w in rs]
+            rows.append([index[r.type], r.name, r.source, r.size, found])
         meta = {
             "key": key,
             "tag": version_tag(),
             "path": shown,
             "nodes": nodes,
             "layout": layout,
-            "resources": [
-                [r.type.value, r.name, r.source, r.size, [[t.value, n, w] for t, n, w in rs]]
-                for r, rs in zip(resources, refs, strict=True)
-            ],
+            "types": types,
+            "whats": list(whats),
+            "resources": rows,
         }
         text = json.dumps(meta, separators=(",", ":")).encode()
         payloads = b"".join(_payload(r) for r in resources)
@@ -208,10 +214,12 @@ def _decode(blob: bytes, key: str, shown: str) -> Entry | None:
     if meta.get("key") != key or meta.get("tag") != version_tag() or meta.get("path") != shown:
         return None
     at = 4 + size
+    types = [ResourceType.from_url(u) for u in meta["types"]]
+    whats = [str(w) for w in meta["whats"]]
     resources = []
     refs = []
-    for url, name, source, length, rs in meta["resources"]:
-        rtype = ResourceType.from_url(url)
+    for ti, name, source, length, rs in meta["resources"]:
+        rtype = types[ti]
         if rtype is None:
             return None
         payload = bytes(body[at : at + length])
@@ -222,10 +230,10 @@ def _decode(blob: bytes, key: str, shown: str) -> Entry | None:
         resources.append(from_payload(rtype, name, payload, message, source))
         found = []
         for t, n, w in rs:
-            ref_type = ResourceType.from_url(t)
+            ref_type = types[t]
             if ref_type is None:
                 return None
-            found.append((ref_type, n, w))
+            found.append((ref_type, n, whats[w]))
         refs.append(tuple(found))
     if at != len(body):
         return None
