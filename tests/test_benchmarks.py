@@ -169,3 +169,34 @@ def test_bench_grpc_quick() -> None:
         assert r[1] == "20", r
         assert ms(r[4]) < 30_000 and ms(r[5]) < 30_000, r  # every channel, and Envoy, got it
     assert "server peak RSS (VmHWM)" in out, out
+
+
+def test_bench_build_quick() -> None:
+    """The build benchmark's cases run and load what they edit (a big-file edit is checked
+    against a cold load by the script itself); the figures are not judged."""
+    out = run_quick("bench_build.py", timeout=300)
+    for label in (
+        "(a) cold load",
+        "(b) one-route edit",
+        "(c) one-cluster edit inside",
+        "(d) start",
+    ):
+        found = rows(out, label)
+        assert len(found) == 1, (label, out)
+        cells = found[0]
+        assert 0 < ms(cells[2]) <= ms(cells[1]) <= ms(cells[3]), cells  # min <= p50 <= max
+        assert cells[-1] == "ok" or cells[-1].startswith("MISS x"), cells
+    assert "entries: " in out and " read, " in out, out
+    assert re.search(r"peak RSS \(VmHWM\): \d+ MB", out), out
+
+
+@pytest.mark.envoy
+def test_bench_propagation_quick() -> None:
+    """File saved -> a real Envoy answers with it, for a small file and for an edit inside
+    a file of 1,000 clusters: every edit seen (the script fails on a timeout)."""
+    out = run_quick("bench_propagation.py", timeout=300)
+    table = rows(out, "sotw")
+    assert [r[2] for r in table if len(r) == 13] == ["route only", "1000 clusters + route"], out
+    for cells in (r for r in table if len(r) == 13):
+        assert int(cells[3]) == 10, cells
+        assert 0 < ms(cells[4]) <= ms(cells[5]) <= ms(cells[8]), cells

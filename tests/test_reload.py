@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -283,16 +284,18 @@ async def test_unchanged_files_are_not_parsed_again(folder: Path, cache: Snapsho
 async def test_parse_is_skipped_for_unchanged_files(
     folder: Path, cache: SnapshotCache, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import xdsplane.pipeline.chunks as chunks_mod
     import xdsplane.pipeline.folder as loader_mod
 
     parsed: list[str] = []
     real = loader_mod.parse
 
-    def counting(text: str, path: str) -> object:
+    def counting(text: str, path: str, **options: Any) -> object:
         parsed.append(Path(path).name)
-        return real(text, path)
+        return real(text, path, **options)
 
     monkeypatch.setattr(loader_mod, "parse", counting)
+    monkeypatch.setattr(chunks_mod, "parse", counting)  # a raw file's changed entries
     r = Reloader(folder, cache)
     assert await r.reload("start") is True
     assert sorted(parsed) == ["clusters.yaml", "listeners.yaml", "routes.yaml"]

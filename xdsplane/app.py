@@ -16,6 +16,7 @@ from xdsplane.cache import SnapshotCache
 from xdsplane.envoystats import EnvoyAdmin
 from xdsplane.exposure import serve_exposure
 from xdsplane.metrics import Metrics
+from xdsplane.pipeline.diskcache import CacheDirError
 from xdsplane.reload import Refused, retry_busy
 from xdsplane.server.ads import AdsService
 from xdsplane.server.limits import Limits
@@ -48,6 +49,8 @@ class ServeOptions:
     insecure: bool = False
     # Envoys whose admin /stats is read for the per-host missing-certificate counts.
     envoy_admins: tuple[EnvoyAdmin, ...] = ()
+    # Built raw resources kept across restarts (pipeline/diskcache.py); None: no disk cache.
+    cache_dir: Path | None = None
 
     @property
     def tls(self) -> bool:
@@ -79,14 +82,18 @@ async def serve(opts: ServeOptions) -> None:
     registry = Registry()
     metrics = Metrics(lambda: cache.current)
     validator = _envoy_validator(opts, log)
-    reloader = Reloader(
-        opts.config,
-        cache,
-        step_ms=opts.watch_step_ms,
-        cert_warn_days=opts.cert_warn_days,
-        validator=validator,
-        metrics=metrics,
-    )
+    try:
+        reloader = Reloader(
+            opts.config,
+            cache,
+            step_ms=opts.watch_step_ms,
+            cert_warn_days=opts.cert_warn_days,
+            validator=validator,
+            metrics=metrics,
+            cache_dir=opts.cache_dir,
+        )
+    except CacheDirError as e:
+        raise StartupError([str(e)]) from None
 
     # Refuse to start on a folder that does not load: nothing would be served.
     try:

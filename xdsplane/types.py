@@ -51,11 +51,10 @@ class ResourceType(StrEnum):
 
     @classmethod
     def from_url(cls, url: str) -> ResourceType | None:
-        try:
-            return cls(url)
-        except ValueError:
-            return None
+        return _BY_URL.get(url)
 
+
+_BY_URL: dict[str, ResourceType] = {t.value: t for t in ResourceType}
 
 _SHORT = {
     ResourceType.SECRET: "SDS",

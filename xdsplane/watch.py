@@ -73,12 +73,13 @@ class Reloader(Source[SnapshotSet]):
         validator: Validator | None = None,
         cert_warn_days: float = 14.0,
         metrics: Metrics | None = None,
+        cache_dir: Path | None = None,
     ) -> None:
         self.cert_warn_days = cert_warn_days
         self.metrics = metrics if metrics is not None else Metrics()
         self.root = root
         self.cache = cache
-        self.loader = FolderLoader(root)
+        self.loader = FolderLoader(root, cache_dir=cache_dir)
         self.validator = validator
         self.log = logs.get("xdsplane.reload")
         # The files outside the folder the latest load read (secrets): written by the

@@ -59,6 +59,15 @@ def add_serve(sub: Sub) -> None:
         help="run `envoy --mode validate` on each load (startup too) and serve nothing Envoy "
         "would reject; rejections show in /status like other reload errors",
     )
+    p.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="keep built raw resources in DIR across restarts, so that a restart does not "
+        "parse unchanged raw snapshot files again (default: off). DIR is created 0700; one "
+        "another user owns or others may write to is refused. Files holding key material "
+        "(Secrets, inline private keys) and policy files are never written to it; see "
+        "docs/deploy.md#disk-cache",
+    )
     add_envoy_binary(p)
     _add_limits(p)
     tls = p.add_argument_group(
@@ -251,6 +260,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.cache_dir:
+        from xdsplane.pipeline.diskcache import CacheDirError, open_dir
+
+        try:
+            open_dir(Path(args.cache_dir))
+        except CacheDirError as e:
+            print(f"xdsplane serve: not starting: {e}", file=sys.stderr)
+            return 2
+
     from xdsplane.envoystats import exposure, parse_admin
 
     try:
@@ -284,6 +302,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         limits=limits,
         insecure=args.insecure,
         envoy_admins=envoy_admins,
+        cache_dir=Path(args.cache_dir) if args.cache_dir else None,
     )
     try:
         asyncio.run(serve(opts))

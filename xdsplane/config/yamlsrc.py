@@ -250,8 +250,19 @@ def _reader_error(path: str, text: str | bytes, e: Any) -> ConfigError:
     )
 
 
-def parse(text: str | bytes, path: str) -> list[Document]:
-    """Parse every document in ``text``; raises YamlError with the position of the problem."""
+def parse(
+    text: str | bytes,
+    path: str,
+    *,
+    sizes: list[dict[int, int]] | None = None,
+    depth: int = 0,
+) -> list[Document]:
+    """Parse every document in ``text``; raises YamlError with the position of the problem.
+
+    ``sizes``, when given, receives per document how many values each node expands to (by
+    ``id(node)``); ``depth`` is the nesting the documents start at (a part of a file parsed
+    alone, ``pipeline/chunks.py``, is bounded as it would be in its file).
+    """
     loader = _Loader(text)
     docs: list[Document] = []
     try:
@@ -260,8 +271,11 @@ def parse(text: str | bytes, path: str) -> list[Document]:
             if node is None:
                 continue
             builder = _Builder(path, loader)
-            builder.check_size(node, {})
-            value = builder.build(node)
+            known: dict[int, int] = {}
+            builder.check_size(node, known)
+            value = builder.build(node, depth)
+            if sizes is not None:
+                sizes.append(known)
             docs.append(Document(path, value, node))
     except yaml.reader.ReaderError as e:
         raise YamlError(_reader_error(path, text, e)) from None

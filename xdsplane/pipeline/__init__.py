@@ -30,8 +30,9 @@ from pathlib import Path
 
 from xdsplane.config import stableread
 from xdsplane.config.errors import ConfigError, ConfigErrors
-from xdsplane.pipeline.folder import FolderLoader, list_files
+from xdsplane.pipeline.folder import FolderLoader
 from xdsplane.pipeline.groups import merge_and_check, node_groups, scope_of
+from xdsplane.pipeline.listing import list_files
 from xdsplane.policy.merge import GroupPolicy
 from xdsplane.redact import scrub_message
 from xdsplane.snapshot import SnapshotSet

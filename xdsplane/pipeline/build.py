@@ -16,6 +16,7 @@ from xdsplane import tlsfiles
 from xdsplane.config.errors import ConfigError, ConfigErrors, Location
 from xdsplane.config.stableread import FileBusy
 from xdsplane.pipeline.groups import merge_and_check, node_groups, scope_of
+from xdsplane.pipeline.incremental import GroupState, rebuild
 from xdsplane.pipeline.refs import Ref, check_snapshot, references
 from xdsplane.pipeline.translations import TranslationCache
 from xdsplane.pipeline.units import Unit
@@ -230,9 +231,15 @@ def build(
     refs_of: RefsOf = references,
     translations: TranslationCache | None = None,
     previous: SnapshotSet | None = None,
+    states: dict[str, GroupState] | None = None,
 ) -> SnapshotSet:
-    """Raises ConfigErrors with every problem found, or returns what is to be served."""
+    """Raises ConfigErrors with every problem found, or returns what is to be served.
+
+    ``states`` (kept by the caller across loads, replaced only by a load that succeeds)
+    lets each group be rebuilt from its last good build (``incremental.py``).
+    """
     plan = node_groups(units)
+    after: dict[str, GroupState] = {}
     cache = translations if translations is not None else TranslationCache()
     errors: list[ConfigError] = []
     groups: list[NodeGroup] = []
@@ -241,20 +248,34 @@ def build(
     staples = Staples()
     for group in plan:
         before = previous.group(group.name) if previous is not None else None
-        snapshot, usage, policy = _build_group(
-            group.units, scope_of(group, plan), read, refs_of, errors, certs, cache, before, staples
+        state = states.get(group.name) if states is not None else None
+        built, usage, policy = _build_group(
+            group.units,
+            scope_of(group, plan),
+            read,
+            refs_of,
+            errors,
+            certs,
+            cache,
+            before,
+            state,
+            staples,
         )
         used.secrets |= usage.secrets
         used.upstreams |= usage.upstreams
         used.jwt_providers |= usage.jwt_providers
         used.introspection_providers |= usage.introspection_providers
-        if snapshot is not None:
-            groups.append(NodeGroup(group.name, group.nodes, snapshot, policy))
+        if built is not None:
+            after[group.name] = built
+            groups.append(NodeGroup(group.name, group.nodes, built.snapshot, policy))
     if not errors:
         errors.extend(_unused(units, used))
     if errors:
         raise ConfigErrors(list(dict.fromkeys(errors)))
     cache.sweep()
+    if states is not None:
+        states.clear()
+        states.update(after)
     summaries = tuple(sorted(certs.values(), key=lambda c: (c.secret, c.path)))
     warnings = tuple(dict.fromkeys([*(w for u in units for w in u.warnings), *staples.warnings]))
     return SnapshotSet(tuple(groups), summaries, warnings)
@@ -269,8 +290,9 @@ def _build_group(
     certs: dict[str, CertSummary],
     cache: TranslationCache,
     previous: Snapshot | None = None,
+    state: GroupState | None = None,
     staples: Staples | None = None,
-) -> tuple[Snapshot | None, Usage, GroupPolicy | None]:
+) -> tuple[GroupState | None, Usage, GroupPolicy | None]:
     before = len(errors)
     policy, usage, problems = merge_and_check(units, scope)
     errors.extend(problems)
@@ -285,17 +307,23 @@ def _build_group(
     _check_domains(policy, certs, errors)
     if len(errors) > before:
         return None, usage, None
-    resources = cache.translate(policy, files)
+    translated = cache.translate(policy, files)
+    for u in units:
+        _count_raw_uses(policy, u.resources, refs_of, usage)
+    if state is not None and state.scope == scope:
+        rebuilt = rebuild(state, units, translated, refs_of)
+        if rebuilt is not None:
+            return rebuilt, usage, policy
+    resources = list(translated)
     for u in units:
         resources.extend(u.resources)
-        _count_raw_uses(policy, u.resources, refs_of, usage)
     merged = _merge_resources(resources, scope, errors)
-    snapshot = Snapshot.build(merged, previous)
+    snapshot = Snapshot.build(merged.values(), previous)
     if len(errors) == before:
         errors.extend(check_snapshot(snapshot, scope, refs_of))
     if len(errors) > before:
         return None, usage, None
-    return snapshot, usage, policy
+    return GroupState(scope, tuple(units), tuple(translated), merged, snapshot), usage, policy
 
 
 def _count_raw_uses(
@@ -314,7 +342,7 @@ def _count_raw_uses(
 
 def _merge_resources(
     resources: list[Resource], scope: str, errors: list[ConfigError]
-) -> list[Resource]:
+) -> dict[tuple[ResourceType, str], Resource]:
     by_key: dict[tuple[ResourceType, str], Resource] = {}
     for r in resources:
         key = (r.type, r.name)
@@ -330,7 +358,7 @@ def _merge_resources(
             )
             continue
         by_key[key] = r
-    return list(by_key.values())
+    return by_key
 
 
 def _unused(units: list[Unit], used: Usage) -> list[ConfigError]:

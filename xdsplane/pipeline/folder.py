@@ -1,7 +1,8 @@
 """Reading a folder (the first step): YAML files -> Units, then ``build`` -> a SnapshotSet.
 
 Files are cached by content: a file whose bytes did not change is not parsed or
-serialized again, so a one-file edit rebuilds only that file's resources.
+serialized again, so a one-file edit rebuilds only that file's resources; inside a raw
+snapshot file, only the entries that changed (``chunks.py``).
 """
 
 from __future__ import annotations
@@ -17,16 +18,18 @@ from xdsplane.config.errors import ConfigError, ConfigErrors, Location
 from xdsplane.config.stableread import FileBusy, read_stable
 from xdsplane.config.yamlsrc import YamlError, parse
 from xdsplane.pipeline.build import build
-from xdsplane.pipeline.refs import Ref, references
+from xdsplane.pipeline.chunks import Layout
+from xdsplane.pipeline.diskcache import DiskCache, Persisted
+from xdsplane.pipeline.groups import has_parts
+from xdsplane.pipeline.incremental import GroupState
+from xdsplane.pipeline.listing import SETTLED_SECONDS, Listing
+from xdsplane.pipeline.listing import stamp as _stamp
+from xdsplane.pipeline.refs import Ref, scan
 from xdsplane.pipeline.translations import TranslationCache
 from xdsplane.pipeline.units import Unit, parse_unit
-from xdsplane.snapshot import Resource, SnapshotSet, digest
+from xdsplane.snapshot import Resource, SnapshotSet
 from xdsplane.types import ResourceType
 
-SUFFIXES = (".yaml", ".yml")
-
-
-SETTLED_SECONDS = 2.0
 # Longest first: a UTF-32 little-endian mark starts with the UTF-16 one.
 _BOMS = (
     (codecs.BOM_UTF32_LE, "UTF-32"),
@@ -36,53 +39,32 @@ _BOMS = (
 )
 
 
-def _stamp(st: os.stat_result) -> tuple[int, ...]:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-def list_files(root: Path) -> list[Path]:
-    """The YAML files under ``root``, sorted; hidden files and folders are skipped.
-
-    Hidden entries cover editors' swap files and Kubernetes' ``..data`` folders (whose
-    files are reached through the visible symlinks beside them). A folder named like a
-    policy file is listed, not entered: a policy file replaced by a directory is reported
-    by its name rather than silently missing.
-    """
-    found: list[Path] = []
-    seen: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        # A folder reached again through a symlink (a loop such as ``sub -> .``) is listed
-        # once: otherwise the walk runs until paths get too long, exponentially with two.
-        try:
-            st = os.stat(dirpath)
-        except OSError:
-            dirnames[:] = []
-            continue
-        if (st.st_dev, st.st_ino) in seen:
-            dirnames[:] = []
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        visible = [d for d in dirnames if not d.startswith(".")]
-        found.extend(Path(dirpath) / d for d in visible if d.endswith(SUFFIXES))
-        dirnames[:] = sorted(d for d in visible if not d.endswith(SUFFIXES))
-        for name in filenames:
-            if name.startswith(".") or not name.endswith(SUFFIXES):
-                continue
-            found.append(Path(dirpath) / name)
-    return sorted(found)
-
-
 @dataclass
 class FolderLoader:
     """Loads one folder again and again, reusing what did not change."""
 
     root: Path
-    _parsed: dict[str, tuple[str, list[Unit], tuple[int, ...]]] = field(default_factory=dict)
-    _refs: dict[tuple[ResourceType, str, str], tuple[Ref, ...]] = field(default_factory=dict)
+    # A folder for built raw resources across restarts (serve --cache-dir; diskcache.py).
+    cache_dir: Path | None = None
+    # path -> (bytes, units, stat stamp, layout of a raw file re-parsed by entry)
+    _parsed: dict[str, tuple[bytes, list[Unit], tuple[int, ...], Layout | None]] = field(
+        default_factory=dict
+    )
+    # (type, name, version) -> (its references, whether it may hold key material)
+    _refs: dict[tuple[ResourceType, str, str], tuple[tuple[Ref, ...], bool]] = field(
+        default_factory=dict
+    )
     secret_files: set[str] = field(default_factory=set)
     _translations: TranslationCache = field(default_factory=TranslationCache)
     _last: SnapshotSet | None = None
+    _states: dict[str, GroupState] = field(default_factory=dict)
+    _listing: Listing | None = None
     _reading: set[str] = field(default_factory=set)
+    _disk: Persisted | None = None
+
+    def __post_init__(self) -> None:
+        if self.cache_dir is not None:  # CacheDirError: a folder that cannot be trusted
+            self._disk = Persisted(DiskCache(self.cache_dir, self.root))
 
     def _display(self, path: Path) -> str:
         return str(path)
@@ -114,13 +96,12 @@ class FolderLoader:
         except OSError as e:
             errors.append(ConfigError(Location(shown), f"cannot read: {e.strerror or e}"))
             return []
-        key = digest(data)
         try:
             stamp = _stamp(os.stat(path))
         except OSError:
             stamp = ()
-        if cached is not None and cached[0] == key:
-            self._parsed[shown] = (key, cached[1], stamp)
+        if cached is not None and cached[0] == data:
+            self._parsed[shown] = (data, cached[1], stamp, cached[3])
             return cached[1]
         try:
             text = data.decode("utf-8")
@@ -134,8 +115,23 @@ class FolderLoader:
                     break
             errors.append(ConfigError(Location(shown, line, column), message))
             return []
+        if cached is not None and cached[3] is not None:
+            layout = cached[3].update(text, shown)
+            if layout is not None:
+                unit = cached[1][0]
+                units = [Unit(unit.doc, unit.nodes, unit.policy, layout.resources)]
+                self._parsed[shown] = (data, units, stamp, layout)
+                return units
+        key = None
+        if self._disk is not None:
+            found = self._disk.read(shown, data, text, self._refs)
+            if not isinstance(found, str):
+                self._parsed[shown] = (data, [found[0]], stamp, found[1])
+                return [found[0]]
+            key = found
+        sizes: list[dict[int, int]] = []
         try:
-            docs = parse(text, shown)
+            docs = parse(text, shown, sizes=sizes)
         except YamlError as e:
             errors.append(e.error)
             return []
@@ -149,8 +145,19 @@ class FolderLoader:
         if file_errors:
             errors.extend(file_errors)
             return []
-        self._parsed[shown] = (key, contents, stamp)
+        layout = None
+        one = contents[0] if len(docs) == 1 and len(contents) == 1 else None
+        if one is not None and one.doc.node is None and not one.warnings:
+            layout = Layout.of(text, docs[0], sizes[0], one.resources)
+            if key is not None and self._disk is not None and not has_parts(one):
+                self._disk.parsed(shown, key, one, layout)
+        self._parsed[shown] = (data, contents, stamp, layout)
         return contents
+
+    def _files(self) -> list[Path]:
+        if self._listing is None or self._listing.root != self.root:
+            self._listing = Listing(self.root)
+        return self._listing.files()
 
     def _read_secret(self, path: str) -> bytes:
         self._reading.add(path)
@@ -160,13 +167,16 @@ class FolderLoader:
         """Files the last load read from outside the folder (secrets): to watch too."""
         return set(self.secret_files)
 
-    def _refs_of(self, resource: Resource) -> tuple[Ref, ...]:
+    def _scan(self, resource: Resource) -> tuple[tuple[Ref, ...], bool]:
         key = (resource.type, resource.name, resource.version)
-        refs = self._refs.get(key)
-        if refs is None:
-            refs = references(resource)
-            self._refs[key] = refs
-        return refs
+        found = self._refs.get(key)
+        if found is None:
+            found = scan(resource)
+            self._refs[key] = found
+        return found
+
+    def _refs_of(self, resource: Resource) -> tuple[Ref, ...]:
+        return self._scan(resource)[0]
 
     def load(self) -> SnapshotSet:
         """Load the folder; raises ConfigErrors (all of them) or FileBusy (try again).
@@ -187,7 +197,7 @@ class FolderLoader:
         errors: list[ConfigError] = []
         if not self.root.is_dir():
             raise ConfigErrors([ConfigError(Location(str(self.root)), "is not a folder")])
-        files = list_files(self.root)
+        files = self._files()
         if not files:
             raise ConfigErrors(
                 [ConfigError(Location(str(self.root)), "holds no .yaml or .yml files")]
@@ -207,11 +217,18 @@ class FolderLoader:
         self._reading = set()
         try:
             snapshots = build(
-                contents, self._read_secret, self._refs_of, self._translations, self._last
+                contents,
+                self._read_secret,
+                self._refs_of,
+                self._translations,
+                self._last,
+                self._states,
             )
             self._last = snapshots
         finally:
             self.secret_files = self._reading
+        if self._disk is not None:
+            self._disk.save(self._scan, set(self._parsed))
         if len(self._refs) > 100_000:
             self._refs.clear()
         return snapshots

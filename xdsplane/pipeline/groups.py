@@ -47,6 +47,20 @@ def scope_of(group: NodeUnits, groups: list[NodeUnits]) -> str:
 
 def merge_and_check(units: list[Unit], scope: str) -> tuple[GroupPolicy, Usage, list[ConfigError]]:
     """One group's files merged into one policy, and every problem the checks find."""
-    policy, errors = merge([Fragment(u.doc, u.policy) for u in units])
+    # A raw snapshot file has no policy parts: nothing to merge (hundreds of them, each load).
+    parts = [u for u in units if has_parts(u)]
+    policy, errors = merge([Fragment(u.doc, u.policy) for u in parts])
     problems, usage = check_policy(policy, scope)
     return policy, usage, errors + problems
+
+
+def has_parts(unit: Unit) -> bool:
+    p = unit.policy
+    return bool(
+        p.secrets
+        or p.listeners
+        or p.upstreams
+        or p.access_log is not None
+        or p.jwt_providers
+        or p.guard is not None
+    )

@@ -14,6 +14,7 @@ from google.protobuf.message import Message
 
 from xdsplane.config.errors import ConfigError, Location
 from xdsplane.config.protos import find_message
+from xdsplane.redact import SECRET_PROTO_FIELDS
 from xdsplane.snapshot import Resource, Snapshot
 from xdsplane.types import ResourceType
 
@@ -38,7 +39,9 @@ def _discovered(msg: Message) -> bool:
     return bool(m.HasField("config_discovery") and _is_ads(m.config_discovery.config_source))
 
 
-def _walk(msg: Message) -> Iterator[Ref]:
+def _walk(msg: Message, secret: list[bool] | None = None) -> Iterator[Ref]:
+    """The references in ``msg``; ``secret`` (when given) gets True appended if a field that
+    holds key material is set (``redact.SECRET_PROTO_FIELDS``) or an ``Any`` cannot be read."""
     name = msg.DESCRIPTOR.full_name
     if name == _ANY:
         cls = find_message(msg.type_url.rsplit("/", 1)[-1])
@@ -47,8 +50,12 @@ def _walk(msg: Message) -> Iterator[Ref]:
             try:
                 msg.Unpack(inner)
             except Exception:
+                if secret is not None:
+                    secret.append(True)
                 return
-            yield from _walk(inner)
+            yield from _walk(inner, secret)
+        elif secret is not None:
+            secret.append(True)
         return
     if name == _SDS and msg.HasField("sds_config") and _is_ads(msg.sds_config):
         yield (ResourceType.SECRET, msg.name, "secret")
@@ -73,22 +80,32 @@ def _walk(msg: Message) -> Iterator[Ref]:
         for wc in a.weighted_clusters.clusters:
             yield (ResourceType.CLUSTER, wc.name, "cluster")
     for field, value in msg.ListFields():
+        if secret is not None and field.name in SECRET_PROTO_FIELDS:
+            secret.append(True)
         if field.message_type is None:
             continue
         if field.message_type.GetOptions().map_entry:
             for v in value.values():
                 if isinstance(v, Message):
-                    yield from _walk(v)
+                    yield from _walk(v, secret)
         elif field.is_repeated:
             for v in value:
-                yield from _walk(v)
+                yield from _walk(v, secret)
         else:
-            yield from _walk(value)
+            yield from _walk(value, secret)
 
 
 def references(resource: Resource) -> tuple[Ref, ...]:
     """What ``resource`` refers to over ADS (each reference once, in order found)."""
     return tuple(dict.fromkeys(_walk(resource.message)))
+
+
+def scan(resource: Resource) -> tuple[tuple[Ref, ...], bool]:
+    """``references``, and whether the resource may hold key material (a Secret, a field
+    such as ``private_key`` set, an ``Any`` that cannot be read): never written to disk."""
+    secret: list[bool] = []
+    refs = tuple(dict.fromkeys(_walk(resource.message, secret)))
+    return refs, bool(secret) or resource.type is ResourceType.SECRET
 
 
 def check_snapshot(

@@ -1,0 +1,123 @@
+"""A node group's snapshot rebuilt from its last good one: only what changed is merged,
+versioned and checked (the last step of ``build.py``, on a reload).
+
+Unchanged files give the very same Unit and Resource objects (``folder.py``, ``chunks.py``,
+``translations.py``), so what changed is found by identity: the resources of units that went
+or came, less the objects found on both sides. They are applied to the last good maps; only
+the types they touch are copied, re-sorted and versioned (``Snapshot`` shares the rest), and
+references are checked against what changed with a count of references per name (a reverse
+index): an added resource's references must resolve, a removed name must not be referred to.
+
+The result is the snapshot a build from scratch gives (same maps, same order, versions from
+content alone). Whatever would be an error (a duplicate name, a dangling reference) returns
+None: the caller builds from scratch, which reports it as it always has.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from xdsplane.pipeline.refs import Ref
+from xdsplane.pipeline.units import Unit
+from xdsplane.snapshot import Resource, Snapshot
+from xdsplane.types import ResourceType
+
+Key = tuple[ResourceType, str]
+RefsOf = Callable[[Resource], tuple[Ref, ...]]
+
+
+@dataclass
+class GroupState:
+    """What one group's last good build was made of, to build the next one from."""
+
+    scope: str
+    units: tuple[Unit, ...]
+    translated: tuple[Resource, ...]
+    merged: dict[Key, Resource]
+    snapshot: Snapshot
+    # (type, name) -> how many references resources of ``merged`` make to it; counted on
+    # the first reload that needs it (a cold start does not pay for it)
+    refcount: dict[Key, int] | None = field(default=None)
+
+
+def _changes(
+    before: Iterable[Resource], after: Iterable[Resource]
+) -> tuple[dict[int, Resource], list[Resource]]:
+    removed = {id(r): r for r in before}
+    added = []
+    for r in after:
+        if removed.pop(id(r), None) is None:
+            added.append(r)
+    return removed, added
+
+
+def rebuild(
+    state: GroupState, units: list[Unit], translated: list[Resource], refs_of: RefsOf
+) -> GroupState | None:
+    """The next state from ``state``, or None when a build from scratch must say why not."""
+    kept = {id(u) for u in units}
+    known = {id(u) for u in state.units}
+    gone = [r for u in state.units if id(u) not in kept for r in u.resources]
+    came = [r for u in units if id(u) not in known for r in u.resources]
+    old_t = {id(r) for r in state.translated}
+    new_t = {id(r) for r in translated}
+    gone += [r for r in state.translated if id(r) not in new_t]
+    came += [r for r in translated if id(r) not in old_t]
+    removed, added = _changes(gone, came)
+    if not removed and not added:
+        snapshot = Snapshot(state.snapshot.resources, state.snapshot, ())
+        return GroupState(
+            state.scope, tuple(units), tuple(translated), state.merged, snapshot, state.refcount
+        )
+    merged = dict(state.merged)
+    by_type: dict[ResourceType, tuple[dict[str, Resource], dict[str, Resource]]] = {}
+    for r in removed.values():
+        key = (r.type, r.name)
+        if merged.get(key) is not r:
+            return None  # not what was served: build from scratch
+        del merged[key]
+        by_type.setdefault(r.type, ({}, {}))[0][r.name] = r
+    for r in added:
+        key = (r.type, r.name)
+        if key in merged:
+            return None  # a duplicate: build from scratch for the error
+        merged[key] = r
+        by_type.setdefault(r.type, ({}, {}))[1][r.name] = r
+    refcount = _count(state, refs_of)
+    refcount = dict(refcount)
+    for r in removed.values():
+        for t, name, _ in refs_of(r):
+            refcount[(t, name)] -= 1
+    for r in added:
+        for t, name, _ in refs_of(r):
+            if (t, name) not in merged:
+                return None  # dangling: build from scratch for the error
+            refcount[(t, name)] = refcount.get((t, name), 0) + 1
+    for r in removed.values():
+        key = (r.type, r.name)
+        if key not in merged and refcount.get(key, 0) > 0:
+            return None  # still referred to: build from scratch for the error
+    resources = dict(state.snapshot.resources)
+    for rtype, (out, came_in) in by_type.items():
+        named = dict(resources.get(rtype, {}))
+        inserted = False
+        for name, r in came_in.items():
+            inserted = inserted or name not in named
+            named[name] = r
+        for name in out:
+            if name not in came_in:
+                del named[name]
+        resources[rtype] = dict(sorted(named.items())) if inserted else named
+    snapshot = Snapshot(resources, state.snapshot, by_type.keys())
+    return GroupState(state.scope, tuple(units), tuple(translated), merged, snapshot, refcount)
+
+
+def _count(state: GroupState, refs_of: RefsOf) -> dict[Key, int]:
+    if state.refcount is None:
+        counts: dict[Key, int] = {}
+        for r in state.merged.values():
+            for t, name, _ in refs_of(r):
+                counts[(t, name)] = counts.get((t, name), 0) + 1
+        state.refcount = counts
+    return state.refcount
