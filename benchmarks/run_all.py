@@ -24,6 +24,7 @@ BENCHMARKS = {
     "rotation": "bench_rotation.py",
     "guard": "bench_guard.py",
     "storm": "bench_storm.py",
+    "replicas": "bench_replicas.py",
     "soak": "bench_soak.py",  # last: 10 minutes in its full version
 }
 LIMIT_QUICK = 120.0

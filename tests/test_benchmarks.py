@@ -147,3 +147,24 @@ def test_bench_revoke_quick() -> None:
     for cells in found:
         assert cells[1] == "3", cells  # every run refused on both Envoys
     assert "the same two kept-alive connections" in out
+
+
+def test_bench_replicas_quick() -> None:
+    """3 replicas on one folder, 30 streams each (SotW and delta), one edit: every stream
+    on every replica ends on one and the same new version, which is each replica's CDS
+    version in /status (content-derived: the same on every replica)."""
+    out = run_quick("bench_replicas.py")
+    table = [r for r in rows(out, "delta") + rows(out, "sotw") if len(r) == 11]
+    assert [(r[0], r[1]) for r in table] == [("delta", "90"), ("sotw", "90")], out
+    for cells in table:
+        assert cells[7] == "yes", cells  # one new version on every stream
+        assert 0 < ms(cells[2]) <= ms(cells[3]), cells
+    replicas = [r for r in rows(out, "delta replica-") + rows(out, "sotw replica-")]
+    assert len(replicas) == 6, out
+    for variant in ("delta", "sotw"):
+        cds = {r[-1] for r in replicas if r[0].startswith(variant)}
+        line = re.search(
+            rf"^{variant}: versions after each edit, on every stream: (\w+)$", out, re.M
+        )
+        assert line is not None and cds == {line.group(1)}, out
+    assert "PROBLEMS" not in out, out
