@@ -86,6 +86,21 @@ def test_bench_guard_quick() -> None:
         assert cells[-1] == "ok" or cells[-1].startswith("MISS x"), cells
 
 
+def test_bench_guard_workers_quick() -> None:
+    """The Redis guard with --workers 2, called directly over 8 connections: both workers
+    answer (decisions counted by each worker's own /metrics), a replay is refused."""
+    out = run_quick("bench_guard.py", "--backends", "redis", "--parts", "direct", "--workers", "2")
+    direct = rows(out, "redis, ")
+    assert len(direct) == 2, out
+    for cells in direct:
+        assert int(cells[1]) > 100 and 0 < ms(cells[3]) <= ms(cells[4]), cells
+    spread = re.search(
+        r"decisions per worker over the whole run: worker 0 (\d+), worker 1 (\d+)", out
+    )
+    assert spread is not None and min(int(spread[1]), int(spread[2])) > 0, out
+    assert "a jti sent twice refused the second time: redis" in out, out
+
+
 @pytest.mark.envoy
 def test_bench_soak_quick() -> None:
     # Each change acknowledged by every client is the behaviour checked; "in time" (before
