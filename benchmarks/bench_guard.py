@@ -191,21 +191,28 @@ async def closed_loop(
     run.elapsed = loop.time() - t0
 
 
+Pids = int | tuple[int, ...]  # one process, or several counted as one (--workers)
+
+
+def _cpu(p: Pids) -> float:
+    return sum(_procs.cpu_seconds(x) for x in (p if isinstance(p, tuple) else (p,)))
+
+
 class CpuMeter:
     """CPU seconds used by some processes (and this one) between start() and stop()."""
 
-    def __init__(self, pids: dict[str, int]) -> None:
+    def __init__(self, pids: dict[str, Pids]) -> None:
         self.pids = pids
 
     def __enter__(self) -> CpuMeter:
         self.t0 = time.monotonic()
-        self.c0 = {k: _procs.cpu_seconds(p) for k, p in self.pids.items()}
+        self.c0 = {k: _cpu(p) for k, p in self.pids.items()}
         self.self0 = time.process_time()
         return self
 
     def __exit__(self, *exc: object) -> None:
         wall = time.monotonic() - self.t0
-        self.used = {k: _procs.cpu_seconds(p) - self.c0[k] for k, p in self.pids.items()}
+        self.used = {k: _cpu(p) - self.c0[k] for k, p in self.pids.items()}
         self.share = {k: v / wall for k, v in self.used.items()}
         self.share["client"] = (time.process_time() - self.self0) / wall
 
@@ -220,20 +227,37 @@ async def direct(
     rate: float,
     seconds: float,
     concurrency: int,
-    extra_pids: dict[str, int],
+    extra_pids: dict[str, Pids],
+    channels: int = 1,
+    guard_pids: Pids | None = None,
 ) -> list[Run]:
-    channel = grpc.aio.insecure_channel(guard.address)
-    check = channel.unary_unary(
-        CHECK_METHOD,
-        request_serializer=_identity,
-        response_deserializer=external_auth_pb2.CheckResponse.FromString,
-    )
+    # One TCP connection per channel: with --workers the kernel spreads connections (not
+    # calls) over the workers, so one channel would keep every call on one worker.
+    chans = [
+        grpc.aio.insecure_channel(guard.address, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(channels)
+    ]
+    stubs = [
+        c.unary_unary(
+            CHECK_METHOD,
+            request_serializer=_identity,
+            response_deserializer=external_auth_pb2.CheckResponse.FromString,
+        )
+        for c in chans
+    ]
+    turn = [0]
+
+    def check(data: bytes, timeout: float) -> Any:
+        turn[0] += 1
+        return stubs[turn[0] % len(stubs)](data, timeout=timeout)
+
     runs = []
     try:
-        await channel.channel_ready()
+        for c in chans:
+            await c.channel_ready()
         for _ in range(200):  # warm-up: connections, code paths, Redis pool
             await check(make.next(), timeout=5)
-        pids = {"guard": guard.proc.pid, **extra_pids}
+        pids = {"guard": guard_pids or guard.proc.pid, **extra_pids}
 
         maxrun = Run(f"{backend}, max ({concurrency} in flight)")
 
@@ -275,10 +299,11 @@ async def direct(
         if backend != "echo":
             once = make.next()
             first = await check(once, timeout=5)
-            second = await check(once, timeout=5)
+            second = await check(once, timeout=5)  # the next channel: maybe another worker
             fixed.replay_refused = first.status.code == 0 and second.status.code != 0
     finally:
-        await channel.close()
+        for c in chans:
+            await c.close()
     return runs
 
 
@@ -458,6 +483,29 @@ async def through_envoy(
 # -- main ---------------------------------------------------------------------------------
 
 
+def worker_metrics(guard: _procs.Guard, k: int) -> str:
+    """Worker k's /metrics (--workers: worker k's admin port is the guard's + k)."""
+    return _procs.harness.http_get(guard.admin_port + k, "/metrics").text
+
+
+def worker_pids(guard: _procs.Guard, n: int) -> tuple[int, ...]:
+    def pid(k: int) -> int | None:
+        for line in worker_metrics(guard, k).splitlines():
+            if line.startswith("xdsplane_guard_worker_info{"):
+                return int(line.split('pid="', 1)[1].split('"', 1)[0])
+        return None
+
+    return tuple(_procs.wait_until(lambda k=k: pid(k), 30, what=f"worker {k}") for k in range(n))
+
+
+def worker_decisions(guard: _procs.Guard, k: int) -> float:
+    return sum(
+        float(line.rpartition(" ")[2])
+        for line in worker_metrics(guard, k).splitlines()
+        if line.startswith("xdsplane_guard_decisions_total{")
+    )
+
+
 def cpu_text(share: dict[str, float]) -> str:
     return " ".join(f"{k} {v * 100:.0f}%" for k, v in share.items())
 
@@ -479,6 +527,19 @@ def main() -> int:
     )
     ap.add_argument("--parts", default="direct,envoy", help="direct, envoy or both")
     ap.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="the Redis guard runs with --workers N (the memory guard cannot: it would split "
+        "its replay state); CPU is summed over the workers",
+    )
+    ap.add_argument(
+        "--channels",
+        type=int,
+        help="gRPC connections of the direct part, calls spread over them (default 1; "
+        "4 per worker with --workers)",
+    )
+    ap.add_argument(
         "--guard-log-level",
         default="info",
         help="the guards' --log-level (info, the default, logs every decision)",
@@ -488,10 +549,12 @@ def main() -> int:
     blocks = args.blocks or (1 if args.quick else 3)
     backends = args.backends.split(",")
     parts = args.parts.split(",")
+    channels = args.channels or (1 if args.workers == 1 else 4 * args.workers)
     print(_common.header("bench_guard: replay protection (ext_authz Check)", args.quick))
     print(
         f"rate {args.rate:.0f}/s, {seconds:.0f} s per phase, {blocks} block(s) per route, "
-        f"guard log level {args.guard_log_level}"
+        f"guard log level {args.guard_log_level}, redis guard workers {args.workers}, "
+        f"direct connections {channels}"
     )
 
     workdir = Path(tempfile.mkdtemp(prefix="xdsplane-bench-guard-"))
@@ -507,6 +570,8 @@ def main() -> int:
         guards: dict[str, _procs.Guard] = {}
         for b in backends:
             extra = ["--redis", redis.url] if b == "redis" else []
+            if b == "redis" and args.workers > 1:
+                extra += ["--workers", str(args.workers)]
             guards[b] = _procs.Guard(
                 procs, f"guard-{b}", *extra, log_level=args.guard_log_level, max_seconds=limit
             )
@@ -522,14 +587,28 @@ def main() -> int:
 
         for g in guards.values():
             g.wait_ready()
-        redis_pids = {"redis": redis.proc.pid} if "redis" in guards else {}
+        redis_pids: dict[str, Pids] = {"redis": redis.proc.pid} if "redis" in guards else {}
+        guard_pids: dict[str, Pids] = {b: g.proc.pid for b, g in guards.items()}
+        if args.workers > 1 and "redis" in guards:
+            guard_pids["redis"] = worker_pids(guards["redis"], args.workers)
+            print(f"redis guard workers: pids {guard_pids['redis']}")
 
         if "direct" in parts:
             make = CheckRequests(jtis)
             for b, g in guards.items():
                 extra_pids = redis_pids if b == "redis" else {}
                 direct_runs += asyncio.run(
-                    direct(g, b, make, args.rate, seconds, args.concurrency, extra_pids)
+                    direct(
+                        g,
+                        b,
+                        make,
+                        args.rate,
+                        seconds,
+                        args.concurrency,
+                        extra_pids,
+                        channels,
+                        guard_pids[b],
+                    )
                 )
                 print(f"  direct {b}: {len(direct_runs[-1].latencies)} calls at fixed rate")
 
@@ -562,8 +641,8 @@ def main() -> int:
                     30,
                     what=f"envoy bench-{b} serves the listener",
                 )
-            for b, g in guards.items():
-                pids = {"envoy": envoys[b].proc.pid, "guard": g.proc.pid}
+            for b in guards:
+                pids: dict[str, Pids] = {"envoy": envoys[b].proc.pid, "guard": guard_pids[b]}
                 if b == "redis":
                     pids.update(redis_pids)
                 envoy_results.append(
@@ -576,6 +655,12 @@ def main() -> int:
                     f"  envoy {b}: /plain/ {len(r.plain.latencies)} ok, "
                     f"/once/ {len(r.once.latencies)} ok"
                 )
+        if args.workers > 1 and "redis" in guards:
+            spread = [worker_decisions(guards["redis"], k) for k in range(args.workers)]
+            print(
+                "redis guard: decisions per worker over the whole run: "
+                + ", ".join(f"worker {k} {n:.0f}" for k, n in enumerate(spread))
+            )
     finally:
         procs.stop_all()
         shutil.rmtree(workdir, ignore_errors=True)

@@ -26,6 +26,7 @@ BENCHMARKS = {
     "guard": "bench_guard.py",
     "storm": "bench_storm.py",
     "policytest": "bench_policytest.py",
+    "replicas": "bench_replicas.py",
     "soak": "bench_soak.py",  # last: 10 minutes in its full version
 }
 LIMIT_QUICK = 120.0

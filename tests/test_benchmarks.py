@@ -86,6 +86,21 @@ def test_bench_guard_quick() -> None:
         assert cells[-1] == "ok" or cells[-1].startswith("MISS x"), cells
 
 
+def test_bench_guard_workers_quick() -> None:
+    """The Redis guard with --workers 2, called directly over 8 connections: both workers
+    answer (decisions counted by each worker's own /metrics), a replay is refused."""
+    out = run_quick("bench_guard.py", "--backends", "redis", "--parts", "direct", "--workers", "2")
+    direct = rows(out, "redis, ")
+    assert len(direct) == 2, out
+    for cells in direct:
+        assert int(cells[1]) > 100 and 0 < ms(cells[3]) <= ms(cells[4]), cells
+    spread = re.search(
+        r"decisions per worker over the whole run: worker 0 (\d+), worker 1 (\d+)", out
+    )
+    assert spread is not None and min(int(spread[1]), int(spread[2])) > 0, out
+    assert "a jti sent twice refused the second time: redis" in out, out
+
+
 @pytest.mark.envoy
 def test_bench_soak_quick() -> None:
     # Each change acknowledged by every client is the behaviour checked; "in time" (before
@@ -200,3 +215,24 @@ def test_bench_propagation_quick() -> None:
     for cells in (r for r in table if len(r) == 13):
         assert int(cells[3]) == 10, cells
         assert 0 < ms(cells[4]) <= ms(cells[5]) <= ms(cells[8]), cells
+
+
+def test_bench_replicas_quick() -> None:
+    """3 replicas on one folder, 30 streams each (SotW and delta), one edit: every stream
+    on every replica ends on one and the same new version, which is each replica's CDS
+    version in /status (content-derived: the same on every replica)."""
+    out = run_quick("bench_replicas.py")
+    table = [r for r in rows(out, "delta") + rows(out, "sotw") if len(r) == 11]
+    assert [(r[0], r[1]) for r in table] == [("delta", "90"), ("sotw", "90")], out
+    for cells in table:
+        assert cells[7] == "yes", cells  # one new version on every stream
+        assert 0 < ms(cells[2]) <= ms(cells[3]), cells
+    replicas = [r for r in rows(out, "delta replica-") + rows(out, "sotw replica-")]
+    assert len(replicas) == 6, out
+    for variant in ("delta", "sotw"):
+        cds = {r[-1] for r in replicas if r[0].startswith(variant)}
+        line = re.search(
+            rf"^{variant}: versions after each edit, on every stream: (\w+)$", out, re.M
+        )
+        assert line is not None and cds == {line.group(1)}, out
+    assert "PROBLEMS" not in out, out

@@ -35,6 +35,7 @@ class ServeOptions:
     admin_address: str = "127.0.0.1:19000"
     admin_allowed_hosts: tuple[str, ...] = ()  # Host headers admin answers besides its own
     watch_step_ms: int = 2
+    watch_poll_ms: int | None = None  # poll the files every N ms instead of inotify (NFS)
     grace_seconds: float = 5.0
     cert_warn_days: float = 14.0
     envoy_validate: bool = False  # run `envoy --mode validate` on each load before serving it
@@ -87,6 +88,7 @@ async def serve(opts: ServeOptions) -> None:
             opts.config,
             cache,
             step_ms=opts.watch_step_ms,
+            poll_ms=opts.watch_poll_ms,
             cert_warn_days=opts.cert_warn_days,
             validator=validator,
             metrics=metrics,

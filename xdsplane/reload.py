@@ -224,8 +224,12 @@ class FileReloader(Generic[T]):
         state: ReloadState | None = None,
         busy_budget: float = BUSY_BUDGET_SECONDS,
         step_ms: int = 2,
+        poll_ms: int | None = None,
     ) -> None:
         self.source = source
+        # Poll every poll_ms instead of inotify (network file systems: docs/scaling.md);
+        # None: inotify, unless WATCHFILES_FORCE_POLLING is set.
+        self.poll_ms = poll_ms
         self.log = log
         self.outcomes = outcomes
         self.state = state if state is not None else ReloadState()
@@ -331,6 +335,8 @@ class FileReloader(Generic[T]):
                     watch_filter=self.source.relevant,
                     rust_timeout=WAKE_MS,
                     yield_on_timeout=True,
+                    force_polling=True if self.poll_ms else None,
+                    poll_delay_ms=self.poll_ms or 300,
                 ):
                     if self.source.identity() != identity:
                         resync = True

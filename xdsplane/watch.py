@@ -74,6 +74,7 @@ class Reloader(Source[SnapshotSet]):
         cert_warn_days: float = 14.0,
         metrics: Metrics | None = None,
         cache_dir: Path | None = None,
+        poll_ms: int | None = None,
     ) -> None:
         self.cert_warn_days = cert_warn_days
         self.metrics = metrics if metrics is not None else Metrics()
@@ -91,6 +92,7 @@ class Reloader(Source[SnapshotSet]):
             outcomes=_Outcomes(self.metrics),
             busy_budget=busy_timeout,
             step_ms=step_ms,
+            poll_ms=poll_ms,
         )
         self.state = self.reloads.state
 

@@ -105,13 +105,38 @@ def add_guard(sub: Sub) -> None:
     p.add_argument(
         "--key-prefix", default="xdsplane:guard:", metavar="P", help="prefix of Redis keys"
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N guard processes on --address (SO_REUSEPORT: the kernel spreads "
+        "connections over them), supervised by this one: restarted with backoff when one "
+        "exits, stopped with it. Worker K serves /metrics and /healthz on the "
+        "--admin-address port + K. N > 1 needs --redis (default: 1, this process serves)",
+    )
+    p.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     add_logging(p)
 
 
 def cmd_guard(args: argparse.Namespace) -> int:
     from xdsplane.guard.app import GuardOptions, GuardStartupError, run
     from xdsplane.guard.service import GuardConfig
+    from xdsplane.guard.workers import check_workers
 
+    problem = check_workers(args.workers, args.redis)
+    if problem is not None:
+        print(f"xdsplane guard: {problem}", file=sys.stderr)
+        return 2
+    if args.workers > 1 and args.worker_index is None:
+        from xdsplane.cli import parser
+        from xdsplane.guard.workers import supervise
+
+        argv = sys.argv[1:]
+        if vars(parser().parse_args(argv)) != vars(args):
+            print("xdsplane guard: --workers runs only as a command", file=sys.stderr)
+            return 2
+        return supervise(args, argv)
     configure_logging(args)
     if args.max_lifetime <= 0 or args.clock_skew < 0:
         print("xdsplane guard: --max-lifetime must be > 0, --clock-skew >= 0", file=sys.stderr)
@@ -133,6 +158,7 @@ def cmd_guard(args: argparse.Namespace) -> int:
         client_ca=Path(args.client_ca) if args.client_ca else None,
         client_sans=tuple(args.client_san),
         insecure=args.insecure,
+        worker=args.worker_index,
         config=GuardConfig(
             max_lifetime=args.max_lifetime,
             clock_skew=args.clock_skew,

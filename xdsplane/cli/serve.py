@@ -47,6 +47,14 @@ def add_serve(sub: Sub) -> None:
         help="how long the file watcher waits for more changes before reloading (default: 2)",
     )
     p.add_argument(
+        "--poll",
+        type=_positive_ms,
+        metavar="MS",
+        help="watch the policy folder by polling it every MS milliseconds (file times and "
+        "sizes) instead of inotify: for a shared volume (NFS, SMB, some FUSE mounts) written "
+        "from another host, which inotify never reports (docs/scaling.md). Default: inotify",
+    )
+    p.add_argument(
         "--cert-warn-days",
         type=float,
         default=14.0,
@@ -109,6 +117,16 @@ def add_serve(sub: Sub) -> None:
         "--insecure. `xdsplane up` names the Envoy it starts",
     )
     add_logging(p)
+
+
+def _positive_ms(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a whole number of milliseconds, >= 1")
+    return value
 
 
 def _add_limits(p: argparse.ArgumentParser) -> None:
@@ -293,6 +311,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         admin_address=args.admin_address,
         admin_allowed_hosts=tuple(args.admin_allowed_hosts),
         watch_step_ms=args.watch_step_ms,
+        watch_poll_ms=args.poll,
         cert_warn_days=args.cert_warn_days,
         envoy_validate=args.envoy_validate,
         envoy_binary=args.envoy_binary,

@@ -26,6 +26,7 @@ from xdsplane.guard.revoke import Revocation, RevocationError, read_file
 from xdsplane.guard.service import GuardConfig, GuardMetrics, GuardService
 from xdsplane.guard.store import MemoryStore, RedisStore, Store, StoreAuthError, redact_url
 from xdsplane.guard.tls import CallerCheck, GuardTls
+from xdsplane.guard.workers import worker_metric
 from xdsplane.reload import FileReloader, Refused, ReloadState, Source, norm, retry_busy
 from xdsplane.tlsflags import all_or_none
 
@@ -50,6 +51,8 @@ class GuardOptions:
     revocations: Path | None = None
     # Plaintext gRPC, and the admin HTTP on a non-loopback address, are refused without it.
     insecure: bool = False
+    # --workers: this process is worker K of several sharing --address (guard/workers.py).
+    worker: int | None = None
 
 
 class GuardStartupError(Exception):
@@ -351,12 +354,19 @@ async def run(opts: GuardOptions) -> None:
     if tls is not None:
         caller_check = CallerCheck(opts.client_sans, metrics.registry)
 
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    if opts.worker is not None:
+        worker_metric(metrics.registry, opts.worker)
+    # SO_REUSEPORT only among --workers: a second guard cannot share a port by mistake.
+    reuse = 1 if opts.worker is not None else 0
+    server = grpc.aio.server(options=[("grpc.so_reuseport", reuse)])
     server.add_generic_rpc_handlers(tuple(service.handlers(caller_check)))
-    if tls is not None:
-        bound = server.add_secure_port(f"{_bracket(host)}:{port}", tls.credentials())
-    else:
-        bound = server.add_insecure_port(f"{_bracket(host)}:{port}")
+    try:  # grpcio raises RuntimeError when the port is taken
+        if tls is not None:
+            bound = server.add_secure_port(f"{_bracket(host)}:{port}", tls.credentials())
+        else:
+            bound = server.add_insecure_port(f"{_bracket(host)}:{port}")
+    except RuntimeError:
+        bound = 0
     if bound == 0:
         raise GuardStartupError([f"cannot listen for gRPC on {opts.address}"])
     reloader = LimitsReloader(opts, service)
@@ -404,6 +414,7 @@ async def run(opts: GuardOptions) -> None:
         policy=str(opts.policy) if opts.policy else None,
         revocations=str(opts.revocations) if opts.revocations else None,
         rules=limits.rule_count(),
+        worker=opts.worker,
     )
 
     stop = asyncio.Event()

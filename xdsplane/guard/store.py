@@ -6,6 +6,9 @@ Two backends with one async interface:
 - ``RedisStore``: one Redis shared by several guards, so that a jti used at one guard is
   refused at every other and a counter counts the requests of all of them. ``claim`` is one
   atomic ``SET key 1 NX PX ttl``; ``hit`` is ``INCRBY`` + ``PEXPIRE`` in one MULTI/EXEC.
+  With ``batch`` (the default), the ``claim`` and ``get_many`` calls made within one turn of
+  the event loop (Checks in flight together) go to Redis as one pipeline: one round trip
+  and one write for all of them (each command still atomic on its own).
 
 A backend that cannot answer raises ``StoreUnavailable``; the service decides what that
 means (fail closed or open). The Redis store needs no restart when Redis comes back: every
@@ -176,6 +179,7 @@ class RedisStore:
         backoff: float = 0.2,
         on_error: Callable[[str, str], None] | None = None,
         password: str | None = None,
+        batch: bool = True,
     ) -> None:
         import redis.asyncio as aioredis
         from redis.asyncio.retry import Retry
@@ -196,9 +200,68 @@ class RedisStore:
         )
         self._up = True
         self._retry_at = 0.0
+        self.batch = batch
+        # Calls waiting for the next pipeline: (op, command, future of its reply).
+        self._pending: list[tuple[str, tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._flushing: set[asyncio.Task[None]] = set()
 
     def up(self) -> bool:
         return self._up
+
+    async def _queued(self, op: str, command: tuple[Any, ...]) -> Any:
+        """``command`` sent in the pipeline of this loop turn; its reply."""
+        if not self._up and time.monotonic() < self._retry_at:
+            raise StoreUnavailable(f"redis {self.url}: down (retrying shortly)")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._flush_now)  # after the callbacks already due this turn
+        self._pending.append((op, command, future))
+        return await future
+
+    def _flush_now(self) -> None:
+        batch, self._pending = self._pending, []
+        task = asyncio.get_running_loop().create_task(self._flush(batch))
+        self._flushing.add(task)
+        task.add_done_callback(self._flushing.discard)
+
+    async def _flush(self, batch: list[tuple[str, tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+        async def run() -> Any:
+            if len(batch) == 1:  # alone in its turn: no pipeline to build
+                command = batch[0][1]
+                if command[0] == "claim":
+                    one = self._client.set(command[1], b"1", nx=True, px=max(1, command[2]))
+                else:
+                    one = self._client.mget(command[1])
+                return [await one]
+            async with self._client.pipeline(transaction=False) as pipe:
+                for _op, command, _future in batch:
+                    if command[0] == "claim":
+                        pipe.set(command[1], b"1", nx=True, px=max(1, command[2]))
+                    else:
+                        pipe.mget(command[1])
+                return await pipe.execute(raise_on_error=False)
+
+        ops = {op for op, _c, _f in batch}
+        try:
+            replies = await self._call(ops.pop() if len(ops) == 1 else "pipeline", run)
+        except StoreUnavailable as e:
+            for _op, _command, future in batch:
+                if not future.done():
+                    future.set_exception(StoreUnavailable(str(e)))
+            return
+        except BaseException as e:  # cancelled at shutdown: nobody is left waiting
+            for _op, _command, future in batch:
+                if not future.done():
+                    future.set_exception(StoreUnavailable(f"redis {self.url}: {e!r}"))
+            raise
+        for (_op, _command, future), reply in zip(batch, replies, strict=True):
+            if future.done():  # the Check was cancelled (deadline)
+                continue
+            if isinstance(reply, Exception):
+                future.set_exception(StoreUnavailable(f"redis {self.url}: {_describe(reply)}"))
+            else:
+                future.set_result(reply)
 
     async def _call(self, op: str, fn: Callable[[], Any]) -> Any:
         from redis.exceptions import RedisError
@@ -227,6 +290,9 @@ class RedisStore:
                 await pool.disconnect(inuse_connections=True)
 
     async def claim(self, key: str, ttl_ms: int) -> bool:
+        if self.batch:
+            return bool(await self._queued("claim", ("claim", key, ttl_ms)))
+
         async def run() -> Any:
             return await self._client.set(key, b"1", nx=True, px=max(1, ttl_ms))
 
@@ -251,6 +317,9 @@ class RedisStore:
         await self._call("put", run)
 
     async def get_many(self, keys: list[str]) -> list[bytes | None]:
+        if self.batch:
+            return list(await self._queued("get", ("get", keys)))
+
         async def run() -> Any:
             return await self._client.mget(keys)
 
