@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from xdsplane.config.errors import ConfigError
-from xdsplane.pipeline.units import Unit
+from xdsplane.pipeline.units import Unit, has_policy_parts
 from xdsplane.policy.check import Usage, check_policy
 from xdsplane.policy.merge import Fragment, GroupPolicy, merge
 
@@ -55,12 +55,4 @@ def merge_and_check(units: list[Unit], scope: str) -> tuple[GroupPolicy, Usage, 
 
 
 def has_parts(unit: Unit) -> bool:
-    p = unit.policy
-    return bool(
-        p.secrets
-        or p.listeners
-        or p.upstreams
-        or p.access_log is not None
-        or p.jwt_providers
-        or p.guard is not None
-    )
+    return has_policy_parts(unit.policy)

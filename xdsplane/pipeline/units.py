@@ -37,16 +37,18 @@ def parse_unit(doc: Document) -> tuple[Unit | None, list[ConfigError]]:
     nodes = tuple(sorted(set(policy.nodes))) if policy.nodes is not None else None
     if policy.resources:
         policy = policy.model_copy(update={"resources": []})  # parsed: drop the raw dicts
-    if not (
-        policy.secrets
-        or policy.listeners
-        or policy.upstreams
-        or policy.access_log
-        or policy.jwt_providers
-        or policy.introspection_providers
-        or policy.grpc_services
-    ):
+    if not has_policy_parts(policy):
         # Raw resources only: their sources are already strings, so the YAML node tree
         # (millions of objects for a big snapshot) need not stay alive.
         doc = Document(doc.path, None, None)
     return Unit(doc, nodes, policy, tuple(resources), tuple(tls.warnings)), []
+
+
+def has_policy_parts(policy: PolicyFile) -> bool:
+    """Does the file hold anything of the policy language besides `nodes` and raw
+    `resources`? Every top-level key but those two counts, so a new key cannot be left out."""
+    return any(
+        getattr(policy, key) not in (None, [], {})
+        for key in type(policy).model_fields
+        if key not in ("nodes", "resources")
+    )
