@@ -85,7 +85,7 @@ def apply(entries: list[str], header: str, edit: tuple) -> tuple[list[str], str]
     out = list(entries)
     kind = edit[0]
     at = edit[1] % max(1, len(out)) if len(edit) > 1 and isinstance(edit[1], int) else 0
-    if kind == "change" and out:
+    if kind == "change" and out and "name: " in out[at]:  # a "bad" edit may have broken it
         name = out[at].split("name: ", 1)[1].split("\n", 1)[0]
         out[at] = cluster(name, edit[2]) if "Cluster\n" in out[at] else endpoints(name, edit[2])
     elif kind == "remove" and len(out) > 1:

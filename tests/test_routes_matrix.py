@@ -188,7 +188,9 @@ def test_the_sample_matrix_says_what_envoy_is_given(sample: Path) -> None:
 @pytest.mark.parametrize("case", GOLDEN_CASES)
 def test_every_golden_policy_matrix_says_what_envoy_is_given(case: str, tmp_path: Path) -> None:
     folder, _ = prepare(case, tmp_path)
-    assert check_folder(folder) > 0
+    checked = check_folder(folder)
+    # gRPC-only policies (grpc, grpc-server) have no Envoy route: nothing in the matrix
+    assert checked > 0 or case.startswith("grpc"), case
 
 
 CORPUS_CASES = sorted(p.name for p in CORPUS.iterdir() if p.is_dir())
