@@ -78,7 +78,8 @@ class CertSummary:
             "ocsp_stapled": self.ocsp_stapled,
             # Renew it (xdsplane certs ocsp NAME) before: due within a day, or past.
             "ocsp_due": left < OCSP_DUE_SECONDS,
-            "ocsp_expired": left <= 0,
+            # expired for serving: dropped a margin before its nextUpdate
+            "ocsp_expired": left <= STAPLE_MARGIN_SECONDS,
         }
 
 
@@ -92,6 +93,12 @@ class KeyMismatch(TlsFileError):
 
 class StapleMismatch(TlsFileError):
     """The OCSP staple is for another certificate (maybe only half-way through a rotation)."""
+
+
+# A staple is dropped this long before its nextUpdate: the reload that leaves it out must
+# reach Envoy before Envoy itself sees it expired (under ocsp: strict Envoy then fails every
+# handshake that asks for a staple).
+STAPLE_MARGIN_SECONDS = 3.0
 
 
 class StapleExpired(TlsFileError):
@@ -282,7 +289,7 @@ def check_ocsp(
         raise TlsFileError(f"{what} is not valid before {resp.this_update_utc:%Y-%m-%d %H:%M} UTC")
     if resp.next_update_utc is None:
         raise TlsFileError(f"{what} has no next update (Envoy refuses such responses)")
-    if resp.next_update_utc <= now:
+    if resp.next_update_utc <= now + datetime.timedelta(seconds=STAPLE_MARGIN_SECONDS):
         raise StapleExpired(
             f"{what} expired: its next update was due {resp.next_update_utc:%Y-%m-%d %H:%M} UTC",
             resp.next_update_utc,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import watchfiles
 
-from xdsplane import logs
+from xdsplane import logs, tlsfiles
 from xdsplane.cache import SnapshotCache
 from xdsplane.config.errors import ConfigErrors
 from xdsplane.config.stableread import BUSY_BUDGET_SECONDS
@@ -210,7 +210,8 @@ class Reloader(Source[SnapshotSet]):
                 due = cert.ocsp_next_update
                 if not cert.ocsp_stapled or due is None or (cert.secret, due) in done:
                     continue
-                left = (due - now).total_seconds()
+                # dropped a margin before its nextUpdate (tlsfiles.STAPLE_MARGIN_SECONDS)
+                left = (due - now).total_seconds() - tlsfiles.STAPLE_MARGIN_SECONDS
                 if left > 0:
                     wait = min(wait, left)
                     continue
