@@ -16,6 +16,7 @@ from xdsplane.policy.model import OutlierDetection, Upstream, UpstreamTls, split
 from xdsplane.policy.translate.common import (
     ads,
     duration,
+    one_endpoint_cluster,
     pack,
     sds,
     socket_address,
@@ -149,3 +150,25 @@ def load_assignment(name: str, up: Upstream) -> Any:
             )
         ],
     )
+
+
+def grpc_service_cluster(name: str, address: str, tls: UpstreamTls | None) -> Any:
+    """A cluster for a gRPC service Envoy itself calls (the guard, an OTLP collector):
+    STATIC for an IP address, STRICT_DNS for a host name; HTTP/2; with ``tls``, (mutual)
+    TLS as to an upstream."""
+    host, port = split_host_port(address)
+    try:
+        ipaddress.ip_address(host)
+        kind = cluster_pb2.Cluster.STATIC
+    except ValueError:
+        kind = cluster_pb2.Cluster.STRICT_DNS
+    c = one_endpoint_cluster(name, kind, "1s", host, port)
+    opts = http_protocol_options_pb2.HttpProtocolOptions(
+        explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
+            http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
+        )
+    )
+    c.typed_extension_protocol_options[_HTTP_OPTIONS].CopyFrom(pack(opts))
+    if tls is not None:
+        c.transport_socket.CopyFrom(upstream_tls(tls))
+    return c

@@ -9,19 +9,16 @@ unless the route has ``replay_protection``, so only those routes call the guard.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable
 from typing import Any
 
-from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import config_source_pb2, grpc_service_pb2, protocol_pb2
+from envoy.config.core.v3 import config_source_pb2, grpc_service_pb2
 from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2
-from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 
 from xdsplane.names import GUARD_CHECK_EXTENSION, GUARD_CHECK_REVOCATION, GUARD_CLUSTER
-from xdsplane.policy.model import Guard, Host, Route, duration_seconds, split_host_port
+from xdsplane.policy.model import Guard, Host, Route, duration_seconds
 from xdsplane.policy.translate import clusters, introspection, jwt
-from xdsplane.policy.translate.common import duration, one_endpoint_cluster, pack
+from xdsplane.policy.translate.common import duration
 
 CLUSTER = GUARD_CLUSTER
 FILTER = "envoy.filters.http.ext_authz"
@@ -41,23 +38,8 @@ def needs_ext_authz(hosts: Iterable[Host]) -> bool:
 def cluster(guard: Guard) -> Any:
     """The guard's cluster: STATIC for an IP address, STRICT_DNS for a host name; HTTP/2;
     with ``tls``, mutual TLS (the same UpstreamTlsContext as an upstream's ``tls``)."""
-    host, port = split_host_port(guard.address)
-    try:
-        ipaddress.ip_address(host)
-        kind = cluster_pb2.Cluster.STATIC
-    except ValueError:
-        kind = cluster_pb2.Cluster.STRICT_DNS
-    c = one_endpoint_cluster(CLUSTER, kind, "1s", host, port)
-    opts = http_protocol_options_pb2.HttpProtocolOptions(
-        explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
-            http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
-        )
-    )
-    c.typed_extension_protocol_options[_HTTP_OPTIONS].CopyFrom(pack(opts))
-    if guard.tls is not None:
-        # mTLS as to an upstream: the guard serves only callers with its client SAN.
-        c.transport_socket.CopyFrom(clusters.upstream_tls(guard.tls))
-    return c
+    # mTLS as to an upstream: the guard serves only callers with its client SAN.
+    return clusters.grpc_service_cluster(CLUSTER, guard.address, guard.tls)
 
 
 def timeout(guard: Guard, introspection_timeout: float = 0.0) -> str:

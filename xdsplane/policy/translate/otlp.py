@@ -9,23 +9,20 @@ every second (``buffer_flush_interval``' default) over one gRPC stream to the cl
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Mapping
 from typing import Any
 
 from envoy.config.accesslog.v3 import accesslog_pb2
-from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import config_source_pb2, extension_pb2, grpc_service_pb2, protocol_pb2
+from envoy.config.core.v3 import config_source_pb2, extension_pb2, grpc_service_pb2
 from envoy.extensions.access_loggers.grpc.v3 import als_pb2
 from envoy.extensions.access_loggers.open_telemetry.v3 import logs_service_pb2
 from envoy.extensions.formatter.cel.v3 import cel_pb2
-from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from opentelemetry.proto.common.v1 import common_pb2 as otel_common_pb2
 
 from xdsplane.names import OTLP_CLUSTER
-from xdsplane.policy.model import OtlpLog, split_host_port
+from xdsplane.policy.model import OtlpLog
 from xdsplane.policy.translate import clusters
-from xdsplane.policy.translate.common import duration, one_endpoint_cluster, pack
+from xdsplane.policy.translate.common import duration, pack
 
 CLUSTER = OTLP_CLUSTER
 LOGGER = "envoy.access_loggers.open_telemetry"
@@ -36,22 +33,7 @@ _HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 def cluster(otlp: OtlpLog) -> Any:
     """The collector's cluster: STATIC for an IP address, STRICT_DNS for a host name;
     HTTP/2 (gRPC); with ``tls``, (mutual) TLS as to an upstream."""
-    host, port = split_host_port(otlp.address)
-    try:
-        ipaddress.ip_address(host)
-        kind = cluster_pb2.Cluster.STATIC
-    except ValueError:
-        kind = cluster_pb2.Cluster.STRICT_DNS
-    c = one_endpoint_cluster(CLUSTER, kind, "1s", host, port)
-    opts = http_protocol_options_pb2.HttpProtocolOptions(
-        explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
-            http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
-        )
-    )
-    c.typed_extension_protocol_options[_HTTP_OPTIONS].CopyFrom(pack(opts))
-    if otlp.tls is not None:
-        c.transport_socket.CopyFrom(clusters.upstream_tls(otlp.tls))
-    return c
+    return clusters.grpc_service_cluster(CLUSTER, otlp.address, otlp.tls)
 
 
 def access_log(
