@@ -493,6 +493,15 @@ class _Checker:
 
     def upstreams(self) -> None:
         for name, upart in self.policy.upstreams.items():
+            seen: dict[tuple[str, str, str], int] = {}
+            for j, loc in enumerate(upart.value.localities or ()):
+                if loc.key() in seen:
+                    self.error(
+                        upart.origin.at("localities", j),
+                        f"upstream {name!r}: locality {loc.label()} is given twice (first as "
+                        f"localities[{seen[loc.key()]}]): merge their endpoints",
+                    )
+                seen.setdefault(loc.key(), j)
             tls = upart.value.tls
             if tls is not None and name not in self.grpc_used:
                 self.secret(tls.ca, "ca", upart.origin, "tls", "ca")

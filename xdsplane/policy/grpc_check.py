@@ -118,14 +118,14 @@ def _upstream(upart: Part[Upstream], secret: Callable[..., None]) -> list[Config
     SANs."""
     up, origin = upart.value, upart.origin
     errors = []
-    for i, e in enumerate(up.endpoints):
+    for keys, e in up.placed_endpoints():
         host, _ = split_host_port(e)
         try:
             ipaddress.ip_address(host)
         except ValueError:
             errors.append(
                 ConfigError(
-                    origin.at("endpoints", i),
+                    origin.at(*keys),
                     f"endpoint {e!r}: gRPC clients take IP addresses over EDS, not host names",
                 )
             )

@@ -255,7 +255,7 @@ def _route_row(
         global_rate_limit=_limit(r.global_rate_limit),
         rbac=_rbac(r),
         upstream=r.upstream,
-        endpoints=tuple(up.endpoints) if up is not None else (),
+        endpoints=tuple(up.all_endpoints()) if up is not None else (),
         upstream_tls=_upstream_tls(up),
         direct_response=r.direct_response.status if r.direct_response is not None else None,
         redirect=None,

@@ -872,8 +872,48 @@ class OutlierDetection(Model):
     )
 
 
-class Upstream(Model):
+# The sum of a cluster's locality weights must fit in a uint32 (Envoy refuses the
+# assignment, gRPC NACKs it otherwise).
+MAX_LOCALITY_WEIGHT_SUM = 2**32 - 1
+
+
+class Locality(Model):
+    """A failure domain (region, zone, sub-zone) holding some of an upstream's endpoints,
+    with its share of the requests. At least one of region, zone and sub_zone names it."""
+
+    region: str | None = Field(None, min_length=1, description="the locality's region")
+    zone: str | None = Field(None, min_length=1, description="its zone within the region")
+    sub_zone: str | None = Field(None, min_length=1, description="its sub-zone within the zone")
+    weight: int = Field(
+        ge=1,
+        le=MAX_LOCALITY_WEIGHT_SUM,
+        description="share of the requests: this weight over the sum of the localities' weights",
+    )
     endpoints: list[Address] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _named(self) -> Locality:
+        if self.region is None and self.zone is None and self.sub_zone is None:
+            raise ValueError("a locality needs at least one of region, zone, sub_zone")
+        return self
+
+    def key(self) -> tuple[str, str, str]:
+        return (self.region or "", self.zone or "", self.sub_zone or "")
+
+    def label(self) -> str:
+        names = ("region", "zone", "sub_zone")
+        return ", ".join(f"{k}={v}" for k, v in zip(names, self.key(), strict=True) if v)
+
+
+class Upstream(Model):
+    endpoints: list[Address] | None = Field(
+        None, min_length=1, description="where the service runs; or localities"
+    )
+    localities: list[Locality] | None = Field(
+        None,
+        min_length=1,
+        description="the endpoints grouped by locality, each with a weight; or endpoints",
+    )
     lb: LbPolicy = "round_robin"
     connect_timeout: Duration = "1s"
     http2: bool = Field(False, description="speak HTTP/2 to the upstream")
@@ -883,6 +923,32 @@ class Upstream(Model):
     outlier_detection: OutlierDetection | None = Field(
         None, description="eject endpoints that fail often (Envoy and gRPC)"
     )
+
+    @model_validator(mode="after")
+    def _where(self) -> Upstream:
+        _one_of(self, ("endpoints", "localities"))
+        total = sum(loc.weight for loc in self.localities or ())
+        if total > MAX_LOCALITY_WEIGHT_SUM:
+            raise ValueError(
+                f"the localities' weights add up to {total}, above {MAX_LOCALITY_WEIGHT_SUM}"
+            )
+        return self
+
+    def all_endpoints(self) -> list[str]:
+        """Every endpoint, in the order written (over the localities when there are)."""
+        if self.localities is None:
+            return list(self.endpoints or ())
+        return [e for loc in self.localities for e in loc.endpoints]
+
+    def placed_endpoints(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """Every endpoint with the keys that lead to it from the upstream."""
+        if self.localities is None:
+            return [(("endpoints", i), e) for i, e in enumerate(self.endpoints or ())]
+        return [
+            (("localities", j, "endpoints", i), e)
+            for j, loc in enumerate(self.localities)
+            for i, e in enumerate(loc.endpoints)
+        ]
 
 
 # -- JWT providers ---------------------------------------------------------------------------

@@ -36,7 +36,7 @@ _HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 def uses_eds(up: Upstream) -> bool:
     """IP endpoints are served over EDS; host names need Envoy's DNS (STRICT_DNS)."""
-    for e in up.endpoints:
+    for e in up.all_endpoints():
         host, _ = split_host_port(e)
         try:
             ipaddress.ip_address(host)
@@ -57,6 +57,9 @@ def cluster(name: str, up: Upstream) -> Any:
     else:
         c.type = cluster_pb2.Cluster.STRICT_DNS
         c.load_assignment.CopyFrom(load_assignment(name, up))
+    if up.localities is not None:
+        # Without it Envoy ignores the localities' weights (and spreads over all endpoints).
+        c.common_lb_config.locality_weighted_lb_config.SetInParent()
     if up.http2:
         opts = http_protocol_options_pb2.HttpProtocolOptions(
             explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
@@ -138,18 +141,44 @@ def upstream_tls(t_: UpstreamTls) -> Any:
 
 def load_assignment(name: str, up: Upstream) -> Any:
     return endpoint_pb2.ClusterLoadAssignment(
-        cluster_name=name,
-        endpoints=[
-            endpoint_components_pb2.LocalityLbEndpoints(
-                lb_endpoints=[
-                    endpoint_components_pb2.LbEndpoint(
-                        endpoint=endpoint_components_pb2.Endpoint(address=socket_address(e))
-                    )
-                    for e in up.endpoints
-                ]
-            )
-        ],
+        cluster_name=name, endpoints=locality_lb_endpoints(up, None)
     )
+
+
+def locality_lb_endpoints(up: Upstream, default: Any) -> list[Any]:
+    """The endpoint groups of ``up``: one per locality, with its weight; without
+    localities, one group of ``default`` (a ``(Locality, weight)`` pair, or None for a
+    group with neither)."""
+    groups: list[tuple[Any, int | None, list[str]]]
+    if up.localities is not None:
+        groups = [
+            (
+                base_pb2.Locality(region=loc.key()[0], zone=loc.key()[1], sub_zone=loc.key()[2]),
+                loc.weight,
+                loc.endpoints,
+            )
+            for loc in up.localities
+        ]
+    elif default is not None:
+        groups = [(default[0], default[1], up.endpoints or [])]
+    else:
+        groups = [(None, None, up.endpoints or [])]
+    out = []
+    for locality, weight, endpoints in groups:
+        group = endpoint_components_pb2.LocalityLbEndpoints(
+            lb_endpoints=[
+                endpoint_components_pb2.LbEndpoint(
+                    endpoint=endpoint_components_pb2.Endpoint(address=socket_address(e))
+                )
+                for e in endpoints
+            ]
+        )
+        if locality is not None:
+            group.locality.CopyFrom(locality)
+        if weight is not None:
+            group.load_balancing_weight.CopyFrom(u32(weight))
+        out.append(group)
+    return out
 
 
 def grpc_service_cluster(name: str, address: str, tls: UpstreamTls | None) -> Any:

@@ -22,7 +22,7 @@ from typing import Any
 
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2
 from envoy.config.core.v3 import base_pb2
-from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import api_listener_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
@@ -45,12 +45,11 @@ from xdsplane.policy.model import (
     Upstream,
     UpstreamTls,
 )
-from xdsplane.policy.translate.clusters import outlier_detection
+from xdsplane.policy.translate.clusters import locality_lb_endpoints, outlier_detection
 from xdsplane.policy.translate.common import (
     ads,
     duration,
     pack,
-    socket_address,
     transport_socket,
     u32,
 )
@@ -207,20 +206,10 @@ def upstream_tls(t_: UpstreamTls) -> Any:
 
 
 def load_assignment(name: str, up: Upstream) -> Any:
-    """One locality (gRPC NACKs an endpoint group without one) of weight 1 (gRPC drops a
-    locality without a weight)."""
+    """The upstream's localities with their weights; without localities, one locality
+    (gRPC NACKs an endpoint group without one) of weight 1 (gRPC drops a locality without
+    a weight)."""
     return endpoint_pb2.ClusterLoadAssignment(
         cluster_name=name,
-        endpoints=[
-            endpoint_components_pb2.LocalityLbEndpoints(
-                locality=base_pb2.Locality(sub_zone=name),
-                load_balancing_weight=u32(1),
-                lb_endpoints=[
-                    endpoint_components_pb2.LbEndpoint(
-                        endpoint=endpoint_components_pb2.Endpoint(address=socket_address(e))
-                    )
-                    for e in up.endpoints
-                ],
-            )
-        ],
+        endpoints=locality_lb_endpoints(up, (base_pb2.Locality(sub_zone=name), 1)),
     )
