@@ -203,7 +203,8 @@ def test_a_nack_shows_in_status_and_the_last_good_config_keeps_serving(
 ) -> None:
     """A header regex that passes `validate` (Python's re accepts it) but RE2 refuses (a
     counted repetition above 1000): the client NACKs the RouteConfiguration and keeps the
-    one it had."""
+    one it had; /status and `xdsplane status` show the NACK with gRPC's reason; the next
+    good edit is ACKed and applied, and the node's row shows no NACK any more."""
     a, b = Backend("alpha"), Backend("beta")
     backends += [a, b]
     folder = tmp_path / "policy"
@@ -248,6 +249,30 @@ def test_a_nack_shows_in_status_and_the_last_good_config_keeps_serving(
         what="every call after the NACK reaches alpha",
     )
     assert server.status()["reload"]["errors"] == []  # the edit passed validation
+    shown = xdsplane_status(server)
+    row = next(line for line in shown.splitlines() if line.startswith(NODE))
+    assert "NACK" in row.split()[4:], shown
+    assert f"NACK {NODE} RDS" in shown, shown
+    # A good edit: Charge (the loop's method) to beta. ACKed, applied, and the row is clear
+    # again (the NACK line stays: /status keeps the node's last NACK per type, with its time).
+    moved = [{"service": "billing.Billing", "method": "Charge", "upstream": "beta"}, good[1]]
+    write_atomic(folder / "grpc.yaml", text(moved))
+    wait_until(
+        lambda: any(x["answer"] == "beta" for x in loop_lines(client)[seen:]),
+        15,
+        what="a call reaches beta after the good edit",
+    )
+    wait_until(
+        lambda: (lambda t: t["acked_version"] == t["sent_version"])(
+            server.stream(NODE)["types"]["RDS"]
+        ),
+        15,
+        what="the good edit ACKed",
+    )
+    assert server.stream(NODE)["types"]["RDS"]["nacks"] == 1
+    row = next(line for line in xdsplane_status(server).splitlines() if line.startswith(NODE))
+    assert "NACK" not in row.split(), row
+    client.stop()
 
 
 def test_a_grpc_group_serves_no_secret_and_its_bootstrap_names_files_only(
@@ -301,3 +326,18 @@ def test_validate_envoy_leaves_grpc_resources_to_grpc(tmp_path: Path, certs: Pat
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "envoy accepts every node group" in done.stderr
+
+
+def xdsplane_status(server: XdsServer) -> str:
+    import subprocess
+
+    from harness import xdsplane_argv
+
+    done = subprocess.run(
+        xdsplane_argv("status", "--admin-address", f"127.0.0.1:{server.admin_port}"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return done.stdout

@@ -16,6 +16,7 @@ The module's processes are bounded by MODULE_SECONDS; each wait by SERVING_SECON
 from __future__ import annotations
 
 import json
+import subprocess
 import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from grpc_server_helpers import (
     start_server,
     wait_serving,
 )
-from harness import ProcessGroup, XdsServer, free_port, wait_until, write_atomic
+from harness import ProcessGroup, XdsServer, free_port, wait_until, write_atomic, xdsplane_argv
 from test_ads_limits import run, sotw
 from test_policy_corpus import run_cli
 from tls_helpers import assert_no_key_material, attach_to_report, make_pki, process_group
@@ -358,3 +359,73 @@ def test_bootstrap_names_the_servers_certificate_providers(setup: Setup) -> None
     assert files["certificate_file"].resolve() == (setup.certs / "billing.crt").resolve()
     assert files["ca_certificate_file"].resolve() == (setup.certs / "client-ca.crt").resolve()
     assert GRPC_SERVER_TEMPLATE == GRPC_SERVER_LISTENER_TEMPLATE
+
+
+def xdsplane_status(xds: XdsServer) -> str:
+    done = subprocess.run(
+        xdsplane_argv("status", "--admin-address", f"127.0.0.1:{xds.admin_port}"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return done.stdout
+
+
+def test_a_listener_the_server_nacks_shows_in_status_and_the_last_good_one_keeps_serving(
+    procs: ProcessGroup, tmp_path: Path
+) -> None:
+    """An edit `validate` accepts but the running server rejects: the entry now names a
+    secret its bootstrap has no certificate provider for (the bootstrap is read once, when
+    the process starts). The server NACKs the Listener, /status and `xdsplane status` show
+    the NACK with gRPC's reason, the server keeps serving with the Listener it had, and the
+    next good edit is taken (ACKed) and applied."""
+    s = start(procs, tmp_path)
+    wait_serving(procs.procs[1], s.certs, s.strict, "carol", CHARGE)
+    node, path = "billing-strict", tmp_path / "policy" / "billing.yaml"
+    good = policy(s.strict, s.open)
+    bad = good.replace(
+        "  client-ca:",
+        "  billing-next: {certificate: ../certs/billing.crt, "
+        "private_key: ../certs/billing.key}\n  client-ca:",
+        1,
+    ).replace("certificate: billing\n", "certificate: billing-next\n", 1)
+    assert bad.count("billing-next") == 2
+    write_atomic(path, bad)
+    nack = wait_until(
+        lambda: s.xds.status()["nacks"].get(node, {}).get("LDS"),
+        SERVING_SECONDS,
+        what="the server's LDS NACK",
+    )
+    print(f"the server's NACK: {nack['message']}")
+    assert "billing-next" in nack["message"], nack
+    assert s.xds.status()["reload"]["errors"] == [], "the edit passed validation"
+    lds = s.xds.type_status(node, "LDS")
+    assert lds["nacks"] == 1 and lds["acked_version"] != lds["sent_version"], lds
+    shown = xdsplane_status(s.xds)
+    row = next(line for line in shown.splitlines() if line.startswith(node))
+    assert "NACK" in row.split()[4:], shown
+    assert f"NACK {node} LDS" in shown and "billing-next" in shown, shown
+    # The last good Listener keeps serving: carol's rule (and TLS) as before.
+    for _ in range(5):
+        assert call_once(s.certs, s.strict, "carol", CHARGE).ok
+        assert call_once(s.certs, s.strict, "alice", DELETE).code == DENIED
+    # A good edit (carol's rule removed) is ACKed and applied; the row shows no NACK.
+    tight = """\
+      - methods: [/billing.Billing/]
+        client_sans: [spiffe://example.com/ops/alice]
+"""
+    write_atomic(path, policy(s.strict, s.open, tight))
+    wait_until(
+        lambda: call_once(s.certs, s.strict, "carol", CHARGE).code == DENIED,
+        SERVING_SECONDS,
+        what="carol refused after the good edit",
+    )
+    assert call_once(s.certs, s.strict, "alice", CHARGE).ok
+    wait_until(
+        lambda: (lambda t: t["acked_version"] == t["sent_version"])(s.xds.type_status(node, "LDS")),
+        SERVING_SECONDS,
+        what="the good edit ACKed",
+    )
+    row = next(line for line in xdsplane_status(s.xds).splitlines() if line.startswith(node))
+    assert "NACK" not in row.split(), row
