@@ -317,6 +317,30 @@ class RevocationsReloader(Source[list[Revocation]]):
         await self.reloads.run(stop)
 
 
+def _grpc_server(
+    opts: GuardOptions, service: GuardService, caller_check: CallerCheck | None
+) -> grpc.aio.Server:
+    # SO_REUSEPORT only among --workers: a second guard cannot share a port by mistake.
+    reuse = 1 if opts.worker is not None else 0
+    server = grpc.aio.server(options=[("grpc.so_reuseport", reuse)])
+    server.add_generic_rpc_handlers(tuple(service.handlers(caller_check)))
+    return server
+
+
+def _bind(server: grpc.aio.Server, address: str, host: str, port: int, tls: GuardTls | None) -> int:
+    """Bind (and listen on) the gRPC port; the port bound."""
+    try:  # grpcio raises RuntimeError when the port is taken
+        if tls is not None:
+            bound = server.add_secure_port(f"{_bracket(host)}:{port}", tls.credentials())
+        else:
+            bound = server.add_insecure_port(f"{_bracket(host)}:{port}")
+    except RuntimeError:
+        bound = 0
+    if bound == 0:
+        raise GuardStartupError([f"cannot listen for gRPC on {address}"])
+    return int(bound)
+
+
 async def run(opts: GuardOptions) -> None:
     log = logs.get("xdsplane.guard")
     try:
@@ -356,19 +380,6 @@ async def run(opts: GuardOptions) -> None:
 
     if opts.worker is not None:
         worker_metric(metrics.registry, opts.worker)
-    # SO_REUSEPORT only among --workers: a second guard cannot share a port by mistake.
-    reuse = 1 if opts.worker is not None else 0
-    server = grpc.aio.server(options=[("grpc.so_reuseport", reuse)])
-    server.add_generic_rpc_handlers(tuple(service.handlers(caller_check)))
-    try:  # grpcio raises RuntimeError when the port is taken
-        if tls is not None:
-            bound = server.add_secure_port(f"{_bracket(host)}:{port}", tls.credentials())
-        else:
-            bound = server.add_insecure_port(f"{_bracket(host)}:{port}")
-    except RuntimeError:
-        bound = 0
-    if bound == 0:
-        raise GuardStartupError([f"cannot listen for gRPC on {opts.address}"])
     reloader = LimitsReloader(opts, service)
     revoker: RevocationsReloader | None = None
     if opts.revocations is not None:
@@ -389,7 +400,19 @@ async def run(opts: GuardOptions) -> None:
         await web.TCPSite(runner, admin_host, admin_port).start()
     except OSError as e:
         await runner.cleanup()
+        await store.close()
         raise GuardStartupError([f"cannot listen for admin on {opts.admin_address}: {e}"]) from None
+    # The gRPC port is bound last, once nothing else can fail, and served at once. A bound
+    # socket listens: among --workers the kernel hands it new connections from then on, and
+    # a worker that failed after binding would close it with those connections queued
+    # (each reset). Binding last keeps a failing restart out of the SO_REUSEPORT group.
+    server = _grpc_server(opts, service, caller_check)
+    try:
+        bound = _bind(server, opts.address, host, port, tls)
+    except GuardStartupError:
+        await runner.cleanup()
+        await store.close()
+        raise
     await server.start()
     if opts.insecure:
         log.warning(
