@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness import ProcessGroup, wait_until
+from harness import ProcessGroup, XdsServer, wait_until
 from test_guard import Guard, allowed, denied
 from test_ratelimit import SHARED_POLICY
 
@@ -139,3 +139,30 @@ def test_a_revocations_configmap_swap_is_followed(procs: ProcessGroup, tmp_path:
         wait_until(lambda: allowed(check_mallory()), 10, what="the revocation lifted")
     finally:
         g.close()
+
+
+def test_serve_follows_a_policy_configmap_swap(procs: ProcessGroup, tmp_path: Path) -> None:
+    """``xdsplane serve``, the other reader of a policy folder (docs/scaling.md mounts it
+    from a ConfigMap): each swap of ``..data`` is a reload that serves the new policy."""
+    cm = ConfigMap(tmp_path / "policy")
+
+    def policy(body: str) -> str:
+        return (
+            "listeners:\n  - name: http\n    address: 127.0.0.1:10000\n    hosts:\n"
+            "      - name: web\n        domains: ['*']\n        routes:\n"
+            f"          - {{path: /hello, direct_response: {{status: 200, body: {body}}}}}\n"
+        )
+
+    def digest() -> str:
+        groups = server.status()["groups"]
+        assert len(groups) == 1, groups
+        return str(groups[0]["digest"])
+
+    cm.publish({"policy.yaml": policy("one")})
+    server = XdsServer(procs, cm.folder).start()
+    seen = {digest()}
+    for body in ("two", "three"):
+        cm.publish({"policy.yaml": policy(body)})
+        now = wait_until(lambda: digest() not in seen and digest(), 10, what=f"{body} served")
+        seen.add(now)
+    assert server.status()["reload"]["errors"] == []
