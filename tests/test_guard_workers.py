@@ -9,6 +9,7 @@ probe opens a fresh connection.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -223,7 +224,8 @@ def test_every_new_connection_is_served_across_repeated_kills(
         # the survivor served every one of them
         assert workers.decisions(1 - k) == before + CONNECTIONS * len(families)
         wait_until(lambda k=k, v=victim: workers.pid(k) not in (None, v), 30, what="back")
-        wait_until(lambda: listening(workers.port) == WORKERS, 10, what="both listening")
+        # its /metrics answers only once its gRPC port is served (bound after the admin port)
+        assert listening(workers.port) == WORKERS
         for host in families:
             workers.channel_on(k, host=host).close()  # the restarted one serves this family
             for _ in range(CONNECTIONS):
@@ -339,3 +341,24 @@ def test_nobody_else_joins_the_workers_port(workers: Workers, procs: ProcessGrou
     )
     assert r.returncode != 0 and "Address already in use" in r.stderr, r
     assert all(workers.pid(k) is not None for k in range(WORKERS))
+
+
+async def test_admin_answers_503_until_the_grpc_port_is_served() -> None:
+    """A worker binds its admin port before its gRPC port (a taken admin port must fail
+    before the shared port is joined): until the gRPC port is served, /healthz and /metrics
+    say 503, so a 200 (what the parent and the probes wait for) means it is served."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from xdsplane.guard.app import GuardOptions, admin_app
+    from xdsplane.guard.service import GuardService
+    from xdsplane.guard.store import MemoryStore
+
+    serving = asyncio.Event()
+    app = admin_app(GuardService(MemoryStore(), None), GuardOptions(), serving=serving)
+    async with TestClient(TestServer(app)) as client:
+        for path in ("/healthz", "/metrics"):
+            r = await client.get(path)
+            assert r.status == 503 and (await r.json()) == {"status": "starting"}
+        serving.set()
+        for path in ("/healthz", "/metrics"):
+            assert (await client.get(path)).status == 200

@@ -149,12 +149,27 @@ def admin_app(
     opts: GuardOptions,
     reload: ReloadState | None = None,
     revocations: ReloadState | None = None,
+    serving: asyncio.Event | None = None,
 ) -> web.Application:
+    """``serving``: set once the gRPC port is served; until then both endpoints answer 503
+    (the admin port is bound first, so that a taken one fails before the gRPC port is
+    joined, and a 200 from /healthz or /metrics means the gRPC port is served)."""
+
+    def starting() -> web.Response | None:
+        if serving is None or serving.is_set():
+            return None
+        body = '{"status": "starting"}\n'
+        return web.Response(status=503, text=body, content_type="application/json")
+
     async def metrics(_: web.Request) -> web.Response:
+        if (early := starting()) is not None:
+            return early
         body = generate_latest(service.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def healthz(_: web.Request) -> web.Response:
+        if (early := starting()) is not None:
+            return early
         # Liveness: the process serves. The backend's state is shown, not judged: a guard
         # restart would not bring Redis back, and fail-open/closed already decides.
         body: dict[str, object] = {
@@ -263,8 +278,9 @@ async def run(opts: GuardOptions) -> None:
             raise GuardStartupError(e.errors) from None
         revoker.state.loaded, revoker.state.loaded_at = True, time.time()
     reloader.state.loaded, reloader.state.loaded_at = True, time.time()  # the startup load
+    serving = asyncio.Event()
     runner = web.AppRunner(
-        admin_app(service, opts, reloader.state, revoker.state if revoker else None),
+        admin_app(service, opts, reloader.state, revoker.state if revoker else None, serving),
         access_log=None,
     )
     await runner.setup()
@@ -286,6 +302,7 @@ async def run(opts: GuardOptions) -> None:
         await store.close()
         raise
     await server.start()
+    serving.set()
     if opts.insecure:
         log.warning(
             "guard running with --insecure",
