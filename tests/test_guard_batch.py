@@ -83,3 +83,37 @@ async def test_a_lone_call_and_a_dead_redis(redis: Redis) -> None:
             await store.claim("z", 60_000)
     finally:
         await store.close()
+
+
+async def test_a_check_is_one_round_trip_and_a_revoked_token_keeps_its_first_use(
+    redis: Redis,
+) -> None:
+    """A Check's revocation lookup (MGET) and jti claim (SET NX) go to Redis together, one
+    pipeline; a token refused as revoked has its jti released again, so once unrevoked its
+    first use is still a first use (as when the claim was made only after the lookup)."""
+    import time
+
+    from test_guard import allowed, check_request, denied
+
+    from xdsplane import jwt
+    from xdsplane.guard import revoke as rv
+    from xdsplane.guard.service import GuardConfig, GuardService
+
+    store = Counting(redis.url)
+    svc = GuardService(store, None, GuardConfig())
+    prefix = GuardConfig().key_prefix
+    try:
+        alice = jwt.claims("alice", now=time.time(), ttl=60)
+        assert allowed(await svc.check(check_request(alice)))
+        assert store.flushes == 1  # one round trip, not two in a row
+        assert denied(await svc.check(check_request(alice)))[:2] == (403, "replay")
+        assert store.flushes == 2
+
+        await rv.put(store, prefix, rv.entry("sub", "mallory", None, "stolen"), time.time())
+        mallory = jwt.claims("mallory", now=time.time(), ttl=60)
+        assert denied(await svc.check(check_request(mallory)))[:2] == (403, "revoked_sub")
+        assert await rv.remove(store, prefix, "sub", "mallory")
+        assert allowed(await svc.check(check_request(mallory)))  # still its first use
+        assert denied(await svc.check(check_request(mallory)))[:2] == (403, "replay")
+    finally:
+        await store.close()

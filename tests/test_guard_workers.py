@@ -9,6 +9,7 @@ probe opens a fresh connection.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -43,18 +44,31 @@ def two_free_ports() -> int:
     raise AssertionError("no two consecutive free ports")
 
 
-def new_channel(port: int) -> grpc.Channel:
+def new_channel(port: int, host: str = HOST) -> grpc.Channel:
     """A channel with its own connection (never one shared with another channel)."""
-    return grpc.insecure_channel(f"{HOST}:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+
+
+def listening(port: int) -> int:
+    """How many sockets listen on TCP ``port`` in this network namespace (IPv4 and IPv6;
+    grpcio binds 127.0.0.1 as an IPv6 socket on ::ffff:127.0.0.1)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rpartition(":")[2], 16) == port:
+                count += 1
+    return count
 
 
 class Workers:
-    def __init__(self, procs: ProcessGroup, redis: Redis, *extra: str) -> None:
+    def __init__(self, procs: ProcessGroup, redis: Redis, *extra: str, bind: str = HOST) -> None:
         self.port = free_port()
         self.admin = two_free_ports()
         argv = xdsplane_argv(
             "guard",
-            *("--address", f"{HOST}:{self.port}", "--admin-address", f"{HOST}:{self.admin}"),
+            *("--address", f"{bind}:{self.port}", "--admin-address", f"{HOST}:{self.admin}"),
             *("--insecure", "--log-format", "json", "--redis", redis.url),
             *("--workers", str(WORKERS), *extra),
         )
@@ -64,6 +78,9 @@ class Workers:
     def start(self) -> Workers:
         self.proc.start()
         wait_until(self.all_healthy, 30, what="every worker's /healthz")
+        # Until the parent has seen every worker answer, a worker that exits is a startup
+        # error (the parent gives up), not a crash to restart.
+        wait_until(lambda: "every worker serving" in self.proc.tail(), 30, what="the parent")
         return self
 
     def all_healthy(self) -> bool:
@@ -95,13 +112,15 @@ class Workers:
         jti = f"w-{os.getpid()}-{time.monotonic_ns()}-{self.seq}"
         return {"jti": jti, "sub": "alice", "iss": "idp", "exp": time.time() + 120}
 
-    def check(self, claims: dict[str, Any], channel: grpc.Channel | None = None) -> Any:
-        """A Check on ``channel``, or on a new connection of its own."""
+    def check(
+        self, claims: dict[str, Any], channel: grpc.Channel | None = None, host: str = HOST
+    ) -> Any:
+        """A Check on ``channel``, or on a new connection of its own to ``host``."""
         if channel is not None:
             return external_auth_pb2_grpc.AuthorizationStub(channel).Check(
                 check_request(claims), timeout=5
             )
-        with new_channel(self.port) as ch:
+        with new_channel(self.port, host) as ch:
             return self.check(claims, ch)
 
     def served_by(self, channel: grpc.Channel) -> int:
@@ -113,10 +132,10 @@ class Workers:
         assert len(moved) == 1, (before, after)
         return moved[0]
 
-    def channel_on(self, k: int, limit: int = 200) -> grpc.Channel:
+    def channel_on(self, k: int, limit: int = 200, host: str = HOST) -> grpc.Channel:
         """A connection the kernel gave to worker k (new connections until one lands)."""
         for _ in range(limit):
-            ch = new_channel(self.port)
+            ch = new_channel(self.port, host)
             if self.served_by(ch) == k:
                 return ch
             ch.close()
@@ -166,27 +185,93 @@ def test_two_workers_answer_on_one_port_and_a_killed_one_comes_back(workers: Wor
     assert workers.proc.alive()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known issue (docs/guard.md, Workers): after a worker is SIGKILLed, IPv4 "
-    "connections to the shared port are sometimes refused by the kernel although the other "
-    "worker (and later the restarted one) still listens; not reproduced with plain grpc.aio "
-    "servers or raw sockets; under investigation",
-)
-def test_the_port_keeps_answering_while_a_killed_worker_restarts(workers: Workers) -> None:
-    on = [workers.channel_on(k) for k in range(WORKERS)]
-    for ch in on:
-        ch.close()
-    victim = workers.pid(0)
+def kill_worker(workers: Workers, k: int) -> int:
+    """SIGKILL worker k and wait until its listening socket is closed; its PID.
+
+    A zombie PID is not enough: the process's other threads (grpcio's) still hold its file
+    table for a few ms, so the socket listens on, and the connections the kernel hands it
+    then are reset when it closes (unless net.ipv4.tcp_migrate_req = 1). Only once the
+    socket is gone is every new connection the surviving worker's.
+    """
+    victim = workers.pid(k)
     assert victim is not None
+    assert listening(workers.port) == WORKERS
     os.kill(victim, signal.SIGKILL)
-    wait_until(lambda: not alive(victim), 10, what="the killed worker gone")
-    # New connections go to the worker still listening.
-    for _ in range(20):
-        assert allowed(workers.check(workers.token()))
-    wait_until(lambda: workers.pid(0) not in (None, victim), 20, what="worker 0 restarted")
-    ch = workers.channel_on(0)  # and the restarted one serves the shared port again
-    ch.close()
+    wait_until(lambda: listening(workers.port) == WORKERS - 1, 10, what="its socket closed")
+    return victim
+
+
+CONNECTIONS = 15  # new connections per address family and phase
+
+
+@pytest.mark.parametrize("bind", ["127.0.0.1", "[::]"], ids=["ipv4", "dual-stack"])
+def test_every_new_connection_is_served_across_repeated_kills(
+    procs: ProcessGroup, redis: Redis, bind: str
+) -> None:
+    """Kill each worker in turn (4 kills): every new connection, over each family the port
+    is bound for, is served by the worker still listening while the killed one is down,
+    and by either once the restarted one listens again (which serves each family too)."""
+    workers = Workers(procs, redis, bind=bind).start()
+    families = ["127.0.0.1", "::1"] if bind == "[::]" else ["127.0.0.1"]
+    for kill in range(4):
+        k = kill % 2
+        survivor = workers.pid(1 - k)
+        before = workers.decisions(1 - k)
+        victim = kill_worker(workers, k)
+        for host in families:
+            for _ in range(CONNECTIONS):
+                assert allowed(workers.check(workers.token(), host=host)), (kill, host)
+        # the survivor served every one of them
+        assert workers.decisions(1 - k) == before + CONNECTIONS * len(families)
+        wait_until(lambda k=k, v=victim: workers.pid(k) not in (None, v), 30, what="back")
+        # its /metrics answers only once its gRPC port is served (bound after the admin port)
+        assert listening(workers.port) == WORKERS
+        for host in families:
+            workers.channel_on(k, host=host).close()  # the restarted one serves this family
+            for _ in range(CONNECTIONS):
+                assert allowed(workers.check(workers.token(), host=host)), (kill, host)
+        assert workers.pid(1 - k) == survivor
+    assert workers.proc.alive()
+
+
+def test_a_restart_that_fails_never_takes_connections(workers: Workers) -> None:
+    """Worker 0 is killed and its admin port taken, so each restart fails: the restarted
+    process never listens on the shared port (it binds it last), and every new connection
+    meanwhile is served by worker 1. Once the admin port is free, worker 0 comes back."""
+    victim = kill_worker(workers, 0)
+    holder = socket.socket()
+    # SO_REUSEADDR as the worker's own admin socket (aiohttp) has: the port may still have
+    # connections in TIME_WAIT; two listening sockets still cannot share it.
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        holder.bind((HOST, workers.admin))
+        holder.listen()
+        failed = re.compile(r"worker 0 \(pid \d+\) exited with code 1")
+        served = 0
+        deadline = time.monotonic() + 60  # a generous ceiling: restarts at +0.5 s, +1 s
+        while len(failed.findall(workers.proc.tail(200))) < 2:
+            assert time.monotonic() < deadline, workers.proc.tail()
+            assert listening(workers.port) == WORKERS - 1
+            assert allowed(workers.check(workers.token()))
+            served += 1
+        assert served > 0
+        assert "cannot listen for admin" in workers.proc.tail(200)
+    finally:
+        holder.close()
+    wait_until(lambda: workers.pid(0) not in (None, victim), 30, what="worker 0 back")
+    workers.channel_on(0).close()
+
+
+def test_the_parent_notes_when_queued_connections_would_be_reset(tmp_path: Path) -> None:
+    from xdsplane.guard.workers import migrate_note
+
+    sysctl = tmp_path / "tcp_migrate_req"
+    sysctl.write_text("0\n")
+    note = migrate_note(sysctl)
+    assert note is not None and "net.ipv4.tcp_migrate_req=1" in note
+    sysctl.write_text("1\n")
+    assert migrate_note(sysctl) is None
+    assert migrate_note(tmp_path / "absent") is None  # not Linux >= 5.14: nothing to say
 
 
 def test_stopping_the_parent_stops_every_worker(workers: Workers) -> None:
@@ -256,3 +341,24 @@ def test_nobody_else_joins_the_workers_port(workers: Workers, procs: ProcessGrou
     )
     assert r.returncode != 0 and "Address already in use" in r.stderr, r
     assert all(workers.pid(k) is not None for k in range(WORKERS))
+
+
+async def test_admin_answers_503_until_the_grpc_port_is_served() -> None:
+    """A worker binds its admin port before its gRPC port (a taken admin port must fail
+    before the shared port is joined): until the gRPC port is served, /healthz and /metrics
+    say 503, so a 200 (what the parent and the probes wait for) means it is served."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from xdsplane.guard.app import GuardOptions, admin_app
+    from xdsplane.guard.service import GuardService
+    from xdsplane.guard.store import MemoryStore
+
+    serving = asyncio.Event()
+    app = admin_app(GuardService(MemoryStore(), None), GuardOptions(), serving=serving)
+    async with TestClient(TestServer(app)) as client:
+        for path in ("/healthz", "/metrics"):
+            r = await client.get(path)
+            assert r.status == 503 and (await r.json()) == {"status": "starting"}
+        serving.set()
+        for path in ("/healthz", "/metrics"):
+            assert (await client.get(path)).status == 200

@@ -11,23 +11,20 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import watchfiles
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from xdsplane import logs
 from xdsplane.adminhttp import protect
 from xdsplane.bootstrap import split_address
 from xdsplane.config.errors import ConfigErrors
 from xdsplane.exposure import is_loopback
-from xdsplane.guard.limits import GuardLimits, load_limits
-from xdsplane.guard.policy import combine, limits_from_policy
-from xdsplane.guard.revoke import Revocation, RevocationError, read_file
+from xdsplane.guard.reloaders import LimitsReloader, RevocationsReloader, load_all
 from xdsplane.guard.service import GuardConfig, GuardMetrics, GuardService
 from xdsplane.guard.store import MemoryStore, RedisStore, Store, StoreAuthError, redact_url
 from xdsplane.guard.tls import CallerCheck, GuardTls
 from xdsplane.guard.workers import worker_metric
-from xdsplane.reload import FileReloader, Refused, ReloadState, Source, norm, retry_busy
+from xdsplane.reload import Refused, ReloadState, retry_busy
 from xdsplane.tlsflags import all_or_none
 
 
@@ -152,12 +149,27 @@ def admin_app(
     opts: GuardOptions,
     reload: ReloadState | None = None,
     revocations: ReloadState | None = None,
+    serving: asyncio.Event | None = None,
 ) -> web.Application:
+    """``serving``: set once the gRPC port is served; until then both endpoints answer 503
+    (the admin port is bound first, so that a taken one fails before the gRPC port is
+    joined, and a 200 from /healthz or /metrics means the gRPC port is served)."""
+
+    def starting() -> web.Response | None:
+        if serving is None or serving.is_set():
+            return None
+        body = '{"status": "starting"}\n'
+        return web.Response(status=503, text=body, content_type="application/json")
+
     async def metrics(_: web.Request) -> web.Response:
+        if (early := starting()) is not None:
+            return early
         body = generate_latest(service.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def healthz(_: web.Request) -> web.Response:
+        if (early := starting()) is not None:
+            return early
         # Liveness: the process serves. The backend's state is shown, not judged: a guard
         # restart would not bring Redis back, and fail-open/closed already decides.
         body: dict[str, object] = {
@@ -192,135 +204,34 @@ def admin_app(
     return app
 
 
-def load_all(opts: GuardOptions) -> GuardLimits:
-    """The limits file's and the policy's limits; raises ConfigErrors, or FileBusy while a
-    file is being written."""
-    limits = load_limits(opts.limits) if opts.limits is not None else GuardLimits()
-    if opts.policy is not None:
-        limits = combine(limits, limits_from_policy(opts.policy), opts.policy)
-    return limits
+def _grpc_server(
+    opts: GuardOptions, service: GuardService, caller_check: CallerCheck | None
+) -> grpc.aio.Server:
+    # SO_REUSEPORT only among --workers: a second guard cannot share a port by mistake.
+    reuse = 1 if opts.worker is not None else 0
+    server = grpc.aio.server(options=[("grpc.so_reuseport", reuse)])
+    server.add_generic_rpc_handlers(tuple(service.handlers(caller_check)))
+    return server
 
 
-class _Outcomes:
-    """``xdsplane_guard_limits_reloads_total{result}``."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.counter = Counter(
-            "xdsplane_guard_limits_reloads",
-            "reloads of the rate limits (--policy, --limits), by result (success: new limits "
-            "apply; failure: refused, the previous ones stay)",
-            ["result"],
-            registry=registry,
-        )
-
-    def succeeded(self, seconds: float | None) -> None:
-        if seconds is not None:
-            self.counter.labels("success").inc()
-
-    def failed(self) -> None:
-        self.counter.labels("failure").inc()
-
-
-class LimitsReloader(Source[GuardLimits]):
-    """Reloads the limits when the policy folder changes (watched) and on SIGHUP, through
-    ``xdsplane.reload``; a folder with errors is logged and the last good limits stay."""
-
-    debounce_ms = 400
-    recursive = True
-
-    def __init__(self, opts: GuardOptions, service: GuardService) -> None:
-        self.opts = opts
-        self.service = service
-        self.log = logs.get("xdsplane.guard")
-        self.reloads = FileReloader(self, self.log, outcomes=_Outcomes(service.metrics.registry))
-        self.state = self.reloads.state
-
-    def load(self) -> GuardLimits:
-        try:
-            return load_all(self.opts)
-        except ConfigErrors as e:
-            raise Refused([str(x) for x in e.errors]) from None
-
-    def swap(self, new: GuardLimits, reason: str, state: ReloadState) -> None:
-        self.service.limits = new
-        self.log.info("limits reloaded", why=reason, rules=new.rule_count())
-
-    def report_failure(self, errors: list[str], reason: str) -> None:
-        self.log.error("limits not reloaded; keeping the last good ones", why=reason, errors=errors)
-
-    def internal_error(self, stage: str, error: Exception) -> str:
-        return f"internal error while {stage}: {type(error).__name__}: {error}"
-
-    def watch_paths(self) -> list[Path]:
-        folder = self.opts.policy
-        return [folder] if folder is not None and folder.is_dir() else []
-
-    def relevant(self, change: watchfiles.Change, path: str) -> bool:
-        folder = self.opts.policy
-        if folder is None:
-            return False
-        p = norm(Path(path))
-        for root in {norm(folder), folder.resolve()}:
-            if p == root or root in p.parents:
-                if any(part.startswith(".") for part in p.relative_to(root).parts):
-                    return False
-                return p.suffix in (".yaml", ".yml") or p.is_dir()
-        return False
-
-    async def reload(self, why: str) -> bool:
-        return await self.reloads.reload(why)
-
-    async def watch(self, stop: asyncio.Event) -> None:
-        if self.opts.policy is None:
-            return
-        await self.reloads.run(stop)
-
-
-class RevocationsReloader(Source[list[Revocation]]):
-    """Reloads the revocations file (--revocations) when it changes and on SIGHUP; a file
-    with errors is logged and the last good entries stay."""
-
-    debounce_ms = 50  # a revocation applies within a second
-
-    def __init__(self, path: Path, service: GuardService) -> None:
-        self.path = path
-        self.service = service
-        self.log = logs.get("xdsplane.guard")
-        self.reloads = FileReloader(self, self.log)
-        self.state = self.reloads.state
-
-    def load(self) -> list[Revocation]:
-        try:
-            return read_file(self.path)
-        except RevocationError as e:
-            raise Refused([str(e)]) from None
-
-    def swap(self, new: list[Revocation], reason: str, state: ReloadState) -> None:
-        self.service.revocations.set_file(new)
-        self.log.info("revocations reloaded", why=reason, file=str(self.path), entries=len(new))
-
-    def report_failure(self, errors: list[str], reason: str) -> None:
-        self.log.error(
-            "revocations not reloaded; keeping the last good ones", why=reason, errors=errors
-        )
-
-    def watch_paths(self) -> list[Path]:
-        return [self.path.parent]
-
-    def relevant(self, change: watchfiles.Change, path: str) -> bool:
-        return norm(Path(path)) == norm(self.path)
-
-    async def reload(self, why: str) -> bool:
-        return await self.reloads.reload(why)
-
-    async def watch(self, stop: asyncio.Event) -> None:
-        await self.reloads.run(stop)
+def _bind(server: grpc.aio.Server, address: str, host: str, port: int, tls: GuardTls | None) -> int:
+    """Bind (and listen on) the gRPC port; the port bound."""
+    try:  # grpcio raises RuntimeError when the port is taken
+        if tls is not None:
+            bound = server.add_secure_port(f"{_bracket(host)}:{port}", tls.credentials())
+        else:
+            bound = server.add_insecure_port(f"{_bracket(host)}:{port}")
+    except RuntimeError:
+        bound = 0
+    if bound == 0:
+        raise GuardStartupError([f"cannot listen for gRPC on {address}"])
+    return int(bound)
 
 
 async def run(opts: GuardOptions) -> None:
     log = logs.get("xdsplane.guard")
     try:
-        limits = retry_busy(lambda: load_all(opts))
+        limits = retry_busy(lambda: load_all(opts.limits, opts.policy))
     except ConfigErrors as e:
         raise GuardStartupError([str(x) for x in e.errors]) from None
     except Refused as e:  # still being written after the busy budget
@@ -356,20 +267,7 @@ async def run(opts: GuardOptions) -> None:
 
     if opts.worker is not None:
         worker_metric(metrics.registry, opts.worker)
-    # SO_REUSEPORT only among --workers: a second guard cannot share a port by mistake.
-    reuse = 1 if opts.worker is not None else 0
-    server = grpc.aio.server(options=[("grpc.so_reuseport", reuse)])
-    server.add_generic_rpc_handlers(tuple(service.handlers(caller_check)))
-    try:  # grpcio raises RuntimeError when the port is taken
-        if tls is not None:
-            bound = server.add_secure_port(f"{_bracket(host)}:{port}", tls.credentials())
-        else:
-            bound = server.add_insecure_port(f"{_bracket(host)}:{port}")
-    except RuntimeError:
-        bound = 0
-    if bound == 0:
-        raise GuardStartupError([f"cannot listen for gRPC on {opts.address}"])
-    reloader = LimitsReloader(opts, service)
+    reloader = LimitsReloader(opts.limits, opts.policy, service)
     revoker: RevocationsReloader | None = None
     if opts.revocations is not None:
         revoker = RevocationsReloader(opts.revocations, service)
@@ -380,8 +278,9 @@ async def run(opts: GuardOptions) -> None:
             raise GuardStartupError(e.errors) from None
         revoker.state.loaded, revoker.state.loaded_at = True, time.time()
     reloader.state.loaded, reloader.state.loaded_at = True, time.time()  # the startup load
+    serving = asyncio.Event()
     runner = web.AppRunner(
-        admin_app(service, opts, reloader.state, revoker.state if revoker else None),
+        admin_app(service, opts, reloader.state, revoker.state if revoker else None, serving),
         access_log=None,
     )
     await runner.setup()
@@ -389,8 +288,21 @@ async def run(opts: GuardOptions) -> None:
         await web.TCPSite(runner, admin_host, admin_port).start()
     except OSError as e:
         await runner.cleanup()
+        await store.close()
         raise GuardStartupError([f"cannot listen for admin on {opts.admin_address}: {e}"]) from None
+    # The gRPC port is bound last, once nothing else can fail, and served at once. A bound
+    # socket listens: among --workers the kernel hands it new connections from then on, and
+    # a worker that failed after binding would close it with those connections queued
+    # (each reset). Binding last keeps a failing restart out of the SO_REUSEPORT group.
+    server = _grpc_server(opts, service, caller_check)
+    try:
+        bound = _bind(server, opts.address, host, port, tls)
+    except GuardStartupError:
+        await runner.cleanup()
+        await store.close()
+        raise
     await server.start()
+    serving.set()
     if opts.insecure:
         log.warning(
             "guard running with --insecure",

@@ -16,6 +16,13 @@ on SIGTERM or SIGINT.
   would answer from whichever worker the kernel picked, and each scrape would see one
   worker's counters at random); Prometheus scrapes each port as its own target, as it
   would separate guards, and ``xdsplane_guard_worker_info{worker,pid}`` says which is which.
+- **A worker that dies.** Its listening socket closes only when its last thread has
+  exited (a few ms after a SIGKILL, while its PID already shows as a zombie); the
+  connections the kernel handed it until then are reset when it closes, unless
+  ``net.ipv4.tcp_migrate_req`` = 1, which moves them to a worker still listening. From
+  then on every new connection goes to the workers still listening. The parent says so
+  at start when the sysctl is 0 (``migrate_note``). A restarted worker binds the port
+  last, once nothing else can fail, so a restart that fails never holds connections.
 - **Redis is required** for N > 1: with the memory store each worker would remember its
   own token ids and counters, so a token could be replayed once per worker and a limit
   would allow N times its rate.
@@ -32,6 +39,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 
 from prometheus_client import CollectorRegistry, Gauge
@@ -70,6 +78,25 @@ def worker_metric(registry: CollectorRegistry, index: int) -> None:
         ["worker", "pid"],
         registry=registry,
     ).labels(str(index), str(os.getpid())).set(1)
+
+
+MIGRATE_SYSCTL = Path("/proc/sys/net/ipv4/tcp_migrate_req")
+
+
+def migrate_note(sysctl: Path = MIGRATE_SYSCTL) -> str | None:
+    """A note when the kernel resets, rather than hands on, the connections queued at a
+    worker that dies (None: it hands them on, or this is not Linux >= 5.14)."""
+    try:
+        value = sysctl.read_text().strip()
+    except OSError:
+        return None
+    if value != "0":
+        return None
+    return (
+        "net.ipv4.tcp_migrate_req is 0: connections the kernel queued at a worker that "
+        "dies are reset instead of handed to another worker; set it to 1 "
+        "(sysctl -w net.ipv4.tcp_migrate_req=1) to keep them (docs/guard.md, Workers)"
+    )
 
 
 def _say(message: str) -> None:
@@ -129,6 +156,9 @@ def supervise(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 ready=functools.partial(_healthy, addr),
             )
             admin[child] = addr
+        note = migrate_note()
+        if note is not None:
+            _say(note)
         _say(
             f"{args.workers} workers on {args.address} (pids "
             + ", ".join(str(c.pid) for c in admin)
@@ -148,6 +178,8 @@ def supervise(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 _say(f"{len(waiting)} worker(s) not serving after {STARTUP_SECONDS:.0f} s")
                 return 1
             time.sleep(0.05)
+        if not stopping:
+            _say("every worker serving; a worker that exits from now on is restarted")
         while not stopping:
             sup.poll()
             time.sleep(0.1)
