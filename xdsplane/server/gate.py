@@ -64,21 +64,21 @@ class WriteGate:
         size = out.size()
         await self.acquire(size)
         held = True
-        task: asyncio.Future[Any] | None = None
+
+        def stalled() -> None:
+            # The client does not take it (flow control): let the others go first.
+            nonlocal held
+            held = False
+            self.stalled += 1
+            self.release(size)
+
+        timer = asyncio.get_running_loop().call_later(self.stall, stalled)
         try:
-            task = asyncio.ensure_future(context.write(out.encode()))
-            done, _ = await asyncio.wait((task,), timeout=self.stall)
-            if not done:
-                # The client does not take it (flow control): let the others go first.
-                self.stalled += 1
-                held = False
-                self.release(size)
-            await task
+            await context.write(out.encode())
         finally:
+            timer.cancel()
             if held:
                 self.release(size)
-            if task is not None and not task.done():
-                task.cancel()  # the stream ends: so does its write
 
     # -- the queue ----------------------------------------------------------------------------
 
