@@ -24,6 +24,7 @@ from typing import Any
 from xdsplane.server.limits import WRITE_BUDGET, WRITE_STALL
 from xdsplane.server.state import Outgoing
 
+
 class WriteGate:
     """FIFO admission of response writes by their size: a write enters when it fits within
     ``budget`` with those in progress, or when none is (a response larger than the budget
