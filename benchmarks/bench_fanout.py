@@ -36,6 +36,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,7 @@ MB = 1024 * 1024
 RSS_GOAL = 150 * MB  # 1,000 streams, steady (settled after the sync, after the edits)
 PEAK_GOAL = 200 * MB  # 1,000 streams, VmHWM at sync and during the edits
 PEAK_GOAL_5000 = 400 * MB
+SYNC_TIMEOUT = 150  # seconds for every stream of a row to get its first response
 
 
 def _mini_types() -> tuple[Any, Any]:
@@ -156,8 +158,12 @@ async def sotw_stream(i: int, channel: grpc.aio.Channel, c: Clients) -> None:
         ack = discovery_pb2.DiscoveryRequest(
             type_url=resp.type_url, version_info=resp.version_info, response_nonce=resp.nonce
         )
+        version = resp.version_info
+        # The skipped resources stay in the message as unknown fields (610 KB): not kept
+        # alive while the stream waits (thousands of streams would hold gigabytes here).
+        del resp
         await call.write(ack.SerializeToString())
-        c.record(i, resp.version_info, (), time.perf_counter())
+        c.record(i, version, (), time.perf_counter())
 
 
 async def delta_stream(i: int, channel: grpc.aio.Channel, c: Clients) -> None:
@@ -173,9 +179,11 @@ async def delta_stream(i: int, channel: grpc.aio.Channel, c: Clients) -> None:
         if resp is grpc.aio.EOF:
             return
         ack = discovery_pb2.DeltaDiscoveryRequest(type_url=resp.type_url, response_nonce=resp.nonce)
-        await call.write(ack.SerializeToString())
         names = tuple(r.name for r in resp.resources) if len(resp.resources) < 10 else ()
-        c.record(i, resp.system_version_info, names, time.perf_counter())
+        version = resp.system_version_info
+        del resp  # its resources (unknown fields, ~1 MB at first): not kept while waiting
+        await call.write(ack.SerializeToString())
+        c.record(i, version, names, time.perf_counter())
 
 
 @dataclass
@@ -250,9 +258,18 @@ async def _worker(conn: Any, variant: str, address: str, base: int, n: int) -> N
     ]
     try:
         try:
-            await asyncio.wait_for(c.synced.wait(), timeout=300)
+            await asyncio.wait_for(c.synced.wait(), timeout=SYNC_TIMEOUT)
         except TimeoutError:
-            conn.send(("failed", f"{n - c.synced_count} of {n} streams never synced"))
+            ended = Counter(
+                repr(t.exception())[:160] if t.exception() else "ended" for t in tasks if t.done()
+            )
+            conn.send(
+                (
+                    "failed",
+                    f"{n - c.synced_count} of {n} streams never synced; "
+                    f"streams ended: {dict(ended)}",
+                )
+            )
             return
         conn.send(("synced", time.perf_counter()))
         while (cmd := await command()) != "stop":
@@ -368,7 +385,7 @@ def run_clients(
         cpu0 = _procs.cpu_seconds(pid)
         t0 = time.perf_counter()
         workers.send("start")
-        synced_at = [m[1] for m in workers.gather(300)]
+        synced_at = [m[1] for m in workers.gather(SYNC_TIMEOUT + 30)]
         connect = max(synced_at) - t0
         cpu_connect = _procs.cpu_seconds(pid) - cpu0
         time.sleep(0.5)  # let the last ACKs reach the server before reading RSS

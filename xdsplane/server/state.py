@@ -205,7 +205,8 @@ class Subscription:
     what it holds, and what was sent last.
 
     Both variants keep ``wildcard``, ``names``, ``held`` (named resource -> the version the
-    client holds: every resource in delta, named types in SotW), the latest ``nonce`` and
+    client holds: every resource in delta, as HeldVersions sharing the snapshot's mapping
+    while in sync; named types in SotW), the latest ``nonce`` and
     ``sent_version``, ``last_sent`` (what a NACK of the latest response rejects) and
     ``cause`` (the install time of the snapshot whose change caused the latest response).
     ``claimed`` and ``sent`` are SotW's (a reconnect's claimed version; the full set a
