@@ -236,3 +236,20 @@ def test_bench_replicas_quick() -> None:
         )
         assert line is not None and cds == {line.group(1)}, out
     assert "PROBLEMS" not in out, out
+
+
+def test_bench_fanout_quick() -> None:
+    """50 streams per variant in 2 client processes, one edit: every stream ACKs the new
+    version (no PROBLEMS), and each row reports the server's peak (VmHWM, reset before the
+    streams and again before the edits) beside its RSS (figures not judged)."""
+    out = run_quick("bench_fanout.py")
+    edits = [r for r in rows(out, "delta") + rows(out, "sotw") if len(r) == 10]
+    assert [(r[0], r[1], r[2]) for r in edits] == [("delta", "50", "2"), ("sotw", "50", "2")]
+    for cells in edits:
+        assert 0 < ms(cells[3]) <= ms(cells[4]), cells
+    memory = [r for r in rows(out, "delta") + rows(out, "sotw") if len(r) == 11]
+    assert [(r[0], r[1]) for r in memory] == [("delta", "50"), ("sotw", "50")], out
+    for cells in memory:
+        idle, peak_sync, at_sync = (float(c.removesuffix(" MB")) for c in cells[2:5])
+        assert 20 < idle <= peak_sync and at_sync <= peak_sync, cells
+    assert "PROBLEMS" not in out and "cannot reset VmHWM" not in out, out

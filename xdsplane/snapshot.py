@@ -164,7 +164,9 @@ class Snapshot:
             removed = tuple(n for n in before if n not in now)
             hit = (changed, removed)
             if len(self._memo) > 64:
-                self._memo.clear()
+                # Old diffs go; the shared bodies stay (streams may be sending them).
+                for k in [k for k in self._memo if k[0] == "diff"]:
+                    del self._memo[k]
             self._memo[key] = hit
         return hit
 
@@ -178,6 +180,18 @@ class Snapshot:
             body = b"".join(named[n].sotw_entry for n in sorted(named))
             self._memo[key] = body
         return cast(bytes, body)  # the shared object itself: never copied per stream
+
+    def delta_body(self, rtype: ResourceType) -> bytes:
+        """Every resource of ``rtype`` as the body of a delta response, in name order: what
+        a client holding none of them is sent first; joined once and shared, like
+        ``sotw_body``."""
+        key = ("delta", rtype)
+        body = self._memo.get(key)
+        if body is None:
+            named = self.of(rtype)
+            body = b"".join(named[n].delta_entry for n in sorted(named))
+            self._memo[key] = body
+        return cast(bytes, body)
 
     def of(self, rtype: ResourceType) -> Mapping[str, Resource]:
         return self.resources.get(rtype, {})

@@ -1,7 +1,9 @@
 """grpc.aio wiring of the AggregatedDiscoveryService: one task per stream.
 
 Each stream reads requests in a task of its own and handles requests and snapshot changes
-one at a time; responses are written as pre-assembled bytes (the serializer is the identity).
+one at a time; responses are written as bytes joined from the snapshot's pre-encoded pieces
+(the serializer is the identity), each once its turn in the server-wide WriteGate comes
+(gate.py), so that streams syncing at once do not multiply the snapshot in buffers.
 A snapshot change only marks a stream as having work (the cache never waits on a stream),
 so a slow or stuck Envoy delays nobody else. Requests in flight per stream are bounded.
 
@@ -24,6 +26,7 @@ from xdsplane import xds_identity
 from xdsplane.cache import SnapshotCache, Watch
 from xdsplane.metrics import Metrics
 from xdsplane.server.delta import DeltaStream
+from xdsplane.server.gate import WriteGate
 from xdsplane.server.limits import FIRST_REQUEST_TIMEOUT, MAX_NODE_FIELD, Limits, names_held
 from xdsplane.server.observe import Refused, StreamObserver, observers
 from xdsplane.server.registry import Registry, client_features, client_kind, user_agent
@@ -67,6 +70,8 @@ class AdsService:
         self.require_identity = require_identity
         self.observer = observer if observer is not None else observers(self.metrics, registry)
         self.total_names = 0  # resource names held by all streams (--max-total-names)
+        # Responses being encoded and written at once, over all streams (gate.py).
+        self.gate = WriteGate(self.limits.write_budget, self.limits.write_stall)
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
@@ -214,8 +219,9 @@ class _Stream:
             self.observer.on_ack(self.info, step.answer)
         elif isinstance(step.answer, Nack):
             self.observer.on_nack(self.info, step.answer)
+        gate = self.service.gate
         for o in step.responses:
-            await self.context.write(o.data)
+            await gate.write(self.context, o)  # encoded only once its turn comes
             self.observer.on_push(self.info, o)
 
     # -- admission ----------------------------------------------------------------------------

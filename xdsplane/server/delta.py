@@ -20,23 +20,21 @@ for what it holds that no longer exists.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from envoy.service.discovery.v3 import discovery_pb2
 
-from xdsplane.server.state import Outgoing, Step, StreamBase, Subscription
+from xdsplane.server.state import HeldVersions, Outgoing, Step, StreamBase, Subscription
 from xdsplane.snapshot import Resource, Snapshot
 from xdsplane.types import PUSH_ORDER, ResourceType, eds_name
 
 
-def _encode(
-    rtype: ResourceType, version: str, nonce: str, resources: list[Resource], removed: list[str]
-) -> bytes:
+def _head(rtype: ResourceType, version: str, nonce: str, removed: list[str]) -> bytes:
     head: bytes = discovery_pb2.DeltaDiscoveryResponse(
         system_version_info=version, type_url=rtype.value, nonce=nonce, removed_resources=removed
     ).SerializeToString()
-    return head + b"".join(r.delta_entry for r in resources)
+    return head
 
 
 class DeltaStream(StreamBase):
@@ -52,7 +50,7 @@ class DeltaStream(StreamBase):
         st = self.types.get(rtype)
         if st is None:
             st = Subscription(wildcard=not subscribe or "*" in subscribe)
-            st.held = dict(req.initial_resource_versions)
+            st.held = HeldVersions(req.initial_resource_versions)
             # A reconnecting client (it names what it holds) is not initializing: it needs no
             # empty answer, and Envoy would count one as an update.
             st.answered = bool(st.held)
@@ -105,7 +103,9 @@ class DeltaStream(StreamBase):
                 gone = [n for n in removals[rtype] if n in st.held]
                 out.extend(self._emit(rtype, st, snapshot, [], gone))
                 if st.synced:
+                    # It holds exactly this snapshot's resources now: share its mapping.
                     st.synced = snapshot.versions[rtype]
+                    st.held = HeldVersions.of(snapshot.of(rtype))
             else:
                 out.extend(self._respond(rtype, st, snapshot, removals=True))
         return Step(self._caused_by(snapshot, out))
@@ -128,6 +128,12 @@ class DeltaStream(StreamBase):
         if snapshot is None:
             return []
         available = snapshot.of(rtype)
+        if st.wildcard and not st.names and not st.held and rtype not in self.parked.nacked:
+            # A new wildcard client that holds nothing: the whole type, whose body is joined
+            # once per snapshot and shared by every such stream.
+            out = self._emit(rtype, st, snapshot, [], [], everything=available)
+            st.synced = snapshot.versions[rtype] if removals and not rtype.kept else ""
+            return out
         wanted = set(available) if st.wildcard else set()
         wanted |= st.names
         changed = [
@@ -151,6 +157,8 @@ class DeltaStream(StreamBase):
         # After a full pass with removals, a pure wildcard client holds exactly the type.
         exact = removals and st.wildcard and not st.names and not rejected
         st.synced = snapshot.versions[rtype] if exact and not rtype.kept else ""
+        if st.synced:
+            st.held = HeldVersions.of(available)  # the same versions, shared: no own table
         return out
 
     def _emit(
@@ -160,19 +168,33 @@ class DeltaStream(StreamBase):
         snapshot: Snapshot,
         changed: list[Resource],
         removed: list[str],
+        everything: Mapping[str, Resource] | None = None,
     ) -> list[Outgoing]:
+        """One response of ``changed`` and ``removed``; ``everything``: instead of
+        ``changed``, every resource of the type to a client that holds none of them."""
         first_wildcard = st.wildcard and not st.answered
-        if not changed and not removed and not first_wildcard:
+        if not changed and not removed and not everything and not first_wildcard:
             return []
         if rtype is ResourceType.CLUSTER:
             self._refresh_endpoints(r for r in changed if r.name in st.held)
         nonce = self._nonces.next()
         version = snapshot.versions[rtype]
-        for r in changed:
-            st.held[r.name] = r.version
-        for name in removed:
-            del st.held[name]
-        st.sent_out(nonce, version, {r.name: r for r in changed})
+        head = _head(rtype, version, nonce, removed)
+        # Nothing is joined here: the stream encodes the response when its turn to write
+        # comes (Outgoing.encode, ads.WriteGate), so streams waiting hold no copy of it.
+        if everything:
+            st.held = HeldVersions.of(everything)
+            st.sent_out(nonce, version, everything)  # the snapshot's mapping, not a copy
+            body = snapshot.delta_body(rtype)
+            out = Outgoing(rtype, version, nonce, head, body, (), True, len(everything))
+        else:
+            for r in changed:
+                st.held[r.name] = r.version
+            for name in removed:
+                del st.held[name]
+            st.sent_out(nonce, version, {r.name: r for r in changed})
+            out = Outgoing(
+                rtype, version, nonce, head, b"", changed, True, len(changed), len(removed)
+            )
         st.answered = True
-        data = _encode(rtype, version, nonce, changed, removed)
-        return [Outgoing(rtype, version, nonce, data, len(changed), len(removed))]
+        return [out]

@@ -35,6 +35,10 @@ These limits are far above that and bound what a broken or hostile client can co
   as what they leave behind may stay). A request that would go past it ends its stream with
   RESOURCE_EXHAUSTED, logged and counted (``reason="max_total_names"``); other streams keep
   what they hold.
+- ``write_budget`` and ``write_stall``: bytes of responses being encoded and written at
+  once over all streams, admitted in order (gate.py: what bounds the server's memory when
+  thousands of streams sync at once), and the seconds one write may keep its place before
+  it is let go on outside the budget (a client that does not read must not stall others).
 - node ids and clusters longer than ``MAX_NODE_FIELD`` characters are refused
   (INVALID_ARGUMENT): they are kept per node, in /status and as metric labels.
 """
@@ -49,6 +53,8 @@ from typing import Any
 from xdsplane.types import ResourceType
 
 MAX_NODE_FIELD = 1024
+WRITE_BUDGET = 16 * 1024 * 1024
+WRITE_STALL = 0.5
 FIRST_REQUEST_TIMEOUT = "first_request_timeout"  # a refusal reason (/status, /metrics)
 
 
@@ -63,6 +69,8 @@ class Limits:
     max_streams_per_node: int = 8
     first_request_timeout: float = 10.0
     max_total_names: int = 5_000_000
+    write_budget: int = WRITE_BUDGET
+    write_stall: float = WRITE_STALL
 
     def problems(self) -> list[str]:
         """What is wrong with these values (for the command line), in flag terms."""
@@ -85,6 +93,10 @@ class Limits:
             out.append("--first-request-timeout must be more than 0")
         if self.max_total_names < 1:
             out.append("--max-total-names must be at least 1")
+        if self.write_budget < 1:
+            out.append("the write budget must be at least 1 byte")
+        if not self.write_stall > 0:
+            out.append("the write stall must be more than 0 s")
         return out
 
     def bucket(self) -> TokenBucket | None:

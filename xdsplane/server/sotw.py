@@ -29,11 +29,11 @@ from xdsplane.snapshot import Resource, Snapshot, versions_hash
 from xdsplane.types import PUSH_ORDER, ResourceType, eds_name
 
 
-def _encode(rtype: ResourceType, version: str, nonce: str, body: bytes) -> bytes:
+def _head(rtype: ResourceType, version: str, nonce: str) -> bytes:
     head: bytes = discovery_pb2.DiscoveryResponse(
         version_info=version, type_url=rtype.value, nonce=nonce
     ).SerializeToString()
-    return head + body
+    return head
 
 
 class SotwStream(StreamBase):
@@ -183,10 +183,13 @@ class SotwStream(StreamBase):
             )
         nonce = self._nonces.next()
         snapshot = self.snapshot
+        # Nothing is joined here: the stream encodes the response when its turn to write
+        # comes (Outgoing.encode, ads.WriteGate), so streams waiting hold no copy of it.
+        body, entries = b"", list[Resource]()
         if snapshot is not None and resources is snapshot.of(rtype):
             body = snapshot.sotw_body(rtype)  # the whole type: joined once, shared
         else:
-            body = b"".join(resources[n].sotw_entry for n in sorted(resources))
+            entries = [resources[n] for n in sorted(resources)]
         st.sent_out(nonce, version, resources)  # shared with the snapshot: no per-stream copy
         if st.wildcard:
             st.sent = resources
@@ -194,5 +197,5 @@ class SotwStream(StreamBase):
             st.held = {n: r.version for n, r in resources.items()}
         else:
             st.held.update((n, r.version) for n, r in resources.items())
-        data = _encode(rtype, version, nonce, body)
-        return [Outgoing(rtype, version, nonce, data, len(resources))]
+        head = _head(rtype, version, nonce)
+        return [Outgoing(rtype, version, nonce, head, body, entries, resources=len(resources))]

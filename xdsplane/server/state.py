@@ -10,7 +10,7 @@ does I/O.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,14 +20,43 @@ from xdsplane.types import ResourceType
 
 @dataclass(frozen=True, slots=True)
 class Outgoing:
-    """One response ready to write: its bytes plus what status and metrics need."""
+    """One response to write: its header's bytes and the body it is assembled from, plus
+    what status and metrics need.
+
+    The bytes are joined only when the stream is about to write them (``encode``, through
+    the server's WriteGate): a stream waiting for its turn holds references to shared,
+    pre-encoded pieces, never a copy of the response. ``body``: a body shared by every
+    stream (a whole type, joined once per snapshot), or b""; ``entries``: resources whose
+    entries follow it (``delta_entry`` when ``delta``, else ``sotw_entry``).
+    """
 
     type: ResourceType
     version: str
     nonce: str
-    data: bytes
-    resources: int
+    head: bytes
+    body: bytes = b""
+    entries: Sequence[Resource] = ()
+    delta: bool = False
+    resources: int = 0
     removed: int = 0
+
+    def size(self) -> int:
+        """The length of ``encode()``, without building it."""
+        if self.delta:
+            return len(self.head) + len(self.body) + sum(len(r.delta_entry) for r in self.entries)
+        return len(self.head) + len(self.body) + sum(len(r.sotw_entry) for r in self.entries)
+
+    def encode(self) -> bytes:
+        """The serialized response: protobuf merges the concatenated pieces."""
+        if not self.entries:
+            return self.head + self.body
+        if self.delta:
+            return b"".join([self.head, self.body, *(r.delta_entry for r in self.entries)])
+        return b"".join([self.head, self.body, *(r.sotw_entry for r in self.entries)])
+
+    @property
+    def data(self) -> bytes:
+        return self.encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,13 +118,95 @@ class TypeStatus:
         }
 
 
+class HeldVersions(MutableMapping[str, str]):
+    """Name -> version of what a client holds of one type, kept small.
+
+    While the client holds exactly a snapshot's resources of the type (a delta client in
+    sync), this is that snapshot's own mapping, shared by every such stream, plus the few
+    names that differ since (``_over``: name -> version, None for a name it no longer
+    holds); past ``MAX_OVERLAY`` differences it becomes a plain dict of its own. Without a
+    base it is a plain dict. A stream in sync thus keeps no table of 2,000 names.
+    """
+
+    __slots__ = ("_base", "_over")
+    MAX_OVERLAY = 256
+
+    def __init__(self, items: Mapping[str, str] | Iterable[tuple[str, str]] = ()) -> None:
+        self._base: Mapping[str, Resource] | None = None
+        self._over: dict[str, str | None] = dict(items)
+
+    @classmethod
+    def of(cls, base: Mapping[str, Resource]) -> HeldVersions:
+        """Held exactly: the version of every resource of ``base`` (shared, not copied)."""
+        held = cls()
+        held._base = base
+        return held
+
+    @property
+    def base(self) -> Mapping[str, Resource] | None:
+        return self._base
+
+    def __getitem__(self, name: str) -> str:
+        over = self._over
+        if name in over:
+            v = over[name]
+            if v is None:
+                raise KeyError(name)
+            return v
+        if self._base is not None:
+            r = self._base.get(name)
+            if r is not None:
+                return r.version
+        raise KeyError(name)
+
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, str):
+            return False
+        if name in self._over:
+            return self._over[name] is not None
+        return self._base is not None and name in self._base
+
+    def __setitem__(self, name: str, version: str) -> None:
+        self._over[name] = version
+        self._flatten_if_big()
+
+    def __delitem__(self, name: str) -> None:
+        if name not in self:
+            raise KeyError(name)
+        if self._base is not None and name in self._base:
+            self._over[name] = None
+            self._flatten_if_big()
+        else:
+            del self._over[name]
+
+    def __iter__(self) -> Iterator[str]:
+        base, over = self._base, self._over
+        if base is not None:
+            yield from (n for n in base if n not in over)
+        yield from (n for n, v in over.items() if v is not None)
+
+    def __len__(self) -> int:
+        base, over = self._base, self._over
+        if base is None:
+            return len(over)
+        shadowed = sum(1 for n in over if n in base)
+        return len(base) - shadowed + sum(1 for v in over.values() if v is not None)
+
+    def _flatten_if_big(self) -> None:
+        if self._base is not None and len(self._over) > self.MAX_OVERLAY:
+            items = {n: self[n] for n in self}
+            self._base = None
+            self._over = dict(items)
+
+
 @dataclass(slots=True)
 class Subscription:
     """One stream's subscription to one type, in either variant: what the client asked for,
     what it holds, and what was sent last.
 
     Both variants keep ``wildcard``, ``names``, ``held`` (named resource -> the version the
-    client holds: every resource in delta, named types in SotW), the latest ``nonce`` and
+    client holds: every resource in delta, as HeldVersions sharing the snapshot's mapping
+    while in sync; named types in SotW), the latest ``nonce`` and
     ``sent_version``, ``last_sent`` (what a NACK of the latest response rejects) and
     ``cause`` (the install time of the snapshot whose change caused the latest response).
     ``claimed`` and ``sent`` are SotW's (a reconnect's claimed version; the full set a
@@ -105,7 +216,8 @@ class Subscription:
 
     wildcard: bool
     names: set[str] = field(default_factory=set)
-    held: dict[str, str] = field(default_factory=dict)
+    # A plain dict (SotW), or HeldVersions (delta: shares the snapshot's mapping in sync).
+    held: MutableMapping[str, str] = field(default_factory=dict)
     nonce: str = ""
     sent_version: str = ""  # the type version last sent (SotW: or the one a client claimed)
     # The latest response's resources (SotW: often the snapshot's own mapping, not a copy).
