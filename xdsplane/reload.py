@@ -211,6 +211,15 @@ class Source(Generic[T]):
         create)."""
         return 0.0
 
+    def watching(self, on: bool) -> None:
+        """The watch of ``watch_paths`` is in place (True: it reports every change from now
+        on) or is not (False)."""
+
+    def changed(self, paths: set[str] | None) -> None:
+        """Before a load: the paths the watch reported changed since the last reload, or
+        None when that is not known (SIGHUP, a restarted watch, a reload on demand). A
+        source may use it to look only at those (the policy folder's loader does)."""
+
 
 class FileReloader(Generic[T]):
     """Watch, load in a thread (FileBusy retried), check, swap, record; see the module."""
@@ -256,12 +265,14 @@ class FileReloader(Generic[T]):
             self.outcomes.succeeded(seconds)
         self.source.swap(new, reason, s)
 
-    async def reload(self, reason: str = "change") -> bool:
+    async def reload(self, reason: str = "change", changed: set[str] | None = None) -> bool:
         """Load, check and serve the source if it is good and new; True when something new
-        is served. The last good state stays otherwise, and the errors are recorded."""
+        is served. The last good state stays otherwise, and the errors are recorded.
+        ``changed``: the paths the watch reported (None: not known; ``Source.changed``)."""
         async with self._lock:
             started = time.perf_counter()
             self.state.attempts += 1
+            self.source.changed(changed)
             try:
                 new = await aretry_busy(self.source.load, self.busy_budget)
             except Refused as e:
@@ -324,6 +335,7 @@ class FileReloader(Generic[T]):
                 continue
             halt = asyncio.Event()
             relay = asyncio.create_task(_relay(stop, halt))
+            started = False
             try:
                 async for changes in watchfiles.awatch(
                     *paths,
@@ -338,6 +350,11 @@ class FileReloader(Generic[T]):
                     force_polling=True if self.poll_ms else None,
                     poll_delay_ms=self.poll_ms or 300,
                 ):
+                    if not started:
+                        # The watch is in place (watchfiles adds it before the first
+                        # yield): every change from here on is reported.
+                        self.source.watching(True)
+                        started = True
                     if self.source.identity() != identity:
                         resync = True
                         break
@@ -345,7 +362,8 @@ class FileReloader(Generic[T]):
                     if delay > 0:
                         await asyncio.sleep(delay)
                     if changes or resync:
-                        await self.reload("change" if changes else "watch restarted")
+                        seen = None if resync else {p for _, p in changes}
+                        await self.reload("change" if changes else "watch restarted", seen)
                         resync = False
                     if self.source.watch_paths() != paths:
                         resync = True
@@ -356,6 +374,8 @@ class FileReloader(Generic[T]):
                 await _wait(stop, 0.1)
             finally:
                 relay.cancel()
+                if started:
+                    self.source.watching(False)
 
 
 def norm(p: Path) -> Path:

@@ -175,6 +175,13 @@ class Reloader(Source[SnapshotSet]):
     def relevant(self, change: watchfiles.Change, path: str) -> bool:
         return self._relevant(change, path)
 
+    def watching(self, on: bool) -> None:
+        self.loader.watching(on)
+
+    def changed(self, paths: set[str] | None) -> None:
+        # Only the files the watch names are looked at again (the others not even stat-ed).
+        self.loader.changed(paths)
+
     # -- the policy's own API -------------------------------------------------------------
 
     def load_now(self) -> SnapshotSet:
@@ -185,9 +192,10 @@ class Reloader(Source[SnapshotSet]):
         """Serve ``snapshots`` loaded at startup (counted as a success, as in /status)."""
         self.reloads.installed(snapshots, "startup")
 
-    async def reload(self, reason: str = "change") -> bool:
-        """Load the folder and serve it if it is good; True when something new is served."""
-        return await self.reloads.reload(reason)
+    async def reload(self, reason: str = "change", changed: set[str] | None = None) -> bool:
+        """Load the folder and serve it if it is good; True when something new is served.
+        ``changed``: the files the watch saw change (None: check every file)."""
+        return await self.reloads.reload(reason, changed)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Watch until ``stop`` is set; survives the folder vanishing; follows secret files

@@ -182,11 +182,17 @@ class Layout:
             )
         else:
             shifted = self.resources[i1:]
+        after_starts = self.starts[i1:]
+        if delta:
+            after_starts = tuple(map(delta.__add__, after_starts))
+        after_lines = self.lines[i1:]
+        if moved:
+            after_lines = tuple(map(moved.__add__, after_lines))
         return Layout(
             text,
             self.indent,
-            self.starts[:i0] + starts + tuple(self.starts[i] + delta for i in tail),
-            self.lines[:i0] + lines + tuple(self.lines[i] + moved for i in tail),
+            self.starts[:i0] + starts + after_starts,
+            self.lines[:i0] + lines + after_lines,
             self.columns[:i0] + columns + self.columns[i1:],
             self.sizes[:i0] + sizes + self.sizes[i1:],
             self.resources[:i0] + resources + shifted,

@@ -15,8 +15,10 @@ None: the caller builds from scratch, which reports it as it always has.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import compress, count
+from operator import is_not
 
 from xdsplane.pipeline.refs import Ref
 from xdsplane.pipeline.units import Unit
@@ -52,14 +54,59 @@ def _changes(
     return removed, added
 
 
+def _first_change(a: Sequence[Resource], b: Sequence[Resource]) -> int:
+    """How many leading items ``a`` and ``b`` share, the very objects (a C-speed scan)."""
+    return next(compress(count(), map(is_not, a, b)), min(len(a), len(b)))
+
+
+def _edited(
+    before: Sequence[Resource], after: Sequence[Resource]
+) -> tuple[Sequence[Resource], Sequence[Resource]]:
+    """The parts of one file's resources an edit replaced: what both share at the start
+    and at the end is left out (an edit inside a file of thousands costs its own size)."""
+    head = _first_change(before, after)
+    room = min(len(before), len(after)) - head
+    tail = min(_first_change(before[::-1], after[::-1]), room)
+    return before[head : len(before) - tail], after[head : len(after) - tail]
+
+
+def _unit_changes(
+    before: tuple[Unit, ...], after: list[Unit]
+) -> tuple[list[Resource], list[Resource]]:
+    """The resources of the units that went and came; a file edited (one unit went and one
+    came with its path) gives only the part of its resources the edit replaced."""
+    kept = {id(u) for u in after}
+    known = {id(u) for u in before}
+    went = [u for u in before if id(u) not in kept]
+    came = [u for u in after if id(u) not in known]
+    gone: list[Resource] = []
+    new: list[Resource] = []
+    paths = {u.doc.path for u in went}
+    if len(paths) == len(went):
+        pair = {u.doc.path: u for u in came if u.doc.path in paths}
+        if len(pair) == len([u for u in came if u.doc.path in paths]):
+            for u in went:
+                v = pair.pop(u.doc.path, None)
+                if v is None:
+                    gone.extend(u.resources)
+                    continue
+                out, came_in = _edited(u.resources, v.resources)
+                gone.extend(out)
+                new.extend(came_in)
+            came = [u for u in came if u.doc.path not in paths]
+            went = []
+    for u in went:
+        gone.extend(u.resources)
+    for u in came:
+        new.extend(u.resources)
+    return gone, new
+
+
 def rebuild(
     state: GroupState, units: list[Unit], translated: list[Resource], refs_of: RefsOf
 ) -> GroupState | None:
     """The next state from ``state``, or None when a build from scratch must say why not."""
-    kept = {id(u) for u in units}
-    known = {id(u) for u in state.units}
-    gone = [r for u in state.units if id(u) not in kept for r in u.resources]
-    came = [r for u in units if id(u) not in known for r in u.resources]
+    gone, came = _unit_changes(state.units, units)
     old_t = {id(r) for r in state.translated}
     new_t = {id(r) for r in translated}
     gone += [r for r in state.translated if id(r) not in new_t]
