@@ -424,3 +424,44 @@ def test_response_entries_are_what_protobuf_encodes(tmp_path: Path) -> None:
                     ]
                 ).SerializeToString()
             )
+
+
+def test_a_policy_edit_dumps_only_the_parts_that_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The translation cache finds what changed by the parts' JSON: a part of a file that
+    did not change is not dumped again (the same frozen object), and the edited folder
+    gives what a cold load gives."""
+    from pydantic import BaseModel
+
+    from xdsplane.policy.model import Upstream
+
+    ups = "".join(f"  u{i}: {{endpoints: ['10.0.0.{i + 1}:80']}}\n" for i in range(20))
+    (tmp_path / "upstreams.yaml").write_text("upstreams:\n" + ups)
+
+    def listener(prefix: str) -> str:
+        routes = "".join(
+            f"          - {{name: r{i}, prefix: /{prefix}{i}/, upstream: u{i}}}\n"
+            for i in range(20)
+        )
+        return (
+            "listeners:\n  - name: l\n    address: 127.0.0.1:10000\n    hosts:\n"
+            "      - name: h\n        domains: [h.example.com]\n        routes:\n" + routes
+        )
+
+    write(tmp_path / "l.yaml", listener("a"))
+    loader = FolderLoader(tmp_path)
+    loader.load()
+    dumped: list[str] = []
+    real = BaseModel.model_dump_json
+
+    def counting(self: BaseModel, **kw: object) -> str:
+        dumped.append(type(self).__name__)
+        return real(self, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(BaseModel, "model_dump_json", counting)
+    write(tmp_path / "l.yaml", listener("b"))
+    warm = loader.load()
+    assert Upstream.__name__ not in dumped, dumped
+    assert "Listener" in dumped
+    assert outcome(warm) == outcome(FolderLoader(tmp_path).load())

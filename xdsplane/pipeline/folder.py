@@ -74,6 +74,7 @@ class FolderLoader:
     _last: SnapshotSet | None = None
     _states: dict[str, GroupState] = field(default_factory=dict)
     _listing: Listing | None = None
+    _generation: int = -1  # of the listing when files gone were last dropped
     _reading: set[str] = field(default_factory=set)
     _disk: Persisted | None = None
     # What the watch saw change since the last load began (absolute paths), or None: not
@@ -92,9 +93,14 @@ class FolderLoader:
         return str(path)
 
     def _parse_file(
-        self, path: Path, errors: list[ConfigError], changed: set[str] | None = None
+        self,
+        path: Path,
+        errors: list[ConfigError],
+        changed: set[str] | None = None,
+        shown: str | None = None,
     ) -> list[Unit]:
-        shown = self._display(path)
+        if shown is None:
+            shown = self._display(path)
         cached = self._parsed.get(shown)
         if cached is not None:
             if changed is not None and cached.trusted and cached.key not in changed:
@@ -301,11 +307,15 @@ class FolderLoader:
                 [ConfigError(Location(str(self.root)), "holds no .yaml or .yml files")]
             )
         contents: list[Unit] = []
-        for path in files:
-            contents.extend(self._parse_file(path, errors, changed))
-        seen = {self._display(p) for p in files}
-        for stale in set(self._parsed) - seen:
-            del self._parsed[stale]
+        listing = self._listing
+        assert listing is not None
+        for path, shown in zip(files, listing.shown, strict=True):
+            contents.extend(self._parse_file(path, errors, changed, shown))
+        if listing.generation != self._generation or len(self._parsed) != len(files):
+            self._generation = listing.generation
+            seen = set(listing.shown)
+            for stale in set(self._parsed) - seen:
+                del self._parsed[stale]
         if errors:
             raise ConfigErrors(errors)
         return contents

@@ -15,6 +15,7 @@ None: the caller builds from scratch, which reports it as it always has.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import compress, count
@@ -22,7 +23,7 @@ from operator import is_not
 
 from xdsplane.pipeline.refs import Ref
 from xdsplane.pipeline.units import Unit
-from xdsplane.snapshot import Resource, Snapshot
+from xdsplane.snapshot import Resource, Snapshot, lines_hash
 from xdsplane.types import ResourceType
 
 Key = tuple[ResourceType, str]
@@ -41,6 +42,10 @@ class GroupState:
     # (type, name) -> how many references resources of ``merged`` make to it; counted on
     # the first reload that needs it (a cold start does not pay for it)
     refcount: dict[Key, int] | None = field(default=None)
+    # type -> its names in order and their "name\0version\n" lines (``snapshot.lines_hash``),
+    # made on the first reload that changes the type, then kept up to date: a type is
+    # re-versioned at the cost of what changed in it, not of re-sorting all of it.
+    lines: dict[ResourceType, tuple[list[str], list[str]]] = field(default_factory=dict)
 
 
 def _changes(
@@ -115,7 +120,13 @@ def rebuild(
     if not removed and not added:
         snapshot = Snapshot(state.snapshot.resources, state.snapshot, ())
         return GroupState(
-            state.scope, tuple(units), tuple(translated), state.merged, snapshot, state.refcount
+            state.scope,
+            tuple(units),
+            tuple(translated),
+            state.merged,
+            snapshot,
+            state.refcount,
+            state.lines,
         )
     merged = dict(state.merged)
     by_type: dict[ResourceType, tuple[dict[str, Resource], dict[str, Resource]]] = {}
@@ -146,6 +157,8 @@ def rebuild(
         if key not in merged and refcount.get(key, 0) > 0:
             return None  # still referred to: build from scratch for the error
     resources = dict(state.snapshot.resources)
+    lines = dict(state.lines)
+    versions: dict[ResourceType, str] = {}
     for rtype, (out, came_in) in by_type.items():
         named = dict(resources.get(rtype, {}))
         inserted = False
@@ -156,8 +169,40 @@ def rebuild(
             if name not in came_in:
                 del named[name]
         resources[rtype] = dict(sorted(named.items())) if inserted else named
-    snapshot = Snapshot(resources, state.snapshot, by_type.keys())
-    return GroupState(state.scope, tuple(units), tuple(translated), merged, snapshot, refcount)
+        lines[rtype] = _lines(named, out, came_in, lines.get(rtype))
+        versions[rtype] = lines_hash(lines[rtype][1])
+    snapshot = Snapshot(resources, state.snapshot, by_type.keys(), versions)
+    return GroupState(
+        state.scope, tuple(units), tuple(translated), merged, snapshot, refcount, lines
+    )
+
+
+def _lines(
+    named: dict[str, Resource],
+    out: dict[str, Resource],
+    came_in: dict[str, Resource],
+    before: tuple[list[str], list[str]] | None,
+) -> tuple[list[str], list[str]]:
+    """A type's names in order and their version lines, now that ``out`` went and
+    ``came_in`` came (copies: the last good state keeps its own)."""
+    if before is None:
+        names = sorted(named)
+        return names, [f"{n}\0{named[n].version}\n" for n in names]
+    names, lines = list(before[0]), list(before[1])
+    for name in out:
+        if name not in came_in:
+            i = bisect_left(names, name)
+            del names[i]
+            del lines[i]
+    for name, r in came_in.items():
+        i = bisect_left(names, name)
+        line = f"{name}\0{r.version}\n"
+        if i < len(names) and names[i] == name:
+            lines[i] = line
+        else:
+            names.insert(i, name)
+            lines.insert(i, line)
+    return names, lines
 
 
 def _count(state: GroupState, refs_of: RefsOf) -> dict[Key, int]:

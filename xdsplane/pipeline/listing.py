@@ -50,6 +50,10 @@ class Listing:
         # folder path -> (stamp, subfolders to enter, policy files in it)
         self._folders: dict[str, tuple[tuple[int, ...], list[str], list[Path]]] = {}
         self._files: list[Path] = []
+        # The files as strings (in the same order), and a count of the times the list
+        # changed: the loader keeps per-file work keyed by them.
+        self.shown: list[str] = []
+        self.generation = 0
 
     def files(self, reuse: bool = True) -> list[Path]:
         """The YAML files under the root, sorted; hidden files and folders are skipped.
@@ -64,7 +68,7 @@ class Listing:
         folders: dict[str, tuple[tuple[int, ...], list[str], list[Path]]] = {}
         found: list[Path] = []
         seen: set[tuple[int, int]] = set()
-        listed = False
+        changed = False
         stack = [str(self.root)]
         while stack:  # depth first, subfolders in name order: the order os.walk takes
             folder = stack.pop()
@@ -86,7 +90,6 @@ class Listing:
             ):
                 entry = known
             else:
-                listed = True
                 dirnames, filenames = _scan(folder)
                 visible = [d for d in dirnames if not d.startswith(".")]
                 here = Path(folder)
@@ -96,11 +99,16 @@ class Listing:
                 files = [old.get(n) or here / n for n in names]
                 subs = [os.path.join(folder, d) for d in sorted(visible)]
                 entry = (mark, [d for d in subs if not d.endswith(SUFFIXES)], files)
+                # Listed again (an edit saved by rename, a file added): a new order only if
+                # what it holds changed.
+                changed = changed or known is None or entry[1:] != known[1:]
             folders[folder] = entry
             found.extend(entry[2])
             stack.extend(reversed(entry[1]))
-        if listed or folders.keys() != self._folders.keys():
+        if changed or folders.keys() != self._folders.keys():
             self._files = sorted(found, key=_order)
+            self.shown = [str(p) for p in self._files]
+            self.generation += 1
         self._folders = folders
         return list(self._files)
 
