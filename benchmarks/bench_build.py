@@ -301,11 +301,13 @@ def what_if(root: Path, snapshot_set: Any, heavy: bool = True) -> list[list[str]
 
 
 def settled(root: Path) -> None:
-    """Every file dated a minute ago, as on a real machine (the loader re-reads a file
-    written in the last 2 s, as a write in the same timestamp tick could hide)."""
-    past = time.time() - 60
-    for p in root.rglob("*.yaml"):
-        os.utime(p, (past, past))
+    """Wait until every file was written more than 2 s ago, as on a real machine: the
+    loader reads again a file written in the last 2 s (a write in the same timestamp tick
+    could hide), which is not what an edit costs (``listing.SETTLED_SECONDS``)."""
+    from xdsplane.pipeline.listing import SETTLED_SECONDS
+
+    latest = max(max(p.stat().st_mtime, p.stat().st_ctime) for p in root.rglob("*.yaml"))
+    time.sleep(max(0.0, latest + SETTLED_SECONDS + 0.2 - time.time()))
 
 
 def watched(loader: FolderLoader, path: Path, on: bool) -> None:
@@ -325,7 +327,8 @@ def big_file_edits(
     middle = shape.per_team // 2
     settled(root)
     loader = FolderLoader(root)
-    loader.watching(watch)
+    if watch:
+        loader.watching(True)
     loader.load()
     gc.collect()
     times: list[float] = []
@@ -425,7 +428,8 @@ def main() -> int:
 
         settled(workdir)
         loader = FolderLoader(workdir)
-        loader.watching(not args.unwatched)
+        if not args.unwatched:
+            loader.watching(True)
         result = loader.load()
         gc.collect()
         edit: list[float] = []

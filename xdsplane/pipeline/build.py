@@ -323,7 +323,7 @@ def _build_group(
         errors.extend(check_snapshot(snapshot, scope, refs_of))
     if len(errors) > before:
         return None, usage, None
-    return GroupState(scope, tuple(units), tuple(translated), merged, snapshot), usage, policy
+    return GroupState(scope, tuple(units), tuple(translated), snapshot), usage, policy
 
 
 def _count_raw_uses(

@@ -37,9 +37,8 @@ class GroupState:
     scope: str
     units: tuple[Unit, ...]
     translated: tuple[Resource, ...]
-    merged: dict[Key, Resource]
-    snapshot: Snapshot
-    # (type, name) -> how many references resources of ``merged`` make to it; counted on
+    snapshot: Snapshot  # its resources are what was merged (one mapping per type)
+    # (type, name) -> how many references the served resources make to it; counted on
     # the first reload that needs it (a cold start does not pay for it)
     refcount: dict[Key, int] | None = field(default=None)
     # type -> its names in order and their "name\0version\n" lines (``snapshot.lines_hash``),
@@ -123,58 +122,57 @@ def rebuild(
             state.scope,
             tuple(units),
             tuple(translated),
-            state.merged,
             snapshot,
             state.refcount,
             state.lines,
         )
-    merged = dict(state.merged)
+    # What is served is what was merged: one mapping per type, only changed types copied.
+    current = state.snapshot.resources
+    empty: dict[str, Resource] = {}
     by_type: dict[ResourceType, tuple[dict[str, Resource], dict[str, Resource]]] = {}
     for r in removed.values():
-        key = (r.type, r.name)
-        if merged.get(key) is not r:
+        if current.get(r.type, empty).get(r.name) is not r:
             return None  # not what was served: build from scratch
-        del merged[key]
         by_type.setdefault(r.type, ({}, {}))[0][r.name] = r
     for r in added:
-        key = (r.type, r.name)
-        if key in merged:
+        out, came_in = by_type.setdefault(r.type, ({}, {}))
+        if r.name in came_in or (r.name in current.get(r.type, empty) and r.name not in out):
             return None  # a duplicate: build from scratch for the error
-        merged[key] = r
-        by_type.setdefault(r.type, ({}, {}))[1][r.name] = r
-    refcount = _count(state, refs_of)
-    refcount = dict(refcount)
+        came_in[r.name] = r
+    resources = dict(current)
+    inserted: set[ResourceType] = set()
+    for rtype, (out, came_in) in by_type.items():
+        named = dict(current.get(rtype, empty))
+        for name, r in came_in.items():  # replaced in place: the order (by name) stays
+            if name not in named:
+                inserted.add(rtype)
+            named[name] = r
+        for name in out:
+            if name not in came_in:
+                del named[name]
+        resources[rtype] = named
+    refcount = dict(_count(state, refs_of))
     for r in removed.values():
         for t, name, _ in refs_of(r):
             refcount[(t, name)] -= 1
     for r in added:
         for t, name, _ in refs_of(r):
-            if (t, name) not in merged:
+            if name not in resources.get(t, empty):
                 return None  # dangling: build from scratch for the error
             refcount[(t, name)] = refcount.get((t, name), 0) + 1
     for r in removed.values():
-        key = (r.type, r.name)
-        if key not in merged and refcount.get(key, 0) > 0:
+        if r.name not in resources[r.type] and refcount.get((r.type, r.name), 0) > 0:
             return None  # still referred to: build from scratch for the error
-    resources = dict(state.snapshot.resources)
     lines = dict(state.lines)
     versions: dict[ResourceType, str] = {}
     for rtype, (out, came_in) in by_type.items():
-        named = dict(resources.get(rtype, {}))
-        inserted = False
-        for name, r in came_in.items():
-            inserted = inserted or name not in named
-            named[name] = r
-        for name in out:
-            if name not in came_in:
-                del named[name]
-        resources[rtype] = dict(sorted(named.items())) if inserted else named
+        named = resources[rtype]  # type: ignore[assignment]
+        if rtype in inserted:
+            resources[rtype] = named = dict(sorted(named.items()))
         lines[rtype] = _lines(named, out, came_in, lines.get(rtype))
         versions[rtype] = lines_hash(lines[rtype][1])
     snapshot = Snapshot(resources, state.snapshot, by_type.keys(), versions)
-    return GroupState(
-        state.scope, tuple(units), tuple(translated), merged, snapshot, refcount, lines
-    )
+    return GroupState(state.scope, tuple(units), tuple(translated), snapshot, refcount, lines)
 
 
 def _lines(
@@ -208,8 +206,9 @@ def _lines(
 def _count(state: GroupState, refs_of: RefsOf) -> dict[Key, int]:
     if state.refcount is None:
         counts: dict[Key, int] = {}
-        for r in state.merged.values():
-            for t, name, _ in refs_of(r):
-                counts[(t, name)] = counts.get((t, name), 0) + 1
+        for named in state.snapshot.resources.values():
+            for r in named.values():
+                for t, name, _ in refs_of(r):
+                    counts[(t, name)] = counts.get((t, name), 0) + 1
         state.refcount = counts
     return state.refcount
