@@ -465,3 +465,29 @@ def test_a_policy_edit_dumps_only_the_parts_that_changed(
     assert Upstream.__name__ not in dumped, dumped
     assert "Listener" in dumped
     assert outcome(warm) == outcome(FolderLoader(tmp_path).load())
+
+
+def test_a_change_the_watch_did_not_report_is_found_when_asked(tmp_path: Path) -> None:
+    """``unseen``: a file reused without a stat that changed all the same (a dropped
+    event) is found; once loaded with every file checked, nothing is unseen; a file that
+    stays broken is not found again and again."""
+    (tmp_path / "routes.yaml").write_text(ROUTES)
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    write(a, text_of(pair("c00"), ""))
+    write(b, text_of(pair("b0"), ""))
+    loader = FolderLoader(tmp_path)
+    with _settled(True):
+        loader.watching(True)
+        loader.load()
+        assert not loader.unseen()
+        write(b, text_of(pair("b0", 6), ""))
+        assert loader.unseen()
+        loader.changed(None)
+        loader.load()
+        assert not loader.unseen()
+        write(b, text_of(pair("b0", "x"), ""))
+        assert loader.unseen()
+        loader.changed(None)
+        with pytest.raises(ConfigErrors):
+            loader.load()
+        assert not loader.unseen()

@@ -516,3 +516,26 @@ async def test_watch_loop_tells_the_loader_what_changed(folder: Path, cache: Sna
         assert await w.reloader.reload("SIGHUP") is False  # not from the watch: not known
         assert told[-1] is None
     assert not w.reloader.loader._tracking
+
+
+async def test_watch_loop_serves_a_change_it_did_not_report(
+    folder: Path, cache: SnapshotCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An event the watch drops (here: filtered out) is found when the watch is idle: the
+    loader is asked what it reused without a stat (``unseen``) and the folder reloaded."""
+    import xdsplane.pipeline.folder as folder_mod
+
+    monkeypatch.setattr(folder_mod, "SETTLED_SECONDS", -1.0)  # every file counts as settled
+    async with Watching(folder, cache) as w:
+        real = w.reloader._relevant
+        routes_path = os.path.abspath(folder / "routes.yaml")
+        monkeypatch.setattr(
+            w.reloader,
+            "_relevant",
+            lambda change, path: os.path.abspath(path) != routes_path and real(change, path),
+        )
+        await w.reloader.reload("SIGHUP")  # every file checked (and trusted) from here
+        tmp = folder / ".routes.yaml.tmp"
+        tmp.write_text(routes("/unreported"))
+        os.replace(tmp, folder / "routes.yaml")
+        await w.wait_prefix("/unreported")

@@ -51,6 +51,9 @@ T = TypeVar("T")
 LOAD_SWITCH_INTERVAL = 0.001
 
 WAKE_MS = 250  # the longest a watch sleeps without events (folder replaced, new paths)
+# How often an idle watch asks its source whether something changed that it did not report
+# (``Source.unseen``): a dropped event is served within about this long.
+AUDIT_SECONDS = 1.0
 
 
 class Refused(Exception):
@@ -164,6 +167,7 @@ class Source(Generic[T]):
     # A reload that finds what is served, after a failed one: True serves it again (a
     # success; the policy), False only clears the errors (the TLS files).
     swap_on_recovery = False
+    audits = False  # asks ``unseen`` when the watch is idle (it overrides it)
 
     def load(self) -> T:
         """Runs in a worker thread. Raise Refused (errors naming the files) or FileBusy."""
@@ -219,6 +223,12 @@ class Source(Generic[T]):
         """Before a load: the paths the watch reported changed since the last reload, or
         None when that is not known (SIGHUP, a restarted watch, a reload on demand). A
         source may use it to look only at those (the policy folder's loader does)."""
+
+    def unseen(self) -> bool:
+        """In a worker thread, while the watch is idle: did something change that the watch
+        did not report (then it reloads, every file checked)? A source that trusts
+        ``changed`` checks here what it did not look at."""
+        return False
 
 
 class FileReloader(Generic[T]):
@@ -296,6 +306,14 @@ class FileReloader(Generic[T]):
             self.installed(new, reason, started)
             return True
 
+    async def _unseen(self) -> bool:
+        async with self._lock:  # not while a load changes what the source holds
+            try:
+                return await asyncio.to_thread(self.source.unseen)
+            except Exception:  # a broken check must not end the watch
+                self.log.exception("unseen-change check crashed")
+                return False
+
     def failed(self, errors: list[str], reason: str) -> bool:
         s = self.state
         s.failures += 1
@@ -336,6 +354,7 @@ class FileReloader(Generic[T]):
             halt = asyncio.Event()
             relay = asyncio.create_task(_relay(stop, halt))
             started = False
+            audited = time.monotonic()
             try:
                 async for changes in watchfiles.awatch(
                     *paths,
@@ -365,6 +384,15 @@ class FileReloader(Generic[T]):
                         seen = None if resync else {p for _, p in changes}
                         await self.reload("change" if changes else "watch restarted", seen)
                         resync = False
+                        audited = time.monotonic()
+                    elif (
+                        self.source.audits
+                        and started
+                        and time.monotonic() - audited > AUDIT_SECONDS
+                    ):
+                        audited = time.monotonic()
+                        if await self._unseen():
+                            await self.reload("change the watch did not report")
                     if self.source.watch_paths() != paths:
                         resync = True
                         break

@@ -62,6 +62,7 @@ class Reloader(Source[SnapshotSet]):
     debounce_ms = 1600
     recursive = True
     swap_on_recovery = True  # a load back to what is served, after errors, is served again
+    audits = True  # files reused without a stat are checked when the watch is idle
 
     def __init__(
         self,
@@ -181,6 +182,9 @@ class Reloader(Source[SnapshotSet]):
     def changed(self, paths: set[str] | None) -> None:
         # Only the files the watch names are looked at again (the others not even stat-ed).
         self.loader.changed(paths)
+
+    def unseen(self) -> bool:
+        return self.loader.unseen()
 
     # -- the policy's own API -------------------------------------------------------------
 

@@ -120,6 +120,10 @@ class FolderLoader:
                 if not cached.trusted and cached.plain:
                     self._parsed[shown] = cached._replace(trusted=True)
                 return cached.units
+            if cached.trusted:
+                # Changed: checked by every load until it reads well again (a file that
+                # stays broken is not reported as an unseen change over and over).
+                self._parsed[shown] = cached = cached._replace(trusted=False)
         try:
             data = read_stable(str(path))
         except FileBusy:
@@ -240,6 +244,20 @@ class FolderLoader:
                     self._pending = None
                     return
                 self._pending.add(key)
+
+    def unseen(self) -> bool:
+        """Did a file the loads reuse without a ``stat`` change all the same (a change the
+        watch did not report: a dropped event)? The caller's watch asks now and then, when
+        idle, and reloads with every file checked if so."""
+        for shown, entry in list(self._parsed.items()):
+            if not entry.trusted:
+                continue  # checked by every load anyway
+            try:
+                if _stamp(os.stat(shown)) != entry.stamp:
+                    return True
+            except OSError:
+                return True
+        return False
 
     def _take_pending(self) -> set[str] | None:
         with self._pending_lock:
