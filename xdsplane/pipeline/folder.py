@@ -327,7 +327,13 @@ class FolderLoader:
         contents: list[Unit] = []
         listing = self._listing
         assert listing is not None
+        parsed = self._parsed
         for path, shown in zip(files, listing.shown, strict=True):
+            if changed is not None:  # the common case of a reload under serve, inlined
+                cached = parsed.get(shown)
+                if cached is not None and cached.trusted and cached.key not in changed:
+                    contents.extend(cached.units)
+                    continue
             contents.extend(self._parse_file(path, errors, changed, shown))
         if listing.generation != self._generation or len(self._parsed) != len(files):
             self._generation = listing.generation
