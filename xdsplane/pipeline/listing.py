@@ -8,12 +8,14 @@ hundreds of files costs one ``stat`` per folder, not a walk.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from pathlib import Path
 
 SUFFIXES = (".yaml", ".yml")
 SETTLED_SECONDS = 2.0
+_GENERATIONS = itertools.count(1)  # shared: no two listings' lists have the same number
 
 
 def stamp(st: os.stat_result) -> tuple[int, ...]:
@@ -50,8 +52,8 @@ class Listing:
         # folder path -> (stamp, subfolders to enter, policy files in it)
         self._folders: dict[str, tuple[tuple[int, ...], list[str], list[Path]]] = {}
         self._files: list[Path] = []
-        # The files as strings (in the same order), and a count of the times the list
-        # changed: the loader keeps per-file work keyed by them.
+        # The files as strings (in the same order), and a number that changes with the
+        # list (unique across listings): the loader keeps per-file work keyed by them.
         self.shown: list[str] = []
         self.generation = 0
 
@@ -108,7 +110,7 @@ class Listing:
         if changed or folders.keys() != self._folders.keys():
             self._files = sorted(found, key=_order)
             self.shown = [str(p) for p in self._files]
-            self.generation += 1
+            self.generation = next(_GENERATIONS)
         self._folders = folders
         return list(self._files)
 
