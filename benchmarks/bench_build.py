@@ -10,7 +10,9 @@ ClusterLoadAssignments, 200 Secrets, 200 Listeners with RDS, 200 RouteConfigurat
     serialize + hash + pre-encode, reference check, snapshot build). The first load in a
     process also imports the proto packages named by the ``@type``s; it is shown apart.
 (b) edit: one route's prefix changes in routes/route-017.yaml (written as tmp + rename) and
-    the same FolderLoader loads the folder again (only that file is parsed again).
+    the same FolderLoader loads the folder again (only that file is parsed again). As under
+    ``serve``, the loader is told what the watch saw change (``FolderLoader.changed``): the
+    other files, written long ago, are not even stat-ed (``--unwatched``: every file is).
 (c) big-file edit: the same folder with the clusters in 2 files of 1,000 clusters and their
     1,000 ClusterLoadAssignments each (1.5 MB per file); one cluster's connect_timeout in
     the middle of clusters/team-000.yaml changes, the same FolderLoader loads the folder
@@ -298,8 +300,24 @@ def what_if(root: Path, snapshot_set: Any, heavy: bool = True) -> list[list[str]
     return rows
 
 
+def settled(root: Path) -> None:
+    """Wait until every file was written more than 2 s ago, as on a real machine: the
+    loader reads again a file written in the last 2 s (a write in the same timestamp tick
+    could hide), which is not what an edit costs (``listing.SETTLED_SECONDS``)."""
+    from xdsplane.pipeline.listing import SETTLED_SECONDS
+
+    latest = max(max(p.stat().st_mtime, p.stat().st_ctime) for p in root.rglob("*.yaml"))
+    time.sleep(max(0.0, latest + SETTLED_SECONDS + 0.2 - time.time()))
+
+
+def watched(loader: FolderLoader, path: Path, on: bool) -> None:
+    """Tell the loader, as ``serve``'s watch does, that ``path`` changed."""
+    if on:
+        loader.changed({str(path)})
+
+
 def big_file_edits(
-    root: Path, shape: _snapgen.Shape, edits: int, phases: Phases
+    root: Path, shape: _snapgen.Shape, edits: int, phases: Phases, watch: bool = True
 ) -> tuple[list[float], list[dict[str, float]], int]:
     """(c): one cluster's connect_timeout in the middle of a 1,000-cluster file, edited."""
     from xdsplane.config.errors import ConfigErrors
@@ -307,13 +325,17 @@ def big_file_edits(
     _snapgen.generate(root, shape)
     edited = root / "clusters" / "team-000.yaml"
     middle = shape.per_team // 2
+    settled(root)
     loader = FolderLoader(root)
+    if watch:
+        loader.watching(True)
     loader.load()
     gc.collect()
     times: list[float] = []
     parts: list[dict[str, float]] = []
     for i in range(edits):
         _snapgen.write_atomic(edited, _snapgen.team_text(0, shape, {middle: 2000 + i}))
+        watched(loader, edited, watch)
         t, p, result = timed_load(loader, phases)
         times.append(t)
         parts.append(p)
@@ -371,6 +393,9 @@ def main() -> int:
     ap.add_argument("--edits", type=int, help="one-route edits (default 30, quick 10)")
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--keep", metavar="DIR", help="generate into DIR and keep it")
+    ap.add_argument(
+        "--unwatched", action="store_true", help="(b), (c): the loader not told what changed"
+    )
     args = ap.parse_args()
     runs = args.runs or (1 if args.quick else 5)
     edits = args.edits or (10 if args.quick else 30)
@@ -401,13 +426,17 @@ def main() -> int:
             cold.append(t)
             cold_parts.append(parts)
 
+        settled(workdir)
         loader = FolderLoader(workdir)
+        if not args.unwatched:
+            loader.watching(True)
         result = loader.load()
         gc.collect()
         edit: list[float] = []
         edit_parts: list[dict[str, float]] = []
         for i in range(edits):
             _snapgen.write_atomic(workdir / EDITED, _snapgen.route_text(17, shape, i + 1))
+            watched(loader, workdir / EDITED, not args.unwatched)
             t, parts, _ = timed_load(loader, phases)
             edit.append(t)
             edit_parts.append(parts)
@@ -422,7 +451,9 @@ def main() -> int:
         )
         big_root = Path(tempfile.mkdtemp(prefix="xdsplane-bigfile-"))
         try:
-            big, big_parts, big_bytes = big_file_edits(big_root, big_shape, edits, phases)
+            big, big_parts, big_bytes = big_file_edits(
+                big_root, big_shape, edits, phases, not args.unwatched
+            )
         finally:
             shutil.rmtree(big_root, ignore_errors=True)
 

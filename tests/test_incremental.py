@@ -10,10 +10,12 @@ digests, the same bytes and sources of every resource, or the same errors (``fil
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -22,6 +24,7 @@ from hypothesis import strategies as st
 from xdsplane.config.errors import ConfigErrors
 from xdsplane.pipeline import FolderLoader
 from xdsplane.snapshot import SnapshotSet
+from xdsplane.types import ResourceType
 
 SETTINGS = settings(
     max_examples=int(os.environ.get("XDSPLANE_HYPOTHESIS_EXAMPLES", "60")),
@@ -49,6 +52,14 @@ def endpoints(name: str, port: int = 8443) -> str:
       - lb_endpoints:
           - endpoint: {{address: {{socket_address: {{address: 10.0.0.1, port_value: {port}}}}}}}
 """
+
+
+def pair(name: str, timeout: int | str = 1) -> list[str]:
+    """A cluster and its endpoints."""
+    return [
+        cluster(name).replace("connect_timeout: 1s", f"connect_timeout: {timeout}s"),
+        endpoints(name),
+    ]
 
 
 def base_entries(n: int) -> list[str]:
@@ -154,24 +165,132 @@ def write(path: Path, text: str) -> None:
 
 
 @SETTINGS
-@given(st.integers(4, 14), st.lists(EDITS, min_size=1, max_size=6))
-def test_edits_inside_a_big_file_equal_a_cold_load(n: int, edits: list[tuple]) -> None:  # type: ignore[type-arg]
+@given(st.integers(4, 14), st.lists(EDITS, min_size=1, max_size=6), st.booleans())
+def test_edits_inside_a_big_file_equal_a_cold_load(
+    n: int,
+    edits: list[tuple],  # type: ignore[type-arg]
+    watched: bool,
+) -> None:
+    """``watched``: the loader is told what the watch saw (only the edited file), as under
+    ``serve``; every file counts as settled, so the others are reused without a stat."""
     root = Path(tempfile.mkdtemp(prefix="xdsplane-incremental-"))
     try:
         (root / "routes.yaml").write_text(ROUTES)
+        (root / "other.yaml").write_text(text_of(pair("o1"), ""))
         big = root / "big.yaml"
         entries, header = base_entries(n), ""
         big.write_text(text_of(entries, header))
         loader = FolderLoader(root)
-        assert outcome(load(loader)) == outcome(load(FolderLoader(root)))
-        for edit in edits:
-            entries, header = apply(entries, header, edit)
-            write(big, text_of(entries, header))
-            warm = outcome(load(loader))
-            cold = outcome(load(FolderLoader(root)))
-            assert warm == cold, edit
+        with _settled(watched):
+            if watched:
+                loader.watching(True)
+            assert outcome(load(loader)) == outcome(load(FolderLoader(root)))
+            for i, edit in enumerate(edits):
+                entries, header = apply(entries, header, edit)
+                write(big, text_of(entries, header))
+                told = {str(big)}
+                if i % 2:  # another file edited too, in the same batch of changes
+                    write(root / "other.yaml", text_of(pair("o1", i + 2), ""))
+                    told.add(str(root / "other.yaml"))
+                if watched:
+                    loader.changed(told)
+                warm = outcome(load(loader))
+                cold = outcome(load(FolderLoader(root)))
+                assert warm == cold, edit
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _settled(on: bool) -> contextlib.AbstractContextManager[object]:
+    """Every file counts as settled (written long ago), as on a real machine: what the
+    watch did not name is reused without a stat."""
+    import xdsplane.pipeline.folder as folder
+
+    if not on:
+        return contextlib.nullcontext()
+    return mock.patch.object(folder, "SETTLED_SECONDS", -1.0)
+
+
+def test_a_watched_loader_looks_only_at_what_the_watch_named(tmp_path: Path) -> None:
+    """Told what changed, a loader does not look at the other files (not even a stat);
+    told "not known" (SIGHUP, a restarted watch), it checks every file again."""
+    (tmp_path / "routes.yaml").write_text(ROUTES)
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    write(a, text_of(pair("c00"), ""))
+    write(b, text_of(pair("b0"), ""))
+    loader = FolderLoader(tmp_path)
+    with _settled(True):
+        loader.watching(True)
+        loader.load()
+        write(a, text_of(pair("c00", 5), ""))
+        write(b, text_of(pair("b0", 6), ""))
+        loader.changed({str(a)})
+        snap = loader.load().groups[0].snapshot.of(ResourceType.CLUSTER)
+        assert snap["c00"].message.connect_timeout.seconds == 5
+        assert snap["b0"].message.connect_timeout.seconds == 1  # not named: not looked at
+        loader.changed(None)
+        snap = loader.load().groups[0].snapshot.of(ResourceType.CLUSTER)
+        assert snap["b0"].message.connect_timeout.seconds == 6
+        # Not watching (a watch ended): every load checks every file.
+        loader.watching(False)
+        write(b, text_of(pair("b0", 7), ""))
+        loader.changed({str(a)})
+        snap = loader.load().groups[0].snapshot.of(ResourceType.CLUSTER)
+        assert snap["b0"].message.connect_timeout.seconds == 7
+
+
+def test_a_failed_watched_load_is_told_again(tmp_path: Path) -> None:
+    """A bad edit: the load fails, naming the line; the next load (told of another file
+    only) still reports it, never the file's last good content; once fixed it loads."""
+    (tmp_path / "routes.yaml").write_text(ROUTES)
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    write(a, text_of(pair("c00"), ""))
+    write(b, text_of(pair("b0"), ""))
+    loader = FolderLoader(tmp_path)
+    with _settled(True):
+        loader.watching(True)
+        loader.load()
+        write(a, text_of(pair("c00", "x"), ""))
+        loader.changed({str(a)})
+        for told in ({str(a)}, {str(b)}, set()):
+            loader.changed(told)
+            with pytest.raises(ConfigErrors) as e:
+                loader.load()
+            assert [str(x).split(": ", 1)[0] for x in e.value.errors] == [f"{a}:5:22"]
+        write(a, text_of(pair("c00", 4), ""))
+        loader.changed({str(a)})
+        assert outcome(loader.load()) == outcome(FolderLoader(tmp_path).load())
+
+
+def test_a_watched_loader_checks_symlinks_and_replaced_folders(tmp_path: Path) -> None:
+    """A file reached through a symlink (an edit of its target is not seen under its name)
+    is checked on every load; a folder named by the watch (moved, replaced) makes the load
+    check every file under it."""
+    (tmp_path / "routes.yaml").write_text(ROUTES)
+    target = tmp_path / ".data" / "linked.yaml"
+    target.parent.mkdir()
+    write(target, text_of(pair("c00"), ""))
+    (tmp_path / "linked.yaml").symlink_to(target)
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    write(sub / "s.yaml", text_of(pair("s0"), ""))
+    loader = FolderLoader(tmp_path)
+    with _settled(True):
+        loader.watching(True)
+        loader.load()
+        write(target, text_of(pair("c00", 3), ""))
+        loader.changed(set())
+        snap = loader.load().groups[0].snapshot.of(ResourceType.CLUSTER)
+        assert snap["c00"].message.connect_timeout.seconds == 3
+        other = tmp_path / "other"
+        other.mkdir()
+        write(other / "s.yaml", text_of(pair("s0", 8), ""))
+        sub.rename(tmp_path / "old")
+        other.rename(sub)
+        shutil.rmtree(tmp_path / "old")
+        loader.changed({str(sub)})
+        snap = loader.load().groups[0].snapshot.of(ResourceType.CLUSTER)
+        assert snap["s0"].message.connect_timeout.seconds == 8
 
 
 def test_a_bad_entry_names_its_line_and_the_next_good_edit_loads(tmp_path: Path) -> None:
@@ -305,3 +424,70 @@ def test_response_entries_are_what_protobuf_encodes(tmp_path: Path) -> None:
                     ]
                 ).SerializeToString()
             )
+
+
+def test_a_policy_edit_dumps_only_the_parts_that_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The translation cache finds what changed by the parts' JSON: a part of a file that
+    did not change is not dumped again (the same frozen object), and the edited folder
+    gives what a cold load gives."""
+    from pydantic import BaseModel
+
+    from xdsplane.policy.model import Upstream
+
+    ups = "".join(f"  u{i}: {{endpoints: ['10.0.0.{i + 1}:80']}}\n" for i in range(20))
+    (tmp_path / "upstreams.yaml").write_text("upstreams:\n" + ups)
+
+    def listener(prefix: str) -> str:
+        routes = "".join(
+            f"          - {{name: r{i}, prefix: /{prefix}{i}/, upstream: u{i}}}\n"
+            for i in range(20)
+        )
+        return (
+            "listeners:\n  - name: l\n    address: 127.0.0.1:10000\n    hosts:\n"
+            "      - name: h\n        domains: [h.example.com]\n        routes:\n" + routes
+        )
+
+    write(tmp_path / "l.yaml", listener("a"))
+    loader = FolderLoader(tmp_path)
+    loader.load()
+    dumped: list[str] = []
+    real = BaseModel.model_dump_json
+
+    def counting(self: BaseModel, **kw: object) -> str:
+        dumped.append(type(self).__name__)
+        return real(self, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(BaseModel, "model_dump_json", counting)
+    write(tmp_path / "l.yaml", listener("b"))
+    warm = loader.load()
+    assert Upstream.__name__ not in dumped, dumped
+    assert "Listener" in dumped
+    assert outcome(warm) == outcome(FolderLoader(tmp_path).load())
+
+
+def test_a_change_the_watch_did_not_report_is_found_when_asked(tmp_path: Path) -> None:
+    """``unseen``: a file reused without a stat that changed all the same (a dropped
+    event) is found; once loaded with every file checked, nothing is unseen; a file that
+    stays broken is not found again and again."""
+    (tmp_path / "routes.yaml").write_text(ROUTES)
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    write(a, text_of(pair("c00"), ""))
+    write(b, text_of(pair("b0"), ""))
+    loader = FolderLoader(tmp_path)
+    with _settled(True):
+        loader.watching(True)
+        loader.load()
+        assert not loader.unseen()
+        write(b, text_of(pair("b0", 6), ""))
+        assert loader.unseen()
+        loader.changed(None)
+        loader.load()
+        assert not loader.unseen()
+        write(b, text_of(pair("b0", "x"), ""))
+        assert loader.unseen()
+        loader.changed(None)
+        with pytest.raises(ConfigErrors):
+            loader.load()
+        assert not loader.unseen()

@@ -489,3 +489,53 @@ async def test_watch_loop_survives_the_folder_being_replaced(
         shutil.copytree(backup, folder)
         (folder / "routes.yaml").write_text(routes("/after-remount"))
         await w.wait_prefix("/after-remount")
+
+
+async def test_watch_loop_tells_the_loader_what_changed(folder: Path, cache: SnapshotCache) -> None:
+    """The watch names the files it saw change to the loader (which then looks only at
+    those), and says when it is in place and when it stops (every file checked again)."""
+    told: list[set[str] | None] = []
+    w = Watching(folder, cache)
+    real = w.reloader.loader.changed
+
+    def spy(paths: Any) -> None:
+        told.append(None if paths is None else set(paths))
+        real(paths)
+
+    w.reloader.loader.changed = spy  # type: ignore[method-assign]
+    async with w:
+        assert w.reloader.loader._tracking
+        told.clear()
+        path = folder / "routes.yaml"
+        tmp = folder / ".routes.yaml.tmp"
+        tmp.write_text(routes("/told"))
+        os.replace(tmp, path)
+        await w.wait_prefix("/told")
+        named = {os.path.abspath(p) for paths in told if paths is not None for p in paths}
+        assert os.path.abspath(path) in named, told
+        assert await w.reloader.reload("SIGHUP") is False  # not from the watch: not known
+        assert told[-1] is None
+    assert not w.reloader.loader._tracking
+
+
+async def test_watch_loop_serves_a_change_it_did_not_report(
+    folder: Path, cache: SnapshotCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An event the watch drops (here: filtered out) is found when the watch is idle: the
+    loader is asked what it reused without a stat (``unseen``) and the folder reloaded."""
+    import xdsplane.pipeline.folder as folder_mod
+
+    monkeypatch.setattr(folder_mod, "SETTLED_SECONDS", -1.0)  # every file counts as settled
+    async with Watching(folder, cache) as w:
+        real = w.reloader._relevant
+        routes_path = os.path.abspath(folder / "routes.yaml")
+        monkeypatch.setattr(
+            w.reloader,
+            "_relevant",
+            lambda change, path: os.path.abspath(path) != routes_path and real(change, path),
+        )
+        await w.reloader.reload("SIGHUP")  # every file checked (and trusted) from here
+        tmp = folder / ".routes.yaml.tmp"
+        tmp.write_text(routes("/unreported"))
+        os.replace(tmp, folder / "routes.yaml")
+        await w.wait_prefix("/unreported")

@@ -51,6 +51,9 @@ T = TypeVar("T")
 LOAD_SWITCH_INTERVAL = 0.001
 
 WAKE_MS = 250  # the longest a watch sleeps without events (folder replaced, new paths)
+# How often an idle watch asks its source whether something changed that it did not report
+# (``Source.unseen``): a dropped event is served within about this long.
+AUDIT_SECONDS = 1.0
 
 
 class Refused(Exception):
@@ -164,6 +167,7 @@ class Source(Generic[T]):
     # A reload that finds what is served, after a failed one: True serves it again (a
     # success; the policy), False only clears the errors (the TLS files).
     swap_on_recovery = False
+    audits = False  # asks ``unseen`` when the watch is idle (it overrides it)
 
     def load(self) -> T:
         """Runs in a worker thread. Raise Refused (errors naming the files) or FileBusy."""
@@ -211,6 +215,21 @@ class Source(Generic[T]):
         create)."""
         return 0.0
 
+    def watching(self, on: bool) -> None:
+        """The watch of ``watch_paths`` is in place (True: it reports every change from now
+        on) or is not (False)."""
+
+    def changed(self, paths: set[str] | None) -> None:
+        """Before a load: the paths the watch reported changed since the last reload, or
+        None when that is not known (SIGHUP, a restarted watch, a reload on demand). A
+        source may use it to look only at those (the policy folder's loader does)."""
+
+    def unseen(self) -> bool:
+        """In a worker thread, while the watch is idle: did something change that the watch
+        did not report (then it reloads, every file checked)? A source that trusts
+        ``changed`` checks here what it did not look at."""
+        return False
+
 
 class FileReloader(Generic[T]):
     """Watch, load in a thread (FileBusy retried), check, swap, record; see the module."""
@@ -256,12 +275,14 @@ class FileReloader(Generic[T]):
             self.outcomes.succeeded(seconds)
         self.source.swap(new, reason, s)
 
-    async def reload(self, reason: str = "change") -> bool:
+    async def reload(self, reason: str = "change", changed: set[str] | None = None) -> bool:
         """Load, check and serve the source if it is good and new; True when something new
-        is served. The last good state stays otherwise, and the errors are recorded."""
+        is served. The last good state stays otherwise, and the errors are recorded.
+        ``changed``: the paths the watch reported (None: not known; ``Source.changed``)."""
         async with self._lock:
             started = time.perf_counter()
             self.state.attempts += 1
+            self.source.changed(changed)
             try:
                 new = await aretry_busy(self.source.load, self.busy_budget)
             except Refused as e:
@@ -284,6 +305,14 @@ class FileReloader(Generic[T]):
                 return False
             self.installed(new, reason, started)
             return True
+
+    async def _unseen(self) -> bool:
+        async with self._lock:  # not while a load changes what the source holds
+            try:
+                return await asyncio.to_thread(self.source.unseen)
+            except Exception:  # a broken check must not end the watch
+                self.log.exception("unseen-change check crashed")
+                return False
 
     def failed(self, errors: list[str], reason: str) -> bool:
         s = self.state
@@ -324,6 +353,8 @@ class FileReloader(Generic[T]):
                 continue
             halt = asyncio.Event()
             relay = asyncio.create_task(_relay(stop, halt))
+            started = False
+            audited = time.monotonic()
             try:
                 async for changes in watchfiles.awatch(
                     *paths,
@@ -338,6 +369,11 @@ class FileReloader(Generic[T]):
                     force_polling=True if self.poll_ms else None,
                     poll_delay_ms=self.poll_ms or 300,
                 ):
+                    if not started:
+                        # The watch is in place (watchfiles adds it before the first
+                        # yield): every change from here on is reported.
+                        self.source.watching(True)
+                        started = True
                     if self.source.identity() != identity:
                         resync = True
                         break
@@ -345,8 +381,18 @@ class FileReloader(Generic[T]):
                     if delay > 0:
                         await asyncio.sleep(delay)
                     if changes or resync:
-                        await self.reload("change" if changes else "watch restarted")
+                        seen = None if resync else {p for _, p in changes}
+                        await self.reload("change" if changes else "watch restarted", seen)
                         resync = False
+                        audited = time.monotonic()
+                    elif (
+                        self.source.audits
+                        and started
+                        and time.monotonic() - audited > AUDIT_SECONDS
+                    ):
+                        audited = time.monotonic()
+                        if await self._unseen():
+                            await self.reload("change the watch did not report")
                     if self.source.watch_paths() != paths:
                         resync = True
                         break
@@ -356,6 +402,8 @@ class FileReloader(Generic[T]):
                 await _wait(stop, 0.1)
             finally:
                 relay.cancel()
+                if started:
+                    self.source.watching(False)
 
 
 def norm(p: Path) -> Path:

@@ -62,6 +62,7 @@ class Reloader(Source[SnapshotSet]):
     debounce_ms = 1600
     recursive = True
     swap_on_recovery = True  # a load back to what is served, after errors, is served again
+    audits = True  # files reused without a stat are checked when the watch is idle
 
     def __init__(
         self,
@@ -175,6 +176,16 @@ class Reloader(Source[SnapshotSet]):
     def relevant(self, change: watchfiles.Change, path: str) -> bool:
         return self._relevant(change, path)
 
+    def watching(self, on: bool) -> None:
+        self.loader.watching(on)
+
+    def changed(self, paths: set[str] | None) -> None:
+        # Only the files the watch names are looked at again (the others not even stat-ed).
+        self.loader.changed(paths)
+
+    def unseen(self) -> bool:
+        return self.loader.unseen()
+
     # -- the policy's own API -------------------------------------------------------------
 
     def load_now(self) -> SnapshotSet:
@@ -185,9 +196,10 @@ class Reloader(Source[SnapshotSet]):
         """Serve ``snapshots`` loaded at startup (counted as a success, as in /status)."""
         self.reloads.installed(snapshots, "startup")
 
-    async def reload(self, reason: str = "change") -> bool:
-        """Load the folder and serve it if it is good; True when something new is served."""
-        return await self.reloads.reload(reason)
+    async def reload(self, reason: str = "change", changed: set[str] | None = None) -> bool:
+        """Load the folder and serve it if it is good; True when something new is served.
+        ``changed``: the files the watch saw change (None: check every file)."""
+        return await self.reloads.reload(reason, changed)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Watch until ``stop`` is set; survives the folder vanishing; follows secret files

@@ -323,7 +323,7 @@ def _build_group(
         errors.extend(check_snapshot(snapshot, scope, refs_of))
     if len(errors) > before:
         return None, usage, None
-    return GroupState(scope, tuple(units), tuple(translated), merged, snapshot), usage, policy
+    return GroupState(scope, tuple(units), tuple(translated), snapshot), usage, policy
 
 
 def _count_raw_uses(
@@ -364,6 +364,8 @@ def _merge_resources(
 def _unused(units: list[Unit], used: Usage) -> list[ConfigError]:
     errors = []
     for u in units:
+        if not u.parts:
+            continue  # a raw file: no definitions to be unused
         for name in u.policy.secrets:
             origin = Origin(u.doc, ("secrets", name))
             if not _is_used(origin, used.secrets):

@@ -163,7 +163,7 @@ class Layout:
         if b < len(old) and region and not region.endswith("\n"):
             return None
         line = self.lines[i0]
-        parsed = _parse_region(region, path, line, self.indent, a)
+        parsed = _parse_region(region, path, line, self.indent, a, self.where)
         if parsed is None:
             return None
         starts, lines, columns, sizes, resources = parsed
@@ -182,11 +182,17 @@ class Layout:
             )
         else:
             shifted = self.resources[i1:]
+        after_starts = self.starts[i1:]
+        if delta:
+            after_starts = tuple(map(delta.__add__, after_starts))
+        after_lines = self.lines[i1:]
+        if moved:
+            after_lines = tuple(map(moved.__add__, after_lines))
         return Layout(
             text,
             self.indent,
-            self.starts[:i0] + starts + tuple(self.starts[i] + delta for i in tail),
-            self.lines[:i0] + lines + tuple(self.lines[i] + moved for i in tail),
+            self.starts[:i0] + starts + after_starts,
+            self.lines[:i0] + lines + after_lines,
             self.columns[:i0] + columns + self.columns[i1:],
             self.sizes[:i0] + sizes + self.sizes[i1:],
             self.resources[:i0] + resources + shifted,
@@ -223,18 +229,21 @@ def _entries(
 
 
 def _parse_region(
-    region: str, path: str, line: int, indent: int, at: int
+    region: str, path: str, line: int, indent: int, at: int, where: str
 ) -> (
     tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[Resource, ...]]
     | None
 ):
-    """The entries of ``region`` (text starting at ``at`` on line ``line``), parsed alone."""
+    """The entries of ``region`` (text starting at ``at`` on line ``line``), parsed alone.
+
+    The region is parsed as it is (not after ``line`` empty lines: scanning those cost
+    more than the entry for an edit deep in a big file); its lines are then moved to their
+    place, and so are the resources' sources (``where``: the path as sources show it)."""
     if not region.strip():
         return (), (), (), (), ()
-    pad = "\n" * line
     sizes: list[dict[int, int]] = []
     try:
-        docs = parse(pad + region, path, sizes=sizes, depth=1)
+        docs = parse(region, path, sizes=sizes, depth=1)
     except YamlError:
         return None
     if len(docs) != 1:
@@ -248,17 +257,22 @@ def _parse_region(
         or not isinstance(doc.value, list)
     ):
         return None
-    found = _entries(pad + region, seq, len(pad) - at)
+    found = _entries(region, seq, -at)
     if found is None:
         return None
     errors: list[ConfigError] = []
-    resources = parse_resources(doc, doc.value, (), errors)
-    if errors or len(resources) != len(seq.value):
+    parsed = parse_resources(doc, doc.value, (), errors)
+    if errors or len(parsed) != len(seq.value):
         return None
     if tlsrules.check_raw(doc, doc.value, ()):
         return None
+    starts, relative, columns = found
+    lines = tuple(map(line.__add__, relative))
+    resources = tuple(
+        _moved(r, f"{where}:{n + 1}:{c}") for r, n, c in zip(parsed, lines, columns, strict=True)
+    )
     item_sizes = tuple(sizes[0][id(n)] for n in seq.value)
-    return (*found, item_sizes, tuple(resources))
+    return starts, lines, columns, item_sizes, resources
 
 
 def _common_prefix(a: str, b: str) -> int:

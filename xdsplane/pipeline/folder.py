@@ -10,9 +10,12 @@ from __future__ import annotations
 import codecs
 import gc
 import os
+import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from xdsplane.config.errors import ConfigError, ConfigErrors, Location
 from xdsplane.config.stableread import FileBusy, read_stable
@@ -39,6 +42,20 @@ _BOMS = (
 )
 
 
+class _Entry(NamedTuple):
+    """A file as last read: its bytes, what it gave, its stat stamp, the layout of a raw file
+    re-parsed by entry, and whether a load told what the watch saw change may reuse it
+    without a ``stat`` (``trusted``: ``plain``, and found settled since it was read)."""
+
+    data: bytes
+    units: list[Unit]
+    stamp: tuple[int, ...]
+    layout: Layout | None
+    trusted: bool
+    key: str  # its absolute, normalised path (as the watch names it)
+    plain: bool  # no symlink on its path: a change to it is seen under this path
+
+
 @dataclass
 class FolderLoader:
     """Loads one folder again and again, reusing what did not change."""
@@ -46,10 +63,8 @@ class FolderLoader:
     root: Path
     # A folder for built raw resources across restarts (serve --cache-dir; diskcache.py).
     cache_dir: Path | None = None
-    # path -> (bytes, units, stat stamp, layout of a raw file re-parsed by entry)
-    _parsed: dict[str, tuple[bytes, list[Unit], tuple[int, ...], Layout | None]] = field(
-        default_factory=dict
-    )
+    # path -> the file as last read
+    _parsed: dict[str, _Entry] = field(default_factory=dict)
     # (type, name, version) -> (its references, whether it may hold key material)
     _refs: dict[tuple[ResourceType, str, str], tuple[tuple[Ref, ...], bool]] = field(
         default_factory=dict
@@ -59,8 +74,16 @@ class FolderLoader:
     _last: SnapshotSet | None = None
     _states: dict[str, GroupState] = field(default_factory=dict)
     _listing: Listing | None = None
+    _generation: int = -1  # of the listing when files gone were last dropped
     _reading: set[str] = field(default_factory=set)
     _disk: Persisted | None = None
+    # What the watch saw change since the last load began (absolute paths), or None: not
+    # known, every file is checked with a stat (see ``changed``).
+    _pending: set[str] | None = None
+    _tracking: bool = False
+    _pending_lock: threading.Lock = field(default_factory=threading.Lock)
+    _plain_dirs: dict[str, bool] = field(default_factory=dict)
+    _dirs: set[str] = field(default_factory=set)  # every folder above a file read
 
     def __post_init__(self) -> None:
         if self.cache_dir is not None:  # CacheDirError: a folder that cannot be trusted
@@ -69,10 +92,20 @@ class FolderLoader:
     def _display(self, path: Path) -> str:
         return str(path)
 
-    def _parse_file(self, path: Path, errors: list[ConfigError]) -> list[Unit]:
-        shown = self._display(path)
+    def _parse_file(
+        self,
+        path: Path,
+        errors: list[ConfigError],
+        changed: set[str] | None = None,
+        shown: str | None = None,
+    ) -> list[Unit]:
+        if shown is None:
+            shown = self._display(path)
         cached = self._parsed.get(shown)
         if cached is not None:
+            if changed is not None and cached.trusted and cached.key not in changed:
+                # The watch saw no change to it since it was last found settled.
+                return cached.units
             try:
                 st = os.stat(path)
             except OSError:
@@ -81,10 +114,16 @@ class FolderLoader:
             # same timestamp tick would have shown in ctime: no need to read it again.
             if (
                 st is not None
-                and _stamp(st) == cached[2]
+                and _stamp(st) == cached.stamp
                 and time.time() - max(st.st_mtime, st.st_ctime) > SETTLED_SECONDS
             ):
-                return cached[1]
+                if not cached.trusted and cached.plain:
+                    self._parsed[shown] = cached._replace(trusted=True)
+                return cached.units
+            if cached.trusted:
+                # Changed: checked by every load until it reads well again (a file that
+                # stays broken is not reported as an unseen change over and over).
+                self._parsed[shown] = cached = cached._replace(trusted=False)
         try:
             data = read_stable(str(path))
         except FileBusy:
@@ -97,12 +136,20 @@ class FolderLoader:
             errors.append(ConfigError(Location(shown), f"cannot read: {e.strerror or e}"))
             return []
         try:
-            stamp = _stamp(os.stat(path))
+            st = os.stat(path)
+            stamp = _stamp(st)
+            quiet = time.time() - max(st.st_mtime, st.st_ctime) > SETTLED_SECONDS
         except OSError:
-            stamp = ()
-        if cached is not None and cached[0] == data:
-            self._parsed[shown] = (data, cached[1], stamp, cached[3])
-            return cached[1]
+            stamp, quiet = (), False
+        where, plain = self._plain(str(path))
+        trusted = quiet and plain
+
+        def entry(units: list[Unit], layout: Layout | None) -> _Entry:
+            return _Entry(data, units, stamp, layout, trusted, where, plain)
+
+        if cached is not None and cached.data == data:
+            self._parsed[shown] = entry(cached.units, cached.layout)
+            return cached.units
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -115,18 +162,18 @@ class FolderLoader:
                     break
             errors.append(ConfigError(Location(shown, line, column), message))
             return []
-        if cached is not None and cached[3] is not None:
-            layout = cached[3].update(text, shown)
+        if cached is not None and cached.layout is not None:
+            layout = cached.layout.update(text, shown)
             if layout is not None:
-                unit = cached[1][0]
+                unit = cached.units[0]
                 units = [Unit(unit.doc, unit.nodes, unit.policy, layout.resources)]
-                self._parsed[shown] = (data, units, stamp, layout)
+                self._parsed[shown] = entry(units, layout)
                 return units
         key = None
         if self._disk is not None:
             found = self._disk.read(shown, data, text, self._refs)
             if not isinstance(found, str):
-                self._parsed[shown] = (data, [found[0]], stamp, found[1])
+                self._parsed[shown] = entry([found[0]], found[1])
                 return [found[0]]
             key = found
         sizes: list[dict[int, int]] = []
@@ -151,8 +198,80 @@ class FolderLoader:
             layout = Layout.of(text, docs[0], sizes[0], one.resources)
             if key is not None and self._disk is not None and not has_parts(one):
                 self._disk.parsed(shown, key, one, layout)
-        self._parsed[shown] = (data, contents, stamp, layout)
+        self._parsed[shown] = entry(contents, layout)
         return contents
+
+    def _plain(self, path: str) -> tuple[str, bool]:
+        """``path`` absolute and normalised, and whether no symlink is on it (an edit of a
+        symlink's target is not seen by a watch under the symlink's name)."""
+        key = os.path.abspath(path)
+        folder = os.path.dirname(key)
+        plain = self._plain_dirs.get(folder)
+        if plain is None:
+            plain = self._plain_dirs[folder] = os.path.realpath(folder) == folder
+            up = folder
+            while up not in self._dirs:
+                self._dirs.add(up)
+                up, last = os.path.dirname(up), up
+                if up == last:
+                    break
+        return key, plain and not os.path.islink(key)
+
+    def watching(self, on: bool) -> None:
+        """The caller's watch of the folder is in place (True) from now on, or is not (False).
+
+        From a load that starts while it is, ``changed`` may tell the next load which files
+        changed: the others, found settled when last read or checked, are not even
+        ``stat``-ed. Either way what changed before is not known: the next load checks all.
+        """
+        with self._pending_lock:
+            self._tracking = on
+            self._pending = None
+
+    def changed(self, paths: Collection[str] | None) -> None:
+        """What the watch reported changed (any path, absolute or relative to the current
+        folder), or None: not known (a SIGHUP, a watch restarted). The next load checks
+        every file with a ``stat`` unless, since the last load began, the watch has been in
+        place and told every change. A path that is a folder above a file read (a folder
+        moved or replaced) makes it check every file too."""
+        with self._pending_lock:
+            if paths is None or self._pending is None:
+                self._pending = None
+                return
+            for p in paths:
+                key = os.path.abspath(p)
+                if key in self._dirs:
+                    self._pending = None
+                    return
+                self._pending.add(key)
+
+    def unseen(self) -> bool:
+        """Did a file the loads reuse without a ``stat`` change all the same (a change the
+        watch did not report: a dropped event)? The caller's watch asks now and then, when
+        idle, and reloads with every file checked if so."""
+        for shown, entry in list(self._parsed.items()):
+            if not entry.trusted:
+                continue  # checked by every load anyway
+            try:
+                if _stamp(os.stat(shown)) != entry.stamp:
+                    return True
+            except OSError:
+                return True
+        return False
+
+    def _take_pending(self) -> set[str] | None:
+        with self._pending_lock:
+            taken = self._pending
+            self._pending = set() if self._tracking else None
+        return taken
+
+    def _give_back(self, taken: set[str] | None) -> None:
+        """A load that did not finish: what it was told is told again to the next one."""
+        with self._pending_lock:
+            if taken is None or self._pending is None:
+                self._pending = None
+            else:
+                self._pending |= taken
 
     def _files(self) -> list[Path]:
         if self._listing is None or self._listing.root != self.root:
@@ -192,8 +311,11 @@ class FolderLoader:
             if enabled:
                 gc.enable()
 
-    def units(self) -> list[Unit]:
-        """Every document of the folder, parsed; raises ConfigErrors or FileBusy."""
+    def units(self, changed: set[str] | None = None) -> list[Unit]:
+        """Every document of the folder, parsed; raises ConfigErrors or FileBusy.
+
+        ``changed``: the files the watch saw change (absolute paths); the others that are
+        ``trusted`` are reused without a ``stat``. None: every file is checked."""
         errors: list[ConfigError] = []
         if not self.root.is_dir():
             raise ConfigErrors([ConfigError(Location(str(self.root)), "is not a folder")])
@@ -203,17 +325,35 @@ class FolderLoader:
                 [ConfigError(Location(str(self.root)), "holds no .yaml or .yml files")]
             )
         contents: list[Unit] = []
-        for path in files:
-            contents.extend(self._parse_file(path, errors))
-        seen = {self._display(p) for p in files}
-        for stale in set(self._parsed) - seen:
-            del self._parsed[stale]
+        listing = self._listing
+        assert listing is not None
+        parsed = self._parsed
+        for path, shown in zip(files, listing.shown, strict=True):
+            if changed is not None:  # the common case of a reload under serve, inlined
+                cached = parsed.get(shown)
+                if cached is not None and cached.trusted and cached.key not in changed:
+                    contents.extend(cached.units)
+                    continue
+            contents.extend(self._parse_file(path, errors, changed, shown))
+        if listing.generation != self._generation or len(self._parsed) != len(files):
+            self._generation = listing.generation
+            seen = set(listing.shown)
+            for stale in set(self._parsed) - seen:
+                del self._parsed[stale]
         if errors:
             raise ConfigErrors(errors)
         return contents
 
     def _load(self) -> SnapshotSet:
-        contents = self.units()
+        changed = self._take_pending()
+        try:
+            return self._build(changed)
+        except BaseException:
+            self._give_back(changed)
+            raise
+
+    def _build(self, changed: set[str] | None) -> SnapshotSet:
+        contents = self.units(changed)
         self._reading = set()
         try:
             snapshots = build(

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from xdsplane.config.errors import ConfigError
-from xdsplane.pipeline.units import Unit, has_policy_parts
+from xdsplane.pipeline.units import Unit
 from xdsplane.policy.check import Usage, check_policy
 from xdsplane.policy.merge import Fragment, GroupPolicy, merge
 
@@ -48,11 +48,11 @@ def scope_of(group: NodeUnits, groups: list[NodeUnits]) -> str:
 def merge_and_check(units: list[Unit], scope: str) -> tuple[GroupPolicy, Usage, list[ConfigError]]:
     """One group's files merged into one policy, and every problem the checks find."""
     # A raw snapshot file has no policy parts: nothing to merge (hundreds of them, each load).
-    parts = [u for u in units if has_parts(u)]
+    parts = [u for u in units if u.parts]
     policy, errors = merge([Fragment(u.doc, u.policy) for u in parts])
     problems, usage = check_policy(policy, scope)
     return policy, usage, errors + problems
 
 
 def has_parts(unit: Unit) -> bool:
-    return has_policy_parts(unit.policy)
+    return unit.parts

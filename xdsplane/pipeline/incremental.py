@@ -15,12 +15,15 @@ None: the caller builds from scratch, which reports it as it always has.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import compress, count
+from operator import is_not
 
 from xdsplane.pipeline.refs import Ref
 from xdsplane.pipeline.units import Unit
-from xdsplane.snapshot import Resource, Snapshot
+from xdsplane.snapshot import Resource, Snapshot, lines_hash
 from xdsplane.types import ResourceType
 
 Key = tuple[ResourceType, str]
@@ -34,11 +37,14 @@ class GroupState:
     scope: str
     units: tuple[Unit, ...]
     translated: tuple[Resource, ...]
-    merged: dict[Key, Resource]
-    snapshot: Snapshot
-    # (type, name) -> how many references resources of ``merged`` make to it; counted on
+    snapshot: Snapshot  # its resources are what was merged (one mapping per type)
+    # (type, name) -> how many references the served resources make to it; counted on
     # the first reload that needs it (a cold start does not pay for it)
     refcount: dict[Key, int] | None = field(default=None)
+    # type -> its names in order and their "name\0version\n" lines (``snapshot.lines_hash``),
+    # made on the first reload that changes the type, then kept up to date: a type is
+    # re-versioned at the cost of what changed in it, not of re-sorting all of it.
+    lines: dict[ResourceType, tuple[list[str], list[str]]] = field(default_factory=dict)
 
 
 def _changes(
@@ -52,14 +58,59 @@ def _changes(
     return removed, added
 
 
+def _first_change(a: Sequence[Resource], b: Sequence[Resource]) -> int:
+    """How many leading items ``a`` and ``b`` share, the very objects (a C-speed scan)."""
+    return next(compress(count(), map(is_not, a, b)), min(len(a), len(b)))
+
+
+def _edited(
+    before: Sequence[Resource], after: Sequence[Resource]
+) -> tuple[Sequence[Resource], Sequence[Resource]]:
+    """The parts of one file's resources an edit replaced: what both share at the start
+    and at the end is left out (an edit inside a file of thousands costs its own size)."""
+    head = _first_change(before, after)
+    room = min(len(before), len(after)) - head
+    tail = min(_first_change(before[::-1], after[::-1]), room)
+    return before[head : len(before) - tail], after[head : len(after) - tail]
+
+
+def _unit_changes(
+    before: tuple[Unit, ...], after: list[Unit]
+) -> tuple[list[Resource], list[Resource]]:
+    """The resources of the units that went and came; a file edited (one unit went and one
+    came with its path) gives only the part of its resources the edit replaced."""
+    kept = {id(u) for u in after}
+    known = {id(u) for u in before}
+    went = [u for u in before if id(u) not in kept]
+    came = [u for u in after if id(u) not in known]
+    gone: list[Resource] = []
+    new: list[Resource] = []
+    paths = {u.doc.path for u in went}
+    if len(paths) == len(went):
+        pair = {u.doc.path: u for u in came if u.doc.path in paths}
+        if len(pair) == len([u for u in came if u.doc.path in paths]):
+            for u in went:
+                v = pair.pop(u.doc.path, None)
+                if v is None:
+                    gone.extend(u.resources)
+                    continue
+                out, came_in = _edited(u.resources, v.resources)
+                gone.extend(out)
+                new.extend(came_in)
+            came = [u for u in came if u.doc.path not in paths]
+            went = []
+    for u in went:
+        gone.extend(u.resources)
+    for u in came:
+        new.extend(u.resources)
+    return gone, new
+
+
 def rebuild(
     state: GroupState, units: list[Unit], translated: list[Resource], refs_of: RefsOf
 ) -> GroupState | None:
     """The next state from ``state``, or None when a build from scratch must say why not."""
-    kept = {id(u) for u in units}
-    known = {id(u) for u in state.units}
-    gone = [r for u in state.units if id(u) not in kept for r in u.resources]
-    came = [r for u in units if id(u) not in known for r in u.resources]
+    gone, came = _unit_changes(state.units, units)
     old_t = {id(r) for r in state.translated}
     new_t = {id(r) for r in translated}
     gone += [r for r in state.translated if id(r) not in new_t]
@@ -68,56 +119,96 @@ def rebuild(
     if not removed and not added:
         snapshot = Snapshot(state.snapshot.resources, state.snapshot, ())
         return GroupState(
-            state.scope, tuple(units), tuple(translated), state.merged, snapshot, state.refcount
+            state.scope,
+            tuple(units),
+            tuple(translated),
+            snapshot,
+            state.refcount,
+            state.lines,
         )
-    merged = dict(state.merged)
+    # What is served is what was merged: one mapping per type, only changed types copied.
+    current = state.snapshot.resources
+    empty: dict[str, Resource] = {}
     by_type: dict[ResourceType, tuple[dict[str, Resource], dict[str, Resource]]] = {}
     for r in removed.values():
-        key = (r.type, r.name)
-        if merged.get(key) is not r:
+        if current.get(r.type, empty).get(r.name) is not r:
             return None  # not what was served: build from scratch
-        del merged[key]
         by_type.setdefault(r.type, ({}, {}))[0][r.name] = r
     for r in added:
-        key = (r.type, r.name)
-        if key in merged:
+        out, came_in = by_type.setdefault(r.type, ({}, {}))
+        if r.name in came_in or (r.name in current.get(r.type, empty) and r.name not in out):
             return None  # a duplicate: build from scratch for the error
-        merged[key] = r
-        by_type.setdefault(r.type, ({}, {}))[1][r.name] = r
-    refcount = _count(state, refs_of)
-    refcount = dict(refcount)
+        came_in[r.name] = r
+    resources = dict(current)
+    inserted: set[ResourceType] = set()
+    for rtype, (out, came_in) in by_type.items():
+        named = dict(current.get(rtype, empty))
+        for name, r in came_in.items():  # replaced in place: the order (by name) stays
+            if name not in named:
+                inserted.add(rtype)
+            named[name] = r
+        for name in out:
+            if name not in came_in:
+                del named[name]
+        resources[rtype] = named
+    refcount = dict(_count(state, refs_of))
     for r in removed.values():
         for t, name, _ in refs_of(r):
             refcount[(t, name)] -= 1
     for r in added:
         for t, name, _ in refs_of(r):
-            if (t, name) not in merged:
+            if name not in resources.get(t, empty):
                 return None  # dangling: build from scratch for the error
             refcount[(t, name)] = refcount.get((t, name), 0) + 1
     for r in removed.values():
-        key = (r.type, r.name)
-        if key not in merged and refcount.get(key, 0) > 0:
+        if r.name not in resources[r.type] and refcount.get((r.type, r.name), 0) > 0:
             return None  # still referred to: build from scratch for the error
-    resources = dict(state.snapshot.resources)
+    lines = dict(state.lines)
+    versions: dict[ResourceType, str] = {}
     for rtype, (out, came_in) in by_type.items():
-        named = dict(resources.get(rtype, {}))
-        inserted = False
-        for name, r in came_in.items():
-            inserted = inserted or name not in named
-            named[name] = r
-        for name in out:
-            if name not in came_in:
-                del named[name]
-        resources[rtype] = dict(sorted(named.items())) if inserted else named
-    snapshot = Snapshot(resources, state.snapshot, by_type.keys())
-    return GroupState(state.scope, tuple(units), tuple(translated), merged, snapshot, refcount)
+        named = resources[rtype]  # type: ignore[assignment]
+        if rtype in inserted:
+            resources[rtype] = named = dict(sorted(named.items()))
+        lines[rtype] = _lines(named, out, came_in, lines.get(rtype))
+        versions[rtype] = lines_hash(lines[rtype][1])
+    snapshot = Snapshot(resources, state.snapshot, by_type.keys(), versions)
+    return GroupState(state.scope, tuple(units), tuple(translated), snapshot, refcount, lines)
+
+
+def _lines(
+    named: dict[str, Resource],
+    out: dict[str, Resource],
+    came_in: dict[str, Resource],
+    before: tuple[list[str], list[str]] | None,
+) -> tuple[list[str], list[str]]:
+    """A type's names in order and their version lines, now that ``out`` went and
+    ``came_in`` came (copies: the last good state keeps its own)."""
+    if before is None:
+        names = sorted(named)
+        return names, [f"{n}\0{named[n].version}\n" for n in names]
+    names, lines = list(before[0]), list(before[1])
+    for name in out:
+        if name not in came_in:
+            i = bisect_left(names, name)
+            del names[i]
+            del lines[i]
+    for name, r in came_in.items():
+        i = bisect_left(names, name)
+        line = f"{name}\0{r.version}\n"
+        if i < len(names) and names[i] == name:
+            lines[i] = line
+        else:
+            names.insert(i, name)
+            lines.insert(i, line)
+    return names, lines
 
 
 def _count(state: GroupState, refs_of: RefsOf) -> dict[Key, int]:
     if state.refcount is None:
         counts: dict[Key, int] = {}
-        for r in state.merged.values():
-            for t, name, _ in refs_of(r):
-                counts[(t, name)] = counts.get((t, name), 0) + 1
+        for named in state.snapshot.resources.values():
+            for r in named.values():
+                for t, name, _ in refs_of(r):
+                    counts[(t, name)] = counts.get((t, name), 0) + 1
         state.refcount = counts
     return state.refcount

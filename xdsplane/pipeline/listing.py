@@ -8,12 +8,14 @@ hundreds of files costs one ``stat`` per folder, not a walk.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from pathlib import Path
 
 SUFFIXES = (".yaml", ".yml")
 SETTLED_SECONDS = 2.0
+_GENERATIONS = itertools.count(1)  # shared: no two listings' lists have the same number
 
 
 def stamp(st: os.stat_result) -> tuple[int, ...]:
@@ -50,6 +52,10 @@ class Listing:
         # folder path -> (stamp, subfolders to enter, policy files in it)
         self._folders: dict[str, tuple[tuple[int, ...], list[str], list[Path]]] = {}
         self._files: list[Path] = []
+        # The files as strings (in the same order), and a number that changes with the
+        # list (unique across listings): the loader keeps per-file work keyed by them.
+        self.shown: list[str] = []
+        self.generation = 0
 
     def files(self, reuse: bool = True) -> list[Path]:
         """The YAML files under the root, sorted; hidden files and folders are skipped.
@@ -64,7 +70,7 @@ class Listing:
         folders: dict[str, tuple[tuple[int, ...], list[str], list[Path]]] = {}
         found: list[Path] = []
         seen: set[tuple[int, int]] = set()
-        listed = False
+        changed = False
         stack = [str(self.root)]
         while stack:  # depth first, subfolders in name order: the order os.walk takes
             folder = stack.pop()
@@ -86,7 +92,6 @@ class Listing:
             ):
                 entry = known
             else:
-                listed = True
                 dirnames, filenames = _scan(folder)
                 visible = [d for d in dirnames if not d.startswith(".")]
                 here = Path(folder)
@@ -96,11 +101,16 @@ class Listing:
                 files = [old.get(n) or here / n for n in names]
                 subs = [os.path.join(folder, d) for d in sorted(visible)]
                 entry = (mark, [d for d in subs if not d.endswith(SUFFIXES)], files)
+                # Listed again (an edit saved by rename, a file added): a new order only if
+                # what it holds changed.
+                changed = changed or known is None or entry[1:] != known[1:]
             folders[folder] = entry
             found.extend(entry[2])
             stack.extend(reversed(entry[1]))
-        if listed or folders.keys() != self._folders.keys():
+        if changed or folders.keys() != self._folders.keys():
             self._files = sorted(found, key=_order)
+            self.shown = [str(p) for p in self._files]
+            self.generation = next(_GENERATIONS)
         self._folders = folders
         return list(self._files)
 

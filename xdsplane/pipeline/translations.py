@@ -8,9 +8,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 
+from pydantic import BaseModel
+
 from xdsplane.policy import grpc_providers, translate
 from xdsplane.policy.grpc_check import grpc_upstreams
-from xdsplane.policy.merge import GroupPolicy
+from xdsplane.policy.merge import GroupPolicy, Origin
 from xdsplane.policy.translate import Built, guard, introspection, jwt, ratelimit
 from xdsplane.policy.translate.secrets import paths
 from xdsplane.snapshot import Resource, digest, make_resource
@@ -29,6 +31,30 @@ class TranslationCache:
         self._used: dict[tuple[str, str], list[Resource]] = {}
         self.hits = 0
         self.misses = 0
+        # A part's JSON and an origin's source, by the identity of the (frozen) model and
+        # of the document: a file that did not change gives the very same objects, so a
+        # reload does not dump every part of the policy again to find what changed. Each
+        # entry keeps its object alive: its id cannot be reused while it is cached.
+        self._dumps: dict[int, tuple[BaseModel, str]] = {}
+        self._dumps_used: dict[int, tuple[BaseModel, str]] = {}
+        self._sources: dict[tuple[int, tuple[str | int, ...]], tuple[object, str]] = {}
+        self._sources_used: dict[tuple[int, tuple[str | int, ...]], tuple[object, str]] = {}
+
+    def _json(self, model: BaseModel) -> str:
+        key = id(model)
+        hit = self._dumps_used.get(key) or self._dumps.get(key)
+        if hit is None or hit[0] is not model:
+            hit = (model, model.model_dump_json())
+        self._dumps_used[key] = hit
+        return hit[1]
+
+    def _source(self, origin: Origin) -> str:
+        key = (id(origin.doc), origin.keys)
+        hit = self._sources_used.get(key) or self._sources.get(key)
+        if hit is None or hit[0] is not origin.doc:
+            hit = (origin.doc, origin.source)
+        self._sources_used[key] = hit
+        return hit[1]
 
     def _get(
         self, key: tuple[str, str], source: str, build: Callable[[], list[Built]]
@@ -36,7 +62,7 @@ class TranslationCache:
         found = self._used.get(key) or self._entries.get(key)
         if found is None:
             self.misses += 1
-            found = [make_resource(b.type, b.message, b.origin.source) for b in build()]
+            found = [make_resource(b.type, b.message, self._source(b.origin)) for b in build()]
         else:
             self.hits += 1
             if found and found[0].source != source:
@@ -51,49 +77,49 @@ class TranslationCache:
         for name, spart in sorted(policy.secrets.items()):
             if name not in sds:
                 continue
-            parts = [spart.value.model_dump_json(), str(spart.origin.folder)]
+            parts = [self._json(spart.value), str(spart.origin.folder)]
             parts += [digest(files[p]) for p in paths(spart.value, spart.origin.folder).values()]
             key = ("secret:" + name, "|".join(parts))
             out += self._get(
                 key,
-                spart.origin.source,
+                self._source(spart.origin),
                 lambda n=name, sp=spart: translate.secret_resources(n, sp, files),  # type: ignore[misc]
             )
         for name, upart in sorted(policy.upstreams.items()):
             if name in grpc_ups:
                 out += self._get(
-                    ("grpc-upstream:" + name, upart.value.model_dump_json()),
-                    upart.origin.source,
+                    ("grpc-upstream:" + name, self._json(upart.value)),
+                    self._source(upart.origin),
                     lambda n=name, up=upart: translate.grpc_upstream_resources(n, up),  # type: ignore[misc]
                 )
                 continue
-            key = ("upstream:" + name, upart.value.model_dump_json())
+            key = ("upstream:" + name, self._json(upart.value))
             out += self._get(
                 key,
-                upart.origin.source,
+                self._source(upart.origin),
                 lambda n=name, up=upart: translate.upstream_resources(n, up),  # type: ignore[misc]
             )
         for sname, gpart_ in sorted(policy.grpc_services.items()):
             out += self._get(
-                ("grpc:" + sname, gpart_.value.model_dump_json()),
-                gpart_.origin.source,
+                ("grpc:" + sname, self._json(gpart_.value)),
+                self._source(gpart_.origin),
                 lambda sp=gpart_: translate.grpc_service_resources(sp),  # type: ignore[misc]
             )
         gpart = policy.guard
         if gpart is not None:
             out += self._get(
-                ("guard", gpart.value.model_dump_json()),
-                gpart.origin.source,
+                ("guard", self._json(gpart.value)),
+                self._source(gpart.origin),
                 lambda gp=gpart: translate.guard_resources(gp),  # type: ignore[misc]
             )
         log = policy.access_log.value if policy.access_log is not None else None
-        log_key = log.model_dump_json() if log is not None else ""
+        log_key = self._json(log) if log is not None else ""
         log_part = policy.access_log
         if log_part is not None and log_part.value.otlp is not None:
             # The OTLP collector's cluster (the listeners' loggers send to it).
             out += self._get(
                 ("otlp", log_key),
-                log_part.origin.source,
+                self._source(log_part.origin),
                 lambda: translate.otlp_resources(log_part),
             )
         providers = translate.jwt_providers(policy, files)
@@ -102,19 +128,18 @@ class TranslationCache:
         jwt_names = jwt.group_providers(p.value for p in policy.listeners.values())
         if jwt_names:
             jwt_key = "".join(
-                f"|{n}:{providers[n].spec.model_dump_json()}:{digest(providers[n].jwks)}"
+                f"|{n}:{self._json(providers[n].spec)}:{digest(providers[n].jwks)}"
                 for n in jwt_names
             )
             out += self._get(
                 ("jwt", jwt_key),
-                policy.jwt_providers[jwt_names[0]].origin.source,
+                self._source(policy.jwt_providers[jwt_names[0]].origin),
                 lambda: translate.jwt_resources(policy, providers),
             )
         for lname, lpart in sorted(policy.listeners.items()):
             # A listener names the JWT providers its routes use (for the claim headers).
             jwt_key = "".join(
-                f"|{n}:{providers[n].spec.model_dump_json()}"
-                for n in jwt.listener_providers(lpart.value)
+                f"|{n}:{self._json(providers[n].spec)}" for n in jwt.listener_providers(lpart.value)
             )
             # ... and the guard, when a route of it is replay-protected or globally limited.
             guard_key = ""
@@ -125,26 +150,26 @@ class TranslationCache:
                 for n in introspection.providers_of(hosts)
                 if n in policy.introspection_providers
             }
-            intro_key = "".join(f"|{n}:{p.model_dump_json()}" for n, p in introspected.items())
+            intro_key = "".join(f"|{n}:{self._json(p)}" for n, p in introspected.items())
             if guard_spec is not None and (
                 guard.needs_ext_authz(hosts) or ratelimit.needs_global(hosts)
             ):
-                guard_key = "|guard:" + guard_spec.model_dump_json()
+                guard_key = "|guard:" + self._json(guard_spec)
             key = (
                 "listener:" + lname,
-                lpart.value.model_dump_json() + log_key + jwt_key + guard_key + intro_key,
+                self._json(lpart.value) + log_key + jwt_key + guard_key + intro_key,
             )
             out += self._get(
                 key,
-                lpart.origin.source,
+                self._source(lpart.origin),
                 lambda lp=lpart, i=introspected: translate.listener_resources(  # type: ignore[misc]
                     lp, log, providers, guard_spec, i
                 ),
             )
         for sname, srv in sorted(policy.grpc_servers.items()):
             out += self._get(
-                ("grpc_server:" + sname, srv.value.model_dump_json()),
-                srv.origin.source,
+                ("grpc_server:" + sname, self._json(srv.value)),
+                self._source(srv.origin),
                 lambda sp=srv: translate.grpc_server_resources(sp),  # type: ignore[misc]
             )
         return out
@@ -152,3 +177,5 @@ class TranslationCache:
     def sweep(self) -> None:
         """Keep only what the latest build used."""
         self._entries, self._used = self._used, {}
+        self._dumps, self._dumps_used = self._dumps_used, {}
+        self._sources, self._sources_used = self._sources_used, {}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from xdsplane.config.errors import ConfigError
 from xdsplane.config.yamlsrc import Document
@@ -22,6 +22,12 @@ class Unit:
     policy: PolicyFile
     resources: tuple[Resource, ...]
     warnings: tuple[ConfigError, ...] = ()
+    # Whether it holds policy parts (``has_policy_parts``): asked of every file on every
+    # load (the merge skips raw files), so found once, when the Unit is made.
+    parts: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "parts", has_policy_parts(self.policy))
 
 
 def parse_unit(doc: Document) -> tuple[Unit | None, list[ConfigError]]:
