@@ -39,6 +39,42 @@ def _discovered(msg: Message) -> bool:
     return bool(m.HasField("config_discovery") and _is_ads(m.config_discovery.config_source))
 
 
+_DIRECT = frozenset({_ANY, _SDS, _RDS, _CLUSTER, _ROUTE_ACTION})
+_MATTERS: dict[str, bool] = {}  # message type -> may it hold a reference or a secret field
+
+
+def _matters(desc: Any) -> bool:
+    """Whether a message of type ``desc`` may hold, at any depth, something ``_walk`` looks
+    for: a reference, a secret field, an ``Any``. The others are not walked into (most of a
+    ClusterLoadAssignment, matchers, addresses...); the answer is the same either way."""
+    found = _MATTERS.get(desc.full_name)
+    if found is not None:
+        return found
+    seen = {desc.full_name}
+    todo = [desc]
+    result = False
+    while todo and not result:
+        d = todo.pop()
+        if d.full_name in _DIRECT or "config_discovery" in d.fields_by_name:
+            result = True
+            break
+        for f in d.fields:
+            if f.name in SECRET_PROTO_FIELDS:
+                result = True
+                break
+            sub = f.message_type
+            if sub is not None and sub.full_name not in seen:
+                known = _MATTERS.get(sub.full_name)
+                if known:
+                    result = True
+                    break
+                seen.add(sub.full_name)
+                if known is None:
+                    todo.append(sub)
+    _MATTERS[desc.full_name] = result
+    return result
+
+
 def _walk(msg: Message, secret: list[bool] | None = None) -> Iterator[Ref]:
     """The references in ``msg``; ``secret`` (when given) gets True appended if a field that
     holds key material is set (``redact.SECRET_PROTO_FIELDS``) or an ``Any`` cannot be read."""
@@ -82,7 +118,7 @@ def _walk(msg: Message, secret: list[bool] | None = None) -> Iterator[Ref]:
     for field, value in msg.ListFields():
         if secret is not None and field.name in SECRET_PROTO_FIELDS:
             secret.append(True)
-        if field.message_type is None:
+        if field.message_type is None or not _matters(field.message_type):
             continue
         if field.message_type.GetOptions().map_entry:
             for v in value.values():
