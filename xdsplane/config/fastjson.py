@@ -145,12 +145,14 @@ class _Message:
 
     def __init__(self, desc: Any) -> None:
         self.desc = desc
-        # JSON name and proto name -> (proto name, converter of the value)
-        self.fields: dict[str, tuple[str, Converter]] = {}
+        # JSON name and proto name -> (proto name, converter of the value, whether the
+        # converter takes the depth too)
+        self.fields: dict[str, tuple[str, Converter, bool]] = {}
         # proto name -> index of its oneof (fields in no oneof are absent)
         self.oneofs: dict[str, int] = {}
 
     def kwargs(self, value: Any, depth: int) -> dict[str, Any]:
+        depth += 1
         if value.__class__ is not dict or depth > _MAX_DEPTH:
             raise Fallback
         out: dict[str, Any] = {}
@@ -159,11 +161,11 @@ class _Message:
             spec = fields.get(key)
             if spec is None:  # unknown, an extension "[...]", a non-string key
                 raise Fallback
-            name, convert = spec
-            out[name] = convert(item) if convert.__class__ is not _Nested else convert(item, depth)
+            name, convert, nested = spec
+            out[name] = convert(item, depth) if nested else convert(item)
         if len(out) != len(value):
             raise Fallback  # the same field twice (its proto and JSON names)
-        if self.oneofs:
+        if self.oneofs and len(out) > 1:
             seen = [self.oneofs[name] for name in out if name in self.oneofs]
             if len(seen) != len(set(seen)):
                 raise Fallback
@@ -197,8 +199,7 @@ def _message_converter(desc: Any) -> Converter:
         return _Nested(_any)
     if name.startswith("google.protobuf.") and name in json_format._WKTJSONMETHODS:
         return _refuse  # Struct, Value, ListValue, Timestamp, FieldMask
-    compiled = _compile(desc)
-    return _Nested(lambda value, depth: compiled.kwargs(value, depth + 1))
+    return _Nested(_compile(desc).kwargs)
 
 
 def _field_converter(field: Any) -> Converter:
@@ -211,24 +212,26 @@ def _field_converter(field: Any) -> Converter:
             return _refuse
         vf = msg.fields_by_name["value"]
         value_conv = _message_converter(vf.message_type) if vf.message_type else _scalar(vf)
+        nested_value = value_conv.fn if isinstance(value_conv, _Nested) else None
 
         def convert_map(value: Any, depth: int) -> Any:
             if value.__class__ is not dict:
                 raise Fallback
-            if value_conv.__class__ is _Nested:
-                return {_string(k): value_conv(v, depth) for k, v in value.items()}
+            if nested_value is not None:
+                return {_string(k): nested_value(v, depth) for k, v in value.items()}
             return {_string(k): value_conv(v) for k, v in value.items()}
 
         return _Nested(convert_map)
     one = _message_converter(msg) if msg is not None else _scalar(field)
     if not field.is_repeated:
         return one
-    if one.__class__ is _Nested:
+    if isinstance(one, _Nested):
+        each = one.fn
 
         def convert_nested_list(value: Any, depth: int) -> Any:
             if value.__class__ is not list:
                 raise Fallback
-            return [one(v, depth) for v in value]
+            return [each(v, depth) for v in value]
 
         return _Nested(convert_nested_list)
 
@@ -248,8 +251,11 @@ def _compile(desc: Any) -> _Message:
     _COMPILED[desc.full_name] = out  # before the fields: a type may contain itself
     for field in desc.fields:
         conv = _field_converter(field)
-        out.fields[field.json_name] = (field.name, conv)
-        out.fields[field.name] = (field.name, conv)
+        spec = (
+            (field.name, conv.fn, True) if isinstance(conv, _Nested) else (field.name, conv, False)
+        )
+        out.fields[field.json_name] = spec
+        out.fields[field.name] = spec
         if field.containing_oneof is not None:
             out.oneofs[field.name] = field.containing_oneof.index
     return out
@@ -265,7 +271,7 @@ def _any(value: Any, depth: int) -> Any:
     if cls is None or cls.DESCRIPTOR.full_name.startswith("google.protobuf."):
         raise Fallback
     body = {k: v for k, v in value.items() if k != "@type"}
-    kwargs = _compile(cls.DESCRIPTOR).kwargs(body, depth + 1)
+    kwargs = _compile(cls.DESCRIPTOR).kwargs(body, depth)
     try:
         inner = cls(**kwargs)
     except (ValueError, TypeError, KeyError, AttributeError):
@@ -275,7 +281,7 @@ def _any(value: Any, depth: int) -> Any:
 
 def parse(value: Any, cls: Any) -> Any:
     """A new ``cls`` message from the proto3 JSON mapping ``value``; raises Fallback."""
-    kwargs = _compile(cls.DESCRIPTOR).kwargs(value, 1)
+    kwargs = _compile(cls.DESCRIPTOR).kwargs(value, 0)
     try:
         return cls(**kwargs)
     except (ValueError, TypeError, KeyError, AttributeError):
