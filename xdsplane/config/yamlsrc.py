@@ -331,9 +331,17 @@ def _fast_values(root: yaml.Node, depth: int) -> tuple[Any, dict[int, int]]:
             for knode, vnode in items:
                 if knode.__class__ is not scalar_node or knode.tag.__class__ is not slice:
                     raise _Slow
-                out[knode.value] = (
-                    scalar(vnode) if vnode.__class__ is scalar_node else container(vnode, level + 1)
-                )
+                if vnode.__class__ is scalar_node:  # scalar() inlined: most values
+                    tag = vnode.tag
+                    value = vnode.value
+                    if tag.__class__ is not slice:
+                        raise _Slow
+                    if tag.step[0]:
+                        found = plain.get(value, _NOTHING)
+                        value = _plain(value) if found is _NOTHING else found
+                    out[knode.value] = value
+                else:
+                    out[knode.value] = container(vnode, level + 1)
             if len(out) != len(items):
                 raise _Slow  # a duplicate key
         else:
