@@ -40,8 +40,21 @@ def _import_package(package: str) -> None:
                 continue
 
 
+_FOUND: dict[str, Any] = {}  # full name -> class (a class found stays the same)
+
+
 def find_message(full_name: str) -> Any | None:
     """The message class for a full proto name, importing its package when needed."""
+    found = _FOUND.get(full_name)
+    if found is not None:
+        return found
+    found = _find(full_name)
+    if found is not None:
+        _FOUND[full_name] = found
+    return found
+
+
+def _find(full_name: str) -> Any | None:
     pool = descriptor_pool.Default()
     try:
         desc = pool.FindMessageTypeByName(full_name)
