@@ -397,7 +397,7 @@ def parse(
     """
     try:
         docs, known = _parse_fast(text, path, depth)
-    except (_Slow, yaml.YAMLError, RecursionError, ValueError, TypeError):
+    except Exception:  # _Slow, or an error the general builder words as always
         return _parse_general(text, path, sizes=sizes, depth=depth)
     if sizes is not None:
         sizes.extend(known)
