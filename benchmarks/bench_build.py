@@ -6,7 +6,8 @@ Measures, in this process, with xdsplane.pipeline.FolderLoader on a generated fo
 (see _snapgen.py: 2,000 EDS clusters with SDS-referencing UpstreamTlsContexts and their
 ClusterLoadAssignments, 200 Secrets, 200 Listeners with RDS, 200 RouteConfigurations):
 
-(a) cold: a new FolderLoader loads the whole folder (read, YAML, proto3 JSON -> messages,
+(a) cold: a new FolderLoader loads the whole folder (read, YAML, proto3 JSON -> messages
+    (config/fastjson.py, json_format for what it refuses),
     serialize + hash + pre-encode, reference check, snapshot build). The first load in a
     process also imports the proto packages named by the ``@type``s; it is shown apart.
 (b) edit: one route's prefix changes in routes/route-017.yaml (written as tmp + rename) and
@@ -118,7 +119,9 @@ class Phases:
         )
         self._patch("policy schema (parse_policy)", "parse_policy", ["xdsplane.pipeline.units"])
         self._patch(
-            "proto3 JSON -> message (json_format)", "parse_message", ["xdsplane.pipeline.raw"]
+            "proto3 JSON -> message (fastjson; json_format if refused)",
+            "parse_message",
+            ["xdsplane.pipeline.raw"],
         )
         self._patch(
             "serialize + hash + pre-encode (make_resource)",
@@ -218,9 +221,26 @@ def _parse_alternatives(texts: list[bytes]) -> list[list[str]]:
     import yaml
     from google.protobuf import json_format
 
+    from xdsplane.config import fastjson, yamlsrc
     from xdsplane.config.protos import prepare_types
 
     rows: list[list[str]] = []
+    strings = [t.decode() for t in texts]
+    for label, fn in (
+        ("yamlsrc.parse (fast path: values + sizes in one pass)", yamlsrc.parse),
+        (
+            "yamlsrc general builder (the path before; now for aliases, tags, errors)",
+            yamlsrc._parse_general,
+        ),
+    ):
+        gc.disable()  # as FolderLoader.load does
+        try:
+            c0 = time.process_time()
+            for text in strings:
+                fn(text, "f.yaml", sizes=[])
+            rows.append([label + " (CPU, collector off)", fmt_ms(time.process_time() - c0)])
+        finally:
+            gc.enable()
     t0 = time.perf_counter()
     docs = [yaml.load(t, Loader=yaml.CSafeLoader) for t in texts]
     rows.append(["yaml.load(CSafeLoader), no positions kept", fmt_ms(time.perf_counter() - t0)])
@@ -247,6 +267,10 @@ def _parse_alternatives(texts: list[bytes]) -> list[list[str]]:
     rows.append(
         ["json_format.ParseDict alone (types already imported)", fmt_ms(time.perf_counter() - t0)]
     )
+    t0 = time.perf_counter()
+    for rtype, body in bodies:
+        fastjson.parse(body, rtype.message_class)
+    rows.append(["fastjson.parse alone (the same mappings)", fmt_ms(time.perf_counter() - t0)])
     return rows
 
 

@@ -1,67 +1,26 @@
 """Envoy messages from proto3 JSON mappings, with errors located in the YAML source.
 
-``json_format.ParseDict`` only resolves an ``Any``'s ``@type`` when that message's
-``_pb2`` module has been imported. Importing all of xds-protos costs about 0.8 s, so the
-modules of each package named by an ``@type`` are imported on demand instead.
+``fastjson`` converts plain input; the rest goes through ``json_format.ParseDict``, which
+only resolves an ``Any``'s ``@type`` when that message's ``_pb2`` module has been imported
+(``prototypes.find_message`` imports them on demand).
 """
 
 from __future__ import annotations
 
-import functools
-import importlib
-import importlib.util
-import pkgutil
 import re
 from collections.abc import Iterator
 from typing import Any
 
-from google.protobuf import descriptor_pool, json_format
+from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from xdsplane.config import fastjson
 from xdsplane.config.errors import ConfigError, Location
+from xdsplane.config.prototypes import _type_name, find_message
 from xdsplane.config.yamlsrc import Document
 from xdsplane.redact import SECRET_PROTO_FIELDS, hide_value
 
-_ROOTS = ("envoy", "xds", "udpa", "validate", "google")
-
-
-def _type_name(type_url: str) -> str:
-    return type_url.rsplit("/", 1)[-1]
-
-
-@functools.cache
-def _import_package(package: str) -> None:
-    """Import every ``_pb2`` module of a proto package (``envoy.config.listener.v3``)."""
-    if not package or package.split(".")[0] not in _ROOTS:
-        return
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        return
-    if spec is None or not spec.submodule_search_locations:
-        return
-    for info in pkgutil.iter_modules(spec.submodule_search_locations):
-        if info.name.endswith("_pb2"):
-            try:
-                importlib.import_module(f"{package}.{info.name}")
-            except Exception:  # a broken optional module must not break loading
-                continue
-
-
-def find_message(full_name: str) -> Any | None:
-    """The message class for a full proto name, importing its package when needed."""
-    pool = descriptor_pool.Default()
-    try:
-        desc = pool.FindMessageTypeByName(full_name)
-    except KeyError:
-        _import_package(full_name.rsplit(".", 1)[0])
-        try:
-            desc = pool.FindMessageTypeByName(full_name)
-        except KeyError:
-            return None
-    from google.protobuf import message_factory
-
-    return message_factory.GetMessageClass(desc)
+__all__ = ["find_message", "parse_message", "prepare_types"]
 
 
 def _type_urls(value: Any) -> Iterator[str]:
@@ -85,7 +44,14 @@ def prepare_types(value: Any) -> None:
 def parse_message(
     value: Any, cls: Any, doc: Document, keys: tuple[str | int, ...]
 ) -> tuple[Message | None, list[ConfigError]]:
-    """Parse ``value`` (found at ``keys`` in ``doc``) into a new ``cls`` message."""
+    """Parse ``value`` (found at ``keys`` in ``doc``) into a new ``cls`` message.
+
+    Plain input takes ``fastjson``; anything it does not convert, errors included, takes
+    ``json_format.ParseDict`` (the same message, or the error located below)."""
+    try:
+        return fastjson.parse(value, cls), []
+    except Exception:  # json_format decides, and words any error
+        pass
     prepare_types(value)
     msg = cls()
     try:

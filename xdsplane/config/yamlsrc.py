@@ -250,6 +250,134 @@ def _reader_error(path: str, text: str | bytes, e: Any) -> ConfigError:
     )
 
 
+class _Slow(Exception):
+    """The fast builder met something only the general one handles (or an error to word)."""
+
+
+class _FastLoader(_Base):  # type: ignore[misc]
+    """The C composer with resolution left to ``_fast_values``: libyaml calls ``resolve``
+    for every untagged node, and ``slice`` (a C constructor taking the same three arguments)
+    keeps them as ``slice(kind, value, (plain, quoted))`` at a fraction of a Python call's
+    cost. Nodes given an explicit tag keep it as a string (``_fast_values`` then gives up).
+    The composer also calls ``descend_resolver(parent, index)`` and ``ascend_resolver()``
+    around every node, which only path resolvers use (there are none): C no-ops too."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self.resolve = slice
+        self.descend_resolver = slice
+        self.ascend_resolver = tuple
+
+
+_SCALARS: Any = _Loader("")  # resolves and constructs plain scalars for the memo below
+_PLAIN: dict[str, Any] = {}  # plain scalar as written -> its value (immutable values only)
+_PLAIN_LIMIT = 100_000
+
+
+def _plain(text: str) -> Any:
+    """The value of a plain (unquoted) scalar, as ``_Loader`` resolves and constructs it."""
+    tag = _SCALARS.resolve(yaml.ScalarNode, text, (True, False))
+    try:
+        value = _SCALARS.yaml_constructors[tag](_SCALARS, yaml.ScalarNode(tag, text))
+    except Exception:  # a number too long: the general builder words the error
+        raise _Slow from None
+    if not isinstance(value, (str, int, float, type(None))):  # bool is an int
+        raise _Slow
+    if len(_PLAIN) >= _PLAIN_LIMIT:
+        _PLAIN.clear()
+    _PLAIN[text] = value
+    return value
+
+
+_NOTHING = object()
+
+
+def _fast_values(root: yaml.Node, depth: int) -> tuple[Any, dict[int, int]]:
+    """The value of a document composed by ``_FastLoader`` and the size of each mapping and
+    list in it (as ``_Builder.check_size`` counts: keys included), in one pass.
+
+    Raises _Slow on anything but plain data: an alias (a node met twice), an explicit tag,
+    a duplicate or non-scalar key, nesting near ``MAX_DEPTH``, more than ``MAX_VALUES``
+    values. The caller then parses with the general builder, which gives the same value or
+    the error worded as always."""
+    sizes: dict[int, int] = {}
+    counter = 0
+    plain = _PLAIN
+    scalar_node: Any = yaml.ScalarNode
+    mapping_node: Any = yaml.MappingNode
+
+    def scalar(node: Any) -> Any:
+        tag = node.tag
+        if tag.__class__ is not slice:
+            raise _Slow
+        if tag.step[0]:
+            value = plain.get(node.value, _NOTHING)
+            return _plain(node.value) if value is _NOTHING else value
+        return node.value
+
+    def container(node: Any, level: int) -> Any:
+        nonlocal counter
+        key = id(node)
+        if key in sizes or level >= MAX_DEPTH:
+            raise _Slow
+        sizes[key] = 0
+        start = counter
+        items = node.value
+        if node.__class__ is mapping_node:
+            counter += 2 * len(items)
+            if counter >= MAX_VALUES:
+                raise _Slow
+            out: Any = {}
+            for knode, vnode in items:
+                if knode.__class__ is not scalar_node or knode.tag.__class__ is not slice:
+                    raise _Slow
+                if vnode.__class__ is scalar_node:  # scalar() inlined: most values
+                    tag = vnode.tag
+                    value = vnode.value
+                    if tag.__class__ is not slice:
+                        raise _Slow
+                    if tag.step[0]:
+                        found = plain.get(value, _NOTHING)
+                        value = _plain(value) if found is _NOTHING else found
+                    out[knode.value] = value
+                else:
+                    out[knode.value] = container(vnode, level + 1)
+            if len(out) != len(items):
+                raise _Slow  # a duplicate key
+        else:
+            counter += len(items)
+            if counter >= MAX_VALUES:
+                raise _Slow
+            out = [
+                scalar(v) if v.__class__ is scalar_node else container(v, level + 1) for v in items
+            ]
+        sizes[key] = 1 + counter - start
+        return out
+
+    if root.__class__ is scalar_node:
+        raise _Slow
+    return container(root, depth), sizes
+
+
+def _parse_fast(
+    text: str | bytes, path: str, depth: int
+) -> tuple[list[Document], list[dict[int, int]]]:
+    loader = _FastLoader(text)
+    docs: list[Document] = []
+    sizes: list[dict[int, int]] = []
+    try:
+        while loader.check_node():
+            node = loader.get_node()
+            if node is None:
+                continue
+            value, known = _fast_values(node, depth)
+            sizes.append(known)
+            docs.append(Document(path, value, node))
+    finally:
+        loader.dispose()
+    return docs, sizes
+
+
 def parse(
     text: str | bytes,
     path: str,
@@ -259,10 +387,31 @@ def parse(
 ) -> list[Document]:
     """Parse every document in ``text``; raises YamlError with the position of the problem.
 
-    ``sizes``, when given, receives per document how many values each node expands to (by
-    ``id(node)``); ``depth`` is the nesting the documents start at (a part of a file parsed
-    alone, ``pipeline/chunks.py``, is bounded as it would be in its file).
+    ``sizes``, when given, receives per document how many values each mapping and list
+    expands to (by ``id(node)``); ``depth`` is the nesting the documents start at (a part of
+    a file parsed alone, ``pipeline/chunks.py``, is bounded as it would be in its file).
+
+    Plain data (no alias, no explicit tag, no error) takes the fast path; anything else,
+    and every error, is parsed again by the general builder (``_parse_general``), whose
+    values and errors the fast path reproduces (tests/test_yaml_fast.py).
     """
+    try:
+        docs, known = _parse_fast(text, path, depth)
+    except Exception:  # _Slow, or an error the general builder words as always
+        return _parse_general(text, path, sizes=sizes, depth=depth)
+    if sizes is not None:
+        sizes.extend(known)
+    return docs
+
+
+def _parse_general(
+    text: str | bytes,
+    path: str,
+    *,
+    sizes: list[dict[int, int]] | None = None,
+    depth: int = 0,
+) -> list[Document]:
+    """``parse`` by the general builder: aliases bounded, every error located."""
     loader = _Loader(text)
     docs: list[Document] = []
     try:

@@ -155,6 +155,10 @@ def _walk_raw(
     if not isinstance(value, dict):
         return
     for k, v in value.items():
+        if k not in _VERSION_KEYS and k not in _CIPHER_KEYS:
+            if isinstance(v, dict | list):  # nothing else holds TlsParameters
+                _walk_raw(doc, v, (*keys, k), errors)
+            continue
         here = (*keys, k)
         legacy = isinstance(v, str | int) and not isinstance(v, bool) and v in _LEGACY_PROTOCOLS
         if k in _VERSION_KEYS and legacy:
