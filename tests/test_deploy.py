@@ -16,7 +16,14 @@ from typing import Any
 
 import pytest
 import yaml
-from harness import ProcessGroup, free_port, http_get, wait_until, xdsplane_argv
+from harness import (
+    ProcessGroup,
+    envoy_binary,
+    free_port,
+    http_get,
+    wait_until,
+    xdsplane_argv,
+)
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -503,6 +510,11 @@ def test_compose_stack_runs_mtls_with_only_its_own_files(
     wait_until(lambda: status()["ready"], 30, what="the control plane to load")
     script = _free_ports_for(services["envoy"]["command"][0], ports)
     script = script.replace("xdsplane ", f"{sys.executable} -m xdsplane ", 1)
+    # The image has envoy on PATH; here it is the venv's, whether or not PATH names it.
+    envoy = envoy_binary()
+    assert envoy, "the envoy marker guarantees an Envoy"
+    assert "exec envoy " in script, script
+    script = script.replace("exec envoy ", f"exec {envoy} ", 1)
     script = script.replace("/tmp/envoy.yaml", str(tmp_path / "envoy.yaml"))
     script = script.replace("--disable-hot-restart", "--disable-hot-restart --concurrency 1")
     procs.spawn("envoy", ["sh", "-c", script], cwd=homes["envoy"]).start()
