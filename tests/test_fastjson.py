@@ -355,3 +355,16 @@ def test_mutated_corpus_resources_convert_the_same(data: Any) -> None:
         elif action == "unknown" and isinstance(parent, dict):
             parent["no_such_field"] = 1
     agree(body, cls)
+
+
+def test_a_type_url_with_a_lone_surrogate_is_an_unknown_type_not_a_crash() -> None:
+    """Found by the mutation test above: the descriptor pool raises TypeError on '\\ud800'
+    (json can carry one; YAML refuses it); both paths must treat it as an unknown type."""
+    from envoy.config.cluster.v3.cluster_pb2 import Cluster
+
+    body = {
+        "name": "c",
+        "typed_extension_protocol_options": {"x": {"@type": "type.googleapis.com/\ud800"}},
+    }
+    assert find_message("\ud800") is None
+    agree(body, Cluster)

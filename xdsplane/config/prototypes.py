@@ -48,6 +48,10 @@ def find_message(full_name: str) -> Any | None:
     found = _FOUND.get(full_name)
     if found is not None:
         return found
+    if not full_name.isascii():
+        # Proto names are ASCII; the pool raises TypeError (not KeyError) on a lone
+        # surrogate such as a YAML "\ud800" escape: that is an unknown type, not a crash.
+        return None
     found = _find(full_name)
     if found is not None:
         _FOUND[full_name] = found
