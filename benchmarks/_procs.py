@@ -102,7 +102,10 @@ class Guard:
         max_seconds: float = 600.0,
     ) -> None:
         self.port = free_port()
-        self.admin_port = free_port()
+        # Worker K serves its admin on this port + K: all N ports must be free (one taken
+        # by another process left worker 1 unreachable in a loaded CI run).
+        workers = int(args[args.index("--workers") + 1]) if "--workers" in args else 1
+        self.admin_port = harness.free_ports(workers)
         argv = harness.xdsplane_argv(
             *("guard", "--address", self.address, "--admin-address", f"{HOST}:{self.admin_port}"),
             # Plaintext on loopback: the figures are the guard's own cost, as measured before

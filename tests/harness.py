@@ -148,6 +148,26 @@ def free_port() -> int:
     raise RuntimeError("no free port found")
 
 
+def free_ports(n: int) -> int:
+    """A port P with P .. P + n - 1 all free now and none handed out before in this run
+    (``xdsplane guard --workers N`` serves worker K's admin on the base port + K)."""
+    for _ in range(100):
+        base = free_port()
+        run = range(base + 1, base + n)
+        if any(p in _handed_out or p > 65535 for p in run):
+            continue
+        try:
+            for p in run:
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                    s.bind((HOST, p))
+        except OSError:
+            continue
+        with _ports_lock:
+            _handed_out.update(run)
+        return base
+    raise RuntimeError(f"no {n} consecutive free ports found")
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Replace ``path`` in one step: write a hidden temporary file beside it, then rename.
 

@@ -24,7 +24,16 @@ from typing import Any
 import grpc
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2_grpc
-from harness import HOST, Proc, ProcessGroup, free_port, http_get, wait_until, xdsplane_argv
+from harness import (
+    HOST,
+    Proc,
+    ProcessGroup,
+    free_port,
+    free_ports,
+    http_get,
+    wait_until,
+    xdsplane_argv,
+)
 from test_guard import Redis, allowed, check_request, denied
 
 WORKERS = 2
@@ -33,15 +42,7 @@ PYTHON = "/usr/bin/python3"  # the system's: user 65534 may not read the venv
 
 def two_free_ports() -> int:
     """A port P with P + 1 free too (worker K's admin port is P + K)."""
-    for _ in range(50):
-        p = free_port()
-        with socket.socket() as s:
-            try:
-                s.bind((HOST, p + 1))
-            except OSError:
-                continue
-        return p
-    raise AssertionError("no two consecutive free ports")
+    return free_ports(WORKERS)
 
 
 def new_channel(port: int, host: str = HOST) -> grpc.Channel:
