@@ -15,7 +15,8 @@
  * Plain scalars are resolved through ``memo`` (text -> value) and, when not in it, by
  * calling ``plain(text)``, which fills it: the resolution is yamlsrc's, in Python.
  *
- * Each document gives (value, shape): shape describes the nodes of the first three levels
+ * Each document gives (value, shape, pairs): pairs lists (key, value) for each mapping key
+ * in the frozenset ``noted`` met anywhere in it, in the order met; shape describes the nodes of the first three levels
  * (the document's root, its children and theirs), which is what locating a resource and
  * laying out a raw file need:
  *     (kind, index, line, column, flow_style, size, children, text)
@@ -55,6 +56,8 @@ typedef struct {
     int bail;
     PyObject *memo;
     PyObject *plain;
+    PyObject *noted; /* a set of keys, or NULL */
+    PyObject *pairs; /* (key, value) of each noted key met in the document */
     long counter;
     long max_values;
     long max_depth;
@@ -255,6 +258,16 @@ static PyObject *mapping(State *s, long level, int rel, PyObject **out_shape) {
         int found = PyDict_Contains(out, key);
         int bad = found != 0 || PyDict_SetItem(out, key, value) != 0;
         if (found == 1) s->bail = 1; /* a duplicate key: the general loader words it */
+        if (!bad && s->noted != NULL) {
+            int noted = PySet_Contains(s->noted, key);
+            if (noted < 0) {
+                bad = 1;
+            } else if (noted) {
+                PyObject *pair = PyTuple_Pack(2, key, value);
+                bad = pair == NULL || PyList_Append(s->pairs, pair) != 0;
+                Py_XDECREF(pair);
+            }
+        }
         Py_DECREF(key);
         Py_DECREF(value);
         if (bad) {
@@ -306,14 +319,14 @@ static PyObject *build(State *s, long level, int rel, PyObject **out_shape) {
 
 static PyObject *load(PyObject *self, PyObject *args) {
     Py_buffer data;
-    PyObject *memo, *plain;
+    PyObject *memo, *plain, *noted;
     long depth, max_depth, max_values;
     if (p_parse == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "bind() first");
         return NULL;
     }
-    if (!PyArg_ParseTuple(args, "y*O!Olll", &data, &PyDict_Type, &memo, &plain, &depth,
-                          &max_depth, &max_values))
+    if (!PyArg_ParseTuple(args, "y*O!OlllO!", &data, &PyDict_Type, &memo, &plain, &depth,
+                          &max_depth, &max_values, &PyFrozenSet_Type, &noted))
         return NULL;
     State *s = PyMem_Calloc(1, sizeof(State));
     if (s == NULL) {
@@ -322,6 +335,7 @@ static PyObject *load(PyObject *self, PyObject *args) {
     }
     s->memo = memo;
     s->plain = plain;
+    s->noted = PySet_GET_SIZE(noted) ? noted : NULL;
     s->max_depth = max_depth;
     s->max_values = max_values;
     PyObject *docs = NULL;
@@ -342,10 +356,13 @@ static PyObject *load(PyObject *self, PyObject *args) {
             goto done;
         }
         s->counter = 0;
+        Py_CLEAR(s->pairs);
+        s->pairs = PyList_New(0);
+        if (s->pairs == NULL) goto done;
         PyObject *top = NULL;
         PyObject *value = build(s, depth, 0, &top);
         if (value == NULL) goto done;
-        PyObject *pair = PyTuple_Pack(2, value, top);
+        PyObject *pair = PyTuple_Pack(3, value, top, s->pairs);
         Py_DECREF(value);
         Py_DECREF(top);
         if (pair == NULL) goto done;
@@ -361,6 +378,7 @@ static PyObject *load(PyObject *self, PyObject *args) {
 done:
     if (s->has_event) p_event_delete(&s->event);
     p_parser_delete(&s->p.parser);
+    Py_CLEAR(s->pairs);
     if (PyErr_Occurred()) {
         Py_CLEAR(docs);
     } else if (s->bail) {
@@ -403,7 +421,7 @@ static PyObject *bind(PyObject *self, PyObject *arg) {
 
 static PyMethodDef methods[] = {
     {"load", load, METH_VARARGS,
-     "load(data, memo, plain, depth, max_depth, max_values) -> [(value, shape)] or None"},
+     "load(data, memo, plain, depth, max_depth, max_values, noted) -> [(value, shape, pairs)] or None"},
     {"bind", bind, METH_O, "bind(path of yaml._yaml) -> libyaml's version"},
     {NULL, NULL, 0, NULL},
 };

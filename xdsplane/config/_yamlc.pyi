@@ -9,5 +9,6 @@ def load(
     depth: int,
     max_depth: int,
     max_values: int,
+    noted: frozenset[str],
     /,
-) -> list[tuple[Any, Any]] | None: ...
+) -> list[tuple[Any, Any, list[tuple[str, Any]]]] | None: ...

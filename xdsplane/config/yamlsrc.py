@@ -103,6 +103,17 @@ class Document:
     _top: yaml.Node | None = field(default=None, compare=False, repr=False)
     # (text, which document of it) to compose ``node`` from, until it is composed
     _source: tuple[str | bytes, int] | None = field(default=None, compare=False, repr=False)
+    # (the keys noted when parsed, each (key, value) of them met anywhere in the document)
+    _noted: tuple[frozenset[str], list[tuple[str, Any]]] | None = field(
+        default=None, compare=False, repr=False
+    )
+
+    def noted(self, keys: frozenset[str]) -> list[tuple[str, Any]] | None:
+        """(key, value) for each mapping key in ``keys`` anywhere in ``value``, when the
+        parse noted them (``note_keys``); None when not known (then walk ``value``)."""
+        if self._noted is None or not keys <= self._noted[0]:
+            return None
+        return [pair for pair in self._noted[1] if pair[0] in keys]
 
     @property
     def node(self) -> yaml.Node | None:
@@ -340,6 +351,16 @@ def _bind() -> Any:
 
 
 _C: Any = _bind()
+_NOTED: frozenset[str] = frozenset()
+
+
+def note_keys(keys: frozenset[str]) -> None:
+    """Have the C path list these keys' values as it parses (``Document.noted``): a check
+    that looks for a few keys anywhere then need not walk every value (tlsrules.py)."""
+    global _NOTED
+    _NOTED = _NOTED | keys
+
+
 _Mark: Any = getattr(getattr(yaml, "_yaml", None), "Mark", yaml.Mark)
 _SCALARS: Any = _Loader("")  # resolves and constructs plain scalars for the memo below
 _PLAIN: dict[str, Any] = {}  # plain scalar as written -> its value (immutable values only)
@@ -494,16 +515,17 @@ def _parse_c(
     """``_parse_fast`` by ``_yamlc``: None where that gives up (not plain data, an error)."""
     assert _C is not None
     data = text.encode("utf-8") if isinstance(text, str) else text
-    found = _C.load(data, _PLAIN, _plain, depth, MAX_DEPTH, MAX_VALUES)
+    noted = _NOTED
+    found = _C.load(data, _PLAIN, _plain, depth, MAX_DEPTH, MAX_VALUES, noted)
     if found is None:
         return None
     name = "<unicode string>" if isinstance(text, str) else "<byte string>"
     docs: list[Document] = []
     sizes: list[dict[int, int]] = []
-    for n, (value, shape) in enumerate(found):
+    for n, (value, shape, pairs) in enumerate(found):
         known: dict[int, int] = {}
         top = _shallow(shape, name, known)
-        docs.append(Document(path, value, None, _top=top, _source=(text, n)))
+        docs.append(Document(path, value, None, _top=top, _source=(text, n), _noted=(noted, pairs)))
         sizes.append(known)
     return docs, sizes
 
