@@ -405,3 +405,40 @@ pieces = st.sampled_from(
 @given(st.lists(pieces, max_size=8))
 def test_assembled_texts_parse_the_same(parts: list[str]) -> None:
     same("".join(parts))
+
+
+def test_the_compiled_path_lets_other_threads_run() -> None:
+    """It holds the GIL while it builds values: a big file must not stall the server's event
+    loop (another thread) for the whole parse. Not a time bound: the other thread must have
+    run in the middle half of the one call (without the yields in _yamlc.c it can run only
+    before the call starts or after it returns)."""
+    import threading
+    import time
+
+    # the same scalars again and again: resolved from the memo, no call into Python (whose
+    # bytecode would let the other thread in by itself)
+    data = b"resources:\n" + b"  - {name: svc, port: 80, tags: [a, b, c], meta: {x: 1}}\n" * 80_000
+    yamlsrc.parse(data[: data.index(b"}}\n") + 3], "warm.yaml")
+    stamps: list[float] = []
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            stamps.append(time.perf_counter())
+
+    other = threading.Thread(target=spin)
+    other.start()
+    try:
+        while not stamps:
+            pass
+        start = time.perf_counter()
+        found = yamlsrc._C.load(
+            data, yamlsrc._PLAIN, yamlsrc._plain, 0, yamlsrc.MAX_DEPTH, 10**7, frozenset()
+        )
+        end = time.perf_counter()
+    finally:
+        stop.set()
+        other.join()
+    assert found is not None and len(found[0][0]["resources"]) == 80_000
+    quarter = (end - start) / 4
+    assert any(start + quarter < t < end - quarter for t in stamps)

@@ -53,6 +53,7 @@ typedef struct {
     } p;
     yaml_event_t event;
     int has_event;
+    unsigned long events;
     int bail;
     PyObject *memo;
     PyObject *plain;
@@ -67,6 +68,13 @@ static int next_event(State *s) {
     if (s->has_event) {
         p_event_delete(&s->event);
         s->has_event = 0;
+    }
+    /* The GIL is held all along: let a waiting thread (the server's event loop) run now
+     * and then, as the interpreter would between bytecodes, so that a big file parsed by
+     * a reload does not stall it for the whole file. */
+    if ((++s->events & 4095) == 0) {
+        Py_BEGIN_ALLOW_THREADS
+        Py_END_ALLOW_THREADS
     }
     if (!p_parse(&s->p.parser, &s->event)) {
         s->bail = 1;
