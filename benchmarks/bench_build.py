@@ -226,10 +226,20 @@ def _parse_alternatives(texts: list[bytes]) -> list[list[str]]:
 
     rows: list[list[str]] = []
     strings = [t.decode() for t in texts]
+
+    def python_fast(text: str, path: str, **kw: Any) -> Any:
+        saved, yamlsrc._C = yamlsrc._C, None
+        try:
+            return yamlsrc.parse(text, path, **kw)
+        finally:
+            yamlsrc._C = saved
+
+    built = "built" if yamlsrc._C is not None else "NOT built: the Python fast path"
     for label, fn in (
-        ("yamlsrc.parse (fast path: values + sizes in one pass)", yamlsrc.parse),
+        (f"yamlsrc.parse (compiled path _yamlc.c, {built})", yamlsrc.parse),
+        ("yamlsrc Python fast path (PyYAML's nodes; without _yamlc)", python_fast),
         (
-            "yamlsrc general builder (the path before; now for aliases, tags, errors)",
+            "yamlsrc general builder (aliases, tags, errors)",
             yamlsrc._parse_general,
         ),
     ):

@@ -166,9 +166,11 @@ class _Message:
         if len(out) != len(value):
             raise Fallback  # the same field twice (its proto and JSON names)
         if self.oneofs and len(out) > 1:
-            seen = [self.oneofs[name] for name in out if name in self.oneofs]
-            if len(seen) != len(set(seen)):
-                raise Fallback
+            members = out.keys() & self.oneofs.keys()  # a set operation in C: most are 0-1
+            if len(members) > 1:
+                seen = [self.oneofs[name] for name in members]
+                if len(seen) != len(set(seen)):
+                    raise Fallback
         return out
 
 

@@ -8,6 +8,8 @@ duplicate keys are errors (PyYAML silently keeps the last) and alias expansion i
 from __future__ import annotations
 
 import datetime
+import importlib
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -77,18 +79,61 @@ class YamlError(Exception):
         self.error = error
 
 
+SHALLOW = 2  # levels below a document's root that ``Document.top`` holds (``_yamlc``)
+
+
 @dataclass(frozen=True, slots=True)
 class Document:
-    """One parsed YAML document: its value and the node tree it came from."""
+    """One parsed YAML document: its value and the node tree it came from.
+
+    From the C path (``_yamlc``) the tree is composed only when asked for (``node``: an
+    error to locate deeper than ``SHALLOW`` levels), from the text kept for it, by the
+    general loader; ``top`` holds the first levels (kinds, positions, key texts, flow
+    styles; the containers of the last level without their children), which locating a
+    resource and laying out a raw file need."""
 
     path: str
     value: Any
-    node: yaml.Node | None
+    _node: yaml.Node | None
     # id(mapping node) -> key -> (key node, value node): built once per mapping, so that
     # finding every key of a huge mapping (an error each) stays linear.
     _index: dict[int, dict[str, tuple[yaml.Node, yaml.Node]]] = field(
         default_factory=dict, compare=False, repr=False
     )
+    _top: yaml.Node | None = field(default=None, compare=False, repr=False)
+    # (text, which document of it) to compose ``node`` from, until it is composed
+    _source: tuple[str | bytes, int] | None = field(default=None, compare=False, repr=False)
+    # (the keys noted when parsed, each (key, value) of them met anywhere in the document)
+    _noted: tuple[frozenset[str], list[tuple[str, Any]]] | None = field(
+        default=None, compare=False, repr=False
+    )
+
+    def noted(self, keys: frozenset[str]) -> list[tuple[str, Any]] | None:
+        """(key, value) for each mapping key in ``keys`` anywhere in ``value``, when the
+        parse noted them (``note_keys``); None when not known (then walk ``value``)."""
+        if self._noted is None or not keys <= self._noted[0]:
+            return None
+        return [pair for pair in self._noted[1] if pair[0] in keys]
+
+    @property
+    def node(self) -> yaml.Node | None:
+        """The document's node tree (as the general loader composes it)."""
+        source = self._source
+        if source is not None and self._node is None:
+            object.__setattr__(self, "_node", _compose(*source))
+            object.__setattr__(self, "_source", None)
+        return self._node
+
+    @property
+    def top(self) -> yaml.Node | None:
+        """The first ``SHALLOW`` levels of ``node`` below the root (the whole tree if kept)."""
+        return self._top if self._top is not None else self.node
+
+    def _tree(self, levels: int) -> yaml.Node | None:
+        """A tree that holds the nodes ``levels`` keys below the root."""
+        if levels <= SHALLOW and self._top is not None:
+            return self._top
+        return self.node
 
     def _entry(self, node: yaml.MappingNode, key: str) -> tuple[yaml.Node, yaml.Node] | None:
         index = self._index.get(id(node))
@@ -108,7 +153,7 @@ class Document:
 
     def locate(self, keys: tuple[str | int, ...]) -> Location:
         """The location of the value at ``keys`` (or of the deepest part of it that exists)."""
-        node = self.node
+        node = self._tree(len(keys))
         best = node
         for key in keys:
             if node is None:
@@ -124,7 +169,7 @@ class Document:
         """The location of the mapping key at ``keys`` (its last element names the key)."""
         if not keys:
             return self.locate(keys)
-        parent = self.locate_node(keys[:-1])
+        parent = self._walk(self._tree(len(keys)), keys[:-1])
         if isinstance(parent, yaml.MappingNode) and isinstance(keys[-1], str):
             entry = self._entry(parent, keys[-1])
             if entry is not None:
@@ -133,12 +178,34 @@ class Document:
         return self.locate(keys)
 
     def locate_node(self, keys: tuple[str | int, ...]) -> yaml.Node | None:
-        node = self.node
+        return self._walk(self._tree(len(keys)), keys)
+
+    def _walk(self, node: yaml.Node | None, keys: tuple[str | int, ...]) -> yaml.Node | None:
         for key in keys:
             if node is None:
                 return None
             node = self._child(node, key)
         return node
+
+
+def _compose(text: str | bytes, which: int) -> yaml.Node | None:
+    """Document ``which`` of ``text`` composed by the general loader (the tree
+    ``_parse_general`` keeps); None should it fail (it parsed once: it does not)."""
+    loader = _Loader(text)
+    try:
+        n = 0
+        while loader.check_node():
+            node = loader.get_node()
+            if node is None:
+                continue
+            if n == which:
+                return node  # type: ignore[no-any-return]
+            n += 1
+    except yaml.YAMLError:
+        return None
+    finally:
+        loader.dispose()
+    return None
 
 
 def _child(node: yaml.Node, key: str | int) -> yaml.Node | None:
@@ -269,6 +336,32 @@ class _FastLoader(_Base):  # type: ignore[misc]
         self.ascend_resolver = tuple
 
 
+def _bind() -> Any:
+    """The compiled fast path (``_yamlc.c``, built by setup.py where a C compiler and
+    libyaml's header are), tied to the libyaml of PyYAML's own C module; None without it."""
+    if os.environ.get("XDSPLANE_YAML_NO_C"):  # tests and benchmarks: the Python paths
+        return None
+    try:
+        from xdsplane.config import _yamlc
+
+        _yamlc.bind(str(importlib.import_module("yaml._yaml").__file__))
+    except (ImportError, AttributeError, OSError, TypeError):
+        return None
+    return _yamlc
+
+
+_C: Any = _bind()
+_NOTED: frozenset[str] = frozenset()
+
+
+def note_keys(keys: frozenset[str]) -> None:
+    """Have the C path list these keys' values as it parses (``Document.noted``): a check
+    that looks for a few keys anywhere then need not walk every value (tlsrules.py)."""
+    global _NOTED
+    _NOTED = _NOTED | keys
+
+
+_Mark: Any = getattr(getattr(yaml, "_yaml", None), "Mark", yaml.Mark)
 _SCALARS: Any = _Loader("")  # resolves and constructs plain scalars for the memo below
 _PLAIN: dict[str, Any] = {}  # plain scalar as written -> its value (immutable values only)
 _PLAIN_LIMIT = 100_000
@@ -388,20 +481,70 @@ def parse(
     """Parse every document in ``text``; raises YamlError with the position of the problem.
 
     ``sizes``, when given, receives per document how many values each mapping and list
-    expands to (by ``id(node)``); ``depth`` is the nesting the documents start at (a part of
-    a file parsed alone, ``pipeline/chunks.py``, is bounded as it would be in its file).
+    expands to (by ``id(node)``, for the containers of ``Document.top``); ``depth`` is the
+    nesting the documents start at (a part of a file parsed alone, ``pipeline/chunks.py``,
+    is bounded as it would be in its file).
 
-    Plain data (no alias, no explicit tag, no error) takes the fast path; anything else,
-    and every error, is parsed again by the general builder (``_parse_general``), whose
-    values and errors the fast path reproduces (tests/test_yaml_fast.py).
+    Plain data (no alias, anchor or explicit tag, no error) takes a fast path: the C one
+    (``_yamlc``, values straight from libyaml's events) when it is built, else
+    ``_parse_fast`` (PyYAML's nodes); anything else, and every error, is parsed again by
+    the general builder (``_parse_general``), whose values, positions and errors the fast
+    paths reproduce (tests/test_yaml_fast.py).
     """
-    try:
-        docs, known = _parse_fast(text, path, depth)
-    except Exception:  # _Slow, or an error the general builder words as always
-        return _parse_general(text, path, sizes=sizes, depth=depth)
+    if _C is not None:
+        try:
+            found = _parse_c(text, path, depth)
+        except Exception:  # a scalar the resolver gives up on, text not UTF-8
+            found = None
+        if found is None:
+            return _parse_general(text, path, sizes=sizes, depth=depth)
+        docs, known = found
+    else:
+        try:
+            docs, known = _parse_fast(text, path, depth)
+        except Exception:  # _Slow, or an error the general builder words as always
+            return _parse_general(text, path, sizes=sizes, depth=depth)
     if sizes is not None:
         sizes.extend(known)
     return docs
+
+
+def _parse_c(
+    text: str | bytes, path: str, depth: int
+) -> tuple[list[Document], list[dict[int, int]]] | None:
+    """``_parse_fast`` by ``_yamlc``: None where that gives up (not plain data, an error)."""
+    assert _C is not None
+    data = text.encode("utf-8") if isinstance(text, str) else text
+    noted = _NOTED
+    found = _C.load(data, _PLAIN, _plain, depth, MAX_DEPTH, MAX_VALUES, noted)
+    if found is None:
+        return None
+    name = "<unicode string>" if isinstance(text, str) else "<byte string>"
+    docs: list[Document] = []
+    sizes: list[dict[int, int]] = []
+    for n, (value, shape, pairs) in enumerate(found):
+        known: dict[int, int] = {}
+        top = _shallow(shape, name, known)
+        docs.append(Document(path, value, None, _top=top, _source=(text, n), _noted=(noted, pairs)))
+        sizes.append(known)
+    return docs, sizes
+
+
+def _shallow(shape: Any, name: str, sizes: dict[int, int]) -> yaml.Node:
+    """The nodes ``_yamlc`` describes in ``shape`` (see _yamlc.c), with their sizes."""
+    kind, index, line, column, flow, size, children, text = shape
+    mark = _Mark(name, index, line, column, None, None)
+    if kind == 0:
+        return yaml.ScalarNode("tag:yaml.org,2002:str", text, mark, mark)
+    node: yaml.Node
+    if kind == 1:
+        items = [_shallow(c, name, sizes) for c in children or ()]
+        node = yaml.SequenceNode("tag:yaml.org,2002:seq", items, mark, mark, flow)
+    else:
+        pairs = [(_shallow(k, name, sizes), _shallow(v, name, sizes)) for k, v in children or ()]
+        node = yaml.MappingNode("tag:yaml.org,2002:map", pairs, mark, mark, flow)
+    sizes[id(node)] = size
+    return node
 
 
 def _parse_general(

@@ -72,7 +72,7 @@ class Layout:
     ) -> Layout | None:
         """The layout of a file parsed whole (one document ``doc``), or None if it is not a
         raw file this module can re-parse in parts."""
-        root = doc.node
+        root = doc.top
         if not isinstance(root, yaml.MappingNode) or not _safe(text):
             return None
         keys = [k.value if isinstance(k, yaml.ScalarNode) else None for k, _ in root.value]
@@ -249,7 +249,7 @@ def _parse_region(
     if len(docs) != 1:
         return None
     doc = docs[0]
-    seq = doc.node
+    seq = doc.top
     if (
         not isinstance(seq, yaml.SequenceNode)
         or seq.flow_style

@@ -194,7 +194,7 @@ class FolderLoader:
             return []
         layout = None
         one = contents[0] if len(docs) == 1 and len(contents) == 1 else None
-        if one is not None and one.doc.node is None and not one.warnings:
+        if one is not None and one.doc.value is None and not one.warnings:
             layout = Layout.of(text, docs[0], sizes[0], one.resources)
             if key is not None and self._disk is not None and not has_parts(one):
                 self._disk.parsed(shown, key, one, layout)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from xdsplane.config import yamlsrc
 from xdsplane.config.errors import ConfigError
 from xdsplane.config.yamlsrc import Document
 from xdsplane.policy import ciphers
@@ -141,8 +142,46 @@ def check_raw(doc: Document, items: object, keys: tuple[str | int, ...]) -> list
     chains, a Cluster's transport socket, inside typed_config), found by key. There is no
     allow_legacy_tls for raw resources."""
     errors: list[ConfigError] = []
-    _walk_raw(doc, items, keys, errors)
+    # ``items`` is part of ``doc.value``: what the parse noted in all of it covers it.
+    noted = doc.noted(_WATCHED)
+    if _suspect(items) if noted is None else any(_suspicious(k, v) for k, v in noted):
+        _walk_raw(doc, items, keys, errors)
     return errors
+
+
+_WATCHED = frozenset(_VERSION_KEYS) | frozenset(_CIPHER_KEYS)
+yamlsrc.note_keys(_WATCHED)
+
+
+def _suspicious(key: str, value: object) -> bool:
+    """Would ``_walk_raw`` report something about this key and value (or look closer)?"""
+    if key in _CIPHER_KEYS:
+        return isinstance(value, list)
+    return (
+        isinstance(value, str | int) and not isinstance(value, bool) and value in _LEGACY_PROTOCOLS
+    )
+
+
+def _suspect(value: object) -> bool:
+    """Could ``_walk_raw`` find anything in ``value``: a version key with a legacy value or
+    a list of cipher suites? Walked without paths (most raw files have nothing to report,
+    and the walk building each value's path was ~10 % of a cold load); ``_walk_raw`` then
+    walks again, with paths, only if so."""
+    todo = [value]
+    pop, push = todo.pop, todo.append
+    while todo:
+        v = pop()
+        if isinstance(v, list):
+            todo.extend([x for x in v if isinstance(x, dict | list)])
+            continue
+        if not isinstance(v, dict):
+            continue
+        for k, x in v.items():
+            if k in _WATCHED and _suspicious(k, x):
+                return True
+            if isinstance(x, dict | list):
+                push(x)
+    return False
 
 
 def _walk_raw(
