@@ -26,14 +26,16 @@ CHECK_EXTENSION = GUARD_CHECK_EXTENSION
 CHECK_REVOCATION = GUARD_CHECK_REVOCATION
 _HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
-CONNECTIONS = 4
+CONNECTIONS = 8
 """HTTP/2 connections each Envoy worker thread keeps to the guard: its address is listed
 this many times in the cluster (Envoy keeps each as a host of its own, with its own
 connection, and sends Checks to them round robin). ``xdsplane guard --workers N`` shares
 one port with ``SO_REUSEPORT``, which spreads connections over the workers, not requests:
 with one connection per Envoy thread, a few threads' connections often all landed on one
 worker (85-100 % of the Checks, BENCHMARKS.md section 10). More connections per thread
-spread the Checks over the workers; they cost one TLS handshake each, once."""
+spread the Checks over the workers (the kernel hashes each at random: with 8, a thread's
+Checks split 4/4 or 5/3 over 2 workers seven times in ten; with 4, 3/1 or 4/0 five times
+in eight); they cost one TLS handshake each, once."""
 
 
 def needs_ext_authz(hosts: Iterable[Host]) -> bool:
