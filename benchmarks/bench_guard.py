@@ -350,18 +350,34 @@ listeners:
 """
 
 
+class ClientConnectionsBusy(OSError):
+    """Counted as an error: the load generator's connections are all waiting for Envoy."""
+
+
 class HttpPool:
     """Kept-alive HTTP/1.1 connections to Envoy, one request at a time on each; a request
     that finds every connection busy opens a new one (the load stays open-loop)."""
+
+    MAX_OPEN = 5000  # past this a request is counted as an error, not sent (file limit)
 
     def __init__(self, port: int) -> None:
         self.port = port
         self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
         self.opened = 0
+        self.live = 0  # connections open now
 
     async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self.live >= self.MAX_OPEN:
+            # Envoy answers nothing for seconds: thousands of requests wait, one connection
+            # each; beyond this the process would run out of files (and of /proc reads).
+            raise ClientConnectionsBusy(f"{self.MAX_OPEN} connections busy")
         self.opened += 1
-        return await asyncio.open_connection(_procs.HOST, self.port)
+        self.live += 1
+        try:
+            return await asyncio.open_connection(_procs.HOST, self.port)
+        except BaseException:
+            self.live -= 1
+            raise
 
     async def warm(self, n: int) -> None:
         self.idle += [await self._open() for _ in range(n)]
@@ -382,9 +398,11 @@ class HttpPool:
             body = await reader.readexactly(length) if length else b""
         except BaseException:
             writer.close()
+            self.live -= 1
             raise
         if b"connection: close" in lower:
             writer.close()
+            self.live -= 1
         else:
             self.idle.append(conn)
         return status, body
@@ -392,6 +410,7 @@ class HttpPool:
     def close(self) -> None:
         for _, w in self.idle:
             w.close()
+        self.live -= len(self.idle)
         self.idle.clear()
 
 
@@ -770,7 +789,11 @@ def main() -> int:
                     cpu_text(e.cpu),
                     f"{e.once.guard_cpu / max(1, e.once.sent) * 1e6:.0f} us",
                     f"<= {goal * 1000:g} ms",
-                    verdict(added99, goal),
+                    # a /once/ that did not hold the rate (or a /plain/ that did not) is
+                    # not a pass, whatever the difference of the p99s says
+                    verdict(added99, goal)
+                    if held(e.once, args.rate) and held(e.plain, args.rate)
+                    else "MISS (rate not held)",
                 ]
             )
             failed |= e.replay_refused is False

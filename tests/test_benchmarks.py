@@ -83,7 +83,8 @@ def test_bench_guard_quick() -> None:
     for cells in added:
         # a replayed token refused through Envoy ("n/a": no first use answered in time)
         assert cells[3] in ("yes", "n/a"), cells
-        assert cells[-1] == "ok" or cells[-1].startswith("MISS x"), cells
+        # "MISS (rate not held)": a route did not hold 1,000/s (an overloaded machine)
+        assert cells[-1] in ("ok", "MISS (rate not held)") or cells[-1].startswith("MISS x"), cells
 
 
 def test_bench_guard_workers_quick() -> None:

@@ -868,3 +868,36 @@ def test_guard_certificate_rotation_reaches_new_connections(
         assert g.proc.starts == 1
     finally:
         g.close()
+
+
+def test_claims_are_read_as_message_to_dict_reads_them() -> None:
+    """The guard reads jwt_authn's payload with its own Value walk (service.json_value, for
+    speed): the same dict as json_format.MessageToDict, numbers as floats, nested objects
+    and lists, null; an infinite number refused the same way."""
+    from google.protobuf import json_format, struct_pb2
+
+    from xdsplane.guard.service import json_value
+
+    payload = {
+        "iss": "idp",
+        "jti": "j-1",
+        "exp": 1796458703,
+        "nbf": 1.5,
+        "admin": False,
+        "aud": ["a", "b", 3, None, {"x": [True]}],
+        "cnf": {"x5t#S256": "abc", "deep": {"n": -2}},
+        "none": None,
+        "empty": {},
+        "list": [],
+    }
+    s = struct_pb2.Struct()
+    s.update(payload)
+    value = struct_pb2.Value(struct_value=s)
+    assert json_value(value) == json_format.MessageToDict(value) == payload
+    assert isinstance(json_value(value)["exp"], float)
+    assert json_value(struct_pb2.Value()) is json_format.MessageToDict(struct_pb2.Value())
+    for bad in (float("inf"), float("nan")):
+        with pytest.raises(ValueError):
+            json_format.MessageToDict(struct_pb2.Value(number_value=bad))
+        with pytest.raises(ValueError):
+            json_value(struct_pb2.Value(number_value=bad))

@@ -28,6 +28,7 @@ from test_jwt import Gateway
 from tls_helpers import attach_to_report, process_group
 
 from xdsplane import jwt, pki
+from xdsplane.policy.translate import guard as guard_tr
 
 POLICY = """\
 nodes: ["edge-*"]
@@ -204,6 +205,25 @@ def test_envoy_does_not_talk_to_a_guard_without_the_guard_san(replay: Replay) ->
         lambda: gw.get("/billing/x", gw.token()).status == 200, 20, what="the real guard again"
     )
     assert gw.get("/billing/x", used).status == 403  # still remembered there
+
+
+@pytest.mark.envoy
+def test_envoy_spreads_checks_over_several_connections_to_the_guard(replay: Replay) -> None:
+    """The guard's address is listed CONNECTIONS times in its cluster: Envoy keeps a
+    connection to each (one Envoy thread here) and sends Checks round robin, so that with
+    `xdsplane guard --workers N` the kernel (SO_REUSEPORT) can hand them to different
+    workers (it spreads connections, not requests)."""
+    gw = replay.gw
+    assert guard_tr.CONNECTIONS > 1
+    assert gw.envoy.stat("cluster.xdsplane-guard.membership_total") == guard_tr.CONNECTIONS
+    for _ in range(3 * guard_tr.CONNECTIONS):
+        r = gw.get("/billing/x", gw.token())
+        assert r.status == 200, (r.status, r.text)
+    wait_until(
+        lambda: gw.envoy.stat("cluster.xdsplane-guard.upstream_cx_active") >= guard_tr.CONNECTIONS,
+        20,
+        what=f"{guard_tr.CONNECTIONS} connections from Envoy to the guard",
+    )
 
 
 @pytest.mark.envoy

@@ -25,7 +25,6 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2
 from envoy.service.ratelimit.v3 import rls_pb2
 from envoy.type.v3 import http_status_pb2
-from google.protobuf import json_format
 from google.rpc import code_pb2, status_pb2  # type: ignore[import-untyped]
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -158,6 +157,9 @@ class GuardService:
         self.metrics.backend_up.labels(store.name).set(1)
         self.introspectors: dict[str, Introspector] = {}
         self._closing: set[Any] = set()
+        # The metrics' children of every Check, looked up once (labels() takes a lock).
+        self._authz_latency = self.metrics.latency.labels("authz")
+        self._authz_counts: dict[tuple[str, str], Any] = {}
 
     # -- wiring ---------------------------------------------------------------------------
 
@@ -270,9 +272,13 @@ class GuardService:
         remove: list[str] | None = None,
         claims: dict[str, Any] | None = None,
     ) -> Any:
-        self.metrics.latency.labels("authz").observe(time.perf_counter() - started)
+        self._authz_latency.observe(time.perf_counter() - started)
         result = "allow" if decision.allowed else "deny"
-        self.metrics.decisions.labels("authz", result, decision.reason).inc()
+        counter = self._authz_counts.get((result, decision.reason))
+        if counter is None:
+            counter = self.metrics.decisions.labels("authz", result, decision.reason)
+            self._authz_counts[(result, decision.reason)] = counter
+        counter.inc()
         # Refusals are logged with why (warning); first uses only at debug: one log line per
         # allowed request costs the guard a tenth of its CPU at 1,000 requests/s.
         log = self.log.debug if decision.allowed else self.log.warning
@@ -369,7 +375,7 @@ class GuardService:
         struct = meta[JWT_NAMESPACE]
         if self.config.payload_key not in struct.fields:
             return None
-        value = json_format.MessageToDict(struct.fields[self.config.payload_key])
+        value = json_value(struct.fields[self.config.payload_key])
         return value if isinstance(value, dict) else None
 
     def token_bounds(self) -> tuple[float, float]:
@@ -581,6 +587,27 @@ def _authorized(
         return await handler(request, context)
 
     return call
+
+
+def json_value(value: Any) -> Any:
+    """A ``google.protobuf.Value`` as ``json_format.MessageToDict`` gives it (numbers as
+    floats, an unset kind as None, ValueError for an infinite or NaN number), without its
+    generic machinery: ~25 µs of each Check's CPU went to it."""
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return value.string_value
+    if kind == "number_value":
+        number = value.number_value
+        if math.isinf(number) or math.isnan(number):
+            raise ValueError(f"a JSON number cannot be {number}")
+        return number
+    if kind == "struct_value":
+        return {k: json_value(v) for k, v in value.struct_value.fields.items()}
+    if kind == "list_value":
+        return [json_value(v) for v in value.list_value.values]
+    if kind == "bool_value":
+        return value.bool_value
+    return None  # null_value, or no kind set
 
 
 def _pick_reason(reasons: list[str], over: bool) -> str:

@@ -8,7 +8,9 @@ Two backends with one async interface:
   atomic ``SET key 1 NX PX ttl``; ``hit`` is ``INCRBY`` + ``PEXPIRE`` in one MULTI/EXEC.
   With ``batch`` (the default), the ``claim`` and ``get_many`` calls made within one turn of
   the event loop (Checks in flight together) go to Redis as one pipeline: one round trip
-  and one write for all of them (each command still atomic on its own).
+  and one write for all of them (each command still atomic on its own), on a connection
+  of their own written and read by ``resp.Pipe`` (redis-py's machinery cost ~150 µs of CPU
+  per Check); the other calls go through redis-py.
 
 A backend that cannot answer raises ``StoreUnavailable``; the service decides what that
 means (fail closed or open). The Redis store needs no restart when Redis comes back: every
@@ -19,12 +21,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import math
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
+
+from xdsplane.guard.resp import Pipe
 
 
 class StoreUnavailable(Exception):
@@ -204,6 +209,11 @@ class RedisStore:
         # Calls waiting for the next pipeline: (op, command, future of its reply).
         self._pending: list[tuple[str, tuple[Any, ...], asyncio.Future[Any]]] = []
         self._flushing: set[asyncio.Task[None]] = set()
+        # The batches' own connection (resp.Pipe), opened by redis-py and then written to
+        # and read from directly; None until the first batch, and again after a failure.
+        self._pipe: Pipe | None = None
+        self._pipe_conn: Any = None
+        self._pipe_lock = asyncio.Lock()
 
     def up(self) -> bool:
         return self._up
@@ -221,47 +231,110 @@ class RedisStore:
 
     def _flush_now(self) -> None:
         batch, self._pending = self._pending, []
-        task = asyncio.get_running_loop().create_task(self._flush(batch))
+        pipe = self._pipe
+        if pipe is not None and pipe.open:  # the usual case: written now, no task
+            self._send(pipe, batch)
+            return
+        task = asyncio.get_running_loop().create_task(self._open_then_send(batch))
         self._flushing.add(task)
         task.add_done_callback(self._flushing.discard)
 
-    async def _flush(self, batch: list[tuple[str, tuple[Any, ...], asyncio.Future[Any]]]) -> None:
-        async def run() -> Any:
-            if len(batch) == 1:  # alone in its turn: no pipeline to build
-                command = batch[0][1]
-                if command[0] == "claim":
-                    one = self._client.set(command[1], b"1", nx=True, px=max(1, command[2]))
-                else:
-                    one = self._client.mget(command[1])
-                return [await one]
-            async with self._client.pipeline(transaction=False) as pipe:
-                for _op, command, _future in batch:
-                    if command[0] == "claim":
-                        pipe.set(command[1], b"1", nx=True, px=max(1, command[2]))
-                    else:
-                        pipe.mget(command[1])
-                return await pipe.execute(raise_on_error=False)
+    async def _open_then_send(
+        self, batch: list[tuple[str, tuple[Any, ...], asyncio.Future[Any]]]
+    ) -> None:
+        from redis.exceptions import RedisError
 
-        ops = {op for op, _c, _f in batch}
         try:
-            replies = await self._call(ops.pop() if len(ops) == 1 else "pipeline", run)
+            if not self._up and time.monotonic() < self._retry_at:
+                raise StoreUnavailable(f"redis {self.url}: down (retrying shortly)")
+            pipe = await asyncio.wait_for(self._open_pipe(), self.timeout * 2)
+        except (RedisError, OSError, TimeoutError) as e:
+            self._failed(_batch_op(batch), e, None)
+            _fail_all(batch, StoreUnavailable(f"redis {self.url}: {_describe(e)}"))
+            return
         except StoreUnavailable as e:
-            for _op, _command, future in batch:
-                if not future.done():
-                    future.set_exception(StoreUnavailable(str(e)))
+            _fail_all(batch, e)
             return
         except BaseException as e:  # cancelled at shutdown: nobody is left waiting
-            for _op, _command, future in batch:
-                if not future.done():
-                    future.set_exception(StoreUnavailable(f"redis {self.url}: {e!r}"))
+            _fail_all(batch, StoreUnavailable(f"redis {self.url}: {e!r}"))
             raise
-        for (_op, _command, future), reply in zip(batch, replies, strict=True):
+        self._send(pipe, batch)
+
+    async def _open_pipe(self) -> Pipe:
+        """The batches' connection, opened (connect, TLS, AUTH, SELECT) by redis-py's pool
+        from the store's URL and options, then kept out of the pool."""
+        async with self._pipe_lock:
+            if self._pipe is not None and self._pipe.open:
+                return self._pipe
+            conn = await self._client.connection_pool.get_connection()
+            # redis-py's asyncio Connection keeps its streams here (redis 8.2, pinned in
+            # constraints.txt); tests/test_guard_batch.py fails if that changes.
+            reader, writer = conn._reader, conn._writer
+            if reader is None or writer is None:
+                raise OSError("redis-py gave a connection without streams")
+            self._pipe, self._pipe_conn = Pipe(reader, writer, self.timeout), conn
+            return self._pipe
+
+    def _send(
+        self, pipe: Pipe, batch: list[tuple[str, tuple[Any, ...], asyncio.Future[Any]]]
+    ) -> None:
+        commands: list[tuple[Any, ...]] = []
+        for _op, command, _future in batch:
+            if command[0] == "claim":
+                commands.append((b"SET", command[1], b"1", b"NX", b"PX", max(1, command[2])))
+            else:
+                commands.append((b"MGET", *command[1]))
+        pipe.send(commands).add_done_callback(functools.partial(self._answered, batch, pipe))
+
+    def _answered(
+        self,
+        batch: list[tuple[str, tuple[Any, ...], asyncio.Future[Any]]],
+        pipe: Pipe,
+        replies: asyncio.Future[list[Any]],
+    ) -> None:
+        error = (
+            replies.exception()
+            if not replies.cancelled()
+            else StoreUnavailable(f"redis {self.url}: cancelled")
+        )
+        if error is not None:
+            self._failed(_batch_op(batch), error, pipe)
+            _fail_all(batch, StoreUnavailable(f"redis {self.url}: {_describe(error)}"))
+            return
+        self._up = True
+        for (_op, _command, future), reply in zip(batch, replies.result(), strict=True):
             if future.done():  # the Check was cancelled (deadline)
                 continue
             if isinstance(reply, Exception):
                 future.set_exception(StoreUnavailable(f"redis {self.url}: {_describe(reply)}"))
             else:
                 future.set_result(reply)
+
+    def _failed(self, op: str, error: BaseException, pipe: Pipe | None) -> None:
+        """The store is down for ``backoff``; ``pipe``, the one that failed (None: none was
+        opened), is dropped if still current (the next batch opens a new one)."""
+        self._up = False
+        self._retry_at = time.monotonic() + self.backoff
+        if self._on_error is not None:
+            self._on_error(op, type(error).__name__)
+        if pipe is not None and pipe is self._pipe:
+            self._drop_pipe(error)
+
+    def _drop_pipe(self, error: BaseException | None = None) -> None:
+        pipe, conn = self._pipe, self._pipe_conn
+        self._pipe = self._pipe_conn = None
+        if pipe is not None:
+            pipe.close(error)
+        if conn is not None:  # back to the pool, disconnected (it reconnects when used)
+            task = asyncio.get_running_loop().create_task(self._give_back(conn))
+            self._flushing.add(task)
+            task.add_done_callback(self._flushing.discard)
+
+    async def _give_back(self, conn: Any) -> None:
+        with contextlib.suppress(Exception):  # best effort: it is broken or closing anyway
+            await conn.disconnect()
+        with contextlib.suppress(Exception):
+            await self._client.connection_pool.release(conn)
 
     async def _call(self, op: str, fn: Callable[[], Any]) -> Any:
         from redis.exceptions import RedisError
@@ -283,6 +356,7 @@ class RedisStore:
         return result
 
     async def _reset(self) -> None:
+        self._drop_pipe()
         pool = getattr(self._client, "connection_pool", None)
         if pool is not None:
             # Best effort: the connections are broken anyway.
@@ -358,7 +432,25 @@ class RedisStore:
                 raise StoreAuthError(f"redis {self.url}: {_describe(e)}") from None
 
     async def close(self) -> None:
+        self._drop_pipe()
+        for task in list(self._flushing):
+            with contextlib.suppress(BaseException):
+                await task
         await self._client.aclose()
+
+
+def _batch_op(batch: list[tuple[str, tuple[Any, ...], asyncio.Future[Any]]]) -> str:
+    """The metrics' ``op`` of a batch: its one operation, or ``pipeline`` when mixed."""
+    ops = {op for op, _c, _f in batch}
+    return ops.pop() if len(ops) == 1 else "pipeline"
+
+
+def _fail_all(
+    batch: list[tuple[str, tuple[Any, ...], asyncio.Future[Any]]], error: StoreUnavailable
+) -> None:
+    for _op, _command, future in batch:
+        if not future.done():
+            future.set_exception(StoreUnavailable(str(error)))
 
 
 def _glob(text: str) -> str:

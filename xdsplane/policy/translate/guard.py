@@ -26,6 +26,17 @@ CHECK_EXTENSION = GUARD_CHECK_EXTENSION
 CHECK_REVOCATION = GUARD_CHECK_REVOCATION
 _HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
+CONNECTIONS = 8
+"""HTTP/2 connections each Envoy worker thread keeps to the guard: its address is listed
+this many times in the cluster (Envoy keeps each as a host of its own, with its own
+connection, and sends Checks to them round robin). ``xdsplane guard --workers N`` shares
+one port with ``SO_REUSEPORT``, which spreads connections over the workers, not requests:
+with one connection per Envoy thread, a few threads' connections often all landed on one
+worker (85-100 % of the Checks, BENCHMARKS.md section 10). More connections per thread
+spread the Checks over the workers (the kernel hashes each at random: with 8, a thread's
+Checks split 4/4 or 5/3 over 2 workers seven times in ten; with 4, 3/1 or 4/0 five times
+in eight); they cost one TLS handshake each, once."""
+
 
 def needs_ext_authz(hosts: Iterable[Host]) -> bool:
     return any(
@@ -37,9 +48,14 @@ def needs_ext_authz(hosts: Iterable[Host]) -> bool:
 
 def cluster(guard: Guard) -> Any:
     """The guard's cluster: STATIC for an IP address, STRICT_DNS for a host name; HTTP/2;
-    with ``tls``, mutual TLS (the same UpstreamTlsContext as an upstream's ``tls``)."""
+    with ``tls``, mutual TLS (the same UpstreamTlsContext as an upstream's ``tls``); the
+    address listed ``CONNECTIONS`` times (that many connections per Envoy thread)."""
     # mTLS as to an upstream: the guard serves only callers with its client SAN.
-    return clusters.grpc_service_cluster(CLUSTER, guard.address, guard.tls)
+    c = clusters.grpc_service_cluster(CLUSTER, guard.address, guard.tls)
+    group = c.load_assignment.endpoints[0]
+    for _ in range(CONNECTIONS - 1):  # one connection per listed endpoint (CONNECTIONS)
+        group.lb_endpoints.add().CopyFrom(group.lb_endpoints[0])
+    return c
 
 
 def timeout(guard: Guard, introspection_timeout: float = 0.0) -> str:
