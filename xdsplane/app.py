@@ -179,8 +179,19 @@ async def serve(opts: ServeOptions) -> None:
 def grpc_options(limits: Limits) -> list[tuple[str, int]]:
     """The xDS gRPC server's channel options: a larger request is refused by gRPC with
     RESOURCE_EXHAUSTED before any of it reaches the ADS service; one connection carries at
-    most ``max_streams_per_connection`` streams at once (HTTP/2 SETTINGS)."""
+    most ``max_streams_per_connection`` streams at once (HTTP/2 SETTINGS).
+
+    New calls wait in gRPC's core until the event loop picks them up, one at a time. Past
+    ``grpc.server.max_pending_requests`` (default 1,000) waiting calls, core refuses the
+    ones that waited long, and past ``..._hard_limit`` (3,000) every new one, with
+    RESOURCE_EXHAUSTED "Too many pending requests for this server": when thousands of
+    Envoys (re)connect at once while the loop is busy sending the first snapshots, streams
+    well below ``max_streams`` were refused (the 5,000-stream fan-out benchmark lost
+    1,100-1,600). Waiting calls are bounded by ``max_streams`` instead: past it the ADS
+    service refuses them anyway once picked up."""
     return [
+        ("grpc.server.max_pending_requests", max(1000, limits.max_streams)),
+        ("grpc.server.max_pending_requests_hard_limit", max(3000, limits.max_streams)),
         ("grpc.so_reuseport", 0),
         ("grpc.max_concurrent_streams", limits.max_streams_per_connection),
         ("grpc.max_receive_message_length", limits.max_message_bytes),
