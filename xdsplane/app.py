@@ -135,6 +135,7 @@ async def serve(opts: ServeOptions) -> None:
     if tls is not None:
         state.xds_tls = tls.status
     state.insecure = exposed
+    state.write_gate = ads.gate.as_dict
     envoy_stats = envoystats.EnvoyStats(list(opts.envoy_admins))
     if opts.envoy_admins:
         state.envoys = envoy_stats.status

@@ -81,6 +81,17 @@ class WriteGate:
             if held:
                 self.release(size)
 
+    def as_dict(self) -> dict[str, int | float]:
+        """For /status: the limits (serve --write-budget, --write-stall) and what they did."""
+        return {
+            "budget": self.budget,
+            "stall": self.stall,
+            "in_use": self.in_use,
+            "peak": self.peak,
+            "waited": self.waited,
+            "stalled": self.stalled,
+        }
+
     # -- the queue ----------------------------------------------------------------------------
 
     def _fits(self, size: int) -> bool:
