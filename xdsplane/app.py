@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc
 
-from xdsplane import admin, envoystats, logs
+from xdsplane import admin, envoystats, logs, mallocopts
 from xdsplane.bootstrap import split_address
 from xdsplane.cache import SnapshotCache
 from xdsplane.envoystats import EnvoyAdmin
@@ -136,6 +136,9 @@ async def serve(opts: ServeOptions) -> None:
         state.xds_tls = tls.status
     state.insecure = exposed
     state.write_gate = ads.gate.as_dict
+    # Bursts of large responses: their freed heap is given back (mallocopts.py).
+    trimmer = mallocopts.Trimmer(lambda: ads.gate.written, opts.limits.write_budget)
+    state.malloc = trimmer.as_dict
     envoy_stats = envoystats.EnvoyStats(list(opts.envoy_admins))
     if opts.envoy_admins:
         state.envoys = envoy_stats.status
@@ -161,6 +164,7 @@ async def serve(opts: ServeOptions) -> None:
     loop.add_signal_handler(signal.SIGHUP, lambda: _on_sighup(reloader, tls, hups))
     watcher = asyncio.create_task(reloader.run(stop))
     tasks = [watcher, asyncio.create_task(reloader.run_staple_deadlines(stop))]
+    tasks.append(asyncio.create_task(trimmer.run(stop)))
     if tls is not None:
         tls.log_loaded("xds tls loaded")
         tasks.append(asyncio.create_task(tls.run(stop, opts.watch_step_ms)))
