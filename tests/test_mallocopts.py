@@ -4,7 +4,7 @@
 
 glibc keeps the free chunks of a burst of large blocks in its heap once its dynamic mmap
 threshold has risen. The first test shows it in a fresh process: after 200 blocks of
-600 KB are freed between live small ones, the RSS stays until the Trimmer trims. The
+600 KB are freed below a live one, the RSS stays until the Trimmer trims. The
 others check when the Trimmer trims, and that ``serve`` runs it (/status).
 """
 
@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -23,7 +24,7 @@ from test_ads_limits import cds_stream, run, serve
 
 from xdsplane.mallocopts import Trimmer
 
-# Polled; a trim comes within TRIM_EVERY (5 s) of the writes. Generous for a busy machine.
+# Polled; a trim comes within TRIM_EVERY (1 s) of the writes. Generous for a busy machine.
 CEILING = 60.0
 
 PROBE = """
@@ -38,12 +39,15 @@ libc.memset.argtypes = (ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t)
 # As glibc's dynamic threshold does once a large block was freed: what follows is heap.
 libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
 assert libc.mallopt(-3, 16 << 20) == 1  # M_MMAP_THRESHOLD
-big, small = [], []
+big = []
 for _ in range(200):
     p = libc.malloc(600 * 1024)
     libc.memset(p, 1, 600 * 1024)  # touched: resident
     big.append(p)
-    small.append(libc.malloc(64))  # a live chunk after each: the heap cannot shrink
+# A live block above them (larger than any free chunk, so from the heap's top): freed,
+# they cannot be given back by shrinking the heap, as live objects allocated after a
+# burst of responses do in a server.
+pin = libc.malloc(4 << 20)
 for p in big:
     libc.free(p)
 before = rss()
@@ -98,6 +102,26 @@ def test_the_trimmer_trims_once_per_threshold_written() -> None:
     written[0] = 250
     assert trimmer.check() and calls == [150, 250]
     assert trimmer.as_dict()["trims"] == 2
+
+
+def test_the_trimmer_waits_for_the_end_of_a_burst_but_not_forever() -> None:
+    written, busy = [0], [True]
+    calls: list[int] = []
+    trimmer = Trimmer(
+        lambda: written[0],
+        threshold=100,
+        busy=lambda: busy[0],
+        latest=0.2,
+        trim=lambda: calls.append(written[0]),
+    )
+    trimmer._last = time.monotonic()
+    written[0] = 500
+    assert not trimmer.check()  # writes in progress, the last trim was just now
+    busy[0] = False
+    assert trimmer.check() and calls == [500]  # the burst is over
+    busy[0], written[0] = True, 1000
+    wait_until(lambda: trimmer.check(), CEILING, what="a trim while writes never stop")
+    assert calls == [500, 1000]
 
 
 @glibc

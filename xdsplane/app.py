@@ -137,7 +137,10 @@ async def serve(opts: ServeOptions) -> None:
     state.insecure = exposed
     state.write_gate = ads.gate.as_dict
     # Bursts of large responses: their freed heap is given back (mallocopts.py).
-    trimmer = mallocopts.Trimmer(lambda: ads.gate.written, opts.limits.write_budget)
+    gate = ads.gate
+    trimmer = mallocopts.Trimmer(
+        lambda: gate.written, opts.limits.write_budget, busy=lambda: gate.in_use > 0
+    )
     state.malloc = trimmer.as_dict
     envoy_stats = envoystats.EnvoyStats(list(opts.envoy_admins))
     if opts.envoy_admins:

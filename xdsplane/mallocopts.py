@@ -8,9 +8,11 @@ and what the heap took for a burst mostly stays in the process after the blocks 
 free chunks between live ones are not given back by ``free``. ``malloc_trim(0)`` gives
 back every free page of every arena (madvise), in a few milliseconds.
 
-So ``xdsplane serve`` runs a ``Trimmer``: every ``every`` seconds, when at least
-``--write-budget`` bytes of responses were written since it last trimmed, it calls
-``malloc_trim(0)`` once. Measured at 1,000 SotW streams on the 2,000-cluster snapshot:
+So ``xdsplane serve`` runs a ``Trimmer``: every second it looks whether at least
+``--write-budget`` bytes of responses were written since it last trimmed; if so, it calls
+``malloc_trim(0)`` once no write is in progress (the burst is over), or at the latest
+``TRIM_LATEST`` seconds after the last trim while writes go on. Measured at 1,000 SotW
+streams on the 2,000-cluster snapshot:
 steady RSS 190 MB before, ~160 MB after (BENCHMARKS.md section 2, item 3, second pass).
 Fixing the mmap threshold instead (``mallopt``) gave the same memory but cost the server
 ~50 % more CPU per edit (an mmap, page faults and munmap per response), so it is not done.
@@ -28,7 +30,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-TRIM_EVERY = 5.0  # seconds between two looks at the bytes written
+TRIM_EVERY = 1.0  # seconds between two looks at the bytes written
+TRIM_LATEST = 10.0  # seconds between two trims at most while writes never stop
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -57,16 +60,22 @@ def rss() -> int:
 
 class Trimmer:
     """Calls ``malloc_trim(0)`` once ``threshold`` bytes were written (``written()``, a
-    running total) since the last trim, looking every ``every`` seconds."""
+    running total) since the last trim and nothing is being written (``busy()``), or
+    ``latest`` seconds after the last trim; looks every ``every`` seconds."""
 
     def __init__(
         self,
         written: Callable[[], int],
         threshold: int,
+        busy: Callable[[], bool] = lambda: False,
         every: float = TRIM_EVERY,
+        latest: float = TRIM_LATEST,
         trim: Callable[[], Any] | None = None,
     ) -> None:
         self.written = written
+        self.busy = busy
+        self.latest = latest
+        self._last = time.monotonic()
         self.threshold = max(1, threshold)
         self.every = every
         self._trim = trim if trim is not None else _malloc_trim()
@@ -84,7 +93,10 @@ class Trimmer:
         total = self.written()
         if self._trim is None or total - self._mark < self.threshold:
             return False
+        if self.busy() and time.monotonic() - self._last < self.latest:
+            return False  # a burst is going on: trim once it is over
         self._mark = total
+        self._last = time.monotonic()
         before = rss()
         t0 = time.perf_counter()
         self._trim()
