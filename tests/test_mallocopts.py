@@ -19,8 +19,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from harness import ProcessGroup, wait_until
+from harness import ProcessGroup, free_port, wait_until, write_snapshot
 from test_ads_limits import cds_stream, run, serve
+from test_observability import resources
 
 from xdsplane.mallocopts import Trimmer
 
@@ -104,6 +105,17 @@ def test_the_trimmer_trims_once_per_threshold_written() -> None:
     assert trimmer.as_dict()["trims"] == 2
 
 
+def test_the_trimmer_trims_after_a_reload() -> None:
+    reloads = [3]
+    calls: list[int] = []
+    trimmer = Trimmer(
+        lambda: 0, threshold=100, reloads=lambda: reloads[0], trim=lambda: calls.append(1)
+    )
+    assert not trimmer.check()  # the reloads before it started
+    reloads[0] = 4
+    assert trimmer.check() and not trimmer.check() and len(calls) == 1
+
+
 def test_the_trimmer_waits_for_the_end_of_a_burst_but_not_forever() -> None:
     written, busy = [0], [True]
     calls: list[int] = []
@@ -138,4 +150,14 @@ def test_serve_trims_after_a_write_budget_of_responses(procs: ProcessGroup, tmp_
 
     run(server, scenario)
     assert server.status()["write_gate"]["written"] > 100
+    wait_until(lambda: server.status()["malloc"]["trims"] >= 1, CEILING, what="a trim")
+
+
+@glibc
+def test_serve_trims_after_a_reload(procs: ProcessGroup, tmp_path: Path) -> None:
+    server = serve(procs, tmp_path)
+    assert server.status()["malloc"]["trims"] == 0
+    done = server.status()["reload"]["successes"]
+    write_snapshot(tmp_path / "snapshots" / "edge.yaml", resources(free_port(), free_port(), "v2"))
+    wait_until(lambda: server.status()["reload"]["successes"] > done, CEILING, what="the reload")
     wait_until(lambda: server.status()["malloc"]["trims"] >= 1, CEILING, what="a trim")

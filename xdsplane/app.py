@@ -136,10 +136,13 @@ async def serve(opts: ServeOptions) -> None:
         state.xds_tls = tls.status
     state.insecure = exposed
     state.write_gate = ads.gate.as_dict
-    # Bursts of large responses: their freed heap is given back (mallocopts.py).
+    # Bursts of large responses and reloads: their freed heap is given back (mallocopts.py).
     gate = ads.gate
     trimmer = mallocopts.Trimmer(
-        lambda: gate.written, opts.limits.write_budget, busy=lambda: gate.in_use > 0
+        lambda: gate.written,
+        opts.limits.write_budget,
+        busy=lambda: gate.in_use > 0,
+        reloads=lambda: reloader.state.successes,
     )
     state.malloc = trimmer.as_dict
     envoy_stats = envoystats.EnvoyStats(list(opts.envoy_admins))

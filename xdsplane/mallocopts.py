@@ -8,8 +8,10 @@ and what the heap took for a burst mostly stays in the process after the blocks 
 free chunks between live ones are not given back by ``free``. ``malloc_trim(0)`` gives
 back every free page of every arena (madvise), in a few milliseconds.
 
-So ``xdsplane serve`` runs a ``Trimmer``: every second it looks whether at least
-``--write-budget`` bytes of responses were written since it last trimmed; if so, it calls
+A reload leaves the same behind: the snapshot it replaced, freed at once. So ``xdsplane
+serve`` runs a ``Trimmer``: every second it looks whether at least ``--write-budget``
+bytes of responses were written, or a new snapshot was installed, since it last trimmed;
+if so, it calls
 ``malloc_trim(0)`` once no write is in progress (the burst is over), or at the latest
 ``TRIM_LATEST`` seconds after the last trim while writes go on. Measured at 1,000 SotW
 streams on the 2,000-cluster snapshot:
@@ -60,20 +62,24 @@ def rss() -> int:
 
 class Trimmer:
     """Calls ``malloc_trim(0)`` once ``threshold`` bytes were written (``written()``, a
-    running total) since the last trim and nothing is being written (``busy()``), or
-    ``latest`` seconds after the last trim; looks every ``every`` seconds."""
+    running total) or a snapshot was installed (``reloads()``, a count) since the last
+    trim and nothing is being written (``busy()``), or ``latest`` seconds after the last
+    trim; looks every ``every`` seconds."""
 
     def __init__(
         self,
         written: Callable[[], int],
         threshold: int,
         busy: Callable[[], bool] = lambda: False,
+        reloads: Callable[[], int] = lambda: 0,
         every: float = TRIM_EVERY,
         latest: float = TRIM_LATEST,
         trim: Callable[[], Any] | None = None,
     ) -> None:
         self.written = written
         self.busy = busy
+        self.reloads = reloads
+        self._reloads = reloads()  # the count at the last trim
         self.latest = latest
         self._last = time.monotonic()
         self.threshold = max(1, threshold)
@@ -90,12 +96,14 @@ class Trimmer:
 
     def check(self) -> bool:
         """Trim if enough was written since the last time; whether it did."""
-        total = self.written()
-        if self._trim is None or total - self._mark < self.threshold:
+        total, reloads = self.written(), self.reloads()
+        if self._trim is None:
+            return False
+        if total - self._mark < self.threshold and reloads == self._reloads:
             return False
         if self.busy() and time.monotonic() - self._last < self.latest:
             return False  # a burst is going on: trim once it is over
-        self._mark = total
+        self._mark, self._reloads = total, reloads
         self._last = time.monotonic()
         before = rss()
         t0 = time.perf_counter()
