@@ -200,12 +200,13 @@ class Result:
     rss_synced: int
     rss_connected: int
     hwm_steady: int  # the peak during the edits (reset after the settle time)
-    rss_after: int
+    rss_after: int  # the settle time after the last edit
     server_cpu_connect: float
     server_cpu_push: list[float]
     client_cpu_push: list[float]
     reloads: list[float]
     problems: list[str]
+    rss_edited: int = 0  # right after the last edit reached every stream
 
     @property
     def peak(self) -> int:
@@ -443,6 +444,8 @@ def run_clients(
                 wrong = sum(1 for m in done for names in m[6] if tuple(names) != want)
                 if wrong:
                     problems.append(f"{wrong} delta updates did not carry just the edit")
+        rss_edited = _procs.rss(pid)
+        time.sleep(settle)  # as after the sync: what the edits leave once they settled
         rss_after = _procs.rss(pid)
         hwm_steady = _procs.proc_status(pid)["VmHWM"]
     finally:
@@ -466,6 +469,7 @@ def run_clients(
         client_cpu,
         reloads,
         problems,
+        rss_edited,
     )
 
 
@@ -615,7 +619,8 @@ def main() -> int:
                     f"  {variant:5} {n:5} streams: connect {r.connect:.2f} s, "
                     f"edit {max(max(x) for x in r.rounds) * 1000:.0f} ms (worst), "
                     f"peak {_procs.mb(r.hwm_sync)} at sync, {_procs.mb(r.hwm_steady)} "
-                    f"during edits, RSS {_procs.mb(r.rss_connected)} ({r.load})"
+                    f"during edits, RSS {_procs.mb(r.rss_connected)}, after the edits "
+                    f"{_procs.mb(r.rss_edited)} then {_procs.mb(r.rss_after)} ({r.load})"
                     + (f"  PROBLEMS: {r.problems}" if r.problems else "")
                 )
     finally:
@@ -689,8 +694,9 @@ def main() -> int:
     print(
         "server memory: RSS before any stream; VmHWM (peak) from the first stream to the\n"
         f"end of the settle time; RSS 0.5 s after every stream ACKed its first response and\n"
-        f"{settle:.0f} s later; VmHWM during the edits (reset after the settle time); RSS after\n"
-        "the edits. Steady = the larger of the settled and after-edit RSS. Then the initial\n"
+        f"{settle:.0f} s later; VmHWM during the edits (reset after the settle time); RSS\n"
+        f"{settle:.0f} s after the last edit reached every stream. Steady = the larger of the\n"
+        "two settled RSS. Then the initial\n"
         "sync (time, server CPU) and the load average when the row started:"
     )
     print(
@@ -703,7 +709,7 @@ def main() -> int:
                 "RSS at sync",
                 f"+{settle:.0f} s",
                 "peak in edits",
-                "RSS after",
+                f"after +{settle:.0f} s",
                 "initial sync",
                 "server CPU",
                 "goal",
