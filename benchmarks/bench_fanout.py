@@ -200,12 +200,13 @@ class Result:
     rss_synced: int
     rss_connected: int
     hwm_steady: int  # the peak during the edits (reset after the settle time)
-    rss_after: int
+    rss_after: int  # the settle time after the last edit
     server_cpu_connect: float
     server_cpu_push: list[float]
     client_cpu_push: list[float]
     reloads: list[float]
     problems: list[str]
+    rss_edited: int = 0  # right after the last edit reached every stream
 
     @property
     def peak(self) -> int:
@@ -443,6 +444,8 @@ def run_clients(
                 wrong = sum(1 for m in done for names in m[6] if tuple(names) != want)
                 if wrong:
                     problems.append(f"{wrong} delta updates did not carry just the edit")
+        rss_edited = _procs.rss(pid)
+        time.sleep(settle)  # as after the sync: what the edits leave once they settled
         rss_after = _procs.rss(pid)
         hwm_steady = _procs.proc_status(pid)["VmHWM"]
     finally:
@@ -466,6 +469,7 @@ def run_clients(
         client_cpu,
         reloads,
         problems,
+        rss_edited,
     )
 
 
@@ -485,6 +489,22 @@ def wrap(server: Any, proposals: str, gc_log: str | None, env: list[str]) -> Non
         ]
     if env:
         server.proc.env = {**os.environ, **dict(e.split("=", 1) for e in env)}
+
+
+DEV_ONLY = ("rich", "pygments")  # in the venv for import-linter; not in a runtime install
+
+
+def hide_dev_packages(folder: Path, env: list[str]) -> list[str]:
+    """``env`` with a PYTHONPATH entry whose stand-ins for DEV_ONLY fail to import (as in
+    a runtime install, where they are absent): the server's memory as deployed."""
+    for name in DEV_ONLY:
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        (folder / name / "__init__.py").write_text(
+            f"raise ImportError('{name}: not in a runtime install (bench --runtime-deps-only)')\n"
+        )
+    given = dict(e.split("=", 1) for e in env)
+    paths = [str(folder), *filter(None, [given.pop("PYTHONPATH", "")])]
+    return [f"{k}={v}" for k, v in given.items()] + ["PYTHONPATH=" + os.pathsep.join(paths)]
 
 
 def default_clients(n: int) -> int:
@@ -538,6 +558,12 @@ def main() -> int:
         metavar="NAME=VALUE",
         help="extra environment for the server (e.g. MALLOC_ARENA_MAX=2)",
     )
+    ap.add_argument(
+        "--runtime-deps-only",
+        action="store_true",
+        help="hide from the server the packages a dev install has and a runtime install "
+        "does not (rich, pygments: structlog imports rich when it is there, ~5 MB of RSS)",
+    )
     args = ap.parse_args()
     if args.streams or args.quick:
         same = [int(x) for x in (args.streams or "50").split(",")]
@@ -562,6 +588,8 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="xdsplane-fanout-"))
     folder = workdir / "snap"
     procs = _procs.ProcessGroup(workdir / "logs")
+    if args.runtime_deps_only:
+        args.server_env = hide_dev_packages(workdir / "hide", args.server_env)
     results: list[Result] = []
     edit_seq = [0]
     try:
@@ -591,7 +619,8 @@ def main() -> int:
                     f"  {variant:5} {n:5} streams: connect {r.connect:.2f} s, "
                     f"edit {max(max(x) for x in r.rounds) * 1000:.0f} ms (worst), "
                     f"peak {_procs.mb(r.hwm_sync)} at sync, {_procs.mb(r.hwm_steady)} "
-                    f"during edits, RSS {_procs.mb(r.rss_connected)} ({r.load})"
+                    f"during edits, RSS {_procs.mb(r.rss_connected)}, after the edits "
+                    f"{_procs.mb(r.rss_edited)} then {_procs.mb(r.rss_after)} ({r.load})"
                     + (f"  PROBLEMS: {r.problems}" if r.problems else "")
                 )
     finally:
@@ -665,8 +694,9 @@ def main() -> int:
     print(
         "server memory: RSS before any stream; VmHWM (peak) from the first stream to the\n"
         f"end of the settle time; RSS 0.5 s after every stream ACKed its first response and\n"
-        f"{settle:.0f} s later; VmHWM during the edits (reset after the settle time); RSS after\n"
-        "the edits. Steady = the larger of the settled and after-edit RSS. Then the initial\n"
+        f"{settle:.0f} s later; VmHWM during the edits (reset after the settle time); RSS\n"
+        f"{settle:.0f} s after the last edit reached every stream. Steady = the larger of the\n"
+        "two settled RSS. Then the initial\n"
         "sync (time, server CPU) and the load average when the row started:"
     )
     print(
@@ -679,7 +709,7 @@ def main() -> int:
                 "RSS at sync",
                 f"+{settle:.0f} s",
                 "peak in edits",
-                "RSS after",
+                f"after +{settle:.0f} s",
                 "initial sync",
                 "server CPU",
                 "goal",

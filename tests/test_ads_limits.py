@@ -269,6 +269,52 @@ def test_bad_limit_values_are_refused_by_the_command(tmp_path: Path) -> None:
     ]
 
 
+def test_write_gate_flags_reach_the_server(procs: ProcessGroup, tmp_path: Path) -> None:
+    """--write-budget and --write-stall set the server's write gate (gate.py): /status
+    shows them, and with a budget smaller than one response each response is written
+    alone (the gate's peak is one response, never two streams' together)."""
+    server = serve(procs, tmp_path, "--write-budget", "100", "--write-stall", "0.25")
+    gate = server.status()["write_gate"]
+    assert (gate["budget"], gate["stall"], gate["in_use"], gate["peak"]) == (100, 0.25, 0, 0)
+
+    async def scenario(channel: grpc.aio.Channel) -> None:
+        streams = await asyncio.gather(*(cds_stream(channel, f"edge-{i}") for i in range(4)))
+        sizes = {got.ByteSize() for _, got in streams}
+        after = server.status()["write_gate"]
+        assert after["in_use"] == 0
+        # one CDS response at a time (each is over the 100-byte budget); the gate's peak
+        # is the largest single response's bytes, within a few bytes of framing
+        assert 100 < after["peak"] < 2 * min(sizes), (after, sizes)
+        for s, _ in streams:
+            s.cancel()
+
+    run(server, scenario)
+    defaults = serve(procs, tmp_path / "defaults").status()["write_gate"]
+    assert (defaults["budget"], defaults["stall"]) == (
+        limits_module.WRITE_BUDGET,
+        limits_module.WRITE_STALL,
+    )
+
+
+def test_bad_write_gate_values_are_refused_by_the_command(tmp_path: Path) -> None:
+    import subprocess
+
+    done = subprocess.run(
+        xdsplane_argv(
+            "serve", "--config", str(tmp_path), "--write-budget", "0", "--write-stall", "0"
+        ),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2, done
+    assert done.stderr.splitlines() == [
+        "xdsplane serve: --write-budget must be at least 1 byte",
+        "xdsplane serve: --write-stall must be more than 0 s",
+    ]
+
+
 # -- a real Envoy stays far below the defaults --------------------------------------------------
 
 

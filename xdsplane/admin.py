@@ -48,6 +48,10 @@ class AdminState:
         self.insecure: list[str] = []
         # Per-host client-certificate counts read from Envoys' admin (serve --envoy-admin).
         self.envoys: Callable[[], list[dict[str, Any]]] | None = None
+        # The ADS write gate's limits and counters (server/gate.py, serve --write-budget).
+        self.write_gate: Callable[[], dict[str, int | float]] | None = None
+        # Giving freed heap back after bursts of responses (mallocopts.py), for /status.
+        self.malloc: Callable[[], dict[str, object]] | None = None
         # The access matrix of each served group's policy, kept while that policy is served.
         self._access: dict[int, tuple[object, list[dict[str, Any]]]] = {}
 
@@ -113,6 +117,8 @@ class AdminState:
             "refused": dict(self.registry.refused),
             "insecure": list(self.insecure),
             "envoys": self.envoys() if self.envoys is not None else None,
+            "write_gate": self.write_gate() if self.write_gate is not None else None,
+            "malloc": self.malloc() if self.malloc is not None else None,
         }
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc
 
-from xdsplane import admin, envoystats, logs
+from xdsplane import admin, envoystats, logs, mallocopts
 from xdsplane.bootstrap import split_address
 from xdsplane.cache import SnapshotCache
 from xdsplane.envoystats import EnvoyAdmin
@@ -135,6 +135,16 @@ async def serve(opts: ServeOptions) -> None:
     if tls is not None:
         state.xds_tls = tls.status
     state.insecure = exposed
+    state.write_gate = ads.gate.as_dict
+    # Bursts of large responses and reloads: their freed heap is given back (mallocopts.py).
+    gate = ads.gate
+    trimmer = mallocopts.Trimmer(
+        lambda: gate.written,
+        opts.limits.write_budget,
+        busy=lambda: gate.in_use > 0,
+        reloads=lambda: reloader.state.successes,
+    )
+    state.malloc = trimmer.as_dict
     envoy_stats = envoystats.EnvoyStats(list(opts.envoy_admins))
     if opts.envoy_admins:
         state.envoys = envoy_stats.status
@@ -160,6 +170,7 @@ async def serve(opts: ServeOptions) -> None:
     loop.add_signal_handler(signal.SIGHUP, lambda: _on_sighup(reloader, tls, hups))
     watcher = asyncio.create_task(reloader.run(stop))
     tasks = [watcher, asyncio.create_task(reloader.run_staple_deadlines(stop))]
+    tasks.append(asyncio.create_task(trimmer.run(stop)))
     if tls is not None:
         tls.log_loaded("xds tls loaded")
         tasks.append(asyncio.create_task(tls.run(stop, opts.watch_step_ms)))
@@ -179,8 +190,19 @@ async def serve(opts: ServeOptions) -> None:
 def grpc_options(limits: Limits) -> list[tuple[str, int]]:
     """The xDS gRPC server's channel options: a larger request is refused by gRPC with
     RESOURCE_EXHAUSTED before any of it reaches the ADS service; one connection carries at
-    most ``max_streams_per_connection`` streams at once (HTTP/2 SETTINGS)."""
+    most ``max_streams_per_connection`` streams at once (HTTP/2 SETTINGS).
+
+    New calls wait in gRPC's core until the event loop picks them up, one at a time. Past
+    ``grpc.server.max_pending_requests`` (default 1,000) waiting calls, core refuses the
+    ones that waited long, and past ``..._hard_limit`` (3,000) every new one, with
+    RESOURCE_EXHAUSTED "Too many pending requests for this server": when thousands of
+    Envoys (re)connect at once while the loop is busy sending the first snapshots, streams
+    well below ``max_streams`` were refused (the 5,000-stream fan-out benchmark lost
+    1,100-1,600). Waiting calls are bounded by ``max_streams`` instead: past it the ADS
+    service refuses them anyway once picked up."""
     return [
+        ("grpc.server.max_pending_requests", max(1000, limits.max_streams)),
+        ("grpc.server.max_pending_requests_hard_limit", max(3000, limits.max_streams)),
         ("grpc.so_reuseport", 0),
         ("grpc.max_concurrent_streams", limits.max_streams_per_connection),
         ("grpc.max_receive_message_length", limits.max_message_bytes),

@@ -223,6 +223,26 @@ def _add_limits(p: argparse.ArgumentParser) -> None:
         'its stream with RESOURCE_EXHAUSTED, logged and counted (reason="max_total_names") '
         f"(default: {d.max_total_names})",
     )
+    g.add_argument(
+        "--write-budget",
+        type=int,
+        default=d.write_budget,
+        metavar="BYTES",
+        help="bytes of responses being encoded and written at once, all streams together, "
+        "taken in the order the streams asked: what bounds memory when thousands of streams "
+        "sync at once (a larger response is written alone); /status write_gate shows its "
+        f"peak and how many writes waited (default: {d.write_budget})",
+    )
+    g.add_argument(
+        "--write-stall",
+        type=float,
+        default=d.write_stall,
+        metavar="SECONDS",
+        help="how long one write may keep its place in --write-budget while its client does "
+        "not read (HTTP/2 flow control); then it goes on outside the budget, counted in "
+        f"/status write_gate stalled, so a stuck client delays others once at most "
+        f"(default: {d.write_stall:g})",
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -241,6 +261,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_streams_per_node=args.max_streams_per_node,
         first_request_timeout=args.first_request_timeout,
         max_total_names=args.max_total_names,
+        write_budget=args.write_budget,
+        write_stall=args.write_stall,
     )
     if limits.problems():
         for problem in limits.problems():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import gc
+import hashlib
 import os
 import threading
 import time
@@ -43,11 +44,13 @@ _BOMS = (
 
 
 class _Entry(NamedTuple):
-    """A file as last read: its bytes, what it gave, its stat stamp, the layout of a raw file
-    re-parsed by entry, and whether a load told what the watch saw change may reuse it
-    without a ``stat`` (``trusted``: ``plain``, and found settled since it was read)."""
+    """A file as last read: a digest of its bytes (not the bytes: a served folder's files
+    would stay in memory for the server's life), what it gave, its stat stamp, the layout
+    of a raw file re-parsed by entry, and whether a load told what the watch saw change may
+    reuse it without a ``stat`` (``trusted``: ``plain``, and found settled since it was
+    read)."""
 
-    data: bytes
+    digest: bytes
     units: list[Unit]
     stamp: tuple[int, ...]
     layout: Layout | None
@@ -144,10 +147,12 @@ class FolderLoader:
         where, plain = self._plain(str(path))
         trusted = quiet and plain
 
-        def entry(units: list[Unit], layout: Layout | None) -> _Entry:
-            return _Entry(data, units, stamp, layout, trusted, where, plain)
+        digest = _digest(data)
 
-        if cached is not None and cached.data == data:
+        def entry(units: list[Unit], layout: Layout | None) -> _Entry:
+            return _Entry(digest, units, stamp, layout, trusted, where, plain)
+
+        if cached is not None and cached.digest == digest:
             self._parsed[shown] = entry(cached.units, cached.layout)
             return cached.units
         try:
@@ -372,3 +377,8 @@ class FolderLoader:
         if len(self._refs) > 100_000:
             self._refs.clear()
         return snapshots
+
+
+def _digest(data: bytes) -> bytes:
+    """What tells a file's new bytes from its old ones (BLAKE2b, 128 bits)."""
+    return hashlib.blake2b(data, digest_size=16).digest()

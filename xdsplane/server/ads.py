@@ -116,6 +116,32 @@ class AdsService:
             stream.close()
 
 
+class _Inbox:
+    """A stream's queue of requests and events: what ``asyncio.Queue`` does here, without
+    its four deques and event (~3 KB per stream, 3 MB at 1,000 streams). One reader."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: list[Any] = []  # a few at most (MAX_INFLIGHT_REQUESTS + 2)
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: Any) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> Any:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.pop(0)
+
+
 class _Stream:
     """One ADS stream being served: its machine, its inbox (requests, snapshot changes),
     what it was admitted with, and the resource names it is charged for."""
@@ -128,7 +154,7 @@ class _Stream:
         self.machine = machine
         self.context = context
         self.observer = service.observer
-        self.inbox: asyncio.Queue[Any] = asyncio.Queue()
+        self.inbox = _Inbox()
         self.credits = asyncio.Semaphore(MAX_INFLIGHT_REQUESTS)
         self.marked = False  # a snapshot change is in the inbox already
         self.info = service.registry.open(variant, str(context.peer()))
@@ -166,6 +192,7 @@ class _Stream:
                         await asyncio.sleep(wait)
                 await self.credits.acquire()
                 self.inbox.put_nowait(req)
+                del req  # not kept alive while the next request is awaited
         except asyncio.CancelledError:
             raise
         except Exception:  # the client went away or sent garbage: end the stream

@@ -37,6 +37,7 @@ class WriteGate:
         self.peak = 0  # the most bytes held at once
         self.waited = 0  # writes that had to wait for their turn
         self.stalled = 0  # writes that gave their place back after ``stall`` seconds
+        self.written = 0  # bytes of all writes admitted so far (mallocopts.Trimmer reads it)
         self._waiting: deque[tuple[int, asyncio.Future[None]]] = deque()
 
     async def acquire(self, size: int) -> None:
@@ -64,6 +65,7 @@ class WriteGate:
         given back when gRPC took it, or after ``stall`` seconds if it has not."""
         size = out.size()
         await self.acquire(size)
+        self.written += size
         held = True
 
         def stalled() -> None:
@@ -80,6 +82,18 @@ class WriteGate:
             timer.cancel()
             if held:
                 self.release(size)
+
+    def as_dict(self) -> dict[str, int | float]:
+        """For /status: the limits (serve --write-budget, --write-stall) and what they did."""
+        return {
+            "budget": self.budget,
+            "stall": self.stall,
+            "in_use": self.in_use,
+            "peak": self.peak,
+            "waited": self.waited,
+            "stalled": self.stalled,
+            "written": self.written,
+        }
 
     # -- the queue ----------------------------------------------------------------------------
 

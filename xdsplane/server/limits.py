@@ -94,9 +94,9 @@ class Limits:
         if self.max_total_names < 1:
             out.append("--max-total-names must be at least 1")
         if self.write_budget < 1:
-            out.append("the write budget must be at least 1 byte")
+            out.append("--write-budget must be at least 1 byte")
         if not self.write_stall > 0:
-            out.append("the write stall must be more than 0 s")
+            out.append("--write-stall must be more than 0 s")
         return out
 
     def bucket(self) -> TokenBucket | None:
