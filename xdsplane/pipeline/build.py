@@ -21,6 +21,7 @@ from xdsplane.pipeline.refs import Ref, check_snapshot, references
 from xdsplane.pipeline.translations import TranslationCache
 from xdsplane.pipeline.units import Unit
 from xdsplane.policy.check import Usage, UseKey, use_key
+from xdsplane.policy.check_hosts import HostChecks
 from xdsplane.policy.merge import GroupPolicy, Origin, Part
 from xdsplane.policy.translate.secrets import paths, resolve
 from xdsplane.snapshot import NodeGroup, Resource, Snapshot, SnapshotSet
@@ -232,11 +233,13 @@ def build(
     translations: TranslationCache | None = None,
     previous: SnapshotSet | None = None,
     states: dict[str, GroupState] | None = None,
+    checks: dict[str, HostChecks] | None = None,
 ) -> SnapshotSet:
     """Raises ConfigErrors with every problem found, or returns what is to be served.
 
     ``states`` (kept by the caller across loads, replaced only by a load that succeeds)
-    lets each group be rebuilt from its last good build (``incremental.py``).
+    lets each group be rebuilt from its last good build (``incremental.py``); ``checks``
+    (kept by the caller across loads, good or not) each group's host checks.
     """
     plan = node_groups(units)
     after: dict[str, GroupState] = {}
@@ -249,6 +252,7 @@ def build(
     for group in plan:
         before = previous.group(group.name) if previous is not None else None
         state = states.get(group.name) if states is not None else None
+        hosts = checks.setdefault(group.name, HostChecks()) if checks is not None else None
         built, usage, policy = _build_group(
             group.units,
             scope_of(group, plan),
@@ -260,6 +264,7 @@ def build(
             before,
             state,
             staples,
+            hosts,
         )
         used.secrets |= usage.secrets
         used.upstreams |= usage.upstreams
@@ -268,6 +273,9 @@ def build(
         if built is not None:
             after[group.name] = built
             groups.append(NodeGroup(group.name, group.nodes, built.snapshot, policy))
+    if checks is not None:
+        for gone in checks.keys() - {g.name for g in plan}:
+            del checks[gone]
     if not errors:
         errors.extend(_unused(units, used))
     if errors:
@@ -292,9 +300,10 @@ def _build_group(
     previous: Snapshot | None = None,
     state: GroupState | None = None,
     staples: Staples | None = None,
+    hosts: HostChecks | None = None,
 ) -> tuple[GroupState | None, Usage, GroupPolicy | None]:
     before = len(errors)
-    policy, usage, problems = merge_and_check(units, scope)
+    policy, usage, problems = merge_and_check(units, scope, hosts)
     errors.extend(problems)
     staples = staples if staples is not None else Staples()
     files = _read_secret_files(policy, read, errors, certs, staples)

@@ -30,6 +30,7 @@ from xdsplane.pipeline.listing import stamp as _stamp
 from xdsplane.pipeline.refs import Ref, scan
 from xdsplane.pipeline.translations import TranslationCache
 from xdsplane.pipeline.units import Unit, parse_unit
+from xdsplane.policy.check_hosts import HostChecks
 from xdsplane.snapshot import Resource, SnapshotSet
 from xdsplane.types import ResourceType
 
@@ -73,6 +74,7 @@ class FolderLoader:
     _translations: TranslationCache = field(default_factory=TranslationCache)
     _last: SnapshotSet | None = None
     _states: dict[str, GroupState] = field(default_factory=dict)
+    _checks: dict[str, HostChecks] = field(default_factory=dict)  # per node group
     _listing: Listing | None = None
     _generation: int = -1  # of the listing when files gone were last dropped
     _reading: set[str] = field(default_factory=set)
@@ -363,6 +365,7 @@ class FolderLoader:
                 self._translations,
                 self._last,
                 self._states,
+                self._checks,
             )
             self._last = snapshots
         finally:
