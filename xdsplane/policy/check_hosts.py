@@ -347,7 +347,7 @@ class HostChecks:
     """Host results kept from one check of a group to the next, keyed by content.
 
     Before a check, ``invalidate`` compares the group's tables with those of the last
-    check: a name added, removed or given a new value drops, through the reverse index,
+    check: a name added, removed or given a different value drops, through the reverse index,
     every result that looked it up; a name added or removed drops the results whose errors
     quote the list of names; a guard changed (or moved) drops the results that read it.
     A result not used by a check is dropped with it (``sweep``).
@@ -387,8 +387,11 @@ class HostChecks:
                 drop |= self._lists[table]
                 names = before.keys() | now.keys()
             for name in names:
-                if before.get(name) is not now.get(name) and name in index:
-                    drop |= index[name]
+                if name in index:
+                    old, new = before.get(name), now.get(name)
+                    # A file parsed again gives new objects: equal ones changed nothing.
+                    if old is not new and (old is None or new is None or old != new):
+                        drop |= index[name]
         guard = policy.guard
         seen = (guard.value, guard.origin.doc) if guard is not None else (None, None)
         last = self._guard
