@@ -20,7 +20,7 @@ from xdsplane.pipeline.incremental import GroupState, rebuild
 from xdsplane.pipeline.refs import Ref, check_snapshot, references
 from xdsplane.pipeline.translations import TranslationCache
 from xdsplane.pipeline.units import Unit
-from xdsplane.policy.check import Usage, UseKey, use_key
+from xdsplane.policy.check import Usage, use_key
 from xdsplane.policy.check_hosts import HostChecks
 from xdsplane.policy.merge import GroupPolicy, Origin, Part
 from xdsplane.policy.translate.secrets import paths, resolve
@@ -372,39 +372,23 @@ def _merge_resources(
 
 def _unused(units: list[Unit], used: Usage) -> list[ConfigError]:
     errors = []
+    kinds = (
+        ("secrets", used.secrets, "secret {!r} is not used by any host or upstream"),
+        ("upstreams", used.upstreams, "upstream {!r} is not used by any route"),
+        ("jwt_providers", used.jwt_providers, "jwt provider {!r} is not used by any route"),
+        (
+            "introspection_providers",
+            used.introspection_providers,
+            "introspection provider {!r} is not used by any route",
+        ),
+    )
     for u in units:
         if not u.parts:
             continue  # a raw file: no definitions to be unused
-        for name in u.policy.secrets:
-            origin = Origin(u.doc, ("secrets", name))
-            if not _is_used(origin, used.secrets):
-                errors.append(
-                    ConfigError(
-                        origin.key(), f"secret {name!r} is not used by any host or upstream"
-                    )
-                )
-        for name in u.policy.upstreams:
-            origin = Origin(u.doc, ("upstreams", name))
-            if not _is_used(origin, used.upstreams):
-                errors.append(
-                    ConfigError(origin.key(), f"upstream {name!r} is not used by any route")
-                )
-        for name in u.policy.jwt_providers:
-            origin = Origin(u.doc, ("jwt_providers", name))
-            if not _is_used(origin, used.jwt_providers):
-                errors.append(
-                    ConfigError(origin.key(), f"jwt provider {name!r} is not used by any route")
-                )
-        for name in u.policy.introspection_providers:
-            origin = Origin(u.doc, ("introspection_providers", name))
-            if not _is_used(origin, used.introspection_providers):
-                errors.append(
-                    ConfigError(
-                        origin.key(), f"introspection provider {name!r} is not used by any route"
-                    )
-                )
+        doc = id(u.doc)  # use_key of each definition, without making its Origin
+        for key, seen, message in kinds:
+            for name in getattr(u.policy, key):
+                if (doc, (key, name)) not in seen:
+                    origin = Origin(u.doc, (key, name))
+                    errors.append(ConfigError(origin.key(), message.format(name)))
     return errors
-
-
-def _is_used(origin: Origin, used: set[UseKey]) -> bool:
-    return use_key(origin) in used

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,13 @@ class Usage:
     introspection_providers: set[UseKey] = field(default_factory=set)
 
 
+@functools.lru_cache(maxsize=4096)
+def _ip_port(address: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+    """A listener's address, parsed once (every check goes over every listener)."""
+    host, port = split_host_port(address)
+    return ipaddress.ip_address(host), port
+
+
 class _Addresses:
     """Listener addresses seen so far, indexed by port and IP version, so that finding the
     ones a new address conflicts with (the same IP, or either is 0.0.0.0 / ::) costs the
@@ -48,8 +56,7 @@ class _Addresses:
 
     def conflicts(self, name: str, origin: Origin, address: str) -> list[tuple[str, Origin]]:
         """The earlier listeners ``address`` conflicts with, in order; then remember it."""
-        host, port = split_host_port(address)
-        ip = ipaddress.ip_address(host)
+        ip, port = _ip_port(address)
         ips = self.by_ip.setdefault((port, ip.version), {})
         if ip in _ANY_HOSTS:
             found = [e for entries in ips.values() for e in entries]
@@ -184,15 +191,21 @@ class _Checker:
 
     def listeners_used(self) -> None:
         """What the listeners' hosts and routes use, by the names their checks found."""
+        results = self.results
         for table, used in (
             ("secrets", self.usage.secrets),
             ("upstreams", self.usage.upstreams),
             ("jwt_providers", self.usage.jwt_providers),
             ("introspection_providers", self.usage.introspection_providers),
         ):
-            names = set().union(*(r.found[table] for r in self.results))
-            parts = getattr(self.policy, table)
-            used.update(use_key(parts[n].origin) for n in names)
+            names: set[str] = set()
+            for r in results:
+                found = r.found[table]
+                if found:
+                    names |= found
+            if names:
+                parts = getattr(self.policy, table)
+                used.update((id(parts[n].origin.doc), parts[n].origin.keys) for n in names)
 
     # -- the rest of the group -------------------------------------------------------------
 
