@@ -31,6 +31,7 @@ from xdsplane.pipeline.refs import Ref, scan
 from xdsplane.pipeline.translations import TranslationCache
 from xdsplane.pipeline.units import Unit, parse_unit
 from xdsplane.policy.check_hosts import HostChecks
+from xdsplane.policy.parse import HostModels
 from xdsplane.snapshot import Resource, SnapshotSet
 from xdsplane.types import ResourceType
 
@@ -75,6 +76,8 @@ class FolderLoader:
     _last: SnapshotSet | None = None
     _states: dict[str, GroupState] = field(default_factory=dict)
     _checks: dict[str, HostChecks] = field(default_factory=dict)  # per node group
+    # path -> per document, the hosts its last parse validated (parse.HostModels)
+    _hosts: dict[str, list[HostModels]] = field(default_factory=dict)
     _listing: Listing | None = None
     _generation: int = -1  # of the listing when files gone were last dropped
     _reading: set[str] = field(default_factory=set)
@@ -186,8 +189,11 @@ class FolderLoader:
             return []
         contents: list[Unit] = []
         file_errors: list[ConfigError] = []
-        for doc in docs:
-            content, errs = parse_unit(doc)
+        reuse = self._hosts.get(shown, [])
+        reuse += [HostModels() for _ in range(len(docs) - len(reuse))]
+        self._hosts[shown] = reuse
+        for doc, hosts in zip(docs, reuse, strict=False):
+            content, errs = parse_unit(doc, hosts)
             file_errors.extend(errs)
             if content is not None:
                 contents.append(content)
@@ -342,6 +348,8 @@ class FolderLoader:
             seen = set(listing.shown)
             for stale in set(self._parsed) - seen:
                 del self._parsed[stale]
+            for stale in set(self._hosts) - seen:
+                del self._hosts[stale]
         if errors:
             raise ConfigErrors(errors)
         return contents
