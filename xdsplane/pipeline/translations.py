@@ -19,6 +19,8 @@ from xdsplane.policy.translate import Built, guard, introspection, jwt, ratelimi
 from xdsplane.policy.translate.secrets import paths
 from xdsplane.snapshot import Resource, digest, make_resource
 
+_Same = tuple[object, object, tuple[str | int, ...], tuple[str, str], list[Resource]]
+
 
 class TranslationCache:
     """Resources built from each policy part, reused while the part is unchanged.
@@ -48,6 +50,9 @@ class TranslationCache:
         # re-translates only the host it is in, not every route of its listener.
         self._vhosts: dict[tuple[str, bool, bool, str], Any] = {}
         self._vhosts_used: dict[tuple[str, bool, bool, str], Any] = {}
+        # upstream name -> (its model, document, keys, cache key, resources) last time
+        self._same: dict[str, _Same] = {}
+        self._same_used: dict[str, _Same] = {}
 
     def _json(self, model: BaseModel) -> str:
         key = id(model)
@@ -126,12 +131,29 @@ class TranslationCache:
                     lambda n=name, up=upart: translate.grpc_upstream_resources(n, up),  # type: ignore[misc]
                 )
                 continue
+            origin = upart.origin
+            same = self._same_used.get(name) or self._same.get(name)
+            if (
+                same is not None
+                and same[0] is upart.value
+                and same[1] is origin.doc
+                and same[2] == origin.keys
+            ):
+                # The very part of the very document as last time: its resources as they
+                # were (same key, same source), without its key and source made again.
+                self.hits += 1
+                self._used[same[3]] = same[4]
+                self._same_used[name] = same
+                out += same[4]
+                continue
             key = ("upstream:" + name, self._json(upart.value))
-            out += self._get(
+            found = self._get(
                 key,
-                self._source(upart.origin),
+                self._source(origin),
                 lambda n=name, up=upart: translate.upstream_resources(n, up),  # type: ignore[misc]
             )
+            self._same_used[name] = (upart.value, origin.doc, origin.keys, key, found)
+            out += found
         for sname, gpart_ in sorted(policy.grpc_services.items()):
             out += self._get(
                 ("grpc:" + sname, self._json(gpart_.value)),
@@ -211,6 +233,7 @@ class TranslationCache:
         self._sources, self._sources_used = self._sources_used, {}
         self._facts, self._facts_used = self._facts_used, {}
         self._vhosts, self._vhosts_used = self._vhosts_used, {}
+        self._same, self._same_used = self._same_used, {}
 
 
 @dataclass(frozen=True, slots=True)
