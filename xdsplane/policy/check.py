@@ -10,7 +10,13 @@ from typing import Any
 from xdsplane.config.errors import ConfigError, Location
 from xdsplane.loopback import is_loopback
 from xdsplane.names import GUARD_CLUSTER, JWKS_CLUSTER_PREFIX, OTLP_CLUSTER, grpc_server_listener
-from xdsplane.policy.check_hosts import HostCheck, HostChecks, HostResult, Replay, no_lifetime
+from xdsplane.policy.check_hosts import (
+    HostChecks,
+    HostResult,
+    Replay,
+    host_segments,
+    no_lifetime,
+)
 from xdsplane.policy.grpc_check import check_grpc
 from xdsplane.policy.merge import GroupPolicy, Origin, Part
 from xdsplane.policy.model import Listener, split_host_port
@@ -151,31 +157,15 @@ class _Checker:
                 f"listener {lname!r} address {listener.address} conflicts with listener "
                 f"{other!r} at {at.path}:{at.line}{more}",
             )
-        seen_hosts: dict[str, int] = {}
-        seen_domains: dict[str, str] = {}
-        for hi, h in enumerate(listener.hosts):
+        if self.hosts is not None:
+            segments = self.hosts.listener(self.policy, lname, listener)
+        else:
+            segments = host_segments(self.policy, self.where, lname, listener, None)
+        for hi, (local, result) in enumerate(segments):
             hkeys: tuple[str | int, ...] = ("hosts", hi)
-            if h.name in seen_hosts:
-                self.error(
-                    lo.at(*hkeys, "name"), f"duplicate host name {h.name!r} in listener {lname!r}"
-                )
-            seen_hosts[h.name] = hi
-            for di, d in enumerate(h.domains):
-                key = d.lower()
-                if key in seen_domains:
-                    self.error(
-                        lo.at(*hkeys, "domains", di),
-                        f"domain {d!r} is already served by host {seen_domains[key]!r} "
-                        f"of listener {lname!r}",
-                    )
-                seen_domains.setdefault(key, h.name)
-            # The host's own checks and its routes': kept from the last check when neither
-            # the host nor what it refers to changed (check_hosts.py).
-            if self.hosts is not None:
-                result = self.hosts.host(self.policy, lname, listener, h)
-            else:
-                result = HostCheck(self.policy, self.where).host(lname, listener, h)
             self.results.append(result)
+            for place, message in local:
+                self.error(place.locate(lo, hkeys), message)
             for item in result.items:
                 if isinstance(item, Replay):
                     ppart = self.policy.jwt_providers.get(item.provider)

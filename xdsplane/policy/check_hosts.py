@@ -58,6 +58,7 @@ class HostResult:
     # tables whose list of names an error quotes ("upstreams: a, b")
     lists: set[str] = field(default_factory=set)
     guard: bool = False  # read the guard (whether there is one, fail_open, its place)
+    live: bool = True  # False once dropped from the cache (``HostChecks._forget``)
 
 
 class _Host:
@@ -342,6 +343,50 @@ class HostCheck:
 
 HostKey = tuple[str, str, bool]  # the host's JSON, its listener's name, listener has TLS
 
+# One host of a listener: what the listener's own checks found at it (a duplicate name, a
+# domain already served), relative to the host, and the host's own result.
+Segment = tuple[list[tuple[Rel, str]], HostResult]
+
+
+def host_segments(
+    policy: GroupPolicy,
+    where: str,
+    lname: str,
+    listener: Listener,
+    checks: HostChecks | None,
+    keys: list[HostKey] | None = None,
+) -> list[Segment]:
+    """Each host of ``listener``: what the listener's checks find at it, and its result
+    (from ``checks`` when given, the key of each appended to ``keys``)."""
+    out: list[Segment] = []
+    seen_hosts: dict[str, int] = {}
+    seen_domains: dict[str, str] = {}
+    for hi, h in enumerate(listener.hosts):
+        local: list[tuple[Rel, str]] = []
+        if h.name in seen_hosts:
+            local.append(
+                (_HOST.at("name"), f"duplicate host name {h.name!r} in listener {lname!r}")
+            )
+        seen_hosts[h.name] = hi
+        for di, d in enumerate(h.domains):
+            key = d.lower()
+            if key in seen_domains:
+                local.append(
+                    (
+                        _HOST.at("domains", di),
+                        f"domain {d!r} is already served by host {seen_domains[key]!r} "
+                        f"of listener {lname!r}",
+                    )
+                )
+            seen_domains.setdefault(key, h.name)
+        if checks is not None and keys is not None:
+            hkey, result = checks.host(policy, lname, listener, h)
+            keys.append(hkey)
+        else:
+            result = HostCheck(policy, where).host(lname, listener, h)
+        out.append((local, result))
+    return out
+
 
 class HostChecks:
     """Host results kept from one check of a group to the next, keyed by content.
@@ -367,11 +412,15 @@ class HostChecks:
         # a host's JSON by the identity of the (frozen) model, kept alive with it
         self._dumps: dict[int, tuple[Host, str]] = {}
         self._dumps_used: dict[int, tuple[Host, str]] = {}
+        # a listener's segments by its identity: (listener, its name, host keys, segments)
+        self._listeners: dict[int, tuple[Listener, str, list[HostKey], list[Segment]]] = {}
+        self._listeners_used: dict[int, tuple[Listener, str, list[HostKey], list[Segment]]] = {}
         self.hits = 0
         self.misses = 0
 
     def invalidate(self, policy: GroupPolicy, where: str) -> None:
         self._used = {}  # (a check that did not finish may have left some)
+        self._listeners_used = {}
         if where != self.where:
             for key in list(self._results):
                 self._forget(key)
@@ -405,6 +454,7 @@ class HostChecks:
         result = self._results.pop(key, None)
         if result is None:
             return
+        result.live = False
         for table in TABLES:
             index = self._index[table]
             for name in result.refs[table]:
@@ -424,13 +474,37 @@ class HostChecks:
         self._dumps_used[ident] = hit
         return hit[1]
 
-    def host(self, policy: GroupPolicy, lname: str, listener: Listener, h: Host) -> HostResult:
+    def listener(self, policy: GroupPolicy, lname: str, listener: Listener) -> list[Segment]:
+        """Each host of ``listener`` (``host_segments``); for the very listener of the last
+        check, whose hosts' results are all still kept, its segments as they were."""
+        ident = id(listener)
+        hit = self._listeners_used.get(ident) or self._listeners.get(ident)
+        if (
+            hit is not None
+            and hit[0] is listener
+            and hit[1] == lname
+            and all(result.live for _, result in hit[3])
+        ):
+            for key, (_, result) in zip(hit[2], hit[3], strict=True):
+                self._used[key] = result
+            self.hits += len(hit[2])
+        else:
+            assert self.where is not None
+            keys: list[HostKey] = []
+            segments = host_segments(policy, self.where, lname, listener, self, keys)
+            hit = (listener, lname, keys, segments)
+        self._listeners_used[ident] = hit
+        return hit[3]
+
+    def host(
+        self, policy: GroupPolicy, lname: str, listener: Listener, h: Host
+    ) -> tuple[HostKey, HostResult]:
         key = (self._json(h), lname, listener.tls is not None)
         result = self._used.get(key) or self._results.get(key)
         if result is not None:
             self.hits += 1
             self._used[key] = result
-            return result
+            return key, result
         self.misses += 1
         assert self.where is not None
         result = HostCheck(policy, self.where).host(lname, listener, h)
@@ -443,7 +517,7 @@ class HostChecks:
                 self._lists[table].add(key)
         if result.guard:
             self._guarded.add(key)
-        return result
+        return key, result
 
     def sweep(self) -> None:
         """Keep only the results the latest check used."""
@@ -451,6 +525,7 @@ class HostChecks:
             self._forget(key)
         self._used = {}
         self._dumps, self._dumps_used = self._dumps_used, {}
+        self._listeners, self._listeners_used = self._listeners_used, {}
 
 
 def no_lifetime(
