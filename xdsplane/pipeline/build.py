@@ -209,6 +209,8 @@ def _check_domains(
     policy: GroupPolicy, certs: dict[str, CertSummary], errors: list[ConfigError]
 ) -> None:
     """Each TLS host's certificate must cover every one of its domains."""
+    if not certs:
+        return  # no certificate read: nothing to cover (and no walk over every host)
     for lpart in policy.listeners.values():
         for hi, host in enumerate(lpart.value.hosts):
             summary = certs.get(host.certificate or "")
