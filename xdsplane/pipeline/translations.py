@@ -20,6 +20,7 @@ from xdsplane.policy.translate.secrets import paths
 from xdsplane.snapshot import Resource, digest, make_resource
 
 _Same = tuple[object, object, tuple[str | int, ...], tuple[str, str], list[Resource]]
+_LSame = tuple[object, object, tuple[str | int, ...], str, tuple[str, str], list[Resource]]
 
 
 class TranslationCache:
@@ -53,6 +54,9 @@ class TranslationCache:
         # upstream name -> (its model, document, keys, cache key, resources) last time
         self._same: dict[str, _Same] = {}
         self._same_used: dict[str, _Same] = {}
+        # listener name -> (its model, document, keys, the rest of its key, key, resources)
+        self._lsame: dict[str, _LSame] = {}
+        self._lsame_used: dict[str, _LSame] = {}
 
     def _json(self, model: BaseModel) -> str:
         key = id(model)
@@ -207,17 +211,34 @@ class TranslationCache:
             intro_key = "".join(f"|{n}:{self._json(p)}" for n, p in introspected.items())
             if guard_spec is not None and lfacts.guard:
                 guard_key = "|guard:" + self._json(guard_spec)
-            key = (
-                "listener:" + lname,
-                self._json(lpart.value) + log_key + jwt_key + guard_key + intro_key,
-            )
-            out += self._get(
+            extra = log_key + jwt_key + guard_key + intro_key
+            origin = lpart.origin
+            lsame = self._lsame_used.get(lname) or self._lsame.get(lname)
+            if (
+                lsame is not None
+                and lsame[0] is lpart.value
+                and lsame[1] is origin.doc
+                and lsame[2] == origin.keys
+                and lsame[3] == extra
+            ):
+                # The very listener of the very document, with the same providers, guard
+                # and log: its resources as they were (the key, with the listener's whole
+                # JSON, is not made and hashed again).
+                self.hits += 1
+                self._used[lsame[4]] = lsame[5]
+                self._lsame_used[lname] = lsame
+                out += lsame[5]
+                continue
+            key = ("listener:" + lname, self._json(lpart.value) + extra)
+            found = self._get(
                 key,
-                self._source(lpart.origin),
+                self._source(origin),
                 lambda lp=lpart, i=introspected: translate.listener_resources(  # type: ignore[misc]
                     lp, log, providers, guard_spec, i, self._vhost
                 ),
             )
+            self._lsame_used[lname] = (lpart.value, origin.doc, origin.keys, extra, key, found)
+            out += found
         for sname, srv in sorted(policy.grpc_servers.items()):
             out += self._get(
                 ("grpc_server:" + sname, self._json(srv.value)),
@@ -234,6 +255,7 @@ class TranslationCache:
         self._facts, self._facts_used = self._facts_used, {}
         self._vhosts, self._vhosts_used = self._vhosts_used, {}
         self._same, self._same_used = self._same_used, {}
+        self._lsame, self._lsame_used = self._lsame_used, {}
 
 
 @dataclass(frozen=True, slots=True)
