@@ -26,7 +26,7 @@ from test_incremental import load, outcome, write
 
 from xdsplane.pipeline import FolderLoader
 from xdsplane.pipeline.groups import merge_and_check, node_groups, scope_of
-from xdsplane.policy.check_hosts import HostChecks
+from xdsplane.policy.check_cache import HostChecks
 
 SETTINGS = settings(
     max_examples=int(os.environ.get("XDSPLANE_HYPOTHESIS_EXAMPLES", "60")),

@@ -21,7 +21,7 @@ from xdsplane.pipeline.refs import Ref, check_snapshot, references
 from xdsplane.pipeline.translations import TranslationCache
 from xdsplane.pipeline.units import Unit
 from xdsplane.policy.check import Usage, use_key
-from xdsplane.policy.check_hosts import HostChecks
+from xdsplane.policy.check_cache import HostChecks
 from xdsplane.policy.merge import GroupPolicy, Origin, Part
 from xdsplane.policy.translate.secrets import paths, resolve
 from xdsplane.snapshot import NodeGroup, Resource, Snapshot, SnapshotSet

@@ -30,7 +30,7 @@ from xdsplane.pipeline.listing import stamp as _stamp
 from xdsplane.pipeline.refs import Ref, scan
 from xdsplane.pipeline.translations import TranslationCache
 from xdsplane.pipeline.units import Unit, parse_unit
-from xdsplane.policy.check_hosts import HostChecks
+from xdsplane.policy.check_cache import HostChecks
 from xdsplane.policy.parse import HostModels
 from xdsplane.snapshot import Resource, SnapshotSet
 from xdsplane.types import ResourceType

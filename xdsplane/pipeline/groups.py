@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from xdsplane.config.errors import ConfigError
 from xdsplane.pipeline.units import Unit
 from xdsplane.policy.check import Usage, check_policy
-from xdsplane.policy.check_hosts import HostChecks
+from xdsplane.policy.check_cache import HostChecks
 from xdsplane.policy.merge import Fragment, GroupPolicy, merge
 
 

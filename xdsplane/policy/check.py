@@ -10,11 +10,10 @@ from typing import Any
 from xdsplane.config.errors import ConfigError, Location
 from xdsplane.loopback import is_loopback
 from xdsplane.names import GUARD_CLUSTER, JWKS_CLUSTER_PREFIX, OTLP_CLUSTER, grpc_server_listener
+from xdsplane.policy.check_cache import HostChecks, host_segments
 from xdsplane.policy.check_hosts import (
-    HostChecks,
     HostResult,
     Replay,
-    host_segments,
     no_lifetime,
 )
 from xdsplane.policy.grpc_check import check_grpc
