@@ -206,6 +206,22 @@ def test_bench_build_quick() -> None:
     assert re.search(r"peak RSS \(VmHWM\): \d+ MB", out), out
 
 
+def test_bench_policy_quick() -> None:
+    """The policy benchmark's cold load and one-route edits run, told what changed; the
+    edits reuse the checks of every host but the edited one; figures are not judged."""
+    out = run_quick("bench_policy.py")
+    for label in ("cold load + validate", "one-route edit reloaded"):
+        (cells,) = rows(out, label)
+        assert cells[-1] == "ok" or cells[-1].startswith("MISS x"), cells
+    (edit, cpu) = rows(out, "one-route edit reloaded") + rows(out, "(CPU time)")[1:]
+    assert ms(cpu[1]) > 0 and 0 < ms(edit[2]) <= ms(edit[1]), (edit, cpu)
+    found = re.search(r"host checks over the loads of the warm loader: (\d+) reused, (\d+)", out)
+    assert found is not None, out
+    # 100 hosts checked by the first load, none by the next (files settled), then one per
+    # edit (10 edits, quick)
+    assert (int(found[1]), int(found[2])) == (100 + 99 * 10, 100 + 10), out
+
+
 @pytest.mark.envoy
 def test_bench_propagation_quick() -> None:
     """File saved -> a real Envoy answers with it, for a small file and for an edit inside

@@ -20,7 +20,8 @@ from xdsplane.pipeline.incremental import GroupState, rebuild
 from xdsplane.pipeline.refs import Ref, check_snapshot, references
 from xdsplane.pipeline.translations import TranslationCache
 from xdsplane.pipeline.units import Unit
-from xdsplane.policy.check import Usage, UseKey, use_key
+from xdsplane.policy.check import Usage, use_key
+from xdsplane.policy.check_cache import HostChecks
 from xdsplane.policy.merge import GroupPolicy, Origin, Part
 from xdsplane.policy.translate.secrets import paths, resolve
 from xdsplane.snapshot import NodeGroup, Resource, Snapshot, SnapshotSet
@@ -208,6 +209,8 @@ def _check_domains(
     policy: GroupPolicy, certs: dict[str, CertSummary], errors: list[ConfigError]
 ) -> None:
     """Each TLS host's certificate must cover every one of its domains."""
+    if not certs:
+        return  # no certificate read: nothing to cover (and no walk over every host)
     for lpart in policy.listeners.values():
         for hi, host in enumerate(lpart.value.hosts):
             summary = certs.get(host.certificate or "")
@@ -232,11 +235,13 @@ def build(
     translations: TranslationCache | None = None,
     previous: SnapshotSet | None = None,
     states: dict[str, GroupState] | None = None,
+    checks: dict[str, HostChecks] | None = None,
 ) -> SnapshotSet:
     """Raises ConfigErrors with every problem found, or returns what is to be served.
 
     ``states`` (kept by the caller across loads, replaced only by a load that succeeds)
-    lets each group be rebuilt from its last good build (``incremental.py``).
+    lets each group be rebuilt from its last good build (``incremental.py``); ``checks``
+    (kept by the caller across loads, good or not) each group's host checks.
     """
     plan = node_groups(units)
     after: dict[str, GroupState] = {}
@@ -249,6 +254,7 @@ def build(
     for group in plan:
         before = previous.group(group.name) if previous is not None else None
         state = states.get(group.name) if states is not None else None
+        hosts = checks.setdefault(group.name, HostChecks()) if checks is not None else None
         built, usage, policy = _build_group(
             group.units,
             scope_of(group, plan),
@@ -260,6 +266,7 @@ def build(
             before,
             state,
             staples,
+            hosts,
         )
         used.secrets |= usage.secrets
         used.upstreams |= usage.upstreams
@@ -268,6 +275,9 @@ def build(
         if built is not None:
             after[group.name] = built
             groups.append(NodeGroup(group.name, group.nodes, built.snapshot, policy))
+    if checks is not None:
+        for gone in checks.keys() - {g.name for g in plan}:
+            del checks[gone]
     if not errors:
         errors.extend(_unused(units, used))
     if errors:
@@ -292,9 +302,10 @@ def _build_group(
     previous: Snapshot | None = None,
     state: GroupState | None = None,
     staples: Staples | None = None,
+    hosts: HostChecks | None = None,
 ) -> tuple[GroupState | None, Usage, GroupPolicy | None]:
     before = len(errors)
-    policy, usage, problems = merge_and_check(units, scope)
+    policy, usage, problems = merge_and_check(units, scope, hosts)
     errors.extend(problems)
     staples = staples if staples is not None else Staples()
     files = _read_secret_files(policy, read, errors, certs, staples)
@@ -363,39 +374,23 @@ def _merge_resources(
 
 def _unused(units: list[Unit], used: Usage) -> list[ConfigError]:
     errors = []
+    kinds = (
+        ("secrets", used.secrets, "secret {!r} is not used by any host or upstream"),
+        ("upstreams", used.upstreams, "upstream {!r} is not used by any route"),
+        ("jwt_providers", used.jwt_providers, "jwt provider {!r} is not used by any route"),
+        (
+            "introspection_providers",
+            used.introspection_providers,
+            "introspection provider {!r} is not used by any route",
+        ),
+    )
     for u in units:
         if not u.parts:
             continue  # a raw file: no definitions to be unused
-        for name in u.policy.secrets:
-            origin = Origin(u.doc, ("secrets", name))
-            if not _is_used(origin, used.secrets):
-                errors.append(
-                    ConfigError(
-                        origin.key(), f"secret {name!r} is not used by any host or upstream"
-                    )
-                )
-        for name in u.policy.upstreams:
-            origin = Origin(u.doc, ("upstreams", name))
-            if not _is_used(origin, used.upstreams):
-                errors.append(
-                    ConfigError(origin.key(), f"upstream {name!r} is not used by any route")
-                )
-        for name in u.policy.jwt_providers:
-            origin = Origin(u.doc, ("jwt_providers", name))
-            if not _is_used(origin, used.jwt_providers):
-                errors.append(
-                    ConfigError(origin.key(), f"jwt provider {name!r} is not used by any route")
-                )
-        for name in u.policy.introspection_providers:
-            origin = Origin(u.doc, ("introspection_providers", name))
-            if not _is_used(origin, used.introspection_providers):
-                errors.append(
-                    ConfigError(
-                        origin.key(), f"introspection provider {name!r} is not used by any route"
-                    )
-                )
+        doc = id(u.doc)  # use_key of each definition, without making its Origin
+        for key, seen, message in kinds:
+            for name in getattr(u.policy, key):
+                if (doc, (key, name)) not in seen:
+                    origin = Origin(u.doc, (key, name))
+                    errors.append(ConfigError(origin.key(), message.format(name)))
     return errors
-
-
-def _is_used(origin: Origin, used: set[UseKey]) -> bool:
-    return use_key(origin) in used

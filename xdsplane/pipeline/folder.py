@@ -31,6 +31,8 @@ from xdsplane.pipeline.listing import stamp as _stamp
 from xdsplane.pipeline.refs import Ref, scan
 from xdsplane.pipeline.translations import TranslationCache
 from xdsplane.pipeline.units import Unit, parse_unit
+from xdsplane.policy.check_cache import HostChecks
+from xdsplane.policy.parse import HostModels
 from xdsplane.snapshot import Resource, SnapshotSet
 from xdsplane.types import ResourceType
 
@@ -76,6 +78,9 @@ class FolderLoader:
     _translations: TranslationCache = field(default_factory=TranslationCache)
     _last: SnapshotSet | None = None
     _states: dict[str, GroupState] = field(default_factory=dict)
+    _checks: dict[str, HostChecks] = field(default_factory=dict)  # per node group
+    # path -> per document, the hosts its last parse validated (parse.HostModels)
+    _hosts: dict[str, list[HostModels]] = field(default_factory=dict)
     _listing: Listing | None = None
     _generation: int = -1  # of the listing when files gone were last dropped
     _reading: set[str] = field(default_factory=set)
@@ -189,8 +194,11 @@ class FolderLoader:
             return []
         contents: list[Unit] = []
         file_errors: list[ConfigError] = []
-        for doc in docs:
-            content, errs = parse_unit(doc)
+        reuse = self._hosts.get(shown, [])
+        reuse += [HostModels() for _ in range(len(docs) - len(reuse))]
+        self._hosts[shown] = reuse
+        for doc, hosts in zip(docs, reuse, strict=False):
+            content, errs = parse_unit(doc, hosts)
             file_errors.extend(errs)
             if content is not None:
                 contents.append(content)
@@ -345,6 +353,8 @@ class FolderLoader:
             seen = set(listing.shown)
             for stale in set(self._parsed) - seen:
                 del self._parsed[stale]
+            for stale in set(self._hosts) - seen:
+                del self._hosts[stale]
         if errors:
             raise ConfigErrors(errors)
         return contents
@@ -368,6 +378,7 @@ class FolderLoader:
                 self._translations,
                 self._last,
                 self._states,
+                self._checks,
             )
             self._last = snapshots
         finally:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from xdsplane.config.errors import ConfigError
 from xdsplane.pipeline.units import Unit
 from xdsplane.policy.check import Usage, check_policy
+from xdsplane.policy.check_cache import HostChecks
 from xdsplane.policy.merge import Fragment, GroupPolicy, merge
 
 
@@ -45,12 +46,15 @@ def scope_of(group: NodeUnits, groups: list[NodeUnits]) -> str:
     return group.name if len(groups) > 1 else ""
 
 
-def merge_and_check(units: list[Unit], scope: str) -> tuple[GroupPolicy, Usage, list[ConfigError]]:
-    """One group's files merged into one policy, and every problem the checks find."""
+def merge_and_check(
+    units: list[Unit], scope: str, hosts: HostChecks | None = None
+) -> tuple[GroupPolicy, Usage, list[ConfigError]]:
+    """One group's files merged into one policy, and every problem the checks find
+    (``hosts``: the group's host checks kept from its last check, see check_hosts.py)."""
     # A raw snapshot file has no policy parts: nothing to merge (hundreds of them, each load).
     parts = [u for u in units if u.parts]
     policy, errors = merge([Fragment(u.doc, u.policy) for u in parts])
-    problems, usage = check_policy(policy, scope)
+    problems, usage = check_policy(policy, scope, hosts)
     return policy, usage, errors + problems
 
 

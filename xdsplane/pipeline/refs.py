@@ -105,8 +105,32 @@ def _walk(msg: Message, secret: list[bool] | None = None) -> Iterator[Ref]:
     yield from out
 
 
+# Messages met again and again whose walk is kept by their bytes: a VirtualHost (a route
+# edit changes one of a RouteConfiguration's hosts; the others are found by their bytes,
+# serialized in C, rather than walked again route by route in Python).
+_MEMO_TYPES = frozenset({"envoy.config.route.v3.VirtualHost"})
+_MEMO: dict[bytes, tuple[tuple[Ref, ...], bool]] = {}
+_MEMO_MAX = 4096  # entries (a VirtualHost's bytes each): cleared when full
+
+
 def _collect(msg: Message, out: list[Ref], secret: list[bool] | None) -> None:
-    special, secrets, walk = _plan(msg.DESCRIPTOR)
+    desc = msg.DESCRIPTOR
+    special, secrets, walk = _plan(desc)
+    if desc.full_name in _MEMO_TYPES:
+        key = msg.SerializeToString(deterministic=True)
+        hit = _MEMO.get(key)
+        if hit is None:
+            found: list[Ref] = []
+            flags: list[bool] = []
+            _fields(msg, found, flags, secrets, walk)
+            hit = (tuple(found), bool(flags))
+            if len(_MEMO) >= _MEMO_MAX:
+                _MEMO.clear()
+            _MEMO[key] = hit
+        out.extend(hit[0])
+        if hit[1] and secret is not None:
+            secret.append(True)
+        return
     if special:
         name = msg.DESCRIPTOR.full_name
         if name == _ANY:
@@ -147,6 +171,17 @@ def _collect(msg: Message, out: list[Ref], secret: list[bool] | None) -> None:
                 out.append((ResourceType.CLUSTER, a.cluster, "cluster"))
             for wc in a.weighted_clusters.clusters:
                 out.append((ResourceType.CLUSTER, wc.name, "cluster"))
+    _fields(msg, out, secret, secrets, walk)
+
+
+def _fields(
+    msg: Message,
+    out: list[Ref],
+    secret: list[bool] | None,
+    secrets: frozenset[str],
+    walk: dict[str, int],
+) -> None:
+    """The walk into ``msg``'s fields (after its own checks by type, in ``_collect``)."""
     if not walk and not (secrets and secret is not None):
         return
     for field, value in msg.ListFields():

@@ -6,16 +6,21 @@ A reload re-translates and re-serializes only the parts that changed.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Any
 
 from pydantic import BaseModel
 
 from xdsplane.policy import grpc_providers, translate
 from xdsplane.policy.grpc_check import grpc_upstreams
 from xdsplane.policy.merge import GroupPolicy, Origin
-from xdsplane.policy.translate import Built, guard, introspection, jwt, ratelimit
+from xdsplane.policy.model import Host, Listener
+from xdsplane.policy.translate import Built, guard, introspection, jwt, ratelimit, routes
 from xdsplane.policy.translate.secrets import paths
 from xdsplane.snapshot import Resource, digest, make_resource
+
+_Same = tuple[object, object, tuple[str | int, ...], tuple[str, str], list[Resource]]
+_LSame = tuple[object, object, tuple[str | int, ...], str, tuple[str, str], list[Resource]]
 
 
 class TranslationCache:
@@ -39,6 +44,19 @@ class TranslationCache:
         self._dumps_used: dict[int, tuple[BaseModel, str]] = {}
         self._sources: dict[tuple[int, tuple[str | int, ...]], tuple[object, str]] = {}
         self._sources_used: dict[tuple[int, tuple[str | int, ...]], tuple[object, str]] = {}
+        # What the translation asks of each listener's routes, by the listener's identity.
+        self._facts: dict[int, tuple[Listener, _Facts]] = {}
+        self._facts_used: dict[int, tuple[Listener, _Facts]] = {}
+        # Each host's VirtualHost, by its JSON and what else virtual_host takes: an edit
+        # re-translates only the host it is in, not every route of its listener.
+        self._vhosts: dict[tuple[str, bool, bool, str], Any] = {}
+        self._vhosts_used: dict[tuple[str, bool, bool, str], Any] = {}
+        # upstream name -> (its model, document, keys, cache key, resources) last time
+        self._same: dict[str, _Same] = {}
+        self._same_used: dict[str, _Same] = {}
+        # listener name -> (its model, document, keys, the rest of its key, key, resources)
+        self._lsame: dict[str, _LSame] = {}
+        self._lsame_used: dict[str, _LSame] = {}
 
     def _json(self, model: BaseModel) -> str:
         key = id(model)
@@ -47,6 +65,30 @@ class TranslationCache:
             hit = (model, model.model_dump_json())
         self._dumps_used[key] = hit
         return hit[1]
+
+    def _facts_of(self, listener: Listener) -> _Facts:
+        key = id(listener)
+        hit = self._facts_used.get(key) or self._facts.get(key)
+        if hit is None or hit[0] is not listener:
+            hosts = listener.hosts
+            facts = _Facts(
+                jwt.listener_providers(listener),
+                introspection.providers_of(hosts),
+                guard.needs_ext_authz(hosts) or ratelimit.needs_global(hosts),
+            )
+            hit = (listener, facts)
+        self._facts_used[key] = hit
+        return hit[1]
+
+    def _vhost(self, host: Host, jwt_filter: bool, ext_authz: bool, listener: str) -> Any:
+        key = (self._json(host), jwt_filter, ext_authz, listener)
+        found = self._vhosts_used.get(key)
+        if found is None:
+            found = self._vhosts.get(key)
+            if found is None:
+                found = routes.virtual_host(host, jwt_filter, ext_authz, listener)
+            self._vhosts_used[key] = found
+        return found
 
     def _source(self, origin: Origin) -> str:
         key = (id(origin.doc), origin.keys)
@@ -93,12 +135,29 @@ class TranslationCache:
                     lambda n=name, up=upart: translate.grpc_upstream_resources(n, up),  # type: ignore[misc]
                 )
                 continue
+            origin = upart.origin
+            same = self._same_used.get(name) or self._same.get(name)
+            if (
+                same is not None
+                and same[0] is upart.value
+                and same[1] is origin.doc
+                and same[2] == origin.keys
+            ):
+                # The very part of the very document as last time: its resources as they
+                # were (same key, same source), without its key and source made again.
+                self.hits += 1
+                self._used[same[3]] = same[4]
+                self._same_used[name] = same
+                out += same[4]
+                continue
             key = ("upstream:" + name, self._json(upart.value))
-            out += self._get(
+            found = self._get(
                 key,
-                self._source(upart.origin),
+                self._source(origin),
                 lambda n=name, up=upart: translate.upstream_resources(n, up),  # type: ignore[misc]
             )
+            self._same_used[name] = (upart.value, origin.doc, origin.keys, key, found)
+            out += found
         for sname, gpart_ in sorted(policy.grpc_services.items()):
             out += self._get(
                 ("grpc:" + sname, self._json(gpart_.value)),
@@ -125,7 +184,8 @@ class TranslationCache:
         providers = translate.jwt_providers(policy, files)
         guard_spec = gpart.value if gpart is not None else None
         # The JWT providers (key sets included) are one ECDS resource, not in the listeners.
-        jwt_names = jwt.group_providers(p.value for p in policy.listeners.values())
+        facts = {lname: self._facts_of(lpart.value) for lname, lpart in policy.listeners.items()}
+        jwt_names = sorted({n for f in facts.values() for n in f.jwt})
         if jwt_names:
             jwt_key = "".join(
                 f"|{n}:{self._json(providers[n].spec)}:{digest(providers[n].jwks)}"
@@ -138,34 +198,47 @@ class TranslationCache:
             )
         for lname, lpart in sorted(policy.listeners.items()):
             # A listener names the JWT providers its routes use (for the claim headers).
-            jwt_key = "".join(
-                f"|{n}:{self._json(providers[n].spec)}" for n in jwt.listener_providers(lpart.value)
-            )
+            lfacts = facts[lname]
+            jwt_key = "".join(f"|{n}:{self._json(providers[n].spec)}" for n in lfacts.jwt)
             # ... and the guard, when a route of it is replay-protected or globally limited.
             guard_key = ""
-            hosts = lpart.value.hosts
             # ... and its introspection providers (forwarded headers, the guard's timeout).
             introspected = {
                 n: policy.introspection_providers[n].value
-                for n in introspection.providers_of(hosts)
+                for n in lfacts.introspection
                 if n in policy.introspection_providers
             }
             intro_key = "".join(f"|{n}:{self._json(p)}" for n, p in introspected.items())
-            if guard_spec is not None and (
-                guard.needs_ext_authz(hosts) or ratelimit.needs_global(hosts)
-            ):
+            if guard_spec is not None and lfacts.guard:
                 guard_key = "|guard:" + self._json(guard_spec)
-            key = (
-                "listener:" + lname,
-                self._json(lpart.value) + log_key + jwt_key + guard_key + intro_key,
-            )
-            out += self._get(
+            extra = log_key + jwt_key + guard_key + intro_key
+            origin = lpart.origin
+            lsame = self._lsame_used.get(lname) or self._lsame.get(lname)
+            if (
+                lsame is not None
+                and lsame[0] is lpart.value
+                and lsame[1] is origin.doc
+                and lsame[2] == origin.keys
+                and lsame[3] == extra
+            ):
+                # The very listener of the very document, with the same providers, guard
+                # and log: its resources as they were (the key, with the listener's whole
+                # JSON, is not made and hashed again).
+                self.hits += 1
+                self._used[lsame[4]] = lsame[5]
+                self._lsame_used[lname] = lsame
+                out += lsame[5]
+                continue
+            key = ("listener:" + lname, self._json(lpart.value) + extra)
+            found = self._get(
                 key,
-                self._source(lpart.origin),
+                self._source(origin),
                 lambda lp=lpart, i=introspected: translate.listener_resources(  # type: ignore[misc]
-                    lp, log, providers, guard_spec, i
+                    lp, log, providers, guard_spec, i, self._vhost
                 ),
             )
+            self._lsame_used[lname] = (lpart.value, origin.doc, origin.keys, extra, key, found)
+            out += found
         for sname, srv in sorted(policy.grpc_servers.items()):
             out += self._get(
                 ("grpc_server:" + sname, self._json(srv.value)),
@@ -179,3 +252,16 @@ class TranslationCache:
         self._entries, self._used = self._used, {}
         self._dumps, self._dumps_used = self._dumps_used, {}
         self._sources, self._sources_used = self._sources_used, {}
+        self._facts, self._facts_used = self._facts_used, {}
+        self._vhosts, self._vhosts_used = self._vhosts_used, {}
+        self._same, self._same_used = self._same_used, {}
+        self._lsame, self._lsame_used = self._lsame_used, {}
+
+
+@dataclass(frozen=True, slots=True)
+class _Facts:
+    """What a listener's routes ask of the rest of the translation."""
+
+    jwt: list[str]  # the JWT providers they name, sorted
+    introspection: list[str]  # the introspection providers they name, sorted
+    guard: bool  # a route needs the guard (ext_authz or a global rate limit)

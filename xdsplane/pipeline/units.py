@@ -9,7 +9,7 @@ from xdsplane.config.yamlsrc import Document
 from xdsplane.pipeline.raw import parse_resources
 from xdsplane.policy import tlsrules
 from xdsplane.policy.model import PolicyFile
-from xdsplane.policy.parse import parse_policy
+from xdsplane.policy.parse import HostModels, parse_policy
 from xdsplane.snapshot import Resource
 
 
@@ -30,8 +30,11 @@ class Unit:
         object.__setattr__(self, "parts", has_policy_parts(self.policy))
 
 
-def parse_unit(doc: Document) -> tuple[Unit | None, list[ConfigError]]:
-    policy, errors = parse_policy(doc)
+def parse_unit(
+    doc: Document, reuse: HostModels | None = None
+) -> tuple[Unit | None, list[ConfigError]]:
+    """``reuse``: the hosts the last parse of the same file validated (``parse_policy``)."""
+    policy, errors = parse_policy(doc, reuse)
     if policy is None:
         return None, errors
     resources = parse_resources(doc, doc.value.get("resources"), ("resources",), errors)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
@@ -9,9 +10,15 @@ from typing import Any
 from xdsplane.config.errors import ConfigError, Location
 from xdsplane.loopback import is_loopback
 from xdsplane.names import GUARD_CLUSTER, JWKS_CLUSTER_PREFIX, OTLP_CLUSTER, grpc_server_listener
+from xdsplane.policy.check_cache import HostChecks, host_segments
+from xdsplane.policy.check_hosts import (
+    HostResult,
+    Replay,
+    no_lifetime,
+)
 from xdsplane.policy.grpc_check import check_grpc
 from xdsplane.policy.merge import GroupPolicy, Origin, Part
-from xdsplane.policy.model import Host, Listener, Route, split_host_port
+from xdsplane.policy.model import Listener, split_host_port
 
 _ANY_HOSTS = (ipaddress.ip_address("0.0.0.0"), ipaddress.ip_address("::"))
 
@@ -34,38 +41,11 @@ class Usage:
     introspection_providers: set[UseKey] = field(default_factory=set)
 
 
-def _access_errors(
-    route: Route, origin: Origin, keys: tuple[str | int, ...], host: str, asks_certs: bool
-) -> list[ConfigError]:
-    """What a route's ``access`` rules need from the route and its host."""
-    assert route.access is not None
-    errors = []
-    has_jwt = route.jwt is not None or route.jwt_optional is not None
-    for kind in ("allow", "deny"):
-        for i, rule in enumerate(getattr(route.access, kind)):
-            if rule.jwt_claims is not None and not has_jwt:
-                also = (
-                    "; an introspected token's claims are not seen by access rules, which run "
-                    "before the guard: use require_scopes"
-                    if route.introspection is not None
-                    else ""
-                )
-                errors.append(
-                    ConfigError(
-                        origin.key(*keys, kind, i, "jwt_claims"),
-                        "jwt_claims: the route verifies no token (add jwt: or jwt_optional: "
-                        f"with a provider){also}",
-                    )
-                )
-            if rule.client_sans is not None and not asks_certs:
-                errors.append(
-                    ConfigError(
-                        origin.key(*keys, kind, i, "client_sans"),
-                        f"client_sans: host {host!r} does not ask for client certificates "
-                        "(set client_certificate: optional or required, and client_ca)",
-                    )
-                )
-    return errors
+@functools.lru_cache(maxsize=4096)
+def _ip_port(address: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+    """A listener's address, parsed once (every check goes over every listener)."""
+    host, port = split_host_port(address)
+    return ipaddress.ip_address(host), port
 
 
 class _Addresses:
@@ -81,8 +61,7 @@ class _Addresses:
 
     def conflicts(self, name: str, origin: Origin, address: str) -> list[tuple[str, Origin]]:
         """The earlier listeners ``address`` conflicts with, in order; then remember it."""
-        host, port = split_host_port(address)
-        ip = ipaddress.ip_address(host)
+        ip, port = _ip_port(address)
         ips = self.by_ip.setdefault((port, ip.version), {})
         if ip in _ANY_HOSTS:
             found = [e for entries in ips.values() for e in entries]
@@ -93,12 +72,24 @@ class _Addresses:
         return [(n, o) for _, n, o in sorted(found, key=lambda e: e[0])]
 
 
-def check_policy(policy: GroupPolicy, scope: str = "") -> tuple[list[ConfigError], Usage]:
+def check_policy(
+    policy: GroupPolicy, scope: str = "", hosts: HostChecks | None = None
+) -> tuple[list[ConfigError], Usage]:
     """``scope`` names the node group when a folder has several: a file without ``nodes``
-    is checked in each group, and a name it refers to may be missing in only some."""
-    check = _Checker(policy, f" for nodes {scope}" if scope else "")
+    is checked in each group, and a name it refers to may be missing in only some.
+
+    ``hosts``, kept by the caller from one check of the group to the next, lets the checks
+    of hosts and routes that did not change, nor what they refer to, be reused: the errors
+    are the same, in the same order, as a check without it."""
+    where = f" for nodes {scope}" if scope else ""
+    if hosts is not None:
+        hosts.invalidate(policy, where)
+    check = _Checker(policy, where, hosts)
     for lname, lpart in policy.listeners.items():
         check.listener(lname, lpart)
+    check.listeners_used()
+    if hosts is not None:
+        hosts.sweep()
     check.guard()
     check.otlp()
     check.jwt_providers()
@@ -113,9 +104,11 @@ class _Checker:
     """One group's checks; errors come in the order of the policy (listener by listener,
     host by host, route by route), then the guard, the JWT providers, the upstreams."""
 
-    def __init__(self, policy: GroupPolicy, where: str) -> None:
+    def __init__(self, policy: GroupPolicy, where: str, hosts: HostChecks | None = None) -> None:
         self.policy = policy
         self.where = where
+        self.hosts = hosts
+        self.results: list[HostResult] = []
         self.errors: list[ConfigError] = []
         self.usage = Usage()
         self.addresses = _Addresses()
@@ -163,217 +156,45 @@ class _Checker:
                 f"listener {lname!r} address {listener.address} conflicts with listener "
                 f"{other!r} at {at.path}:{at.line}{more}",
             )
-        seen_hosts: dict[str, int] = {}
-        seen_domains: dict[str, str] = {}
-        for hi, h in enumerate(listener.hosts):
+        if self.hosts is not None:
+            segments = self.hosts.listener(self.policy, lname, listener)
+        else:
+            segments = host_segments(self.policy, self.where, lname, listener, None)
+        for hi, (local, result) in enumerate(segments):
             hkeys: tuple[str | int, ...] = ("hosts", hi)
-            if h.name in seen_hosts:
-                self.error(
-                    lo.at(*hkeys, "name"), f"duplicate host name {h.name!r} in listener {lname!r}"
-                )
-            seen_hosts[h.name] = hi
-            for di, d in enumerate(h.domains):
-                key = d.lower()
-                if key in seen_domains:
-                    self.error(
-                        lo.at(*hkeys, "domains", di),
-                        f"domain {d!r} is already served by host {seen_domains[key]!r} "
-                        f"of listener {lname!r}",
-                    )
-                seen_domains.setdefault(key, h.name)
-            self.host_tls(lname, listener, h, lo, hkeys)
-            route_names: set[str] = set()
-            for ri, r in enumerate(h.routes):
-                rname = r.name or f"route-{ri}"
-                if rname in route_names:
-                    self.error(
-                        lo.at(*hkeys, "routes", ri),
-                        f"duplicate route name {rname!r} in host {h.name!r}",
-                    )
-                route_names.add(rname)
-                self.route(_At(lname, listener, h, lo, (*hkeys, "routes", ri)), r, rname)
+            self.results.append(result)
+            for place, message in local:
+                self.error(place.locate(lo, hkeys), message)
+            for item in result.items:
+                if isinstance(item, Replay):
+                    ppart = self.policy.jwt_providers.get(item.provider)
+                    if (
+                        ppart is not None
+                        and ppart.value.max_lifetime is None
+                        and item.provider not in self.no_lifetime
+                    ):
+                        self.no_lifetime.add(item.provider)
+                        self.errors.append(no_lifetime(self.policy, item, lo, hkeys))
+                else:
+                    self.error(item[0].locate(lo, hkeys), item[1])
 
-    def host_tls(
-        self, lname: str, listener: Listener, h: Host, lo: Origin, hkeys: tuple[str | int, ...]
-    ) -> None:
-        """A host of a TLS listener needs a certificate; one of a plain listener takes none."""
-        if listener.tls is not None:
-            if h.certificate is None:
-                self.error(
-                    lo.at(*hkeys),
-                    f"host {h.name!r} is on TLS listener {lname!r}: it needs certificate",
-                )
-            self.secret(h.certificate, "certificate", lo, *hkeys, "certificate")
-            self.secret(h.client_ca, "ca", lo, *hkeys, "client_ca")
-            part = self.policy.secrets.get(h.certificate or "")
-            if (
-                h.ocsp == "must_staple"
-                and part is not None
-                and part.value.is_certificate
-                and part.value.ocsp_staple is None
-            ):
-                self.error(
-                    lo.at(*hkeys, "ocsp"),
-                    f"ocsp: must_staple, but secret {h.certificate!r} has no ocsp_staple "
-                    "(Envoy would refuse the listener)",
-                )
-            return
-        for key in ("certificate", "client_ca", "ocsp"):
-            if getattr(h, key) is not None:
-                self.error(
-                    lo.key(*hkeys, key),
-                    f"{key}: listener {lname!r} has no tls, so its hosts take no "
-                    "certificates (add tls: {} to the listener)",
-                )
-        if h.client_certificate != "off":
-            self.error(
-                lo.key(*hkeys, "client_certificate"),
-                f"client_certificate: listener {lname!r} has no tls",
-            )
-
-    def route(self, at: _At, r: Route, rname: str) -> None:
-        self.route_certificates(at, r)
-        self.route_jwt(at, r, rname)
-        self.route_limits(at, r)
-        if r.upstream is not None:
-            part = self.policy.upstreams.get(r.upstream)
-            if part is None:
-                known = ", ".join(sorted(self.policy.upstreams)) or "none defined"
-                self.error(
-                    at.at("upstream"),
-                    f"no upstream named {r.upstream!r}{self.where} (upstreams: {known})",
-                )
-            else:
-                self.usage.upstreams.add(use_key(part.origin))
-                if part.value.lb == "ring_hash":
-                    self.error(
-                        at.at("upstream"),
-                        f"upstream {r.upstream!r} balances by ring_hash, which needs a hash "
-                        "policy that Envoy routes here cannot give (it would act as random): "
-                        "ring_hash is for gRPC services (hash:)",
-                    )
-
-    def route_certificates(self, at: _At, r: Route) -> None:
-        """What a route asks of client certificates, its host must ask for."""
-        wants_cert = r.require_client_certificate or r.allow_client_sans
-        if wants_cert and not at.asks_certs:
-            key = "allow_client_sans" if r.allow_client_sans else "require_client_certificate"
-            self.error(
-                at.key(key),
-                f"{key}: host {at.host.name!r} does not ask for client certificates "
-                "(set client_certificate: optional or required, and client_ca)",
-            )
-        if r.access is not None:
-            self.errors.extend(
-                _access_errors(r, at.origin, (*at.keys, "access"), at.host.name, at.asks_certs)
-            )
-
-    def route_jwt(self, at: _At, r: Route, rname: str) -> None:
-        """The providers a route names exist; replay protection has a token and a guard."""
-        for key in ("jwt", "jwt_optional"):
-            provider = getattr(r, key)
-            if provider is None:
-                continue
-            ppart = self.policy.jwt_providers.get(provider)
-            if ppart is None:
-                known = ", ".join(sorted(self.policy.jwt_providers)) or "none defined"
-                self.error(
-                    at.at(key),
-                    f"no jwt provider named {provider!r}{self.where} (jwt_providers: {known})",
-                )
-            else:
-                self.usage.jwt_providers.add(use_key(ppart.origin))
-        self.route_introspection(at, r)
-        if r.revocation_check and self.policy.guard is None:
-            self.error(
-                at.key("revocation_check"),
-                f"revocation_check needs a guard{self.where} "
-                "(add guard: {address: HOST:PORT} at the top level)",
-            )
-        if not r.replay_protection:
-            return
-        if r.jwt is None:
-            self.error(
-                at.key("replay_protection"),
-                "replay_protection needs jwt: on the route (the guard reads the "
-                "verified token's jti)",
-            )
-        else:
-            ppart = self.policy.jwt_providers.get(r.jwt)
-            if (
-                ppart is not None
-                and ppart.value.max_lifetime is None
-                and r.jwt not in self.no_lifetime
-            ):
-                self.no_lifetime.add(r.jwt)
-                where = at.key("replay_protection")
-                self.error(
-                    ppart.origin.key(),
-                    f"jwt provider {r.jwt!r} needs max_lifetime: route "
-                    f"{at.lname}/{at.host.name}/{rname} ({where.path}:{where.line}) has "
-                    "replay_protection (the guard remembers a token until its "
-                    "exp; without max_lifetime a token may live for ever)",
-                )
-        if self.policy.guard is None:
-            self.error(
-                at.key("replay_protection"),
-                f"replay_protection needs a guard{self.where} "
-                "(add guard: {address: HOST:PORT} at the top level)",
-            )
-
-    def route_introspection(self, at: _At, r: Route) -> None:
-        """The provider exists and a guard asks it, in time for Envoy."""
-        if r.introspection is None:
-            return
-        ppart = self.policy.introspection_providers.get(r.introspection)
-        if ppart is None:
-            known = ", ".join(sorted(self.policy.introspection_providers)) or "none defined"
-            self.error(
-                at.at("introspection"),
-                f"no introspection provider named {r.introspection!r}{self.where} "
-                f"(introspection_providers: {known})",
-            )
-        else:
-            self.usage.introspection_providers.add(use_key(ppart.origin))
-        if self.policy.guard is None:
-            self.error(
-                at.key("introspection"),
-                f"introspection needs a guard{self.where} (the guard asks the endpoint; add "
-                "guard: {address: HOST:PORT} at the top level)",
-            )
-        elif self.policy.guard.value.fail_open:
-            where = self.policy.guard.origin.at("fail_open")
-            self.error(
-                at.key("introspection"),
-                f"introspection needs guard.fail_open: false{self.where} ({where.path}:"
-                f"{where.line}): with fail_open an unreachable guard would let requests "
-                "through without their token being checked",
-            )
-
-    def route_limits(self, at: _At, r: Route) -> None:
-        """A global limit needs the guard; a limit by identity needs that identity."""
-        if r.global_rate_limit is not None and self.policy.guard is None:
-            self.error(
-                at.key("global_rate_limit"),
-                f"global_rate_limit needs a guard{self.where} "
-                "(add guard: {address: HOST:PORT} at the top level)",
-            )
-        for key in ("rate_limit", "global_rate_limit"):
-            limit = getattr(r, key)
-            if limit is None:
-                continue
-            if limit.by == "jwt_sub" and r.jwt is None and r.jwt_optional is None:
-                self.error(
-                    at.at(key, "by"),
-                    f"{key} by jwt_sub needs jwt: (or jwt_optional:) on the route",
-                )
-            if limit.by == "client_certificate" and not at.asks_certs:
-                self.error(
-                    at.at(key, "by"),
-                    f"{key} by client_certificate: host {at.host.name!r} does not ask "
-                    "for client certificates (set client_certificate: optional or "
-                    "required, and client_ca)",
-                )
+    def listeners_used(self) -> None:
+        """What the listeners' hosts and routes use, by the names their checks found."""
+        results = self.results
+        for table, used in (
+            ("secrets", self.usage.secrets),
+            ("upstreams", self.usage.upstreams),
+            ("jwt_providers", self.usage.jwt_providers),
+            ("introspection_providers", self.usage.introspection_providers),
+        ):
+            names: set[str] = set()
+            for r in results:
+                found = r.found[table]
+                if found:
+                    names |= found
+            if names:
+                parts = getattr(self.policy, table)
+                used.update((id(parts[n].origin.doc), parts[n].origin.keys) for n in names)
 
     # -- the rest of the group -------------------------------------------------------------
 
@@ -506,25 +327,3 @@ class _Checker:
             if tls is not None and name not in self.grpc_used:
                 self.secret(tls.ca, "ca", upart.origin, "tls", "ca")
                 self.secret(tls.certificate, "certificate", upart.origin, "tls", "certificate")
-
-
-@dataclass(frozen=True, slots=True)
-class _At:
-    """A route's place: its listener, its host, and the keys that lead to it."""
-
-    lname: str
-    listener: Listener
-    host: Host
-    origin: Origin
-    keys: tuple[str | int, ...]
-
-    @property
-    def asks_certs(self) -> bool:
-        """Does the route's host ask for client certificates?"""
-        return self.listener.tls is not None and self.host.client_certificate != "off"
-
-    def at(self, *keys: str | int) -> Location:
-        return self.origin.at(*self.keys, *keys)
-
-    def key(self, *keys: str | int) -> Location:
-        return self.origin.key(*self.keys, *keys)

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ValidationError
 
 from xdsplane.config.errors import ConfigError
 from xdsplane.config.yamlsrc import Document
-from xdsplane.policy.model import PolicyFile, is_duration_field
+from xdsplane.policy.model import Host, PolicyFile, is_duration_field
 from xdsplane.redact import hide_value, is_path_field, is_secret_field
 
 
@@ -172,11 +172,55 @@ _UNION_TAGS = frozenset({"str", "int", "bool", "float", "list", "dict", "none"})
 MAX_ERRORS = 200  # errors reported for one document
 
 
-def parse_policy(doc: Document) -> tuple[PolicyFile | None, list[ConfigError]]:
+class HostModels:
+    """The hosts a file's last parse validated, by their YAML value's ``repr``: parsing the
+    file again after an edit validates only the hosts that changed, the others are the
+    very same (frozen) models, which the checks and the translation then recognise."""
+
+    def __init__(self) -> None:
+        self.hosts: dict[str, Host] = {}
+
+
+def _reuse(
+    value: dict[str, Any], known: dict[str, Host]
+) -> tuple[dict[str, Any], list[tuple[int, int, str]]]:
+    """``value`` with each host validated before in its place (copies along the way: the
+    document is left as it is, for the errors' places), and where each host is."""
+    listeners = value.get("listeners")
+    if not isinstance(listeners, list):
+        return value, []
+    places: list[tuple[int, int, str]] = []
+    out: list[Any] = []
+    for i, listener in enumerate(listeners):
+        hosts = listener.get("hosts") if isinstance(listener, dict) else None
+        if isinstance(hosts, list):
+            swapped: list[Any] = []
+            for j, host in enumerate(hosts):
+                if isinstance(host, dict):
+                    key = repr(host)
+                    places.append((i, j, key))
+                    host = known.get(key, host)
+                swapped.append(host)
+            listener = {**listener, "hosts": swapped}
+        out.append(listener)
+    return {**value, "listeners": out}, places
+
+
+def parse_policy(
+    doc: Document, reuse: HostModels | None = None
+) -> tuple[PolicyFile | None, list[ConfigError]]:
+    """The document's policy, validated, or its errors. ``reuse``: the hosts of the last
+    parse of the same file (a host whose value did not change is not validated again;
+    pydantic takes a model instance as it is)."""
     if not isinstance(doc.value, dict):
         return None, [ConfigError(doc.locate(()), "expected a mapping of policy keys")]
     try:
-        return PolicyFile.model_validate(doc.value), []
+        if reuse is None:
+            return PolicyFile.model_validate(doc.value), []
+        value, places = _reuse(doc.value, reuse.hosts)
+        policy = PolicyFile.model_validate(value)
+        reuse.hosts = {key: policy.listeners[i].hosts[j] for i, j, key in places}
+        return policy, []
     except ValidationError as e:
         errors = []
         raw = e.errors(include_url=False)

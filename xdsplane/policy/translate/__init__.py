@@ -133,10 +133,11 @@ def listener_resources(
     providers: Mapping[str, jwt.Provider] | None = None,
     guard_spec: Guard | None = None,
     introspected: Mapping[str, IntrospectionProvider] | None = None,
+    vhost: routes.VirtualHostOf | None = None,
 ) -> list[Built]:
     message = listeners.listener(part.value, log, providers, guard_spec, introspected)
     out = [Built(ResourceType.LISTENER, message, part.origin)]
-    for rc in routes.route_configurations(part.value):
+    for rc in routes.route_configurations(part.value, vhost):
         out.append(Built(ResourceType.ROUTE, rc, part.origin))
     return out
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from envoy.config.core.v3 import base_pb2
@@ -248,25 +249,23 @@ def _redirect(listener: Listener) -> Any:
     )
 
 
-def route_configurations(listener: Listener) -> list[Any]:
+VirtualHostOf = Callable[[Host, bool, bool, str], Any]
+
+
+def route_configurations(listener: Listener, vhost: VirtualHostOf | None = None) -> list[Any]:
+    """The listener's RouteConfigurations; ``vhost`` builds each host's VirtualHost (a
+    caller may keep them by content: ``virtual_host`` depends on nothing else)."""
+    make: VirtualHostOf = vhost if vhost is not None else virtual_host
     if listener.redirect_to_https:
         return [_redirect(listener)]
     if listener.tls is None:
         jwt_filter = bool(jwt.providers_of(listener.hosts))
         ext_authz = guard.needs_ext_authz(listener.hosts)
-        return [
-            route_pb2.RouteConfiguration(
-                name=listener.name,
-                virtual_hosts=[
-                    virtual_host(h, jwt_filter, ext_authz, listener.name) for h in listener.hosts
-                ],
-            )
-        ]
+        vhosts = [make(h, jwt_filter, ext_authz, listener.name) for h in listener.hosts]
+        return [route_pb2.RouteConfiguration(name=listener.name, virtual_hosts=vhosts)]
     out = []
     for h in listener.hosts:
-        vhosts = [
-            virtual_host(h, bool(jwt.providers_of([h])), guard.needs_ext_authz([h]), listener.name)
-        ]
+        vhosts = [make(h, bool(jwt.providers_of([h])), guard.needs_ext_authz([h]), listener.name)]
         if "*" not in h.domains:
             vhosts.append(_misdirected(h))
         out.append(
