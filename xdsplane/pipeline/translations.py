@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 from xdsplane.policy import grpc_providers, translate
 from xdsplane.policy.grpc_check import grpc_upstreams
+from xdsplane.policy.jsonmemo import JsonMemo
 from xdsplane.policy.merge import GroupPolicy, Origin
 from xdsplane.policy.model import Host, Listener
 from xdsplane.policy.translate import Built, guard, introspection, jwt, ratelimit, routes
@@ -40,8 +41,7 @@ class TranslationCache:
         # of the document: a file that did not change gives the very same objects, so a
         # reload does not dump every part of the policy again to find what changed. Each
         # entry keeps its object alive: its id cannot be reused while it is cached.
-        self._dumps: dict[int, tuple[BaseModel, str]] = {}
-        self._dumps_used: dict[int, tuple[BaseModel, str]] = {}
+        self._dumps: JsonMemo[BaseModel] = JsonMemo()
         self._sources: dict[tuple[int, tuple[str | int, ...]], tuple[object, str]] = {}
         self._sources_used: dict[tuple[int, tuple[str | int, ...]], tuple[object, str]] = {}
         # What the translation asks of each listener's routes, by the listener's identity.
@@ -59,12 +59,7 @@ class TranslationCache:
         self._lsame_used: dict[str, _LSame] = {}
 
     def _json(self, model: BaseModel) -> str:
-        key = id(model)
-        hit = self._dumps_used.get(key) or self._dumps.get(key)
-        if hit is None or hit[0] is not model:
-            hit = (model, model.model_dump_json())
-        self._dumps_used[key] = hit
-        return hit[1]
+        return self._dumps.json(model)
 
     def _facts_of(self, listener: Listener) -> _Facts:
         key = id(listener)
@@ -250,7 +245,7 @@ class TranslationCache:
     def sweep(self) -> None:
         """Keep only what the latest build used."""
         self._entries, self._used = self._used, {}
-        self._dumps, self._dumps_used = self._dumps_used, {}
+        self._dumps.next_load()
         self._sources, self._sources_used = self._sources_used, {}
         self._facts, self._facts_used = self._facts_used, {}
         self._vhosts, self._vhosts_used = self._vhosts_used, {}

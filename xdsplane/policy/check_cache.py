@@ -17,6 +17,7 @@ from xdsplane.policy.check_hosts import (
     Rel,
     Segment,
 )
+from xdsplane.policy.jsonmemo import JsonMemo
 from xdsplane.policy.merge import GroupPolicy
 from xdsplane.policy.model import Host, Listener
 
@@ -43,8 +44,7 @@ class HostChecks:
         self._tables: dict[str, dict[str, object]] = {t: {} for t in TABLES}
         self._guard: tuple[object, object] = (None, None)  # (value, its document)
         # a host's JSON by the identity of the (frozen) model, kept alive with it
-        self._dumps: dict[int, tuple[Host, str]] = {}
-        self._dumps_used: dict[int, tuple[Host, str]] = {}
+        self._dumps: JsonMemo[Host] = JsonMemo()
         # a listener's segments by its identity: (listener, its name, host keys, segments)
         self._listeners: dict[int, tuple[Listener, str, list[HostKey], list[Segment]]] = {}
         self._listeners_used: dict[int, tuple[Listener, str, list[HostKey], list[Segment]]] = {}
@@ -100,12 +100,7 @@ class HostChecks:
         self._guarded.discard(key)
 
     def _json(self, host: Host) -> str:
-        ident = id(host)
-        hit = self._dumps_used.get(ident) or self._dumps.get(ident)
-        if hit is None or hit[0] is not host:
-            hit = (host, host.model_dump_json())
-        self._dumps_used[ident] = hit
-        return hit[1]
+        return self._dumps.json(host)
 
     def listener(self, policy: GroupPolicy, lname: str, listener: Listener) -> list[Segment]:
         """Each host of ``listener`` (``host_segments``); for the very listener of the last
@@ -157,7 +152,7 @@ class HostChecks:
         for key in self._results.keys() - self._used.keys():
             self._forget(key)
         self._used = {}
-        self._dumps, self._dumps_used = self._dumps_used, {}
+        self._dumps.next_load()
         self._listeners, self._listeners_used = self._listeners_used, {}
 
 
