@@ -491,3 +491,41 @@ def test_a_change_the_watch_did_not_report_is_found_when_asked(tmp_path: Path) -
         with pytest.raises(ConfigErrors):
             loader.load()
         assert not loader.unseen()
+
+
+def test_a_raw_file_saved_again_unchanged_is_not_parsed_again(tmp_path: Path) -> None:
+    """A raw file re-parsed by entry is compared by its text, not hashed: saved again with
+    the same bytes it gives the very same resources (nothing parsed), and an edit after
+    that, and an edit back, still load like a cold loader."""
+    (tmp_path / "routes.yaml").write_text(ROUTES)
+    big = tmp_path / "big.yaml"
+    entries = base_entries(40)
+    write(big, text_of(entries, ""))
+    loader = FolderLoader(tmp_path)
+    first = loader.load().groups[0].snapshot
+    write(big, text_of(entries, ""))  # a new file (inode, mtime), the same text
+    again = loader.load().groups[0].snapshot
+    assert again.digest == first.digest
+    for rtype in (ResourceType.CLUSTER, ResourceType.ENDPOINT):
+        for name, r in first.of(rtype).items():
+            assert again.of(rtype)[name] is r, name
+    edited = entries[:]
+    edited[7] = cluster("c07", timeout=9)
+    write(big, text_of(edited, ""))
+    assert outcome(load(loader)) == outcome(load(FolderLoader(tmp_path)))
+    write(big, text_of(entries, ""))
+    back = loader.load().groups[0].snapshot
+    assert back.digest == first.digest
+    assert back.of(ResourceType.CLUSTER)["c07"].message.connect_timeout.seconds == 1
+
+
+def test_files_larger_than_one_read_are_read_whole(tmp_path: Path) -> None:
+    """``read_stable`` asks for a file's size plus one in its first read: files of every
+    size around the old 1 MiB read size come back whole and equal."""
+    from xdsplane.config.stableread import read_stable
+
+    for size in (0, 1, (1 << 20) - 1, 1 << 20, (1 << 20) + 1, 3 * (1 << 20) + 7):
+        path = tmp_path / f"f{size}"
+        data = os.urandom(size)
+        path.write_bytes(data)
+        assert read_stable(str(path)) == data, size
