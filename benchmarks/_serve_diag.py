@@ -2,7 +2,11 @@
 
     python benchmarks/_serve_diag.py [--gc-log FILE] [--proposals a,b] -- serve ARGS...
 
---gc-log FILE   append one JSON line per garbage-collector pause of 2 ms or more
+--gc-log FILE   append one JSON line per garbage-collector pause of 2 ms or more (wall
+                and CPU time of the collecting thread, the generation, what it collected;
+                for a full collection the objects it left); with BENCH_GC_CENSUS=N in the
+                environment, the first full collection leaving N objects or more also
+                writes their count by type (what keeps the heap large)
 --loop-lag FILE append one JSON line per event-loop wake-up 5 ms or more late (a 2 ms
                 heartbeat on the server's event loop: how long the loop itself was held)
 --proposals     apply prototypes of the fixes proposed in BENCHMARKS.md (see _proposals.py)
@@ -12,8 +16,10 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import gc
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,25 +31,48 @@ def install_gc_log(path: str) -> None:
     out = open(path, "a", buffering=1)  # noqa: SIM115 - open for the life of the process
     start = [0.0]
 
+    cpu = [0.0]
+
     def callback(phase: str, info: dict[str, int]) -> None:
         if phase == "start":
             start[0] = time.perf_counter()
+            cpu[0] = time.thread_time()
             return
         pause = time.perf_counter() - start[0]
+        spent = time.thread_time() - cpu[0]  # CPU: what other processes took is not in it
         if pause >= 0.002:
             out.write(
                 json.dumps(
                     {
                         "t": time.time(),
                         "ms": round(pause * 1000, 2),
+                        "cpu_ms": round(spent * 1000, 2),
                         "gen": info.get("generation"),
                         "collected": info.get("collected"),
+                        # objects a full collection walked (its survivors; frozen ones not)
+                        "gen2": len(gc.get_objects(2)) if info.get("generation") == 2 else None,
+                        "frozen": gc.get_freeze_count(),
                     }
                 )
                 + "\n"
             )
 
     gc.callbacks.append(callback)
+    census = os.environ.get("BENCH_GC_CENSUS")
+    if census:
+        done = [False]
+
+        def count(phase: str, info: dict[str, int]) -> None:
+            if phase != "stop" or info.get("generation") != 2 or done[0]:
+                return
+            objs = gc.get_objects(2)
+            if len(objs) < int(census):
+                return
+            done[0] = True
+            c = collections.Counter(f"{type(o).__module__}.{type(o).__qualname__}" for o in objs)
+            out.write(json.dumps({"census": c.most_common(40), "total": len(objs)}) + "\n")
+
+        gc.callbacks.append(count)
 
 
 def install_loop_lag(path: str) -> None:

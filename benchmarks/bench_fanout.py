@@ -34,6 +34,8 @@ import contextlib
 import multiprocessing
 import os
 import shutil
+import signal
+import subprocess
 import tempfile
 import time
 from collections import Counter
@@ -372,6 +374,7 @@ def run_clients(
     settle: float = 3.0,
     shape: _snapgen.Shape | None = None,
     clients: int = 1,
+    py_spy: str | None = None,
 ) -> Result:
     pid = server.proc.pid
     load = _common.load()
@@ -412,6 +415,7 @@ def run_clients(
         team = _snapgen.team_of(edited, shape)
         path = folder / "clusters" / f"team-{team:03d}.yaml"
         tmp_dir = folder.parent
+        spy = start_py_spy(pid, py_spy, f"{variant}-{n}") if py_spy else None
         for _ in range(rounds):
             edit_seq[0] += 1
             text = _snapgen.team_text(team, shape, {edited: 1000 + 10 * edit_seq[0]})
@@ -444,6 +448,8 @@ def run_clients(
                 wrong = sum(1 for m in done for names in m[6] if tuple(names) != want)
                 if wrong:
                     problems.append(f"{wrong} delta updates did not carry just the edit")
+        if spy is not None:
+            stop_py_spy(spy)
         rss_edited = _procs.rss(pid)
         time.sleep(settle)  # as after the sync: what the edits leave once they settled
         rss_after = _procs.rss(pid)
@@ -471,6 +477,28 @@ def run_clients(
         problems,
         rss_edited,
     )
+
+
+def start_py_spy(pid: int, prefix: str, row: str) -> subprocess.Popen[bytes]:
+    """py-spy (not a dependency: on PATH) samples the server during the edits only, as
+    collapsed stacks (``PREFIX-ROW.txt``, for flamegraph.pl or a grep)."""
+    out = f"{prefix}-{row}.txt"
+    spy = subprocess.Popen(
+        ["py-spy", "record", "-p", str(pid), "-r", "250", "--format", "raw", "-o", out],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(1.0)  # attached before the first edit
+    return spy
+
+
+def stop_py_spy(spy: subprocess.Popen[bytes]) -> None:
+    spy.send_signal(signal.SIGINT)  # it writes the file on SIGINT
+    try:
+        spy.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        spy.kill()
+        spy.wait()
 
 
 def wrap(server: Any, proposals: str, gc_log: str | None, env: list[str]) -> None:
@@ -552,6 +580,18 @@ def main() -> int:
     ap.add_argument("--clusters", type=int, help="clusters in the folder (default 2000)")
     ap.add_argument("--gc-log", metavar="FILE", help="log the server's GC pauses to FILE")
     ap.add_argument(
+        "--gc-young",
+        type=int,
+        metavar="N",
+        help="serve --gc-young N (default: serve's own; 700 is Python's default)",
+    )
+    ap.add_argument(
+        "--py-spy",
+        metavar="PREFIX",
+        help="sample the server during the edits with py-spy (on PATH; not a dependency) "
+        "into PREFIX-VARIANT-N.txt (collapsed stacks)",
+    )
+    ap.add_argument(
         "--server-env",
         action="append",
         default=[],
@@ -601,7 +641,8 @@ def main() -> int:
                     procs,
                     folder,
                     name=f"xdsplane-{variant}-{n}",
-                    extra_args=["--log-level", "warning"],
+                    extra_args=["--log-level", "warning"]
+                    + (["--gc-young", str(args.gc_young)] if args.gc_young else []),
                 )
                 server.proc.cwd = workdir  # `-m xdsplane` must not pick up ./xdsplane first
                 server.proc.max_seconds = 900  # the watchdog: a 5,000-stream row takes minutes
@@ -610,7 +651,18 @@ def main() -> int:
                 try:
                     k = args.clients or (2 if args.quick else default_clients(n))
                     results.append(
-                        run_clients(variant, n, server, folder, rounds, edit_seq, settle, shape, k)
+                        run_clients(
+                            variant,
+                            n,
+                            server,
+                            folder,
+                            rounds,
+                            edit_seq,
+                            settle,
+                            shape,
+                            k,
+                            args.py_spy,
+                        )
                     )
                 finally:
                     server.stop()

@@ -52,6 +52,8 @@ class AdminState:
         self.write_gate: Callable[[], dict[str, int | float]] | None = None
         # Giving freed heap back after bursts of responses (mallocopts.py), for /status.
         self.malloc: Callable[[], dict[str, object]] | None = None
+        # Garbage-collector thresholds and pauses (gctune.py), for /status.
+        self.gc: Callable[[], dict[str, object]] | None = None
         # The access matrix of each served group's policy, kept while that policy is served.
         self._access: dict[int, tuple[object, list[dict[str, Any]]]] = {}
 
@@ -119,6 +121,7 @@ class AdminState:
             "envoys": self.envoys() if self.envoys is not None else None,
             "write_gate": self.write_gate() if self.write_gate is not None else None,
             "malloc": self.malloc() if self.malloc is not None else None,
+            "gc": self.gc() if self.gc is not None else None,
         }
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc
 
-from xdsplane import admin, envoystats, logs, mallocopts
+from xdsplane import admin, envoystats, gctune, logs, mallocopts
 from xdsplane.bootstrap import split_address
 from xdsplane.cache import SnapshotCache
 from xdsplane.envoystats import EnvoyAdmin
@@ -52,6 +52,8 @@ class ServeOptions:
     envoy_admins: tuple[EnvoyAdmin, ...] = ()
     # Built raw resources kept across restarts (pipeline/diskcache.py); None: no disk cache.
     cache_dir: Path | None = None
+    # Allocations between two young garbage collections (gctune.py; Python's default: 700).
+    gc_young: int = gctune.YOUNG
 
     @property
     def tls(self) -> bool:
@@ -145,6 +147,9 @@ async def serve(opts: ServeOptions) -> None:
         reloads=lambda: reloader.state.successes,
     )
     state.malloc = trimmer.as_dict
+    # A young generation sized for thousands of streams (gctune.py); its pauses in /status.
+    pauses = gctune.tune(opts.gc_young)
+    state.gc = pauses.as_dict
     envoy_stats = envoystats.EnvoyStats(list(opts.envoy_admins))
     if opts.envoy_admins:
         state.envoys = envoy_stats.status
@@ -184,6 +189,7 @@ async def serve(opts: ServeOptions) -> None:
         for task in tasks:
             task.cancel()
         await runner.cleanup()
+        gctune.untune(pauses)
         log.info("stopped")
 
 
