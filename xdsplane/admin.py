@@ -9,6 +9,7 @@ X-Content-Type-Options: nosniff."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -153,7 +154,12 @@ async def _readyz(request: web.Request) -> web.Response:
 
 
 async def _status(request: web.Request) -> web.Response:
-    return web.json_response(_scrubbed(request.app[STATE_KEY].status()), dumps=_dumps)
+    # Gathered on the event loop (one consistent view), scrubbed and encoded in a thread: at
+    # 5,000 streams that is ~4 MB of JSON and ~0.2 s of CPU, which would otherwise hold
+    # every ADS stream for as long (the thread takes turns with the loop, GIL switches).
+    status = request.app[STATE_KEY].status()
+    text = await asyncio.to_thread(lambda: _dumps(_scrubbed(status)))
+    return web.Response(text=text, content_type="application/json")
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -163,7 +169,8 @@ async def _metrics(request: web.Request) -> web.Response:
 
 async def _page(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
-    html = statuspage.render(_scrubbed(state.status()), state.cert_warn_days)
+    status, days = state.status(), state.cert_warn_days
+    html = await asyncio.to_thread(lambda: statuspage.render(_scrubbed(status), days))
     return web.Response(text=html, content_type="text/html", charset="utf-8")
 
 
