@@ -501,12 +501,11 @@ def stop_py_spy(spy: subprocess.Popen[bytes]) -> None:
         spy.wait()
 
 
-def wrap(server: Any, proposals: str, gc_log: str | None, env: list[str]) -> None:
-    """Start the server through _serve_diag.py (prototype fixes, GC log) when asked."""
-    if proposals or gc_log:
+def wrap(server: Any, gc_log: str | None, env: list[str]) -> None:
+    """Start the server through _serve_diag.py (the GC log) when asked."""
+    if gc_log:
         argv = server.proc.argv
-        extra = ["--proposals", proposals] if proposals else []
-        extra += ["--gc-log", gc_log] if gc_log else []
+        extra = ["--gc-log", gc_log]
         cli = argv.index("-m")
         server.proc.argv = [
             argv[0],
@@ -572,11 +571,6 @@ def main() -> int:
     )
     ap.add_argument("--variants", default="delta,sotw")
     ap.add_argument("--rounds", type=int, help="edits per run (default 3, quick 1)")
-    ap.add_argument(
-        "--proposals",
-        default="",
-        help="run the server with these prototype fixes (_proposals.py), e.g. delta,sotw",
-    )
     ap.add_argument("--clusters", type=int, help="clusters in the folder (default 2000)")
     ap.add_argument("--gc-log", metavar="FILE", help="log the server's GC pauses to FILE")
     ap.add_argument(
@@ -646,7 +640,7 @@ def main() -> int:
                 )
                 server.proc.cwd = workdir  # `-m xdsplane` must not pick up ./xdsplane first
                 server.proc.max_seconds = 900  # the watchdog: a 5,000-stream row takes minutes
-                wrap(server, args.proposals, args.gc_log, args.server_env)
+                wrap(server, args.gc_log, args.server_env)
                 server.start(timeout=90)
                 try:
                     k = args.clients or (2 if args.quick else default_clients(n))
