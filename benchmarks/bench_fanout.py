@@ -188,6 +188,42 @@ async def delta_stream(i: int, channel: grpc.aio.Channel, c: Clients) -> None:
         c.record(i, version, names, time.perf_counter())
 
 
+EDS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+# delta-eds: how many clusters' ClusterLoadAssignments it subscribes to (main sets it from
+# --clusters; the client processes are spawned and read it from their environment)
+EDS_CLUSTERS_ENV = "BENCH_FANOUT_EDS_CLUSTERS"
+
+
+async def delta_eds_stream(i: int, channel: grpc.aio.Channel, c: Clients) -> None:
+    """A delta stream as Envoy opens it: CDS by wildcard, then every cluster's
+    ClusterLoadAssignment by name. Every response is ACKed; the EDS ones are recorded (a
+    cluster edit reaches Envoy when the cluster's endpoints come again after it)."""
+    call = channel.stream_stream(
+        DELTA_METHOD, request_serializer=_identity, response_deserializer=DeltaResponse.FromString
+    )()
+    first = discovery_pb2.DeltaDiscoveryRequest(type_url=CDS)
+    first.node.id = f"edge-{c.base + i}"
+    first.node.cluster = "edge"
+    await call.write(first.SerializeToString())
+    eds = discovery_pb2.DeltaDiscoveryRequest(type_url=EDS)
+    clusters = int(os.environ.get(EDS_CLUSTERS_ENV, "2000"))
+    eds.resource_names_subscribe.extend(_snapgen.cluster_name(k) for k in range(clusters))
+    await call.write(eds.SerializeToString())
+    del eds
+    while True:
+        resp = await call.read()
+        if resp is grpc.aio.EOF:
+            return
+        ack = discovery_pb2.DeltaDiscoveryRequest(type_url=resp.type_url, response_nonce=resp.nonce)
+        is_eds = resp.type_url == EDS
+        names = tuple(r.name for r in resp.resources) if len(resp.resources) < 10 else ()
+        version = resp.system_version_info
+        del resp
+        await call.write(ack.SerializeToString())
+        if is_eds:
+            c.record(i, version, names, time.perf_counter())
+
+
 @dataclass
 class Result:
     variant: str
@@ -254,7 +290,7 @@ async def _worker(conn: Any, variant: str, address: str, base: int, n: int) -> N
         grpc.aio.insecure_channel(address, options=options)
         for _ in range(-(-n // STREAMS_PER_CHANNEL))
     ]
-    stream = sotw_stream if variant == "sotw" else delta_stream
+    stream = {"sotw": sotw_stream, "delta-eds": delta_eds_stream}.get(variant, delta_stream)
     assert await command() == "start"
     tasks = [
         asyncio.create_task(stream(i, channels[i // STREAMS_PER_CHANNEL], c)) for i in range(n)
@@ -440,10 +476,12 @@ def run_clients(
                 problems.append(f"{new_total - total - n} responses beyond one per stream")
             total = new_total
             versions = {v for m in done for v in m[5]}
-            if len(versions) != 1 or versions & initial:
+            # (delta-eds times the EDS response: a cluster edit leaves the EDS version as it
+            # was, the ClusterLoadAssignment goes again unchanged)
+            if len(versions) != 1 or (versions & initial and variant != "delta-eds"):
                 problems.append("streams disagree on the version after the edit")
             initial = versions
-            if variant == "delta":
+            if variant in ("delta", "delta-eds"):
                 want = (_snapgen.cluster_name(edited),)
                 wrong = sum(1 for m in done for names in m[6] if tuple(names) != want)
                 if wrong:
@@ -548,10 +586,10 @@ def goals(r: Result) -> tuple[float | None, str, list[tuple[str, float, float]]]
     graded = "p50"
     if r.n >= 5000:
         mem = [("peak", r.peak, PEAK_GOAL_5000)]
-        edit, graded = (DELTA_GOAL_5000, "worst") if r.variant == "delta" else (None, "")
+        edit, graded = (DELTA_GOAL_5000, "worst") if r.variant != "sotw" else (None, "")
     elif r.n >= 1000:
         mem = [("peak", r.peak, PEAK_GOAL), ("steady", r.steady, RSS_GOAL)]
-        edit, graded = (DELTA_GOAL, "p50") if r.variant == "delta" else (SOTW_GOAL, "worst")
+        edit, graded = (DELTA_GOAL, "p50") if r.variant != "sotw" else (SOTW_GOAL, "worst")
     return edit, graded, mem
 
 
@@ -569,7 +607,12 @@ def main() -> int:
         type=int,
         help="client processes per row (default: one per 1,250 streams; quick: 2)",
     )
-    ap.add_argument("--variants", default="delta,sotw")
+    ap.add_argument(
+        "--variants",
+        default="delta,sotw",
+        help="delta, sotw (CDS by wildcard), delta-eds (delta as Envoy: CDS by wildcard and "
+        "every ClusterLoadAssignment by name; the EDS responses are timed) (default: %(default)s)",
+    )
     ap.add_argument("--rounds", type=int, help="edits per run (default 3, quick 1)")
     ap.add_argument("--clusters", type=int, help="clusters in the folder (default 2000)")
     ap.add_argument("--gc-log", metavar="FILE", help="log the server's GC pauses to FILE")
@@ -601,9 +644,9 @@ def main() -> int:
     args = ap.parse_args()
     if args.streams or args.quick:
         same = [int(x) for x in (args.streams or "50").split(",")]
-        counts = {"delta": same, "sotw": same}
+        counts = {"delta": same, "sotw": same, "delta-eds": same}
     else:
-        counts = {"delta": [100, 1000, 5000], "sotw": [100, 1000]}
+        counts = {"delta": [100, 1000, 5000], "sotw": [100, 1000], "delta-eds": [100, 1000]}
     rounds = args.rounds or (1 if args.quick else 3)
     variants = args.variants.split(",")
     settle = 1.0 if args.quick else 3.0
@@ -618,6 +661,7 @@ def main() -> int:
             secret_files=max(1, min(10, c // 200)),
         )
 
+    os.environ[EDS_CLUSTERS_ENV] = str(shape.clusters)
     print(_common.header("bench_fanout: one cluster edit to N ADS streams", args.quick))
     workdir = Path(tempfile.mkdtemp(prefix="xdsplane-fanout-"))
     folder = workdir / "snap"

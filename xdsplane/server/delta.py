@@ -88,6 +88,11 @@ class DeltaStream(StreamBase):
                 continue
             if previous is not None and st.synced and st.synced == previous.versions[rtype]:
                 changed, removed = snapshot.diff(previous, rtype)
+                if not st.wildcard:  # a named subscription: only its names
+                    names = st.names
+                    changed = tuple(r for r in changed if r.name in names)
+                if st.resend:
+                    changed = self._with_resent(rtype, st, snapshot, changed)
                 kept = [r for r in changed if not self.parked.rejected(rtype, r.name, r.version)]
                 removals[rtype] = removed if not rtype.kept else ()
                 if len(kept) != len(changed):
@@ -103,24 +108,42 @@ class DeltaStream(StreamBase):
                 gone = [n for n in removals[rtype] if n in st.held]
                 out.extend(self._emit(rtype, st, snapshot, [], gone))
                 if st.synced:
-                    # It holds exactly this snapshot's resources now: share its mapping.
                     st.synced = snapshot.versions[rtype]
-                    st.held = HeldVersions.of(snapshot.of(rtype))
+                    if st.wildcard and not st.names:
+                        # It holds exactly this snapshot's resources now: share its mapping.
+                        st.held = HeldVersions.of(snapshot.of(rtype))
             else:
                 out.extend(self._respond(rtype, st, snapshot, removals=True))
         return Step(self._caused_by(snapshot, out))
 
     def _refresh_endpoints(self, clusters: Iterable[Resource]) -> None:
         """A changed EDS cluster warms until it gets its ClusterLoadAssignment, and Envoy
-        does not ask again for one it holds: send it again with the cluster."""
+        does not ask again for one it holds: send it again with the cluster (the next EDS
+        response of this stream carries it: ``resend``)."""
         eds = self.types.get(ResourceType.ENDPOINT)
         if eds is None:
             return
         for c in clusters:
             name = eds_name(c.message)
-            if name is not None:
-                eds.held.pop(name, None)
-                eds.synced = ""
+            if name is not None and eds.held.pop(name, None) is not None:
+                eds.resend.add(name)
+
+    @staticmethod
+    def _with_resent(
+        rtype: ResourceType, st: Subscription, snapshot: Snapshot, changed: tuple[Resource, ...]
+    ) -> tuple[Resource, ...]:
+        """``changed`` plus the subscribed resources owed again (``resend``), in name order
+        (what a scan would send), each once."""
+        available = snapshot.of(rtype)
+        owed = {
+            n: available[n] for n in st.resend if n in available and (st.wildcard or n in st.names)
+        }
+        st.resend.clear()
+        if not owed:
+            return changed
+        merged = {r.name: r for r in changed}
+        merged.update(owed)
+        return tuple(merged[n] for n in sorted(merged))
 
     def _respond(
         self, rtype: ResourceType, st: Subscription, snapshot: Snapshot | None, removals: bool
@@ -128,6 +151,7 @@ class DeltaStream(StreamBase):
         if snapshot is None:
             return []
         available = snapshot.of(rtype)
+        st.resend.clear()  # a scan sends whatever it does not hold
         if st.wildcard and not st.names and not st.held and rtype not in self.parked.nacked:
             # A new wildcard client that holds nothing: the whole type, whose body is joined
             # once per snapshot and shared by every such stream.
@@ -154,10 +178,11 @@ class DeltaStream(StreamBase):
             and self.parked.rejected(rtype, n, available[n].version)
         )
         out = self._emit(rtype, st, snapshot, changed, removed)
-        # After a full pass with removals, a pure wildcard client holds exactly the type.
-        exact = removals and st.wildcard and not st.names and not rejected
+        # After a full pass with removals, the client holds exactly the type's resources
+        # of every name it subscribes to.
+        exact = removals and not rejected
         st.synced = snapshot.versions[rtype] if exact and not rtype.kept else ""
-        if st.synced:
+        if st.synced and st.wildcard and not st.names:
             st.held = HeldVersions.of(available)  # the same versions, shared: no own table
         return out
 

@@ -227,9 +227,14 @@ class Subscription:
     claimed: str = ""  # SotW, named types: the version a reconnecting client says it holds
     sent: Mapping[str, Resource] = field(default_factory=dict)  # SotW, full-state types
     answered: bool = False  # delta: the first wildcard request was answered
-    # Delta: the type version of the snapshot this client holds exactly (pure wildcard,
-    # nothing rejected, nothing extra): such a client gets the shared diff, not a scan.
+    # Delta: the type version of the snapshot whose resources this client holds exactly,
+    # for every name it subscribes to (all of them for a wildcard), nothing rejected and
+    # nothing else held, except the names in ``resend``: it gets the shared diff of two
+    # snapshots (filtered by its names), not a scan of everything it subscribes to.
     synced: str = ""
+    # Delta EDS: names whose ClusterLoadAssignment is owed again, unchanged, because their
+    # cluster changed (a warming cluster waits for it, and Envoy does not ask again).
+    resend: set[str] = field(default_factory=set)
 
     def sent_out(self, nonce: str, version: str, resources: Mapping[str, Resource]) -> None:
         """A response went out: ``resources`` as ``version``, with ``nonce``."""
