@@ -126,6 +126,8 @@ class DeltaStream(StreamBase):
         for c in clusters:
             name = eds_name(c.message)
             if name is not None and eds.held.pop(name, None) is not None:
+                if eds.resend is None:
+                    eds.resend = set()
                 eds.resend.add(name)
 
     @staticmethod
@@ -136,9 +138,11 @@ class DeltaStream(StreamBase):
         (what a scan would send), each once."""
         available = snapshot.of(rtype)
         owed = {
-            n: available[n] for n in st.resend if n in available and (st.wildcard or n in st.names)
+            n: available[n]
+            for n in st.resend or ()
+            if n in available and (st.wildcard or n in st.names)
         }
-        st.resend.clear()
+        st.resend = None
         if not owed:
             return changed
         merged = {r.name: r for r in changed}
@@ -151,7 +155,7 @@ class DeltaStream(StreamBase):
         if snapshot is None:
             return []
         available = snapshot.of(rtype)
-        st.resend.clear()  # a scan sends whatever it does not hold
+        st.resend = None  # a scan sends whatever it does not hold
         if st.wildcard and not st.names and not st.held and rtype not in self.parked.nacked:
             # A new wildcard client that holds nothing: the whole type, whose body is joined
             # once per snapshot and shared by every such stream.

@@ -233,8 +233,9 @@ class Subscription:
     # snapshots (filtered by its names), not a scan of everything it subscribes to.
     synced: str = ""
     # Delta EDS: names whose ClusterLoadAssignment is owed again, unchanged, because their
-    # cluster changed (a warming cluster waits for it, and Envoy does not ask again).
-    resend: set[str] = field(default_factory=set)
+    # cluster changed (a warming cluster waits for it, and Envoy does not ask again). None
+    # when there are none: no empty set per subscription (thousands of streams x types).
+    resend: set[str] | None = None
 
     def sent_out(self, nonce: str, version: str, resources: Mapping[str, Resource]) -> None:
         """A response went out: ``resources`` as ``version``, with ``nonce``."""
