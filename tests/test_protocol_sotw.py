@@ -7,7 +7,7 @@ shared/design/envoy-xds-facts.md ("Protocol").
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import pytest
 from envoy.service.discovery.v3 import discovery_pb2
@@ -871,3 +871,92 @@ def test_a_nack_on_one_stream_does_not_freeze_another_stream_of_the_same_node(
         # If it NACKs too, it is parked for that stream as well.
         assert envoy.nack(fresh) == []
         assert envoy.request(rtype, names) == []
+
+
+# -- a named subscription in sync: pushes and ACKs without a walk of its names ---------------
+
+
+def _forced_walk(c: Client) -> None:
+    """Make every subscription of ``c``'s stream take the walk of all its names (the path
+    of before): what the diff path must match."""
+    for sub in c.stream.types.values():
+        sub.synced = ""
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(snapshots(), min_size=2, max_size=6), st.data())
+def test_named_subscriptions_on_the_diff_path_send_what_a_walk_sends(
+    walk: list[Snapshot], data: st.DataObject
+) -> None:
+    """Differential: a stream walked before every push and request against one on the
+    diff path; the same responses (type, version_info, resources), with named EDS/RDS
+    subscriptions that change midway, ACKs, stale ACKs and NACKs."""
+    fast, slow = Client(), Client()
+
+    def content(got: list[DiscoveryResponse]) -> list[object]:
+        return [(r.type_url, r.version_info, sorted(_content(r).items())) for r in got]
+
+    def both(f: Callable[[Client], list[DiscoveryResponse]]) -> list[DiscoveryResponse]:
+        _forced_walk(slow)
+        a, b = f(fast), f(slow)
+        assert content(a) == content(b)
+        return a
+
+    def answer(got: list[DiscoveryResponse]) -> None:
+        for resp in got:
+            if data.draw(st.integers(0, 5)) == 0:
+                more = both(lambda cl, r=resp: cl.nack(r))  # type: ignore[misc]
+            else:
+                more = both(lambda cl, r=resp: cl.ack(r))  # type: ignore[misc]
+            answer(more)
+
+    eds = data.draw(st.lists(st.sampled_from(["a", "b", "c", "zz"]), unique=True, min_size=1))
+    for cl in (fast, slow):
+        cl.push(walk[0])
+    for rtype, names in ((CDS, ()), (EDS, tuple(eds)), (RDS, ("r-l1",))):
+        answer(both(lambda cl, t=rtype, n=names: cl.request(t, n)))  # type: ignore[misc]
+    for s in walk[1:]:
+        answer(both(lambda cl, s=s: cl.push(s)))  # type: ignore[misc]
+        if data.draw(st.booleans()):
+            eds = data.draw(st.lists(st.sampled_from(["a", "b", "c"]), unique=True, min_size=1))
+            answer(both(lambda cl, n=tuple(eds): cl.request(EDS, n)))  # type: ignore[misc]
+
+
+class _NoWalk(set[str]):
+    """A subscription's names that may be asked about (``in``) but not walked."""
+
+    walked = 0
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        _NoWalk.walked += 1
+        return super().__iter__()
+
+
+def test_a_named_subscription_in_sync_is_not_walked_on_pushes_and_acks() -> None:
+    """An Envoy asks for thousands of ClusterLoadAssignments by name and repeats every name
+    in each ACK: a push changing one of them, a cluster change (its CLA goes again), and
+    their ACKs must not walk the subscription."""
+    names = [f"c{i:03d}" for i in range(200)]
+    s1 = snap(*[cluster(n) for n in names], *[endpoints(n) for n in names])
+    c = Client()
+    c.push(s1)
+    for rtype, subs in ((CDS, ()), (EDS, names)):
+        for resp in c.request(rtype, subs):
+            assert c.ack(resp) == []
+    eds = c.stream.types[EDS]
+    assert eds.synced == s1.versions[EDS]
+    eds.names = _NoWalk(eds.names)
+    _NoWalk.walked = 0
+    s2 = snap(
+        *s1.of(CDS).values(), *[endpoints(n, 7) if n == "c050" else s1.of(EDS)[n] for n in names]
+    )
+    (got,) = c.push(s2)
+    assert names_of(got) == ["c050"]
+    assert got.version_info == versions_hash((n, s2.of(EDS)[n].version) for n in names)
+    s3 = snap(*[cluster(n, 9 if n == "c120" else 1) for n in names], *s2.of(EDS).values())
+    cds, again = c.push(s3)
+    assert names_of(again) == ["c120"]  # unchanged, owed with its changed cluster
+    assert c.ack(cds) == []
+    assert c.ack(again) == []  # every name repeated: compared in C, not walked
+    assert _NoWalk.walked == 0
+    assert c.stream.types[EDS].held == {n: s3.of(EDS)[n].version for n in names}

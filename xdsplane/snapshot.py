@@ -182,6 +182,22 @@ class Snapshot:
             self._memo[key] = hit
         return hit
 
+    def named_version(self, rtype: ResourceType, names: frozenset[str]) -> str:
+        """The SotW ``version_info`` of a subscription to ``names`` of ``rtype``: the hash of
+        the names and versions of those that exist. Computed once per name set and shared
+        by every stream subscribed to the same names (Envoys of one group ask for the same
+        ClusterLoadAssignments)."""
+        memo: dict[tuple[ResourceType, frozenset[str]], str] = self._memo.setdefault("named", {})
+        key = (rtype, names)
+        hit = memo.get(key)
+        if hit is None:
+            available = self.of(rtype)
+            hit = versions_hash((n, available[n].version) for n in names if n in available)
+            if len(memo) >= 256:
+                memo.clear()
+            memo[key] = hit
+        return hit
+
     def sotw_body(self, rtype: ResourceType) -> bytes:
         """Every resource of ``rtype`` as the body of a state-of-the-world response, in name
         order; joined once and shared by every stream."""

@@ -24,7 +24,7 @@ from typing import Any
 
 from envoy.service.discovery.v3 import discovery_pb2
 
-from xdsplane.server.state import Outgoing, Step, StreamBase, Subscription
+from xdsplane.server.state import Ack, Outgoing, Step, StreamBase, Subscription
 from xdsplane.snapshot import Resource, Snapshot, versions_hash
 from xdsplane.types import PUSH_ORDER, ResourceType, eds_name
 
@@ -65,6 +65,18 @@ class SotwStream(StreamBase):
             elif names:
                 st.wildcard = False
         names.discard("*")
+        if (
+            isinstance(answer, Ack)
+            and not st.wildcard
+            and not rtype.wildcard
+            and self.snapshot is not None
+            and st.synced == self.snapshot.versions[rtype]
+            and names == st.names
+        ):
+            # An ACK of a named subscription in sync (it repeats every name, thousands for an
+            # Envoy's EDS): it holds every subscribed resource that exists; nothing to send.
+            return Step(answer=answer)
+        st.synced = ""
         st.names = names
         if not st.wildcard:
             # The client forgets what it unsubscribed from.
@@ -81,12 +93,20 @@ class SotwStream(StreamBase):
             st = self.types.get(rtype)
             if st is None:
                 continue
-            removed = set(st.sent) - set(snapshot.of(rtype)) if st.wildcard else set()
+            if not st.wildcard:
+                removed: set[str] = set()
+            elif previous is not None and st.sent is previous.of(rtype):
+                # It holds the previous snapshot's type (the usual case): the shared diff.
+                removed = set(snapshot.diff(previous, rtype)[1])
+            else:
+                removed = set(st.sent) - set(snapshot.of(rtype))
             if removed:
                 keep = dict(snapshot.of(rtype))
                 keep.update({n: st.sent[n] for n in removed})
                 out.extend(self._send(rtype, st, keep))
                 finish.append(rtype)
+            elif st.synced and previous is not None and st.synced == previous.versions[rtype]:
+                out.extend(self._respond_diff(rtype, st, snapshot, previous))
             else:
                 out.extend(self._respond(rtype, st, snapshot))
         for rtype in reversed(finish):
@@ -104,8 +124,39 @@ class SotwStream(StreamBase):
             return
         for c in clusters:
             name = eds_name(c.message)
-            if name is not None:
-                eds.held.pop(name, None)
+            if name is not None and eds.held.pop(name, None) is not None:
+                if eds.resend is None:
+                    eds.resend = set()
+                eds.resend.add(name)  # owed, for a stream on the diff path (_respond_diff)
+
+    def _respond_diff(
+        self, rtype: ResourceType, st: Subscription, snapshot: Snapshot, previous: Snapshot
+    ) -> list[Outgoing]:
+        """A named subscription in sync with ``previous`` (``synced``: it holds every
+        subscribed resource of it that exists, nothing rejected): what ``_respond`` would
+        send, from what changed between the two snapshots (shared by every stream) and what
+        is owed again (``resend``), without walking every subscribed name."""
+        available = snapshot.of(rtype)
+        names = st.names
+        changed_all, _ = snapshot.diff(previous, rtype)
+        wanted = {r.name: r for r in changed_all if r.name in names}
+        for n in st.resend or ():
+            if n in names and n in available:
+                wanted[n] = available[n]
+        st.resend = None
+        changed: dict[str, Resource] = {}
+        rejected = False
+        for n in sorted(wanted):
+            r = wanted[n]
+            if st.held.get(n) != r.version:
+                if self.parked.rejected(rtype, n, r.version):
+                    rejected = True
+                else:
+                    changed[n] = r
+        st.synced = "" if rejected else snapshot.versions[rtype]
+        if not changed:
+            return []
+        return self._send(rtype, st, changed, snapshot.named_version(rtype, frozenset(names)))
 
     def _respond(
         self, rtype: ResourceType, st: Subscription, snapshot: Snapshot | None
@@ -118,23 +169,32 @@ class SotwStream(StreamBase):
         chosen = {n: available[n] for n in sorted(st.names) if n in available}
         if rtype.wildcard:
             return self._respond_full_state(rtype, st, chosen)
+        st.resend = None  # a walk sends whatever it does not hold
         if not chosen:
+            st.synced = "" if st.claimed else snapshot.versions[rtype]
             return []
         if st.claimed:
             version = versions_hash((n, r.version) for n, r in chosen.items())
             if version == st.claimed:
                 st.held = {n: r.version for n, r in chosen.items()}
             st.claimed = ""
-        changed = {
-            n: r
-            for n, r in chosen.items()
-            if st.held.get(n) != r.version and not self.parked.rejected(rtype, n, r.version)
-        }
+        changed: dict[str, Resource] = {}
+        rejected = False
+        for n, r in chosen.items():
+            if st.held.get(n) != r.version:
+                if self.parked.rejected(rtype, n, r.version):
+                    rejected = True
+                else:
+                    changed[n] = r
+        # In sync from here (unless something was rejected): the next snapshot change and
+        # ACKs of this subscription need not walk its names (_respond_diff, on_request).
+        st.synced = "" if rejected else snapshot.versions[rtype]
         if not changed:
             return []
         # Only what changed goes out (an omitted name is not a removal for named types);
-        # the version is the hash of everything the client then holds of its subscription.
-        version = versions_hash((n, r.version) for n, r in chosen.items())
+        # the version is the hash of everything the client then holds of its subscription
+        # (once per name set and snapshot, shared by the streams asking for the same names).
+        version = snapshot.named_version(rtype, frozenset(st.names))
         return self._send(rtype, st, changed, version)
 
     def _respond_full_state(
