@@ -106,15 +106,32 @@ def _unit_changes(
     return gone, new
 
 
+def _translated_changes(
+    before: Sequence[Resource], after: Sequence[Resource]
+) -> tuple[list[Resource], list[Resource]]:
+    """The translated resources that went (in ``before``'s order) and came (in ``after``'s):
+    the objects of each list not in the other. Both lists come in the translation's order
+    and an edit replaces a few in place, so what they share at the start and at the end is
+    left out first (C-speed scans); the rest is compared by identity. That is exact when
+    no object is in a list twice (checked, in C; else every object is compared)."""
+    out, came_in = _edited(before, after)
+    if len(out) + len(came_in) < len(before) + len(after) and (
+        len(set(map(id, before))) != len(before) or len(set(map(id, after))) != len(after)
+    ):
+        out, came_in = before, after
+    old = set(map(id, out))
+    new = set(map(id, came_in))
+    return [r for r in out if id(r) not in new], [r for r in came_in if id(r) not in old]
+
+
 def rebuild(
     state: GroupState, units: list[Unit], translated: list[Resource], refs_of: RefsOf
 ) -> GroupState | None:
     """The next state from ``state``, or None when a build from scratch must say why not."""
     gone, came = _unit_changes(state.units, units)
-    old_t = {id(r) for r in state.translated}
-    new_t = {id(r) for r in translated}
-    gone += [r for r in state.translated if id(r) not in new_t]
-    came += [r for r in translated if id(r) not in old_t]
+    went_t, came_t = _translated_changes(state.translated, translated)
+    gone += went_t
+    came += came_t
     removed, added = _changes(gone, came)
     if not removed and not added:
         snapshot = Snapshot(state.snapshot.resources, state.snapshot, ())
