@@ -387,8 +387,11 @@ def _unused(units: list[Unit], used: Usage) -> list[ConfigError]:
     for u in units:
         if not u.parts:
             continue  # a raw file: no definitions to be unused
-        doc = id(u.doc)  # use_key of each definition, without making its Origin
+        defined = u.fragment.parts().defined  # the use keys of its definitions, made once
+        doc = id(u.doc)
         for key, seen, message in kinds:
+            if defined[key] <= seen:
+                continue  # (every one used: found in C)
             for name in getattr(u.policy, key):
                 if (doc, (key, name)) not in seen:
                     origin = Origin(u.doc, (key, name))

@@ -112,13 +112,13 @@ def _translated_changes(
     """The translated resources that went (in ``before``'s order) and came (in ``after``'s):
     the objects of each list not in the other. Both lists come in the translation's order
     and an edit replaces a few in place, so what they share at the start and at the end is
-    left out first (C-speed scans); the rest is compared by identity. That is exact when
-    no object is in a list twice (checked, in C; else every object is compared)."""
+    left out first (C-speed scans), and the rest is compared by identity.
+
+    Exact since ``before`` is what a good build translated, where no object is twice (it
+    would be a duplicate name): its middle shares no object with the shared ends. An object
+    twice in ``after`` at most comes once more than it would by the whole lists, and a
+    resource that came with the name of one still served makes ``rebuild`` give up."""
     out, came_in = _edited(before, after)
-    if len(out) + len(came_in) < len(before) + len(after) and (
-        len(set(map(id, before))) != len(before) or len(set(map(id, after))) != len(after)
-    ):
-        out, came_in = before, after
     old = set(map(id, out))
     new = set(map(id, came_in))
     return [r for r in out if id(r) not in new], [r for r in came_in if id(r) not in old]

@@ -65,6 +65,13 @@ class TranslationCache:
     def _json(self, model: BaseModel) -> str:
         return self._dumps.json(model)
 
+    def _listener_json(self, listener: Listener) -> str:
+        """A listener's JSON as its cache key: its own fields, then each host's JSON, kept by
+        the host's identity (an edited file keeps the models of the hosts that did not
+        change: only the edited host is dumped, not the whole listener)."""
+        hosts = ",".join([self._json(h) for h in listener.hosts])
+        return f"{listener.model_dump_json(exclude={'hosts'})}[{hosts}]"
+
     def _facts_of(self, listener: Listener) -> _Facts:
         key = id(listener)
         hit = self._facts_used.get(key) or self._facts.get(key)
@@ -98,12 +105,21 @@ class TranslationCache:
         return hit[1]
 
     def _get(
-        self, key: tuple[str, str], source: str, build: Callable[[], list[Built]]
+        self,
+        key: tuple[str, str],
+        source: str,
+        build: Callable[[], list[Built]],
+        previous: list[Resource] | None = None,
     ) -> list[Resource]:
+        """The part's resources, from the cache or built; ``previous``: what the part gave
+        last time, whose resources that come out the same (same bytes, same source) are
+        given again, the very objects (what is served and versioned does not change)."""
         found = self._used.get(key) or self._entries.get(key)
         if found is None:
             self.misses += 1
             found = [make_resource(b.type, b.message, self._source(b.origin)) for b in build()]
+            if previous:
+                found = _same_as_before(found, previous)
         else:
             self.hits += 1
             if found and found[0].source != source:
@@ -198,13 +214,14 @@ class TranslationCache:
                 self._lsame_used[lname] = lsame
                 out += lsame[5]
                 continue
-            key = ("listener:" + lname, self._json(lpart.value) + extra)
+            key = ("listener:" + lname, self._listener_json(lpart.value) + extra)
             found = self._get(
                 key,
                 self._source(origin),
                 lambda lp=lpart, i=introspected: translate.listener_resources(  # type: ignore[misc]
                     lp, log, providers, guard_spec, i, self._vhost
                 ),
+                lsame[5] if lsame is not None else None,
             )
             self._lsame_used[lname] = (lpart.value, origin.doc, origin.keys, extra, key, found)
             out += found
@@ -313,3 +330,17 @@ class _Block:
 
 def _same_objects(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
     return len(a) == len(b) and all(map(is_, a, b))
+
+
+def _same_as_before(found: list[Resource], previous: list[Resource]) -> list[Resource]:
+    """``found``, each resource that is one of ``previous`` byte for byte (type, name,
+    version: a digest of its bytes, and source) replaced by that one (a route edit leaves
+    its listener's Listener as it was: the snapshot's listeners are then left alone)."""
+    before = {(r.type, r.name): r for r in previous}
+    out = []
+    for r in found:
+        old = before.get((r.type, r.name))
+        out.append(
+            old if old is not None and (old.version, old.source) == (r.version, r.source) else r
+        )
+    return out

@@ -13,13 +13,10 @@ from xdsplane.names import GUARD_CLUSTER, JWKS_CLUSTER_PREFIX, OTLP_CLUSTER, grp
 from xdsplane.policy.check_cache import Checked, HostChecks, host_segments
 from xdsplane.policy.check_hosts import Replay, no_lifetime
 from xdsplane.policy.grpc_check import check_grpc
-from xdsplane.policy.merge import GroupPolicy, Origin, Part
+from xdsplane.policy.merge import GroupPolicy, Origin, Part, UseKey
 from xdsplane.policy.model import Listener, split_host_port
 
 _ANY_HOSTS = (ipaddress.ip_address("0.0.0.0"), ipaddress.ip_address("::"))
-
-
-UseKey = tuple[int, tuple[str | int, ...]]
 
 
 def use_key(origin: Origin) -> UseKey:

@@ -13,9 +13,7 @@ from operator import is_
 from typing import Any
 
 from xdsplane.config.errors import ConfigError
-from xdsplane.policy.merge import GroupPolicy, Part
-
-UseKey = tuple[int, tuple[str | int, ...]]
+from xdsplane.policy.merge import GroupPolicy, Part, UseKey
 
 
 def same_objects(a: tuple[object, ...], b: tuple[object, ...]) -> bool:

@@ -23,6 +23,7 @@ from xdsplane.policy.model import (
 )
 
 T = TypeVar("T")
+UseKey = tuple[int, tuple[str | int, ...]]  # a definition's document (its id) and keys
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -95,6 +96,8 @@ class FragmentParts:
     listed: dict[str, tuple[list[tuple[str, Part[Any]]], dict[str, Part[Any]] | None]]
     access_log: Part[AccessLog] | None
     guard: Part[Guard] | None
+    # named table -> the use keys (``check.use_key``) of its parts: what must be used
+    defined: dict[str, frozenset[UseKey]]
 
     @staticmethod
     def of(doc: Document, p: PolicyFile) -> FragmentParts:
@@ -111,7 +114,10 @@ class FragmentParts:
         log = p.access_log
         log_part = Part(log, Origin(doc, ("access_log",))) if log is not None else None
         guard = Part(p.guard, Origin(doc, ("guard",))) if p.guard is not None else None
-        return FragmentParts(named, listed, log_part, guard)
+        defined: dict[str, frozenset[UseKey]] = {}
+        for _, key in _NAMED:
+            defined[key] = frozenset((id(doc), (key, name)) for name in named[key])
+        return FragmentParts(named, listed, log_part, guard, defined)
 
 
 @dataclass
