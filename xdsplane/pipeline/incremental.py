@@ -168,11 +168,25 @@ def rebuild(
             if name not in came_in:
                 del named[name]
         resources[rtype] = named
-    refcount = dict(_count(state, refs_of))
+    # A resource replaced by one with the same references (a route's prefix edited) leaves
+    # the counts as they were: both are left out. Its references resolved before; one to a
+    # name gone now is still counted, and found by the check of the removed names below.
+    unref: list[Resource] = []
+    ref: list[Resource] = []
     for r in removed.values():
+        new = by_type[r.type][1].get(r.name)
+        if new is None or refs_of(new) != refs_of(r):
+            unref.append(r)
+            if new is not None:
+                ref.append(new)
+    ref += [r for r in added if r.name not in by_type[r.type][0]]
+    refcount = _count(state, refs_of)
+    if unref or ref:
+        refcount = dict(refcount)  # (the last good state keeps its own)
+    for r in unref:
         for t, name, _ in refs_of(r):
             refcount[(t, name)] -= 1
-    for r in added:
+    for r in ref:
         for t, name, _ in refs_of(r):
             if name not in resources.get(t, empty):
                 return None  # dangling: build from scratch for the error
