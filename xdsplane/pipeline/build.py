@@ -254,7 +254,9 @@ def build(
     for group in plan:
         before = previous.group(group.name) if previous is not None else None
         state = states.get(group.name) if states is not None else None
-        hosts = checks.setdefault(group.name, HostChecks()) if checks is not None else None
+        hosts = checks.get(group.name) if checks is not None else None
+        if checks is not None and hosts is None:
+            hosts = checks[group.name] = HostChecks()
         built, usage, policy = _build_group(
             group.units,
             scope_of(group, plan),

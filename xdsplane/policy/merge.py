@@ -116,7 +116,8 @@ class FragmentParts:
         guard = Part(p.guard, Origin(doc, ("guard",))) if p.guard is not None else None
         defined: dict[str, frozenset[UseKey]] = {}
         for _, key in _NAMED:
-            defined[key] = frozenset((id(doc), (key, name)) for name in named[key])
+            # (the Origin's own keys tuple: compared with a use key's by identity)
+            defined[key] = frozenset((id(doc), p.origin.keys) for p in named[key].values())
         return FragmentParts(named, listed, log_part, guard, defined)
 
 
