@@ -541,3 +541,24 @@ def test_hosts_that_did_not_change_are_not_validated_again(tmp_path: Path) -> No
     (swapped,) = [u for u in loader.units() if u.doc.path.endswith("l0.yaml")]
     assert swapped.policy.listeners[0].hosts == [new1, new0]
     assert swapped.policy.listeners[0].hosts[0] is new1
+
+
+def test_a_host_is_reused_only_for_the_very_same_yaml_value() -> None:
+    """The key a host's model is kept by tells values apart by type too: a boolean, an
+    integer and a float that Python finds equal are different YAML (and validate
+    differently), as are a list and a single value."""
+    from xdsplane.policy.parse import _value_key
+
+    values = [
+        {"a": 1},
+        {"a": True},
+        {"a": 1.0},
+        {"a": "1"},
+        {"a": [1]},
+        {"a": None},
+        {"a": 0.0},
+        {"a": -0.0},
+        {"a": {"b": 1}},
+    ]
+    assert len({_value_key(v) for v in values}) == len(values)
+    assert _value_key({"a": [1, {"b": "x"}]}) == _value_key({"a": [1, {"b": "x"}]})
