@@ -529,3 +529,32 @@ def test_files_larger_than_one_read_are_read_whole(tmp_path: Path) -> None:
         data = os.urandom(size)
         path.write_bytes(data)
         assert read_stable(str(path)) == data, size
+
+
+def test_a_resource_replaced_with_the_same_references_still_counts_them(
+    tmp_path: Path,
+) -> None:
+    """A rebuild leaves out of the reference counts a resource replaced by one with the
+    same references (a cluster's timeout changed); one edit that does so and removes what
+    it refers to (the cluster's endpoints) must still be refused, as a cold load refuses
+    it; and the next good edit loads as a cold load does."""
+    (tmp_path / "routes.yaml").write_text(ROUTES)
+    big = tmp_path / "big.yaml"
+    entries = base_entries(4)
+    big.write_text(text_of(entries, ""))
+    loader = FolderLoader(tmp_path)
+    assert outcome(load(loader))[0] == "ok"
+    steps = [
+        # c01's timeout changed (same references) and its endpoints removed: dangling
+        [e for e in entries if "cluster_name: c01" not in e],
+        # c00 (that the route names) changed and c01's endpoints back: loads
+        [cluster("c00", 9), *entries[1:]],
+        # c00, which the route names, removed: dangling
+        [e for e in entries if "name: c00\n    type" not in e],
+    ]
+    steps[0][1] = cluster("c01", 7)
+    for i, step in enumerate(steps):
+        write(big, text_of(step, ""))
+        warm, cold = outcome(load(loader)), outcome(load(FolderLoader(tmp_path)))
+        assert warm == cold, i
+        assert warm[0] == ("ok" if i == 1 else "errors"), (i, warm)

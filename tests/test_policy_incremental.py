@@ -79,6 +79,7 @@ def initial() -> dict[str, Any]:
         },
         "l0": {"name": "l0", "address": "127.0.0.1:10000", "hosts": [host(0, 3), host(1, 2)]},
         "l1": {"name": "l1", "address": "127.0.0.1:10001", "hosts": [host(2, 2), host(3, 3)]},
+        "l0_extra": {},  # what l0's file holds besides its listener (a gRPC service)
         "l1_extra": {},  # definitions written in l1's file too (duplicates, or moved there)
         "l1_nodes": False,
         "pad": {"defs": 0, "l0": 0, "l1": 0},
@@ -88,7 +89,7 @@ def initial() -> dict[str, Any]:
 def render(state: dict[str, Any], root: Path) -> None:
     files = {
         "defs": dict(state["defs"]),
-        "l0": {"listeners": [state["l0"]]},
+        "l0": {"listeners": [state["l0"]], **state["l0_extra"]},
         "l1": {"listeners": [state["l1"]], **state["l1_extra"]},
     }
     if state["l1_nodes"]:
@@ -150,6 +151,29 @@ def apply(state: dict[str, Any], edit: tuple[str, int, int]) -> None:
             else:
                 ups["lb"] = "ring_hash"
             defs["upstreams"][name] = ups
+    elif kind == "upstream-tls":  # TLS to the upstream (its checks read the secrets)
+        name = UPSTREAMS[a % 4]
+        if name in defs["upstreams"]:
+            ups = dict(defs["upstreams"][name])
+            if "tls" in ups:
+                del ups["tls"]
+            else:
+                ups["tls"] = {"ca": SECRETS[b % 3]}
+                if b % 2:
+                    ups["tls"]["certificate"] = SECRETS[(b + 1) % 3]
+            defs["upstreams"][name] = ups
+    elif kind == "upstream-localities":  # a locality given twice is an upstream's own error
+        name = UPSTREAMS[a % 4]
+        if name in defs["upstreams"]:
+            zone = {"zone": "z1", "weight": 1, "endpoints": ["10.0.1.1:8080"]}
+            other = {"zone": f"z{b % 2 + 1}", "weight": 1, "endpoints": ["10.0.1.2:8080"]}
+            defs["upstreams"][name] = {"localities": [zone, other]}
+    elif kind == "grpc-service":  # gRPC uses an upstream (then not checked for Envoy)
+        extra = state["l0_extra"]
+        if "grpc_services" in extra:
+            del extra["grpc_services"]
+        else:
+            extra["grpc_services"] = [{"name": "billing.grpc:50051", "upstream": UPSTREAMS[b % 4]}]
     elif kind == "upstream-dup":  # the same name in a second file
         extra = state["l1_extra"].setdefault("upstreams", {})
         extra[UPSTREAMS[b % 4]] = upstream(b + 5)
@@ -273,6 +297,9 @@ KINDS = [
     "upstream-remove",
     "upstream-add",
     "upstream-ring-hash",
+    "upstream-tls",
+    "upstream-localities",
+    "grpc-service",
     "upstream-dup",
     "upstream-move",
     "extra-clear",
@@ -357,6 +384,55 @@ SCENARIOS: list[tuple[str, list[tuple[str, int, int]]]] = [
     (
         "no upstream named 'u3' (upstreams: u1, u2)",
         [("route-remove", 2, 0), ("route-upstream", 2, 1), ("upstream-remove", 0, 0)],
+    ),
+    # an upstream with TLS (its checks are kept while the upstreams and secrets are the
+    # same): its CA turned into a certificate, then back; renamed away, then back
+    (
+        "secret 'ca-a' is a certificate; a CA bundle (ca:) is needed",
+        [
+            ("upstream-tls", 1, 2),
+            ("secret-kind", 0, 2),
+            ("secret-kind", 0, 2),
+            ("secret-rename", 0, 1),
+            ("secret-rename", 1, 0),
+        ],
+    ),
+    # the same with every upstream moved to another file: their parts stay the very same
+    # objects while the secrets' file changes, and while a gRPC service in a third file
+    # uses the upstream with TLS (its checks are then gRPC's)
+    (
+        "secret 'ca-a' is a certificate; a CA bundle (ca:) is needed",
+        [
+            ("upstream-add", 0, 3),
+            ("upstream-tls", 3, 2),
+            ("upstream-move", 0, 0),
+            ("upstream-move", 0, 1),
+            ("upstream-move", 0, 2),
+            ("upstream-move", 0, 3),
+            ("secret-kind", 0, 2),
+            ("grpc-service", 0, 3),
+            ("grpc-service", 0, 3),
+            ("secret-kind", 0, 2),
+        ],
+    ),
+    # an upstream naming a secret that does not exist, its file unchanged when another
+    # file's nodes split the folder into groups (the message names the group), and back
+    (
+        "no secret named 'cert-b' for nodes *",
+        [("upstream-tls", 0, 1), ("nodes", 0, 0), ("nodes", 0, 0)],
+    ),
+    # the same upstream used by gRPC (not checked for Envoy), then not; a locality twice
+    (
+        "locality zone=z1 is given twice",
+        [
+            ("upstream-tls", 1, 2),
+            ("secret-kind", 0, 2),
+            ("grpc-service", 0, 1),
+            ("grpc-service", 0, 1),
+            ("upstream-localities", 2, 0),
+            ("pad", 0, 2),
+            ("upstream-localities", 2, 1),
+        ],
     ),
     # a duplicate upstream in a second file, then removed
     ("duplicate upstream name 'u1'", [("upstream-dup", 0, 1), ("extra-clear", 0, 0)]),
@@ -465,3 +541,24 @@ def test_hosts_that_did_not_change_are_not_validated_again(tmp_path: Path) -> No
     (swapped,) = [u for u in loader.units() if u.doc.path.endswith("l0.yaml")]
     assert swapped.policy.listeners[0].hosts == [new1, new0]
     assert swapped.policy.listeners[0].hosts[0] is new1
+
+
+def test_a_host_is_reused_only_for_the_very_same_yaml_value() -> None:
+    """The key a host's model is kept by tells values apart by type too: a boolean, an
+    integer and a float that Python finds equal are different YAML (and validate
+    differently), as are a list and a single value."""
+    from xdsplane.policy.parse import _value_key
+
+    values = [
+        {"a": 1},
+        {"a": True},
+        {"a": 1.0},
+        {"a": "1"},
+        {"a": [1]},
+        {"a": None},
+        {"a": 0.0},
+        {"a": -0.0},
+        {"a": {"b": 1}},
+    ]
+    assert len({_value_key(v) for v in values}) == len(values)
+    assert _value_key({"a": [1, {"b": "x"}]}) == _value_key({"a": [1, {"b": "x"}]})

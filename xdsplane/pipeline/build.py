@@ -254,7 +254,9 @@ def build(
     for group in plan:
         before = previous.group(group.name) if previous is not None else None
         state = states.get(group.name) if states is not None else None
-        hosts = checks.setdefault(group.name, HostChecks()) if checks is not None else None
+        hosts = checks.get(group.name) if checks is not None else None
+        if checks is not None and hosts is None:
+            hosts = checks[group.name] = HostChecks()
         built, usage, policy = _build_group(
             group.units,
             scope_of(group, plan),
@@ -387,8 +389,11 @@ def _unused(units: list[Unit], used: Usage) -> list[ConfigError]:
     for u in units:
         if not u.parts:
             continue  # a raw file: no definitions to be unused
-        doc = id(u.doc)  # use_key of each definition, without making its Origin
+        defined = u.fragment.parts().defined  # the use keys of its definitions, made once
+        doc = id(u.doc)
         for key, seen, message in kinds:
+            if defined[key] <= seen:
+                continue  # (every one used: found in C)
             for name in getattr(u.policy, key):
                 if (doc, (key, name)) not in seen:
                     origin = Origin(u.doc, (key, name))

@@ -12,7 +12,7 @@ from xdsplane.config.errors import ConfigError
 from xdsplane.pipeline.units import Unit
 from xdsplane.policy.check import Usage, check_policy
 from xdsplane.policy.check_cache import HostChecks
-from xdsplane.policy.merge import Fragment, GroupPolicy, merge
+from xdsplane.policy.merge import GroupPolicy, merge
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +53,7 @@ def merge_and_check(
     (``hosts``: the group's host checks kept from its last check, see check_hosts.py)."""
     # A raw snapshot file has no policy parts: nothing to merge (hundreds of them, each load).
     parts = [u for u in units if u.parts]
-    policy, errors = merge([Fragment(u.doc, u.policy) for u in parts])
+    policy, errors = merge([u.fragment for u in parts])
     problems, usage = check_policy(policy, scope, hosts)
     return policy, usage, errors + problems
 

@@ -106,15 +106,32 @@ def _unit_changes(
     return gone, new
 
 
+def _translated_changes(
+    before: Sequence[Resource], after: Sequence[Resource]
+) -> tuple[list[Resource], list[Resource]]:
+    """The translated resources that went (in ``before``'s order) and came (in ``after``'s):
+    the objects of each list not in the other. Both lists come in the translation's order
+    and an edit replaces a few in place, so what they share at the start and at the end is
+    left out first (C-speed scans), and the rest is compared by identity.
+
+    Exact since ``before`` is what a good build translated, where no object is twice (it
+    would be a duplicate name): its middle shares no object with the shared ends. An object
+    twice in ``after`` at most comes once more than it would by the whole lists, and a
+    resource that came with the name of one still served makes ``rebuild`` give up."""
+    out, came_in = _edited(before, after)
+    old = set(map(id, out))
+    new = set(map(id, came_in))
+    return [r for r in out if id(r) not in new], [r for r in came_in if id(r) not in old]
+
+
 def rebuild(
     state: GroupState, units: list[Unit], translated: list[Resource], refs_of: RefsOf
 ) -> GroupState | None:
     """The next state from ``state``, or None when a build from scratch must say why not."""
     gone, came = _unit_changes(state.units, units)
-    old_t = {id(r) for r in state.translated}
-    new_t = {id(r) for r in translated}
-    gone += [r for r in state.translated if id(r) not in new_t]
-    came += [r for r in translated if id(r) not in old_t]
+    went_t, came_t = _translated_changes(state.translated, translated)
+    gone += went_t
+    came += came_t
     removed, added = _changes(gone, came)
     if not removed and not added:
         snapshot = Snapshot(state.snapshot.resources, state.snapshot, ())
@@ -151,11 +168,25 @@ def rebuild(
             if name not in came_in:
                 del named[name]
         resources[rtype] = named
-    refcount = dict(_count(state, refs_of))
+    # A resource replaced by one with the same references (a route's prefix edited) leaves
+    # the counts as they were: both are left out. Its references resolved before; one to a
+    # name gone now is still counted, and found by the check of the removed names below.
+    unref: list[Resource] = []
+    ref: list[Resource] = []
     for r in removed.values():
+        new = by_type[r.type][1].get(r.name)
+        if new is None or refs_of(new) != refs_of(r):
+            unref.append(r)
+            if new is not None:
+                ref.append(new)
+    ref += [r for r in added if r.name not in by_type[r.type][0]]
+    refcount = _count(state, refs_of)
+    if unref or ref:
+        refcount = dict(refcount)  # (the last good state keeps its own)
+    for r in unref:
         for t, name, _ in refs_of(r):
             refcount[(t, name)] -= 1
-    for r in added:
+    for r in ref:
         for t, name, _ in refs_of(r):
             if name not in resources.get(t, empty):
                 return None  # dangling: build from scratch for the error

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from operator import is_
 from typing import Any
 
 from pydantic import BaseModel
@@ -57,9 +58,19 @@ class TranslationCache:
         # listener name -> (its model, document, keys, the rest of its key, key, resources)
         self._lsame: dict[str, _LSame] = {}
         self._lsame_used: dict[str, _LSame] = {}
+        # the upstreams' names in order -> what the upstreams gave last time (``_upstreams``)
+        self._blocks: dict[tuple[str, ...], _Block] = {}
+        self._blocks_used: dict[tuple[str, ...], _Block] = {}
 
     def _json(self, model: BaseModel) -> str:
         return self._dumps.json(model)
+
+    def _listener_json(self, listener: Listener) -> str:
+        """A listener's JSON as its cache key: its own fields, then each host's JSON, kept by
+        the host's identity (an edited file keeps the models of the hosts that did not
+        change: only the edited host is dumped, not the whole listener)."""
+        hosts = ",".join([self._json(h) for h in listener.hosts])
+        return f"{listener.model_dump_json(exclude={'hosts'})}[{hosts}]"
 
     def _facts_of(self, listener: Listener) -> _Facts:
         key = id(listener)
@@ -94,12 +105,21 @@ class TranslationCache:
         return hit[1]
 
     def _get(
-        self, key: tuple[str, str], source: str, build: Callable[[], list[Built]]
+        self,
+        key: tuple[str, str],
+        source: str,
+        build: Callable[[], list[Built]],
+        previous: list[Resource] | None = None,
     ) -> list[Resource]:
+        """The part's resources, from the cache or built; ``previous``: what the part gave
+        last time, whose resources that come out the same (same bytes, same source) are
+        given again, the very objects (what is served and versioned does not change)."""
         found = self._used.get(key) or self._entries.get(key)
         if found is None:
             self.misses += 1
             found = [make_resource(b.type, b.message, self._source(b.origin)) for b in build()]
+            if previous:
+                found = _same_as_before(found, previous)
         else:
             self.hits += 1
             if found and found[0].source != source:
@@ -122,37 +142,7 @@ class TranslationCache:
                 self._source(spart.origin),
                 lambda n=name, sp=spart: translate.secret_resources(n, sp, files),  # type: ignore[misc]
             )
-        for name, upart in sorted(policy.upstreams.items()):
-            if name in grpc_ups:
-                out += self._get(
-                    ("grpc-upstream:" + name, self._json(upart.value)),
-                    self._source(upart.origin),
-                    lambda n=name, up=upart: translate.grpc_upstream_resources(n, up),  # type: ignore[misc]
-                )
-                continue
-            origin = upart.origin
-            same = self._same_used.get(name) or self._same.get(name)
-            if (
-                same is not None
-                and same[0] is upart.value
-                and same[1] is origin.doc
-                and same[2] == origin.keys
-            ):
-                # The very part of the very document as last time: its resources as they
-                # were (same key, same source), without its key and source made again.
-                self.hits += 1
-                self._used[same[3]] = same[4]
-                self._same_used[name] = same
-                out += same[4]
-                continue
-            key = ("upstream:" + name, self._json(upart.value))
-            found = self._get(
-                key,
-                self._source(origin),
-                lambda n=name, up=upart: translate.upstream_resources(n, up),  # type: ignore[misc]
-            )
-            self._same_used[name] = (upart.value, origin.doc, origin.keys, key, found)
-            out += found
+        out += self._upstreams(policy, grpc_ups)
         for sname, gpart_ in sorted(policy.grpc_services.items()):
             out += self._get(
                 ("grpc:" + sname, self._json(gpart_.value)),
@@ -224,13 +214,14 @@ class TranslationCache:
                 self._lsame_used[lname] = lsame
                 out += lsame[5]
                 continue
-            key = ("listener:" + lname, self._json(lpart.value) + extra)
+            key = ("listener:" + lname, self._listener_json(lpart.value) + extra)
             found = self._get(
                 key,
                 self._source(origin),
                 lambda lp=lpart, i=introspected: translate.listener_resources(  # type: ignore[misc]
                     lp, log, providers, guard_spec, i, self._vhost
                 ),
+                lsame[5] if lsame is not None else None,
             )
             self._lsame_used[lname] = (lpart.value, origin.doc, origin.keys, extra, key, found)
             out += found
@@ -242,6 +233,68 @@ class TranslationCache:
             )
         return out
 
+    def _upstreams(self, policy: GroupPolicy, grpc_ups: set[str]) -> list[Resource]:
+        """Every upstream's resources, in order of name. The very parts of the last load
+        (merge.py gives an unchanged document's parts again, the same objects), with the
+        same gRPC upstreams, give the resources they gave, without a look at each one."""
+        parts = tuple(policy.upstreams.values())
+        names = tuple(policy.upstreams)
+        block = self._blocks_used.get(names) or self._blocks.get(names)
+        if block is not None and block.grpc == grpc_ups and _same_objects(block.parts, parts):
+            self.hits += len(parts)
+            self._used.update(block.used)
+            self._same_used.update(block.same)
+            self._blocks_used[names] = block
+            return block.out
+        block = _Block(parts, set(grpc_ups), [], {}, {})
+        self._each_upstream(policy, grpc_ups, block)
+        self._blocks_used[names] = block
+        return block.out
+
+    def _each_upstream(self, policy: GroupPolicy, grpc_ups: set[str], block: _Block) -> None:
+        """Fills ``block`` (and records in it the cache entries it used)."""
+        out = block.out
+        for name, upart in sorted(policy.upstreams.items()):
+            if name in grpc_ups:
+                gkey = ("grpc-upstream:" + name, self._json(upart.value))
+                out += self._get(
+                    gkey,
+                    self._source(upart.origin),
+                    lambda n=name, up=upart: translate.grpc_upstream_resources(n, up),  # type: ignore[misc]
+                )
+                block.used[gkey] = self._used[gkey]
+                continue
+            origin = upart.origin
+            same = self._same_used.get(name) or self._same.get(name)
+            if (
+                same is not None
+                and same[0] is upart.value
+                and same[1] is origin.doc
+                and same[2] == origin.keys
+            ):
+                # The very part of the very document as last time: its resources as they
+                # were (same key, same source), without its key and source made again.
+                self.hits += 1
+                self._used[same[3]] = block.used[same[3]] = same[4]
+                self._same_used[name] = block.same[name] = same
+                out += same[4]
+                continue
+            key = ("upstream:" + name, self._json(upart.value))
+            found = self._get(
+                key,
+                self._source(origin),
+                lambda n=name, up=upart: translate.upstream_resources(n, up),  # type: ignore[misc]
+            )
+            block.used[key] = found
+            self._same_used[name] = block.same[name] = (
+                upart.value,
+                origin.doc,
+                origin.keys,
+                key,
+                found,
+            )
+            out += found
+
     def sweep(self) -> None:
         """Keep only what the latest build used."""
         self._entries, self._used = self._used, {}
@@ -251,6 +304,7 @@ class TranslationCache:
         self._vhosts, self._vhosts_used = self._vhosts_used, {}
         self._same, self._same_used = self._same_used, {}
         self._lsame, self._lsame_used = self._lsame_used, {}
+        self._blocks, self._blocks_used = self._blocks_used, {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,3 +314,33 @@ class _Facts:
     jwt: list[str]  # the JWT providers they name, sorted
     introspection: list[str]  # the introspection providers they name, sorted
     guard: bool  # a route needs the guard (ext_authz or a global rate limit)
+
+
+@dataclass(frozen=True, slots=True)
+class _Block:
+    """What a group's upstreams gave: their parts, the gRPC upstreams among them, their
+    resources, and the cache entries they used (carried over when the block is reused)."""
+
+    parts: tuple[object, ...]
+    grpc: set[str]
+    out: list[Resource]
+    used: dict[tuple[str, str], list[Resource]]
+    same: dict[str, _Same]
+
+
+def _same_objects(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
+    return len(a) == len(b) and all(map(is_, a, b))
+
+
+def _same_as_before(found: list[Resource], previous: list[Resource]) -> list[Resource]:
+    """``found``, each resource that is one of ``previous`` byte for byte (type, name,
+    version: a digest of its bytes, and source) replaced by that one (a route edit leaves
+    its listener's Listener as it was: the snapshot's listeners are then left alone)."""
+    before = {(r.type, r.name): r for r in previous}
+    out = []
+    for r in found:
+        old = before.get((r.type, r.name))
+        out.append(
+            old if old is not None and (old.version, old.source) == (r.version, r.source) else r
+        )
+    return out

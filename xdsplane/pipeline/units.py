@@ -8,6 +8,7 @@ from xdsplane.config.errors import ConfigError
 from xdsplane.config.yamlsrc import Document
 from xdsplane.pipeline.raw import parse_resources
 from xdsplane.policy import tlsrules
+from xdsplane.policy.merge import Fragment
 from xdsplane.policy.model import PolicyFile
 from xdsplane.policy.parse import HostModels, parse_policy
 from xdsplane.snapshot import Resource
@@ -25,9 +26,12 @@ class Unit:
     # Whether it holds policy parts (``has_policy_parts``): asked of every file on every
     # load (the merge skips raw files), so found once, when the Unit is made.
     parts: bool = field(init=False, repr=False, compare=False)
+    # What the merge reads of it, kept with it: its parts made once (``Fragment.parts``).
+    fragment: Fragment = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "parts", has_policy_parts(self.policy))
+        object.__setattr__(self, "fragment", Fragment(self.doc, self.policy))
 
 
 def parse_unit(

@@ -10,20 +10,13 @@ from typing import Any
 from xdsplane.config.errors import ConfigError, Location
 from xdsplane.loopback import is_loopback
 from xdsplane.names import GUARD_CLUSTER, JWKS_CLUSTER_PREFIX, OTLP_CLUSTER, grpc_server_listener
-from xdsplane.policy.check_cache import HostChecks, host_segments
-from xdsplane.policy.check_hosts import (
-    HostResult,
-    Replay,
-    no_lifetime,
-)
+from xdsplane.policy.check_cache import Checked, HostChecks, host_segments
+from xdsplane.policy.check_hosts import Replay, no_lifetime
 from xdsplane.policy.grpc_check import check_grpc
-from xdsplane.policy.merge import GroupPolicy, Origin, Part
+from xdsplane.policy.merge import GroupPolicy, Origin, Part, UseKey
 from xdsplane.policy.model import Listener, split_host_port
 
 _ANY_HOSTS = (ipaddress.ip_address("0.0.0.0"), ipaddress.ip_address("::"))
-
-
-UseKey = tuple[int, tuple[str | int, ...]]
 
 
 def use_key(origin: Origin) -> UseKey:
@@ -108,7 +101,7 @@ class _Checker:
         self.policy = policy
         self.where = where
         self.hosts = hosts
-        self.results: list[HostResult] = []
+        self.found: list[dict[str, set[str]]] = []  # per listener: table -> names found
         self.errors: list[ConfigError] = []
         self.usage = Usage()
         self.addresses = _Addresses()
@@ -157,12 +150,14 @@ class _Checker:
                 f"{other!r} at {at.path}:{at.line}{more}",
             )
         if self.hosts is not None:
-            segments = self.hosts.listener(self.policy, lname, listener)
+            checked = self.hosts.listener(self.policy, lname, listener)
         else:
-            segments = host_segments(self.policy, self.where, lname, listener, None)
-        for hi, (local, result) in enumerate(segments):
+            checked = Checked.of(host_segments(self.policy, self.where, lname, listener, None))
+        self.found.append(checked.found)
+        if checked.quiet:
+            return  # (nothing to report at any host: no walk over them)
+        for hi, (local, result) in enumerate(checked.segments):
             hkeys: tuple[str | int, ...] = ("hosts", hi)
-            self.results.append(result)
             for place, message in local:
                 self.error(place.locate(lo, hkeys), message)
             for item in result.items:
@@ -180,20 +175,19 @@ class _Checker:
 
     def listeners_used(self) -> None:
         """What the listeners' hosts and routes use, by the names their checks found."""
-        results = self.results
         for table, used in (
             ("secrets", self.usage.secrets),
             ("upstreams", self.usage.upstreams),
             ("jwt_providers", self.usage.jwt_providers),
             ("introspection_providers", self.usage.introspection_providers),
         ):
-            names: set[str] = set()
-            for r in results:
-                found = r.found[table]
-                if found:
-                    names |= found
-            if names:
-                parts = getattr(self.policy, table)
+            names: set[str] = set().union(*(found[table] for found in self.found))
+            if not names:
+                continue
+            parts = getattr(self.policy, table)
+            if self.hosts is not None:
+                used |= self.hosts.tables.use_keys(table, names, parts)
+            else:
                 used.update((id(parts[n].origin.doc), parts[n].origin.keys) for n in names)
 
     # -- the rest of the group -------------------------------------------------------------
@@ -313,6 +307,27 @@ class _Checker:
             self.usage.upstreams.add(use_key(self.policy.upstreams[name].origin))
 
     def upstreams(self) -> None:
+        """Each upstream's own checks; kept (check_tables.py) while what they read is the
+        very same: the upstreams, the secrets, which upstreams gRPC uses, the scope."""
+        memo = self.hosts.tables if self.hosts is not None else None
+        if memo is not None:
+            kept = memo.upstreams(self.policy, self.where, self.grpc_used)
+            if kept is not None:
+                self.errors += kept[0]
+                self.usage.secrets |= kept[1]
+                return
+        start, outer = len(self.errors), self.usage.secrets
+        mine: set[UseKey] = set()  # the secrets these checks use, to keep
+        self.usage.secrets = mine
+        try:
+            self._each_upstream()
+        finally:
+            outer |= mine
+            self.usage.secrets = outer
+        if memo is not None:
+            memo.keep_upstreams(self.policy, self.where, self.grpc_used, self.errors[start:], mine)
+
+    def _each_upstream(self) -> None:
         for name, upart in self.policy.upstreams.items():
             seen: dict[tuple[str, str, str], int] = {}
             for j, loc in enumerate(upart.value.localities or ()):

@@ -7,6 +7,7 @@ changed, are checked again (``check_hosts.py`` records what each check read).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from xdsplane.policy.check_hosts import (
     HOST_PLACE,
@@ -17,8 +18,9 @@ from xdsplane.policy.check_hosts import (
     Rel,
     Segment,
 )
+from xdsplane.policy.check_tables import TableMemo, same_objects
 from xdsplane.policy.jsonmemo import JsonMemo
-from xdsplane.policy.merge import GroupPolicy
+from xdsplane.policy.merge import GroupPolicy, Part
 from xdsplane.policy.model import Host, Listener
 
 
@@ -45,9 +47,13 @@ class HostChecks:
         self._guard: tuple[object, object] = (None, None)  # (value, its document)
         # a host's JSON by the identity of the (frozen) model, kept alive with it
         self._dumps: JsonMemo[Host] = JsonMemo()
-        # a listener's segments by its identity: (listener, its name, host keys, segments)
-        self._listeners: dict[int, tuple[Listener, str, list[HostKey], list[Segment]]] = {}
-        self._listeners_used: dict[int, tuple[Listener, str, list[HostKey], list[Segment]]] = {}
+        # a listener's hosts checked, by its identity: (listener, its name, host keys, them)
+        self._listeners: dict[int, tuple[Listener, str, list[HostKey], Checked]] = {}
+        self._listeners_used: dict[int, tuple[Listener, str, list[HostKey], Checked]] = {}
+        # table -> its parts (the very objects) at the last check
+        self._parts: dict[str, tuple[object, ...]] = {t: () for t in TABLES}
+        # what the group's checks read of whole tables (check_tables.py)
+        self.tables = TableMemo()
         self.hits = 0
         self.misses = 0
 
@@ -58,10 +64,16 @@ class HostChecks:
             for key in list(self._results):
                 self._forget(key)
             self.where = where
+            self._parts = {t: () for t in TABLES}
         drop: set[HostKey] = set()
         for table in TABLES:
+            parts: dict[str, Part[object]] = getattr(policy, table)
+            values = tuple(parts.values())
+            if same_objects(values, self._parts[table]):
+                continue  # the very parts of the last check (merge.py): nothing changed
+            self._parts[table] = values
             before = self._tables[table]
-            now = {name: part.value for name, part in getattr(policy, table).items()}
+            now = {name: part.value for name, part in parts.items()}
             self._tables[table] = now
             index = self._index[table]
             names: Iterable[str] = now
@@ -102,25 +114,24 @@ class HostChecks:
     def _json(self, host: Host) -> str:
         return self._dumps.json(host)
 
-    def listener(self, policy: GroupPolicy, lname: str, listener: Listener) -> list[Segment]:
-        """Each host of ``listener`` (``host_segments``); for the very listener of the last
-        check, whose hosts' results are all still kept, its segments as they were."""
+    def listener(self, policy: GroupPolicy, lname: str, listener: Listener) -> Checked:
+        """Each host of ``listener`` checked (``host_segments``); for the very listener of
+        the last check, whose hosts' results are all still kept, as it was."""
         ident = id(listener)
         hit = self._listeners_used.get(ident) or self._listeners.get(ident)
         if (
             hit is not None
             and hit[0] is listener
             and hit[1] == lname
-            and all(result.live for _, result in hit[3])
+            and all(result.live for result in hit[3].results)
         ):
-            for key, (_, result) in zip(hit[2], hit[3], strict=True):
-                self._used[key] = result
+            self._used.update(zip(hit[2], hit[3].results, strict=True))
             self.hits += len(hit[2])
         else:
             assert self.where is not None
             keys: list[HostKey] = []
             segments = host_segments(policy, self.where, lname, listener, self, keys)
-            hit = (listener, lname, keys, segments)
+            hit = (listener, lname, keys, Checked.of(segments))
         self._listeners_used[ident] = hit
         return hit[3]
 
@@ -154,6 +165,24 @@ class HostChecks:
         self._used = {}
         self._dumps.next_load()
         self._listeners, self._listeners_used = self._listeners_used, {}
+
+
+@dataclass(frozen=True, slots=True)
+class Checked:
+    """A listener's hosts checked: each host's segment, and what the group's check takes
+    from them all, found once (a listener kept from the last check gives it again)."""
+
+    segments: list[Segment]
+    results: list[HostResult]
+    quiet: bool  # no host has anything to report (no local error, no item)
+    found: dict[str, set[str]]  # table -> the names the hosts found in it
+
+    @staticmethod
+    def of(segments: list[Segment]) -> Checked:
+        results = [result for _, result in segments]
+        quiet = not any(local or result.items for local, result in segments)
+        found = {t: set().union(*(r.found[t] for r in results)) for t in TABLES}
+        return Checked(segments, results, quiet, found)
 
 
 def host_segments(

@@ -69,7 +69,10 @@ def sds_secrets(policy: GroupPolicy) -> set[str]:
     otherwise all but those only gRPC uses."""
     if not policy.listeners and (policy.grpc_services or policy.grpc_servers):
         return set()
-    return set(policy.secrets) - (set(provider_secrets(policy)) - envoy_secrets(policy))
+    providers = set(provider_secrets(policy))
+    if not providers:
+        return set(policy.secrets)  # (no gRPC secret: no walk over every host and upstream)
+    return set(policy.secrets) - (providers - envoy_secrets(policy))
 
 
 def provider_config(secret: Secret, folder: Path) -> dict[str, Any]:

