@@ -36,6 +36,17 @@ and end of each Envoy run, and each process's CPU seconds beside the wall time.
 ``_authz_echo.py``, which allows everything at once: the floor of any Python grpc.aio
 ext_authz service, to tell the guard's own cost from gRPC's and the machine's.
 
+``http-echo`` and ``http-redis`` (Envoy part only) put ``_authz_http.py`` in the guard's
+place, asked over HTTP/1.1 instead: Envoy's ext_authz filter with an ``http_service``
+(server_uri -> the guard's cluster without its HTTP/2 options, the same 250 ms timeout,
+only ``x-jwt-payload`` forwarded) and jwt_authn forwarding the verified payload in
+``x-jwt-payload`` (``forward_payload_header``), served by a second ``xdsplane serve`` run
+through ``_serve_diag.py --proposals httpauthz`` (the translator patched at run time,
+nothing in xdsplane/ changed). ``http-echo`` allows everything (a lean asyncio.Protocol
+HTTP/1.1 server: the floor of an HTTP front); ``http-redis`` also does one Redis ``SET
+jti:<jti> 1 NX PX 60000`` per request (the jti from ``x-jwt-payload``; the commands of one
+event-loop iteration in one write) and refuses a jti seen before: the store's added cost.
+
 Everything shares the machine's CPUs (2 on the reference machine): the load generator,
 Envoy, the guard and Redis compete for them, so the CPU each used is reported next to the
 latencies.
@@ -72,6 +83,9 @@ HELD_RATE = 0.99  # "held": achieved >= 99 % of the asked rate ...
 HELD_ERRORS = 0.001  # ... with at most 0.1 % errors
 JTI_LEN = 24
 BACKENDS = ("memory", "redis")
+ALLOW_ALL = ("echo", "http-echo")  # floors that refuse nothing (no replay check)
+HTTP_BACKENDS = ("http-echo", "http-redis")  # asked over HTTP/1.1 (_authz_http.py)
+REDIS_BACKENDS = ("redis", "http-redis")  # need redis-server; goal GOAL_REDIS_ADDED_P99
 
 
 # -- requests -----------------------------------------------------------------------------
@@ -308,7 +322,7 @@ async def direct(
         runs.append(fixed)
 
         # The point of it all: a jti already seen is refused (on the same store).
-        if backend != "echo":
+        if backend not in ALLOW_ALL:
             once = make.next()
             first = await check(once, timeout=5)
             second = await check(once, timeout=5)  # the next channel: maybe another worker
@@ -511,7 +525,7 @@ async def through_envoy(
         # a token used twice on /once/ is refused by the guard (403, "already used"); a
         # first use that timed out (a loaded machine) proves nothing: up to 5 tokens
         refused: bool | None = None
-        for token in tokens(key, kid, jtis, 5 if backend != "echo" else 0):
+        for token in tokens(key, kid, jtis, 5 if backend not in ALLOW_ALL else 0):
             first, _ = await pool.request(request_bytes("/once/x", token))
             if first != 200:
                 continue
@@ -567,7 +581,10 @@ def main() -> int:
         "--backends",
         default=",".join(BACKENDS),
         help="memory, redis, and echo: an ext_authz server that allows everything at once "
-        "(_authz_echo.py), the floor of any Python grpc.aio service",
+        "(_authz_echo.py), the floor of any Python grpc.aio service; http-echo and "
+        "http-redis (Envoy part only): _authz_http.py asked over HTTP/1.1 (ext_authz "
+        "http_service), allowing everything, or doing one Redis SET NX per request keyed by "
+        "the jti of jwt_authn's x-jwt-payload",
     )
     ap.add_argument("--parts", default="direct,envoy", help="direct, envoy or both")
     ap.add_argument(
@@ -618,7 +635,7 @@ def main() -> int:
     envoy_results: list[EnvoyResult] = []
     try:
         redis = _procs.Redis(procs, workdir, max_seconds=limit)
-        if "redis" in backends:
+        if any(b in REDIS_BACKENDS for b in backends):
             redis.start()
         guards: dict[str, _procs.Guard] = {}
         for b in backends:
@@ -634,13 +651,24 @@ def main() -> int:
             admin = f"{_procs.HOST}:{g.admin_port}"
             g.proc.argv = [sys.executable, str(echo), "--address", g.address]
             g.proc.argv += ["--admin-address", admin]
+        for b in HTTP_BACKENDS:
+            if b in guards:
+                g = guards[b]
+                floor = Path(__file__).resolve().parent / "_authz_http.py"
+                admin = f"{_procs.HOST}:{g.admin_port}"
+                g.proc.argv = [sys.executable, str(floor), "--address", g.address]
+                g.proc.argv += ["--admin-address", admin]
+                if b == "http-redis":
+                    g.proc.argv += ["--redis", redis.url]
 
         for g in guards.values():
             g.launch()
 
         for g in guards.values():
             g.wait_ready()
-        redis_pids: dict[str, Pids] = {"redis": redis.proc.pid} if "redis" in guards else {}
+        redis_pids: dict[str, Pids] = (
+            {"redis": redis.proc.pid} if any(b in REDIS_BACKENDS for b in guards) else {}
+        )
         guard_pids: dict[str, Pids] = {b: g.proc.pid for b, g in guards.items()}
         if args.workers > 1 and "redis" in guards:
             guard_pids["redis"] = worker_pids(guards["redis"], args.workers)
@@ -649,6 +677,9 @@ def main() -> int:
         if "direct" in parts:
             make = CheckRequests(jtis)
             for b, g in guards.items():
+                if b in HTTP_BACKENDS:
+                    print(f"  direct {b}: skipped (no gRPC: Envoy part only)")
+                    continue
                 extra_pids = redis_pids if b == "redis" else {}
                 direct_runs += asyncio.run(
                     direct(
@@ -666,25 +697,43 @@ def main() -> int:
                 print(f"  direct {b}: {len(direct_runs[-1].latencies)} calls at fixed rate")
 
         if "envoy" in parts:
-            folder = workdir / "policy"
-            folder.mkdir()
             key = jwt.new_key()
             pki.write_atomic(workdir / "keys" / "jwks.json", jwt.jwks(key))
             ports = {b: _procs.free_port() for b in guards}
-            for b, g in guards.items():
-                (folder / f"{b}.yaml").write_text(
-                    POLICY.format(
-                        node=f"bench-{b}", guard=g.address, issuer=jwt.DEFAULT_ISSUER, port=ports[b]
+            # one xdsplane serve for the gRPC backends, one (translator patched to ask the
+            # guard over HTTP/1.1) for the HTTP ones; idle once the Envoys have their config
+            servers: dict[str, _procs.XdsServer] = {}
+            for kind in ("grpc", "http"):
+                mine = [b for b in guards if (b in HTTP_BACKENDS) == (kind == "http")]
+                if not mine:
+                    continue
+                folder = workdir / f"policy-{kind}"
+                folder.mkdir()
+                for b in mine:
+                    (folder / f"{b}.yaml").write_text(
+                        POLICY.format(
+                            node=f"bench-{b}",
+                            guard=guards[b].address,
+                            issuer=jwt.DEFAULT_ISSUER,
+                            port=ports[b],
+                        )
                     )
+                server = _procs.XdsServer(
+                    procs, folder, name=f"xdsplane-{kind}", extra_args=["--log-level", "warning"]
                 )
-            server = _procs.XdsServer(procs, folder, extra_args=["--log-level", "warning"])
-            server.proc.cwd = workdir
-            server.proc.max_seconds = limit
-            server.start(timeout=60)
+                if kind == "http":
+                    diag = Path(__file__).resolve().parent / "_serve_diag.py"
+                    at = server.proc.argv.index("serve")
+                    server.proc.argv[1:at] = [str(diag), "--proposals", "httpauthz", "--"]
+                server.proc.cwd = workdir
+                server.proc.max_seconds = limit
+                server.start(timeout=60)
+                for b in mine:
+                    servers[b] = server
             envoys = {}
             for b in guards:
                 e = _procs.Envoy(
-                    procs, workdir, f"bench-{b}", server.xds_address, log_level="warning"
+                    procs, workdir, f"bench-{b}", servers[b].xds_address, log_level="warning"
                 )
                 e.proc.max_seconds = limit
                 at = e.proc.argv.index("--concurrency") + 1
@@ -698,7 +747,7 @@ def main() -> int:
                 )
             for b in guards:
                 pids: dict[str, Pids] = {"envoy": envoys[b].proc.pid, "guard": guard_pids[b]}
-                if b == "redis":
+                if b in REDIS_BACKENDS:
                     pids.update(redis_pids)
                 start_load = _common.load()
                 envoy_results.append(
@@ -779,7 +828,7 @@ def main() -> int:
         for e in envoy_results:
             added50 = p50(e.once.latencies) - p50(e.plain.latencies)
             added99 = percentile(e.once.latencies, 99) - percentile(e.plain.latencies, 99)
-            goal = GOAL_REDIS_ADDED_P99 if e.backend == "redis" else GOAL_ADDED_P99
+            goal = GOAL_REDIS_ADDED_P99 if e.backend in REDIS_BACKENDS else GOAL_ADDED_P99
             rows.append(
                 [
                     e.backend,

@@ -87,6 +87,22 @@ def test_bench_guard_quick() -> None:
         assert cells[-1] in ("ok", "MISS (rate not held)") or cells[-1].startswith("MISS x"), cells
 
 
+@pytest.mark.envoy
+def test_bench_guard_http_floor_quick() -> None:
+    """The HTTP ext_authz floor with Redis (``http-redis``: Envoy's ext_authz ``http_service``
+    -> _authz_http.py -> one SET NX per request) answers through Envoy and refuses a jti
+    sent twice, i.e. the patched translator and the floor server are wired end to end."""
+    out = run_quick(
+        "bench_guard.py", "--backends", "http-redis", "--parts", "envoy", "--seconds", "1"
+    )
+    through = rows(out, "http-redis /")
+    assert [c[0] for c in through] == ["http-redis /plain/", "http-redis /once/"], out
+    for cells in through:
+        assert int(cells[1]) == 1000 and float(cells[2].removesuffix("/s")) > 0, cells
+    (added,) = [r for r in rows(out, "http-redis") if r[0] == "http-redis"]
+    assert added[3] in ("yes", "n/a"), added  # "n/a": no first use answered in time
+
+
 def test_bench_guard_workers_quick() -> None:
     """The Redis guard with --workers 2, called directly over 8 connections: both workers
     answer (decisions counted by each worker's own /metrics), a replay is refused."""
