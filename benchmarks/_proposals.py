@@ -19,7 +19,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-
 PAYLOAD_HEADER = "x-jwt-payload"
 
 
