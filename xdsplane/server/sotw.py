@@ -71,10 +71,13 @@ class SotwStream(StreamBase):
             and not rtype.wildcard
             and self.snapshot is not None
             and st.synced == self.snapshot.versions[rtype]
+            and not st.resend
             and names == st.names
         ):
             # An ACK of a named subscription in sync (it repeats every name, thousands for an
-            # Envoy's EDS): it holds every subscribed resource that exists; nothing to send.
+            # Envoy's EDS): it holds every subscribed resource that exists and is owed
+            # nothing (a cluster sent outside a snapshot push may owe its CLA: the walk
+            # below sends it); nothing to send.
             return Step(answer=answer)
         st.synced = ""
         st.names = names
