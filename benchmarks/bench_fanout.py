@@ -145,14 +145,22 @@ class Clients:
                 rnd.done.set()
 
 
-async def sotw_stream(i: int, channel: grpc.aio.Channel, c: Clients) -> None:
+async def _open(i: int, channel: grpc.aio.Channel, c: Clients, delta: bool) -> Any:
+    """Stream i's ADS call, its first request (CDS by wildcard, the node) written."""
+    method, response = (DELTA_METHOD, DeltaResponse) if delta else (SOTW_METHOD, SotwResponse)
     call = channel.stream_stream(
-        SOTW_METHOD, request_serializer=_identity, response_deserializer=SotwResponse.FromString
+        method, request_serializer=_identity, response_deserializer=response.FromString
     )()
-    node = discovery_pb2.DiscoveryRequest(type_url=CDS)
-    node.node.id = f"edge-{c.base + i}"
-    node.node.cluster = "edge"
-    await call.write(node.SerializeToString())
+    request = discovery_pb2.DeltaDiscoveryRequest if delta else discovery_pb2.DiscoveryRequest
+    first = request(type_url=CDS)
+    first.node.id = f"edge-{c.base + i}"
+    first.node.cluster = "edge"
+    await call.write(first.SerializeToString())
+    return call
+
+
+async def sotw_stream(i: int, channel: grpc.aio.Channel, c: Clients) -> None:
+    call = await _open(i, channel, c, delta=False)
     while True:
         resp = await call.read()
         if resp is grpc.aio.EOF:
@@ -169,13 +177,7 @@ async def sotw_stream(i: int, channel: grpc.aio.Channel, c: Clients) -> None:
 
 
 async def delta_stream(i: int, channel: grpc.aio.Channel, c: Clients) -> None:
-    call = channel.stream_stream(
-        DELTA_METHOD, request_serializer=_identity, response_deserializer=DeltaResponse.FromString
-    )()
-    first = discovery_pb2.DeltaDiscoveryRequest(type_url=CDS)
-    first.node.id = f"edge-{c.base + i}"
-    first.node.cluster = "edge"
-    await call.write(first.SerializeToString())
+    call = await _open(i, channel, c, delta=True)
     while True:
         resp = await call.read()
         if resp is grpc.aio.EOF:
@@ -198,13 +200,7 @@ async def delta_eds_stream(i: int, channel: grpc.aio.Channel, c: Clients) -> Non
     """A delta stream as Envoy opens it: CDS by wildcard, then every cluster's
     ClusterLoadAssignment by name. Every response is ACKed; the EDS ones are recorded (a
     cluster edit reaches Envoy when the cluster's endpoints come again after it)."""
-    call = channel.stream_stream(
-        DELTA_METHOD, request_serializer=_identity, response_deserializer=DeltaResponse.FromString
-    )()
-    first = discovery_pb2.DeltaDiscoveryRequest(type_url=CDS)
-    first.node.id = f"edge-{c.base + i}"
-    first.node.cluster = "edge"
-    await call.write(first.SerializeToString())
+    call = await _open(i, channel, c, delta=True)
     eds = discovery_pb2.DeltaDiscoveryRequest(type_url=EDS)
     clusters = int(os.environ.get(EDS_CLUSTERS_ENV, "2000"))
     eds.resource_names_subscribe.extend(_snapgen.cluster_name(k) for k in range(clusters))
@@ -228,13 +224,7 @@ async def sotw_eds_stream(i: int, channel: grpc.aio.Channel, c: Clients) -> None
     """A SotW stream as Envoy opens it: CDS by wildcard, then every cluster's
     ClusterLoadAssignment by name; every ACK of EDS repeats every name, as Envoy's do. The
     EDS responses are recorded."""
-    call = channel.stream_stream(
-        SOTW_METHOD, request_serializer=_identity, response_deserializer=SotwResponse.FromString
-    )()
-    first = discovery_pb2.DiscoveryRequest(type_url=CDS)
-    first.node.id = f"edge-{c.base + i}"
-    first.node.cluster = "edge"
-    await call.write(first.SerializeToString())
+    call = await _open(i, channel, c, delta=False)
     clusters = int(os.environ.get(EDS_CLUSTERS_ENV, "2000"))
     names = [_snapgen.cluster_name(k) for k in range(clusters)]
     eds = discovery_pb2.DiscoveryRequest(type_url=EDS, resource_names=names)

@@ -147,19 +147,7 @@ class SotwStream(StreamBase):
             if n in names and n in available:
                 wanted[n] = available[n]
         st.resend = None
-        changed: dict[str, Resource] = {}
-        rejected = False
-        for n in sorted(wanted):
-            r = wanted[n]
-            if st.held.get(n) != r.version:
-                if self.parked.rejected(rtype, n, r.version):
-                    rejected = True
-                else:
-                    changed[n] = r
-        st.synced = "" if rejected else snapshot.versions[rtype]
-        if not changed:
-            return []
-        return self._send(rtype, st, changed, snapshot.named_version(rtype, frozenset(names)))
+        return self._send_named(rtype, st, snapshot, {n: wanted[n] for n in sorted(wanted)})
 
     def _respond(
         self, rtype: ResourceType, st: Subscription, snapshot: Snapshot | None
@@ -177,28 +165,37 @@ class SotwStream(StreamBase):
             st.synced = "" if st.claimed else snapshot.versions[rtype]
             return []
         if st.claimed:
-            version = versions_hash((n, r.version) for n, r in chosen.items())
-            if version == st.claimed:
+            if snapshot.named_version(rtype, frozenset(st.names)) == st.claimed:
                 st.held = {n: r.version for n, r in chosen.items()}
             st.claimed = ""
+        return self._send_named(rtype, st, snapshot, chosen)
+
+    def _send_named(
+        self,
+        rtype: ResourceType,
+        st: Subscription,
+        snapshot: Snapshot,
+        candidates: Mapping[str, Resource],
+    ) -> list[Outgoing]:
+        """Of ``candidates`` (subscribed resources, in name order), send those whose version
+        the client does not hold and did not reject. The subscription is in sync from here
+        unless something was rejected: the next snapshot change and ACKs need not walk its
+        names (``_respond_diff``, ``on_request``). Only what changed goes out (an omitted
+        name is not a removal for named types); the version is the hash of everything the
+        client then holds of its subscription (once per name set and snapshot, shared by
+        the streams asking for the same names)."""
         changed: dict[str, Resource] = {}
         rejected = False
-        for n, r in chosen.items():
+        for n, r in candidates.items():
             if st.held.get(n) != r.version:
                 if self.parked.rejected(rtype, n, r.version):
                     rejected = True
                 else:
                     changed[n] = r
-        # In sync from here (unless something was rejected): the next snapshot change and
-        # ACKs of this subscription need not walk its names (_respond_diff, on_request).
         st.synced = "" if rejected else snapshot.versions[rtype]
         if not changed:
             return []
-        # Only what changed goes out (an omitted name is not a removal for named types);
-        # the version is the hash of everything the client then holds of its subscription
-        # (once per name set and snapshot, shared by the streams asking for the same names).
-        version = snapshot.named_version(rtype, frozenset(st.names))
-        return self._send(rtype, st, changed, version)
+        return self._send(rtype, st, changed, snapshot.named_version(rtype, frozenset(st.names)))
 
     def _respond_full_state(
         self, rtype: ResourceType, st: Subscription, chosen: dict[str, Resource]
