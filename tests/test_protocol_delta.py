@@ -620,7 +620,7 @@ def test_a_nack_on_one_stream_does_not_freeze_another_stream_of_the_same_node(
 # -- a named subscription in sync gets the shared diff, not a scan of its names ---------------
 
 
-class _NoScan(set[str]):
+class _NoScan(frozenset[str]):
     """A stream's subscribed names that may be asked about (``in``) but not walked."""
 
     walked = 0

@@ -922,7 +922,7 @@ def test_named_subscriptions_on_the_diff_path_send_what_a_walk_sends(
             answer(both(lambda cl, n=tuple(eds): cl.request(EDS, n)))  # type: ignore[misc]
 
 
-class _NoWalk(set[str]):
+class _NoWalk(frozenset[str]):
     """A subscription's names that may be asked about (``in``) but not walked."""
 
     walked = 0
@@ -935,28 +935,34 @@ class _NoWalk(set[str]):
 def test_a_named_subscription_in_sync_is_not_walked_on_pushes_and_acks() -> None:
     """An Envoy asks for thousands of ClusterLoadAssignments by name and repeats every name
     in each ACK: a push changing one of them, a cluster change (its CLA goes again), and
-    their ACKs must not walk the subscription."""
+    their ACKs must not walk the subscription. Two such Envoys share one set of names
+    (interned), whose version is hashed once per snapshot for both: the only walks."""
     names = [f"c{i:03d}" for i in range(200)]
     s1 = snap(*[cluster(n) for n in names], *[endpoints(n) for n in names])
-    c = Client()
-    c.push(s1)
-    for rtype, subs in ((CDS, ()), (EDS, names)):
-        for resp in c.request(rtype, subs):
-            assert c.ack(resp) == []
-    eds = c.stream.types[EDS]
-    assert eds.synced == s1.versions[EDS]
-    eds.names = _NoWalk(eds.names)
+    clients = [Client(), Client()]
+    for c in clients:
+        c.push(s1)
+        for rtype, subs in ((CDS, ()), (EDS, names)):
+            for resp in c.request(rtype, subs):
+                assert c.ack(resp) == []
+        assert c.stream.types[EDS].synced == s1.versions[EDS]
+    first, second = (c.stream.types[EDS] for c in clients)
+    assert first.names is second.names  # interned: one set for both streams
+    shared = _NoWalk(first.names)
+    first.names = second.names = shared
     _NoWalk.walked = 0
     s2 = snap(
         *s1.of(CDS).values(), *[endpoints(n, 7) if n == "c050" else s1.of(EDS)[n] for n in names]
     )
-    (got,) = c.push(s2)
-    assert names_of(got) == ["c050"]
-    assert got.version_info == versions_hash((n, s2.of(EDS)[n].version) for n in names)
     s3 = snap(*[cluster(n, 9 if n == "c120" else 1) for n in names], *s2.of(EDS).values())
-    cds, again = c.push(s3)
-    assert names_of(again) == ["c120"]  # unchanged, owed with its changed cluster
-    assert c.ack(cds) == []
-    assert c.ack(again) == []  # every name repeated: compared in C, not walked
-    assert _NoWalk.walked == 0
-    assert c.stream.types[EDS].held == {n: s3.of(EDS)[n].version for n in names}
+    for c in clients:
+        (got,) = c.push(s2)
+        assert names_of(got) == ["c050"]
+        assert got.version_info == versions_hash((n, s2.of(EDS)[n].version) for n in names)
+        cds, again = c.push(s3)
+        assert names_of(again) == ["c120"]  # unchanged, owed with its changed cluster
+        assert c.ack(cds) == []
+        assert c.ack(again) == []  # every name repeated: compared in C, not walked
+    assert _NoWalk.walked == 2  # the version of the name set, once per snapshot
+    for c in clients:
+        assert c.stream.types[EDS].held == {n: s3.of(EDS)[n].version for n in names}

@@ -25,7 +25,14 @@ from typing import Any
 
 from envoy.service.discovery.v3 import discovery_pb2
 
-from xdsplane.server.state import HeldVersions, Outgoing, Step, StreamBase, Subscription
+from xdsplane.server.state import (
+    HeldVersions,
+    Outgoing,
+    Step,
+    StreamBase,
+    Subscription,
+    intern_names,
+)
 from xdsplane.snapshot import Resource, Snapshot
 from xdsplane.types import PUSH_ORDER, ResourceType, eds_name
 
@@ -70,8 +77,8 @@ class DeltaStream(StreamBase):
             st.wildcard = True
         if "*" in unsubscribe:
             st.wildcard = False
-        st.names |= subscribe - {"*"}
-        st.names -= unsubscribe
+        if subscribe - st.names - {"*"} or unsubscribe & st.names:
+            st.names = intern_names((st.names | subscribe) - {"*"} - unsubscribe)
         for name in unsubscribe:
             st.held.pop(name, None)
         return Step(self._respond(rtype, st, self.snapshot, removals=True), answer)
@@ -109,9 +116,7 @@ class DeltaStream(StreamBase):
                 out.extend(self._emit(rtype, st, snapshot, [], gone))
                 if st.synced:
                     st.synced = snapshot.versions[rtype]
-                    if st.wildcard and not st.names:
-                        # It holds exactly this snapshot's resources now: share its mapping.
-                        st.held = HeldVersions.of(snapshot.of(rtype))
+                    self._share_held(st, snapshot.of(rtype))
             else:
                 out.extend(self._respond(rtype, st, snapshot, removals=True))
         return Step(self._caused_by(snapshot, out))
@@ -186,9 +191,25 @@ class DeltaStream(StreamBase):
         # of every name it subscribes to.
         exact = removals and not rejected
         st.synced = snapshot.versions[rtype] if exact and not rtype.kept else ""
-        if st.synced and st.wildcard and not st.names:
-            st.held = HeldVersions.of(available)  # the same versions, shared: no own table
+        if st.synced:
+            self._share_held(st, available)
         return out
+
+    @staticmethod
+    def _share_held(st: Subscription, available: Mapping[str, Resource]) -> None:
+        """In sync, the client holds exactly ``available``'s resources of every name it
+        subscribes to: keep that as the snapshot's own mapping, seen through the (interned)
+        names of a named subscription, instead of a table of the stream's own. (A client
+        may hold names it never subscribed to, from ``initial_resource_versions``: then it
+        keeps its own table.)"""
+        if not st.wildcard:
+            held = st.held
+            if (isinstance(held, HeldVersions) and held.names is st.names) or all(
+                n in st.names for n in held
+            ):
+                st.held = HeldVersions.of(available, st.names)
+        elif not st.names:
+            st.held = HeldVersions.of(available)
 
     def _emit(
         self,
@@ -221,7 +242,7 @@ class DeltaStream(StreamBase):
                 st.held[r.name] = r.version
             for name in removed:
                 del st.held[name]
-            st.sent_out(nonce, version, {r.name: r for r in changed})
+            st.sent_out(nonce, version, changed)  # the response's own list, not a copy
             out = Outgoing(
                 rtype, version, nonce, head, b"", changed, True, len(changed), len(removed)
             )

@@ -24,7 +24,15 @@ from typing import Any
 
 from envoy.service.discovery.v3 import discovery_pb2
 
-from xdsplane.server.state import Ack, Outgoing, Step, StreamBase, Subscription
+from xdsplane.server.state import (
+    Ack,
+    HeldVersions,
+    Outgoing,
+    Step,
+    StreamBase,
+    Subscription,
+    intern_names,
+)
 from xdsplane.snapshot import Resource, Snapshot, versions_hash
 from xdsplane.types import PUSH_ORDER, ResourceType, eds_name
 
@@ -80,10 +88,12 @@ class SotwStream(StreamBase):
             # below sends it); nothing to send.
             return Step(answer=answer)
         st.synced = ""
-        st.names = names
-        if not st.wildcard:
+        if names != st.names:
+            st.names = intern_names(names)
+        held = st.held
+        if not st.wildcard and not (isinstance(held, HeldVersions) and held.names is st.names):
             # The client forgets what it unsubscribed from.
-            st.held = {n: v for n, v in st.held.items() if n in st.names}
+            st.held = {n: v for n, v in held.items() if n in st.names}
         return Step(self._respond(rtype, st, self.snapshot), answer)
 
     def on_snapshot(self, snapshot: Snapshot) -> Step:
@@ -141,13 +151,14 @@ class SotwStream(StreamBase):
         is owed again (``resend``), without walking every subscribed name."""
         available = snapshot.of(rtype)
         names = st.names
-        changed_all, _ = snapshot.diff(previous, rtype)
+        changed_all, removed = snapshot.diff(previous, rtype)
         wanted = {r.name: r for r in changed_all if r.name in names}
         for n in st.resend or ():
             if n in names and n in available:
                 wanted[n] = available[n]
         st.resend = None
-        return self._send_named(rtype, st, snapshot, {n: wanted[n] for n in sorted(wanted)})
+        candidates = {n: wanted[n] for n in sorted(wanted)}
+        return self._send_named(rtype, st, snapshot, candidates, previous.of(rtype), removed)
 
     def _respond(
         self, rtype: ResourceType, st: Subscription, snapshot: Snapshot | None
@@ -165,7 +176,7 @@ class SotwStream(StreamBase):
             st.synced = "" if st.claimed else snapshot.versions[rtype]
             return []
         if st.claimed:
-            if snapshot.named_version(rtype, frozenset(st.names)) == st.claimed:
+            if snapshot.named_version(rtype, st.names) == st.claimed:
                 st.held = {n: r.version for n, r in chosen.items()}
             st.claimed = ""
         return self._send_named(rtype, st, snapshot, chosen)
@@ -176,6 +187,8 @@ class SotwStream(StreamBase):
         st: Subscription,
         snapshot: Snapshot,
         candidates: Mapping[str, Resource],
+        previous: Mapping[str, Resource] | None = None,
+        removed: Iterable[str] = (),
     ) -> list[Outgoing]:
         """Of ``candidates`` (subscribed resources, in name order), send those whose version
         the client does not hold and did not reject. The subscription is in sync from here
@@ -192,10 +205,21 @@ class SotwStream(StreamBase):
                     rejected = True
                 else:
                     changed[n] = r
-        st.synced = "" if rejected else snapshot.versions[rtype]
         if not changed:
-            return []
-        return self._send(rtype, st, changed, snapshot.named_version(rtype, frozenset(st.names)))
+            out = []
+        else:
+            out = self._send(rtype, st, changed, snapshot.named_version(rtype, st.names))
+        st.synced = "" if rejected else snapshot.versions[rtype]
+        if not rejected:
+            # It holds every subscribed resource of the snapshot: keep that as the snapshot's
+            # own mapping seen through the interned names, not a table of the stream's own
+            # (``previous`` and ``removed``: the diff path's, to find what it still holds
+            # that the snapshot lost without a walk).
+            held = st.held
+            if not isinstance(held, HeldVersions):
+                held = HeldVersions(held)
+            st.held = held.rebased(snapshot.of(rtype), st.names, previous, removed)
+        return out
 
     def _respond_full_state(
         self, rtype: ResourceType, st: Subscription, chosen: dict[str, Resource]
@@ -250,7 +274,8 @@ class SotwStream(StreamBase):
             body = snapshot.sotw_body(rtype)  # the whole type: joined once, shared
         else:
             entries = [resources[n] for n in sorted(resources)]
-        st.sent_out(nonce, version, resources)  # shared with the snapshot: no per-stream copy
+        # The snapshot's mapping, or the response's own list of entries: no per-stream copy.
+        st.sent_out(nonce, version, entries or resources)
         if st.wildcard:
             st.sent = resources
         elif rtype.wildcard:

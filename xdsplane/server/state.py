@@ -9,7 +9,9 @@ does I/O.
 
 from __future__ import annotations
 
+import functools
 import time
+import weakref
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -118,33 +120,111 @@ class TypeStatus:
         }
 
 
+_interned: dict[int, weakref.ref[frozenset[str]]] = {}
+_EMPTY_NAMES: frozenset[str] = frozenset()
+
+
+def intern_names(names: Iterable[str]) -> frozenset[str]:
+    """One frozenset per distinct set of subscribed names, shared by every subscription that
+    has it: the Envoys of one group each subscribe to the same 2,000 ClusterLoadAssignments
+    by name, and 1,000 copies of that set would be 130 MB. Held weakly: a set no stream
+    uses any more is forgotten. Two different sets with the same hash are simply not
+    shared (the second is returned as it is)."""
+    fs = names if isinstance(names, frozenset) else frozenset(names)
+    if not fs:
+        return _EMPTY_NAMES
+    key = hash(fs)
+    ref = _interned.get(key)
+    if ref is not None:
+        hit = ref()
+        if hit is not None:
+            return hit if hit == fs else fs
+    _interned[key] = weakref.ref(fs, functools.partial(_forget, key))
+    return fs
+
+
+def _forget(key: int, dead: weakref.ref[frozenset[str]]) -> None:
+    if _interned.get(key) is dead:
+        del _interned[key]
+
+
 class HeldVersions(MutableMapping[str, str]):
     """Name -> version of what a client holds of one type, kept small.
 
-    While the client holds exactly a snapshot's resources of the type (a delta client in
-    sync), this is that snapshot's own mapping, shared by every such stream, plus the few
-    names that differ since (``_over``: name -> version, None for a name it no longer
-    holds); past ``MAX_OVERLAY`` differences it becomes a plain dict of its own. Without a
-    base it is a plain dict. A stream in sync thus keeps no table of 2,000 names.
+    While the client holds exactly a snapshot's resources of the type (a stream in sync),
+    this is that snapshot's own mapping, shared by every such stream, plus the few names
+    that differ since (``_over``: name -> version, None for a name it no longer holds);
+    past ``MAX_OVERLAY`` differences it becomes a plain dict of its own. A subscription by
+    name (an Envoy's EDS) sees the mapping through its names (``_names``, the interned set
+    of ``intern_names``: shared too). Without a base it is a plain dict. A stream in sync
+    thus keeps no table of 2,000 names.
     """
 
-    __slots__ = ("_base", "_over")
+    __slots__ = ("_base", "_names", "_over")
     MAX_OVERLAY = 256
 
     def __init__(self, items: Mapping[str, str] | Iterable[tuple[str, str]] = ()) -> None:
         self._base: Mapping[str, Resource] | None = None
+        self._names: frozenset[str] | None = None
         self._over: dict[str, str | None] = dict(items)
 
     @classmethod
-    def of(cls, base: Mapping[str, Resource]) -> HeldVersions:
-        """Held exactly: the version of every resource of ``base`` (shared, not copied)."""
+    def of(cls, base: Mapping[str, Resource], names: frozenset[str] | None = None) -> HeldVersions:
+        """Held exactly: the version of every resource of ``base`` (shared, not copied), or
+        of those among ``names`` (a named subscription)."""
         held = cls()
         held._base = base
+        held._names = names
         return held
 
     @property
     def base(self) -> Mapping[str, Resource] | None:
         return self._base
+
+    @property
+    def names(self) -> frozenset[str] | None:
+        """The names through which the base is seen (None: all of it)."""
+        return self._names
+
+    def rebased(
+        self,
+        base: Mapping[str, Resource],
+        names: frozenset[str],
+        previous: Mapping[str, Resource] | None = None,
+        removed: Iterable[str] = (),
+    ) -> HeldVersions:
+        """What this holds, as ``base`` seen through ``names`` plus what it holds that
+        ``base`` lacks (a SotW client keeps a named resource the server no longer has).
+        The caller knows that it holds ``base``'s version of every name of ``names`` that
+        ``base`` has. When this is ``previous`` seen through the same names, ``removed``
+        (the names ``base`` lost since ``previous``) says what may be missing, without a
+        walk of every name."""
+        if previous is not None and self._base is previous and self._names is names:
+            over = self._over
+            missing = {n: self[n] for n in removed if n in self}
+            missing.update((n, v) for n, v in over.items() if v is not None and n not in base)
+        else:
+            missing = {n: v for n, v in self.items() if n not in base}
+        held = HeldVersions.of(base, names)
+        held._over.update(missing)
+        held._flatten_if_big()
+        return held
+
+    def _in_base(self, name: str) -> bool:
+        base = self._base
+        if base is None or name not in base:
+            return False
+        return self._names is None or name in self._names
+
+    def _base_names(self) -> Iterator[str]:
+        base, names = self._base, self._names
+        if base is None:
+            return iter(())
+        if names is None:
+            return iter(base)
+        if len(names) < len(base):
+            return (n for n in names if n in base)
+        return (n for n in base if n in names)
 
     def __getitem__(self, name: str) -> str:
         over = self._over
@@ -153,10 +233,8 @@ class HeldVersions(MutableMapping[str, str]):
             if v is None:
                 raise KeyError(name)
             return v
-        if self._base is not None:
-            r = self._base.get(name)
-            if r is not None:
-                return r.version
+        if self._in_base(name):
+            return self._base[name].version  # type: ignore[index]
         raise KeyError(name)
 
     def __contains__(self, name: object) -> bool:
@@ -164,7 +242,7 @@ class HeldVersions(MutableMapping[str, str]):
             return False
         if name in self._over:
             return self._over[name] is not None
-        return self._base is not None and name in self._base
+        return self._in_base(name)
 
     def __setitem__(self, name: str, version: str) -> None:
         self._over[name] = version
@@ -173,29 +251,31 @@ class HeldVersions(MutableMapping[str, str]):
     def __delitem__(self, name: str) -> None:
         if name not in self:
             raise KeyError(name)
-        if self._base is not None and name in self._base:
+        if self._in_base(name):
             self._over[name] = None
             self._flatten_if_big()
         else:
             del self._over[name]
 
     def __iter__(self) -> Iterator[str]:
-        base, over = self._base, self._over
-        if base is not None:
-            yield from (n for n in base if n not in over)
+        over = self._over
+        yield from (n for n in self._base_names() if n not in over)
         yield from (n for n, v in over.items() if v is not None)
 
     def __len__(self) -> int:
-        base, over = self._base, self._over
-        if base is None:
+        over = self._over
+        if self._base is None:
             return len(over)
-        shadowed = sum(1 for n in over if n in base)
-        return len(base) - shadowed + sum(1 for v in over.values() if v is not None)
+        names = self._names
+        in_base = len(self._base) if names is None else sum(1 for _ in self._base_names())
+        shadowed = sum(1 for n in over if self._in_base(n))
+        return in_base - shadowed + sum(1 for v in over.values() if v is not None)
 
     def _flatten_if_big(self) -> None:
         if self._base is not None and len(self._over) > self.MAX_OVERLAY:
             items = {n: self[n] for n in self}
             self._base = None
+            self._names = None
             self._over = dict(items)
 
 
@@ -215,13 +295,14 @@ class Subscription:
     """
 
     wildcard: bool
-    names: set[str] = field(default_factory=set)
+    names: frozenset[str] = _EMPTY_NAMES  # interned (intern_names): shared across streams
     # A plain dict (SotW), or HeldVersions (delta: shares the snapshot's mapping in sync).
     held: MutableMapping[str, str] = field(default_factory=dict)
     nonce: str = ""
     sent_version: str = ""  # the type version last sent (SotW: or the one a client claimed)
-    # The latest response's resources (SotW: often the snapshot's own mapping, not a copy).
-    last_sent: Mapping[str, Resource] = field(default_factory=dict)
+    # The latest response's resources until the client answers it (often the snapshot's own
+    # mapping, or the response's own list of entries: never a copy).
+    last_sent: Mapping[str, Resource] | Sequence[Resource] = ()
     cause: float | None = None
     status: TypeStatus = field(default_factory=TypeStatus)
     claimed: str = ""  # SotW, named types: the version a reconnecting client says it holds
@@ -237,7 +318,9 @@ class Subscription:
     # when there are none: no empty set per subscription (thousands of streams x types).
     resend: set[str] | None = None
 
-    def sent_out(self, nonce: str, version: str, resources: Mapping[str, Resource]) -> None:
+    def sent_out(
+        self, nonce: str, version: str, resources: Mapping[str, Resource] | Sequence[Resource]
+    ) -> None:
         """A response went out: ``resources`` as ``version``, with ``nonce``."""
         self.nonce = nonce
         self.sent_version = version
@@ -338,9 +421,12 @@ class StreamBase:
             sub.status.nacks += 1
             sub.status.last_nack = message
             sub.status.nacked_version = version
-            self.parked.record(rtype, version, {n: r.version for n, r in sub.last_sent.items()})
+            last = sub.last_sent
+            sent = last.values() if isinstance(last, Mapping) else last
+            self.parked.record(rtype, version, {r.name: r.version for r in sent})
             self.memory.record_nack(rtype, version, message)
             return Nack(rtype, version, nonce, message)
+        sub.last_sent = ()  # accepted: nothing left for a NACK to reject
         sub.status.acks += 1
         sub.status.acked_version = acked_version
         return Ack(rtype, acked_version, nonce, cause)
