@@ -11,6 +11,11 @@
 --proposals     run-time patches of _proposals.py (httpauthz: the guard over HTTP/1.1)
 --loop-lag FILE append one JSON line per event-loop wake-up 5 ms or more late (a 2 ms
                 heartbeat on the server's event loop: how long the loop itself was held)
+
+With BENCH_TRACEMALLOC=PREFIX in the environment, Python's allocations are traced
+(tracemalloc, 8 frames; the server runs slower) and every 5 s PREFIX.N.txt gets the 30
+largest live allocation sites: what the server's Python objects hold at that moment (gRPC's
+C core and upb arenas are not seen).
 """
 
 from __future__ import annotations
@@ -98,6 +103,29 @@ def install_loop_lag(path: str) -> None:
     asyncio.base_events.BaseEventLoop.run_forever = patched  # type: ignore[method-assign]
 
 
+def install_tracemalloc(prefix: str) -> None:
+    import threading
+    import tracemalloc
+
+    tracemalloc.start(8)
+
+    def dump() -> None:
+        n = 0
+        while True:
+            time.sleep(5)
+            n += 1
+            snap = tracemalloc.take_snapshot()
+            stats = snap.statistics("traceback")
+            total = sum(st.size for st in stats)
+            with open(f"{prefix}.{n}.txt", "w") as out:
+                out.write(f"total {total / 1e6:.1f} MB in {len(stats)} sites\n")
+                for st in stats[:30]:
+                    out.write(f"\n{st.size / 1e6:.2f} MB {st.count} blocks\n")
+                    out.writelines(f"    {line}\n" for line in st.traceback.format())
+
+    threading.Thread(target=dump, daemon=True).start()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gc-log")
@@ -110,6 +138,8 @@ def main() -> int:
         install_gc_log(args.gc_log)
     if args.loop_lag:
         install_loop_lag(args.loop_lag)
+    if os.environ.get("BENCH_TRACEMALLOC"):
+        install_tracemalloc(os.environ["BENCH_TRACEMALLOC"])
     if args.proposals:
         import _proposals
 
