@@ -477,3 +477,14 @@ def _log_metadata(decision: Decision, claims: dict[str, Any] | None) -> dict[str
     if isinstance(jti, str) and jti:
         out[JTI_HASH_KEY] = jti_hash(jti)
     return out
+
+
+def challenge_of(decision: Decision) -> str | None:
+    """RFC 6750's WWW-Authenticate for a refused bearer token."""
+    if decision.status == 401:
+        if decision.reason == "no_token":
+            return 'Bearer realm="xdsplane"'
+        return 'Bearer realm="xdsplane", error="invalid_token"'
+    if decision.reason == "insufficient_scope":
+        return 'Bearer realm="xdsplane", error="insufficient_scope"'
+    return None

@@ -24,7 +24,15 @@ from envoy.service.ratelimit.v3 import rls_pb2
 from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2, status_pb2  # type: ignore[import-untyped]
 
-from xdsplane.guard.decide import INTROSPECTION, REPLAY, REVOCATION, Ask, Decider, Decision
+from xdsplane.guard.decide import (
+    INTROSPECTION,
+    REPLAY,
+    REVOCATION,
+    Ask,
+    Decider,
+    Decision,
+    challenge_of,
+)
 from xdsplane.guard.decide import JWT_NAMESPACE as JWT_NAMESPACE
 from xdsplane.guard.decide import MAX_HITS_ADDEND as MAX_HITS_ADDEND
 from xdsplane.guard.decide import GuardConfig as GuardConfig
@@ -245,17 +253,6 @@ _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _CODES = {503: code_pb2.UNAVAILABLE, 401: code_pb2.UNAUTHENTICATED}
 
 
-def _challenge(decision: Decision) -> str | None:
-    """RFC 6750's WWW-Authenticate for a refused bearer token."""
-    if decision.status == 401:
-        if decision.reason == "no_token":
-            return 'Bearer realm="xdsplane"'
-        return 'Bearer realm="xdsplane", error="invalid_token"'
-    if decision.reason == "insufficient_scope":
-        return 'Bearer realm="xdsplane", error="insufficient_scope"'
-    return None
-
-
 def _check_response(
     decision: Decision,
     headers: list[tuple[str, str]] | None = None,
@@ -281,7 +278,7 @@ def _check_response(
         return response
     code = _CODES.get(decision.status, code_pb2.PERMISSION_DENIED)
     sent = [(REASON_HEADER, decision.reason), ("content-type", "text/plain")]
-    challenge = _challenge(decision)
+    challenge = challenge_of(decision)
     if challenge is not None:
         sent.append(("www-authenticate", challenge))
     response = external_auth_pb2.CheckResponse(
