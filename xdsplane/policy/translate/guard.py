@@ -124,6 +124,9 @@ def _exact(*names: str) -> Any:
     return string_pb2.ListStringMatcher(patterns=[string_pb2.StringMatcher(exact=n) for n in names])
 
 
+HTTP_ONLY_HEADERS = (GUARD_HTTP_PAYLOAD_HEADER, GUARD_HTTP_CERT_HEADER)
+"""Set by Envoy on the check request; removed from every request of the HCM first."""
+
 # Matches no header the guard sends: an allowed request reaches the upstream unchanged.
 _NOTHING_UPSTREAM = "x-xdsplane-guard-sends-nothing-upstream"
 
