@@ -262,6 +262,15 @@ class Connection(asyncio.Protocol):
                 return
         self.front.conns.add(self)
 
+    def eof_received(self) -> bool | None:
+        """The client sent all it will: answer what it asked, then close (True keeps the
+        transport open for those answers)."""
+        self.closing = True
+        if self.slots:
+            self.slots.append([b"", b"close"])  # after the last answer: close
+            return True
+        return None
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.front.conns.discard(self)
         self.transport = None
@@ -336,7 +345,8 @@ class Connection(asyncio.Protocol):
             if self.transport is None:
                 continue
             assert data is not None
-            self.transport.write(data)
+            if data:
+                self.transport.write(data)
             if close is not None:
                 self.transport.close()
                 self.transport = None
