@@ -290,3 +290,42 @@ async def test_mtls_front_requires_a_client_certificate_with_the_san(tmp_path: P
             await reader.readuntil(b"\r\n\r\n")
     finally:
         s.server.close()
+
+
+def fake_connection() -> tuple[Connection, Any, Clock]:
+    svc = GuardService(MemoryStore(), None, clock=lambda: NOW)
+    clock = Clock()
+    front = Front(svc, CollectorRegistry())
+    front.clock = clock
+    conn = Connection(front)
+    transport: Any = FakeTransport()
+    conn.connection_made(transport)
+    return conn, transport, clock
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_requests_trickling_in_byte_by_byte_are_read_whole() -> None:
+    conn, transport, _ = fake_connection()
+    data = request("/xdsplane-check/revocation/a", extra="content-length: 3\r\n")[:-2]
+    data = data.replace(b"content-length: 0\r\n", b"") + b"\r\nabc" + request(claims=token("b"))
+    for i in range(len(data)):
+        conn.data_received(data[i : i + 1])
+    await settle()
+    assert statuses(transport.out) == [200, 200], transport.out
+    assert reasons(transport.out) == ["not_revoked", "ok"]
+    assert conn.head_since is None and not conn.buf and conn.scanned == 0
+
+
+async def test_a_body_that_never_completes_is_timed_out() -> None:
+    conn, transport, clock = fake_connection()
+    head = b"GET /xdsplane-check/revocation/ HTTP/1.1\r\ncontent-length: 100\r\n\r\nab"
+    conn.data_received(head)
+    await settle()
+    assert statuses(transport.out) == [200]  # decided at once: the body is not read
+    clock.t += httpfront.HEAD_SECONDS + 1
+    conn.front.sweep()
+    assert statuses(transport.out) == [200, 408] and transport.closed

@@ -239,7 +239,8 @@ class Connection(asyncio.Protocol):
 
     def __init__(self, front: Front) -> None:
         self.front = front
-        self.buf = b""
+        self.buf = bytearray()
+        self.scanned = 0  # bytes of buf searched for the end of a head, in vain
         self.skip = 0  # body bytes still to discard
         self.transport: asyncio.Transport | None = None
         self.slots: deque[list[bytes | None]] = deque()  # [answer or None, close-after]
@@ -279,33 +280,43 @@ class Connection(asyncio.Protocol):
         if self.closing:
             return
         self.last = now = self.front.clock()
-        buf = self.buf + data if self.buf else data
-        while buf:
-            if self.skip:
-                dropped = min(self.skip, len(buf))
+        buf = self.buf
+        buf += data  # a bytearray: a head trickling in byte by byte costs no copies
+        pos = 0
+        while pos < len(buf):
+            if self.skip:  # a body, discarded
+                dropped = min(self.skip, len(buf) - pos)
                 self.skip -= dropped
-                buf = buf[dropped:]
+                pos += dropped
                 continue
-            end = buf.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
+            # from where the last search stopped (each byte is searched once, however
+            # slowly a head arrives), never past MAX_HEAD
+            end = buf.find(b"\r\n\r\n", max(pos, self.scanned - 3), pos + MAX_HEAD + 4)
             if end < 0:
-                if len(buf) > MAX_HEAD:
+                if len(buf) - pos > MAX_HEAD:
                     self._bad(BadRequest(431, "head_too_large"))
                     return
-                if self.head_since is None:
-                    self.head_since = now
+                self.scanned = len(buf)
                 break
-            self.head_since = None
+            self.scanned = 0
             try:
-                req, self.skip = parse_head(buf[:end])
+                req, self.skip = parse_head(bytes(buf[pos:end]))
             except BadRequest as e:
                 self._bad(e)
                 return
-            buf = buf[end + 4 :]
+            pos = end + 4
             self._dispatch(req, now)
             if req.close:
                 self.closing = True
-                buf = b""
-        self.buf = buf
+                pos = len(buf)
+        del buf[:pos]
+        self.scanned = max(0, self.scanned - pos)
+        # a request under way (a head or a body incomplete) must complete in HEAD_SECONDS
+        if buf or self.skip:
+            if self.head_since is None:
+                self.head_since = now
+        else:
+            self.head_since = None
         if len(self.slots) >= MAX_PIPELINE and self.transport is not None:
             self.paused = True
             self.transport.pause_reading()
@@ -359,7 +370,7 @@ class Connection(asyncio.Protocol):
         """Answered once every earlier request is, then the connection closes."""
         self.front.metrics.bad.labels(error.reason).inc()
         self.closing = True
-        self.buf = b""
+        self.buf.clear()
         body = f"bad request: {error.reason}\n"
         self.slots.append(
             [response(error.status, [(REASON_HEADER, error.reason)], body, True), b""]
