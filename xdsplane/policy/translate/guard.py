@@ -17,10 +17,11 @@ pins it for Envoy 1.40):
   the client's path;
 - the verified claims and the client certificate: ``authorization_request.headers_to_add``
   with ``%DYNAMIC_METADATA(jwt_authn:jwt_payload)%`` and ``%DOWNSTREAM_PEER_CERT%``. They
-  exist on the check request only (never upstream: nothing to remove there), an absent one
-  is not added, and a client's own header of that name never reaches the guard:
-  ``allowed_headers`` names none of the client's headers (and ``authorization`` is
-  disallowed: the guard has no use for a token);
+  exist on the check request only (Envoy adds nothing for the upstream), an absent one
+  is not added, and a client's own header of that name reaches neither the guard
+  (``allowed_headers`` names none of the client's headers; ``authorization`` is
+  disallowed: the guard has no use for a token) nor the upstream (``HTTP_ONLY_HEADERS``:
+  the HCM's header_mutation filter removes them from every request first);
 - the answer: ``x-guard-reason`` (and ``www-authenticate``) to the client on a refusal
   (``allowed_client_headers``), nothing to the upstream on an allow
   (``allowed_upstream_headers`` matches no header the guard sends), and the access log's
