@@ -227,13 +227,8 @@ class FakeTransport(asyncio.Transport):
 
 
 async def test_a_check_past_envoys_deadline_is_shed_undecided() -> None:
-    svc = GuardService(MemoryStore(), None, clock=lambda: NOW)
-    clock = Clock()
-    front = Front(svc, CollectorRegistry())
-    front.clock = clock
-    conn = Connection(front)
-    transport: Any = FakeTransport()
-    conn.connection_made(transport)
+    conn, transport, clock = fake_connection()
+    front = conn.front
     late = request(claims=token("j-late"), extra="x-envoy-expected-rq-timeout-ms: 250\r\n")
     conn.data_received(late)
     clock.t += 1.0  # the loop was late: Envoy has given up by the time it is decided
