@@ -9,8 +9,9 @@ skipping a ``Content-Length`` body, then answering ``200`` with ``Content-Length
 framework, no task or future per request, no log, no metrics.
 
 With ``--redis URL`` (``http-redis``) each request also costs one Redis ``SET jti:<jti> 1
-NX PX 60000``, the jti taken from the ``x-jwt-payload`` header (jwt_authn's
-``forward_payload_header``: the verified payload, base64url JSON), on one connection to
+NX PX 60000``, the jti taken from the ``x-xdsplane-jwt-payload`` header (what Envoy adds to
+the check request with ``guard.transport: http``: the verified payload, JSON), on one
+connection to
 Redis: every command that arrives in one event-loop iteration goes out in one write, the
 replies are matched in order. ``OK`` -> 200; already set -> 403 ``already used`` (so that
 ``bench_guard.py`` can check that a replay is refused); no payload or no jti -> 403; Redis
@@ -25,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import binascii
 import json
 import signal
 from collections import deque
@@ -38,7 +37,7 @@ USED = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 12\r\n\r\nalready used"
 NO_KEY = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 6\r\n\r\nno jti"
 DOWN = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 11\r\n\r\nstore down\n"
 BAD = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-PAYLOAD = b"\r\nx-jwt-payload:"
+PAYLOAD = b"\r\nx-xdsplane-jwt-payload:"
 LENGTH = b"\r\ncontent-length:"
 TTL_MS = b"60000"
 MAX_HEAD = 65536
@@ -47,10 +46,10 @@ Reply = Callable[[bytes], None]
 
 
 def jti_of(payload: bytes) -> bytes | None:
-    """The ``jti`` claim of a base64url (unpadded) JSON payload, or None."""
+    """The ``jti`` claim of a JSON payload, or None."""
     try:
-        claims = json.loads(base64.urlsafe_b64decode(payload + b"=" * (-len(payload) % 4)))
-    except (ValueError, binascii.Error):
+        claims = json.loads(payload)
+    except ValueError:
         return None
     jti = claims.get("jti") if isinstance(claims, dict) else None
     return jti.encode() if isinstance(jti, str) and jti else None

@@ -1,6 +1,6 @@
 """Run ``xdsplane serve`` with diagnostics, for the benchmarks only.
 
-    python benchmarks/_serve_diag.py [--gc-log FILE] [--loop-lag FILE] [--proposals a,b]
+    python benchmarks/_serve_diag.py [--gc-log FILE] [--loop-lag FILE]
         -- serve ARGS...
 
 --gc-log FILE   append one JSON line per garbage-collector pause of 2 ms or more (wall
@@ -8,7 +8,6 @@
                 for a full collection the objects it left); with BENCH_GC_CENSUS=N in the
                 environment, the first full collection leaving N objects or more also
                 writes their count by type (what keeps the heap large)
---proposals     run-time patches of _proposals.py (httpauthz: the guard over HTTP/1.1)
 --loop-lag FILE append one JSON line per event-loop wake-up 5 ms or more late (a 2 ms
                 heartbeat on the server's event loop: how long the loop itself was held)
 
@@ -130,7 +129,6 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gc-log")
     ap.add_argument("--loop-lag")
-    ap.add_argument("--proposals", default="")
     ap.add_argument("rest", nargs=argparse.REMAINDER)
     args = ap.parse_args()
     rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
@@ -140,10 +138,6 @@ def main() -> int:
         install_loop_lag(args.loop_lag)
     if os.environ.get("BENCH_TRACEMALLOC"):
         install_tracemalloc(os.environ["BENCH_TRACEMALLOC"])
-    if args.proposals:
-        import _proposals
-
-        _proposals.apply(args.proposals.split(","))
     from xdsplane.cli import main as cli_main
 
     return cli_main(rest)

@@ -36,16 +36,15 @@ and end of each Envoy run, and each process's CPU seconds beside the wall time.
 ``_authz_echo.py``, which allows everything at once: the floor of any Python grpc.aio
 ext_authz service, to tell the guard's own cost from gRPC's and the machine's.
 
-``http-echo`` and ``http-redis`` (Envoy part only) put ``_authz_http.py`` in the guard's
-place, asked over HTTP/1.1 instead: Envoy's ext_authz filter with an ``http_service``
-(server_uri -> the guard's cluster without its HTTP/2 options, the same 250 ms timeout,
-only ``x-jwt-payload`` forwarded) and jwt_authn forwarding the verified payload in
-``x-jwt-payload`` (``forward_payload_header``), served by a second ``xdsplane serve`` run
-through ``_serve_diag.py --proposals httpauthz`` (the translator patched at run time,
-nothing in xdsplane/ changed). ``http-echo`` allows everything (a lean asyncio.Protocol
-HTTP/1.1 server: the floor of an HTTP front); ``http-redis`` also does one Redis ``SET
-jti:<jti> 1 NX PX 60000`` per request (the jti from ``x-jwt-payload``; the commands of one
-event-loop iteration in one write) and refuses a jti seen before: the store's added cost.
+``redis-http`` (Envoy part only) is the real guard (Redis store, ``--workers`` as for
+``redis``) asked over HTTP/1.1: the policy's ``guard.transport: http`` (the translator's
+ext_authz ``http_service`` to ``xdsplane guard --http-address``, the same 250 ms timeout).
+``http-echo`` and ``http-redis`` (Envoy part only) put ``_authz_http.py`` at that HTTP
+address instead, with the same translator output: ``http-echo`` allows everything (a lean
+asyncio.Protocol HTTP/1.1 server: the floor of an HTTP front); ``http-redis`` also does one
+Redis ``SET jti:<jti> 1 NX PX 60000`` per request (the jti from the
+``x-xdsplane-jwt-payload`` header Envoy adds; the commands of one event-loop iteration in
+one write) and refuses a jti seen before: the store's added cost, without the guard.
 
 Everything shares the machine's CPUs (2 on the reference machine): the load generator,
 Envoy, the guard and Redis compete for them, so the CPU each used is reported next to the
@@ -84,8 +83,10 @@ HELD_ERRORS = 0.001  # ... with at most 0.1 % errors
 JTI_LEN = 24
 BACKENDS = ("memory", "redis")
 ALLOW_ALL = ("echo", "http-echo")  # floors that refuse nothing (no replay check)
-HTTP_BACKENDS = ("http-echo", "http-redis")  # asked over HTTP/1.1 (_authz_http.py)
-REDIS_BACKENDS = ("redis", "http-redis")  # need redis-server; goal GOAL_REDIS_ADDED_P99
+FLOORS_HTTP = ("http-echo", "http-redis")  # _authz_http.py at the guard's HTTP address
+HTTP_BACKENDS = (*FLOORS_HTTP, "redis-http")  # asked over HTTP/1.1 (guard.transport: http)
+REDIS_BACKENDS = ("redis", "http-redis", "redis-http")  # need redis-server; goal 1.5 ms
+WORKER_BACKENDS = ("redis", "redis-http")  # the real guard with Redis: --workers applies
 
 
 # -- requests -----------------------------------------------------------------------------
@@ -337,7 +338,7 @@ async def direct(
 
 POLICY = """\
 nodes: ["{node}"]
-guard: {{address: "{guard}", fail_open: false, timeout: 250ms}}
+guard: {{address: "{guard}", {transport}fail_open: false, timeout: 250ms}}
 jwt_providers:
   idp:
     issuer: {issuer}
@@ -584,15 +585,16 @@ def main() -> int:
         "(_authz_echo.py), the floor of any Python grpc.aio service; http-echo and "
         "http-redis (Envoy part only): _authz_http.py asked over HTTP/1.1 (ext_authz "
         "http_service), allowing everything, or doing one Redis SET NX per request keyed by "
-        "the jti of jwt_authn's x-jwt-payload",
+        "the jti Envoy sends; redis-http (Envoy part only): the real guard with Redis asked "
+        "over HTTP/1.1 (guard.transport: http, xdsplane guard --http-address)",
     )
     ap.add_argument("--parts", default="direct,envoy", help="direct, envoy or both")
     ap.add_argument(
         "--workers",
         type=int,
         default=1,
-        help="the Redis guard runs with --workers N (the memory guard cannot: it would split "
-        "its replay state); CPU is summed over the workers",
+        help="the Redis guards (redis, redis-http) run with --workers N (the memory guard "
+        "cannot: it would split its replay state); CPU is summed over the workers",
     )
     ap.add_argument(
         "--envoy-concurrency",
@@ -638,9 +640,13 @@ def main() -> int:
         if any(b in REDIS_BACKENDS for b in backends):
             redis.start()
         guards: dict[str, _procs.Guard] = {}
+        # where Envoy asks each HTTP backend (guard.transport: http's http_address)
+        http_at = {b: f"{_procs.HOST}:{_procs.free_port()}" for b in backends}
         for b in backends:
-            extra = ["--redis", redis.url] if b == "redis" else []
-            if b == "redis" and args.workers > 1:
+            extra = ["--redis", redis.url] if b in WORKER_BACKENDS else []
+            if b == "redis-http":
+                extra += ["--http-address", http_at[b]]
+            if b in WORKER_BACKENDS and args.workers > 1:
                 extra += ["--workers", str(args.workers)]
             guards[b] = _procs.Guard(
                 procs, f"guard-{b}", *extra, log_level=args.guard_log_level, max_seconds=limit
@@ -651,12 +657,12 @@ def main() -> int:
             admin = f"{_procs.HOST}:{g.admin_port}"
             g.proc.argv = [sys.executable, str(echo), "--address", g.address]
             g.proc.argv += ["--admin-address", admin]
-        for b in HTTP_BACKENDS:
+        for b in FLOORS_HTTP:
             if b in guards:
                 g = guards[b]
                 floor = Path(__file__).resolve().parent / "_authz_http.py"
                 admin = f"{_procs.HOST}:{g.admin_port}"
-                g.proc.argv = [sys.executable, str(floor), "--address", g.address]
+                g.proc.argv = [sys.executable, str(floor), "--address", http_at[b]]
                 g.proc.argv += ["--admin-address", admin]
                 if b == "http-redis":
                     g.proc.argv += ["--redis", redis.url]
@@ -670,17 +676,18 @@ def main() -> int:
             {"redis": redis.proc.pid} if any(b in REDIS_BACKENDS for b in guards) else {}
         )
         guard_pids: dict[str, Pids] = {b: g.proc.pid for b, g in guards.items()}
-        if args.workers > 1 and "redis" in guards:
-            guard_pids["redis"] = worker_pids(guards["redis"], args.workers)
-            print(f"redis guard workers: pids {guard_pids['redis']}")
+        for b in WORKER_BACKENDS:
+            if args.workers > 1 and b in guards:
+                guard_pids[b] = worker_pids(guards[b], args.workers)
+                print(f"{b} guard workers: pids {guard_pids[b]}")
 
         if "direct" in parts:
             make = CheckRequests(jtis)
             for b, g in guards.items():
                 if b in HTTP_BACKENDS:
-                    print(f"  direct {b}: skipped (no gRPC: Envoy part only)")
+                    print(f"  direct {b}: skipped (HTTP: Envoy part only)")
                     continue
-                extra_pids = redis_pids if b == "redis" else {}
+                extra_pids = redis_pids if b in REDIS_BACKENDS else {}
                 direct_runs += asyncio.run(
                     direct(
                         g,
@@ -700,40 +707,31 @@ def main() -> int:
             key = jwt.new_key()
             pki.write_atomic(workdir / "keys" / "jwks.json", jwt.jwks(key))
             ports = {b: _procs.free_port() for b in guards}
-            # one xdsplane serve for the gRPC backends, one (translator patched to ask the
-            # guard over HTTP/1.1) for the HTTP ones; idle once the Envoys have their config
-            servers: dict[str, _procs.XdsServer] = {}
-            for kind in ("grpc", "http"):
-                mine = [b for b in guards if (b in HTTP_BACKENDS) == (kind == "http")]
-                if not mine:
-                    continue
-                folder = workdir / f"policy-{kind}"
-                folder.mkdir()
-                for b in mine:
-                    (folder / f"{b}.yaml").write_text(
-                        POLICY.format(
-                            node=f"bench-{b}",
-                            guard=guards[b].address,
-                            issuer=jwt.DEFAULT_ISSUER,
-                            port=ports[b],
-                        )
+            # one xdsplane serve (the real translator) for every backend; idle once the
+            # Envoys have their config
+            folder = workdir / "policy"
+            folder.mkdir()
+            for b in guards:
+                http = f'transport: http, http_address: "{http_at[b]}", '
+                (folder / f"{b}.yaml").write_text(
+                    POLICY.format(
+                        node=f"bench-{b}",
+                        guard=guards[b].address,
+                        transport=http if b in HTTP_BACKENDS else "",
+                        issuer=jwt.DEFAULT_ISSUER,
+                        port=ports[b],
                     )
-                server = _procs.XdsServer(
-                    procs, folder, name=f"xdsplane-{kind}", extra_args=["--log-level", "warning"]
                 )
-                if kind == "http":
-                    diag = Path(__file__).resolve().parent / "_serve_diag.py"
-                    at = server.proc.argv.index("serve")
-                    server.proc.argv[1:at] = [str(diag), "--proposals", "httpauthz", "--"]
-                server.proc.cwd = workdir
-                server.proc.max_seconds = limit
-                server.start(timeout=60)
-                for b in mine:
-                    servers[b] = server
+            server = _procs.XdsServer(
+                procs, folder, name="xdsplane", extra_args=["--log-level", "warning"]
+            )
+            server.proc.cwd = workdir
+            server.proc.max_seconds = limit
+            server.start(timeout=60)
             envoys = {}
             for b in guards:
                 e = _procs.Envoy(
-                    procs, workdir, f"bench-{b}", servers[b].xds_address, log_level="warning"
+                    procs, workdir, f"bench-{b}", server.xds_address, log_level="warning"
                 )
                 e.proc.max_seconds = limit
                 at = e.proc.argv.index("--concurrency") + 1
@@ -761,12 +759,13 @@ def main() -> int:
                     f"  envoy {b}: /plain/ {len(r.plain.latencies)} ok, "
                     f"/once/ {len(r.once.latencies)} ok"
                 )
-        if args.workers > 1 and "redis" in guards:
-            spread = [worker_decisions(guards["redis"], k) for k in range(args.workers)]
-            print(
-                "redis guard: decisions per worker over the whole run: "
-                + ", ".join(f"worker {k} {n:.0f}" for k, n in enumerate(spread))
-            )
+        for b in WORKER_BACKENDS:
+            if args.workers > 1 and b in guards:
+                spread = [worker_decisions(guards[b], k) for k in range(args.workers)]
+                print(
+                    f"{b} guard: decisions per worker over the whole run: "
+                    + ", ".join(f"worker {k} {n:.0f}" for k, n in enumerate(spread))
+                )
     finally:
         procs.stop_all()
         shutil.rmtree(workdir, ignore_errors=True)

@@ -88,19 +88,28 @@ def test_bench_guard_quick() -> None:
 
 
 @pytest.mark.envoy
-def test_bench_guard_http_floor_quick() -> None:
-    """The HTTP ext_authz floor with Redis (``http-redis``: Envoy's ext_authz ``http_service``
-    -> _authz_http.py -> one SET NX per request) answers through Envoy and refuses a jti
-    sent twice, i.e. the patched translator and the floor server are wired end to end."""
+def test_bench_guard_http_quick() -> None:
+    """The guard over HTTP (``redis-http``: guard.transport http, the real translator's
+    ext_authz ``http_service`` -> xdsplane guard --http-address -> Redis) and its floor with
+    Redis (``http-redis``: _authz_http.py at the same place, one SET NX per request) answer
+    through Envoy and refuse a jti sent twice: wired end to end."""
     out = run_quick(
-        "bench_guard.py", "--backends", "http-redis", "--parts", "envoy", "--seconds", "1"
+        "bench_guard.py",
+        "--backends",
+        "redis-http,http-redis",
+        "--parts",
+        "envoy",
+        "--seconds",
+        "1",
     )
-    through = rows(out, "http-redis /")
-    assert [c[0] for c in through] == ["http-redis /plain/", "http-redis /once/"], out
-    for cells in through:
-        assert int(cells[1]) == 1000 and float(cells[2].removesuffix("/s")) > 0, cells
-    (added,) = [r for r in rows(out, "http-redis") if r[0] == "http-redis"]
-    assert added[3] in ("yes", "n/a"), added  # "n/a": no first use answered in time
+    for backend in ("redis-http", "http-redis"):
+        through = rows(out, f"{backend} /")
+        assert [c[0] for c in through] == [f"{backend} /plain/", f"{backend} /once/"], out
+        for cells in through:
+            assert int(cells[1]) == 1000 and float(cells[2].removesuffix("/s")) > 0, cells
+        (added,) = [r for r in rows(out, backend) if r[0] == backend]
+        assert added[3] in ("yes", "n/a"), added  # "n/a": no first use answered in time
+        assert added[5].endswith(" us"), added  # the guard's CPU per request
 
 
 def test_bench_guard_workers_quick() -> None:

@@ -1,6 +1,7 @@
 """What Envoy 1.40 sends an ext_authz server asked over HTTP (``http_service``), and what a
 client can forge into it: the security facts behind BENCHMARKS.md section 10, "the HTTP
-ext_authz floor" (an HTTP front for the guard is being measured, not built).
+ext_authz floor", and of ``guard.transport: http`` (built on them; its end-to-end tests are
+tests/test_guard_http_envoy.py).
 
 One static Envoy (no xDS) with four listeners on free ports, an HTTP/1.1 capture server
 in its ext_authz cluster (records each check request's method, path and headers, allows
@@ -32,6 +33,12 @@ SAN, hash) and replaces a client's own; without a certificate a client's XFCC is
 A per-route ``check_settings.http_service`` with a ``path_prefix`` reaches the server as
 that prefix followed by the client's path: an Envoy-set mode a client cannot choose.
 
+``authorization_request.headers_to_add`` takes formatters: ``%DYNAMIC_METADATA(...)%`` of
+jwt_authn's payload gives the verified claims as JSON, ``%DOWNSTREAM_PEER_CERT%`` the client
+certificate; either is left out when empty, and a client's header of the same name is not
+forwarded (not in ``allowed_headers``). This is what ``guard.transport: http`` uses (nothing
+of it reaches the upstream, unlike ``forward_payload_header`` or XFCC).
+
 Facts are asserted as observed, so that a change in a later Envoy shows here.
 """
 
@@ -61,6 +68,10 @@ from xdsplane import jwt, pki
 
 PAYLOAD = "x-jwt-payload"
 XFCC = "x-forwarded-client-cert"
+# What guard.transport: http uses instead (xdsplane/policy/translate/guard.py): headers
+# Envoy adds to the check request only, from formatters, never from the client.
+ADDED_PAYLOAD = "x-xdsplane-jwt-payload"
+ADDED_CERT = "x-xdsplane-client-cert"
 PROBE = "x-client-probe"  # a client header in allowed_headers: correlates requests
 ISS = jwt.DEFAULT_ISSUER
 T = "type.googleapis.com/envoy."
@@ -141,7 +152,16 @@ def _hcm(name: str, strip: bool, tls: bool) -> dict[str, Any]:
         "typed_config": {
             "@type": T + "extensions.filters.http.ext_authz.v3.ExtAuthz",
             "http_service": {
-                "server_uri": {"uri": "http://authz", "cluster": "authz", "timeout": "1s"}
+                "server_uri": {"uri": "http://authz", "cluster": "authz", "timeout": "1s"},
+                "authorization_request": {
+                    "headers_to_add": [
+                        {
+                            "key": ADDED_PAYLOAD,
+                            "value": "%DYNAMIC_METADATA(envoy.filters.http.jwt_authn:jwt_payload)%",
+                        },
+                        {"key": ADDED_CERT, "value": "%DOWNSTREAM_PEER_CERT%"},
+                    ]
+                },
             },
             "failure_mode_allow": False,
             "allowed_headers": {
@@ -347,6 +367,8 @@ def test_http_ext_authz_forwarded_headers(procs: ProcessGroup, tmp_path: Path) -
         wait_until(ready, 30, what="envoy ready")
 
         forged = _b64({"sub": "mallory", "jti": "forged-jti", "iss": ISS})
+        # the client's own copies of the headers_to_add names (not in allowed_headers)
+        added = {ADDED_PAYLOAD: '{"sub": "mallory"}', ADDED_CERT: "forged-cert"}
         real = jwt.sign(key, jwt.claims("alice", jti="real-jti"), kid)
 
         def get(listener: str, path: str, probe: str, headers: dict[str, str]) -> int:
@@ -374,9 +396,9 @@ def test_http_ext_authz_forwarded_headers(procs: ProcessGroup, tmp_path: Path) -
         spoof = {XFCC: "By=spoof;URI=spiffe://x/ops"}
         statuses = {
             # (a) a valid token and a forged payload header
-            "a": get("plain", "/req/x", "a", {**auth, PAYLOAD: forged}),
+            "a": get("plain", "/req/x", "a", {**auth, PAYLOAD: forged, **added}),
             # (b) no token on a route where the token is optional, a forged payload header
-            "b": get("plain", "/opt/x", "b", {PAYLOAD: forged}),
+            "b": get("plain", "/opt/x", "b", {PAYLOAD: forged, **added}),
             # (c) a route where jwt_authn is disabled (ext_authz still asked)
             "c": get("plain", "/nojwt/x", "c", {PAYLOAD: forged}),
             # (d) a token that fails verification on the optional route
@@ -386,14 +408,14 @@ def test_http_ext_authz_forwarded_headers(procs: ProcessGroup, tmp_path: Path) -
             "b-strip": get("strip", "/opt/x", "b-strip", {PAYLOAD: forged}),
             "c-strip": get("strip", "/nojwt/x", "c-strip", {PAYLOAD: forged}),
             # (e) no jwt_authn filter in the HCM at all: does ext_authz pass it on?
-            "e": get("bare", "/nojwt/x", "e", {PAYLOAD: forged}),
+            "e": get("bare", "/nojwt/x", "e", {PAYLOAD: forged, **added}),
             # a per-route http_service with a path prefix (the route's mode)
             "mode": get("plain", "/mode/x?y=1", "mode", {}),
             # XFCC: a client's own on plaintext (the HCM's default, SANITIZE)
             "xfcc-plain": get("plain", "/opt/x", "xfcc-plain", spoof),
             # SANITIZE_SET over TLS, with a client certificate and without one
-            "xfcc-cert": tls_get("alice", "xfcc-cert", spoof),
-            "xfcc-none": tls_get(None, "xfcc-none", spoof),
+            "xfcc-cert": tls_get("alice", "xfcc-cert", {**spoof, **added}),
+            "xfcc-none": tls_get(None, "xfcc-none", {**spoof, **added}),
         }
         seen = {probe: capture.by_probe(probe) for probe in statuses}
         for probe, status in statuses.items():
@@ -439,5 +461,18 @@ def test_http_ext_authz_forwarded_headers(procs: ProcessGroup, tmp_path: Path) -
         assert "URI=spiffe://example.com/ops/alice" in value and "Cert=" in value, value
         assert "spoof" not in value, value
         assert _header(got("xfcc-none"), XFCC) == []
+
+        # headers_to_add with formatters (what guard.transport: http relies on): the
+        # verified payload as JSON from jwt_authn's metadata, the peer certificate as
+        # URL-encoded PEM; absent (no token, no certificate, no jwt_authn) -> not added; a
+        # client's own copy of either never reaches the authz server
+        (payload,) = _header(got("a"), ADDED_PAYLOAD)
+        assert json.loads(payload)["jti"] == "real-jti", payload
+        for probe in ("b", "e", "xfcc-cert", "xfcc-none"):
+            assert _header(got(probe), ADDED_PAYLOAD) == [], probe
+        (cert,) = _header(got("xfcc-cert"), ADDED_CERT)
+        assert cert.startswith("-----BEGIN%20CERTIFICATE-----"), cert
+        for probe in ("a", "b", "e", "xfcc-none"):
+            assert _header(got(probe), ADDED_CERT) == [], probe
     finally:
         capture.close()

@@ -363,3 +363,38 @@ async def test_admin_answers_503_until_the_grpc_port_is_served() -> None:
         serving.set()
         for path in ("/healthz", "/metrics"):
             assert (await client.get(path)).status == 200
+
+
+def http_check(port: int, claims: dict[str, Any]) -> tuple[int, str]:
+    """One check on the HTTP front, on a new connection: (status, guard_reason)."""
+    import http.client
+    import json
+
+    conn = http.client.HTTPConnection(HOST, port, timeout=5)
+    try:
+        path = "/xdsplane-check/replay/x"
+        conn.request("GET", path, headers={"x-xdsplane-jwt-payload": json.dumps(claims)})
+        r = conn.getresponse()
+        r.read()
+        return r.status, r.getheader("guard_reason") or ""
+    finally:
+        conn.close()
+
+
+def test_workers_share_the_http_front_and_its_replay_state(
+    procs: ProcessGroup, redis: Redis
+) -> None:
+    """--http-address among --workers: every worker listens on it (SO_REUSEPORT, as gRPC),
+    new connections are spread over them, and a token used on one is refused on another."""
+    http_port = free_port()
+    w = Workers(procs, redis, "--http-address", f"{HOST}:{http_port}").start()
+    assert listening(http_port) == WORKERS
+    before = [w.decisions(k) for k in range(WORKERS)]
+    for _ in range(40):  # each on a new connection: the kernel picks the worker
+        assert http_check(http_port, w.token()) == (200, "ok")
+    after = [w.decisions(k) for k in range(WORKERS)]
+    assert all(a > b for a, b in zip(after, before, strict=True)), (before, after)
+    token = w.token()
+    assert http_check(http_port, token) == (200, "ok")
+    assert [http_check(http_port, token) for _ in range(10)] == [(403, "replay")] * 10
+    assert denied(w.check(token))[:2] == (403, "replay")  # the gRPC side agrees

@@ -294,10 +294,13 @@ def test_duplicate_names_and_missing_parts_are_errors(tmp_path: Path) -> None:
 
 
 @pytest.mark.envoy
-def test_the_real_upstream_and_guard_are_never_reached(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+def test_the_real_upstream_and_guard_are_never_reached(tmp_path: Path, transport: str) -> None:
     """Listeners on the addresses the policy names for billing and the guard: the run's
-    requests go to its recorders and its own guard, never there."""
-    listeners = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]
+    requests go to its recorders and its own guard, never there. With ``guard.transport:
+    http`` the run's guard serves its HTTP front too: the sample's replay and rate-limit
+    cases pass through it."""
+    listeners = [socket.create_server(("127.0.0.1", 0)) for _ in range(3)]
     accepted: list[int] = []
 
     def count(s: socket.socket) -> None:
@@ -316,11 +319,17 @@ def test_the_real_upstream_and_guard_are_never_reached(tmp_path: Path) -> None:
     for t in threads:
         t.start()
     try:
-        billing, guard = (s.getsockname()[1] for s in listeners)
+        billing, guard, front = (s.getsockname()[1] for s in listeners)
         folder = tmp_path / "snapshots"
         folder.mkdir()
         text = (SAMPLE / "billing-edge.yaml").read_text()
         text = text.replace("127.0.0.1:9443", f"127.0.0.1:{billing}")
+        if transport == "http":
+            http = f"  transport: http\n  http_address: 127.0.0.1:{front}\n"
+            assert "\n  address: 127.0.0.1:18081\n" in text
+            text = text.replace(
+                "  address: 127.0.0.1:18081\n", f"  address: 127.0.0.1:18081\n{http}"
+            )
         text = text.replace("127.0.0.1:18081", f"127.0.0.1:{guard}")
         (folder / "billing-edge.yaml").write_text(text)
         run = xdsplane_test(tmp_path, folder, sample_cases_without_bursts(tmp_path))

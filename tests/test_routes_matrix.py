@@ -133,6 +133,11 @@ def check_row(row: RouteAccess, snap: Snapshot) -> None:
     # the guard: replay (the HCM's ext_authz applies), revocation only, or never asked
     if row.replay_protection:
         assert EXT_AUTHZ in filters and EXT_AUTHZ not in per
+    elif "http_service" in per.get(EXT_AUTHZ, {}).get("check_settings", {}):
+        # guard.transport: http: the mode is the path prefix of the route's own http_service
+        assert row.revocation_check and row.introspection is None
+        service = per[EXT_AUTHZ]["check_settings"]["http_service"]
+        assert service["path_prefix"] == "/xdsplane-check/revocation"
     elif row.revocation_check or row.introspection is not None:
         ext = per[EXT_AUTHZ]["check_settings"]["context_extensions"]
         if row.introspection is not None:

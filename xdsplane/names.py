@@ -20,6 +20,20 @@ GUARD_REQUIRED_SCOPES = "xdsplane_scopes"
 GUARD_ALSO_REVOCATION = "xdsplane_revocation"
 """The Cluster through which Envoy reaches the guard (ext_authz and rate limit service)."""
 
+GUARD_HTTP_CLUSTER = "xdsplane-guard-http"
+"""With ``guard.transport: http``: the Cluster of the guard's HTTP/1.1 ext_authz front."""
+GUARD_HTTP_PATH = "/xdsplane-check/"
+"""... every check request's path starts with this and the route's mode (``replay``,
+``revocation``): a per-route ``path_prefix`` Envoy puts before the client's path."""
+GUARD_HTTP_REPLAY = "replay"
+GUARD_HTTP_REVOCATION = "revocation"
+GUARD_HTTP_PAYLOAD_HEADER = "x-xdsplane-jwt-payload"
+"""... the verified JWT payload (JSON of jwt_authn's metadata), set by Envoy's ext_authz
+``headers_to_add`` on the check request only (never upstream; a client's own copy is not
+in ``allowed_headers`` and never reaches the guard)."""
+GUARD_HTTP_CERT_HEADER = "x-xdsplane-client-cert"
+"""... the client certificate (URL-encoded PEM, ``%DOWNSTREAM_PEER_CERT%``), likewise."""
+
 OTLP_CLUSTER = "xdsplane-otlp"
 """The Cluster through which Envoy sends access-log records to ``access_log.otlp``."""
 

@@ -45,6 +45,7 @@ class UpOptions:
     grpc_node: str = "grpc-1"
     guard_address: str = "127.0.0.1:18081"
     guard_admin_address: str = "127.0.0.1:19081"
+    guard_http_address: str = "127.0.0.1:18082"  # the HTTP front (guard.transport: http)
     timeout: float = 60.0
     delta: bool = False
 
@@ -210,6 +211,9 @@ def _guard_argv(opts: UpOptions) -> list[str]:
         opts.guard_address,
         "--admin-address",
         opts.guard_admin_address,
+        # ext_authz over HTTP/1.1 too, for a policy with guard.transport: http (mTLS alike).
+        "--http-address",
+        opts.guard_http_address,
         # The global rate limits: the same policy Envoy is served.
         "--policy",
         str(opts.config),
@@ -320,7 +324,8 @@ def _banner(opts: UpOptions, serve: Child, envoy: Child, guard: Child, log_path:
         f"  billing demo   https://{opts.billing_address}/ (mTLS, trusts service-ca)\n"
         f"  gRPC billing   {opts.grpc_billing_address} (billing.Billing; proxyless clients dial"
         " xds:///billing.grpc:50051)\n"
-        f"  guard          gRPC {opts.guard_address} (mTLS), http://{opts.guard_admin_address}/healthz"
+        f"  guard          gRPC {opts.guard_address}, HTTP {opts.guard_http_address} (mTLS),"
+        f" http://{opts.guard_admin_address}/healthz"
         f" (pid {guard.pid})\n"
         f"  policy         {opts.config.resolve()}/ (edit it: changes are served live)\n"
         f"  certificates   {certs}/ ({xdsplane} certs rotate edge --dir {q(str(certs))}:"

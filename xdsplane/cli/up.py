@@ -38,6 +38,12 @@ def add_up(sub: Sub) -> None:
     )
     p.add_argument("--guard-address", default="127.0.0.1:18081", metavar="HOST:PORT")
     p.add_argument("--guard-admin-address", default="127.0.0.1:19081", metavar="HOST:PORT")
+    p.add_argument(
+        "--guard-http-address",
+        default="127.0.0.1:18082",
+        metavar="HOST:PORT",
+        help="the guard's HTTP ext_authz front, for guard.transport: http (18082)",
+    )
     p.add_argument("--certs", default="certs", metavar="DIR", help="the dev PKI (default: certs)")
     p.add_argument("--delta", action="store_true", help="use incremental xDS")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for startup")
@@ -59,6 +65,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 edge_address=args.edge_address,
                 guard_address=args.guard_address,
                 guard_admin_address=args.guard_admin_address,
+                guard_http_address=args.guard_http_address,
                 certs=Path(args.certs),
                 timeout=args.timeout,
                 delta=args.delta,

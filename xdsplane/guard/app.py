@@ -1,10 +1,12 @@
-"""``xdsplane guard``: the gRPC server (ext_authz + rate limit service) and its admin HTTP."""
+"""``xdsplane guard``: the gRPC server (ext_authz + rate limit service), the optional HTTP/1.1
+ext_authz front (``--http-address``, httpfront.py) and the admin HTTP."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import signal
+import ssl
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,7 @@ from xdsplane.adminhttp import protect
 from xdsplane.bootstrap import split_address
 from xdsplane.config.errors import ConfigErrors
 from xdsplane.exposure import is_loopback
+from xdsplane.guard.httpfront import Front, server_context
 from xdsplane.guard.reloaders import LimitsReloader, RevocationsReloader, load_all
 from xdsplane.guard.service import GuardConfig, GuardMetrics, GuardService
 from xdsplane.guard.store import MemoryStore, RedisStore, Store, StoreAuthError, redact_url
@@ -50,6 +53,9 @@ class GuardOptions:
     insecure: bool = False
     # --workers: this process is worker K of several sharing --address (guard/workers.py).
     worker: int | None = None
+    # The HTTP/1.1 ext_authz front (guard.transport: http), beside gRPC; None: not served.
+    # The same TLS as gRPC (--tls-cert...), the same SO_REUSEPORT among --workers.
+    http_address: str | None = None
 
 
 class GuardStartupError(Exception):
@@ -175,6 +181,7 @@ def admin_app(
         body: dict[str, object] = {
             "status": "ok",
             "grpc": "plaintext" if opts.tls_cert is None else "mtls",
+            "http": opts.http_address,
             "insecure": opts.insecure,
             "backend": service.store.name,
             "backend_up": service.store.up(),
@@ -212,6 +219,47 @@ def _grpc_server(
     server = grpc.aio.server(options=[("grpc.so_reuseport", reuse)])
     server.add_generic_rpc_handlers(tuple(service.handlers(caller_check)))
     return server
+
+
+async def _http_server(
+    opts: GuardOptions, front: Front, context: ssl.SSLContext | None
+) -> tuple[asyncio.Server, str]:
+    """The HTTP front, bound and listening: the server and its address (HOST:PORT)."""
+    assert opts.http_address is not None
+    try:
+        host, port = split_address(opts.http_address)
+    except ValueError as e:
+        raise GuardStartupError([f"--http-address: {e}"]) from None
+    loop = asyncio.get_running_loop()
+    try:
+        server = await loop.create_server(
+            front.protocol,
+            host,
+            port,
+            ssl=context,
+            reuse_port=opts.worker is not None,  # SO_REUSEPORT only among --workers
+        )
+    except OSError as e:
+        raise GuardStartupError([f"cannot listen for HTTP on {opts.http_address}: {e}"]) from None
+    bound = server.sockets[0].getsockname()[1]
+    return server, f"{host}:{bound}"
+
+
+async def _tls_follow(tls: GuardTls, context: ssl.SSLContext, stop: asyncio.Event) -> None:
+    """The HTTP front's certificate follows the gRPC side's reloads (checked every second):
+    new connections get the new certificate and key; a new client CA is added (a CA
+    removed stays trusted by the HTTP front until the guard restarts)."""
+    digest = tls.current.digest
+    while not stop.is_set():
+        await asyncio.sleep(1.0)
+        if tls.current.digest == digest:
+            continue
+        digest = tls.current.digest
+        try:
+            context.load_cert_chain(str(tls.cert), str(tls.key))
+            context.load_verify_locations(str(tls.ca))
+        except (OSError, ssl.SSLError) as e:
+            logs.get("xdsplane.guard").warning("guard http tls not reloaded", error=str(e))
 
 
 def _bind(server: grpc.aio.Server, address: str, host: str, port: int, tls: GuardTls | None) -> int:
@@ -295,9 +343,24 @@ async def run(opts: GuardOptions) -> None:
     # a worker that failed after binding would close it with those connections queued
     # (each reset). Binding last keeps a failing restart out of the SO_REUSEPORT group.
     server = _grpc_server(opts, service, caller_check)
+    front: Front | None = None
+    http: asyncio.Server | None = None
+    http_bound: str | None = None
+    context: ssl.SSLContext | None = None
     try:
+        if opts.http_address is not None:
+            front = Front(
+                service,
+                metrics.registry,
+                caller_check.allows_der if caller_check is not None else None,
+            )
+            if tls is not None:
+                context = server_context(str(tls.cert), str(tls.key), str(tls.ca))
+            http, http_bound = await _http_server(opts, front, context)
         bound = _bind(server, opts.address, host, port, tls)
     except GuardStartupError:
+        if http is not None:
+            http.close()
         await runner.cleanup()
         await store.close()
         raise
@@ -315,6 +378,7 @@ async def run(opts: GuardOptions) -> None:
     log.info(
         "guard serving",
         grpc=f"{host}:{bound}",
+        http=http_bound,
         tls="mtls" if tls is not None else "plaintext",
         admin=opts.admin_address,
         backend=store.name,
@@ -351,12 +415,18 @@ async def run(opts: GuardOptions) -> None:
         watchers.append(asyncio.create_task(tls.run(stop)))
     if revoker is not None:
         watchers.append(asyncio.create_task(revoker.watch(stop)))
+    if front is not None:
+        watchers.append(asyncio.create_task(front.sweeping(stop)))
+    if tls is not None and context is not None:
+        watchers.append(asyncio.create_task(_tls_follow(tls, context, stop)))
     try:
         await stop.wait()
     finally:
         for w in watchers:
             w.cancel()
         log.info("guard stopping")
+        if http is not None:
+            http.close()
         await server.stop(opts.grace_seconds)
         await runner.cleanup()
         await service.close()

@@ -64,8 +64,8 @@ class CallerCheck:
         self._verdicts: dict[bytes, tuple[bool, PeerIdentity | None]] = {}
         self.refused = Counter(
             "xdsplane_guard_callers_refused",
-            "gRPC calls refused because the client certificate is missing or names none of "
-            "the --client-san values, by reason",
+            "gRPC calls and HTTP front connections refused because the client certificate "
+            "is missing or names none of the --client-san values, by reason",
             ["reason"],
             registry=registry,
         )
@@ -100,12 +100,25 @@ class CallerCheck:
                 "the client certificate names none of the SANs this guard serves",
             )
 
+    def allows_der(self, der: bytes, peer: str) -> bool:
+        """The HTTP front's check of a connection's client certificate (DER): False (and a
+        log line) when it names none of the SANs."""
+        import ssl
+
+        ok, identity = self._judge(ssl.DER_cert_to_PEM_cert(der).encode())
+        if not ok:
+            self._refused(peer, "client_san", identity)
+        return ok
+
     def _refuse(self, context: Any, reason: str, identity: PeerIdentity | None) -> None:
+        self._refused(context.peer(), reason, identity)
+
+    def _refused(self, peer: str, reason: str, identity: PeerIdentity | None) -> None:
         self.refused.labels(reason).inc()
         self.log.warning(
             "guard caller refused",
             reason=reason,
-            peer=context.peer(),
+            peer=peer,
             subject=identity.subject if identity is not None else None,
             sans=identity.sans() if identity is not None else [],
             allowed=list(self.allowed),

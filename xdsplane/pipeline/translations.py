@@ -16,7 +16,7 @@ from xdsplane.policy import grpc_providers, translate
 from xdsplane.policy.grpc_check import grpc_upstreams
 from xdsplane.policy.jsonmemo import JsonMemo
 from xdsplane.policy.merge import GroupPolicy, Origin
-from xdsplane.policy.model import Host, Listener
+from xdsplane.policy.model import Guard, Host, Listener
 from xdsplane.policy.translate import Built, guard, introspection, jwt, ratelimit, routes
 from xdsplane.policy.translate.secrets import paths
 from xdsplane.snapshot import Resource, digest, make_resource
@@ -50,8 +50,8 @@ class TranslationCache:
         self._facts_used: dict[int, tuple[Listener, _Facts]] = {}
         # Each host's VirtualHost, by its JSON and what else virtual_host takes: an edit
         # re-translates only the host it is in, not every route of its listener.
-        self._vhosts: dict[tuple[str, bool, bool, str], Any] = {}
-        self._vhosts_used: dict[tuple[str, bool, bool, str], Any] = {}
+        self._vhosts: dict[tuple[str, bool, bool, str, str], Any] = {}
+        self._vhosts_used: dict[tuple[str, bool, bool, str, str], Any] = {}
         # upstream name -> (its model, document, keys, cache key, resources) last time
         self._same: dict[str, _Same] = {}
         self._same_used: dict[str, _Same] = {}
@@ -86,13 +86,17 @@ class TranslationCache:
         self._facts_used[key] = hit
         return hit[1]
 
-    def _vhost(self, host: Host, jwt_filter: bool, ext_authz: bool, listener: str) -> Any:
-        key = (self._json(host), jwt_filter, ext_authz, listener)
+    def _vhost(
+        self, host: Host, jwt_filter: bool, ext_authz: bool, listener: str, spec: Guard | None
+    ) -> Any:
+        # The guard's JSON (its transport decides the per-route config) where routes ask it.
+        asked = self._json(spec) if ext_authz and spec is not None else ""
+        key = (self._json(host), jwt_filter, ext_authz, listener, asked)
         found = self._vhosts_used.get(key)
         if found is None:
             found = self._vhosts.get(key)
             if found is None:
-                found = routes.virtual_host(host, jwt_filter, ext_authz, listener)
+                found = routes.virtual_host(host, jwt_filter, ext_authz, listener, spec)
             self._vhosts_used[key] = found
         return found
 

@@ -305,6 +305,16 @@ class HostCheck:
                 f"introspection needs a guard{self.where} (the guard asks the endpoint; add "
                 "guard: {address: HOST:PORT} at the top level)",
             )
+        elif guard.value.transport == "http":
+            where = guard.origin.at("transport")
+            self.error(
+                at.key("introspection"),
+                f"introspection needs guard.transport: grpc{self.where} ({where.path}:"
+                f"{where.line}): the guard's HTTP front does not serve introspection (it "
+                "reads the bearer token and sets the upstream's claim headers, built over "
+                "gRPC only); use transport: grpc (the default) in a policy with "
+                "introspection routes",
+            )
         elif guard.value.fail_open:
             where = guard.origin.at("fail_open")
             self.error(

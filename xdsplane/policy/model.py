@@ -1600,6 +1600,30 @@ class Guard(Model):
     """Where ``xdsplane guard`` (ext_authz) listens, for routes with replay_protection."""
 
     address: Address = Field(description="the guard's gRPC address, HOST:PORT")
+    transport: Literal["grpc", "http"] = Field(
+        "grpc",
+        description="how Envoy asks the guard for routes with replay_protection or "
+        "revocation_check: grpc (ext_authz's gRPC Check at address), or http (ext_authz's "
+        "HTTP/1.1 http_service at http_address, served by xdsplane guard --http-address: "
+        "about a quarter of gRPC's CPU per request; introspection routes need grpc). Rate "
+        "limits (global_rate_limit) always use gRPC at address",
+    )
+    http_address: Address | None = Field(
+        None,
+        description="with transport: http, the guard's HTTP ext_authz front, HOST:PORT "
+        "(xdsplane guard --http-address); the same tls applies",
+    )
+
+    @model_validator(mode="after")
+    def _http(self) -> Guard:
+        if self.transport == "http" and self.http_address is None:
+            raise ValueError(
+                "transport: http needs http_address (xdsplane guard --http-address HOST:PORT)"
+            )
+        if self.transport == "grpc" and self.http_address is not None:
+            raise ValueError("http_address is used only with transport: http")
+        return self
+
     fail_open: bool = Field(
         False, description="the guard unreachable: let requests through (true) or refuse"
     )

@@ -1,5 +1,6 @@
 """The guard of the run: ``xdsplane guard``'s service (replay protection, global rate limits
-from the same policy folder) with a memory store, served over gRPC from a thread.
+from the same policy folder) with a memory store, served over gRPC from a thread, and over
+its HTTP front too when the policy's guard has ``transport: http``.
 
 Over mutual TLS when the policy's guard cluster speaks TLS: the guard's certificate is one
 of the run's CA naming what the cluster checks, and it admits only the certificate Envoy
@@ -18,6 +19,7 @@ from typing import Any
 import grpc
 
 from xdsplane.config.errors import ConfigErrors
+from xdsplane.guard.httpfront import Front, server_context
 from xdsplane.guard.policy import limits_from_policy
 from xdsplane.guard.service import GuardConfig, GuardMetrics, GuardService
 from xdsplane.guard.store import MemoryStore
@@ -41,6 +43,7 @@ class RunGuard:
         folder: Path,
         tls: tuple[Path, Path, Path] | None,  # certificate, key, client CA
         client_sans: tuple[str, ...] = (),
+        http: bool = False,
     ) -> None:
         try:
             limits = limits_from_policy(folder)
@@ -52,6 +55,9 @@ class RunGuard:
         self.check = CallerCheck(client_sans, metrics.registry) if tls is not None else None
         self.tls = tls
         self.port = 0
+        self.http = http
+        self.http_port = 0
+        self.http_server: asyncio.Server | None = None
         self.loop = asyncio.new_event_loop()
         self.server: Any = None
         self.thread = threading.Thread(target=self.loop.run_forever, name="guard", daemon=True)
@@ -68,6 +74,19 @@ class RunGuard:
         else:
             port = self.server.add_insecure_port("127.0.0.1:0")
         await self.server.start()
+        if self.http:
+            front = Front(
+                self.service,
+                self.service.metrics.registry,
+                self.check.allows_der if self.check is not None else None,
+            )
+            context = None
+            if self.tls is not None:
+                context = server_context(*(str(p) for p in self.tls))
+            self.http_server = await asyncio.get_running_loop().create_server(
+                front.protocol, "127.0.0.1", 0, ssl=context
+            )
+            self.http_port = int(self.http_server.sockets[0].getsockname()[1])
         return int(port)
 
     def start(self) -> RunGuard:
@@ -80,6 +99,8 @@ class RunGuard:
 
     def close(self) -> None:
         if self.thread.is_alive():
+            if self.http_server is not None:
+                self.loop.call_soon_threadsafe(self.http_server.close)
             if self.server is not None:
                 with_stop = asyncio.run_coroutine_threadsafe(self.server.stop(0), self.loop)
                 with contextlib.suppress(Exception):  # stopping: nothing left to report

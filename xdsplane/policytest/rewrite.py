@@ -22,7 +22,7 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 from xdsplane.envoycheck.bootstrap import bootstrap_json
-from xdsplane.names import GUARD_CLUSTER
+from xdsplane.names import GUARD_CLUSTER, GUARD_HTTP_CLUSTER
 from xdsplane.snapshot import Snapshot
 
 _TLS_UP = "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
@@ -67,6 +67,7 @@ class Plan:
     has_guard: bool
     providers: dict[str, Provider]
     http2_downgraded: list[str] = field(default_factory=list)
+    guard_http: bool = False  # guard.transport: http (the guard's HTTP front has a cluster)
 
     def point(self, cluster: str, port: int) -> None:
         """Send ``cluster``'s traffic to 127.0.0.1:``port``."""
@@ -182,12 +183,15 @@ def plan(snapshot: Snapshot, node: str, jwks: str) -> Plan:
         listeners[listener["name"]] = _listener(listener)
     clusters: dict[str, UpstreamTls | None] = {}
     guard: UpstreamTls | None = None
-    has_guard = False
+    has_guard = guard_http = False
     downgraded = []
     for cluster in static.get("clusters", []):
         name = cluster["name"]
         if name == GUARD_CLUSTER:
             has_guard, guard = True, _upstream_tls(cluster)
+            continue
+        if name == GUARD_HTTP_CLUSTER:  # the same TLS as the gRPC cluster (one guard.tls)
+            guard_http = True
             continue
         clusters[name] = _upstream_tls(cluster)
         if _http1(cluster):
@@ -206,4 +210,4 @@ def plan(snapshot: Snapshot, node: str, jwks: str) -> Plan:
                 )
         elif _is(d, _FILE_LOG):
             d["path"] = "/dev/stdout"
-    return Plan(config, listeners, clusters, guard, has_guard, providers, downgraded)
+    return Plan(config, listeners, clusters, guard, has_guard, providers, downgraded, guard_http)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from xdsplane.config.errors import ConfigError, ConfigErrors
 from xdsplane.envoycheck.run import find_envoy
-from xdsplane.names import GUARD_CLUSTER
+from xdsplane.names import GUARD_CLUSTER, GUARD_HTTP_CLUSTER
 from xdsplane.policytest.cases import Case, load_cases
 from xdsplane.policytest.check import judge
 from xdsplane.policytest.client import Answer, Session, tls_context
@@ -208,9 +208,11 @@ def run_cases(
                 crt, key = run.issue([g.sni, *g.dns], g.uris, "server")
                 gtls = (crt, key, run.ca_path)
                 sans = tuple(u for s in g.client_secrets for u in files.secret_uris.get(s, ()))
-            guard = RunGuard(policy_dir, gtls, sans)
+            guard = RunGuard(policy_dir, gtls, sans, http=p.guard_http)
             stack.callback(guard.close)
             p.point(GUARD_CLUSTER, guard.start().port)
+            if p.guard_http:
+                p.point(GUARD_HTTP_CLUSTER, guard.http_port)
         envoy = RunEnvoy(binary, run.dir, p.json(), 60 + SECONDS_PER_CASE * len(cases))
         stack.callback(envoy.stop)
         ports = envoy.start().listener_ports()

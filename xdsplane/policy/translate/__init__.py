@@ -117,7 +117,7 @@ def jwt_resources(policy: GroupPolicy, providers: Mapping[str, jwt.Provider]) ->
 
 
 def guard_resources(part: Part[Guard]) -> list[Built]:
-    return [Built(ResourceType.CLUSTER, guard.cluster(part.value), part.origin)]
+    return [Built(ResourceType.CLUSTER, c, part.origin) for c in guard.resources(part.value)]
 
 
 def otlp_resources(part: Part[AccessLog]) -> list[Built]:
@@ -137,7 +137,7 @@ def listener_resources(
 ) -> list[Built]:
     message = listeners.listener(part.value, log, providers, guard_spec, introspected)
     out = [Built(ResourceType.LISTENER, message, part.origin)]
-    for rc in routes.route_configurations(part.value, vhost):
+    for rc in routes.route_configurations(part.value, vhost, guard_spec):
         out.append(Built(ResourceType.ROUTE, rc, part.origin))
     return out
 

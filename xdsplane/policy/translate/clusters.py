@@ -201,3 +201,25 @@ def grpc_service_cluster(name: str, address: str, tls: UpstreamTls | None) -> An
     if tls is not None:
         c.transport_socket.CopyFrom(upstream_tls(tls))
     return c
+
+
+HTTP1_IDLE_TIMEOUT = "60s"
+"""An idle connection to an HTTP/1.1 service Envoy calls is closed by Envoy after this:
+before the guard's front closes it (httpfront.IDLE_SECONDS, 300 s), so that Envoy never
+sends a check on a connection the guard is closing."""
+
+
+def http1_service_cluster(name: str, address: str, tls: UpstreamTls | None) -> Any:
+    """``grpc_service_cluster``'s twin for an HTTP/1.1 service (the guard's ext_authz front):
+    one check per connection at a time, so Envoy opens as many as are in flight."""
+    c = grpc_service_cluster(name, address, tls)
+    opts = http_protocol_options_pb2.HttpProtocolOptions(
+        common_http_protocol_options=protocol_pb2.HttpProtocolOptions(
+            idle_timeout=duration(HTTP1_IDLE_TIMEOUT)
+        ),
+        explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
+            http_protocol_options=protocol_pb2.Http1ProtocolOptions()
+        ),
+    )
+    c.typed_extension_protocol_options[_HTTP_OPTIONS].CopyFrom(pack(opts))
+    return c

@@ -275,6 +275,10 @@ def _http_filters(
     intro_names = introspection.providers_of(rbac_hosts)
     found = introspected or {}
     intro_headers = introspection.forwarded_headers(intro_names, found)
+    if ext_authz is not None and ext_authz.transport == "http":
+        # The headers Envoy adds to the guard's check request only: a client's own copies
+        # never reach the guard (not in allowed_headers), nor, removed here, the upstream.
+        intro_headers = [*intro_headers, *guard.HTTP_ONLY_HEADERS]
     filters.extend(_jwt_filters(jwt_names, providers, intro_headers))
     if authz.needs_rbac(rbac_hosts):
         filters.append(

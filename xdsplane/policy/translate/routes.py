@@ -14,6 +14,7 @@ from google.protobuf import wrappers_pb2
 from xdsplane.policy.model import (
     PATH_PREFIX_PATTERN,
     DirectResponse,
+    Guard,
     HeaderMatch,
     Host,
     Listener,
@@ -116,9 +117,11 @@ def route(
     jwt_filter: bool = False,
     ext_authz: bool = False,
     listener: str = "",
+    guard_spec: Guard | None = None,
 ) -> Any:
     """``jwt_filter``: the route's HCM has jwt_authn, so the route says what it requires;
-    ``ext_authz``: the HCM has ext_authz, so the route says whether it asks the guard;
+    ``ext_authz``: the HCM has ext_authz, so the route says whether it asks the guard
+    (``guard_spec``: the policy's guard, whose transport says how);
     ``listener``: the listener's name, part of a global rate limit's route id;
     ``index``: the route's position in ``host.routes`` (-1: not one of them, no path match
     is set)."""
@@ -140,7 +143,7 @@ def route(
     if rbac is not None:
         out.typed_per_filter_config[authz.RBAC_FILTER].CopyFrom(pack(rbac))
     if ext_authz:
-        per_route = guard.per_route(r)
+        per_route = guard.per_route(r, guard_spec)
         if per_route is not None:
             out.typed_per_filter_config[guard.FILTER].CopyFrom(pack(per_route))
     if jwt_filter:
@@ -187,9 +190,16 @@ def route(
 
 
 def virtual_host(
-    host: Host, jwt_filter: bool = False, ext_authz: bool = False, listener: str = ""
+    host: Host,
+    jwt_filter: bool = False,
+    ext_authz: bool = False,
+    listener: str = "",
+    guard_spec: Guard | None = None,
 ) -> Any:
-    routes = [route(host, r, i, jwt_filter, ext_authz, listener) for i, r in enumerate(host.routes)]
+    routes = [
+        route(host, r, i, jwt_filter, ext_authz, listener, guard_spec)
+        for i, r in enumerate(host.routes)
+    ]
     if host.path_parameters == "reject":
         routes.insert(0, _path_parameters_refused(host, jwt_filter, ext_authz, listener))
     return rc.VirtualHost(name=host.name, domains=host.domains, routes=routes)
@@ -249,10 +259,12 @@ def _redirect(listener: Listener) -> Any:
     )
 
 
-VirtualHostOf = Callable[[Host, bool, bool, str], Any]
+VirtualHostOf = Callable[[Host, bool, bool, str, Guard | None], Any]
 
 
-def route_configurations(listener: Listener, vhost: VirtualHostOf | None = None) -> list[Any]:
+def route_configurations(
+    listener: Listener, vhost: VirtualHostOf | None = None, guard_spec: Guard | None = None
+) -> list[Any]:
     """The listener's RouteConfigurations; ``vhost`` builds each host's VirtualHost (a
     caller may keep them by content: ``virtual_host`` depends on nothing else)."""
     make: VirtualHostOf = vhost if vhost is not None else virtual_host
@@ -261,11 +273,12 @@ def route_configurations(listener: Listener, vhost: VirtualHostOf | None = None)
     if listener.tls is None:
         jwt_filter = bool(jwt.providers_of(listener.hosts))
         ext_authz = guard.needs_ext_authz(listener.hosts)
-        vhosts = [make(h, jwt_filter, ext_authz, listener.name) for h in listener.hosts]
+        vhosts = [make(h, jwt_filter, ext_authz, listener.name, guard_spec) for h in listener.hosts]
         return [route_pb2.RouteConfiguration(name=listener.name, virtual_hosts=vhosts)]
     out = []
     for h in listener.hosts:
-        vhosts = [make(h, bool(jwt.providers_of([h])), guard.needs_ext_authz([h]), listener.name)]
+        jwt_filter = bool(jwt.providers_of([h]))
+        vhosts = [make(h, jwt_filter, guard.needs_ext_authz([h]), listener.name, guard_spec)]
         if "*" not in h.domains:
             vhosts.append(_misdirected(h))
         out.append(
