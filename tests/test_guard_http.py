@@ -171,10 +171,11 @@ async def test_a_slow_head_is_timed_out_and_an_idle_connection_closed(srv: Serve
     writer.write(b"GET /xdsplane-check/revocation/ HTTP/1.1\r\nhost: g")  # never finished
     await writer.drain()
     # the server has read the part: it counts from then
-    for _ in range(200):
+    for _ in range(200):  # poll (at most 2 s): the server has read the part
         if any(c.head_since is not None for c in srv.front.conns):
             break
         await asyncio.sleep(0.01)
+    assert any(c.head_since is not None for c in srv.front.conns), "the part was never read"
     srv.front.sweep()
     assert len(srv.front.conns) == 1  # not yet
     srv.clock.t += httpfront.HEAD_SECONDS + 1
@@ -232,14 +233,12 @@ async def test_a_check_past_envoys_deadline_is_shed_undecided() -> None:
     late = request(claims=token("j-late"), extra="x-envoy-expected-rq-timeout-ms: 250\r\n")
     conn.data_received(late)
     clock.t += 1.0  # the loop was late: Envoy has given up by the time it is decided
-    for _ in range(5):
-        await asyncio.sleep(0)
+    await settle()
     assert statuses(transport.out) == [504] and b"deadline" in transport.out
     assert front.metrics.shed._value.get() == 1
     # the jti was not spent: a first use in time is still a first use
     conn.data_received(request(claims=token("j-late")))
-    for _ in range(5):
-        await asyncio.sleep(0)
+    await settle()
     assert statuses(transport.out) == [504, 200], transport.out
 
 
