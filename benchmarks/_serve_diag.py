@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import ctypes
 import gc
 import json
 import os
@@ -114,6 +115,8 @@ def install_tracemalloc(prefix: str) -> None:
             time.sleep(5)
             n += 1
             snap = tracemalloc.take_snapshot()
+            if os.environ.get("BENCH_TRACEMALLOC_DUMP"):
+                snap.dump(f"{prefix}.{n}.snap")  # for Snapshot.load + compare_to offline
             stats = snap.statistics("traceback")
             total = sum(st.size for st in stats)
             with open(f"{prefix}.{n}.txt", "w") as out:
@@ -123,6 +126,139 @@ def install_tracemalloc(prefix: str) -> None:
                     out.writelines(f"    {line}\n" for line in st.traceback.format())
 
     threading.Thread(target=dump, daemon=True).start()
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+            "uordblks", "fordblks", "keepcost",
+        )
+    ]  # fmt: skip
+
+
+def install_memstats(path: str) -> None:
+    """Every second, one JSON line: RSS, glibc's heap (mallinfo2: in use, free, mmapped),
+    the collector's tracked objects and pending counts, pymalloc's arenas; with
+    BENCH_COLLECT_AT=N also a full collection N s after start (and what it gave back)."""
+    import threading
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _MallInfo2
+    page = os.sysconf("SC_PAGE_SIZE")
+    out = open(path, "a", buffering=1)  # noqa: SIM115 - open for the life of the process
+    collect_at = [float(x) for x in os.environ.get("BENCH_COLLECT_AT", "").split(",") if x]
+    census_at = [float(x) for x in os.environ.get("BENCH_CENSUS_AT", "").split(",") if x]
+    start = time.monotonic()
+
+    def rss() -> int:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * page
+
+    def status() -> dict[str, int]:
+        got = {}
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("RssAnon", "RssFile", "RssShmem", "Threads"):
+                    n = int(value.split()[0])
+                    got[key] = n if key == "Threads" else n >> 10
+        return got
+
+    def blocks() -> int:
+        return sys.getallocatedblocks()
+
+    def pymalloc() -> dict[str, int]:
+        """pymalloc's own summary (sys._debugmallocstats writes it to fd 2)."""
+        import tempfile
+
+        with tempfile.TemporaryFile() as tmp:
+            saved = os.dup(2)
+            os.dup2(tmp.fileno(), 2)
+            try:
+                sys._debugmallocstats()
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+            tmp.seek(0)
+            text = tmp.read().decode(errors="replace")
+        want = {
+            "# arenas allocated current": "arenas",
+            "# bytes in allocated blocks": "alloc_mb",
+            "# bytes in available blocks": "avail_mb",
+            "# bytes lost to pool headers": "hdr_mb",
+            "# bytes lost to quantization": "quant_mb",
+        }
+        got: dict[str, int] = {}
+        for line in text.splitlines():
+            key, _, value = line.rpartition("=")
+            key = key.strip()
+            if key in want:
+                n = int(value.strip().replace(",", ""))
+                got[want[key]] = n if want[key] == "arenas" else n >> 20
+            if "unused pools *" in line:
+                got["unused_pools_mb"] = int(line.rpartition("=")[2].strip().replace(",", "")) >> 20
+        return got
+
+    def loop() -> None:
+        while True:
+            time.sleep(1)
+            m = libc.mallinfo2()
+            row: dict[str, object] = {
+                "t": round(time.monotonic() - start, 1),
+                "rss": rss() >> 20,
+                **status(),
+                "heap_used": m.uordblks >> 20,
+                "heap_free": m.fordblks >> 20,
+                "mmapped": m.hblkhd >> 20,
+                "py_blocks": blocks(),
+                "gc_count": gc.get_count(),
+                "tracked": len(gc.get_objects()),
+                **pymalloc(),
+            }
+            if collect_at and time.monotonic() - start >= collect_at[0]:
+                collect_at.pop(0)
+                before = rss()
+                row["collected"] = gc.collect()
+                libc.malloc_trim(0)
+                row["collect_freed"] = (before - rss()) >> 20
+                row["rss_after_collect"] = rss() >> 20
+            if census_at and time.monotonic() - start >= census_at[0]:
+                census_at.pop(0)
+                c = collections.Counter(
+                    f"{type(o).__module__}.{type(o).__qualname__}" for o in gc.get_objects()
+                )
+                row["census"] = dict(c.most_common(60))
+                t = collections.Counter(
+                    repr(tuple(type(x).__name__ for x in o[:4]))
+                    for o in gc.get_objects()
+                    if type(o) is tuple
+                )
+                row["tuples"] = dict(t.most_common(40))
+                want = os.environ.get("BENCH_REFERRERS")  # e.g. "('ResourceType', 'str')"
+                if want:
+                    picked = [
+                        o
+                        for o in gc.get_objects()
+                        if type(o) is tuple and repr(tuple(type(x).__name__ for x in o[:4])) == want
+                    ][:5]
+                    refs = []
+                    for o in picked:
+                        for r in gc.get_referrers(o):
+                            if r is picked:
+                                continue
+                            desc = f"{type(r).__module__}.{type(r).__qualname__}"
+                            if isinstance(r, dict):
+                                desc += f" keys={list(r)[:3]!r:.200}"
+                                for rr in gc.get_referrers(r):
+                                    if rr is not picked:
+                                        desc += f" <- {type(rr).__qualname__}"
+                            refs.append(f"{o!r:.80} <- {desc}")
+                    row["referrers"] = refs
+            out.write(json.dumps(row) + "\n")
+
+    threading.Thread(target=loop, daemon=True).start()
 
 
 def main() -> int:
@@ -136,6 +272,8 @@ def main() -> int:
         install_gc_log(args.gc_log)
     if args.loop_lag:
         install_loop_lag(args.loop_lag)
+    if os.environ.get("BENCH_MEMSTATS"):
+        install_memstats(os.environ["BENCH_MEMSTATS"])
     if os.environ.get("BENCH_TRACEMALLOC"):
         install_tracemalloc(os.environ["BENCH_TRACEMALLOC"])
     from xdsplane.cli import main as cli_main
