@@ -202,9 +202,7 @@ class Layout:
 
 
 def _moved(r: Resource, source: str) -> Resource:
-    return Resource(
-        r.type, r.name, r.version, r.message, source, r.size, r.sotw_entry, r.delta_entry
-    )
+    return Resource(r.type, r.name, r.version, source, r.size, r.sotw_entry, r.delta_entry)
 
 
 def _entries(

@@ -167,7 +167,7 @@ class DiskCache:
             "resources": rows,
         }
         text = json.dumps(meta, separators=(",", ":")).encode()
-        payloads = b"".join(_payload(r) for r in resources)
+        payloads = b"".join(r.payload for r in resources)
         body = struct.pack(">I", len(text)) + text + payloads
         digest = hashlib.blake2b(body, digest_size=32).digest()
         data = MAGIC + digest + body
@@ -197,11 +197,6 @@ class DiskCache:
                 continue
 
 
-def _payload(r: Resource) -> bytes:
-    # The serialized message ends the SotW entry (snapshot.from_payload): no re-encoding.
-    return r.sotw_entry[len(r.sotw_entry) - r.size :] if r.size else b""
-
-
 def _decode(blob: bytes, key: str, shown: str) -> Entry | None:
     if not blob.startswith(MAGIC) or len(blob) < len(MAGIC) + 36:
         return None
@@ -226,8 +221,7 @@ def _decode(blob: bytes, key: str, shown: str) -> Entry | None:
         if len(payload) != length:
             return None
         at += length
-        message = rtype.message_class.FromString(payload)
-        resources.append(from_payload(rtype, name, payload, message, source))
+        resources.append(from_payload(rtype, name, payload, source))
         found = []
         for t, n, w in rs:
             ref_type = types[t]

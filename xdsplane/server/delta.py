@@ -33,8 +33,8 @@ from xdsplane.server.state import (
     Subscription,
     intern_names,
 )
-from xdsplane.snapshot import Resource, Snapshot
-from xdsplane.types import PUSH_ORDER, ResourceType, eds_name
+from xdsplane.snapshot import Resource, Snapshot, cluster_eds_name
+from xdsplane.types import PUSH_ORDER, ResourceType
 
 
 def _head(rtype: ResourceType, version: str, nonce: str, removed: list[str]) -> bytes:
@@ -129,7 +129,7 @@ class DeltaStream(StreamBase):
         if eds is None:
             return
         for c in clusters:
-            name = eds_name(c.message)
+            name = cluster_eds_name(c)
             if name is not None and eds.held.pop(name, None) is not None:
                 if eds.resend is None:
                     eds.resend = set()

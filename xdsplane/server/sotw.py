@@ -33,8 +33,8 @@ from xdsplane.server.state import (
     Subscription,
     intern_names,
 )
-from xdsplane.snapshot import Resource, Snapshot, versions_hash
-from xdsplane.types import PUSH_ORDER, ResourceType, eds_name
+from xdsplane.snapshot import Resource, Snapshot, cluster_eds_name, versions_hash
+from xdsplane.types import PUSH_ORDER, ResourceType
 
 
 def _head(rtype: ResourceType, version: str, nonce: str) -> bytes:
@@ -136,7 +136,7 @@ class SotwStream(StreamBase):
         if eds is None:
             return
         for c in clusters:
-            name = eds_name(c.message)
+            name = cluster_eds_name(c)
             if name is not None and eds.held.pop(name, None) is not None:
                 if eds.resend is None:
                     eds.resend = set()
