@@ -250,6 +250,36 @@ def test_overlong_node_id_is_refused(procs: ProcessGroup, tmp_path: Path) -> Non
     assert server.status()["refused"] == {"node_too_long": 1}
 
 
+@pytest.mark.parametrize("variant", ["sotw", "delta"])
+def test_garbage_requests_end_their_stream_with_a_reason(
+    procs: ProcessGroup, tmp_path: Path, variant: str
+) -> None:
+    """Requests wait in the inbox as bytes and are decoded when handled (ads.py): bytes
+    that are no request end the stream with INVALID_ARGUMENT naming the message, counted,
+    before admission and after it; other streams are served on."""
+    server = serve(procs, tmp_path)
+    want = "DeltaDiscoveryRequest" if variant == "delta" else "DiscoveryRequest"
+    good = (delta(CDS, "n1") if variant == "delta" else sotw(CDS, "n1")).SerializeToString()
+
+    async def scenario(channel: grpc.aio.Channel) -> None:
+        ok, _ = await cds_stream(channel, "n0")
+        for first in (b"\xff\xff\xff\xff", good):  # garbage first, then after admission
+            s = Stream.open(channel, variant, raw=True)
+            await s.write(first)
+            if first == good:
+                await s.read(10)  # admitted and served
+                await s.write(b"\x0a\xff\xff")  # a field whose length runs past the end
+            error = await s.ended(10)
+            assert error is not None and error.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert str(error.details()).startswith(f"the request is not a {want}"), error
+        await still_served(ok)
+        ok.cancel()
+
+    run(server, scenario)
+    assert server.status()["refused"] == {"bad_request": 2}
+    assert metric(server.admin_port, "xdsplane_streams_refused_total", reason="bad_request") == 2
+
+
 def test_bad_limit_values_are_refused_by_the_command(tmp_path: Path) -> None:
     import subprocess
 

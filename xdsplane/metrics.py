@@ -94,7 +94,7 @@ class Metrics:
         self.refused = Counter(
             "xdsplane_streams_refused",
             "ADS streams refused or ended by the server, by reason (max_streams, max_names, "
-            "node_too_long, and the node identity checks)",
+            "node_too_long, bad_request, and the node identity checks)",
             ["reason"],
             registry=r,
         )
