@@ -139,8 +139,9 @@ class _MallInfo2(ctypes.Structure):
 
 
 def install_memstats(path: str) -> None:
-    """Every second, one JSON line: RSS, glibc's heap (mallinfo2: in use, free, mmapped),
-    the collector's tracked objects and pending counts, pymalloc's arenas; with
+    """Every second (BENCH_MEMSTATS_EVERY), one JSON line: RSS, glibc's heap (mallinfo2: in
+    use, free, mmapped), Python's allocated blocks, and (at 1 s or more) the collector's
+    tracked objects and pending counts, pymalloc's arenas; with
     BENCH_COLLECT_AT=N also a full collection N s after start (and what it gave back)."""
     import threading
 
@@ -201,22 +202,24 @@ def install_memstats(path: str) -> None:
                 got["unused_pools_mb"] = int(line.rpartition("=")[2].strip().replace(",", "")) >> 20
         return got
 
+    every = float(os.environ.get("BENCH_MEMSTATS_EVERY", "1"))
+    light = every < 1  # often: only what costs nothing to read
+
     def loop() -> None:
         while True:
-            time.sleep(1)
+            time.sleep(every)
             m = libc.mallinfo2()
             row: dict[str, object] = {
-                "t": round(time.monotonic() - start, 1),
+                "t": round(time.monotonic() - start, 2),
                 "rss": rss() >> 20,
                 **status(),
                 "heap_used": m.uordblks >> 20,
                 "heap_free": m.fordblks >> 20,
                 "mmapped": m.hblkhd >> 20,
                 "py_blocks": blocks(),
-                "gc_count": gc.get_count(),
-                "tracked": len(gc.get_objects()),
-                **pymalloc(),
             }
+            if not light:
+                row.update(gc_count=gc.get_count(), tracked=len(gc.get_objects()), **pymalloc())
             if collect_at and time.monotonic() - start >= collect_at[0]:
                 collect_at.pop(0)
                 before = rss()
@@ -276,6 +279,15 @@ def main() -> int:
         install_memstats(os.environ["BENCH_MEMSTATS"])
     if os.environ.get("BENCH_TRACEMALLOC"):
         install_tracemalloc(os.environ["BENCH_TRACEMALLOC"])
+    if os.environ.get("BENCH_GRPC_OPTIONS"):  # "name=int,name=int": extra server options
+        from xdsplane import app
+
+        extra = [
+            (k, int(v))
+            for k, _, v in (o.partition("=") for o in os.environ["BENCH_GRPC_OPTIONS"].split(","))
+        ]
+        given = app.grpc_options
+        app.grpc_options = lambda limits: given(limits) + extra  # type: ignore[assignment]
     from xdsplane.cli import main as cli_main
 
     return cli_main(rest)

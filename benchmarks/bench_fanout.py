@@ -267,6 +267,7 @@ class Result:
     reloads: list[float]
     problems: list[str]
     rss_edited: int = 0  # right after the last edit reached every stream
+    gate_sync: str = ""  # the write gate (/status) after the sync: peak bytes, waited, stalled
 
     @property
     def peak(self) -> int:
@@ -460,6 +461,12 @@ def run_clients(
         rss_connected = _procs.rss(pid)
         hwm_sync = _procs.proc_status(pid)["VmHWM"]
         reset_peak(pid)
+        gate_sync = ""
+        with contextlib.suppress(OSError, KeyError, AssertionError, ValueError, TypeError):
+            g = server.status()["write_gate"]
+            gate_sync = (
+                f"gate peak {g['peak'] / MB:.0f} MB, {g['waited']} waited, {g['stalled']} stalled"
+            )
         workers.send("state")
         states = workers.gather(60)
         total = sum(m[1] for m in states)
@@ -540,6 +547,7 @@ def run_clients(
         reloads,
         problems,
         rss_edited,
+        gate_sync,
     )
 
 
@@ -665,6 +673,14 @@ def main() -> int:
         help="extra environment for the server (e.g. MALLOC_ARENA_MAX=2)",
     )
     ap.add_argument(
+        "--serve-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="an extra argument for `xdsplane serve` (repeat it; e.g. --serve-arg=--write-stall "
+        "--serve-arg=2)",
+    )
+    ap.add_argument(
         "--runtime-deps-only",
         action="store_true",
         help="hide from the server the packages a dev install has and a runtime install "
@@ -714,7 +730,8 @@ def main() -> int:
                     folder,
                     name=f"xdsplane-{variant}-{n}",
                     extra_args=["--log-level", "warning"]
-                    + (["--gc-young", str(args.gc_young)] if args.gc_young else []),
+                    + (["--gc-young", str(args.gc_young)] if args.gc_young else [])
+                    + args.serve_arg,
                 )
                 server.proc.cwd = workdir  # `-m xdsplane` must not pick up ./xdsplane first
                 server.proc.max_seconds = 900  # the watchdog: a 5,000-stream row takes minutes
@@ -744,8 +761,8 @@ def main() -> int:
                     f"edit {max(max(x) for x in r.rounds) * 1000:.0f} ms (worst), "
                     f"peak {_procs.mb(r.hwm_sync)} at sync, {_procs.mb(r.hwm_steady)} "
                     f"during edits, RSS {_procs.mb(r.rss_connected)}, after the edits "
-                    f"{_procs.mb(r.rss_edited)} then {_procs.mb(r.rss_after)} ({r.load})"
-                    + (f"  PROBLEMS: {r.problems}" if r.problems else "")
+                    f"{_procs.mb(r.rss_edited)} then {_procs.mb(r.rss_after)}; {r.gate_sync} "
+                    f"({r.load})" + (f"  PROBLEMS: {r.problems}" if r.problems else "")
                 )
     finally:
         procs.stop_all()
