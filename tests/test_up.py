@@ -361,12 +361,14 @@ def test_up_serves_the_sample_over_mtls_as_edge_1_and_stops_cleanly(
         grpc_line = next(
             line.strip() for line in up.text().splitlines() if "GRPC_XDS_BOOTSTRAP" in line
         )
-        # (GRPC_VERBOSITY=INFO: why an xDS connection failed is on stderr, in the failure
-        # message; one CI run saw DEADLINE_EXCEEDED, the ADS stream opening only after ~10 s)
+        # (gRPC's xds_client and subchannel traces: why an xDS connection failed is on
+        # stderr, in the failure message; one CI run saw DEADLINE_EXCEEDED, the ADS stream
+        # opening only after ~10 s. A passing run writes ~100 lines.)
+        trace = {"GRPC_VERBOSITY": "INFO", "GRPC_TRACE": "xds_client,subchannel"}
         shell = subprocess.run(
             ["/bin/sh", "-c", grpc_line],
             cwd=elsewhere,
-            env={"PATH": "/usr/bin:/bin", "HOME": str(elsewhere), "GRPC_VERBOSITY": "INFO"},
+            env={"PATH": "/usr/bin:/bin", "HOME": str(elsewhere), **trace},
             capture_output=True,
             text=True,
             timeout=60,
