@@ -5,7 +5,9 @@ one at a time; responses are written as bytes joined from the snapshot's pre-enc
 (the serializer is the identity), each once its turn in the server-wide WriteGate comes
 (gate.py), so that streams syncing at once do not multiply the snapshot in buffers.
 A snapshot change only marks a stream as having work (the cache never waits on a stream),
-so a slow or stuck Envoy delays nobody else. Requests in flight per stream are bounded.
+so a slow or stuck Envoy delays nobody else. Requests in flight per stream are bounded,
+and wait as the bytes gRPC received (the deserializer is the identity too): a request is
+decoded when the stream takes it, and let go before its responses wait for the gate.
 
 A stream's loop: admit its first request (limits.py, xds_identity.py), read, feed the state
 machine (sotw.py, delta.py), write what it returns, and tell the observer what happened
