@@ -145,19 +145,17 @@ def install_memstats(path: str) -> None:
     BENCH_COLLECT_AT=N also a full collection N s after start (and what it gave back)."""
     import threading
 
+    from xdsplane.mallocopts import rss
+
     libc = ctypes.CDLL("libc.so.6")
     libc.mallinfo2.restype = _MallInfo2
-    page = os.sysconf("SC_PAGE_SIZE")
     out = open(path, "a", buffering=1)  # noqa: SIM115 - open for the life of the process
     collect_at = [float(x) for x in os.environ.get("BENCH_COLLECT_AT", "").split(",") if x]
     census_at = [float(x) for x in os.environ.get("BENCH_CENSUS_AT", "").split(",") if x]
     start = time.monotonic()
 
-    def rss() -> int:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * page
-
     def status() -> dict[str, int]:
+        # (not _procs.proc_status: _procs imports the test harness into the measured server)
         got = {}
         with open("/proc/self/status") as f:
             for line in f:
@@ -166,9 +164,6 @@ def install_memstats(path: str) -> None:
                     n = int(value.split()[0])
                     got[key] = n if key == "Threads" else n >> 10
         return got
-
-    def blocks() -> int:
-        return sys.getallocatedblocks()
 
     def pymalloc() -> dict[str, int]:
         """pymalloc's own summary (sys._debugmallocstats writes it to fd 2)."""
@@ -216,7 +211,7 @@ def install_memstats(path: str) -> None:
                 "heap_used": m.uordblks >> 20,
                 "heap_free": m.fordblks >> 20,
                 "mmapped": m.hblkhd >> 20,
-                "py_blocks": blocks(),
+                "py_blocks": sys.getallocatedblocks(),
             }
             if not light:
                 row.update(gc_count=gc.get_count(), tracked=len(gc.get_objects()), **pymalloc())
