@@ -49,6 +49,13 @@ def _identity(data: bytes) -> bytes:
     return data
 
 
+# What each stream variant's requests are; gRPC hands them over as bytes (_Stream.handle).
+_REQUEST_TYPES = {
+    "sotw": discovery_pb2.DiscoveryRequest,
+    "delta": discovery_pb2.DeltaDiscoveryRequest,
+}
+
+
 class AdsService:
     """Serves StreamAggregatedResources and DeltaAggregatedResources from a SnapshotCache.
 
@@ -169,11 +176,6 @@ class _Stream:
         self.context = context
         self.observer = service.observer
         self.inbox = _Inbox()
-        self.request_type = (
-            discovery_pb2.DeltaDiscoveryRequest
-            if variant == "delta"
-            else discovery_pb2.DiscoveryRequest
-        )
         self.credits = asyncio.Semaphore(MAX_INFLIGHT_REQUESTS)
         self.marked = False  # a snapshot change is in the inbox already
         self.info = service.registry.open(variant, str(context.peer()))
@@ -259,13 +261,14 @@ class _Stream:
         self.credits.release()
         # Requests wait in the inbox as the bytes gRPC received, decoded only now: a decoded
         # 2,000-name EDS request is ~110 KB of upb arena against 20 KB of bytes.
+        kind = _REQUEST_TYPES[self.variant]
         try:
-            req = self.request_type.FromString(item)
+            req = kind.FromString(item)
         except DecodeError as e:
             raise Refused(
                 "bad_request",
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"the request is not a {self.request_type.DESCRIPTOR.name}: {e}",
+                f"the request is not a {kind.DESCRIPTOR.name}: {e}",
             ) from None
         del item
         if self.watch is None:
